@@ -38,7 +38,7 @@ def ort_run(op_type, inputs, attrs=None, opset=17, n_outputs=1, domain=""):
     node = helper.make_node(op_type, names, outs, domain=domain, **attrs)
     graph = helper.make_graph(
         [node], "g", graph_inputs,
-        [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in outs])
+        [helper.make_empty_tensor_value_info(o) for o in outs])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
