@@ -126,9 +126,8 @@ class Concat : public LayoutOp {
 };
 PYEDGE_REGISTER_OP("Concat", Concat);
 
-// Split(x[, split]; axis, split (<13), num_outputs (18)).
-// Without sizes, the number of outputs comes from 'num_outputs'; before opset 18 the importer
-// sets that attribute to the node's output count.
+// Split(x[, split]; axis, split (<13), num_outputs (18)). Without sizes, the output count is
+// the 'num_outputs' attribute or else the node's own output count.
 class Split : public LayoutOp {
  public:
   Split(const NodeInfo& n, const std::vector<Tensor>& in) {
@@ -148,14 +147,12 @@ class Split : public LayoutOp {
       given = true;
     }
     if (!given) {
-      PYEDGE_CHECK(n.attrs.has("num_outputs"), n.where(),
-                   ": needs split sizes or the 'num_outputs' attribute");
-      int64_t k = n.attrs.get_int("num_outputs", 1);
+      int64_t k = n.attrs.get_int("num_outputs", n.num_outputs);
       PYEDGE_CHECK(k >= 1 && k <= std::max<int64_t>(d, 1), n.where(), ": cannot split dim ",
                    d, " into ", k, " outputs");
       if (n.opset >= 18) {  // ceil-sized chunks, the last one smaller
         int64_t c = (d + k - 1) / k;
-        PYEDGE_CHECK(c * (k - 1) < d || d == 0, n.where(), ": cannot split dim ", d, " into ",
+        PYEDGE_CHECK(c * (k - 1) <= d, n.where(), ": cannot split dim ", d, " into ",
                      k, " outputs of size ", c);
         sizes.assign(size_t(k), c);
         sizes.back() = d - c * (k - 1);
@@ -382,13 +379,14 @@ class Pad : public LayoutOp {
                  "' is not supported (only 'constant')");
     std::vector<int64_t> pads, axes;
     double value = 0;
+    const void* const_bits = nullptr;  // constant_value known at plan time
     if (n.opset >= 11) {
       check_num_inputs(n, in, 2, 4);
       pads = const_input(n, in, 1, "pads").to_ints();
       if (in.size() > 2 && n.has_input(2)) {
         PYEDGE_CHECK(in[2].dtype == x.dtype && in[2].numel() <= 1, n.where(),
                      ": constant_value must be a scalar of the input's dtype");
-        if (in[2].data) value = in[2].float_at(0);
+        if (in[2].data && in[2].numel() == 1) const_bits = in[2].data;
         else runtime_value_ = in[2].numel() == 1;
       }
       if (in.size() > 3 && n.has_input(3)) axes = const_input(n, in, 3, "axes").to_ints();
@@ -426,6 +424,7 @@ class Pad : public LayoutOp {
     if (numel(kept) == 0) soff = doff = 0;
     need_fill_ = numel(kept) != numel(os);
     bits_ = bits_of(x.dtype, value);
+    if (const_bits) std::memcpy(&bits_, const_bits, dtype_size(x.dtype));
     fwd_ = Region::make(kept, ost, xst, doff, soff);
     bwd_ = Region::make(kept, xst, ost, soff, doff);
     outputs = {make_output(x.dtype, os)};

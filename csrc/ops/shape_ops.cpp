@@ -124,7 +124,7 @@ class Squeeze : public ReshapeLike {
     bool given;
     std::vector<int64_t> axes = axes_arg(n, in, 13, &given);
     std::vector<bool> drop(x.shape.size(), false);
-    if (!given) {
+    if (axes.empty()) {  // no (or empty) axes: drop every dim of size 1
       for (size_t k = 0; k < x.shape.size(); ++k) drop[k] = x.shape[k] == 1;
     }
     for (int64_t a : axes) {
