@@ -7,7 +7,7 @@
 //   shift=1 (causal LM): logits [..., T, C] row t is scored against labels [..., T] at t+1.
 //   Difference from torch: when every target is ignored, mean gives 0 (torch: NaN) and the
 //   gradient is 0, so a batch of pure padding does not poison the weights.
-//   Saves log-sum-exp per row (hidden output, [rows]) rather than the probabilities: the
+//   Saves log-sum-exp per row (hidden output, [rows, 2]) rather than the probabilities: the
 //   backward recomputes exp(x - lse) from the logits, which are kept anyway.
 // pyedge.MSELoss(pred, target) -> mean (or sum) of (pred - target)^2.
 // Lets GCC if-convert the float selects in these kernels (clamps, max) and vectorise them;
@@ -74,7 +74,8 @@ class CrossEntropyLoss : public Op {
     } else {
       rows_ = lb.numel();
     }
-    outputs = {make_output(DType::f32, {}), make_output(DType::f32, {rows_})};
+    // hidden: per row (max, log(sum(exp(x - max)))), kept apart for precision
+    outputs = {make_output(DType::f32, {}), make_output(DType::f32, {rows_, 2})};
     n_visible = 1;
   }
 
@@ -134,7 +135,7 @@ class CrossEntropyLoss : public Op {
       for (int64_t r = b; r < e; ++r) {
         int64_t y = int64_t(lab[label_index(r)]);
         if (y == ignore_) {
-          lse[r] = 0.f;
+          lse[2 * r] = lse[2 * r + 1] = 0.f;
           row_loss[r] = 0.f;
           continue;
         }
@@ -143,7 +144,8 @@ class CrossEntropyLoss : public Op {
         // precision when |m| is large
         float m = rowk::row_max(xr, C);
         float ls = std::log(rowk::exp_sum(xr, m, C));
-        lse[r] = m + ls;
+        lse[2 * r] = m;
+        lse[2 * r + 1] = ls;
         float v = ls + (1.f - eps) * (m - xr[y]);
         if (eps > 0.f) v += eps * (m - rowk::row_sum(xr, C) * invC);
         row_loss[r] = v;
@@ -174,8 +176,8 @@ class CrossEntropyLoss : public Op {
         int64_t lr = logit_row(r);
         const float* xr = x + lr * C;
         float* dr = dx + lr * C;
-        const float l = lse[r];
-        for (int64_t c = 0; c < C; ++c) dr[c] += g * exp_f(xr[c] - l) - off;
+        const float m = lse[2 * r], ls = lse[2 * r + 1];
+        for (int64_t c = 0; c < C; ++c) dr[c] += g * exp_f((xr[c] - m) - ls) - off;
         dr[y] -= hit;
       }
     });

@@ -1,7 +1,8 @@
 // Row kernels shared by Softmax/LogSoftmax and the cross-entropy losses. Plain loops written
 // so the compiler vectorises them at the baseline ISA: reductions keep 8 independent
 // accumulators (float adds are not reassociated without -ffast-math), and exp is a
-// branch-free polynomial instead of a libm call.
+// branch-free polynomial instead of a libm call. GCC only if-converts the float selects here
+// under -fno-trapping-math: includers set it with `#pragma GCC optimize` at the top of the .cpp.
 #pragma once
 #include <cmath>
 #include <cstdint>
