@@ -204,6 +204,8 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     metadata = {p.key: p.value for p in proto.metadata_props}
     graph = Graph(nodes, inits, inputs, outputs, opsets, metadata=metadata,
                   node_scopes=node_scopes)
+    from pyedge.import_rewrites import rewrite_sequences
     from pyedge.param_names import recover_param_map
+    rewrite_sequences(graph)
     graph.param_map = recover_param_map(graph)
     return graph

@@ -128,6 +128,14 @@ class TrainingSession:
                 "parameters are unchanged: lower the learning rate or check the data")
         return float(loss)
 
+    def apply_update(self) -> float:
+        """Applies the gradients accumulated by step(update=False) calls; returns their norm."""
+        norm, applied = self._sess.apply_update(float(self.max_grad_norm))
+        self.last_grad_norm = norm
+        if not applied:
+            raise FloatingPointError(f"non-finite gradient norm ({norm}); the update was skipped")
+        return float(norm)
+
     def run(self, inputs, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Inference with the current adapters; returns {output name: array}."""
         names = list(outputs or [o.name for o in self.graph.outputs])
@@ -167,8 +175,8 @@ class TrainingSession:
         """Plan statistics for an input signature (arrays or shapes by input name)."""
         if shapes is None:
             arrays = self._input_list(inputs, None)
-            shapes = {n: (list(a.shape) if a is not None else []) for n, a in
-                      zip(self._input_names, arrays)}
+            shapes = {n: list(a.shape) for n, a in zip(self._input_names, arrays)
+                      if a is not None}
         if training and LABELS in self._input_names and LABELS not in shapes:
             out_shape = self._sess.run(self._input_list(inputs), [self.output_name])[0].shape \
                 if inputs is not None else None

@@ -2,7 +2,7 @@
 
 #include <cstring>
 
-#include <pybind11/stl.h>  // list attributes (ints, floats, strings)
+#include <pybind11/stl.h>  // list attributes -> std::vector
 
 namespace pyedge {
 
