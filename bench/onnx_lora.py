@@ -133,8 +133,52 @@ def shift_for_causal_lm(model, output="logits", new_output="shift_logits"):
     g.output.append(helper.make_tensor_value_info(new_output, TensorProto.FLOAT, [rows, vocab]))
 
 
+def decompose_batchnorm(model) -> int:
+    """Inference-mode BatchNormalization -> x * s + t with s = scale / sqrt(var + eps),
+    t = bias - mean * s (per channel, from the initializers, each step), as plain ops.
+
+    onnxruntime-training's gradient graph runs BatchNormalization in training mode (batch
+    statistics), which is not what a frozen-statistics fine-tune (PyTorch eval mode, pyedge)
+    computes; with the decomposition all three compute the same function and scale/bias
+    stay trainable."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    new_nodes, count = [], 0
+    for node in g.node:
+        at = {a.name: a for a in node.attribute}
+        if node.op_type != "BatchNormalization" or len(node.output) > 1 and node.output[1] or \
+                ("training_mode" in at and at["training_mode"].i):
+            new_nodes.append(node)
+            continue
+        eps = at["epsilon"].f if "epsilon" in at else 1e-5
+        x, scale, bias, mean, var = node.input[:5]
+        p = f"{node.name or node.output[0]}_bn"
+        g.initializer.append(numpy_helper.from_array(np.array(eps, np.float32), p + "_eps"))
+        g.initializer.append(numpy_helper.from_array(np.array([-1, 1, 1], np.int64),
+                                                     p + "_cshape"))
+        mk = helper.make_node
+        new_nodes += [
+            mk("Add", [var, p + "_eps"], [p + "_ve"]),
+            mk("Sqrt", [p + "_ve"], [p + "_std"]),
+            mk("Div", [scale, p + "_std"], [p + "_s"]),
+            mk("Mul", [mean, p + "_s"], [p + "_ms"]),
+            mk("Sub", [bias, p + "_ms"], [p + "_t"]),
+            mk("Reshape", [p + "_s", p + "_cshape"], [p + "_s3"]),
+            mk("Reshape", [p + "_t", p + "_cshape"], [p + "_t3"]),
+            mk("Mul", [x, p + "_s3"], [p + "_xs"]),
+            mk("Add", [p + "_xs", p + "_t3"], [node.output[0]], name=node.name),
+        ]
+        count += 1
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return count
+
+
 def prepare_for_ort(model, workload) -> list[str]:
-    """LoRA + causal shift applied to the ORT copy; returns requires_grad names."""
+    """LoRA, BatchNorm decomposition and causal shift applied to the ORT copy; returns the
+    requires_grad names."""
+    decompose_batchnorm(model)
     trainable = []
     if workload.lora_targets:
         trainable += inject_lora(model, workload.lora_targets, workload.lora_r,

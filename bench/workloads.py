@@ -37,6 +37,14 @@ class Workload:
     fan_in_fan_out: bool = False  # transformers Conv1D (GPT-2)
     lr: float = 1e-4
     engines: tuple = ("pyedge", "torch", "ort")
+    steps: int = 10              # default timed steps (sub-millisecond workloads take more,
+    warmup: int = 3              # so that a median is not three samples of scheduler noise)
+
+    def default_steps(self, quick: bool) -> tuple[int, int]:
+        """(steps, warmup) when the command line gives none; --quick keeps a few seconds."""
+        if quick:
+            return (20, 10) if self.steps >= 100 else (3, 1)
+        return self.steps, self.warmup
 
     @property
     def input_names(self) -> list[str]:
@@ -92,10 +100,11 @@ def _minilm(id, title, layers=None):
 WORKLOADS: dict[str, Workload] = {
     "1": _minilm("1", "MiniLM-L6 + classifier, LoRA r=8 q/v + head, 16x128"),
     "2": Workload("2", "MLP 784-256-256-10, last layer, batch 32", "mlp", dict(batch=32),
-                  loss="cross_entropy", lora_targets=None, train=["layers.4.*"]),
+                  loss="cross_entropy", lora_targets=None, train=["layers.4.*"],
+                  steps=300, warmup=30),
     "3": Workload("3", "CNN 4 conv-BN-ReLU blocks, last block + head, 16x3x32x32", "cnn",
                   dict(batch=16), loss="cross_entropy", lora_targets=None,
-                  train=["blocks.3.*", "head.*"]),
+                  train=["blocks.3.*", "head.*"], steps=100, warmup=10),
     "4": Workload("4", "GPT-2 6L d512 8h V8192, LoRA r=8 c_attn, 4x256, causal LM", "gpt2",
                   dict(n_layer=6, n_embd=512, n_head=8, vocab=8192, seq=256, batch=4),
                   loss="causal_lm", lora_targets=["c_attn"], fan_in_fan_out=True),
