@@ -8,12 +8,13 @@ namespace pyedge {
 
 static py::tuple run_op(const std::string& op_type, py::list inputs, py::dict attrs,
                         const std::string& domain, int opset, py::object grad_outputs,
-                        py::object const_inputs, bool training, uint64_t seed) {
+                        py::object const_inputs, bool training, uint64_t seed, int num_outputs) {
   NodeInfo node;
   node.op_type = op_type;
   node.domain = domain;
   node.name = "test";
   node.opset = opset;
+  node.num_outputs = num_outputs;
   node.attrs = attrs_from_dict(attrs);
 
   std::vector<py::array> keep;
@@ -92,10 +93,10 @@ void bind_op_testing(py::module_& m) {
   m.def("run_op", &run_op, py::arg("op_type"), py::arg("inputs"), py::arg("attrs") = py::dict(),
         py::arg("domain") = "", py::arg("opset") = 17, py::arg("grad_outputs") = py::none(),
         py::arg("const_inputs") = py::none(), py::arg("training") = false,
-        py::arg("seed") = 0,
+        py::arg("seed") = 0, py::arg("num_outputs") = 1,
         "Run one op: returns (outputs, input_grads). input_grads is empty unless "
         "grad_outputs is given; entries are None for inputs that take no gradient. Integer "
-        "inputs (and those listed in const_inputs) count as known at plan time.");
+        "inputs (and those listed in const_inputs) count as known at plan time. num_outputs is how many outputs the node lists.");
   m.def("registered_ops", &registered_ops);
 }
 

@@ -40,6 +40,7 @@ struct NodeInfo {
   std::string domain;  // "" for the default ONNX domain, "pyedge" for our fused ops
   std::string name;
   int opset = 17;      // opset of the node's domain in the model
+  int num_outputs = 1; // outputs the node lists (Split's count, LayerNorm's optional ones)
   Attrs attrs;
   // false where an optional input is given as "" in the middle of the input list
   std::vector<bool> input_present;
@@ -50,7 +51,8 @@ struct NodeInfo {
 // State an op may need at run time besides its tensors.
 struct RunContext {
   bool training = false;   // Dropout masks only when training
-  uint64_t seed = 0;       // per-step seed, mixed with the node index for Dropout
+  uint64_t seed = 0;       // per-step seed; random ops mix it with node_index
+  uint64_t node_index = 0; // position of the node in the graph (distinct per node)
   void* scratch = nullptr; // scratch_bytes() of planned, uninitialised memory
 };
 

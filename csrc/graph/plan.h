@@ -1,0 +1,73 @@
+// A static execution plan for one input-shape signature: forward steps, the pruned backward,
+// and one arena whose offsets come from a liveness-based memory plan. Built once, then run
+// any number of times without allocating.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "graph/model.h"
+#include "ops/op.h"
+
+namespace pyedge {
+
+struct PlanRequest {
+  std::vector<Shape> input_shapes;        // one per model input, in model order
+  std::map<int, Tensor> trainable;        // value id -> parameter storage (float32)
+  std::vector<int> targets;               // values to keep for the caller (outputs, loss)
+  int loss = -1;                          // value id of the scalar loss; -1: forward only
+};
+
+struct PlanStats {
+  int forward_ops = 0;           // steps run in forward
+  int backward_ops = 0;          // steps run in backward
+  int folded_ops = 0;            // nodes computed once at plan time
+  int pruned_nodes = 0;          // nodes not needed for the targets
+  int64_t arena_bytes = 0;       // activations + gradients + scratch, after reuse
+  int64_t activation_bytes = 0;  // sum of forward tensors before reuse
+  int64_t gradient_bytes = 0;    // sum of activation-gradient tensors before reuse
+  int64_t scratch_bytes = 0;
+  int64_t constant_bytes = 0;    // folded constants owned by the plan
+  std::vector<std::string> backward_nodes;  // node names with a backward step, in order
+};
+
+class Plan {
+ public:
+  Plan(const Model& model, const PlanRequest& req);
+
+  // Binds caller-owned input memory (dtype/shape already checked) for the next run.
+  void bind_input(size_t input_index, void* data);
+  // Forward, and when `backward` the backward: parameter gradients are ACCUMULATED into
+  // param_grads (value id -> buffer), which the caller zeroes.
+  void run(bool training, uint64_t seed, bool backward, const std::map<int, Tensor>& param_grads);
+  const Tensor& value(int id) const { return values_[size_t(id)]; }
+  const PlanStats& stats() const { return stats_; }
+
+ private:
+  struct Step {
+    int node;
+    Op* op;
+    std::vector<Tensor> in, out, dout, din;
+    std::vector<int> in_ids, out_ids;
+    std::vector<int> zero_grads;  // value ids whose grad buffer this backward step zeroes first
+    int64_t scratch_offset = 0;
+  };
+  void build(const Model& model, const PlanRequest& req);
+  void assign_memory(const Model& model, const PlanRequest& req);
+
+  std::vector<std::unique_ptr<Op>> ops_;
+  std::vector<OwnedTensor> folded_;      // constants computed at plan time
+  std::vector<Tensor> values_;           // every value's dtype, shape and (after planning) data
+  std::vector<Tensor> grads_;            // gradient buffers (data null: no gradient)
+  std::vector<bool> is_const_, requires_grad_;
+  std::vector<Step> fwd_, bwd_;
+  std::vector<std::vector<Tensor*>> input_sites_;  // where each graph input's pointer is used
+  std::vector<int> param_grad_ids_;
+  int loss_ = -1;
+  Buffer arena_;
+  PlanStats stats_;
+  const Model* model_ = nullptr;
+};
+
+}  // namespace pyedge

@@ -1,0 +1,219 @@
+// MatMul (numpy semantics, batched with broadcasting) and Gemm, both on SGEMM.
+// Backward: dA = dY·Bᵀ, dB = Aᵀ·dY (summed over broadcast batches), each only when wanted:
+// a frozen weight never costs its gradient GEMM.
+#include <algorithm>
+#include <cstring>
+
+#include "common/parallel.h"
+#include "ops/blas.h"
+#include "ops/op.h"
+
+namespace pyedge {
+namespace {
+
+class MatMul : public Op {
+ public:
+  MatMul(const NodeInfo& n, const std::vector<Tensor>& in) {
+    check_num_inputs(n, in, 2, 2);
+    check_float(n, in[0], "A");
+    check_float(n, in[1], "B");
+    Shape a = in[0].shape, b = in[1].shape;
+    PYEDGE_CHECK(!a.empty() && !b.empty(), n.where(), ": MatMul of a scalar");
+    bool a_vec = a.size() == 1, b_vec = b.size() == 1;
+    if (a_vec) a.insert(a.begin(), 1);
+    if (b_vec) b.push_back(1);
+    M_ = a[a.size() - 2];
+    K_ = a.back();
+    N_ = b.back();
+    PYEDGE_CHECK(b[b.size() - 2] == K_, n.where(), ": inner dimensions differ: A is ",
+                 shape_str(in[0].shape), ", B is ", shape_str(in[1].shape));
+    Shape ab(a.begin(), a.end() - 2), bb(b.begin(), b.end() - 2);
+    size_t r = std::max(ab.size(), bb.size());
+    ab.insert(ab.begin(), r - ab.size(), 1);
+    bb.insert(bb.begin(), r - bb.size(), 1);
+    Shape batch(r);
+    for (size_t i = 0; i < r; ++i) {
+      PYEDGE_CHECK(ab[i] == bb[i] || ab[i] == 1 || bb[i] == 1, n.where(),
+                   ": batch dimensions do not broadcast: ", shape_str(in[0].shape), " vs ",
+                   shape_str(in[1].shape));
+      batch[i] = std::max(ab[i], bb[i]);
+    }
+    int64_t nb = numel(batch);
+    // B shared by all batches (a weight [K, N]): fold the batch into M for one big GEMM.
+    b_shared_ = numel(bb) == 1;
+    a_shared_ = numel(ab) == 1;
+    if (!b_shared_ || a_shared_) {
+      for (int64_t i = 0; i < nb; ++i) {
+        int64_t ia = 0, ib = 0, rem = i, sa = 1, sb = 1;
+        for (size_t d = r; d-- > 0;) {
+          int64_t idx = rem % batch[d];
+          rem /= batch[d];
+          if (ab[d] != 1) ia += idx * sa;
+          if (bb[d] != 1) ib += idx * sb;
+          sa *= ab[d];
+          sb *= bb[d];
+        }
+        a_off_.push_back(ia * M_ * K_);
+        b_off_.push_back(ib * K_ * N_);
+      }
+    }
+    batches_ = nb;
+    Shape out = batch;
+    if (!a_vec) out.push_back(M_);
+    if (!b_vec) out.push_back(N_);
+    outputs = {make_output(DType::f32, out)};
+  }
+
+  void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out, RunContext&) override {
+    const float* A = in[0].ptr<float>();
+    const float* B = in[1].ptr<float>();
+    float* Y = out[0].ptr<float>();
+    if (b_shared_ && !a_shared_) {
+      sgemm(false, false, batches_ * M_, N_, K_, 1.f, A, K_, B, N_, 0.f, Y, N_);
+      return;
+    }
+    for (int64_t i = 0; i < batches_; ++i)
+      sgemm(false, false, M_, N_, K_, 1.f, A + a_off_[i], K_, B + b_off_[i], N_, 0.f,
+            Y + i * M_ * N_, N_);
+  }
+
+  bool has_backward() const override { return true; }
+  void backward(const std::vector<Tensor>& in, const std::vector<Tensor>&,
+                const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
+                RunContext&) override {
+    const float* dY = dout[0].ptr<float>();
+    if (b_shared_ && !a_shared_) {
+      int64_t m = batches_ * M_;
+      if (din[0].data)  // dA [m, K] += dY [m, N] · Bᵀ
+        sgemm(false, true, m, K_, N_, 1.f, dY, N_, in[1].ptr<float>(), N_, 1.f,
+              din[0].ptr<float>(), K_);
+      if (din[1].data)  // dB [K, N] += Aᵀ [K, m] · dY [m, N]
+        sgemm(true, false, K_, N_, m, 1.f, in[0].ptr<float>(), K_, dY, N_, 1.f,
+              din[1].ptr<float>(), N_);
+      return;
+    }
+    for (int64_t i = 0; i < batches_; ++i) {
+      const float* dYi = dY + i * M_ * N_;
+      if (din[0].data)
+        sgemm(false, true, M_, K_, N_, 1.f, dYi, N_, in[1].ptr<float>() + b_off_[i], N_, 1.f,
+              din[0].ptr<float>() + a_off_[i], K_);
+      if (din[1].data)
+        sgemm(true, false, K_, N_, M_, 1.f, in[0].ptr<float>() + a_off_[i], K_, dYi, N_, 1.f,
+              din[1].ptr<float>() + b_off_[i], N_);
+    }
+  }
+  // dA needs B, dB needs A.
+  std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
+    return {ng.size() > 1 && ng[1], ng[0]};
+  }
+  std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override {
+    return {false};
+  }
+
+ private:
+  int64_t M_ = 0, K_ = 0, N_ = 0, batches_ = 1;
+  bool b_shared_ = false, a_shared_ = false;
+  std::vector<int64_t> a_off_, b_off_;
+};
+PYEDGE_REGISTER_OP("MatMul", MatMul);
+
+// Adds bias c (broadcast to [M, N]: scalar, [N], [M, 1] or [M, N]) times beta into y.
+void add_bias(const Tensor& c, float beta, float* y, int64_t M, int64_t N) {
+  const float* cp = c.ptr<float>();
+  int64_t cn = c.numel();
+  bool per_col = c.rank() >= 1 && c.shape.back() == N && cn == N;
+  bool per_row = cn == M && (c.rank() == 2 && c.shape[1] == 1);
+  parallel_for(M, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        float v = cn == 1 ? cp[0] : per_col ? cp[j] : per_row ? cp[i] : cp[i * N + j];
+        y[i * N + j] += beta * v;
+      }
+  });
+}
+
+// Sums dy [M, N] into dc with c's broadcast shape, times beta.
+void reduce_bias_grad(const float* dy, float beta, const Tensor& dc, int64_t M, int64_t N) {
+  float* g = dc.ptr<float>();
+  int64_t cn = dc.numel();
+  bool per_row = cn == M && dc.rank() == 2 && dc.shape[1] == 1 && N != 1;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      float v = beta * dy[i * N + j];
+      if (cn == 1) g[0] += v;
+      else if (per_row) g[i] += v;
+      else if (cn == N) g[j] += v;
+      else g[i * N + j] += v;
+    }
+}
+
+class Gemm : public Op {
+ public:
+  Gemm(const NodeInfo& n, const std::vector<Tensor>& in) {
+    check_num_inputs(n, in, 2, 3);
+    check_float(n, in[0], "A");
+    check_float(n, in[1], "B");
+    PYEDGE_CHECK(in[0].rank() == 2 && in[1].rank() == 2, n.where(), ": A and B must be 2-D, got ",
+                 shape_str(in[0].shape), " and ", shape_str(in[1].shape));
+    ta_ = n.attrs.get_int("transA", 0) != 0;
+    tb_ = n.attrs.get_int("transB", 0) != 0;
+    alpha_ = float(n.attrs.get_float("alpha", 1.0));
+    beta_ = float(n.attrs.get_float("beta", 1.0));
+    M_ = ta_ ? in[0].shape[1] : in[0].shape[0];
+    K_ = ta_ ? in[0].shape[0] : in[0].shape[1];
+    int64_t kb = tb_ ? in[1].shape[1] : in[1].shape[0];
+    N_ = tb_ ? in[1].shape[0] : in[1].shape[1];
+    PYEDGE_CHECK(kb == K_, n.where(), ": inner dimensions differ: A is ", shape_str(in[0].shape),
+                 (ta_ ? " (transposed)" : ""), ", B is ", shape_str(in[1].shape),
+                 (tb_ ? " (transposed)" : ""));
+    has_c_ = in.size() > 2 && n.has_input(2);
+    if (has_c_) {
+      const Shape& c = in[2].shape;
+      int64_t cn = numel(c);
+      bool ok = cn == 1 || (cn == N_ && c.back() == N_) || (c.size() == 2 && c[0] == M_ && (c[1] == 1 || c[1] == N_));
+      PYEDGE_CHECK(ok, n.where(), ": C of shape ", shape_str(c), " does not broadcast to [",
+                   M_, ",", N_, "]");
+    }
+    outputs = {make_output(DType::f32, {M_, N_})};
+  }
+  void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out, RunContext&) override {
+    float* Y = out[0].ptr<float>();
+    sgemm(ta_, tb_, M_, N_, K_, alpha_, in[0].ptr<float>(), in[0].shape[1], in[1].ptr<float>(),
+          in[1].shape[1], 0.f, Y, N_);
+    if (has_c_ && beta_ != 0.f) add_bias(in[2], beta_, Y, M_, N_);
+  }
+  bool has_backward() const override { return true; }
+  void backward(const std::vector<Tensor>& in, const std::vector<Tensor>&,
+                const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
+                RunContext&) override {
+    const float* dY = dout[0].ptr<float>();
+    int64_t lda = in[0].shape[1], ldb = in[1].shape[1];
+    if (din[0].data) {
+      // op(A) = dY·op(B)ᵀ; if A is stored transposed, Aᵀ-storage = op(B)·dYᵀ.
+      if (!ta_) sgemm(false, !tb_, M_, K_, N_, alpha_, dY, N_, in[1].ptr<float>(), ldb, 1.f, din[0].ptr<float>(), lda);
+      else sgemm(tb_, true, K_, M_, N_, alpha_, in[1].ptr<float>(), ldb, dY, N_, 1.f, din[0].ptr<float>(), lda);
+    }
+    if (din[1].data) {
+      // op(B) = op(A)ᵀ·dY; stored transposed: dYᵀ·op(A).
+      if (!tb_) sgemm(!ta_, false, K_, N_, M_, alpha_, in[0].ptr<float>(), lda, dY, N_, 1.f, din[1].ptr<float>(), ldb);
+      else sgemm(true, ta_, N_, K_, M_, alpha_, dY, N_, in[0].ptr<float>(), lda, 1.f, din[1].ptr<float>(), ldb);
+    }
+    if (has_c_ && din.size() > 2 && din[2].data) reduce_bias_grad(dY, beta_, din[2], M_, N_);
+  }
+  std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
+    std::vector<bool> r(ng.size(), false);
+    r[0] = ng[1];
+    r[1] = ng[0];
+    return r;
+  }
+  std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override { return {false}; }
+
+ private:
+  bool ta_ = false, tb_ = false, has_c_ = false;
+  float alpha_ = 1.f, beta_ = 1.f;
+  int64_t M_ = 0, K_ = 0, N_ = 0;
+};
+PYEDGE_REGISTER_OP("Gemm", Gemm);
+
+}  // namespace
+}  // namespace pyedge
