@@ -1,8 +1,8 @@
 // BatchNormalization, x [N, C, spatial...] (or [N, C]); scale, B, mean, var [C].
 // Inference (training_mode absent or 0): y = scale·(x - mean)/√(var + eps) + B with the given
 // running statistics. Training (training_mode=1, opset 14+): batch statistics (biased
-// variance, as the ONNX spec), outputs Y, running_mean, running_var (momentum-updated) and
-// hidden saved mean / inverse std for the backward, which matches torch's batch_norm.
+// variance, as the ONNX spec): Y and, when listed, running_mean / running_var (momentum-
+// updated), plus hidden saved mean / inverse std for the backward (matches torch's batch_norm).
 #include <cmath>
 
 #include "common/parallel.h"
@@ -46,10 +46,20 @@ class BatchNormalization : public Op {
     training_ = n.attrs.get_int("training_mode", 0) != 0;
     PYEDGE_CHECK(!training_ || n.opset >= 14, n.where(),
                  ": training_mode needs opset 14 or later (model has ", n.opset, ")");
+    PYEDGE_CHECK(training_ || n.num_outputs == 1, n.where(), ": ", n.num_outputs,
+                 " outputs need training mode (training_mode=1, opset 14+); pyedge does not "
+                 "support the pre-opset-14 training outputs");
+    PYEDGE_CHECK(n.num_outputs >= 1 && n.num_outputs <= 3, n.where(),
+                 ": expected 1 to 3 outputs, got ", n.num_outputs);
+    // Visible: Y, then running_mean / running_var as far as the node lists them; hidden:
+    // saved mean and inverse std for the backward.
     outputs = {make_output(DType::f32, xs)};
     if (training_) {
-      for (int k = 0; k < 4; ++k) outputs.push_back(make_output(DType::f32, {C_}));
-      n_visible = 3;  // Y, running_mean, running_var; then saved mean, saved inverse std
+      for (int k = 1; k < n.num_outputs; ++k) outputs.push_back(make_output(DType::f32, {C_}));
+      n_visible = int(outputs.size());
+      saved_ = int(outputs.size());
+      outputs.push_back(make_output(DType::f32, {C_}));
+      outputs.push_back(make_output(DType::f32, {C_}));
     }
   }
 
@@ -75,10 +85,10 @@ class BatchNormalization : public Op {
       });
       return;
     }
-    float* run_mean = out[1].ptr<float>();
-    float* run_var = out[2].ptr<float>();
-    float* save_mean = out[3].ptr<float>();
-    float* save_istd = out[4].ptr<float>();
+    float* run_mean = saved_ > 1 ? out[1].ptr<float>() : nullptr;
+    float* run_var = saved_ > 2 ? out[2].ptr<float>() : nullptr;
+    float* save_mean = out[size_t(saved_)].ptr<float>();
+    float* save_istd = out[size_t(saved_) + 1].ptr<float>();
     const double cnt = double(N * S);
     parallel_for(C_, std::max<int64_t>(1, 16384 / (N * S)), [&](int64_t lo, int64_t hi) {
       for (int64_t c = lo; c < hi; ++c) {
@@ -100,8 +110,8 @@ class BatchNormalization : public Op {
         const float istd = 1.f / std::sqrt(v + eps_);
         save_mean[c] = mu;
         save_istd[c] = istd;
-        run_mean[c] = mean[c] * momentum_ + mu * (1.f - momentum_);
-        run_var[c] = var[c] * momentum_ + v * (1.f - momentum_);
+        if (run_mean) run_mean[c] = mean[c] * momentum_ + mu * (1.f - momentum_);
+        if (run_var) run_var[c] = var[c] * momentum_ + v * (1.f - momentum_);
         const float a = scale[c] * istd, b = bias[c] - mu * a;
         for (int64_t n = 0; n < N; ++n) {
           const float* xp = x + (n * C + c) * S;
@@ -132,8 +142,8 @@ class BatchNormalization : public Op {
     const float* var = nullptr;
     if (training_) {
       if (dx || dscale) {
-        mean = out[3].ptr<float>();
-        istd_saved = out[4].ptr<float>();
+        mean = out[size_t(saved_)].ptr<float>();
+        istd_saved = out[size_t(saved_) + 1].ptr<float>();
       }
     } else {
       if (dscale) mean = in[3].ptr<float>();
@@ -195,7 +205,7 @@ class BatchNormalization : public Op {
   std::vector<bool> backward_reads_outputs(const std::vector<bool>& need) const override {
     std::vector<bool> r(outputs.size(), false);
     const bool dx = need.size() > 0 && need[0], ds = need.size() > 1 && need[1];
-    if (training_) r[3] = r[4] = dx || ds;
+    if (training_) r[size_t(saved_)] = r[size_t(saved_) + 1] = dx || ds;
     return r;
   }
 
@@ -203,6 +213,7 @@ class BatchNormalization : public Op {
   int64_t N_ = 0, C_ = 0, S_ = 1;
   float eps_ = 1e-5f, momentum_ = 0.9f;
   bool training_ = false;
+  int saved_ = 0;  // index of the hidden saved mean (inverse std follows) in training mode
 };
 PYEDGE_REGISTER_OP("BatchNormalization", BatchNormalization);
 

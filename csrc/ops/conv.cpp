@@ -4,6 +4,7 @@
 // Backward: dW += dY·colᵀ, dX += col2im(Wᵀ·dY), dB += Σ dY, each only when wanted (frozen
 // weights skip their GEMM). BLAS is threaded, so the sample loop stays serial.
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include "common/parallel.h"
@@ -55,15 +56,32 @@ class Conv : public Op {
     Kc_ = Cg_ * g_.taps();
     depthwise_ = G_ > 1 && Cg_ == 1;
     pointwise_ = g_.pointwise();
+    // sgemm must not throw inside a parallel region: check its 32-bit limits here.
+    PYEDGE_CHECK(P_ < (int64_t(1) << 31) && Kc_ < (int64_t(1) << 31) && Mg_ < (int64_t(1) << 31),
+                 n.where(), ": Conv too large for 32-bit BLAS");
+    // Parallel over samples whenever there are several (measured: far ahead of threaded
+    // BLAS per sample on a busy 2-core box, whose barriers suffer from preemption); N == 1
+    // runs one sample with threaded BLAS.
+    const int64_t nt = num_threads();
+    if (const char* e = std::getenv("PYEDGE_CONV_SLOTS")) {  // TODO remove: benchmarking
+      slots_ = std::max<int64_t>(1, std::min<int64_t>(std::atoi(e), N_));
+    } else if (nt > 1 && N_ >= 2) {
+      slots_ = std::min(nt, N_);
+    }
     Shape ys = {N_, M_};
     for (int64_t d : window_out_dims(g_)) ys.push_back(d);
     outputs = {make_output(DType::f32, ys)};
   }
 
-  size_t forward_scratch_bytes() const override { return uses_col() ? col_bytes() : 0; }
+  size_t forward_scratch_bytes() const override {
+    return uses_col() ? size_t(slots_ * col_floats()) * sizeof(float) : 0;
+  }
   size_t backward_scratch_bytes(const std::vector<bool>& need) const override {
-    bool want = (need.size() > 1 && need[1]) || (need.size() > 0 && need[0]);
-    return want && uses_col() ? col_bytes() : 0;
+    const bool ndx = need.size() > 0 && need[0], ndw = need.size() > 1 && need[1];
+    if (depthwise_ || (!ndx && !ndw)) return 0;
+    int64_t f = uses_col() ? slots_ * col_floats() : 0;
+    if (ndw) f += (slots_ - 1) * M_ * Kc_;  // private dW of slots 1.. (slot 0 uses dW)
+    return size_t(f) * sizeof(float);
   }
 
   void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
@@ -73,31 +91,30 @@ class Conv : public Op {
     const float* b = has_bias_ ? in[2].ptr<float>() : nullptr;
     float* y = out[0].ptr<float>();
     if (depthwise_) return depthwise_forward(x, w, b, y);
-    float* col = static_cast<float*>(ctx.scratch);
+    float* cols = static_cast<float*>(ctx.scratch);
     const int64_t IP = g_.in_plane();
-    for (int64_t n = 0; n < N_; ++n) {
-      for (int64_t gi = 0; gi < G_; ++gi) {
-        const float* xg = x + (n * C_ + gi * Cg_) * IP;
-        const float* src = xg;
-        if (!pointwise_) {
-          im2col(xg, Cg_, g_, col);
-          src = col;
+    over_samples([&](int64_t n0, int64_t n1, int64_t slot) {
+      float* col = cols + slot * col_floats();
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t gi = 0; gi < G_; ++gi) {
+          const float* src = x + (n * C_ + gi * Cg_) * IP;
+          if (!pointwise_) {
+            im2col(src, Cg_, g_, col);
+            src = col;
+          }
+          // y_g [Mg, P] = w_g [Mg, Kc] · col [Kc, P]
+          sgemm(false, false, Mg_, P_, Kc_, 1.f, w + gi * Mg_ * Kc_, Kc_, src, P_, 0.f,
+                y + (n * M_ + gi * Mg_) * P_, P_);
         }
-        // y_g [Mg, P] = w_g [Mg, Kc] · col [Kc, P]
-        sgemm(false, false, Mg_, P_, Kc_, 1.f, w + gi * Mg_ * Kc_, Kc_, src, P_, 0.f,
-              y + (n * M_ + gi * Mg_) * P_, P_);
+        if (b) {
+          for (int64_t m = 0; m < M_; ++m) {
+            float* yp = y + (n * M_ + m) * P_;
+            const float bv = b[m];
+            for (int64_t p = 0; p < P_; ++p) yp[p] += bv;
+          }
+        }
       }
-    }
-    if (b) {
-      const int64_t P = P_, M = M_;
-      parallel_for(N_ * M_, std::max<int64_t>(1, 16384 / P), [&](int64_t lo, int64_t hi) {
-        for (int64_t pm = lo; pm < hi; ++pm) {
-          float* yp = y + pm * P;
-          const float bv = b[pm % M];
-          for (int64_t p = 0; p < P; ++p) yp[p] += bv;
-        }
-      });
-    }
+    });
   }
 
   bool has_backward() const override { return true; }
@@ -113,41 +130,63 @@ class Conv : public Op {
     // Only what the wanted gradients read is guaranteed alive (backward_reads_inputs).
     const float* x = dw ? in[0].ptr<float>() : nullptr;
     const float* w = dx ? in[1].ptr<float>() : nullptr;
-    if (db) bias_backward(dy, db);
-    if (!dx && !dw) return;
+    if (!dx && !dw) {
+      if (db) bias_backward(dy, db);
+      return;
+    }
     if (depthwise_) {
+      if (db) bias_backward(dy, db);
       if (dx) depthwise_backward_x(w, dy, dx);
       if (dw) depthwise_backward_w(x, dy, dw);
       return;
     }
-    float* col = static_cast<float*>(ctx.scratch);
-    const int64_t IP = g_.in_plane();
-    for (int64_t n = 0; n < N_; ++n) {
-      for (int64_t gi = 0; gi < G_; ++gi) {
-        const float* dyg = dy + (n * M_ + gi * Mg_) * P_;
-        if (dw) {
-          const float* xg = x + (n * C_ + gi * Cg_) * IP;
-          const float* src = xg;
-          if (!pointwise_) {
-            im2col(xg, Cg_, g_, col);
-            src = col;
+    float* cols = static_cast<float*>(ctx.scratch);
+    float* dw_priv = cols + (uses_col() ? slots_ * col_floats() : 0);
+    const int64_t IP = g_.in_plane(), WN = M_ * Kc_;
+    over_samples([&](int64_t n0, int64_t n1, int64_t slot) {
+      float* col = cols + slot * col_floats();
+      float* dwd = nullptr;
+      if (dw) {
+        dwd = slot == 0 ? dw : dw_priv + (slot - 1) * WN;
+        if (slot > 0) std::memset(dwd, 0, sizeof(float) * size_t(WN));
+      }
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t gi = 0; gi < G_; ++gi) {
+          const float* dyg = dy + (n * M_ + gi * Mg_) * P_;
+          if (dwd) {
+            const float* src = x + (n * C_ + gi * Cg_) * IP;
+            if (!pointwise_) {
+              im2col(src, Cg_, g_, col);
+              src = col;
+            }
+            // dw_g [Mg, Kc] += dy_g [Mg, P] · colᵀ [P, Kc]
+            sgemm(false, true, Mg_, Kc_, P_, 1.f, dyg, P_, src, P_, 1.f, dwd + gi * Mg_ * Kc_,
+                  Kc_);
           }
-          // dw_g [Mg, Kc] += dy_g [Mg, P] · colᵀ [P, Kc]
-          sgemm(false, true, Mg_, Kc_, P_, 1.f, dyg, P_, src, P_, 1.f, dw + gi * Mg_ * Kc_,
-                Kc_);
-        }
-        if (dx) {
-          float* dxg = dx + (n * C_ + gi * Cg_) * IP;
-          const float* wg = w + gi * Mg_ * Kc_;
-          // dcol [Kc, P] = w_gᵀ [Kc, Mg] · dy_g [Mg, P]; pointwise: straight into dx.
-          if (pointwise_) {
-            sgemm(true, false, Kc_, P_, Mg_, 1.f, wg, Kc_, dyg, P_, 1.f, dxg, P_);
-          } else {
-            sgemm(true, false, Kc_, P_, Mg_, 1.f, wg, Kc_, dyg, P_, 0.f, col, P_);
-            col2im_add(col, Cg_, g_, dxg);
+          if (dx) {
+            float* dxg = dx + (n * C_ + gi * Cg_) * IP;
+            const float* wg = w + gi * Mg_ * Kc_;
+            // dcol [Kc, P] = w_gᵀ [Kc, Mg] · dy_g [Mg, P]; pointwise: straight into dx.
+            if (pointwise_) {
+              sgemm(true, false, Kc_, P_, Mg_, 1.f, wg, Kc_, dyg, P_, 1.f, dxg, P_);
+            } else {
+              sgemm(true, false, Kc_, P_, Mg_, 1.f, wg, Kc_, dyg, P_, 0.f, col, P_);
+              col2im_add(col, Cg_, g_, dxg);
+            }
           }
         }
       }
+    });
+    // OpenMP loops last, after the BLAS calls (see over_samples).
+    if (db) bias_backward(dy, db);
+    if (dw && slots_ > 1) {  // fold the private dW of slots 1.. into dW
+      const int64_t S = slots_;
+      parallel_for(WN, 1 << 14, [&](int64_t lo, int64_t hi) {
+        for (int64_t s = 1; s < S; ++s) {
+          const float* src = dw_priv + (s - 1) * WN;
+          for (int64_t i = lo; i < hi; ++i) dw[i] += src[i];
+        }
+      });
     }
   }
 
@@ -163,7 +202,27 @@ class Conv : public Op {
 
  private:
   bool uses_col() const { return !depthwise_ && !pointwise_; }
-  size_t col_bytes() const { return size_t(Kc_ * P_) * sizeof(float); }
+  int64_t col_floats() const { return uses_col() ? Kc_ * P_ : 0; }
+
+  // body(n0, n1, slot) over blocks of samples. With several slots: one OpenMP task per slot
+  // (own im2col buffer, single-threaded BLAS inside; im2col's parallel_for runs serially
+  // there). With one slot: the whole batch here, parallel im2col and threaded BLAS. Never
+  // BLAS threads inside OpenMP threads.
+  template <typename F>
+  void over_samples(F&& body) const {
+    if (slots_ == 1) {
+      body(int64_t(0), N_, int64_t(0));
+      return;
+    }
+    struct BlasSingleThread {
+      BlasSingleThread() { blas_set_num_threads(1); }
+      ~BlasSingleThread() { blas_set_num_threads(num_threads()); }
+    } guard;
+    const int64_t S = slots_, N = N_;
+    parallel_for(S, 1, [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e; ++s) body(N * s / S, N * (s + 1) / S, s);
+    });
+  }
 
   void bias_backward(const float* dy, float* db) const {
     const int64_t P = P_, M = M_, N = N_;
@@ -279,6 +338,7 @@ class Conv : public Op {
 
   WindowGeom g_;
   int64_t N_ = 0, C_ = 0, M_ = 0, G_ = 1, Cg_ = 0, Mg_ = 0, P_ = 0, Kc_ = 0;
+  int64_t slots_ = 1;  // sample blocks run in parallel (see over_samples)
   bool has_bias_ = false, depthwise_ = false, pointwise_ = false;
 };
 PYEDGE_REGISTER_OP("Conv", Conv);

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstring>
 
-#include "common/parallel.h"
 
 namespace pyedge {
 
@@ -98,59 +97,54 @@ Shape window_out_dims(const WindowGeom& g) {
 }
 
 void im2col(const float* x, int64_t C, const WindowGeom& g, float* col) {
-  const int64_t P = g.out_plane(), T = g.taps();
-  parallel_for(C * T, std::max<int64_t>(1, 8192 / std::max<int64_t>(P, 1)),
-               [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row) {
-      const int64_t c = row / T, i = (row / g.KW) % g.KH, j = row % g.KW;
-      const float* xc = x + c * g.in_plane();
-      float* dst = col + row * P;
-      const int64_t lo = g.ow_lo[size_t(j)], hi = g.ow_hi[size_t(j)];
-      const int64_t offw = j * g.DW - g.PW;
-      for (int64_t oh = 0; oh < g.OH; ++oh) {
-        float* d = dst + oh * g.OW;
-        if (oh < g.oh_lo[size_t(i)] || oh >= g.oh_hi[size_t(i)]) {
-          std::memset(d, 0, sizeof(float) * size_t(g.OW));
-          continue;
+  const int64_t P = g.out_plane();
+  for (int64_t c = 0; c < C; ++c) {
+    const float* xc = x + c * g.in_plane();
+    for (int64_t i = 0; i < g.KH; ++i) {
+      const int64_t hlo = g.oh_lo[size_t(i)], hhi = g.oh_hi[size_t(i)];
+      for (int64_t j = 0; j < g.KW; ++j) {
+        float* dst = col + ((c * g.KH + i) * g.KW + j) * P;
+        const int64_t lo = g.ow_lo[size_t(j)], hi = g.ow_hi[size_t(j)];
+        const int64_t offw = j * g.DW - g.PW;
+        std::memset(dst, 0, sizeof(float) * size_t(hlo * g.OW));
+        for (int64_t oh = hlo; oh < hhi; ++oh) {
+          float* d = dst + oh * g.OW;
+          const float* xr = xc + g.ih(oh, i) * g.IW + offw;
+          for (int64_t ow = 0; ow < lo; ++ow) d[ow] = 0.f;
+          if (g.SW == 1) {
+            std::memcpy(d + lo, xr + lo, sizeof(float) * size_t(hi - lo));
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) d[ow] = xr[ow * g.SW];
+          }
+          for (int64_t ow = hi; ow < g.OW; ++ow) d[ow] = 0.f;
         }
-        const float* xr = xc + g.ih(oh, i) * g.IW + offw;
-        for (int64_t ow = 0; ow < lo; ++ow) d[ow] = 0.f;
-        if (g.SW == 1) {
-          std::memcpy(d + lo, xr + lo, sizeof(float) * size_t(hi - lo));
-        } else {
-          for (int64_t ow = lo; ow < hi; ++ow) d[ow] = xr[ow * g.SW];
-        }
-        for (int64_t ow = hi; ow < g.OW; ++ow) d[ow] = 0.f;
+        std::memset(dst + hhi * g.OW, 0, sizeof(float) * size_t((g.OH - hhi) * g.OW));
       }
     }
-  });
+  }
 }
 
 void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx) {
-  const int64_t P = g.out_plane(), T = g.taps();
-  // One channel per task: all taps of a channel write the same dx plane.
-  parallel_for(C, std::max<int64_t>(1, 8192 / std::max<int64_t>(P * T, 1)),
-               [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) {
-      float* xc = dx + c * g.in_plane();
-      for (int64_t i = 0; i < g.KH; ++i) {
-        for (int64_t j = 0; j < g.KW; ++j) {
-          const float* src = col + ((c * g.KH + i) * g.KW + j) * P;
-          const int64_t lo = g.ow_lo[size_t(j)], hi = g.ow_hi[size_t(j)];
-          const int64_t offw = j * g.DW - g.PW;
-          for (int64_t oh = g.oh_lo[size_t(i)]; oh < g.oh_hi[size_t(i)]; ++oh) {
-            const float* s = src + oh * g.OW;
-            float* xr = xc + g.ih(oh, i) * g.IW + offw;
-            if (g.SW == 1) {
-              for (int64_t ow = lo; ow < hi; ++ow) xr[ow] += s[ow];
-            } else {
-              for (int64_t ow = lo; ow < hi; ++ow) xr[ow * g.SW] += s[ow];
-            }
+  const int64_t P = g.out_plane();
+  for (int64_t c = 0; c < C; ++c) {
+    float* xc = dx + c * g.in_plane();
+    for (int64_t i = 0; i < g.KH; ++i) {
+      for (int64_t j = 0; j < g.KW; ++j) {
+        const float* src = col + ((c * g.KH + i) * g.KW + j) * P;
+        const int64_t lo = g.ow_lo[size_t(j)], hi = g.ow_hi[size_t(j)];
+        const int64_t offw = j * g.DW - g.PW;
+        for (int64_t oh = g.oh_lo[size_t(i)]; oh < g.oh_hi[size_t(i)]; ++oh) {
+          const float* s = src + oh * g.OW;
+          float* xr = xc + g.ih(oh, i) * g.IW + offw;
+          if (g.SW == 1) {
+            for (int64_t ow = lo; ow < hi; ++ow) xr[ow] += s[ow];
+          } else {
+            for (int64_t ow = lo; ow < hi; ++ow) xr[ow * g.SW] += s[ow];
           }
         }
       }
     }
-  });
+  }
 }
 
 }  // namespace pyedge

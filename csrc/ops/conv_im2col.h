@@ -39,6 +39,8 @@ WindowGeom make_window_geom(const NodeInfo& n, const Shape& x, const std::vector
 // Output spatial dims in the node's own rank ([OW] for 1D, [OH, OW] for 2D).
 Shape window_out_dims(const WindowGeom& g);
 
+// Both run serially: Conv calls them per sample, either inside its own parallel loop over
+// samples or between threaded BLAS calls (where OpenMP regions would fight BLAS threads).
 // col [C*KH*KW, OH*OW] = patches of x [C, IH, IW] (zeros in the padding).
 void im2col(const float* x, int64_t C, const WindowGeom& g, float* col);
 // dx [C, IH, IW] += fold of col [C*KH*KW, OH*OW] (the adjoint of im2col).

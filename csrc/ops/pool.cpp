@@ -32,57 +32,30 @@ int64_t plane_grain(int64_t work_per_plane) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(work_per_plane, 1));
 }
 
-// MaxPool. Outputs: Y and Indices (int64, ONNX semantics: flat index into X). Backward
-// scatters dY through Indices, so it reads neither X nor Y.
+// MaxPool. When the node lists Indices, that int64 output (ONNX semantics: flat index into X)
+// drives the backward; otherwise a hidden int32 in-plane argmax does (half the memory).
+// Either way the backward scatters dY through it and reads neither X nor Y.
 class MaxPool : public Op {
  public:
   MaxPool(const NodeInfo& n, const std::vector<Tensor>& in) : g_(pool_geom(n, in)) {
     PYEDGE_CHECK(n.attrs.get_int("storage_order", 0) == 0, n.where(),
                  ": storage_order=1 (column-major Indices) is not supported");
+    PYEDGE_CHECK(g_.in_plane() < (int64_t(1) << 31), n.where(), ": input plane too large");
     planes_ = in[0].shape[0] * in[0].shape[1];
     Shape ys = pool_out_shape(in[0].shape, g_);
-    outputs = {make_output(DType::f32, ys), make_output(DType::i64, ys)};
+    onnx_indices_ = n.num_outputs >= 2;
+    outputs = {make_output(DType::f32, ys),
+               make_output(onnx_indices_ ? DType::i64 : DType::i32, ys)};
+    n_visible = onnx_indices_ ? 2 : 1;
   }
 
   void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                RunContext&) override {
-    const float* x = in[0].ptr<float>();
-    float* y = out[0].ptr<float>();
-    int64_t* idx = out[1].ptr<int64_t>();
-    const WindowGeom& g = g_;
-    const int64_t P = g.out_plane(), IP = g.in_plane();
-    parallel_for(planes_, plane_grain(P * g.taps()), [&](int64_t lo, int64_t hi) {
-      for (int64_t pc = lo; pc < hi; ++pc) {
-        const float* xp = x + pc * IP;
-        float* yp = y + pc * P;
-        int64_t* ip = idx + pc * P;
-        for (int64_t p = 0; p < P; ++p) {
-          yp[p] = -std::numeric_limits<float>::infinity();
-          ip[p] = -1;
-        }
-        // Taps in row-major order with a strict '>' keep the first maximum, as onnxruntime.
-        for (int64_t i = 0; i < g.KH; ++i) {
-          for (int64_t oh = g.oh_lo[size_t(i)]; oh < g.oh_hi[size_t(i)]; ++oh) {
-            const int64_t row = g.ih(oh, i) * g.IW;
-            float* yr = yp + oh * g.OW;
-            int64_t* ir = ip + oh * g.OW;
-            for (int64_t j = 0; j < g.KW; ++j) {
-              const int64_t off = row + j * g.DW - g.PW;
-              for (int64_t ow = g.ow_lo[size_t(j)]; ow < g.ow_hi[size_t(j)]; ++ow) {
-                const int64_t q = off + ow * g.SW;
-                const float v = xp[q];
-                if (v > yr[ow] || ir[ow] < 0) {
-                  yr[ow] = v;
-                  ir[ow] = q;
-                }
-              }
-            }
-          }
-        }
-        const int64_t base = pc * IP;
-        for (int64_t p = 0; p < P; ++p) ip[p] = ip[p] < 0 ? -1 : ip[p] + base;
-      }
-    });
+    if (onnx_indices_) {
+      run_forward(in[0].ptr<float>(), out[0].ptr<float>(), out[1].ptr<int64_t>());
+    } else {
+      run_forward(in[0].ptr<float>(), out[0].ptr<float>(), out[1].ptr<int32_t>());
+    }
   }
 
   bool has_backward() const override { return true; }
@@ -91,14 +64,27 @@ class MaxPool : public Op {
                 RunContext&) override {
     if (!din[0].data || !dout[0].data) return;
     const float* dy = dout[0].ptr<float>();
-    const int64_t* idx = out[1].ptr<int64_t>();
     float* dx = din[0].ptr<float>();
-    const int64_t P = g_.out_plane();
-    // Indices of plane pc stay inside plane pc of X: planes are race-free tasks.
-    parallel_for(planes_, plane_grain(P), [&](int64_t lo, int64_t hi) {
-      for (int64_t p = lo * P; p < hi * P; ++p)
-        if (idx[p] >= 0) dx[idx[p]] += dy[p];
-    });
+    const int64_t P = g_.out_plane(), IP = g_.in_plane();
+    // Plane pc's indices stay inside plane pc of X: planes are race-free tasks.
+    if (onnx_indices_) {
+      const int64_t* idx = out[1].ptr<int64_t>();
+      parallel_for(planes_, plane_grain(P), [&](int64_t lo, int64_t hi) {
+        for (int64_t p = lo * P; p < hi * P; ++p)
+          if (idx[p] >= 0) dx[idx[p]] += dy[p];
+      });
+    } else {
+      const int32_t* idx = out[1].ptr<int32_t>();
+      parallel_for(planes_, plane_grain(P), [&](int64_t lo, int64_t hi) {
+        for (int64_t pc = lo; pc < hi; ++pc) {
+          float* dxp = dx + pc * IP;
+          const int32_t* ip = idx + pc * P;
+          const float* dyp = dy + pc * P;
+          for (int64_t p = 0; p < P; ++p)
+            if (ip[p] >= 0) dxp[ip[p]] += dyp[p];
+        }
+      });
+    }
   }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& need) const override {
     return std::vector<bool>(need.size(), false);
@@ -108,8 +94,51 @@ class MaxPool : public Op {
   }
 
  private:
+  // y = window max; idx = its in-plane position (ONNX int64: plus the plane's offset in X).
+  template <typename I>
+  void run_forward(const float* x, float* y, I* idx) const {
+    const WindowGeom& g = g_;
+    const int64_t P = g.out_plane(), IP = g.in_plane();
+    const bool global = onnx_indices_;
+    parallel_for(planes_, plane_grain(P * g.taps()), [&](int64_t lo, int64_t hi) {
+      for (int64_t pc = lo; pc < hi; ++pc) {
+        const float* xp = x + pc * IP;
+        float* yp = y + pc * P;
+        I* ip = idx + pc * P;
+        for (int64_t p = 0; p < P; ++p) {
+          yp[p] = -std::numeric_limits<float>::infinity();
+          ip[p] = -1;
+        }
+        // Taps in row-major order with a strict '>' keep the first maximum, as onnxruntime.
+        for (int64_t i = 0; i < g.KH; ++i) {
+          for (int64_t oh = g.oh_lo[size_t(i)]; oh < g.oh_hi[size_t(i)]; ++oh) {
+            const int64_t row = g.ih(oh, i) * g.IW;
+            float* yr = yp + oh * g.OW;
+            I* ir = ip + oh * g.OW;
+            for (int64_t j = 0; j < g.KW; ++j) {
+              const int64_t off = row + j * g.DW - g.PW;
+              for (int64_t ow = g.ow_lo[size_t(j)]; ow < g.ow_hi[size_t(j)]; ++ow) {
+                const int64_t q = off + ow * g.SW;
+                const float v = xp[q];
+                if (v > yr[ow] || ir[ow] < 0) {
+                  yr[ow] = v;
+                  ir[ow] = I(q);
+                }
+              }
+            }
+          }
+        }
+        if (global) {
+          const I base = I(pc * IP);
+          for (int64_t p = 0; p < P; ++p) ip[p] = ip[p] < 0 ? I(-1) : I(ip[p] + base);
+        }
+      }
+    });
+  }
+
   WindowGeom g_;
   int64_t planes_ = 0;
+  bool onnx_indices_ = false;
 };
 PYEDGE_REGISTER_OP("MaxPool", MaxPool);
 
