@@ -45,6 +45,8 @@ CONV2D_CASES = [
     (2, 5, (6, 7), 3, (1, 1), 1, (0, 0, 0, 0), 1, 1, True),    # pointwise
     (2, 4, (6, 7), 6, (1, 1), 2, (0, 0, 0, 0), 1, 2, False),   # strided 1x1
     (1, 2, (4, 4), 2, (4, 4), 1, (0, 0, 0, 0), 1, 1, True),    # kernel == input
+    (3, 3, (6, 5), 4, (3, 3), 1, (1, 1, 1, 1), 1, 1, True),    # batch split unevenly
+    (5, 4, (5, 5), 4, (1, 1), 1, (0, 0, 0, 0), 1, 2, True),    # grouped pointwise
 ]
 
 
@@ -62,6 +64,27 @@ def test_conv2d(case):
         return F.conv2d(F.pad(x, torch_pad(pads)), w, b, stride=s, dilation=d, groups=g)
 
     check_backward("Conv", ins, fn, attrs)
+
+
+# Depthwise kernels: fused 3x3/5x5/7x7 interiors, dilation, tiny planes with no interior,
+# a generic kernel size, asymmetric pads, strides. (C, spatial, mult, kernel, stride, pads, dil)
+@pytest.mark.parametrize("case", [
+    (3, (9, 10), 1, (5, 5), 1, (2, 2, 2, 2), 1),
+    (2, (6, 6), 1, (5, 5), 1, (4, 4, 4, 4), 2),
+    (2, (11, 12), 2, (7, 7), 1, (3, 2, 3, 4), 1),
+    (4, (3, 2), 1, (3, 3), 1, (1, 1, 1, 1), 1),
+    (3, (7, 8), 1, (3, 2), 1, (1, 0, 1, 1), 1),
+    (3, (9, 9), 1, (4, 4), 2, (1, 2, 2, 1), 2),
+])
+def test_conv_depthwise(case):
+    c, sp, mult, k, s, pads, d = case
+    x = randn(2, c, *sp)
+    w = randn(c * mult, 1, *k)
+    b = randn(c * mult)
+    attrs = conv_attrs(k, s, pads, d, c)
+    check_forward("Conv", [x, w, b], attrs, rtol=1e-4, atol=1e-4)
+    check_backward("Conv", [x, w, b], lambda x, w, b: F.conv2d(
+        F.pad(x, torch_pad(pads)), w, b, stride=s, dilation=d, groups=c), attrs)
 
 
 @pytest.mark.parametrize("case", [
@@ -300,5 +323,7 @@ def test_batchnorm_errors():
     ins[1] = randn(4)
     with pytest.raises(_core.PyedgeError, match="scale has shape"):
         _core.run_op("BatchNormalization", ins, {})
+    with pytest.raises(_core.PyedgeError, match="need training mode"):
+        _core.run_op("BatchNormalization", bn_inputs((2, 3)), {}, num_outputs=3)
     with pytest.raises(_core.PyedgeError, match="opset 14"):
         _core.run_op("BatchNormalization", bn_inputs((2, 3)), {"training_mode": 1}, opset=12)
