@@ -2,7 +2,6 @@
 #pragma once
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>  // list attributes and const_inputs
 
 #include "ops/op.h"
 #include "tensor/tensor.h"
