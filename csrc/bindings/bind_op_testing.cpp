@@ -2,6 +2,8 @@
 // check each kernel against onnxruntime and PyTorch autograd.
 #include <cstring>
 
+#include <pybind11/stl.h>
+
 #include "bindings/numpy_convert.h"
 
 namespace pyedge {

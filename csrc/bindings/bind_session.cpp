@@ -1,4 +1,183 @@
+// Model and Session for Python. Inputs cross as numpy views; the GIL is released while the
+// core computes.
+#include <pybind11/stl.h>
+
 #include "bindings/numpy_convert.h"
+#include "graph/session.h"
+
 namespace pyedge {
-void bind_session(py::module_& m) {}
+namespace {
+
+DType dtype_from_name(const std::string& s) {
+  if (s == "float32") return DType::f32;
+  if (s == "float64") return DType::f64;
+  if (s == "int64") return DType::i64;
+  if (s == "int32") return DType::i32;
+  if (s == "uint8") return DType::u8;
+  if (s == "bool") return DType::boolean;
+  throw Error(str_cat("unsupported dtype '", s, "'"));
 }
+
+// Keeps a Python object alive from C++; drops the reference under the GIL.
+std::shared_ptr<void> hold(py::object o) {
+  return std::shared_ptr<void>(new py::object(std::move(o)), [](void* p) {
+    py::gil_scoped_acquire gil;
+    delete static_cast<py::object*>(p);
+  });
+}
+
+struct Inputs {
+  std::vector<py::array> keep;
+  std::vector<Tensor> tensors;
+};
+
+Inputs convert_inputs(const Model& m, py::list inputs) {
+  PYEDGE_CHECK(inputs.size() == m.inputs.size(), "expected ", m.inputs.size(),
+               " inputs, got ", inputs.size());
+  Inputs r;
+  r.tensors.resize(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (inputs[i].is_none()) continue;
+    r.keep.push_back(as_core_array(inputs[i]));
+    r.tensors[i] = tensor_view(r.keep.back());
+  }
+  return r;
+}
+
+py::dict stats_dict(const PlanStats& s) {
+  py::dict d;
+  d["forward_ops"] = s.forward_ops;
+  d["backward_ops"] = s.backward_ops;
+  d["folded_ops"] = s.folded_ops;
+  d["pruned_nodes"] = s.pruned_nodes;
+  d["arena_bytes"] = s.arena_bytes;
+  d["activation_bytes"] = s.activation_bytes;
+  d["gradient_bytes"] = s.gradient_bytes;
+  d["scratch_bytes"] = s.scratch_bytes;
+  d["constant_bytes"] = s.constant_bytes;
+  d["backward_nodes"] = s.backward_nodes;
+  return d;
+}
+
+}  // namespace
+
+void bind_session(py::module_& m) {
+  py::class_<Model, std::shared_ptr<Model>>(m, "Model")
+      .def(py::init<>())
+      .def("add_input", [](Model& self, const std::string& name, const std::string& dtype,
+                           const std::vector<int64_t>& shape) {
+        self.add_input(name, dtype_from_name(dtype), shape);
+      })
+      .def("add_output", &Model::add_output)
+      .def("add_initializer", [](Model& self, const std::string& name, py::handle arr) {
+        py::array a = as_core_array(arr);
+        self.add_initializer(name, tensor_view(a), hold(a));
+      }, "Registers a weight without copying it (the array is kept alive).")
+      .def("add_node", [](Model& self, const std::string& op_type, const std::string& domain,
+                          const std::string& name, const std::vector<std::string>& inputs,
+                          const std::vector<std::string>& outputs, py::dict attrs, int opset) {
+        ModelNode n;
+        n.info.op_type = op_type;
+        n.info.domain = domain;
+        n.info.name = name;
+        n.info.opset = opset;
+        n.info.attrs = attrs_from_dict(attrs);
+        for (auto& s : inputs) n.inputs.push_back(s.empty() ? -1 : self.value_id(s));
+        for (auto& s : outputs) n.outputs.push_back(s.empty() ? -1 : self.value_id(s));
+        self.add_node(std::move(n));
+      }, py::arg("op_type"), py::arg("domain"), py::arg("name"), py::arg("inputs"),
+         py::arg("outputs"), py::arg("attrs"), py::arg("opset"))
+      .def("finalize", &Model::finalize)
+      .def_property_readonly("input_names", [](const Model& self) {
+        std::vector<std::string> r;
+        for (int v : self.inputs) r.push_back(self.value_name(v));
+        return r;
+      })
+      .def_property_readonly("output_names", [](const Model& self) {
+        std::vector<std::string> r;
+        for (int v : self.outputs) r.push_back(self.value_name(v));
+        return r;
+      })
+      .def_property_readonly("num_nodes", [](const Model& self) { return self.nodes.size(); });
+
+  py::class_<Session>(m, "Session")
+      .def(py::init([](std::shared_ptr<Model> model, const std::vector<std::string>& trainable,
+                       const std::string& loss, py::dict opt, uint64_t seed) {
+             OptimizerConfig c;
+             if (opt.contains("kind")) c.kind = opt["kind"].cast<std::string>();
+             auto f = [&](const char* k, double& dst) { if (opt.contains(k)) dst = opt[k].cast<double>(); };
+             f("lr", c.lr); f("beta1", c.beta1); f("beta2", c.beta2); f("eps", c.eps);
+             f("weight_decay", c.weight_decay); f("momentum", c.momentum); f("dampening", c.dampening);
+             if (opt.contains("nesterov")) c.nesterov = opt["nesterov"].cast<bool>();
+             return new Session(std::move(model), trainable, loss, c, seed);
+           }),
+           py::arg("model"), py::arg("trainable"), py::arg("loss"), py::arg("optimizer"),
+           py::arg("seed") = 0, py::keep_alive<1, 2>())
+      .def("train_step", [](Session& self, py::list inputs, bool update, double max_norm) {
+        Inputs in = convert_inputs(self.model(), inputs);
+        StepResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = self.train_step(in.tensors, update, max_norm);
+        }
+        return py::make_tuple(r.loss, r.grad_norm, r.applied);
+      }, py::arg("inputs"), py::arg("update") = true, py::arg("max_grad_norm") = 0.0)
+      .def("apply_update", [](Session& self, double max_norm) {
+        StepResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = self.apply_update(max_norm);
+        }
+        return py::make_tuple(r.grad_norm, r.applied);
+      }, py::arg("max_grad_norm") = 0.0)
+      .def("run", [](Session& self, py::list inputs, const std::vector<std::string>& names) {
+        Inputs in = convert_inputs(self.model(), inputs);
+        std::vector<int> ids;
+        for (auto& n : names) {
+          int v = self.model().find_value(n);
+          PYEDGE_CHECK(v >= 0, "no value named '", n, "' in the graph");
+          ids.push_back(v);
+        }
+        std::vector<Tensor> outs;
+        {
+          py::gil_scoped_release nogil;
+          outs = self.run(in.tensors, ids);
+        }
+        py::list r;
+        for (auto& t : outs) r.append(numpy_copy(t));
+        return r;
+      })
+      .def("plan_stats", [](Session& self, const std::vector<std::vector<int64_t>>& shapes, bool training) {
+        return stats_dict(self.plan_stats(shapes, training));
+      })
+      .def("parameters", [](py::object self_obj) {
+        Session& self = self_obj.cast<Session&>();
+        py::dict d;
+        for (auto& p : self.parameters()) d[py::str(p.name)] = numpy_view(p.value, self_obj);
+        return d;
+      }, "Trainable tensors as writable numpy views.")
+      .def("gradients", [](py::object self_obj) {
+        Session& self = self_obj.cast<Session&>();
+        py::dict d;
+        for (auto& p : self.parameters()) d[py::str(p.name)] = numpy_view(p.grad, self_obj);
+        return d;
+      }, "Accumulated gradients (zeroed after each update) as numpy views.")
+      .def("optimizer_state", [](py::object self_obj) {
+        Session& self = self_obj.cast<Session&>();
+        auto names = self.optimizer_state_names();
+        py::dict d;
+        for (auto& p : self.parameters()) {
+          py::dict s;
+          for (size_t i = 0; i < names.size(); ++i) s[py::str(names[i])] = numpy_view(p.state[i], self_obj);
+          d[py::str(p.name)] = s;
+        }
+        return d;
+      })
+      .def("zero_grads", &Session::zero_grads)
+      .def_readwrite("step_count", &Session::step_count)
+      .def_readwrite("lr", &Session::lr)
+      .def_readwrite("training_mode", &Session::training_mode)
+      .def_readonly("last_step_allocations", &Session::last_step_allocations);
+}
+
+}  // namespace pyedge

@@ -15,6 +15,7 @@ namespace pyedge {
 struct PlanRequest {
   std::vector<Shape> input_shapes;        // one per model input, in model order
   std::map<int, Tensor> trainable;        // value id -> parameter storage (float32)
+  std::map<int, Tensor> trainable_grads;  // value id -> its gradient buffer (accumulated into)
   std::vector<int> targets;               // values to keep for the caller (outputs, loss)
   int loss = -1;                          // value id of the scalar loss; -1: forward only
 };
@@ -39,8 +40,10 @@ class Plan {
   // Binds caller-owned input memory (dtype/shape already checked) for the next run.
   void bind_input(size_t input_index, void* data);
   // Forward, and when `backward` the backward: parameter gradients are ACCUMULATED into
-  // param_grads (value id -> buffer), which the caller zeroes.
-  void run(bool training, uint64_t seed, bool backward, const std::map<int, Tensor>& param_grads);
+  // the request's trainable_grads buffers, which the caller zeroes.
+  void run(bool training, uint64_t seed, bool backward);
+  bool has_backward() const { return loss_ >= 0; }
+  bool input_used(size_t i) const { return !input_sites_[i].empty(); }
   const Tensor& value(int id) const { return values_[size_t(id)]; }
   const PlanStats& stats() const { return stats_; }
 
@@ -63,7 +66,6 @@ class Plan {
   std::vector<bool> is_const_, requires_grad_;
   std::vector<Step> fwd_, bwd_;
   std::vector<std::vector<Tensor*>> input_sites_;  // where each graph input's pointer is used
-  std::vector<int> param_grad_ids_;
   int loss_ = -1;
   Buffer arena_;
   PlanStats stats_;

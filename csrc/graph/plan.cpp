@@ -1,0 +1,381 @@
+#include "graph/plan.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+namespace pyedge {
+namespace {
+
+constexpr int64_t kAlign = 64;
+int64_t align_up(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// A buffer to place in the arena: alive over steps [start, end] of the timeline.
+struct Interval {
+  int64_t bytes;
+  int start, end;
+  int64_t offset = -1;
+};
+
+// Greedy best-fit by decreasing size: each buffer takes the lowest offset that no buffer alive
+// at the same time occupies. Returns the arena size.
+int64_t place_intervals(std::vector<Interval>& iv) {
+  std::vector<size_t> order(iv.size());
+  for (size_t i = 0; i < iv.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return iv[a].bytes > iv[b].bytes; });
+  std::vector<size_t> placed;
+  std::vector<std::pair<int64_t, int64_t>> busy;
+  int64_t total = 0;
+  for (size_t i : order) {
+    Interval& cur = iv[i];
+    busy.clear();
+    for (size_t j : placed) {
+      const Interval& o = iv[j];
+      if (o.start <= cur.end && cur.start <= o.end) busy.push_back({o.offset, o.offset + o.bytes});
+    }
+    std::sort(busy.begin(), busy.end());
+    int64_t off = 0;
+    for (auto& b : busy) {
+      if (b.first - off >= cur.bytes) break;
+      off = std::max(off, align_up(b.second));
+    }
+    cur.offset = off;
+    total = std::max(total, off + cur.bytes);
+    placed.push_back(i);
+  }
+  return total;
+}
+
+}  // namespace
+
+Plan::Plan(const Model& model, const PlanRequest& req) : model_(&model) { build(model, req); }
+
+void Plan::build(const Model& model, const PlanRequest& req) {
+  size_t nv = model.num_values();
+  values_.assign(nv, Tensor{});
+  is_const_.assign(nv, false);
+  std::vector<bool> external(nv, false), trainable(nv, false);
+  for (auto& kv : model.initializers) {
+    values_[size_t(kv.first)] = kv.second;
+    is_const_[size_t(kv.first)] = true;
+  }
+  for (auto& kv : req.trainable) {
+    values_[size_t(kv.first)] = kv.second;
+    is_const_[size_t(kv.first)] = false;
+    trainable[size_t(kv.first)] = true;
+  }
+  PYEDGE_CHECK(req.input_shapes.size() == model.inputs.size(), "internal: input shape count");
+  for (size_t i = 0; i < model.inputs.size(); ++i) {
+    int v = model.inputs[i];
+    values_[size_t(v)] = make_output(model.input_dtypes[i], req.input_shapes[i]);
+    external[size_t(v)] = true;
+  }
+  loss_ = req.loss;
+
+  // Only nodes that lead to a target are planned.
+  std::vector<bool> needed_value(nv, false), needed_node(model.nodes.size(), false);
+  for (int t : req.targets) needed_value[size_t(t)] = true;
+  if (loss_ >= 0) needed_value[size_t(loss_)] = true;
+  for (size_t i = model.nodes.size(); i-- > 0;) {
+    const ModelNode& n = model.nodes[i];
+    bool need = false;
+    for (int o : n.outputs) need = need || (o >= 0 && needed_value[size_t(o)]);
+    if (!need) { ++stats_.pruned_nodes; continue; }
+    needed_node[i] = true;
+    for (int v : n.inputs) if (v >= 0) needed_value[size_t(v)] = true;
+  }
+
+  // Shape inference, constant folding and forward scheduling, in graph order.
+  auto new_value = [&](const Tensor& meta) {
+    values_.push_back(meta);
+    is_const_.push_back(false);
+    external.push_back(false);
+    trainable.push_back(false);
+    return int(values_.size() - 1);
+  };
+  std::vector<Tensor> metas;
+  for (size_t i = 0; i < model.nodes.size(); ++i) {
+    if (!needed_node[i]) continue;
+    const ModelNode& n = model.nodes[i];
+    NodeInfo info = n.info;
+    info.input_present.clear();
+    metas.clear();
+    bool all_const = true;
+    for (int v : n.inputs) {
+      info.input_present.push_back(v >= 0);
+      Tensor m = v >= 0 ? values_[size_t(v)] : Tensor{};
+      if (v >= 0 && !is_const_[size_t(v)]) { m.data = nullptr; all_const = false; }
+      metas.push_back(m);
+    }
+    while (!metas.empty() && !info.input_present.back()) {  // trailing absent inputs
+      metas.pop_back();
+      info.input_present.pop_back();
+    }
+    info.num_outputs = int(n.outputs.size());
+    std::unique_ptr<Op> op = make_op(info, metas);
+    PYEDGE_CHECK(op->n_visible >= int(n.outputs.size()), n.info.where(), " produces ",
+                 op->n_visible, " outputs but the node lists ", n.outputs.size());
+    bool outputs_known = true;
+    for (auto& o : op->outputs) outputs_known = outputs_known && o.data != nullptr;
+    std::vector<int> out_ids;
+    for (size_t k = 0; k < op->outputs.size(); ++k) {
+      int id = k < n.outputs.size() ? n.outputs[k] : -1;
+      if (id < 0) id = new_value(op->outputs[k]);
+      else values_[size_t(id)] = op->outputs[k];
+      out_ids.push_back(id);
+    }
+    if (!outputs_known && all_const && op->foldable()) {
+      // All inputs known now: compute once at plan time (shape arithmetic, frozen-weight
+      // transposes) and treat the results as constants.
+      std::vector<Tensor> outs;
+      for (size_t k = 0; k < op->outputs.size(); ++k) {
+        folded_.push_back(OwnedTensor::make(op->outputs[k].dtype, op->outputs[k].shape));
+        stats_.constant_bytes += int64_t(folded_.back().t.nbytes());
+        outs.push_back(folded_.back().t);
+      }
+      OwnedTensor scratch = OwnedTensor::make(DType::u8, {int64_t(op->forward_scratch_bytes())});
+      RunContext ctx;
+      ctx.scratch = scratch.t.data;
+      ctx.node_index = i;
+      op->forward(metas, outs, ctx);
+      for (size_t k = 0; k < outs.size(); ++k) values_[size_t(out_ids[k])] = outs[k];
+      outputs_known = true;
+      ++stats_.folded_ops;
+    }
+    if (outputs_known) {
+      for (int id : out_ids) is_const_[size_t(id)] = true;
+      ops_.push_back(std::move(op));
+      continue;
+    }
+    Step s;
+    s.node = int(i);
+    s.op = op.get();
+    for (int v : n.inputs) s.in_ids.push_back(v);
+    s.in_ids.resize(metas.size());
+    s.out_ids = out_ids;
+    fwd_.push_back(std::move(s));
+    ops_.push_back(std::move(op));
+  }
+  nv = values_.size();
+
+  // Which values depend on a trainable tensor through differentiable inputs.
+  requires_grad_.assign(nv, false);
+  for (size_t v = 0; v < nv; ++v) requires_grad_[v] = trainable[v];
+  for (Step& s : fwd_) {
+    bool any = false;
+    for (size_t k = 0; k < s.in_ids.size(); ++k) {
+      int v = s.in_ids[k];
+      any = any || (v >= 0 && requires_grad_[size_t(v)] && s.op->differentiable_input(k));
+    }
+    if (!any) continue;
+    for (int k = 0; k < s.op->n_visible; ++k)
+      if (is_float(values_[size_t(s.out_ids[size_t(k)])].dtype))
+        requires_grad_[size_t(s.out_ids[size_t(k)])] = true;
+  }
+
+  // The pruned backward: walk back from the loss; a node gets a backward step only if a
+  // gradient reaches one of its outputs and one of its inputs needs a gradient.
+  std::vector<bool> has_grad(nv, false);
+  if (loss_ >= 0) {
+    const Tensor& L = values_[size_t(loss_)];
+    PYEDGE_CHECK(L.numel() == 1 && L.dtype == DType::f32, "the loss '",
+                 model.value_name(loss_), "' must be a float32 scalar, got ",
+                 dtype_name(L.dtype), shape_str(L.shape));
+    PYEDGE_CHECK(requires_grad_[size_t(loss_)],
+                 "no trainable tensor reaches the loss: check the LoRA targets and --train "
+                 "patterns (nothing to train)");
+    has_grad[size_t(loss_)] = true;
+    for (size_t si = fwd_.size(); si-- > 0;) {
+      Step& f = fwd_[si];
+      bool out_grad = false;
+      for (int k = 0; k < f.op->n_visible; ++k) out_grad = out_grad || has_grad[size_t(f.out_ids[size_t(k)])];
+      if (!out_grad) continue;
+      std::vector<bool> need(f.in_ids.size(), false);
+      bool any = false;
+      for (size_t k = 0; k < f.in_ids.size(); ++k) {
+        int v = f.in_ids[k];
+        need[k] = v >= 0 && requires_grad_[size_t(v)] && f.op->differentiable_input(k);
+        any = any || need[k];
+      }
+      if (!any) continue;
+      const ModelNode& n = model.nodes[size_t(f.node)];
+      if (!f.op->has_backward())
+        throw UnsupportedError(str_cat(
+            n.info.where(), " has no backward rule, but a gradient must flow through it to "
+            "reach the trainable tensors upstream; train only tensors after it, or choose "
+            "other LoRA targets"));
+      for (size_t k = 0; k < f.in_ids.size(); ++k)
+        if (need[k]) has_grad[size_t(f.in_ids[k])] = true;
+      Step b = f;
+      b.din.assign(f.in_ids.size(), Tensor{});
+      for (size_t k = 0; k < f.in_ids.size(); ++k) if (need[k]) b.din[k].dtype = DType::f32;  // marker
+      bwd_.push_back(std::move(b));
+      stats_.backward_nodes.push_back(n.info.name);
+    }
+  }
+  grads_.assign(nv, Tensor{});
+  for (size_t v = 0; v < nv; ++v)
+    if (has_grad[v]) {
+      grads_[v] = make_output(DType::f32, values_[v].shape);
+      if (trainable[v]) {
+        auto it = req.trainable_grads.find(int(v));
+        PYEDGE_CHECK(it != req.trainable_grads.end(), "internal: no gradient buffer for ",
+                     model.value_name(int(v)));
+        grads_[v] = it->second;
+      }
+    }
+  stats_.forward_ops = int(fwd_.size());
+  stats_.backward_ops = int(bwd_.size());
+
+  // Memory plan over the timeline: forward steps 0..F-1, backward steps F..F+B-1.
+  const int F = int(fwd_.size()), T_END = F + int(bwd_.size()) + 1;
+  std::vector<int> root(nv);  // storage shared with an aliasing producer's input
+  for (size_t v = 0; v < nv; ++v) root[v] = int(v);
+  std::vector<int> start(nv, -1), end(nv, -1);
+  auto arena_value = [&](int v) { return v >= 0 && !is_const_[size_t(v)] && !external[size_t(v)] && !trainable[size_t(v)]; };
+  for (int t = 0; t < F; ++t) {
+    Step& s = fwd_[size_t(t)];
+    for (int v : s.in_ids)
+      if (arena_value(v)) end[size_t(root[size_t(v)])] = std::max(end[size_t(root[size_t(v)])], t);
+    for (size_t k = 0; k < s.out_ids.size(); ++k) {
+      int v = s.out_ids[k];
+      if (k == 0 && s.op->output_aliases_input0() && !s.in_ids.empty() && arena_value(s.in_ids[0]) &&
+          values_[size_t(v)].nbytes() == values_[size_t(s.in_ids[0])].nbytes()) {
+        root[size_t(v)] = root[size_t(s.in_ids[0])];
+        continue;
+      }
+      start[size_t(v)] = t;
+      end[size_t(v)] = std::max(end[size_t(v)], t);
+    }
+  }
+  for (int b = 0; b < int(bwd_.size()); ++b) {
+    Step& s = bwd_[size_t(b)];
+    std::vector<bool> need(s.in_ids.size());
+    for (size_t k = 0; k < need.size(); ++k) need[k] = s.din[k].dtype == DType::f32 && s.in_ids[k] >= 0 && has_grad[size_t(s.in_ids[k])] && requires_grad_[size_t(s.in_ids[k])] && s.op->differentiable_input(k);
+    auto ri = s.op->backward_reads_inputs(need);
+    auto ro = s.op->backward_reads_outputs(need);
+    for (size_t k = 0; k < s.in_ids.size() && k < ri.size(); ++k)
+      if (ri[k] && arena_value(s.in_ids[k])) { int r = root[size_t(s.in_ids[k])]; end[size_t(r)] = std::max(end[size_t(r)], F + b); }
+    for (size_t k = 0; k < s.out_ids.size() && k < ro.size(); ++k)
+      if (ro[k] && arena_value(s.out_ids[k])) { int r = root[size_t(s.out_ids[k])]; end[size_t(r)] = std::max(end[size_t(r)], F + b); }
+  }
+  for (int t : req.targets) if (arena_value(t)) end[size_t(root[size_t(t)])] = T_END;
+  if (loss_ >= 0 && arena_value(loss_)) end[size_t(root[size_t(loss_)])] = T_END;
+
+  std::vector<Interval> iv;
+  std::vector<std::pair<int, int>> owner;  // (kind 0 value / 1 grad / 2 fwd scratch / 3 bwd scratch, id)
+  for (size_t v = 0; v < nv; ++v)
+    if (start[v] >= 0 && root[v] == int(v)) {
+      iv.push_back({int64_t(std::max<size_t>(values_[v].nbytes(), 1)), start[v], end[v]});
+      owner.push_back({0, int(v)});
+      stats_.activation_bytes += int64_t(values_[v].nbytes());
+    }
+  // Activation gradients: alive from their first writer to the producer's backward step.
+  std::vector<int> gstart(nv, -1), gend(nv, -1);
+  for (int b = 0; b < int(bwd_.size()); ++b) {
+    Step& s = bwd_[size_t(b)];
+    for (size_t k = 0; k < s.in_ids.size(); ++k) {
+      int v = s.in_ids[k];
+      if (s.din[k].dtype != DType::f32 || v < 0 || !has_grad[size_t(v)] || trainable[size_t(v)]) continue;
+      if (gstart[size_t(v)] < 0) { gstart[size_t(v)] = F + b; s.zero_grads.push_back(v); }
+      gend[size_t(v)] = std::max(gend[size_t(v)], F + b);
+    }
+    for (int v : s.out_ids)
+      if (has_grad[size_t(v)] && !trainable[size_t(v)]) gend[size_t(v)] = std::max(gend[size_t(v)], F + b);
+  }
+  if (loss_ >= 0) gstart[size_t(loss_)] = F - 1;
+  for (size_t v = 0; v < nv; ++v)
+    if (has_grad[v] && !trainable[v] && gstart[v] >= 0) {
+      iv.push_back({int64_t(std::max<size_t>(grads_[v].nbytes(), 1)), gstart[v], std::max(gstart[v], gend[v])});
+      owner.push_back({1, int(v)});
+      stats_.gradient_bytes += int64_t(grads_[v].nbytes());
+    }
+  for (int t = 0; t < F; ++t)
+    if (size_t sb = fwd_[size_t(t)].op->forward_scratch_bytes()) {
+      iv.push_back({int64_t(sb), t, t});
+      owner.push_back({2, t});
+      stats_.scratch_bytes += int64_t(sb);
+    }
+  for (int b = 0; b < int(bwd_.size()); ++b) {
+    Step& s = bwd_[size_t(b)];
+    std::vector<bool> need(s.in_ids.size());
+    for (size_t k = 0; k < need.size(); ++k) need[k] = s.din[k].dtype == DType::f32;
+    if (size_t sb = s.op->backward_scratch_bytes(need)) {
+      iv.push_back({int64_t(sb), F + b, F + b});
+      owner.push_back({3, b});
+      stats_.scratch_bytes += int64_t(sb);
+    }
+  }
+  stats_.arena_bytes = place_intervals(iv);
+  arena_ = Buffer(size_t(std::max<int64_t>(stats_.arena_bytes, 1)));
+  char* base = static_cast<char*>(arena_.data());
+  for (size_t i = 0; i < iv.size(); ++i) {
+    auto [kind, id] = owner[i];
+    char* p = base + iv[i].offset;
+    if (kind == 0) values_[size_t(id)].data = p;
+    else if (kind == 1) grads_[size_t(id)].data = p;
+    else if (kind == 2) fwd_[size_t(id)].scratch_offset = iv[i].offset;
+    else bwd_[size_t(id)].scratch_offset = iv[i].offset;
+  }
+  for (size_t v = 0; v < nv; ++v)
+    if (root[v] != int(v)) values_[v].data = values_[size_t(root[v])].data;
+
+  // Bind tensors into the steps; remember where graph inputs' pointers go.
+  input_sites_.assign(model.inputs.size(), {});
+  std::vector<int> input_index(nv, -1);
+  for (size_t i = 0; i < model.inputs.size(); ++i) input_index[size_t(model.inputs[i])] = int(i);
+  auto fill = [&](Step& s, bool backward) {
+    s.in.clear();
+    s.out.clear();
+    for (int v : s.in_ids) s.in.push_back(v >= 0 ? values_[size_t(v)] : Tensor{});
+    for (int v : s.out_ids) s.out.push_back(values_[size_t(v)]);
+    if (backward) {
+      s.dout.clear();
+      for (int v : s.out_ids) s.dout.push_back(grads_[size_t(v)]);
+      for (size_t k = 0; k < s.in_ids.size(); ++k) {
+        bool want = s.din[k].dtype == DType::f32 && s.in_ids[k] >= 0;
+        s.din[k] = want ? grads_[size_t(s.in_ids[k])] : Tensor{};
+        if (!want && s.in_ids[k] >= 0) { s.din[k] = values_[size_t(s.in_ids[k])]; s.din[k].data = nullptr; }
+      }
+    }
+  };
+  for (Step& s : fwd_) fill(s, false);
+  for (Step& s : bwd_) fill(s, true);
+  for (Step& s : fwd_)
+    for (size_t k = 0; k < s.in_ids.size(); ++k)
+      if (s.in_ids[k] >= 0 && input_index[size_t(s.in_ids[k])] >= 0)
+        input_sites_[size_t(input_index[size_t(s.in_ids[k])])].push_back(&s.in[k]);
+  for (Step& s : bwd_)
+    for (size_t k = 0; k < s.in_ids.size(); ++k)
+      if (s.in_ids[k] >= 0 && input_index[size_t(s.in_ids[k])] >= 0)
+        input_sites_[size_t(input_index[size_t(s.in_ids[k])])].push_back(&s.in[k]);
+}
+
+void Plan::bind_input(size_t i, void* data) {
+  values_[size_t(model_->inputs[i])].data = data;
+  for (Tensor* t : input_sites_[i]) t->data = data;
+}
+
+void Plan::run(bool training, uint64_t seed, bool backward) {
+  RunContext ctx;
+  ctx.training = training;
+  ctx.seed = seed;
+  char* base = static_cast<char*>(arena_.data());
+  for (Step& s : fwd_) {
+    ctx.scratch = base + s.scratch_offset;
+    ctx.node_index = uint64_t(s.node);
+    s.op->forward(s.in, s.out, ctx);
+  }
+  if (!backward || loss_ < 0) return;
+  Tensor& g = grads_[size_t(loss_)];
+  *static_cast<float*>(g.data) = 1.f;
+  for (Step& s : bwd_) {
+    for (int v : s.zero_grads) std::memset(grads_[size_t(v)].data, 0, grads_[size_t(v)].nbytes());
+    ctx.scratch = base + s.scratch_offset;
+    ctx.node_index = uint64_t(s.node);
+    s.op->backward(s.in, s.out, s.dout, s.din, ctx);
+  }
+}
+
+}  // namespace pyedge

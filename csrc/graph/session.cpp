@@ -1,0 +1,158 @@
+#include "graph/session.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "common/alloc_counter.h"
+
+namespace pyedge {
+
+Session::Session(std::shared_ptr<Model> model, const std::vector<std::string>& trainable,
+                 const std::string& loss, const OptimizerConfig& optimizer, uint64_t seed)
+    : model_(std::move(model)), optim_(make_optimizer(optimizer)), seed_(seed) {
+  lr = optimizer.lr;
+  if (!loss.empty()) {
+    loss_ = model_->find_value(loss);
+    PYEDGE_CHECK(loss_ >= 0, "the loss value '", loss, "' is not in the graph");
+  }
+  auto names = optim_->state_names();
+  params_.reserve(trainable.size());
+  for (const std::string& name : trainable) {
+    int v = model_->find_value(name);
+    PYEDGE_CHECK(v >= 0 && model_->initializers.count(v), "trainable tensor '", name,
+                 "' is not an initializer of the model");
+    const Tensor& init = model_->initializers.at(v);
+    PYEDGE_CHECK(init.dtype == DType::f32, "trainable tensor '", name, "' is ",
+                 dtype_name(init.dtype), "; only float32 tensors can be trained");
+    params_.emplace_back();
+    Parameter& p = params_.back();
+    p.name = name;
+    p.value_id = v;
+    p.value_store = Buffer(init.nbytes());
+    std::memcpy(p.value_store.data(), init.data, init.nbytes());
+    p.value = init;
+    p.value.data = p.value_store.data();
+    p.grad_store = Buffer(init.nbytes());
+    p.grad = init;
+    p.grad.data = p.grad_store.data();
+    for (size_t s = 0; s < names.size(); ++s) {
+      p.state_store.emplace_back(init.nbytes());
+      p.state.push_back(init);
+      p.state.back().data = p.state_store.back().data();
+    }
+  }
+}
+
+void Session::zero_grads() {
+  for (Parameter& p : params_) std::memset(p.grad.data, 0, p.grad.nbytes());
+}
+
+Plan& Session::plan_for(const std::vector<Shape>& shapes, bool training,
+                        const std::vector<int>& targets) {
+  // Fast path without allocating: the same signature as last time.
+  if (last_plan_ < plans_.size()) {
+    CachedPlan& c = plans_[last_plan_];
+    if (c.training == training && c.shapes == shapes && c.targets == targets) return *c.plan;
+  }
+  for (size_t i = 0; i < plans_.size(); ++i) {
+    CachedPlan& c = plans_[i];
+    if (c.training == training && c.shapes == shapes && c.targets == targets) {
+      last_plan_ = i;
+      return *c.plan;
+    }
+  }
+  PlanRequest req;
+  req.input_shapes = shapes;
+  for (Parameter& p : params_) {
+    req.trainable[p.value_id] = p.value;
+    req.trainable_grads[p.value_id] = p.grad;
+  }
+  req.targets = targets;
+  req.loss = training ? loss_ : -1;
+  auto plan = std::make_unique<Plan>(*model_, req);
+  plans_.push_back({training, shapes, targets, std::move(plan)});
+  last_plan_ = plans_.size() - 1;
+  return *plans_.back().plan;
+}
+
+void Session::check_inputs(const std::vector<Tensor>& inputs, Plan* plan, bool training) {
+  PYEDGE_CHECK(inputs.size() == model_->inputs.size(), "internal: expected ",
+               model_->inputs.size(), " inputs");
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!inputs[i].data && inputs[i].shape.empty()) continue;  // not given
+    const std::string& name = model_->value_name(model_->inputs[i]);
+    PYEDGE_CHECK(inputs[i].dtype == model_->input_dtypes[i], "input '", name, "' must be ",
+                 dtype_name(model_->input_dtypes[i]), ", got ", dtype_name(inputs[i].dtype));
+    const Shape& hint = model_->input_shape_hints[i];
+    bool ok = hint.empty() || hint.size() == inputs[i].shape.size();
+    for (size_t d = 0; ok && d < hint.size(); ++d) ok = hint[d] < 0 || hint[d] == inputs[i].shape[d];
+    PYEDGE_CHECK(ok, "input '", name, "' has shape ", shape_str(inputs[i].shape),
+                 ", the model expects ", shape_str(hint), " (-1: any size)");
+  }
+}
+
+StepResult Session::train_step(const std::vector<Tensor>& inputs, bool update,
+                               double max_grad_norm) {
+  PYEDGE_CHECK(loss_ >= 0, "this session has no loss: it can only run inference");
+  PYEDGE_CHECK(!params_.empty(), "nothing to train: no trainable tensors");
+  int64_t allocs_before = heap_allocation_count();
+  std::vector<Shape>& shapes = scratch_shapes_;
+  shapes.resize(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i)
+    if (shapes[i] != inputs[i].shape) shapes[i] = inputs[i].shape;
+  check_inputs(inputs, nullptr, true);
+  Plan& plan = plan_for(shapes, true, no_targets_);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    PYEDGE_CHECK(inputs[i].data || !plan.input_used(i), "input '",
+                 model_->value_name(model_->inputs[i]), "' is required for training");
+    plan.bind_input(i, inputs[i].data);
+  }
+  uint64_t step_seed = seed_ * 0x9e3779b97f4a7c15ull + uint64_t(step_count) * 0xbf58476d1ce4e5b9ull + uint64_t(micro_steps_++);
+  plan.run(training_mode, step_seed, true);
+  StepResult r;
+  r.loss = *static_cast<const float*>(plan.value(loss_).data);
+  r.grad_norm = std::nan("");
+  if (!std::isfinite(r.loss)) {
+    zero_grads();  // a poisoned accumulation must not reach a later update
+  } else if (update) {
+    r = apply_update(max_grad_norm, r.loss);
+  }
+  last_step_allocations = heap_allocation_count() - allocs_before;
+  return r;
+}
+
+StepResult Session::apply_update(double max_grad_norm, float loss) {
+  StepResult r;
+  r.loss = loss;
+  r.grad_norm = clip_grad_norm(params_, max_grad_norm);
+  if (std::isfinite(r.grad_norm)) {
+    ++step_count;
+    optim_->update(params_, step_count, lr);
+    r.applied = true;
+  }
+  zero_grads();
+  return r;
+}
+
+std::vector<Tensor> Session::run(const std::vector<Tensor>& inputs, const std::vector<int>& outputs) {
+  std::vector<Shape> shapes(inputs.size());
+  for (size_t i = 0; i < inputs.size(); ++i) shapes[i] = inputs[i].shape;
+  check_inputs(inputs, nullptr, false);
+  Plan& plan = plan_for(shapes, false, outputs);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    PYEDGE_CHECK(inputs[i].data || !plan.input_used(i), "input '",
+                 model_->value_name(model_->inputs[i]), "' is required");
+    plan.bind_input(i, inputs[i].data);
+  }
+  plan.run(false, 0, false);
+  std::vector<Tensor> out;
+  for (int v : outputs) out.push_back(plan.value(v));
+  return out;
+}
+
+PlanStats Session::plan_stats(const std::vector<Shape>& input_shapes, bool training) {
+  std::vector<int> targets = training ? std::vector<int>{} : model_->outputs;
+  return plan_for(input_shapes, training, targets).stats();
+}
+
+}  // namespace pyedge

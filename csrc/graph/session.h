@@ -1,0 +1,68 @@
+// A training session: the model, its trainable parameters with their optimizer, and plans
+// cached per input-shape signature.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "graph/model.h"
+#include "graph/plan.h"
+#include "optim/optimizer.h"
+
+namespace pyedge {
+
+struct StepResult {
+  float loss = 0.f;
+  double grad_norm = 0.0;  // before clipping; NaN when not computed
+  bool applied = false;    // false when the loss or gradients were not finite
+};
+
+class Session {
+ public:
+  Session(std::shared_ptr<Model> model, const std::vector<std::string>& trainable,
+          const std::string& loss, const OptimizerConfig& optimizer, uint64_t seed);
+
+  // Forward + backward; gradients accumulate across calls. When `update`, clips to
+  // max_grad_norm (0: off), applies the optimizer and zeroes the gradients. A non-finite loss
+  // or gradient leaves parameters and optimizer state untouched and zeroes the gradients.
+  StepResult train_step(const std::vector<Tensor>& inputs, bool update, double max_grad_norm);
+  // Clips, applies the optimizer to the accumulated gradients and zeroes them; skipped (but
+  // gradients still zeroed) when the gradient norm is not finite.
+  StepResult apply_update(double max_grad_norm, float loss = 0.f);
+  // Forward only (dropout off). Returned tensors view plan memory, valid until the next call.
+  std::vector<Tensor> run(const std::vector<Tensor>& inputs, const std::vector<int>& outputs);
+  PlanStats plan_stats(const std::vector<Shape>& input_shapes, bool training);
+
+  const Model& model() const { return *model_; }
+  std::vector<Parameter>& parameters() { return params_; }
+  std::vector<std::string> optimizer_state_names() const { return optim_->state_names(); }
+  int64_t step_count = 0;   // optimizer updates applied
+  double lr = 1e-3;
+  bool training_mode = true;       // dropout active in train_step
+  int64_t last_step_allocations = 0;  // heap allocations inside the last train_step
+  void zero_grads();
+
+ private:
+  Plan& plan_for(const std::vector<Shape>& shapes, bool training, const std::vector<int>& targets);
+  void check_inputs(const std::vector<Tensor>& inputs, Plan* plan, bool training);
+
+  std::shared_ptr<Model> model_;
+  std::vector<Parameter> params_;
+  std::unique_ptr<Optimizer> optim_;
+  int loss_ = -1;
+  uint64_t seed_ = 0;
+  struct CachedPlan {
+    bool training;
+    std::vector<Shape> shapes;
+    std::vector<int> targets;
+    std::unique_ptr<Plan> plan;
+  };
+  std::vector<CachedPlan> plans_;
+  size_t last_plan_ = size_t(-1);
+  std::vector<Shape> scratch_shapes_;  // reused so a steady-state step allocates nothing
+  const std::vector<int> no_targets_;
+  uint64_t micro_steps_ = 0;
+};
+
+}  // namespace pyedge

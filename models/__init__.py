@@ -1,0 +1,1 @@
+"""Reference models for pyedge tests and benchmarks (see models/README.md)."""

@@ -1,0 +1,211 @@
+"""ONNX file -> pyedge Graph: parse, inline functions, confine external data, read weights.
+
+Weights are numpy views: on the protobuf's bytes, or memory-mapped from external data files
+(never outside the model's folder).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pyedge.graph import Graph, Node, ValueInfo
+
+ONNX_TO_NP = {
+    onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT16: "int16",
+}
+
+# Default cap on one tensor's declared size, checked before anything is allocated.
+DEFAULT_MAX_TENSOR_BYTES = 8 << 30
+
+
+class ModelLoadError(ValueError):
+    """The ONNX file cannot be used (corrupt, unsafe external data, unsupported feature)."""
+
+
+def load_onnx(path_or_model, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> Graph:
+    """Reads an ONNX model (path, bytes or ModelProto) into a Graph."""
+    base_dir = None
+    if isinstance(path_or_model, onnx.ModelProto):
+        proto = path_or_model
+    elif isinstance(path_or_model, (bytes, bytearray)):
+        proto = _parse(bytes(path_or_model), "<bytes>")
+    else:
+        path = Path(path_or_model)
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no such model file")
+        base_dir = path.resolve().parent
+        proto = _parse(path.read_bytes(), str(path))
+    if proto.functions:
+        try:
+            from onnx import inliner
+            proto = inliner.inline_local_functions(proto)
+        except Exception as e:  # noqa: BLE001 - any failure here is a bad model
+            raise ModelLoadError(f"cannot inline the model's local functions: {e}") from e
+    return _to_graph(proto, base_dir, max_tensor_bytes)
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types
+        raise ModelLoadError(f"{where}: not a valid ONNX file ({type(e).__name__}: {e})") from e
+    if not proto.HasField("graph"):
+        raise ModelLoadError(f"{where}: not a valid ONNX file (no graph)")
+    return proto
+
+
+def _np_dtype(elem_type: int, what: str) -> str:
+    try:
+        return ONNX_TO_NP[elem_type]
+    except KeyError:
+        raise ModelLoadError(f"{what}: unsupported element type "
+                             f"{onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() else elem_type}") from None
+
+
+def _tensor_array(t: onnx.TensorProto, base_dir, max_bytes: int) -> np.ndarray:
+    dtype = np.dtype(_np_dtype(t.data_type, f"initializer '{t.name}'"))
+    dims = [int(d) for d in t.dims]
+    if any(d < 0 for d in dims):
+        raise ModelLoadError(f"initializer '{t.name}' has a negative dimension {dims}")
+    count = int(np.prod(dims, dtype=np.float64)) if dims else 1
+    nbytes = count * dtype.itemsize
+    if nbytes > max_bytes:
+        raise ModelLoadError(f"initializer '{t.name}' declares {nbytes} bytes, over the limit of "
+                             f"{max_bytes} bytes")
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return _external_array(t, dtype, dims, nbytes, base_dir)
+    if t.raw_data:
+        if len(t.raw_data) != nbytes:
+            raise ModelLoadError(f"initializer '{t.name}' holds {len(t.raw_data)} bytes, its "
+                                 f"shape {dims} needs {nbytes}")
+        return np.frombuffer(t.raw_data, dtype=dtype).reshape(dims)
+    try:
+        arr = numpy_helper.to_array(t)
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(f"initializer '{t.name}' cannot be read: {e}") from e
+    if arr.size != count:
+        raise ModelLoadError(f"initializer '{t.name}' holds {arr.size} values, its shape {dims} "
+                             f"needs {count}")
+    return arr
+
+
+def _external_array(t, dtype, dims, nbytes, base_dir) -> np.ndarray:
+    info = {e.key: e.value for e in t.external_data}
+    loc = info.get("location", "")
+    if base_dir is None:
+        raise ModelLoadError(f"initializer '{t.name}' uses external data '{loc}': load the model "
+                             "from its file path so the data file can be found")
+    if not loc or os.path.isabs(loc) or ".." in Path(loc).parts:
+        raise ModelLoadError(f"initializer '{t.name}': external data path '{loc}' is not "
+                             "a plain relative path inside the model's folder")
+    target = (base_dir / loc)
+    real = target.resolve()
+    if base_dir not in real.parents and real != base_dir:
+        raise ModelLoadError(f"initializer '{t.name}': external data '{loc}' resolves outside "
+                             "the model's folder (symlink?)")
+    if not real.is_file():
+        raise ModelLoadError(f"initializer '{t.name}': external data file '{loc}' is missing")
+    offset = int(info.get("offset", 0) or 0)
+    length = int(info.get("length", nbytes) or nbytes)
+    size = real.stat().st_size
+    if length != nbytes or offset < 0 or offset + nbytes > size:
+        raise ModelLoadError(f"initializer '{t.name}': external data '{loc}' holds "
+                             f"{max(size - offset, 0)} bytes from offset {offset}, the tensor "
+                             f"needs {nbytes}")
+    if nbytes == 0:
+        return np.zeros(dims, dtype)
+    return np.memmap(real, dtype=dtype, mode="r", offset=offset, shape=tuple(dims))
+
+
+def _attr_value(a: onnx.AttributeProto, node_desc: str):
+    A = onnx.AttributeProto
+    if a.type == A.FLOAT:
+        return float(a.f)
+    if a.type == A.INT:
+        return int(a.i)
+    if a.type == A.STRING:
+        return a.s.decode("utf-8", "replace")
+    if a.type == A.FLOATS:
+        return [float(x) for x in a.floats]
+    if a.type == A.INTS:
+        return [int(x) for x in a.ints]
+    if a.type == A.STRINGS:
+        return [s.decode("utf-8", "replace") for s in a.strings]
+    if a.type == A.TENSOR:
+        return np.ascontiguousarray(numpy_helper.to_array(a.t))
+    raise ModelLoadError(f"{node_desc}: attribute '{a.name}' of type "
+                         f"{A.AttributeType.Name(a.type)} is not supported (control flow / "
+                         "subgraphs)")
+
+
+def _value_info(v: onnx.ValueInfoProto) -> ValueInfo:
+    tt = v.type.tensor_type
+    dtype = _np_dtype(tt.elem_type, f"graph input/output '{v.name}'") if tt.elem_type else "float32"
+    shape = [int(d.dim_value) if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+    return ValueInfo(v.name, dtype, shape)
+
+
+def _constant_value(node: onnx.NodeProto, desc: str) -> np.ndarray:
+    for a in node.attribute:
+        if a.name == "value":
+            return np.ascontiguousarray(numpy_helper.to_array(a.t))
+        if a.name == "value_float":
+            return np.array(a.f, np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), np.int64)
+    raise ModelLoadError(f"{desc}: Constant without a supported value attribute")
+
+
+def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
+    g = proto.graph
+    opsets = {(o.domain or ""): int(o.version) for o in proto.opset_import}
+    if "ai.onnx" in opsets and "" not in opsets:
+        opsets[""] = opsets["ai.onnx"]
+    inits: dict[str, np.ndarray] = {}
+    for t in g.initializer:
+        arr = _tensor_array(t, base_dir, max_bytes)
+        if arr.dtype in (np.float16, np.int8, np.int16):
+            arr = arr.astype(np.float32 if arr.dtype == np.float16 else np.int64)
+        inits[t.name] = arr
+    nodes: list[Node] = []
+    node_scopes: dict[str, str] = {}
+    names_seen: set[str] = set()
+    for i, n in enumerate(g.node):
+        name = n.name or f"{n.op_type}_{i}"
+        if name in names_seen:
+            name = f"{name}_{i}"
+        names_seen.add(name)
+        desc = f"{n.op_type} node '{name}'"
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
+            inits[n.output[0]] = _constant_value(n, desc)
+            continue
+        attrs = {a.name: _attr_value(a, desc) for a in n.attribute}
+        for p in n.metadata_props:
+            if p.key == "pkg.torch.onnx.name_scopes":
+                node_scopes[name] = p.value
+        nodes.append(Node(n.op_type, list(n.input), list(n.output), name,
+                          "" if n.domain == "ai.onnx" else n.domain, attrs))
+    init_names = set(inits)
+    inputs = [_value_info(v) for v in g.input if v.name not in init_names]
+    outputs = [_value_info(v) for v in g.output]
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    graph = Graph(nodes, inits, inputs, outputs, opsets, metadata=metadata,
+                  node_scopes=node_scopes)
+    from pyedge.import_rewrites import rewrite_sequences
+    from pyedge.param_names import recover_param_map
+    rewrite_sequences(graph)
+    graph.param_map = recover_param_map(graph)
+    return graph

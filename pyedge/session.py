@@ -1,0 +1,200 @@
+"""TrainingSession: an ONNX model + adapters + loss + optimizer, run by the C++ core."""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from pyedge import _core
+from pyedge.adapters import LoraConfig, inject_lora, select_trainable_tensors
+from pyedge.graph import Graph, Node, ValueInfo, to_core
+from pyedge.onnx_import import load_onnx
+from pyedge.optim import SGD, AdamW
+
+LOSSES = ("cross_entropy", "mse", "causal_lm")
+LABELS = "labels"
+LOSS = "pyedge_loss"
+
+
+class TrainingSession:
+    """Fine-tunes an ONNX model on the CPU.
+
+    model: path to an .onnx file, its bytes, an onnx.ModelProto, or a pyedge Graph.
+    lora: LoRA on the modules named by lora.target_modules (PyTorch module names).
+    train: patterns of whole tensors to train (e.g. ["classifier.*"]).
+    loss: "cross_entropy" (labels int64 [...]), "mse" (labels like the output) or
+          "causal_lm" (cross-entropy of logits[:, :-1] against labels[:, 1:]).
+    output: which graph output the loss reads (default: the first).
+    """
+
+    def __init__(self, model, lora: LoraConfig | None = None, train: Sequence[str] = (),
+                 loss: str | None = "cross_entropy", optimizer: AdamW | SGD | None = None,
+                 output: str | None = None, seed: int = 0, threads: int | None = None,
+                 max_grad_norm: float = 0.0, label_smoothing: float = 0.0,
+                 ignore_index: int = -100):
+        self.graph = model.copy() if isinstance(model, Graph) else load_onnx(model)
+        self.base_graph = self.graph.copy()
+        self.lora_config = lora
+        self.lora_sites = inject_lora(self.graph, lora) if lora is not None else []
+        self.train_patterns = list(train)
+        self.whole_tensors = select_trainable_tensors(self.graph, train) if train else []
+        trainable = [n for s in self.lora_sites for n in (s.lora_a, s.lora_b)] + self.whole_tensors
+        if loss is not None and not trainable:
+            raise ValueError("nothing to train: give a LoRA config and/or train patterns")
+        self.output_name = output or self.graph.outputs[0].name
+        if self.output_name not in {o.name for o in self.graph.outputs}:
+            raise ValueError(f"'{self.output_name}' is not a graph output; outputs: "
+                             f"{[o.name for o in self.graph.outputs]}")
+        self.loss_kind = loss
+        if loss is not None:
+            self._append_loss(loss, label_smoothing, ignore_index)
+        self.max_grad_norm = max_grad_norm
+        self.optimizer = optimizer or AdamW()
+        if threads or os.environ.get("PYEDGE_NUM_THREADS"):
+            _core.set_num_threads(int(threads or os.environ["PYEDGE_NUM_THREADS"]))
+        self._model = to_core(self.graph)
+        self._sess = _core.Session(self._model, trainable, LOSS if loss else "",
+                                   self.optimizer.to_core(), seed)
+        self._input_names = [v.name for v in self.graph.inputs]
+        self._input_dtypes = {v.name: v.dtype for v in self.graph.inputs}
+
+    # --- graph -----------------------------------------------------------------------------
+    def _append_loss(self, kind, label_smoothing, ignore_index):
+        if kind not in LOSSES:
+            raise ValueError(f"unknown loss '{kind}'; choose one of {', '.join(LOSSES)}")
+        out = next(o for o in self.graph.outputs if o.name == self.output_name)
+        if kind == "mse":
+            self.graph.inputs.append(ValueInfo(LABELS, "float32", list(out.shape)))
+            self.graph.nodes.append(Node("MSELoss", [self.output_name, LABELS], [LOSS],
+                                         name="pyedge_mse_loss", domain="pyedge"))
+        else:
+            shape = list(out.shape[:-1]) if out.shape else []
+            self.graph.inputs.append(ValueInfo(LABELS, "int64", shape))
+            attrs = {"ignore_index": int(ignore_index), "label_smoothing": float(label_smoothing),
+                     "shift": int(kind == "causal_lm")}
+            self.graph.nodes.append(Node("CrossEntropyLoss", [self.output_name, LABELS], [LOSS],
+                                         name="pyedge_cross_entropy", domain="pyedge",
+                                         attrs=attrs))
+        self.graph.opsets.setdefault("pyedge", 1)
+
+    # --- inputs ----------------------------------------------------------------------------
+    def _input_list(self, inputs, labels=None):
+        if isinstance(inputs, Mapping):
+            feed = dict(inputs)
+        else:
+            if isinstance(inputs, np.ndarray):
+                inputs = [inputs]
+            model_inputs = [n for n in self._input_names if n != LABELS]
+            if len(inputs) != len(model_inputs):
+                raise ValueError(f"expected {len(model_inputs)} inputs ({model_inputs}), got "
+                                 f"{len(inputs)}")
+            feed = dict(zip(model_inputs, inputs))
+        if labels is not None:
+            feed[LABELS] = labels
+        unknown = set(feed) - set(self._input_names)
+        if unknown:
+            raise ValueError(f"unknown input(s) {sorted(unknown)}; the model takes "
+                             f"{[n for n in self._input_names if n != LABELS]}")
+        out = []
+        for name in self._input_names:
+            x = feed.get(name)
+            if x is not None:
+                x = np.asarray(x)
+                want = self._input_dtypes[name]
+                if x.dtype != want:
+                    if np.dtype(want).kind == "f" or x.dtype.kind in "iub":
+                        x = x.astype(want)
+                    else:
+                        raise ValueError(f"input '{name}' must be {want}, got {x.dtype}")
+                x = np.ascontiguousarray(x)
+            out.append(x)
+        return out
+
+    # --- training --------------------------------------------------------------------------
+    def step(self, inputs, labels, update: bool = True) -> float:
+        """One forward + backward (+ optimizer update when `update`); returns the loss.
+
+        With update=False the gradients accumulate until a call with update=True.
+        Raises FloatingPointError on a NaN/inf loss or gradient; parameters stay untouched.
+        """
+        loss, norm, applied = self._sess.train_step(self._input_list(inputs, labels), update,
+                                                    float(self.max_grad_norm))
+        self.last_grad_norm = norm
+        if not np.isfinite(loss) or (update and not applied):
+            raise FloatingPointError(
+                f"non-finite {'loss' if not np.isfinite(loss) else 'gradient'} at step "
+                f"{self._sess.step_count + 1} (loss={loss}); the update was skipped and the "
+                "parameters are unchanged: lower the learning rate or check the data")
+        return float(loss)
+
+    def apply_update(self) -> float:
+        """Applies the gradients accumulated by step(update=False) calls; returns their norm."""
+        norm, applied = self._sess.apply_update(float(self.max_grad_norm))
+        self.last_grad_norm = norm
+        if not applied:
+            raise FloatingPointError(f"non-finite gradient norm ({norm}); the update was skipped")
+        return float(norm)
+
+    def run(self, inputs, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Inference with the current adapters; returns {output name: array}."""
+        names = list(outputs or [o.name for o in self.graph.outputs])
+        arrays = self._sess.run(self._input_list(inputs), names)
+        return dict(zip(names, arrays))
+
+    @property
+    def lr(self) -> float:
+        return self._sess.lr
+
+    @lr.setter
+    def lr(self, value: float):
+        self._sess.lr = float(value)
+
+    @property
+    def step_count(self) -> int:
+        return self._sess.step_count
+
+    # --- tensors ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, np.ndarray]:
+        """Trainable tensors as writable numpy views onto the core's memory."""
+        return self._sess.parameters()
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """All tensors: frozen weights (read-only views) and trainable ones (writable views)."""
+        params = {k: v for k, v in self.graph.initializers.items() if v.dtype.kind == "f"}
+        params.update(self._sess.parameters())
+        return params
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        return self._sess.gradients()
+
+    def optimizer_state(self) -> dict[str, dict[str, np.ndarray]]:
+        return self._sess.optimizer_state()
+
+    def plan_stats(self, inputs=None, shapes=None, training: bool = True) -> dict:
+        """Plan statistics for an input signature (arrays or shapes by input name)."""
+        if shapes is None:
+            arrays = self._input_list(inputs, None)
+            shapes = {n: list(a.shape) for n, a in zip(self._input_names, arrays)
+                      if a is not None}
+        if training and LABELS in self._input_names and LABELS not in shapes:
+            out_shape = self._sess.run(self._input_list(inputs), [self.output_name])[0].shape \
+                if inputs is not None else None
+            shapes[LABELS] = list(out_shape if self.loss_kind == "mse" else out_shape[:-1])
+        stats = self._sess.plan_stats([list(shapes.get(n, [])) for n in self._input_names],
+                                      training)
+        params = self._sess.parameters()
+        stats["trainable_parameters"] = int(sum(p.size for p in params.values()))
+        stats["trainable_tensors"] = len(params)
+        stats["frozen_parameters"] = int(sum(
+            a.size for n, a in self.graph.initializers.items()
+            if a.dtype.kind == "f" and n not in params))
+        stats["parameter_gradient_bytes"] = int(sum(p.nbytes for p in params.values()))
+        n_state = len(next(iter(self._sess.optimizer_state().values()), {}))
+        stats["optimizer_state_bytes"] = stats["parameter_gradient_bytes"] * n_state
+        stats["weight_bytes"] = int(sum(a.nbytes for a in self.graph.initializers.values()))
+        return stats
+
+    @property
+    def last_step_allocations(self) -> int:
+        return self._sess.last_step_allocations

@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+import torch
+
+from opcheck import check_backward, check_forward
+from pyedge import _core
+
+rng = np.random.default_rng(0)
+
+
+def randn(*s):
+    return rng.standard_normal(s).astype(np.float32)
+
+
+@pytest.mark.parametrize("a,b", [
+    ((3, 4), (4, 5)),            # plain
+    ((2, 3, 4), (4, 5)),         # batched x weight: one folded GEMM
+    ((2, 3, 4), (2, 4, 5)),      # batched x batched
+    ((2, 1, 3, 4), (5, 4, 2)),   # broadcast batch dims
+    ((4,), (4, 5)),              # vector on the left
+    ((3, 4), (4,)),              # vector on the right
+    ((4, 3, 4), (1, 4, 6)),
+])
+def test_matmul(a, b):
+    A, B = randn(*a), randn(*b)
+    check_forward("MatMul", [A, B], rtol=1e-4, atol=1e-4)
+    check_backward("MatMul", [A, B], torch.matmul)
+
+
+def test_matmul_frozen_weight_gets_no_gradient():
+    A, B = randn(2, 3, 4), randn(4, 5)
+    _, grads = _core.run_op("MatMul", [A, B], grad_outputs=[randn(2, 3, 5)], const_inputs=[1])
+    assert grads[1] is None and grads[0] is not None
+
+
+def test_matmul_shape_error():
+    with pytest.raises(_core.PyedgeError, match="inner dimensions"):
+        _core.run_op("MatMul", [randn(3, 4), randn(5, 6)])
+
+
+@pytest.mark.parametrize("ta,tb,c", [(0, 0, (5,)), (0, 1, (5,)), (1, 0, (3, 5)), (1, 1, (1,)),
+                                     (0, 1, None), (0, 0, (3, 1))])
+def test_gemm(ta, tb, c):
+    A = randn(4, 3) if ta else randn(3, 4)
+    B = randn(5, 4) if tb else randn(4, 5)
+    C = randn(*c) if c else None
+    attrs = {"transA": ta, "transB": tb, "alpha": 0.7, "beta": 1.3}
+    inputs = [A, B] + ([C] if c else [])
+    check_forward("Gemm", inputs, attrs, rtol=1e-4, atol=1e-4)
+
+    def ref(a, b, cc=None):
+        a = a.T if ta else a
+        b = b.T if tb else b
+        y = 0.7 * a @ b
+        return y if cc is None else y + 1.3 * cc
+    check_backward("Gemm", inputs, ref, attrs)
+
+
+@pytest.mark.parametrize("trans_w,bias,x_shape", [(0, False, (2, 3, 6)), (1, True, (4, 6)),
+                                                  (1, False, (2, 2, 3, 6))])
+def test_lora_matmul_matches_peft_formula(trans_w, bias, x_shape):
+    r, k, n, s = 3, 6, 5, 0.75
+    x = randn(*x_shape)
+    W = randn(n, k) if trans_w else randn(k, n)
+    A, B = randn(r, k), randn(n, r)
+    ins = [x, W, A, B] + ([randn(n)] if bias else [])
+    attrs = {"scale": s, "trans_w": trans_w}
+
+    def ref(x, W, A, B, b=None):
+        base = x @ (W.T if trans_w else W)
+        y = base + s * (x @ A.T) @ B.T
+        return y if b is None else y + b
+    out = _core.run_op("LoraMatMul", ins, attrs, domain="pyedge")[0][0]
+    with torch.no_grad():
+        expect = ref(*[torch.tensor(t) for t in ins]).numpy()
+    np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)
+    check_backward("LoraMatMul", ins, ref, attrs, domain="pyedge")
+
+
+def test_lora_matmul_dropout_masks_adapter_path_only():
+    x, W, A, B = randn(64, 8), randn(8, 4), randn(2, 8), randn(4, 2)
+    attrs = {"scale": 1.0, "dropout": 0.5}
+    eval_out = _core.run_op("LoraMatMul", [x, W, A, B], attrs, domain="pyedge")[0][0]
+    np.testing.assert_allclose(eval_out, x @ W + (x @ A.T) @ B.T, rtol=1e-4, atol=1e-4)
+    train_out = _core.run_op("LoraMatMul", [x, W, A, B], attrs, domain="pyedge",
+                             training=True, seed=3)[0][0]
+    assert not np.allclose(train_out, eval_out)
+    # With B = 0 the adapter path vanishes, dropout or not.
+    base = _core.run_op("LoraMatMul", [x, W, A, np.zeros_like(B)], attrs, domain="pyedge",
+                        training=True, seed=3)[0][0]
+    np.testing.assert_allclose(base, x @ W, rtol=1e-4, atol=1e-4)
