@@ -443,3 +443,8 @@ def test_errors():
         pyedge_run("Sigmoid", [np.array([1, 2], np.int64)])
     with pytest.raises(_core.PyedgeError, match="Floor node 'test' has no backward"):
         _core.run_op("Floor", [randn(3)], grad_outputs=[randn(3)])
+
+
+def test_unknown_op_is_a_clear_error():
+    with pytest.raises(_core.UnsupportedOpError, match="NoSuchOp"):
+        _core.run_op("NoSuchOp", [np.ones(2, np.float32)])

@@ -15,8 +15,8 @@ constexpr float kTwoOverSqrtPi = 1.1283791670955126f;
 // Relu: y > 0 <=> x > 0, so the gradient reads only the output. Gradient 0 at x == 0 (torch).
 struct ReluK : CheapUnaryKernel {
   explicit ReluK(const NodeInfo&) { reads_x = false, reads_y = true; }
-  float f(float x) const { return x < 0.f ? 0.f : x; }  // NaN propagates
-  float df(float, float y, float dy) const { return y > 0.f ? dy : 0.f; }
+  float f(float x) const { return fm::sel(x < 0.f, 0.f, x); }  // NaN propagates
+  float df(float, float y, float dy) const { return fm::sel(y > 0.f, dy, 0.f); }
 };
 PYEDGE_REGISTER_OP("Relu", UnaryOp<ReluK>);
 
@@ -27,9 +27,9 @@ struct LeakyReluK : CheapUnaryKernel {
     reads_y = alpha >= 0.f;
     reads_x = !reads_y;
   }
-  float f(float x) const { return x > 0.f ? x : alpha * x; }
+  float f(float x) const { return fm::sel(x > 0.f, x, alpha * x); }
   float df(float x, float y, float dy) const {
-    return (reads_y ? y > 0.f : x > 0.f) ? dy : alpha * dy;
+    return fm::sel(fm::sel(reads_y, y, x) > 0.f, dy, alpha * dy);
   }
 };
 PYEDGE_REGISTER_OP("LeakyRelu", UnaryOp<LeakyReluK>);
@@ -55,30 +55,57 @@ struct ErfK : UnaryKernel {
 };
 PYEDGE_REGISTER_OP("Erf", UnaryOp<ErfK>);
 
-// Gelu (opset 20): approximate = "none" (erf) or "tanh".
-struct GeluK : UnaryKernel {
-  bool tanh_approx;
-  explicit GeluK(const NodeInfo& n) {
-    std::string a = n.attrs.get_string("approximate", "none");
-    PYEDGE_CHECK(a == "none" || a == "tanh", n.where(), ": approximate must be 'none' or 'tanh', got '",
-                 a, "'");
-    tanh_approx = a == "tanh";
-  }
-  float f(float x) const {
-    if (tanh_approx) return 0.5f * x * (1.f + fm::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
-    return 0.5f * x * (1.f + fm::erf(x * 0.7071067811865476f));
-  }
+// Gelu (opset 20): approximate = "none" (erf) or "tanh". Two kernels (no per-element branch on
+// the mode); the Gelu op forwards to the one the attribute picks.
+struct GeluErfK : UnaryKernel {
+  explicit GeluErfK(const NodeInfo&) {}
+  float f(float x) const { return 0.5f * x * (1.f + fm::erf(x * 0.7071067811865476f)); }
   float df(float x, float, float dy) const {
-    if (tanh_approx) {
-      const float t = fm::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x));
-      const float du = kSqrt2OverPi * (1.f + 3.f * 0.044715f * x * x);
-      return dy * (0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * du);
-    }
     const float cdf = 0.5f * (1.f + fm::erf(x * 0.7071067811865476f));
     return dy * (cdf + x * kInvSqrt2Pi * fm::exp(-0.5f * x * x));
   }
 };
-PYEDGE_REGISTER_OP("Gelu", UnaryOp<GeluK>);
+struct GeluTanhK : UnaryKernel {
+  explicit GeluTanhK(const NodeInfo&) {}
+  float f(float x) const {
+    return 0.5f * x * (1.f + fm::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+  }
+  float df(float x, float, float dy) const {
+    const float t = fm::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x));
+    const float du = kSqrt2OverPi * (1.f + 3.f * 0.044715f * x * x);
+    return dy * (0.5f * (1.f + t) + 0.5f * x * (1.f - t * t) * du);
+  }
+};
+class Gelu : public Op {
+ public:
+  Gelu(const NodeInfo& n, const std::vector<Tensor>& in) {
+    const std::string a = n.attrs.get_string("approximate", "none");
+    PYEDGE_CHECK(a == "none" || a == "tanh", n.where(),
+                 ": approximate must be 'none' or 'tanh', got '", a, "'");
+    if (a == "tanh") impl_.reset(new UnaryOp<GeluTanhK>(n, in));
+    else impl_.reset(new UnaryOp<GeluErfK>(n, in));
+    outputs = impl_->outputs;
+  }
+  void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out, RunContext& c) override {
+    impl_->forward(in, out, c);
+  }
+  bool has_backward() const override { return true; }
+  void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
+                const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
+                RunContext& c) override {
+    impl_->backward(in, out, dout, din, c);
+  }
+  std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
+    return impl_->backward_reads_inputs(ng);
+  }
+  std::vector<bool> backward_reads_outputs(const std::vector<bool>& ng) const override {
+    return impl_->backward_reads_outputs(ng);
+  }
+
+ private:
+  std::unique_ptr<Op> impl_;
+};
+PYEDGE_REGISTER_OP("Gelu", Gelu);
 
 // HardSigmoid: y = clamp(alpha*x + beta, 0, 1); gradient alpha strictly inside (torch).
 struct HardSigmoidK : CheapUnaryKernel {
@@ -86,12 +113,11 @@ struct HardSigmoidK : CheapUnaryKernel {
   explicit HardSigmoidK(const NodeInfo& n)
       : alpha(float(n.attrs.get_float("alpha", 0.2))), beta(float(n.attrs.get_float("beta", 0.5))) {}
   float f(float x) const {
-    const float v = alpha * x + beta;
-    return v < 0.f ? 0.f : (v > 1.f ? 1.f : v);
+    return fm::clampf(alpha * x + beta, 0.f, 1.f);
   }
   float df(float x, float, float dy) const {
     const float v = alpha * x + beta;
-    return (v > 0.f && v < 1.f) ? alpha * dy : 0.f;
+    return fm::sel((v > 0.f) & (v < 1.f), alpha * dy, 0.f);
   }
 };
 PYEDGE_REGISTER_OP("HardSigmoid", UnaryOp<HardSigmoidK>);
@@ -100,11 +126,10 @@ PYEDGE_REGISTER_OP("HardSigmoid", UnaryOp<HardSigmoidK>);
 struct HardSwishK : CheapUnaryKernel {
   explicit HardSwishK(const NodeInfo&) {}
   float f(float x) const {
-    const float v = x * (1.f / 6.f) + 0.5f;
-    return x * (v < 0.f ? 0.f : (v > 1.f ? 1.f : v));
+    return x * fm::clampf(x * (1.f / 6.f) + 0.5f, 0.f, 1.f);
   }
   float df(float x, float, float dy) const {
-    return x < -3.f ? 0.f : (x <= 3.f ? dy * (x * (1.f / 3.f) + 0.5f) : dy);
+    return fm::sel(x < -3.f, 0.f, fm::sel(x <= 3.f, dy * (x * (1.f / 3.f) + 0.5f), dy));
   }
 };
 PYEDGE_REGISTER_OP("HardSwish", UnaryOp<HardSwishK>);
@@ -112,7 +137,7 @@ PYEDGE_REGISTER_OP("HardSwish", UnaryOp<HardSwishK>);
 // Softplus: y = log(1 + e^x), computed as max(x, 0) + log1p(e^-|x|) (no overflow).
 struct SoftplusK : UnaryKernel {
   explicit SoftplusK(const NodeInfo&) {}
-  float f(float x) const { return (x > 0.f ? x : 0.f) + std::log1p(std::exp(-std::fabs(x))); }
+  float f(float x) const { return fm::sel(x > 0.f, x, 0.f) + fm::log1p(fm::exp(-std::fabs(x))); }
   float df(float x, float, float dy) const { return dy * fm::sigmoid(x); }
 };
 PYEDGE_REGISTER_OP("Softplus", UnaryOp<SoftplusK>);
@@ -124,10 +149,10 @@ struct EluK : UnaryKernel {
     reads_y = alpha > 0.f;
     reads_x = !reads_y;
   }
-  float f(float x) const { return x > 0.f ? x : alpha * std::expm1(x); }
+  float f(float x) const { return fm::sel(x > 0.f, x, alpha * fm::expm1(x)); }
   float df(float x, float y, float dy) const {
-    if (reads_y) return y > 0.f ? dy : dy * (y + alpha);
-    return x > 0.f ? dy : dy * alpha * std::exp(x);
+    if (reads_y) return fm::sel(y > 0.f, dy, dy * (y + alpha));
+    return fm::sel(x > 0.f, dy, dy * alpha * fm::exp(x));
   }
 };
 PYEDGE_REGISTER_OP("Elu", UnaryOp<EluK>);
@@ -138,9 +163,9 @@ struct SeluK : UnaryKernel {
   explicit SeluK(const NodeInfo& n)
       : alpha(float(n.attrs.get_float("alpha", 1.67326319217681884765625))),
         gamma(float(n.attrs.get_float("gamma", 1.05070102214813232421875))) {}
-  float f(float x) const { return gamma * (x > 0.f ? x : alpha * std::expm1(x)); }
+  float f(float x) const { return gamma * fm::sel(x > 0.f, x, alpha * fm::expm1(x)); }
   float df(float x, float, float dy) const {
-    return x > 0.f ? gamma * dy : dy * gamma * alpha * std::exp(x);
+    return fm::sel(x > 0.f, gamma * dy, dy * gamma * alpha * fm::exp(x));
   }
 };
 PYEDGE_REGISTER_OP("Selu", UnaryOp<SeluK>);

@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "ops/broadcast.h"
+#include "ops/fast_math.h"
 
 namespace pyedge {
 namespace {
@@ -69,12 +70,12 @@ template <typename T, typename E> inline T pow_(T a, E b) {
 }
 // Min/Max propagate NaN (onnxruntime and torch do).
 template <typename T> inline T max_(T a, T b) {
-  if constexpr (std::is_floating_point_v<T>) if (a != a || b != b) return a + b;
-  return a < b ? b : a;
+  const T r = fm::pick(a < b, b, a);
+  return fm::pick(b != b, b, r);
 }
 template <typename T> inline T min_(T a, T b) {
-  if constexpr (std::is_floating_point_v<T>) if (a != a || b != b) return a + b;
-  return b < a ? b : a;
+  const T r = fm::pick(b < a, b, a);
+  return fm::pick(b != b, b, r);
 }
 
 // out = f(a, b) with a and b of possibly different element types (Pow's exponent).
@@ -381,7 +382,7 @@ class Variadic : public Op {
     for (size_t k = 0; k < n; ++k) {
       const float* x = in[k].ptr<float>();
       binary_grad(per_input_[k], ReducePlan(), x, true, y, true, dy, count, nullptr, kCheapGrain,
-                  [](float xv, float yv, float) { return xv == yv ? 1.f : 0.f; });
+                  [](float xv, float yv, float) { return fm::sel(xv == yv, 1.f, 0.f); });
     }
     for (size_t k = 0; k < n; ++k) {
       if (!din[k].data) continue;
@@ -398,7 +399,7 @@ class Variadic : public Op {
         const float* pc = c + oo;
         float* pt = target + oo;
         visit2(len, x + off[0], sx, py, 1, [&](int64_t i, float xv, float yv) {
-          const float v = xv == yv ? pdy[i] / pc[i] : 0.f;
+          const float v = fm::sel(xv == yv, pdy[i] / pc[i], 0.f);
           if (direct) pt[i] += v;
           else pt[i] = v;
         });

@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include "ops/broadcast.h"
+#include "ops/fast_math.h"
 
 namespace pyedge {
 namespace {
@@ -199,11 +200,14 @@ class Where : public Op {
         const float* pdy = dy + oo;
         float* pt = target + oo;
         if (direct) {
-          if (sc) for (int64_t i = 0; i < n; ++i) pt[i] += (pc[i] != 0) == pick ? pdy[i] : 0.f;
+          if (sc) for (int64_t i = 0; i < n; ++i) pt[i] += fm::sel((pc[i] != 0) == pick, pdy[i], 0.f);
           else if ((pc[0] != 0) == pick) for (int64_t i = 0; i < n; ++i) pt[i] += pdy[i];
         } else {
-          if (sc) for (int64_t i = 0; i < n; ++i) pt[i] = (pc[i] != 0) == pick ? pdy[i] : 0.f;
-          else for (int64_t i = 0; i < n; ++i) pt[i] = (pc[0] != 0) == pick ? pdy[i] : 0.f;
+          if (sc) for (int64_t i = 0; i < n; ++i) pt[i] = fm::sel((pc[i] != 0) == pick, pdy[i], 0.f);
+          else {
+            const float m = (pc[0] != 0) == pick ? 1.f : 0.f;
+            for (int64_t i = 0; i < n; ++i) pt[i] = m * pdy[i];
+          }
         }
       });
       if (!direct) red.accumulate(target, dst);

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 
+#include "ops/fast_math.h"
 #include "ops/unary.h"
 
 namespace pyedge {
@@ -17,14 +18,14 @@ PYEDGE_REGISTER_OP("Sqrt", UnaryOp<SqrtK>);
 
 struct ExpK : UnaryKernel {
   explicit ExpK(const NodeInfo&) { reads_x = false, reads_y = true; }
-  float f(float x) const { return std::exp(x); }
+  float f(float x) const { return fm::exp(x); }
   float df(float, float y, float dy) const { return dy * y; }
 };
 PYEDGE_REGISTER_OP("Exp", UnaryOp<ExpK>);
 
 struct LogK : UnaryKernel {
   explicit LogK(const NodeInfo&) {}
-  float f(float x) const { return std::log(x); }
+  float f(float x) const { return fm::log(x); }
   float df(float x, float, float dy) const { return dy / x; }
 };
 PYEDGE_REGISTER_OP("Log", UnaryOp<LogK>);
@@ -64,7 +65,7 @@ struct AbsK : CheapUnaryKernel {
   static constexpr bool kNumeric = true;
   explicit AbsK(const NodeInfo&) {}
   template <typename T> T f(T x) const { return x < T(0) ? T(-x) : x; }
-  float df(float x, float, float dy) const { return x > 0.f ? dy : (x < 0.f ? -dy : 0.f); }
+  float df(float x, float, float dy) const { return fm::sel(x > 0.f, dy, fm::sel(x < 0.f, -dy, 0.f)); }
 };
 PYEDGE_REGISTER_OP("Abs", UnaryOp<AbsK>);
 
@@ -136,8 +137,8 @@ class Clip : public Op {
         T* y = out[0].ptr<T>();
         parallel_for(in[0].numel(), 1 << 15, [&](int64_t b, int64_t e) {
           for (int64_t i = b; i < e; ++i) {
-            T v = x[i] < lo ? lo : x[i];
-            y[i] = v > hi ? hi : v;
+            const T v = fm::pick(x[i] < lo, lo, x[i]);
+            y[i] = fm::pick(v > hi, hi, v);
           }
         });
       }
@@ -155,7 +156,7 @@ class Clip : public Op {
     const float* dy = dout[0].ptr<float>();
     float* dx = din[0].ptr<float>();
     parallel_for(in[0].numel(), 1 << 15, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) dx[i] += (x[i] >= lo && x[i] <= hi) ? dy[i] : 0.f;
+      for (int64_t i = b; i < e; ++i) dx[i] += fm::sel((x[i] >= lo) & (x[i] <= hi), dy[i], 0.f);
     });
   }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {

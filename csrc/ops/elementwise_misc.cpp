@@ -3,6 +3,7 @@
 #include <type_traits>
 
 #include "ops/broadcast.h"
+#include "ops/fast_math.h"
 
 namespace pyedge {
 namespace {
@@ -247,7 +248,7 @@ class Dropout : public Op {
       for (int64_t i = b; i < e; ++i) {
         const uint8_t keep = (splitmix64(key + uint64_t(i) * 0xd1b54a32d192ed03ull) >> 11) >= thresh;
         mask[i] = keep;
-        y[i] = keep ? x[i] * scale : 0.f;
+        y[i] = fm::sel(keep, x[i] * scale, 0.f);
       }
     });
   }
@@ -264,7 +265,7 @@ class Dropout : public Op {
     const float* dy = dout[0].ptr<float>();
     float* dx = din[0].ptr<float>();
     parallel_for(out[0].numel(), kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) dx[i] += mask[i] ? dy[i] * scale : 0.f;
+      for (int64_t i = b; i < e; ++i) dx[i] += fm::sel(mask[i] != 0, dy[i] * scale, 0.f);
     });
   }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {

@@ -11,7 +11,16 @@
 
 #include "common/parallel.h"
 #include "ops/broadcast.h"
+#include "ops/fast_math.h"
 #include "ops/op.h"
+
+// Forces vectorisation of loops whose body has selects GCC will not if-convert on its own
+// (floating-point ops "may trap" without -fno-trapping-math). Lanes are independent.
+#ifdef _OPENMP
+#define PYEDGE_SIMD _Pragma("omp simd")
+#else
+#define PYEDGE_SIMD
+#endif
 
 namespace pyedge {
 
@@ -50,18 +59,8 @@ class UnaryOp : public Op {
     const float* y = k_.reads_y ? out[0].ptr<float>() : nullptr;
     const float* dy = dout[0].ptr<float>();
     float* dx = din[0].ptr<float>();
-    const K& k = k_;
-    parallel_for(in[0].numel(), K::kGrain, [&](int64_t b, int64_t e) {
-      if (x && y) {
-        for (int64_t i = b; i < e; ++i) dx[i] += k.df(x[i], y[i], dy[i]);
-      } else if (x) {
-        for (int64_t i = b; i < e; ++i) dx[i] += k.df(x[i], 0.f, dy[i]);
-      } else if (y) {
-        for (int64_t i = b; i < e; ++i) dx[i] += k.df(0.f, y[i], dy[i]);
-      } else {
-        for (int64_t i = b; i < e; ++i) dx[i] += k.df(0.f, 0.f, dy[i]);
-      }
-    });
+    parallel_for(in[0].numel(), K::kGrain,
+                 [&](int64_t b, int64_t e) { bwd_chunk(k_, x, y, dy, dx, b, e); });
   }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>&) const override {
     return {k_.reads_x};
@@ -75,13 +74,28 @@ class UnaryOp : public Op {
   void run(const Tensor& xt, const Tensor& yt) const {
     const T* x = xt.ptr<T>();
     T* y = yt.ptr<T>();
-    const K& k = k_;
-    parallel_for(xt.numel(), K::kGrain, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        if constexpr (K::kNumeric) y[i] = k.template f<T>(x[i]);
-        else y[i] = k.f(x[i]);
-      }
-    });
+    parallel_for(xt.numel(), K::kGrain, [&](int64_t b, int64_t e) { fwd_chunk<T>(k_, x, y, b, e); });
+  }
+  // flatten: inline the whole kernel (fast_math included) so the loops vectorise; clones for
+  // AVX2 / AVX-512 (fast_math.h).
+  template <typename T>
+  __attribute__((flatten)) PYEDGE_SIMD_CLONES static void fwd_chunk(const K& k, const T* x, T* y, int64_t b, int64_t e) {
+    PYEDGE_SIMD for (int64_t i = b; i < e; ++i) {
+      if constexpr (K::kNumeric) y[i] = k.template f<T>(x[i]);
+      else y[i] = k.f(x[i]);
+    }
+  }
+  __attribute__((flatten)) PYEDGE_SIMD_CLONES static void bwd_chunk(const K& k, const float* x, const float* y,
+                                                 const float* dy, float* dx, int64_t b, int64_t e) {
+    if (x && y) {
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(x[i], y[i], dy[i]);
+    } else if (x) {
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(x[i], 0.f, dy[i]);
+    } else if (y) {
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(0.f, y[i], dy[i]);
+    } else {
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(0.f, 0.f, dy[i]);
+    }
   }
   K k_;
 };
