@@ -100,6 +100,26 @@ inline void visit2(int64_t n, const A* a, int64_t sa, const B* b, int64_t sb, F&
   }
 }
 
+// Three-operand version of visit2: f(i, a_i, b_i, c_i), specialised on all 8 stride patterns.
+template <bool SA, bool SB, bool SC, typename A, typename B, typename C, typename F>
+inline void visit3_fixed(int64_t n, const A* a, const B* b, const C* c, F& f) {
+  for (int64_t i = 0; i < n; ++i) f(i, a[SA ? i : 0], b[SB ? i : 0], c[SC ? i : 0]);
+}
+template <typename A, typename B, typename C, typename F>
+inline void visit3(int64_t n, const A* a, int64_t sa, const B* b, int64_t sb, const C* c,
+                   int64_t sc, F&& f) {
+  switch ((sa ? 4 : 0) | (sb ? 2 : 0) | (sc ? 1 : 0)) {
+    case 7: visit3_fixed<true, true, true>(n, a, b, c, f); break;
+    case 6: visit3_fixed<true, true, false>(n, a, b, c, f); break;
+    case 5: visit3_fixed<true, false, true>(n, a, b, c, f); break;
+    case 4: visit3_fixed<true, false, false>(n, a, b, c, f); break;
+    case 3: visit3_fixed<false, true, true>(n, a, b, c, f); break;
+    case 2: visit3_fixed<false, true, false>(n, a, b, c, f); break;
+    case 1: visit3_fixed<false, false, true>(n, a, b, c, f); break;
+    default: visit3_fixed<false, false, false>(n, a, b, c, f); break;
+  }
+}
+
 // out = f(a, b) elementwise with broadcasting (plan over inputs a=0, b=1).
 template <typename T, typename R, typename F>
 void broadcast_binary(const Broadcast& bc, const T* a, const T* b, R* out, int64_t grain, F f) {

@@ -236,15 +236,15 @@ class Where : public Op {
       const T* px = x + off[1];
       const T* py = y + off[2];
       T* po = o + oo;
-      if (sc && sx && sy) {
-        for (int64_t i = 0; i < n; ++i) po[i] = pc[i] ? px[i] : py[i];
-      } else if (!sc) {  // one condition for the run: a copy (or fill) from x or y
+      if (!sc) {  // one condition for the run: a copy (or fill) from x or y
         const T* src = pc[0] ? px : py;
         const int64_t s = pc[0] ? sx : sy;
         if (s) for (int64_t i = 0; i < n; ++i) po[i] = src[i];
         else for (int64_t i = 0; i < n; ++i) po[i] = src[0];
       } else {
-        for (int64_t i = 0; i < n; ++i) po[i] = pc[i] ? px[i * sx] : py[i * sy];
+        // integer select on the bit patterns: vectorises for every stride pattern
+        visit3(n, pc, sc, px, sx, py, sy,
+               [&](int64_t i, uint8_t cv, T xv, T yv) { po[i] = cv ? xv : yv; });
       }
     });
   }
