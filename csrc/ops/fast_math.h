@@ -1,6 +1,7 @@
-// Branch-free float32 exp / tanh / sigmoid / erf built from arithmetic and bit operations only,
-// so loops over them vectorise (libm calls do not without -ffast-math). Accuracy: exp ~1-2 ulp
-// (Cephes polynomial), tanh/sigmoid a few ulp, erf <= ~2e-7 absolute.
+// Branch-free float32 exp / log / tanh / sigmoid / erf built from arithmetic and bit operations
+// only, so loops over them vectorise (libm calls do not without -ffast-math). Accuracy: exp and
+// log ~1-2 ulp (Cephes polynomials), tanh/sigmoid a few ulp, erf <= ~3e-7 absolute. exp flushes
+// results below FLT_MIN (x < -87.3) to 0.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -8,9 +9,9 @@
 #include <type_traits>
 
 // Hot loops are compiled for baseline x86-64 (SSE2), AVX2+FMA and AVX-512 and picked at load
-// time (ifunc), so portable builds still use the wide units. Elsewhere (aarch64: NEON is
+// time (glibc ifunc), so portable builds still use the wide units. Elsewhere (aarch64: NEON is
 // baseline) this is empty.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
 #define PYEDGE_SIMD_CLONES \
   __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
 #else
