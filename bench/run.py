@@ -166,7 +166,7 @@ def main(argv=None):
 
     def calibrate(tag):
         r = run_worker(sys.executable, ["--engine", "sgemm", "--threads", str(a.threads),
-                                        "--steps", "3" if a.quick else "7"], env, 300)
+                                        "--steps", "5" if a.quick else "10"], env, 300)
         r["when"] = tag
         sgemm.append(r)
         if r.get("ok"):
