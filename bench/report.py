@@ -203,12 +203,13 @@ def markdown(res, plot_dir=None) -> str:
         L.append("**W5 sparse scaling** — MiniLM, LoRA q/v on the last k of 6 layers + head "
                  "(16×128); median ms/step")
         L.append("")
-        L.append("| k | GFLOP (fwd + needed bwd) | " +
+        L.append("| k | GFLOP (fwd + needed bwd) | pyedge backward ops | " +
                  " | ".join(f"{NAMES[e]} ms | {NAMES[e]} k/k=6" for e in engines) + " |")
-        L.append("|---:|---:|" + "---:|---:|" * len(engines))
+        L.append("|---:|---:|---:|" + "---:|---:|" * len(engines))
         k6 = {e: s.get("5k6", {}).get(e, {}).get("median_ms") for e in engines}
         for wid in sweep:
-            row = [wid[2:], f"{res['flops'][wid]['total'] / 1e9:.1f}"]
+            bops = s[wid].get("pyedge", {}).get("extra", {}).get("backward_ops")
+            row = [wid[2:], f"{res['flops'][wid]['total'] / 1e9:.1f}", _f(bops, "{}")]
             for e in engines:
                 v = s[wid].get(e, {}).get("median_ms")
                 row += [_ms(v), _f(v / k6[e] if v and k6[e] else None, "{:.2f}")]
