@@ -107,7 +107,7 @@ class TrainingSession:
                         x = x.astype(want)
                     else:
                         raise ValueError(f"input '{name}' must be {want}, got {x.dtype}")
-                x = np.ascontiguousarray(x)
+                x = np.require(x, requirements="C")
             out.append(x)
         return out
 
