@@ -376,19 +376,21 @@ def _check_labels(shown, a, spec: DataSpec, where: str = "") -> np.ndarray:
     return a
 
 
-def check_label_range(shown, a, spec: DataSpec, loc=None):
+def check_label_range(shown, a, spec: DataSpec, loc=None, record: bool = True):
     """Class labels must lie in [0, num_classes) or equal ignore_index."""
     c = spec.num_classes
-    flat = np.asarray(a).ravel().astype(np.int64)
+    a = np.asarray(a)
+    flat = a.ravel().astype(np.int64)
     valid = flat != spec.ignore_index
     bad = valid & ((flat < 0) | (flat >= c)) if c else valid & (flat < 0)
     if np.any(bad):
         i = int(np.argmax(bad))
-        per = max(1, flat.size // max(1, len(a)))
+        per = max(1, flat.size // max(1, a.shape[0])) if a.ndim else 1
         rng = f"{c} classes (0..{c - 1})" if c else "non-negative class ids"
-        raise DataError(f"{shown}: {loc or 'labels'}: label {flat[i]} (record {i // per}) is out "
-                        f"of range: output '{spec.output}' has {rng}"
-                        f"{'' if spec.ignore_index is None else f', or ignore_index {spec.ignore_index}'}")
+        where = f"{shown}: {loc or 'labels'}:" if loc else f"{shown}:"
+        rec = f" (record {i // per})" if record else ""
+        raise DataError(f"{where} label {flat[i]}{rec} is out of range: output "
+                        f"'{spec.output}' has {rng}, or ignore_index {spec.ignore_index}")
 
 
 def _nonfinite_rows(shown, fields, spec, skip):
@@ -508,12 +510,7 @@ def _read_jsonl(p: Path, shown, spec: DataSpec, require_labels, pad_id, seq_len,
         _check_castable(shown, s.name, _concat(fields[s.name]), s.dtype, "field")
     if labels and spec.loss in ("cross_entropy", "causal_lm"):
         for i, v in enumerate(labels):
-            try:
-                check_label_range(shown, v, spec, "labels")
-            except DataError as e:
-                msg = str(e).split(": labels: ", 1)[-1]
-                msg = msg.replace("(record 0) ", "")
-                raise DataError(f"{shown}:{lines_of[i]}: {msg}") from None
+            check_label_range(f"{shown}:{lines_of[i]}", v, spec, loc="", record=False)
     pad_values = {}
     for n in names:
         pad_values[n] = 0 if n in _MASK_NAMES else pad_id
