@@ -98,14 +98,13 @@ class Progress:
         self._drawn = True
 
     def write(self, msg: str) -> None:
-        """A message on its own line (the bar is redrawn below it)."""
-        if not self.enabled:
-            return
-        if self.tty and self._drawn:
+        """A message on its own line (the bar is redrawn below it); printed also when the
+        bar itself is disabled."""
+        if self.enabled and self.tty and self._drawn:
             width = shutil.get_terminal_size((100, 20)).columns
             self.stream.write("\r" + " " * (width - 1) + "\r")
         self.stream.write(msg + "\n")
-        if self.tty and self._drawn:
+        if self.enabled and self.tty and self._drawn:
             self._draw()
         self.stream.flush()
 
