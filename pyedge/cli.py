@@ -575,6 +575,8 @@ def _classify(exc: BaseException) -> tuple[int, str] | None:
     mod = type(exc).__module__ or ""
     if mod.startswith("pyedge.export") or type(exc).__name__ == "AdapterError":
         return EXIT_RUNTIME, str(exc)
+    if isinstance(exc, ImportError):
+        return EXIT_RUNTIME, f"cannot import {exc.name or ''}: {exc}".replace(" : ", ": ")
     if isinstance(exc, RuntimeError) and type(exc) is RuntimeError:
         return EXIT_RUNTIME, str(exc)
     if isinstance(exc, (ValueError, TypeError)) and type(exc) in (ValueError, TypeError):

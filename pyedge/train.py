@@ -372,19 +372,34 @@ def loss_sums(outputs: np.ndarray, labels: np.ndarray, loss: str, ignore_index: 
     return float(per.sum()), int(lb.size), correct
 
 
+def fixed_batch_size(session) -> int | None:
+    """The batch size the graph fixes (dim 0 of an input), if any."""
+    dims = {v.shape[0] for v in session.graph.inputs
+            if v.name != "labels" and v.shape and v.shape[0] > 0}
+    return min(dims) if dims else None
+
+
 def evaluate(session, dataset: Dataset, batch_size: int = 64, loss: str | None = None,
              ignore_index: int = -100, label_smoothing: float = 0.0,
              output: str | None = None) -> dict:
-    """{"loss", "accuracy" (None for mse), "records"} over the whole dataset."""
+    """{"loss", "accuracy" (None for mse), "records"} over the whole dataset (a model with a
+    fixed batch size gets its last batch padded with repeated records, ignored in the sums)."""
     loss = loss or session.loss_kind or "cross_entropy"
     output = output or session.output_name
+    fixed = fixed_batch_size(session)
+    if fixed:
+        batch_size = fixed
     total, count, correct = 0.0, 0, 0
     for inputs, labels in iterate(dataset, batch_size):
-        out = np.array(session.run(inputs, [output])[output])
         if labels is None:
             raise DataError(f"{dataset.path}: no labels to evaluate against")
-        s, n, c = loss_sums(out, labels, loss, ignore_index, label_smoothing)
-        total, count = total + s, count + n
+        n = len(labels)
+        if fixed and n < fixed:
+            pad = np.arange(fixed) % n
+            inputs = {k: v[pad] for k, v in inputs.items()}
+        out = np.array(session.run(inputs, [output])[output])[:n]
+        s, c_n, c = loss_sums(out, labels, loss, ignore_index, label_smoothing)
+        total, count = total + s, count + c_n
         correct = None if c is None or correct is None else correct + c
     res = {"loss": total / count if count else float("nan"),
            "accuracy": (correct / count if count else float("nan")) if correct is not None else None,
@@ -396,7 +411,8 @@ def infer_num_classes(session, dataset: Dataset, spec: DataSpec) -> int | None:
     """The class dim of the loss output, running the model on one record if it is symbolic."""
     if spec.num_classes is not None or spec.loss not in ("cross_entropy", "causal_lm"):
         return spec.num_classes
-    inputs, _ = dataset.batch(np.arange(min(1, len(dataset))))
+    n = fixed_batch_size(session) or 1
+    inputs, _ = dataset.batch(np.arange(n) % len(dataset))
     out = session.run(inputs, [session.output_name])[session.output_name]
     return int(out.shape[-1])
 
@@ -474,16 +490,18 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
     ev = [r for r in recs if r.get("type") == "eval"]
     fig, ax = plt.subplots(1, 2 if any(r.get("accuracy") is not None for r in ev) else 1,
                            figsize=(10, 4), squeeze=False)
+    def ys(rs, key):
+        return [float("nan") if r.get(key) is None else r[key] for r in rs]
     a = ax[0][0]
-    a.plot([r["step"] for r in tr], [r["loss"] for r in tr], label="train loss")
+    a.plot([r["step"] for r in tr], ys(tr, "loss"), label="train loss")
     if ev:
-        a.plot([r["step"] for r in ev], [r["loss"] for r in ev], "o-", label="eval loss")
+        a.plot([r["step"] for r in ev], ys(ev, "loss"), "o-", label="eval loss")
     a.set_xlabel("step")
     a.set_ylabel("loss")
     a.legend()
     if ax.shape[1] > 1:
         b = ax[0][1]
-        b.plot([r["step"] for r in ev], [r["accuracy"] for r in ev], "o-", label="eval accuracy")
+        b.plot([r["step"] for r in ev], ys(ev, "accuracy"), "o-", label="eval accuracy")
         b.set_xlabel("step")
         b.set_ylabel("accuracy")
         b.legend()
@@ -544,11 +562,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     for ds in (train_ds, eval_ds):
         if ds is not None and ds.skipped:
             say(f"{ds.path}: skipped {ds.skipped} record(s) with NaN/inf values")
-    fixed_batch = {s.shape[0] for s in DataSpec.from_session(session).inputs
-                   if s.shape and s.shape[0] > 0}
-    if fixed_batch and cfg.batch_size not in fixed_batch:
-        raise ConfigError(f"the model has a fixed batch size {sorted(fixed_batch)[0]}: use "
-                          f"--batch-size {sorted(fixed_batch)[0]}")
+    fixed_batch = fixed_batch_size(session)
+    if fixed_batch and cfg.batch_size != fixed_batch:
+        raise ConfigError(f"the model has a fixed batch size {fixed_batch} (exported without a "
+                          f"dynamic batch axis): use --batch-size {fixed_batch}")
     drop_last = cfg.drop_last or bool(fixed_batch)
     loader = BatchLoader(train_ds, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
                          drop_last=drop_last)
@@ -590,6 +607,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
             rng = st.get("rng", {})
             if "micro_steps" in rng and hasattr(session._sess, "micro_steps"):
                 session._sess.micro_steps = int(rng["micro_steps"])
+            elif cfg.lora_dropout > 0:
+                say("warning: this build cannot restore the dropout RNG position: dropout masks "
+                    "after the resume differ from an uninterrupted run")
             try:
                 loader.load_state(st["data"])
             except ValueError as e:

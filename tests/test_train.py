@@ -197,3 +197,20 @@ def test_resume_in_process_matches(task, tmp_path):
     a = load_file(str(full.adapters / "pyedge_adapters.safetensors"))
     b = load_file(str(res.adapters / "pyedge_adapters.safetensors"))
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+@requires_loss
+def test_fixed_batch_model(task, tmp_path):
+    """A model exported without a dynamic batch axis trains with its batch size; evaluation
+    pads the last partial batch."""
+    import onnx
+    m = onnx.load(task["model"])
+    for v in list(m.graph.input) + list(m.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_value = 8
+    path = tmp_path / "fixed.onnx"
+    onnx.save(m, path)
+    t = dict(task, model=str(path))
+    with pytest.raises(ConfigError, match="--batch-size 8"):
+        train(cfg(t, tmp_path / "a", batch_size=32), log=lambda m: None)
+    res = train(cfg(t, tmp_path / "b", batch_size=8, max_steps=5), log=lambda m: None)
+    assert res.steps == 5 and res.eval["records"] == 128
