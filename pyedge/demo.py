@@ -164,9 +164,9 @@ def run_demo(out="pyedge-demo", steps: int = 300, seed: int = 0, threads: int | 
     after = res.eval
     _say(f"accuracy after fine-tuning:  {after['accuracy']:.1%}  (loss {before['loss']:.3f} -> "
          f"{after['loss']:.3f}, {res.seconds:.1f} s)")
-    fmt = "PEFT (adapter_config.json + adapter_model.safetensors) and pyedge" if res.peft \
-        else "pyedge"
-    _say(f"adapters ({fmt} format): {res.adapters}")
+    fmt = ("PEFT format: adapter_config.json + adapter_model.safetensors, and pyedge_adapters.*"
+           if res.peft else "pyedge format: pyedge_adapters.*")
+    _say(f"adapters: {res.adapters} ({fmt})")
 
     summary = {"accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
                "loss_before": before["loss"], "loss_after": after["loss"], "steps": res.steps,
