@@ -538,8 +538,8 @@ def cmd_inspect(args) -> int:
             shp = ", ".join(f"{k}{_fmt_shape(v)}" for k, v in pl["batch_shapes"].items())
             _out(f"planned memory for one training step ({shp}): {_fmt_bytes(pl['total_bytes'])} "
                  f"= weights {_fmt_bytes(pl['weight_bytes'])} + arena "
-                 f"{_fmt_bytes(pl['arena_bytes'])} (activations {_fmt_bytes(pl['activation_bytes'])}"
-                 f", gradients {_fmt_bytes(pl['gradient_bytes'])}) + parameter gradients "
+                 f"{_fmt_bytes(pl['arena_bytes'])} (reused by liveness for {_fmt_bytes(pl['activation_bytes'])} of activations"
+                 f" and {_fmt_bytes(pl['gradient_bytes'])} of gradients) + parameter gradients "
                  f"{_fmt_bytes(pl['parameter_gradient_bytes'])} + optimizer state "
                  f"{_fmt_bytes(pl['optimizer_state_bytes'])}")
             _out(f"plan: {pl['forward_ops']} forward ops, {pl['backward_ops']} backward ops, "

@@ -214,3 +214,46 @@ def test_nonfinite_loss_exit_code(model, files, tmp_path):
             "--optimizer", "sgd", "--max-grad-norm", "0", "--max-steps", "20", "--out",
             tmp_path / "skip", "--skip-nonfinite", "--no-progress")
     assert r.returncode == 0 and "non-finite steps skipped" in r.stdout
+
+
+def tiny_lm(path, vocab=20, dim=8):
+    """input_ids [B, S] -> Gather(emb) -> MatMul(lm_head.weight) -> logits [B, S, vocab]."""
+    rng = np.random.default_rng(0)
+    emb = numpy_helper.from_array(rng.normal(size=(vocab, dim)).astype(np.float32), "emb.weight")
+    head = numpy_helper.from_array(rng.normal(size=(dim, vocab)).astype(np.float32) * 0.1,
+                                   "lm_head.weight")
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["emb.weight", "input_ids"], ["h"], name="embed"),
+         helper.make_node("MatMul", ["h", "lm_head.weight"], ["logits"], name="lm_head")], "lm",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])],
+        [emb, head])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+@requires_loss
+def test_causal_lm_from_jsonl(tmp_path):
+    from pyedge import _core
+    if "Gather" not in _core.registered_ops():
+        pytest.skip("Gather not in this build")
+    model = tiny_lm(tmp_path / "lm.onnx")
+    rng = np.random.default_rng(1)
+    # a learnable pattern: each token is followed by (token + 1) % 20; varying lengths
+    lines = []
+    for i in range(64):
+        start, n = int(rng.integers(0, 20)), int(rng.integers(3, 12))
+        lines.append(json.dumps({"input_ids": [(start + k) % 20 for k in range(n)]}))
+    (tmp_path / "lm.jsonl").write_text("\n".join(lines) + "\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input_ids": [1, 2, 25]}) + "\n")
+    fails(run("train", model, "--data", bad, "--target", "lm_head", "--loss", "causal_lm",
+              "--out", tmp_path / "b"), 1, "bad.jsonl:1: label 25 is out of range", "20 classes")
+    r = run("train", model, "--data", tmp_path / "lm.jsonl", "--eval-data", tmp_path / "lm.jsonl",
+            "--target", "lm_head", "--lora-r", "4", "--loss", "causal_lm", "--pad-id", "0",
+            "--batch-size", "8", "--max-steps", "60", "--lr", "0.05", "--out", tmp_path / "run",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    ev = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+          if json.loads(l)["type"] == "eval"][-1]
+    assert ev["accuracy"] > 0.5
