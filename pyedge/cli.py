@@ -366,7 +366,19 @@ def cmd_merge(args) -> int:
         if not Path(p).exists():
             raise FileNotFoundError(f"{p}: no such {what}")
     merge = _export_module("merge")
-    info = merge.merge_adapters(args.model, args.adapters, args.output)
+    from pyedge.checkpoint import ADAPTERS
+    src = Path(args.adapters)
+    if not (src / "adapter_config.json").is_file() and (src / ADAPTERS).is_file():
+        # a checkpoint (pyedge format only): write its PEFT form to a temp dir and merge that
+        import tempfile
+
+        from pyedge.train import session_from_adapters
+        sess, _ = session_from_adapters(args.model, src)
+        with tempfile.TemporaryDirectory(prefix="pyedge-merge-") as tmp:
+            sess.save_adapters(tmp)
+            info = merge.merge_adapters(args.model, tmp, args.output)
+    else:
+        info = merge.merge_adapters(args.model, args.adapters, args.output)
     changed = len(info.get("lora", [])) + len(info.get("whole", [])) if isinstance(info, dict) else "?"
     _out(f"wrote {args.output} ({changed} weight tensors changed)")
     return EXIT_OK
