@@ -308,7 +308,7 @@ def cmd_train(args) -> int:
     if not quiet:
         ev = res.eval
         parts = [f"trained {res.steps} steps ({res.epoch:.2f} epochs) in {res.seconds:.1f} s",
-                 f"final train loss {res.train_loss:.4f}"]
+                 f"train loss {res.train_loss:.4f} (moving average)"]
         if ev:
             parts.append(f"eval loss {ev['loss']:.4f}" + (
                 f", accuracy {ev['accuracy']:.4f}" if ev.get("accuracy") is not None else ""))

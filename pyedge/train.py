@@ -145,7 +145,7 @@ class TrainResult:
     steps: int
     optimizer_steps: int
     epoch: float
-    train_loss: float
+    train_loss: float          # moving average (0.9) of the step losses at the end
     eval: dict | None
     initial_eval: dict | None
     out: Path
@@ -653,7 +653,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     last_eval = None
     window: list[float] = []
     last_loss = float("nan")
-    t_log = time.perf_counter()
+    ema = None  # moving average of the loss, for the progress display and the result
     try:
         while step < total_steps:
             session.lr = schedule.lr_at(step) * lr_factor
@@ -678,6 +678,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
             else:
                 last_loss = float(np.mean(losses))
                 window.append(last_loss)
+                ema = last_loss if ema is None else 0.9 * ema + 0.1 * last_loss
             if step % cfg.log_every == 0 or step == total_steps:
                 now = time.perf_counter()
                 rec = {"type": "train", "step": step, "epoch": round(loader.position, 4),
@@ -689,8 +690,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
                        "seconds": round(now - t_start, 3)}
                 metrics.write(rec)
                 window = []
-                t_log = now
-            bar.update(step, last_loss, lr=session.lr / lr_factor)
+            bar.update(step, ema, lr=session.lr / lr_factor)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 last_ck = save(step)
             if eval_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 \
@@ -722,6 +722,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
             plot_metrics(out / "metrics.jsonl", out / "metrics.png")
         except Exception:  # noqa: BLE001 - a plot must never fail a finished run
             pass
-    return TrainResult(step, int(session.step_count), loader.position, last_loss, last_eval,
+    return TrainResult(step, int(session.step_count), loader.position,
+                       ema if ema is not None else float("nan"), last_eval,
                        initial_eval, out, adapters_dir, last_ck, skipped,
                        time.perf_counter() - t_start, resumed_from, peft)
