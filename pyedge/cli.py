@@ -307,7 +307,10 @@ def cmd_train(args) -> int:
     res = train(cfg, log=log)
     if not quiet:
         ev = res.eval
-        parts = [f"trained {res.steps} steps ({res.epoch:.2f} epochs) in {res.seconds:.1f} s",
+        done = (f"trained {res.steps} steps" if res.resumed_from is None else
+                f"trained steps {res.resumed_from + 1}-{res.steps} (resumed at {res.resumed_from})"
+                if res.steps > res.resumed_from else f"already at step {res.steps}")
+        parts = [f"{done} ({res.epoch:.2f} epochs) in {res.seconds:.1f} s",
                  f"train loss {res.train_loss:.4f} (moving average)"]
         if ev:
             parts.append(f"eval loss {ev['loss']:.4f}" + (
