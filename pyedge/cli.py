@@ -310,8 +310,9 @@ def cmd_train(args) -> int:
         done = (f"trained {res.steps} steps" if res.resumed_from is None else
                 f"trained steps {res.resumed_from + 1}-{res.steps} (resumed at {res.resumed_from})"
                 if res.steps > res.resumed_from else f"already at step {res.steps}")
-        parts = [f"{done} ({res.epoch:.2f} epochs) in {res.seconds:.1f} s",
-                 f"train loss {res.train_loss:.4f} (moving average)"]
+        parts = [f"{done} ({res.epoch:.2f} epochs) in {res.seconds:.1f} s"]
+        if math.isfinite(res.train_loss):
+            parts.append(f"train loss {res.train_loss:.4f} (moving average)")
         if ev:
             parts.append(f"eval loss {ev['loss']:.4f}" + (
                 f", accuracy {ev['accuracy']:.4f}" if ev.get("accuracy") is not None else ""))
