@@ -48,7 +48,7 @@ def test_demo_data_is_seeded_and_shifted():
 def test_demo_cli(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "pyedge", "demo", "--out", str(out)], cwd=tmp_path,
+    r = subprocess.run([sys.executable, "-m", "pyedge", "demo", "--out", str(out)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "accuracy before fine-tuning" in r.stdout and "accuracy after fine-tuning" in r.stdout
@@ -67,7 +67,7 @@ def test_demo_cli(tmp_path):
         assert summary["torch_max_abs_diff"] is not None and summary["torch_max_abs_diff"] < 1e-3
     # rerunning into the same folder works (the demo replaces its own results) and is deterministic
     r2 = subprocess.run([sys.executable, "-m", "pyedge", "demo", "--out", str(out),
-                         "--no-torch-check"], cwd=tmp_path, env=env, capture_output=True,
+                         "--no-torch-check"], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120)
     assert r2.returncode == 0, r2.stderr
     again = json.loads((out / "demo.json").read_text())
