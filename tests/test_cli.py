@@ -257,3 +257,29 @@ def test_causal_lm_from_jsonl(tmp_path):
     ev = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
           if json.loads(l)["type"] == "eval"][-1]
     assert ev["accuracy"] > 0.5
+
+
+@requires_loss
+def test_device_path_needs_no_torch(model, files, tmp_path):
+    """train / eval / inspect / demo (without the check) run with torch unimportable."""
+    script = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "peft"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+from pyedge.cli import main
+args = ["train", {str(model)!r}, "--data", {str(files / "train.npz")!r}, "--target", "layers.0",
+        "--max-steps", "5", "--out", {str(tmp_path / "run")!r}, "-q"]
+assert main(args) == 0
+assert main(["eval", {str(model)!r}, "--adapters", {str(tmp_path / "run" / "adapters")!r},
+             "--data", {str(files / "train.npz")!r}]) == 0
+assert main(["inspect", {str(model)!r}, "--target", "all-linear"]) == 0
+assert main(["demo", "--out", {str(tmp_path / "demo")!r}, "--steps", "20", "--no-torch-check"]) == 0
+print("OK", [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft")])
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "OK []" in r.stdout
