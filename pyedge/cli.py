@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int)
     g = t.add_argument_group("logging and checkpoints")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
+    g.add_argument("--eval-at-start", action="store_true", help="also evaluate before training")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (default 100, 0: end only)")
     g.add_argument("--keep-checkpoints", type=int, help="keep the last K checkpoints (default 3, 0: all)")
     g.add_argument("--log-every", type=int, help="log line / metrics record every N steps (default 10)")
