@@ -7,10 +7,9 @@ Conventions:
   seeded stream of batches (epochs follow each other; the last partial batch of an epoch is
   kept unless `drop_last`). Without `max_steps`, a run is
   ``ceil(epochs * batches_per_epoch / grad_accum)`` steps.
-* Gradient accumulation: the core sums the gradients of the micro-batches. The optimizer is
-  configured so that the update equals the one of the *mean* gradient (what PyTorch does when
-  the loss is divided by k): AdamW gets ``eps * k``, SGD ``lr / k`` and ``weight_decay * k``, and
-  the clipping threshold becomes ``max_grad_norm * k`` (all exact in real arithmetic).
+* Gradient accumulation: the core sums the gradients of the k micro-batches and scales the sum
+  by 1/k before clipping and the update: the update of the *mean* gradient, as PyTorch does
+  when the loss is divided by k.
 * A non-finite loss or gradient skips the whole step (parameters untouched). Without
   `skip_nonfinite` training stops with TrainingError; the last checkpoint stays as it was.
 * Determinism: same config + seed + thread count => bit-identical adapters, also across a
@@ -226,25 +225,24 @@ def split_list(v) -> list[str]:
 
 
 def build_session(cfg: TrainConfig, graph=None, loss: str | None = "__cfg__"):
-    """The TrainingSession for `cfg` (optimizer settings already rescaled for accumulation)."""
+    """The TrainingSession for `cfg`."""
     import pyedge
     graph = graph if graph is not None else pyedge.load_onnx(cfg.model)
-    k = cfg.grad_accum
     targets = expand_targets(graph, split_list(cfg.target))
     lora = (pyedge.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets,
                               dropout=cfg.lora_dropout, use_rslora=cfg.rslora, seed=cfg.seed)
             if targets else None)
     if cfg.optimizer == "adamw":
         wd = 0.01 if cfg.weight_decay is None else cfg.weight_decay
-        opt = pyedge.AdamW(lr=cfg.lr, eps=1e-8 * k, weight_decay=wd)
+        opt = pyedge.AdamW(lr=cfg.lr, weight_decay=wd)
     else:
         wd = 0.0 if cfg.weight_decay is None else cfg.weight_decay
-        opt = pyedge.SGD(lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd * k)
+        opt = pyedge.SGD(lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
     threads = cfg.threads or (1 if cfg.deterministic else None)
     sess = pyedge.TrainingSession(
         graph, lora=lora, train=split_list(cfg.train), loss=cfg.loss if loss == "__cfg__" else loss,
         optimizer=opt, output=cfg.output, seed=cfg.seed, threads=threads,
-        max_grad_norm=cfg.max_grad_norm * k, label_smoothing=cfg.label_smoothing,
+        max_grad_norm=cfg.max_grad_norm, label_smoothing=cfg.label_smoothing,
         ignore_index=cfg.ignore_index)
     sess.resolved_targets = targets
     return sess
@@ -336,13 +334,12 @@ def _assign_tensors(session, tensors: dict, where: str) -> None:
 
 
 def _set_step_count(session, n: int) -> None:
-    session._sess.step_count = int(n)
+    session.step_count = int(n)
 
 
 def _rng_state(session, seed: int) -> dict:
     st = {"seed": int(seed), "data": "numpy default_rng([seed, epoch]).permutation"}
-    if hasattr(session._sess, "micro_steps"):
-        st["micro_steps"] = int(session._sess.micro_steps)
+    st["micro_steps"] = int(session.micro_steps)
     return st
 
 
@@ -572,7 +569,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     k = cfg.grad_accum
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * loader.batches_per_epoch / k))
     schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup_steps, total_steps)
-    lr_factor = 1.0 / k if cfg.optimizer == "sgd" else 1.0
     structure, trajectory, s_hash, t_hash = _hashes(cfg, session, model_sha, total_steps)
     eval_bs = cfg.eval_batch_size or max(cfg.batch_size, 64)
 
@@ -605,11 +601,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
                     arr[...] = saved
             _set_step_count(session, st["optimizer_steps"])
             rng = st.get("rng", {})
-            if "micro_steps" in rng and hasattr(session._sess, "micro_steps"):
-                session._sess.micro_steps = int(rng["micro_steps"])
-            elif cfg.lora_dropout > 0:
-                say("warning: this build cannot restore the dropout RNG position: dropout masks "
-                    "after the resume differ from an uninterrupted run")
+            if "micro_steps" in rng:
+                session.micro_steps = int(rng["micro_steps"])
             try:
                 loader.load_state(st["data"])
             except ValueError as e:
@@ -656,14 +649,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     ema = None  # moving average of the loss, for the progress display and the result
     try:
         while step < total_steps:
-            session.lr = schedule.lr_at(step) * lr_factor
+            session.lr = schedule.lr_at(step)
             losses, failure = [], None
             for micro in range(k):
                 inputs, labels, _ = loader.next()
                 if failure is not None:
                     continue  # keep the data stream aligned with an uninterrupted run
                 try:
-                    losses.append(session.step(inputs, labels, update=(micro == k - 1)))
+                    losses.append(session.step(inputs, labels, update=(micro == k - 1),
+                                               grad_scale=1.0 / k))
                 except FloatingPointError as e:
                     failure = e
             step += 1
@@ -683,14 +677,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
                 now = time.perf_counter()
                 rec = {"type": "train", "step": step, "epoch": round(loader.position, 4),
                        "loss": float(np.mean(window)) if window else float("nan"),
-                       "lr": session.lr / lr_factor,
+                       "lr": session.lr,
                        "grad_norm": (float(session.last_grad_norm) / k
                                      if session.last_grad_norm is not None else None),
                        "skipped_nonfinite": skipped,
                        "seconds": round(now - t_start, 3)}
                 metrics.write(rec)
                 window = []
-            bar.update(step, ema, lr=session.lr / lr_factor)
+            bar.update(step, ema, lr=session.lr)
             if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
                 last_ck = save(step)
             if eval_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 \
