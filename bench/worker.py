@@ -28,16 +28,33 @@ from bench.workloads import CACHE, WORKLOADS  # noqa: E402  (numpy only)
 MARK = "RESULT "
 
 
-def rss_now() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+def _status(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 
-def peak_rss() -> int:
+def rss_now() -> int:
+    return _status("VmRSS")
+
+
+def ru_maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def peak_rss() -> int:
+    """Peak resident set of this process's own address space (VmHWM).
+
+    Linux carries the pre-exec image's high-water mark into ru_maxrss across exec (with
+    vfork/posix_spawn that is the *parent's* peak), so a worker started by a large parent
+    would report the parent's RSS. VmHWM is the same high-water mark for this process's
+    own memory only; ru_maxrss is kept in the JSON too. Elsewhere: ru_maxrss."""
+    return _status("VmHWM") or ru_maxrss()
 
 
 def time_steps(step, batches, steps, warmup):
@@ -256,6 +273,7 @@ def main(argv=None):
             res.update(times=times, losses=losses, build_s=build, rss_after_build=rss_built,
                        extra=extra, versions=versions, steps=a.steps, warmup=a.warmup)
         res["peak_rss"] = peak_rss()
+        res["ru_maxrss"] = ru_maxrss()
         res["ok"] = True
     except Exception as e:
         res["ok"] = False
