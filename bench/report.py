@@ -176,8 +176,8 @@ def markdown(res, plot_dir=None) -> str:
     main = [w for w in c["workloads"] if not w.startswith("5k")]
     if main:
         L.append("| workload | engine | median ms/step | min–max ms | peak RSS MiB | GFLOP/s | "
-                 "% SGEMM | pyedge/this time | pyedge/this RSS |")
-        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+                 "% SGEMM | pyedge/this time | pyedge/this RSS | first loss |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for wid in main:
             w = WORKLOADS[wid]
             title = f"W{wid} {w.title} ({res['flops'][wid]['total'] / 1e9:.3g} GFLOP)"
@@ -187,13 +187,14 @@ def markdown(res, plot_dir=None) -> str:
                 ratio = s[wid].get(f"pyedge/{eng}", {})
                 if st.get("median_ms") is None:
                     err = (st.get("errors") or ["no result"])[0]
-                    L.append(f"| {title} | {NAMES[eng]} | failed: {err[:120]} | | | | | | |")
+                    L.append(f"| {title} | {NAMES[eng]} | failed: {err[:120]} | | | | | | | |")
                 else:
                     L.append(
                         f"| {title} | {NAMES[eng]} | {_ms(st['median_ms'])} | "
                         f"{_ms(st['min_ms'])}–{_ms(st['max_ms'])} | {st['peak_rss_mib']:.0f} | "
                         f"{st['gflops']:.2f} | {_f(st.get('sgemm_fraction'), '{:.0%}')} | "
-                        f"{_f(ratio.get('time'), '{:.2f}×')} | {_f(ratio.get('rss'), '{:.2f}×')} |")
+                        f"{_f(ratio.get('time'), '{:.2f}×')} | {_f(ratio.get('rss'), '{:.2f}×')} | "
+                        f"{st['first_loss']:.5f} |")
                 title = ""
         L.append("")
 
@@ -263,3 +264,25 @@ def plot_sweep(res, sweep, engines, out_dir):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def main(argv=None):
+    """python -m bench.report bench/results/latest.json — re-renders the .md next to it."""
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(prog="python -m bench.report")
+    ap.add_argument("json_path")
+    a = ap.parse_args(argv)
+    with open(a.json_path) as f:
+        res = json.load(f)
+    md = markdown(res, plot_dir=os.path.dirname(os.path.abspath(a.json_path)))
+    out = os.path.splitext(a.json_path)[0] + ".md"
+    with open(out, "w") as f:
+        f.write(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
