@@ -176,8 +176,8 @@ def markdown(res, plot_dir=None) -> str:
     main = [w for w in c["workloads"] if not w.startswith("5k")]
     if main:
         L.append("| workload | engine | median ms/step | min–max ms | peak RSS MiB | GFLOP/s | "
-                 "% SGEMM | pyedge/this time | pyedge/this RSS | first loss |")
-        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 "% SGEMM | pyedge/this time | pyedge/this RSS | first loss | medians of the runs |")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for wid in main:
             w = WORKLOADS[wid]
             title = f"W{wid} {w.title} ({res['flops'][wid]['total'] / 1e9:.3g} GFLOP)"
@@ -187,14 +187,15 @@ def markdown(res, plot_dir=None) -> str:
                 ratio = s[wid].get(f"pyedge/{eng}", {})
                 if st.get("median_ms") is None:
                     err = (st.get("errors") or ["no result"])[0]
-                    L.append(f"| {title} | {NAMES[eng]} | failed: {err[:120]} | | | | | | | |")
+                    L.append(f"| {title} | {NAMES[eng]} | failed: {err[:120]} | | | | | | | | |")
                 else:
                     L.append(
                         f"| {title} | {NAMES[eng]} | {_ms(st['median_ms'])} | "
                         f"{_ms(st['min_ms'])}–{_ms(st['max_ms'])} | {st['peak_rss_mib']:.0f} | "
                         f"{st['gflops']:.2f} | {_f(st.get('sgemm_fraction'), '{:.0%}')} | "
                         f"{_f(ratio.get('time'), '{:.2f}×')} | {_f(ratio.get('rss'), '{:.2f}×')} | "
-                        f"{st['first_loss']:.5f} |")
+                        f"{st['first_loss']:.5f} | "
+                        f"{', '.join(_ms(x) for x in st['repeat_medians_ms'])} |")
                 title = ""
         L.append("")
 

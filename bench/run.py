@@ -178,7 +178,9 @@ def main(argv=None):
 
     for rep in range(repeats):
         calibrate(f"before repeat {rep + 1}")
-        for wid in ids:
+        # odd repeats walk the workloads backwards, so slow drifts of the machine's load do
+        # not line up with the order (the W5 sweep k = 1..6 would otherwise)
+        for wid in (ids if rep % 2 == 0 else ids[::-1]):
             engs = plan[wid]
             k = rep % max(1, len(engs))
             order = engs[k:] + engs[:k]
