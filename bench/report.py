@@ -150,10 +150,15 @@ def markdown(res, plot_dir=None) -> str:
              + (f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else "")
              + f"; threads used: {c['threads']} for every engine")
     la0, la1 = m.get("loadavg_start"), m.get("loadavg_end")
+    loads = [r["loadavg_1min_at_start"] for r in res.get("runs", [])
+             if "loadavg_1min_at_start" in r]
     if la0:
+        hi = max([la0[0], la1[0]] + loads)
         L.append(f"- load average (1 min) at start / end: {la0[0]:.2f} / {la1[0]:.2f}"
+                 + (f", {min(loads):.2f}–{max(loads):.2f} at the starts of the runs"
+                    if loads else "")
                  + ("  — **machine shared with other work: absolute times are noisy**"
-                    if max(la0[0], la1[0]) > c["threads"] + 0.5 else ""))
+                    if hi > c["threads"] + 0.5 else ""))
     sw = sorted({(c["steps"][w], c["warmup"][w]) for w in c["workloads"]}, reverse=True)
     L.append(f"- {c['date']}, git {c['git']}; timed steps after warm-up per run: "
              + ", ".join(f"{st} after {wu}" for st, wu in sw)

@@ -87,6 +87,7 @@ def worker_env(threads):
 def run_worker(python, args, env, timeout):
     cmd = [python, "-m", "bench.worker", *args]
     t0 = time.time()
+    load = os.getloadavg()[0]
     try:
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=timeout)
@@ -98,6 +99,7 @@ def run_worker(python, args, env, timeout):
         return {"ok": False, "error": f"exit {p.returncode}: " + " | ".join(tail)[:800]}
     res = json.loads(line[len("RESULT "):])
     res["wall_s"] = time.time() - t0
+    res["loadavg_1min_at_start"] = load
     if not res.get("ok"):
         res.setdefault("stderr_tail", p.stderr.strip().splitlines()[-5:])
     return res
@@ -136,6 +138,7 @@ def main(argv=None):
         raise SystemExit(f"unknown engine(s) {bad}; choose from {','.join(ENGINES)}")
     ids = expand(a.workloads)
     t_start = time.time()
+    load_start = os.getloadavg()
     env = worker_env(a.threads)
     notes = []
 
@@ -202,6 +205,7 @@ def main(argv=None):
     calibrate("after the last repeat")
 
     machine = machine_info(a.threads)
+    machine["loadavg_start"] = load_start
     machine["loadavg_end"] = os.getloadavg()
     result = report.summarize(
         runs=runs, sgemm=sgemm, flops=flops, plan=plan, machine=machine, notes=notes,
