@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -125,6 +126,8 @@ def main(argv=None):
     ap.add_argument("--no-ort-install", action="store_true",
                     help="do not create bench/.venv-ort when missing (skip the ORT engine)")
     a = ap.parse_args(argv)
+    # SIGTERM -> SystemExit, so subprocess.run kills the running worker on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     def steps_for(wid):
         st, wu = WORKLOADS[wid].default_steps(a.quick)
