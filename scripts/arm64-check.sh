@@ -6,6 +6,13 @@
 #   PYEDGE_ARM64_ROOT=/path bash scripts/arm64-check.sh
 #   bash scripts/arm64-check.sh --pip      # also `pip install .` (isolated build) at the end
 #   bash scripts/arm64-check.sh --full     # whole test suite instead of the arm64 subset
+#   bash scripts/arm64-check.sh --native   # compile inside the emulated root (very slow)
+#
+# Build modes: `cross` (default) compiles on the host with Debian's aarch64-linux-gnu-g++
+# against the root as sysroot (its Python headers, its pybind11 and scipy-openblas32 wheels),
+# so only the tests run emulated; `native` runs the CMake build inside the root under qemu
+# exactly as on a device (each translation unit takes minutes under emulation on a busy
+# 2-core host: 1-2 hours for the whole core).
 #
 # 1. debootstrap --arch=arm64 a Debian bookworm root (Python 3.11, g++, ninja) into
 #    $PYEDGE_ARM64_ROOT (default /var/cache/pyedge-arm64-root); qemu-user-static + binfmt
@@ -26,10 +33,13 @@ SUITE=${PYEDGE_DEBIAN_SUITE:-bookworm}
 JOBS=${PYEDGE_ARM64_JOBS:-$(nproc)}
 DO_PIP=0
 MARK="-m arm64"
+BUILD_MODE=${PYEDGE_ARM64_BUILD:-cross}
 for a in "$@"; do
   case "$a" in
     --pip) DO_PIP=1 ;;
     --full) MARK="" ;;
+    --native) BUILD_MODE=native ;;
+    --cross) BUILD_MODE=cross ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
@@ -48,6 +58,8 @@ need=()
 command -v debootstrap >/dev/null || need+=(debootstrap)
 [ -e /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static)
 command -v update-binfmts >/dev/null || need+=(binfmt-support)
+[ "$BUILD_MODE" = cross ] && ! command -v aarch64-linux-gnu-g++ >/dev/null && need+=(g++-aarch64-linux-gnu)
+[ "$BUILD_MODE" = cross ] && ! command -v ninja >/dev/null && need+=(ninja-build)
 if [ ${#need[@]} -gt 0 ]; then
   say "installing ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -104,7 +116,7 @@ fi
 # ---------------------------------------------------------------- reference models (host side)
 mkdir -p "$ROOT/src/models"
 if python3 -c "import torch, onnx" 2>/dev/null; then
-  if [ ! -e "$ROOT/src/models/.ok" ] || [ "$REPO/models/reference.py" -nt "$ROOT/src/models/.ok" ]; then
+  if [ ! -e "$ROOT/src/models/.ok" ] || [ "$REPO/models/reference.py" -nt "$ROOT/src/models/.ok" ] || [ "$REPO/scripts/arm64_export_models.py" -nt "$ROOT/src/models/.ok" ]; then
     say "exporting reference models on the host (x86 torch)"
     (cd "$REPO" && python3 scripts/arm64_export_models.py "$ROOT/src/models") > "$LOG/export.log" 2>&1 \
       && touch "$ROOT/src/models/.ok" || { say "export failed (see .arm64/export.log); parity test will use built-in graphs"; }
@@ -119,19 +131,54 @@ mkdir -p "$ROOT/src/pyedge"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) \
   | tar -xf - -C "$ROOT/src/pyedge"   # mtimes kept: unchanged files do not rebuild
 B0=$(date +%s)
-say "building (CMake dev build, -j$JOBS; log .arm64/build.log)"
-if inroot bash -c "cd /src/pyedge && cmake -S . -B build-arm64 -G Ninja -DPython_EXECUTABLE=/opt/venv/bin/python \
-     -DPYEDGE_ARM_TARGET='${PYEDGE_ARM_TARGET:-}' >/dev/null && cmake --build build-arm64 -j $JOBS" \
-     > "$LOG/build.log" 2>&1; then BUILD=ok; else BUILD=FAILED; fi
+RUNENV=""
+if [ "$BUILD_MODE" = native ]; then
+  say "building inside the root under qemu (CMake dev build, -j$JOBS; log .arm64/build.log)"
+  if inroot bash -c "cd /src/pyedge && cmake -S . -B build-arm64 -G Ninja -DPython_EXECUTABLE=/opt/venv/bin/python \
+       -DPYEDGE_ARM_TARGET='${PYEDGE_ARM_TARGET:-}' >/dev/null && cmake --build build-arm64 -j $JOBS" \
+       > "$LOG/build.log" 2>&1; then BUILD=ok; else BUILD=FAILED; fi
+else
+  say "cross-building on the host (aarch64-linux-gnu-g++, sysroot $ROOT; log .arm64/build.log)"
+  SITE=$(inroot python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  SOB_LIB=$(inroot python -c 'import scipy_openblas32 as s; print(s.get_lib_dir())')
+  SOB_INC=$(inroot python -c 'import scipy_openblas32 as s; print(s.get_include_dir())')
+  # the root's interpreter, run from the host (FindPython and pybind11 query it)
+  cat > "$LOG/python-aarch64" <<PYX
+#!/bin/sh
+exec chroot "$ROOT" /usr/bin/env -i PATH=/opt/venv/bin:/usr/bin:/bin /opt/venv/bin/python "\$@"
+PYX
+  chmod +x "$LOG/python-aarch64"
+  cat > "$LOG/aarch64-toolchain.cmake" <<TC
+set(CMAKE_SYSTEM_NAME Linux)
+set(CMAKE_SYSTEM_PROCESSOR aarch64)
+set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
+set(CMAKE_SYSROOT "$ROOT")
+set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
+set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
+set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE BOTH)
+TC
+  BDIR="$ROOT/src/pyedge/build-arm64-cross"
+  if cmake -S "$ROOT/src/pyedge" -B "$BDIR" -G Ninja \
+       -DCMAKE_TOOLCHAIN_FILE="$LOG/aarch64-toolchain.cmake" \
+       -DPython_EXECUTABLE="$LOG/python-aarch64" \
+       -DPython_INCLUDE_DIR="$ROOT/usr/include/python3.11" \
+       -Dpybind11_DIR="$ROOT$SITE/pybind11/share/cmake/pybind11" \
+       -DOPENBLAS_INCLUDE_DIR="$ROOT$SOB_INC" -DOPENBLAS_LIB_DIR="$ROOT$SOB_LIB" \
+       -DPYEDGE_ARM_TARGET="${PYEDGE_ARM_TARGET:-}" > "$LOG/build.log" 2>&1 \
+     && cmake --build "$BDIR" -j "$JOBS" >> "$LOG/build.log" 2>&1; then BUILD=ok; else BUILD=FAILED; fi
+  # the module's RPATH names the host path of OpenBLAS; inside the root it is found here
+  RUNENV="LD_LIBRARY_PATH=$SOB_LIB"
+fi
 BUILD_S=$(($(date +%s) - B0))
-say "build $BUILD in ${BUILD_S}s"
+say "build ($BUILD_MODE) $BUILD in ${BUILD_S}s"
 if [ "$BUILD" != ok ]; then grep -E "error|Error" "$LOG/build.log" | head -30; exit 1; fi
 
 # ---------------------------------------------------------------- tests + demo
 say "pytest ${MARK:-(full suite)} (log .arm64/pytest.log)"
 T1=$(date +%s)
 set +e
-inroot bash -c "cd /src/pyedge && PYEDGE_PARITY_MODELS=/src/models python -m pytest -q -p no:cacheprovider $MARK tests" \
+inroot bash -c "cd /src/pyedge && ${RUNENV:+export $RUNENV; }PYEDGE_PARITY_MODELS=/src/models python -m pytest -q -p no:cacheprovider $MARK tests" \
   > "$LOG/pytest.log" 2>&1
 PYTEST_RC=$?
 set -e
@@ -142,7 +189,7 @@ DEMO="(pyedge/demo.py not present)"
 if [ -e "$REPO/pyedge/demo.py" ]; then
   say "pyedge demo"
   set +e
-  inroot bash -c "cd /src/pyedge && if [ -e pyedge/cli.py ]; then python -m pyedge.cli demo; else python -m pyedge.demo; fi" \
+  inroot bash -c "cd /src/pyedge && ${RUNENV:+export $RUNENV; }if [ -e pyedge/cli.py ]; then python -m pyedge.cli demo; else python -m pyedge.demo; fi" \
     > "$LOG/demo.log" 2>&1
   DEMO_RC=$?
   set -e
@@ -158,12 +205,12 @@ if [ $DO_PIP = 1 ]; then
   else PIPRES="FAILED (see .arm64/pip-install.log)"; fi
 fi
 
-SIMD=$(inroot bash -c "cd /src/pyedge && python -c 'from pyedge import _core; print(_core.simd_info())'" 2>&1 | tail -1)
+SIMD=$(inroot bash -c "cd /src/pyedge && ${RUNENV:+export $RUNENV; }python -c 'from pyedge import _core; print(_core.simd_info())'" 2>&1 | tail -1)
 echo
 echo "================ pyedge aarch64 (qemu) summary ================"
 echo "root:        $ROOT ($(inroot python --version 2>&1), $(inroot uname -m))"
 echo "simd:        $SIMD"
-echo "build:       $BUILD in ${BUILD_S}s (CMake dev build, -j$JOBS)"
+echo "build:       $BUILD in ${BUILD_S}s ($BUILD_MODE, CMake dev build -> pyedge/_core*.so, -j$JOBS)"
 echo "pip install: $PIPRES"
 echo "tests:       ${TESTLINE:-?} (rc=$PYTEST_RC, ${TEST_S}s, marker: ${MARK:-none})"
 grep -E "^(FAILED|ERROR) " "$LOG/pytest.log" | head -20 | sed 's/^/             /'
