@@ -219,8 +219,8 @@ echo "simd:        $SIMD"
 echo "build:       $BUILD in ${BUILD_S}s ($BUILD_MODE, CMake dev build -> pyedge/_core*.so, -j$JOBS)"
 echo "pip install: $PIPRES"
 echo "tests:       ${TESTLINE:-?} (rc=$PYTEST_RC, ${TEST_S}s, marker: ${MARK:-none})"
-grep -E "^(FAILED|ERROR) " "$LOG/pytest.log" | head -20 | sed 's/^/             /'
+grep -E "^(FAILED|ERROR) " "$LOG/pytest.log" | head -20 | sed 's/^/             /' || true
 echo "demo:        $DEMO"
-[ -e "$LOG/demo.log" ] && [ -e "$REPO/pyedge/demo.py" ] && tail -12 "$LOG/demo.log" | sed 's/^/             /'
+[ -e "$LOG/demo.log" ] && [ -e "$REPO/pyedge/demo.py" ] && tail -12 "$LOG/demo.log" | sed 's/^/             /' || true
 echo "total:       $(($(date +%s) - T0))s; logs in .arm64/"
 exit $PYTEST_RC
