@@ -176,7 +176,7 @@ struct Avx512 {
     // bit select: sign bit from sgn, the rest from mag
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
         _mm512_set1_epi32(0x7fffffff), _mm512_castps_si512(mag), _mm512_castps_si512(sgn),
-        0xd8));
+        0xca));  // A ? B : C per bit, A = 0x7fffffff
   }
   static PYEDGE_SIMD_INLINE M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static PYEDGE_SIMD_INLINE M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
