@@ -103,6 +103,8 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     opset = opset or DEFAULT_OPSET[exporter]
     args, names = _normalize_inputs(example_inputs, input_names)
+    if names is None:
+        names = _forward_arg_names(model, len(args))
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -159,6 +161,18 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
             proto.metadata_props.add(key=k, value=v)
     _save_atomic(proto, path)
     return path
+
+
+def _forward_arg_names(model, n):
+    """Names of the first n positional parameters of model.forward (None if unclear)."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names[:n] if len(names) >= n else None
 
 
 def _name_or_path(model) -> str | None:
