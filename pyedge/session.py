@@ -128,6 +128,14 @@ class TrainingSession:
                 "parameters are unchanged: lower the learning rate or check the data")
         return float(loss)
 
+    def apply_update(self) -> float:
+        """Applies the gradients accumulated by step(update=False) calls; returns their norm."""
+        norm, applied = self._sess.apply_update(float(self.max_grad_norm))
+        self.last_grad_norm = norm
+        if not applied:
+            raise FloatingPointError(f"non-finite gradient norm ({norm}); the update was skipped")
+        return float(norm)
+
     def run(self, inputs, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Inference with the current adapters; returns {output name: array}."""
         names = list(outputs or [o.name for o in self.graph.outputs])

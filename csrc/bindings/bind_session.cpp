@@ -122,6 +122,14 @@ void bind_session(py::module_& m) {
         }
         return py::make_tuple(r.loss, r.grad_norm, r.applied);
       }, py::arg("inputs"), py::arg("update") = true, py::arg("max_grad_norm") = 0.0)
+      .def("apply_update", [](Session& self, double max_norm) {
+        StepResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = self.apply_update(max_norm);
+        }
+        return py::make_tuple(r.grad_norm, r.applied);
+      }, py::arg("max_grad_norm") = 0.0)
       .def("run", [](Session& self, py::list inputs, const std::vector<std::string>& names) {
         Inputs in = convert_inputs(self.model(), inputs);
         std::vector<int> ids;

@@ -112,17 +112,25 @@ StepResult Session::train_step(const std::vector<Tensor>& inputs, bool update,
   StepResult r;
   r.loss = *static_cast<const float*>(plan.value(loss_).data);
   r.grad_norm = std::nan("");
-  if (update) {
-    r.grad_norm = clip_grad_norm(params_, max_grad_norm);
-    if (std::isfinite(r.loss) && std::isfinite(r.grad_norm)) {
-      ++step_count;
-      optim_->update(params_, step_count, lr);
-      r.applied = true;
-    }
-    zero_grads();
+  if (!std::isfinite(r.loss)) {
+    zero_grads();  // a poisoned accumulation must not reach a later update
+  } else if (update) {
+    r = apply_update(max_grad_norm, r.loss);
   }
-  if (!std::isfinite(r.loss)) zero_grads();
   last_step_allocations = heap_allocation_count() - allocs_before;
+  return r;
+}
+
+StepResult Session::apply_update(double max_grad_norm, float loss) {
+  StepResult r;
+  r.loss = loss;
+  r.grad_norm = clip_grad_norm(params_, max_grad_norm);
+  if (std::isfinite(r.grad_norm)) {
+    ++step_count;
+    optim_->update(params_, step_count, lr);
+    r.applied = true;
+  }
+  zero_grads();
   return r;
 }
 

@@ -27,6 +27,9 @@ class Session {
   // max_grad_norm (0: off), applies the optimizer and zeroes the gradients. A non-finite loss
   // or gradient leaves parameters and optimizer state untouched and zeroes the gradients.
   StepResult train_step(const std::vector<Tensor>& inputs, bool update, double max_grad_norm);
+  // Clips, applies the optimizer to the accumulated gradients and zeroes them; skipped (but
+  // gradients still zeroed) when the gradient norm is not finite.
+  StepResult apply_update(double max_grad_norm, float loss = 0.f);
   // Forward only (dropout off). Returned tensors view plan memory, valid until the next call.
   std::vector<Tensor> run(const std::vector<Tensor>& inputs, const std::vector<int>& outputs);
   PlanStats plan_stats(const std::vector<Shape>& input_shapes, bool training);

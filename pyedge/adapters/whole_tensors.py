@@ -6,11 +6,24 @@ from pyedge.graph import Graph
 from pyedge.param_names import module_of
 
 
+# PyTorch buffers exported as initializers: statistics and constants, never trained.
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", "position_ids")
+
+
+def _statistics_inputs(graph: Graph) -> set[str]:
+    """Tensors a BatchNormalization reads as mean/variance."""
+    return {n.inputs[i] for n in graph.nodes if n.op_type == "BatchNormalization"
+            for i in (3, 4) if len(n.inputs) > i}
+
+
 def select_trainable_tensors(graph: Graph, patterns) -> list[str]:
     """Initializer names whose PyTorch name (module.param) or module matches a pattern."""
     chosen = []
+    stats = _statistics_inputs(graph)
     for name, arr in graph.initializers.items():
-        if arr.dtype.kind != "f" or ".lora_" in name:
+        if arr.dtype.kind != "f" or ".lora_" in name or name in stats:
+            continue
+        if name.endswith(BUFFER_SUFFIXES) or graph.param_map.get(name, {}).get("buffer"):
             continue
         entry = graph.param_map.get(name)
         torch_name = f"{entry['module']}.{entry['param']}" if entry else name
