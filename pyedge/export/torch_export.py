@@ -6,7 +6,8 @@
 The file's `metadata_props` hold:
 
 * ``pyedge.param_map``: JSON ``{onnx initializer: {"module", "param", "transposed", "kind"}}``
-  (plus ``"aliases"``: other PyTorch names of the same tensor, e.g. a tied ``lm_head.weight``),
+  (plus ``"aliases"``: other PyTorch names of the same tensor, e.g. a tied ``lm_head.weight``,
+  and ``"buffer": true`` for buffers such as BatchNorm running statistics),
   built from the torch module itself: ``module.param`` is the name PEFT and ``state_dict`` use
   (for tied weights the first name ``named_parameters()`` yields, e.g. GPT-2's
   ``transformer.wte.weight``); ``transposed`` says the ONNX tensor is the transpose of the
@@ -235,10 +236,14 @@ def build_param_map(model, proto) -> dict[str, dict]:
     # tensor identity -> all of its names, first the one named_parameters()/buffers() yields
     groups: dict[int, list[str]] = {}
     tensors: dict[int, Any] = {}
-    for n, t in list(model.named_parameters(remove_duplicate=False)) + \
-            list(model.named_buffers(remove_duplicate=False)):
+    buffers: set[int] = set()
+    for n, t in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(t), []).append(n)
         tensors[id(t)] = t
+    for n, t in model.named_buffers(remove_duplicate=False):
+        groups.setdefault(id(t), []).append(n)
+        tensors[id(t)] = t
+        buffers.add(id(t))
     by_name = {n: k for k, names in groups.items() for n in names}
 
     def entry(key, transposed, extra_keys=()):
@@ -251,6 +256,8 @@ def build_param_map(model, proto) -> dict[str, dict]:
              "kind": module_kind(modules.get(module)) if module in modules else "other"}
         if len(names) > 1:
             e["aliases"] = names[1:]
+        if key in buffers:
+            e["buffer"] = True  # running statistics etc.: never trained
         return e
 
     result: dict[str, dict] = {}
