@@ -44,7 +44,7 @@ def lora_deltas(graph, config: dict, lora: dict[str, dict[str, np.ndarray]]
         try:
             sites = inject_lora(g, cfg)
         except ValueError as e:
-            raise AdapterError(f"none of the adapted modules {modules[:5]} is in the model "
+            raise AdapterError(f"the adapted modules {modules[:5]} are not in the model "
                                f"({e})") from e
         trans = {n.inputs[2]: bool(n.attrs.get("trans_w", 0)) for n in g.nodes
                  if n.op_type == "LoraMatMul" and n.domain == "pyedge"}
