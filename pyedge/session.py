@@ -175,8 +175,8 @@ class TrainingSession:
         """Plan statistics for an input signature (arrays or shapes by input name)."""
         if shapes is None:
             arrays = self._input_list(inputs, None)
-            shapes = {n: (list(a.shape) if a is not None else []) for n, a in
-                      zip(self._input_names, arrays)}
+            shapes = {n: list(a.shape) for n, a in zip(self._input_names, arrays)
+                      if a is not None}
         if training and LABELS in self._input_names and LABELS not in shapes:
             out_shape = self._sess.run(self._input_list(inputs), [self.output_name])[0].shape \
                 if inputs is not None else None

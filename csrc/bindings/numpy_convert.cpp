@@ -2,6 +2,8 @@
 
 #include <cstring>
 
+#include <pybind11/stl.h>  // list attributes -> std::vector
+
 namespace pyedge {
 
 DType dtype_from_numpy(const py::dtype& dt) {

@@ -1,0 +1,206 @@
+// LayerNormalization (opset 17): X viewed as [rows, D], D = prod(shape[axis:]);
+//   Y = (X - mean) * rstd * Scale + B,   rstd = 1 / sqrt(var + epsilon).
+// Outputs: Y, Mean, InvStdDev (both [shape[:axis], 1, ...]). The op always produces all three
+// (they are tiny) and its backward reads Mean/InvStdDev instead of recomputing them.
+// Backward per row: xhat = (x - mean)*rstd, g = dy*scale,
+//   dx = rstd * (g - mean(g) - xhat*mean(g*xhat)),  dScale = sum_rows dy*xhat,  dB = sum_rows dy.
+// dScale/dB: rows are cut into a fixed number of blocks (chosen at plan time), each block sums
+// into its own scratch row, then the block rows are added column-parallel: deterministic, no
+// races, independent of the thread count.
+// Lets GCC if-convert the float selects in these kernels (clamps, max) and vectorise them;
+// no effect on results (no code here relies on FP exception traps).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#include <algorithm>
+#include <cmath>
+
+#include "common/parallel.h"
+#include "ops/op.h"
+#include "ops/softmax_kernels.h"
+
+namespace pyedge {
+namespace {
+
+class LayerNorm : public Op {
+ public:
+  LayerNorm(const NodeInfo& n, const std::vector<Tensor>& in) {
+    check_num_inputs(n, in, 2, 3);
+    check_float(n, in[0], "X");
+    check_float(n, in[1], "Scale");
+    const Shape& s = in[0].shape;
+    int64_t r = in[0].rank();
+    PYEDGE_CHECK(r >= 1, n.where(), ": X must have rank >= 1");
+    int64_t axis = normalize_axis(n, n.attrs.get_int("axis", -1), r);
+    eps_ = float(n.attrs.get_float("epsilon", 1e-5));
+    rows_ = 1;
+    D_ = 1;
+    for (int64_t i = 0; i < r; ++i) (i < axis ? rows_ : D_) *= s[size_t(i)];
+    Shape norm_shape(s.begin() + axis, s.end());
+    check_param(n, in[1], norm_shape, "Scale");
+    has_bias_ = in.size() > 2 && n.has_input(2);
+    if (has_bias_) {
+      check_float(n, in[2], "B");
+      check_param(n, in[2], norm_shape, "B");
+    }
+    Shape stat(s.begin(), s.begin() + axis);
+    stat.resize(size_t(r), 1);
+    outputs = {make_output(DType::f32, s), make_output(DType::f32, stat),
+               make_output(DType::f32, stat)};
+    n_visible = 3;
+    nblocks_ = std::max<int64_t>(1, std::min<int64_t>({rows_, 32, rows_ * D_ / 4096 + 1}));
+  }
+
+  void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
+               RunContext&) override {
+    const float* x = in[0].ptr<float>();
+    const float* g = in[1].ptr<float>();
+    const float* bias = has_bias_ ? in[2].ptr<float>() : nullptr;
+    float* y = out[0].ptr<float>();
+    float* mean = out[1].ptr<float>();
+    float* rstd = out[2].ptr<float>();
+    const int64_t D = D_;
+    const float invD = D > 0 ? 1.f / float(D) : 0.f;
+    parallel_for(rows_, grain(), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float* xr = x + r * D;
+        float* yr = y + r * D;
+        float mu = rowk::row_sum(xr, D) * invD;
+        // second pass over the (cached) row: stable variance of the centred values
+        float acc[rowk::kLanes] = {};
+        int64_t i = 0;
+        for (; i + rowk::kLanes <= D; i += rowk::kLanes)
+          for (int j = 0; j < rowk::kLanes; ++j) {
+            float c = xr[i + j] - mu;
+            acc[j] += c * c;
+          }
+        float var = 0.f;
+        for (int j = 0; j < rowk::kLanes; ++j) var += acc[j];
+        for (; i < D; ++i) var += (xr[i] - mu) * (xr[i] - mu);
+        float rs = 1.f / std::sqrt(var * invD + eps_);
+        mean[r] = mu;
+        rstd[r] = rs;
+        if (bias)
+          for (int64_t k = 0; k < D; ++k) yr[k] = (xr[k] - mu) * rs * g[k] + bias[k];
+        else
+          for (int64_t k = 0; k < D; ++k) yr[k] = (xr[k] - mu) * rs * g[k];
+      }
+    });
+  }
+
+  bool has_backward() const override { return true; }
+
+  size_t backward_scratch_bytes(const std::vector<bool>& ng) const override {
+    bool params = ng.size() > 1 && (ng[1] || (ng.size() > 2 && ng[2]));
+    return params ? size_t(nblocks_ * 2 * D_) * sizeof(float) : 0;
+  }
+
+  void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
+                const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
+                RunContext& ctx) override {
+    // Gradients through the Mean/InvStdDev outputs are not propagated (they are statistics;
+    // exported training graphs never differentiate them).
+    if (dout[0].data == nullptr) return;
+    const float* x = in[0].ptr<float>();
+    const float* g = in[1].ptr<float>();
+    const float* mean = out[1].ptr<float>();
+    const float* rstd = out[2].ptr<float>();
+    const float* dy = dout[0].ptr<float>();
+    float* dx = din[0].data ? din[0].ptr<float>() : nullptr;
+    float* dg = din[1].data ? din[1].ptr<float>() : nullptr;
+    float* db = din.size() > 2 && din[2].data ? din[2].ptr<float>() : nullptr;
+    const int64_t D = D_, rows = rows_;
+    const float invD = D > 0 ? 1.f / float(D) : 0.f;
+    bool params = dg || db;
+    float* part = static_cast<float*>(ctx.scratch);  // [nblocks, 2, D]: dScale, dB partials
+    if (!dx && !params) return;
+
+    int64_t nb = nblocks_, per = (rows + nb - 1) / nb;
+    parallel_for(nb, 1, [&](int64_t bb, int64_t be) {
+      for (int64_t blk = bb; blk < be; ++blk) {
+        float* pg = params ? part + blk * 2 * D : nullptr;
+        float* pb = params ? pg + D : nullptr;
+        if (params)
+          for (int64_t k = 0; k < 2 * D; ++k) pg[k] = 0.f;
+        for (int64_t r = blk * per; r < std::min(rows, (blk + 1) * per); ++r) {
+          const float* xr = x + r * D;
+          const float* dyr = dy + r * D;
+          const float mu = mean[r], rs = rstd[r];
+          if (params)
+            for (int64_t k = 0; k < D; ++k) {
+              pg[k] += dyr[k] * (xr[k] - mu) * rs;
+              pb[k] += dyr[k];
+            }
+          if (dx) {
+            // sums of g and g*xhat in one pass
+            float a1[rowk::kLanes] = {}, a2[rowk::kLanes] = {};
+            int64_t i = 0;
+            for (; i + rowk::kLanes <= D; i += rowk::kLanes)
+              for (int j = 0; j < rowk::kLanes; ++j) {
+                float gg = dyr[i + j] * g[i + j];
+                a1[j] += gg;
+                a2[j] += gg * (xr[i + j] - mu);
+              }
+            float s1 = 0.f, s2 = 0.f;
+            for (int j = 0; j < rowk::kLanes; ++j) {
+              s1 += a1[j];
+              s2 += a2[j];
+            }
+            for (; i < D; ++i) {
+              float gg = dyr[i] * g[i];
+              s1 += gg;
+              s2 += gg * (xr[i] - mu);
+            }
+            const float m1 = s1 * invD, m2 = s2 * rs * invD;  // mean(g), mean(g*xhat)
+            float* dxr = dx + r * D;
+            for (int64_t k = 0; k < D; ++k)
+              dxr[k] += rs * (dyr[k] * g[k] - m1 - (xr[k] - mu) * rs * m2);
+          }
+        }
+      }
+    });
+    if (!params) return;
+    parallel_for(D, 1024, [&](int64_t b, int64_t e) {
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        const float* pg = part + blk * 2 * D;
+        const float* pb = pg + D;
+        if (dg)
+          for (int64_t k = b; k < e; ++k) dg[k] += pg[k];
+        if (db)
+          for (int64_t k = b; k < e; ++k) db[k] += pb[k];
+      }
+    });
+  }
+
+  std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
+    std::vector<bool> r(ng.size(), false);
+    r[0] = true;  // X for xhat
+    r[1] = ng[0];  // Scale only for dX
+    return r;
+  }
+  std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override {
+    return {false, true, true};
+  }
+
+ private:
+  int64_t rows_ = 1, D_ = 1, nblocks_ = 1;
+  float eps_ = 1e-5f;
+  bool has_bias_ = false;
+
+  int64_t grain() const { return std::max<int64_t>(1, 16384 / std::max<int64_t>(D_, 1)); }
+
+  // Scale/B must hold exactly the normalised shape (leading 1s allowed).
+  static void check_param(const NodeInfo& n, const Tensor& t, const Shape& norm,
+                          const char* what) {
+    Shape ts = t.shape;
+    while (ts.size() > norm.size() && ts.front() == 1) ts.erase(ts.begin());
+    Shape ns = norm;
+    while (ns.size() > ts.size() && ns.front() == 1) ns.erase(ns.begin());
+    PYEDGE_CHECK(ts == ns, n.where(), ": ", what, " has shape ", shape_str(t.shape),
+                 ", expected the normalised shape ", shape_str(norm));
+  }
+};
+PYEDGE_REGISTER_OP("LayerNormalization", LayerNorm);
+
+}  // namespace
+}  // namespace pyedge
