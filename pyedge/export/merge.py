@@ -97,7 +97,8 @@ def _save_atomic(proto, out_path, external: bool):
 def merge_adapters(model_path, adapters_dir, out_path) -> dict:
     """Writes `out_path`: `model_path` with the adapters in `adapters_dir` folded in.
 
-    Returns {"lora": [initializers changed by LoRA], "whole": [initializers replaced],
+    Returns {"lora": [initializers changed by LoRA], "whole": [initializers replaced by a
+    different value],
     "skipped": [adapter tensors with no counterpart in the graph]}.
     """
     import onnx
@@ -125,7 +126,9 @@ def merge_adapters(model_path, adapters_dir, out_path) -> dict:
         if tuple(value.shape) != tuple(graph.initializers[init].shape):
             raise AdapterError(f"'{tname}' has shape {list(arr.shape)}, the model's tensor "
                                f"'{init}' is {list(graph.initializers[init].shape)}")
-        new_values[init] = value
+        if not np.array_equal(value.astype(graph.initializers[init].dtype),
+                              graph.initializers[init]):
+            new_values[init] = value  # unchanged tensors (e.g. running statistics) stay as is
     float_skipped = [k for k in skipped if whole[k].dtype.kind == "f" and whole[k].ndim > 0]
     if float_skipped:
         warnings.warn(f"adapter tensors with no counterpart in {model_path} were ignored: "

@@ -78,7 +78,8 @@ def write_adapters(folder, config: dict, tensors: dict[str, np.ndarray]) -> str:
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sorted(tensors.items())}
+    arrays = {k: np.ascontiguousarray(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype)
+              for k, v in sorted(tensors.items())}
     _write_atomic(os.path.join(folder, WEIGHTS_NAME), save(arrays, metadata={"format": "pt"}))
     _write_atomic(os.path.join(folder, CONFIG_NAME),
                   (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
@@ -207,6 +208,8 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
         tensors[PREFIX + torch_name(entry, name)] = np.array(to_torch_layout(value, entry),
                                                              dtype=np.float32)
 
+    _add_extra_state(graph, modules_to_save, tensors)
+
     r, alpha, dropout, rslora = (cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora) if cfg \
         else (1, 1.0, 0.0, False)
     if not target_modules:
@@ -237,6 +240,34 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
         "alpha_pattern": {},
     }
     return config, tensors
+
+
+def _add_extra_state(graph, modules_to_save, tensors):
+    """PEFT loads a modules_to_save module only with *all* its state_dict keys: add those the
+    graph has no tensor for, from the exporter's ``pyedge.extra_state`` (or, for files from
+    other exporters, BatchNorm's num_batches_tracked = 0 next to running_mean)."""
+    extra = {}
+    raw = graph.metadata.get("pyedge.extra_state")
+    if raw:
+        try:
+            extra = json.loads(raw)
+        except ValueError:
+            extra = {}
+    else:
+        for key in list(tensors):
+            if key.endswith(".running_mean"):
+                nbt = key[len(PREFIX):-len("running_mean")] + "num_batches_tracked"
+                extra[nbt] = {"dtype": "int64", "shape": [], "value": [0]}
+    for name, e in extra.items():
+        module = name.rpartition(".")[0]
+        if module not in modules_to_save or PREFIX + name in tensors:
+            continue
+        if e.get("value") is None:
+            raise AdapterError(
+                f"PEFT needs '{name}' to load modules_to_save '{module}', but the ONNX file "
+                "has neither the tensor nor its value (too large for the metadata); train "
+                "this module's tensors through LoRA or a smaller module instead")
+        tensors[PREFIX + name] = np.asarray(e["value"], dtype=e["dtype"]).reshape(e["shape"])
 
 
 def _noop_lora(graph, modules_to_save, tensors):
@@ -398,7 +429,12 @@ def load_adapters(session, folder, strict: bool = True) -> dict:
             loaded.append(init)
             seen.add(init)
         elif not np.array_equal(value.astype(base.dtype), base):
-            if strict:
+            is_buffer = entry.get("buffer") or tname.endswith(("running_mean", "running_var"))
+            if strict and is_buffer:
+                problems.append(f"'{tname}' is a buffer (running statistics) that changed in "
+                                "training; pyedge keeps buffers frozen: fine-tune with the "
+                                "module in eval mode, or merge the adapters in PyTorch")
+            elif strict:
                 problems.append(f"'{tname}' differs from the model's tensor but the session "
                                 "does not train it (add it to train=[...])")
             else:

@@ -14,6 +14,9 @@ The file's `metadata_props` hold:
   PyTorch parameter; ``kind`` is "linear" (nn.Linear), "conv1d_fan_in_fan_out"
   (transformers Conv1D, weight [in, out]), "conv" (nn.ConvNd), "embedding" (nn.Embedding),
   else "other".
+* ``pyedge.extra_state``: JSON ``{state_dict name: {"dtype", "shape", "value"}}`` for the
+  state entries the graph has no initializer for (BatchNorm's ``num_batches_tracked``, unused
+  parameters; values up to 4096 elements), which PEFT's modules_to_save needs.
 * ``pyedge.exporter`` ("dynamo" | "torchscript"), ``pyedge.torch_class`` (module.qualname),
   ``pyedge.base_model_name_or_path`` (from ``model.config._name_or_path`` or
   ``model.name_or_path`` when known), ``pyedge.task_type`` (when given).
@@ -39,6 +42,8 @@ import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 PARAM_MAP_KEY = "pyedge.param_map"
+EXTRA_STATE_KEY = "pyedge.extra_state"
+EXTRA_STATE_MAX_VALUES = 4096
 DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
 
 
@@ -147,6 +152,7 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
 
     param_map = build_param_map(model, proto)
     meta = {PARAM_MAP_KEY: json.dumps(param_map, sort_keys=True),
+            EXTRA_STATE_KEY: json.dumps(extra_state(model, param_map), sort_keys=True),
             "pyedge.exporter": exporter,
             "pyedge.torch_class": f"{type(model).__module__}.{type(model).__qualname__}"}
     base = base_model_name_or_path or _name_or_path(model)
@@ -217,6 +223,27 @@ def module_kind(mod) -> str:
     if isinstance(mod, nn.Embedding):
         return "embedding"
     return "other"
+
+
+def extra_state(model, param_map) -> dict[str, dict]:
+    """state_dict entries with no ONNX initializer (e.g. BatchNorm's num_batches_tracked):
+    {name: {"dtype", "shape", "value" (flat list, or None above EXTRA_STATE_MAX_VALUES)}}.
+
+    PEFT's modules_to_save needs every state_dict key of a saved module, so the adapters
+    must carry them even though the graph does not."""
+    in_graph = set()
+    for e in param_map.values():
+        in_graph.add(f"{e['module']}.{e['param']}" if e["module"] else e["param"])
+        in_graph.update(e.get("aliases", ()))
+    out = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        if name in in_graph:
+            continue
+        a = t.detach().cpu().numpy()
+        out[name] = {"dtype": a.dtype.name, "shape": list(a.shape),
+                     "value": a.reshape(-1).tolist() if a.size <= EXTRA_STATE_MAX_VALUES
+                     else None}
+    return out
 
 
 def _digest(arr) -> str:
