@@ -115,3 +115,30 @@ def test_merge_rejects_adapters_of_another_model(export_root, tmp_path):
     with pytest.raises(AdapterError, match="not in the model|no MatMul"):
         merge_adapters(mlp, folder, str(tmp_path / "x.onnx"))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_merge_peft_conv_lora(export_root, tmp_path):
+    """PEFT's Conv2d LoRA (A: k×k conv to r channels, B: 1×1 conv) folds into Conv weights."""
+    path = export_model("cnn", "torchscript", export_root)
+    model = build("cnn")[0]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["blocks.1.conv", "blocks.3.conv"],
+                          modules_to_save=["head"])
+    pm = peft.get_peft_model(model, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    pm.eval()
+    folder = str(tmp_path / "ad")
+    pm.save_pretrained(folder)
+    out = str(tmp_path / "merged.onnx")
+    info = merge_adapters(path, folder, out)
+    assert info["lora"] == ["blocks.1.conv.weight", "blocks.3.conv.weight"]
+    assert info["whole"] == ["head.bias", "head.weight"]
+    check_structure(path, out, set(info["lora"]) | set(info["whole"]))
+    feed, _ = make_batch("cnn", 41)
+    assert rel_err(ort_run(out, feed), torch_out(pm, feed)) < TOL
+    # and the no-peft merge path in torch does the same
+    manual = pyedge.torch.load_adapters(build("cnn")[0], folder, use_peft=False, merge=True)
+    assert rel_err(torch_out(manual, feed), torch_out(pm, feed)) < TOL

@@ -6,7 +6,8 @@ For each adapted module the base initializer W becomes W + s·ΔW, in the layout
 consumes it: the graph computes ``x @ W_eff`` with ``W_eff = Wᵀ`` when the MatMul/Gemm
 transposes it (Gemm transB=1 or a Transpose node: PyTorch's nn.Linear [out, in]) and ``W``
 otherwise (transformers' Conv1D [in, out]); LoRA adds ``x @ (s·B·A)ᵀ``, so the initializer gets
-``s·B·A`` or ``s·(B·A)ᵀ``. The sites are found with the same rewrite pyedge trains with
+``s·B·A`` or ``s·(B·A)ᵀ``. Conv weights (PEFT's ConvNd LoRA, B being 1×1) get
+``s·einsum(B, A)``. The MatMul/Gemm sites are found with the same rewrite pyedge trains with
 (`inject_lora`), so what is merged is exactly what was trained. Whole trained tensors
 (PEFT's modules_to_save) are written back, transposed to the ONNX layout when the parameter
 map says so. Nodes, their order, every other initializer and all metadata stay as they were
@@ -30,13 +31,35 @@ def lora_deltas(graph, config: dict, lora: dict[str, dict[str, np.ndarray]]
     """{ONNX initializer: s·ΔW in the initializer's layout} for the LoRA modules."""
     from pyedge.adapters.lora import LoraConfig, inject_lora
 
+    from pyedge.param_names import module_of
+
+    deltas: dict[str, np.ndarray] = {}
+    found: set[str] = set()
+    # Conv weights (PEFT's ConvNd LoRA: A = Conv(in, r, k), B = Conv(r, out, 1)):
+    # ΔW[o, i, ...] = Σ_r B[o, r] A[r, i, ...], same layout in ONNX and PyTorch.
+    conv_weights = {module_of(graph, n.inputs[1]): n.inputs[1] for n in graph.nodes
+                    if n.op_type == "Conv" and len(n.inputs) > 1
+                    and n.inputs[1] in graph.initializers}
     by_rank: dict[int, list[str]] = {}
     for module, ab in lora.items():
         if "A" not in ab or "B" not in ab:
             raise AdapterError(f"module '{module}' has only lora_{'A' if 'A' in ab else 'B'}")
+        if module in conv_weights:
+            w = conv_weights[module]
+            W = graph.initializers[w]
+            A = np.asarray(ab["A"], np.float64)
+            B = np.asarray(ab["B"], np.float64)
+            r = A.shape[0]
+            if A.shape[1:] != W.shape[1:] or B.shape[:2] != (W.shape[0], r) or \
+                    any(d != 1 for d in B.shape[2:]):
+                raise AdapterError(f"'{module}': lora_A {list(A.shape)} / lora_B "
+                                   f"{list(B.shape)} do not fit the conv weight {list(W.shape)}")
+            _, scale = module_scaling(config, module)
+            d = scale * np.einsum("or,ri...->oi...", B.reshape(B.shape[0], r), A)
+            deltas[w] = deltas[w] + d if w in deltas else d
+            found.add(module)
+            continue
         by_rank.setdefault(int(ab["A"].shape[0]), []).append(module)
-    deltas: dict[str, np.ndarray] = {}
-    found: set[str] = set()
     for r, modules in by_rank.items():
         g = graph.copy()
         cfg = LoraConfig(r=r, alpha=float(r), target_modules=[
