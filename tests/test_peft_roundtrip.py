@@ -394,3 +394,54 @@ def test_whole_tensors_only_saves_a_noop_lora(export_root, tmp_path):
     again = pyedge.TrainingSession(path, train=["layers.4.*"], loss=None)
     again.load_adapters(folder)
     assert rel_err(again.run(feed)[sess.output_name], torch_out(pm, feed)) < TOL
+
+
+# ------------------------------------------------------------------------------ LoRA on Conv
+def graph_to_onnx(graph):
+    """A pyedge Graph (standard ops only) back to an ONNX model, for onnxruntime."""
+    import onnx
+    from onnx import helper, numpy_helper
+    nodes = []
+    for n in graph.nodes:
+        attrs = {k: (numpy_helper.from_array(v) if isinstance(v, np.ndarray) else v)
+                 for k, v in n.attrs.items()}
+        nodes.append(helper.make_node(n.op_type, n.inputs, n.outputs, name=n.name,
+                                      domain=n.domain or None, **attrs))
+    dt = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
+    g = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info(v.name, dt[v.dtype], [d if d >= 0 else None
+                                                             for d in v.shape])
+         for v in graph.inputs],
+        [helper.make_tensor_value_info(v.name, dt[v.dtype], None) for v in graph.outputs],
+        [numpy_helper.from_array(np.asarray(a), k) for k, a in graph.initializers.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid(d or "", v)
+                                               for d, v in graph.opsets.items()])
+
+
+def test_lora_conv_rewrite_matches_peft(export_root):
+    """pyedge.adapters.lora_conv computes PEFT's Conv2d LoRA (checked in onnxruntime)."""
+    ort = pytest.importorskip("onnxruntime")
+    from pyedge.adapters.lora_conv import inject_lora_conv
+    path = export_model("cnn", "torchscript", export_root)
+    g = pyedge.load_onnx(path)
+    cfg = pyedge.LoraConfig(r=4, alpha=8, target_modules=["blocks.1.conv", "blocks.3.conv"])
+    sites = inject_lora_conv(g, cfg)
+    assert [s.module for s in sites] == ["blocks.1.conv", "blocks.3.conv"]
+    assert g.initializers["blocks.1.conv.lora_A.weight"].shape == (4, 16, 3, 3)
+    assert g.initializers["blocks.1.conv.lora_B.weight"].shape == (32, 4, 1, 1)
+    pm = peft.get_peft_model(build("cnn")[0], peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["blocks.1.conv", "blocks.3.conv"]))
+    pm.eval()
+    rng = np.random.default_rng(0)
+    params = dict(pm.named_parameters())
+    for s in sites:
+        for init, ab in ((s.lora_a, "A"), (s.lora_b, "B")):
+            v = (rng.standard_normal(g.initializers[init].shape) * 0.1).astype(np.float32)
+            g.initializers[init] = v
+            params[f"base_model.model.{s.module}.lora_{ab}.default.weight"].data = \
+                torch.from_numpy(v.copy())
+    sess = ort.InferenceSession(graph_to_onnx(g).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    feed, _ = make_batch("cnn", 51)
+    assert rel_err(sess.run(None, feed)[0], torch_out(pm, feed)) < TOL
