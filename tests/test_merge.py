@@ -142,3 +142,21 @@ def test_merge_peft_conv_lora(export_root, tmp_path):
     # and the no-peft merge path in torch does the same
     manual = pyedge.torch.load_adapters(build("cnn")[0], folder, use_peft=False, merge=True)
     assert rel_err(torch_out(manual, feed), torch_out(pm, feed)) < TOL
+
+
+def test_merge_keeps_external_data(export_root, tmp_path):
+    src = export_model("mlp", "torchscript", export_root)
+    model = onnx.load(src)
+    ext = str(tmp_path / "ext.onnx")
+    onnx.save_model(model, ext, save_as_external_data=True, location="ext.onnx.data",
+                    size_threshold=1024)
+    folder = str(tmp_path / "ad")
+    pm = peft_train("mlp")
+    pm.save_pretrained(folder)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    merge_adapters(ext, folder, str(out_dir / "merged.onnx"))
+    assert (out_dir / "merged.onnx.data").exists()
+    assert (out_dir / "merged.onnx").stat().st_size < 100_000
+    feed, _ = make_batch("mlp", 61)
+    assert rel_err(ort_run(str(out_dir / "merged.onnx"), feed), torch_out(pm, feed)) < TOL

@@ -101,8 +101,20 @@ def _save_atomic(proto, out_path, external: bool):
     os.makedirs(folder, exist_ok=True)
     if external:  # keep big models' weights next to the file, like the input had them
         data_name = os.path.basename(out_path) + ".data"
-        onnx.save_model(proto, out_path, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
+        tmp_dir = tempfile.mkdtemp(dir=folder, prefix=".pyedge-merge-")
+        try:
+            tmp_model = os.path.join(tmp_dir, os.path.basename(out_path))
+            onnx.save_model(proto, tmp_model, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name,
+                            size_threshold=1024)
+            for f in (data_name, os.path.basename(out_path)):
+                with open(os.path.join(tmp_dir, f), "rb+") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(os.path.join(tmp_dir, data_name), os.path.join(folder, data_name))
+            os.replace(tmp_model, out_path)
+        finally:
+            import shutil
+            shutil.rmtree(tmp_dir, ignore_errors=True)
         return
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder, prefix=".pyedge-merge-")
     try:
