@@ -445,3 +445,47 @@ def test_lora_conv_rewrite_matches_peft(export_root):
                                 providers=["CPUExecutionProvider"])
     feed, _ = make_batch("cnn", 51)
     assert rel_err(sess.run(None, feed)[0], torch_out(pm, feed)) < TOL
+
+
+class Suffixes(torch.nn.Module):
+    """Module names that PEFT's suffix matching confuses: layers.0 / enc.layers.0 (LoRA
+    targets), head / lm_head (modules_to_save)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.layers = torch.nn.Sequential(torch.nn.Linear(6, 8))
+        self.enc = torch.nn.Module()
+        self.enc.layers = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        self.head = torch.nn.Linear(8, 5)
+        self.lm_head = torch.nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.enc.layers(torch.relu(self.layers(x))))
+        return self.lm_head(torch.relu(self.head(h)))
+
+
+def test_peft_suffix_matching_gets_every_key(tmp_path):
+    path = str(tmp_path / "s.onnx")
+    pyedge.torch.export(Suffixes().eval(), {"x": torch.randn(4, 6)}, path,
+                        dynamic_axes={"x": {0: "b"}}, exporter="torchscript")
+    sess = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(
+        r=2, alpha=4, target_modules=[r"re:layers\.0"]), train=[r"re:head\..*"],
+        optimizer=pyedge.AdamW(lr=1e-2))
+    assert [s.module for s in sess.lora_sites] == ["layers.0"]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        sess.step({"x": rng.standard_normal((4, 6)).astype(np.float32)},
+                  rng.integers(0, 4, 4).astype(np.int64))
+    folder = str(tmp_path / "ad")
+    sess.save_adapters(folder)
+    _, saved = read_adapters(folder)
+    assert not np.any(saved["base_model.model.enc.layers.0.lora_B.weight"])  # zero adapter
+    assert "base_model.model.lm_head.weight" in saved  # PEFT wraps lm_head too
+    pm = load_peft_strict(Suffixes().eval(), folder)
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    assert rel_err(sess.run({"x": x})[sess.output_name], torch_out(pm, {"x": x})) < TOL
+    again = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(
+        r=2, alpha=4, target_modules=[r"re:layers\.0"]), train=[r"re:head\..*"], loss=None)
+    again.load_adapters(folder)  # the zero adapter and the unchanged lm_head are accepted
+    assert rel_err(again.run({"x": x})[sess.output_name], torch_out(pm, {"x": x})) < TOL

@@ -200,15 +200,35 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
                 "export the model with pyedge.torch.export (or keep parameter names)")
         if entry["module"] not in modules_to_save:
             modules_to_save.append(entry["module"])
+    # PEFT wraps every module whose name *ends with* a modules_to_save entry (plain string
+    # suffix), plus classifier/score for SEQ_CLS/TOKEN_CLS, and then needs all their tensors.
+    task_type = graph.metadata.get("pyedge.task_type") or None
+    suffixes = modules_to_save + (["classifier", "score"] if task_type in
+                                  ("SEQ_CLS", "TOKEN_CLS") else [])
+    extra = _extra_state(graph, tensors)
+    known = {e["module"] for e in graph.param_map.values() if e.get("module")}
+    known |= {n.rpartition(".")[0] for n in extra}
+    wrapped = {m for m in known if any(m.endswith(t) for t in suffixes)}
     for name, arr in graph.initializers.items():
         entry = graph.param_map.get(name)
-        if not entry or entry.get("module") not in modules_to_save or arr.dtype.kind != "f":
+        if not entry or entry.get("module") not in wrapped or arr.dtype.kind != "f":
             continue
         value = params[name] if name in trained else arr
         tensors[PREFIX + torch_name(entry, name)] = np.array(to_torch_layout(value, entry),
                                                              dtype=np.float32)
+    for name, e in extra.items():
+        module = name.rpartition(".")[0]
+        if module not in wrapped or PREFIX + name in tensors:
+            continue
+        if e.get("value") is None:
+            raise AdapterError(
+                f"PEFT needs '{name}' to load modules_to_save '{module}', but the ONNX file "
+                "has neither the tensor nor its value (too large for the metadata); train "
+                "this module's tensors through LoRA or a smaller module instead")
+        tensors[PREFIX + name] = np.asarray(e["value"], dtype=e["dtype"]).reshape(e["shape"])
 
-    _add_extra_state(graph, modules_to_save, tensors)
+    if target_modules and cfg is not None:
+        _zero_lora_for_suffix_matches(graph, target_modules, cfg.r, tensors)
 
     r, alpha, dropout, rslora = (cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora) if cfg \
         else (1, 1.0, 0.0, False)
@@ -220,7 +240,7 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
     alpha_out = int(alpha) if float(alpha).is_integer() else float(alpha)
     config = {
         "peft_type": "LORA",
-        "task_type": graph.metadata.get("pyedge.task_type") or None,
+        "task_type": task_type,
         "base_model_name_or_path": graph.metadata.get("pyedge.base_model_name_or_path") or None,
         "revision": None,
         "inference_mode": True,
@@ -242,32 +262,49 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def _add_extra_state(graph, modules_to_save, tensors):
-    """PEFT loads a modules_to_save module only with *all* its state_dict keys: add those the
-    graph has no tensor for, from the exporter's ``pyedge.extra_state`` (or, for files from
-    other exporters, BatchNorm's num_batches_tracked = 0 next to running_mean)."""
-    extra = {}
+def _extra_state(graph, tensors) -> dict[str, dict]:
+    """state_dict entries the graph has no tensor for (PEFT needs them for modules_to_save):
+    the exporter's ``pyedge.extra_state``, or, for files from other exporters, BatchNorm's
+    num_batches_tracked = 0 next to each running_mean."""
     raw = graph.metadata.get("pyedge.extra_state")
     if raw:
         try:
-            extra = json.loads(raw)
+            return json.loads(raw)
         except ValueError:
-            extra = {}
-    else:
-        for key in list(tensors):
-            if key.endswith(".running_mean"):
-                nbt = key[len(PREFIX):-len("running_mean")] + "num_batches_tracked"
-                extra[nbt] = {"dtype": "int64", "shape": [], "value": [0]}
-    for name, e in extra.items():
-        module = name.rpartition(".")[0]
-        if module not in modules_to_save or PREFIX + name in tensors:
-            continue
-        if e.get("value") is None:
-            raise AdapterError(
-                f"PEFT needs '{name}' to load modules_to_save '{module}', but the ONNX file "
-                "has neither the tensor nor its value (too large for the metadata); train "
-                "this module's tensors through LoRA or a smaller module instead")
-        tensors[PREFIX + name] = np.asarray(e["value"], dtype=e["dtype"]).reshape(e["shape"])
+            pass
+    extra = {}
+    for name in graph.initializers:
+        e = graph.param_map.get(name)
+        tname = torch_name(e, name)
+        if tname.endswith(".running_mean"):
+            nbt = tname[:-len("running_mean")] + "num_batches_tracked"
+            extra[nbt] = {"dtype": "int64", "shape": [], "value": [0]}
+    return extra
+
+
+def _linear_dims(graph, module) -> tuple[int, int] | None:
+    """(in, out) of a linear/Conv1D module from its weight in the graph."""
+    for name, arr in graph.initializers.items():
+        e = graph.param_map.get(name)
+        if e and e.get("module") == module and e.get("param") == "weight" and arr.ndim == 2:
+            w = arr.T if e.get("transposed") else arr  # PyTorch layout
+            if e.get("kind") == "conv1d_fan_in_fan_out":
+                return int(w.shape[0]), int(w.shape[1])
+            return int(w.shape[1]), int(w.shape[0])
+    return None
+
+
+def _zero_lora_for_suffix_matches(graph, target_modules, r, tensors):
+    """PEFT adapts every module equal to or ending in '.'+target; modules that match a saved
+    full name by accident get an exact zero adapter so that no key is missing."""
+    linear = {e["module"] for e in graph.param_map.values()
+              if e.get("module") and e.get("kind") in ("linear", "conv1d_fan_in_fan_out")}
+    for m in sorted(linear - set(target_modules)):
+        if any(m.endswith("." + t) for t in target_modules):
+            dims = _linear_dims(graph, m)
+            if dims:
+                tensors[f"{PREFIX}{m}.lora_A.weight"] = np.zeros((r, dims[0]), np.float32)
+                tensors[f"{PREFIX}{m}.lora_B.weight"] = np.zeros((dims[1], r), np.float32)
 
 
 def _noop_lora(graph, modules_to_save, tensors):
@@ -360,6 +397,9 @@ def load_adapters(session, folder, strict: bool = True) -> dict:
         want_scale = float(cfg.scaling)
         for module, ab in lora.items():
             site = sites.get(module)
+            if site is None and not any(np.any(a) for a in ab.values()):
+                skipped.append(module)  # an exact no-op (see _zero_lora_for_suffix_matches)
+                continue
             if site is None:
                 msg = f"LoRA for module '{module}' which the session does not adapt " \
                       f"(session targets: {', '.join(sorted(sites)[:8])})"
