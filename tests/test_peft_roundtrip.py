@@ -489,3 +489,84 @@ def test_peft_suffix_matching_gets_every_key(tmp_path):
         r=2, alpha=4, target_modules=[r"re:layers\.0"]), train=[r"re:head\..*"], loss=None)
     again.load_adapters(folder)  # the zero adapter and the unchanged lm_head are accepted
     assert rel_err(again.run({"x": x})[sess.output_name], torch_out(pm, {"x": x})) < TOL
+
+
+def test_task_type_seq_cls_tiny_bert(tmp_path):
+    """task_type SEQ_CLS (from the export) makes PEFT wrap the classifier: its tensors are
+    saved even when only LoRA was trained, and PeftModelForSequenceClassification loads."""
+    from transformers import BertConfig
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg._attn_implementation = "eager"
+
+    def fresh():
+        torch.manual_seed(0)
+        return R._bert_cls_class()(cfg).eval()
+    ids = torch.randint(1, 120, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.int64)
+    path = str(tmp_path / "bert.onnx")
+    dyn = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}}
+    pyedge.torch.export(fresh(), {"input_ids": ids, "attention_mask": mask}, path,
+                        dynamic_axes=dyn, exporter="torchscript", task_type="SEQ_CLS")
+    sess = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(r=2, alpha=4), loss=None)
+    rng = np.random.default_rng(0)
+    for v in sess.trainable_parameters().values():
+        v[...] = (rng.standard_normal(v.shape) * 0.1).astype(np.float32)
+    folder = str(tmp_path / "ad")
+    sess.save_adapters(folder)
+    config, saved = read_adapters(folder)
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] is None
+    assert "base_model.model.classifier.weight" in saved
+    pm = load_peft_strict(fresh(), folder)
+    assert type(pm).__name__ == "PeftModelForSequenceClassification"
+    feed = {"input_ids": rng.integers(1, 120, (3, 7)).astype(np.int64),
+            "attention_mask": np.ones((3, 7), np.int64)}
+    feed["attention_mask"][1, 5:] = 0
+    assert rel_err(sess.run(feed)[sess.output_name], torch_out(pm.get_base_model(), feed)) < TOL
+
+
+class Seq3D(torch.nn.Module):
+    """Linear layers over [B, S, F]: TorchScript's constant folding pre-transposes their
+    weights into renamed [in, out] initializers (onnx::MatMul_N)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.inp = torch.nn.Linear(6, 8)
+        self.out = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.inp(x)))
+
+
+def test_plain_folded_export_transposed_whole_tensor(tmp_path):
+    """A renamed, pre-transposed weight: LoRA and whole-tensor training go through the
+    recovered map, and the saved whole tensor is transposed back to PyTorch's layout."""
+    path = str(tmp_path / "folded.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Seq3D().eval(), (torch.randn(2, 5, 6),), path, input_names=["x"],
+                          dynamic_axes={"x": {0: "b", 1: "s"}}, dynamo=False,
+                          do_constant_folding=True)
+    sess = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(r=2, alpha=4,
+                                  target_modules=["inp"]), train=["out.weight", "out.bias"],
+                                  optimizer=pyedge.AdamW(lr=1e-2))
+    renamed = [n for n in sess.whole_tensors if n != "out.bias"]
+    assert renamed and renamed[0] != "out.weight"  # the exporter renamed it
+    assert sess.graph.param_map[renamed[0]]["transposed"] is True
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        sess.step({"x": rng.standard_normal((2, 5, 6)).astype(np.float32)},
+                  rng.integers(0, 4, (2, 5)).astype(np.int64))
+    folder = str(tmp_path / "ad")
+    sess.save_adapters(folder)
+    _, saved = read_adapters(folder)
+    assert saved["base_model.model.out.weight"].shape == (4, 8)
+    pm = load_peft_strict(Seq3D().eval(), folder)
+    x = rng.standard_normal((3, 7, 6)).astype(np.float32)
+    assert rel_err(sess.run({"x": x})[sess.output_name], torch_out(pm, {"x": x})) < TOL
+    again = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(r=2, alpha=4,
+                                   target_modules=["inp"]), train=["out.*"], loss=None)
+    again.load_adapters(folder)
+    assert rel_err(again.run({"x": x})[sess.output_name], torch_out(pm, {"x": x})) < TOL
