@@ -1,0 +1,114 @@
+// One template for pointwise unary ops. A kernel struct K supplies the math:
+//   explicit K(const NodeInfo&)                  attributes
+//   float f(float x) const                       forward (a template over T when kNumeric)
+//   float df(float x, float y, float dy) const   dx for one element; reads x and/or y only as
+//                                                K::reads_x / K::reads_y say (others are 0)
+//   static constexpr bool kGrad                  whether a gradient exists
+//   static constexpr bool kNumeric               forward also for float64/int64/int32
+//   static constexpr int64_t kGrain              elements per parallel chunk (cost-dependent)
+#pragma once
+#include <type_traits>
+
+#include "common/parallel.h"
+#include "ops/broadcast.h"
+#include "ops/fast_math.h"
+#include "ops/op.h"
+
+// Forces vectorisation of loops whose body has selects GCC will not if-convert on its own
+// (floating-point ops "may trap" without -fno-trapping-math). Lanes are independent.
+#ifdef _OPENMP
+#define PYEDGE_SIMD _Pragma("omp simd")
+#else
+#define PYEDGE_SIMD
+#endif
+
+namespace pyedge {
+
+template <class K>
+class UnaryOp : public Op {
+ public:
+  UnaryOp(const NodeInfo& n, const std::vector<Tensor>& in) : k_(n) {
+    check_num_inputs(n, in, 1, 1);
+    if constexpr (K::kNumeric) {
+      DType t = in[0].dtype;
+      PYEDGE_CHECK(t == DType::f32 || t == DType::f64 || t == DType::i64 || t == DType::i32,
+                   n.where(), ": X must be float32, float64, int64 or int32, got ", dtype_name(t));
+    } else {
+      check_float(n, in[0], "X");
+    }
+    outputs = {make_output(in[0].dtype, in[0].shape)};
+  }
+
+  void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out, RunContext&) override {
+    if constexpr (K::kNumeric) {
+      dispatch_type(in[0].dtype, [&](auto tag) {
+        using T = decltype(tag);
+        if constexpr (!std::is_same_v<T, uint8_t>) run<T>(in[0], out[0]);
+      });
+    } else {
+      run<float>(in[0], out[0]);
+    }
+  }
+
+  bool has_backward() const override { return K::kGrad; }
+  void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
+                const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
+                RunContext&) override {
+    if (!din[0].data || !dout[0].data) return;
+    const float* x = k_.reads_x ? in[0].ptr<float>() : nullptr;
+    const float* y = k_.reads_y ? out[0].ptr<float>() : nullptr;
+    const float* dy = dout[0].ptr<float>();
+    float* dx = din[0].ptr<float>();
+    parallel_for(in[0].numel(), K::kGrain,
+                 [&](int64_t b, int64_t e) { bwd_chunk(k_, x, y, dy, dx, b, e); });
+  }
+  std::vector<bool> backward_reads_inputs(const std::vector<bool>&) const override {
+    return {k_.reads_x};
+  }
+  std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override {
+    return {k_.reads_y};
+  }
+
+ private:
+  template <typename T>
+  void run(const Tensor& xt, const Tensor& yt) const {
+    const T* x = xt.ptr<T>();
+    T* y = yt.ptr<T>();
+    parallel_for(xt.numel(), K::kGrain, [&](int64_t b, int64_t e) { fwd_chunk<T>(k_, x, y, b, e); });
+  }
+  // flatten: inline the whole kernel (fast_math included) so the loops vectorise; clones for
+  // AVX2 / AVX-512 (fast_math.h).
+  template <typename T>
+  __attribute__((flatten)) PYEDGE_SIMD_CLONES static void fwd_chunk(const K& k, const T* x, T* y, int64_t b, int64_t e) {
+    PYEDGE_SIMD for (int64_t i = b; i < e; ++i) {
+      if constexpr (K::kNumeric) y[i] = k.template f<T>(x[i]);
+      else y[i] = k.f(x[i]);
+    }
+  }
+  __attribute__((flatten)) PYEDGE_SIMD_CLONES static void bwd_chunk(const K& k, const float* x, const float* y,
+                                                 const float* dy, float* dx, int64_t b, int64_t e) {
+    if (x && y) {
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(x[i], y[i], dy[i]);
+    } else if (x) {
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(x[i], 0.f, dy[i]);
+    } else if (y) {
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(0.f, y[i], dy[i]);
+    } else {
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(0.f, 0.f, dy[i]);
+    }
+  }
+  K k_;
+};
+
+// Defaults for kernel structs.
+struct UnaryKernel {
+  static constexpr bool kGrad = true;
+  static constexpr bool kNumeric = false;
+  static constexpr int64_t kGrain = 1 << 12;  // transcendental: ~a few ns per element
+  bool reads_x = true, reads_y = false;
+};
+struct CheapUnaryKernel : UnaryKernel {
+  static constexpr int64_t kGrain = 1 << 15;
+};
+
+}  // namespace pyedge

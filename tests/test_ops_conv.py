@@ -1,0 +1,329 @@
+"""Conv, pooling and BatchNormalization: forward vs onnxruntime, backward vs torch autograd."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opcheck import check_backward, check_forward
+from pyedge import _core
+
+RNG = np.random.default_rng(0)
+
+
+def randn(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def conv_attrs(k, stride=1, pads=None, dil=1, group=1, auto_pad=None):
+    r = len(k)
+    a = {"kernel_shape": list(k), "strides": [stride] * r, "dilations": [dil] * r, "group": group}
+    if auto_pad:
+        a["auto_pad"] = auto_pad
+    else:
+        a["pads"] = list(pads) if pads is not None else [0] * (2 * r)
+    return a
+
+
+def torch_pad(pads):
+    """ONNX pads [b0, b1, e0, e1] -> F.pad order (last axis first)."""
+    r = len(pads) // 2
+    out = []
+    for a in reversed(range(r)):
+        out += [pads[a], pads[a + r]]
+    return out
+
+
+# (N, C, spatial, M, kernel, stride, pads, dilation, group, bias)
+CONV2D_CASES = [
+    (2, 3, (7, 8), 4, (3, 3), 1, (1, 1, 1, 1), 1, 1, True),
+    (1, 4, (9, 9), 6, (3, 3), 2, (1, 1, 1, 1), 1, 1, False),
+    (2, 4, (8, 7), 4, (3, 2), 1, (0, 1, 2, 0), 2, 1, True),    # asym pads, dilation
+    (2, 6, (6, 6), 4, (3, 3), 2, (1, 0, 0, 1), 1, 2, True),    # groups
+    (2, 4, (7, 7), 4, (3, 3), 1, (1, 1, 1, 1), 1, 4, True),    # depthwise
+    (1, 3, (8, 6), 6, (3, 3), 2, (1, 1, 1, 1), 1, 3, False),   # depthwise x2 multiplier
+    (2, 4, (5, 6), 2, (5, 3), 1, (2, 1, 2, 1), 2, 4 // 2, True),
+    (2, 5, (6, 7), 3, (1, 1), 1, (0, 0, 0, 0), 1, 1, True),    # pointwise
+    (2, 4, (6, 7), 6, (1, 1), 2, (0, 0, 0, 0), 1, 2, False),   # strided 1x1
+    (1, 2, (4, 4), 2, (4, 4), 1, (0, 0, 0, 0), 1, 1, True),    # kernel == input
+    (3, 3, (6, 5), 4, (3, 3), 1, (1, 1, 1, 1), 1, 1, True),    # batch split unevenly
+    (5, 4, (5, 5), 4, (1, 1), 1, (0, 0, 0, 0), 1, 2, True),    # grouped pointwise
+]
+
+
+@pytest.mark.parametrize("case", CONV2D_CASES)
+def test_conv2d(case):
+    n, c, sp, m, k, s, pads, d, g, bias = case
+    x = randn(n, c, *sp)
+    w = randn(m, c // g, *k)
+    b = randn(m) if bias else None
+    attrs = conv_attrs(k, s, pads, d, g)
+    ins = [x, w] + ([b] if bias else [])
+    check_forward("Conv", ins, attrs, rtol=1e-4, atol=1e-4)
+
+    def fn(x, w, b=None):
+        return F.conv2d(F.pad(x, torch_pad(pads)), w, b, stride=s, dilation=d, groups=g)
+
+    check_backward("Conv", ins, fn, attrs)
+
+
+# Depthwise kernels: fused 3x3/5x5/7x7 interiors, dilation, tiny planes with no interior,
+# a generic kernel size, asymmetric pads, strides. (C, spatial, mult, kernel, stride, pads, dil)
+@pytest.mark.parametrize("case", [
+    (3, (9, 10), 1, (5, 5), 1, (2, 2, 2, 2), 1),
+    (2, (6, 6), 1, (5, 5), 1, (4, 4, 4, 4), 2),
+    (2, (11, 12), 2, (7, 7), 1, (3, 2, 3, 4), 1),
+    (4, (3, 2), 1, (3, 3), 1, (1, 1, 1, 1), 1),
+    (3, (7, 8), 1, (3, 2), 1, (1, 0, 1, 1), 1),
+    (3, (9, 9), 1, (4, 4), 2, (1, 2, 2, 1), 2),
+])
+def test_conv_depthwise(case):
+    c, sp, mult, k, s, pads, d = case
+    x = randn(2, c, *sp)
+    w = randn(c * mult, 1, *k)
+    b = randn(c * mult)
+    attrs = conv_attrs(k, s, pads, d, c)
+    check_forward("Conv", [x, w, b], attrs, rtol=1e-4, atol=1e-4)
+    check_backward("Conv", [x, w, b], lambda x, w, b: F.conv2d(
+        F.pad(x, torch_pad(pads)), w, b, stride=s, dilation=d, groups=c), attrs)
+
+
+@pytest.mark.parametrize("case", [
+    (2, 3, 10, 4, 3, 1, (1, 1), 1, 1, True),
+    (2, 4, 11, 4, 3, 2, (0, 2), 2, 2, False),
+    (1, 4, 9, 8, 5, 1, (2, 2), 1, 4, True),   # depthwise 1D
+    (2, 3, 6, 5, 1, 1, (0, 0), 1, 1, True),   # pointwise 1D
+])
+def test_conv1d(case):
+    n, c, L, m, k, s, pads, d, g, bias = case
+    x = randn(n, c, L)
+    w = randn(m, c // g, k)
+    b = randn(m) if bias else None
+    attrs = conv_attrs((k,), s, pads, d, g)
+    ins = [x, w] + ([b] if bias else [])
+    check_forward("Conv", ins, attrs, rtol=1e-4, atol=1e-4)
+    check_backward("Conv", ins, lambda x, w, b=None: F.conv1d(
+        F.pad(x, torch_pad(pads)), w, b, stride=s, dilation=d, groups=g), attrs)
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize("stride,group", [(1, 1), (2, 1), (2, 4)])
+def test_conv_auto_pad(auto_pad, stride, group):
+    x = randn(2, 4, 7, 8)
+    w = randn(4, 4 // group, 3, 2)
+    attrs = conv_attrs((3, 2), stride, dil=1, group=group, auto_pad=auto_pad)
+    attrs.pop("kernel_shape")  # inferred from W
+    check_forward("Conv", [x, w], attrs, rtol=1e-4, atol=1e-4)
+    # Backward: rebuild the implied padding and compare with torch.
+    ih, iw = 7, 8
+    if auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    else:
+        pads = [0] * 4
+        for a, (i, k) in enumerate([(ih, 3), (iw, 2)]):
+            o = -(-i // stride)
+            tot = max(0, (o - 1) * stride + k - i)
+            lo = tot // 2 if auto_pad == "SAME_UPPER" else tot - tot // 2
+            pads[a], pads[a + 2] = lo, tot - lo
+    check_backward("Conv", [x, w], lambda x, w: F.conv2d(
+        F.pad(x, torch_pad(pads)), w, stride=stride, groups=group), attrs)
+
+
+@pytest.mark.parametrize("group", [1, 2, 6])
+def test_conv_frozen_weight_gives_dx(group):
+    x = randn(2, 6, 9, 9)
+    w = randn(6, 6 // group, 3, 3)
+    b = randn(6)
+    attrs = conv_attrs((3, 3), 2, (1, 1, 1, 1), 1, group)
+    grads = check_backward("Conv", [x, w, b], lambda x, w, b: F.conv2d(
+        x, w.detach(), b.detach(), stride=2, padding=1, groups=group), attrs,
+        const_inputs=[1, 2])
+    assert grads[1] is None and grads[2] is None and grads[0] is not None
+
+
+def test_conv_frozen_input_gives_dw():
+    x = randn(2, 3, 8, 8)
+    w = randn(4, 3, 3, 3)
+    attrs = conv_attrs((3, 3), 1, (1, 1, 1, 1))
+    grads = check_backward("Conv", [x, w], lambda x, w: F.conv2d(x.detach(), w, padding=1),
+                           attrs, const_inputs=[0])
+    assert grads[0] is None and grads[1] is not None
+
+
+def test_conv_errors():
+    x = randn(1, 4, 5, 5)
+    with pytest.raises(_core.PyedgeError, match="channel mismatch"):
+        _core.run_op("Conv", [x, randn(2, 3, 3, 3)], {})
+    with pytest.raises(_core.PyedgeError, match="group 3 does not divide"):
+        _core.run_op("Conv", [x, randn(3, 1, 3, 3)], {"group": 3})
+    with pytest.raises(_core.PyedgeError, match="larger than the padded input"):
+        _core.run_op("Conv", [x, randn(2, 4, 7, 7)], {})
+    with pytest.raises(_core.PyedgeError, match="B has shape"):
+        _core.run_op("Conv", [x, randn(2, 4, 3, 3), randn(3)], {})
+
+
+# ---------------------------------------------------------------------------- pooling
+
+# (shape, kernel, stride, pads, dilation, ceil_mode)
+MAXPOOL_CASES = [
+    ((2, 3, 8, 8), (2, 2), 2, (0, 0, 0, 0), 1, 0),
+    ((2, 3, 9, 9), (3, 3), 2, (1, 1, 1, 1), 1, 0),
+    ((1, 2, 9, 10), (3, 3), 2, (1, 1, 1, 1), 1, 1),
+    ((2, 2, 10, 9), (3, 2), 2, (0, 0, 0, 0), 2, 1),
+    ((1, 3, 7, 7), (2, 3), (1, 2), (1, 0, 1, 1), 1, 0),
+]
+
+
+@pytest.mark.parametrize("case", MAXPOOL_CASES)
+def test_maxpool2d(case):
+    shape, k, s, pads, d, ceil = case
+    s = s if isinstance(s, tuple) else (s, s)
+    x = randn(*shape)
+    attrs = {"kernel_shape": list(k), "strides": list(s), "pads": list(pads),
+             "dilations": [d, d], "ceil_mode": ceil}
+    outs = check_forward("MaxPool", [x], attrs, n_outputs=2, opset=12, num_outputs=2)
+    check_forward("MaxPool", [x], attrs, opset=12)  # no Indices: hidden int32 argmax
+    if pads[0] == pads[2] and pads[1] == pads[3]:
+        fn = lambda x: F.max_pool2d(x, k, s, (pads[0], pads[1]), d, ceil_mode=bool(ceil))
+    else:
+        assert not ceil
+        fn = lambda x: F.max_pool2d(F.pad(x, torch_pad(pads), value=-np.inf), k, s, 0, d)
+    g = randn(*outs[0].shape)
+    check_backward("MaxPool", [x], fn, attrs, grad_outputs=[g, None], num_outputs=2)
+    check_backward("MaxPool", [x], fn, attrs, grad_outputs=[g])
+
+
+def test_maxpool1d_and_auto_pad():
+    x = randn(2, 3, 11)
+    attrs = {"kernel_shape": [3], "strides": [2], "pads": [1, 1]}
+    outs = check_forward("MaxPool", [x], attrs, n_outputs=2, num_outputs=2)
+    check_backward("MaxPool", [x], lambda x: F.max_pool1d(x, 3, 2, 1), attrs,
+                   grad_outputs=[randn(*outs[0].shape), None], num_outputs=2)
+    check_backward("MaxPool", [x], lambda x: F.max_pool1d(x, 3, 2, 1), attrs)
+    x2 = randn(1, 2, 7, 8)
+    for ap in ["SAME_UPPER", "SAME_LOWER", "VALID"]:
+        check_forward("MaxPool", [x2], {"kernel_shape": [3, 3], "strides": [2, 2],
+                                        "auto_pad": ap}, n_outputs=2, num_outputs=2)
+
+
+# (shape, kernel, stride, pads, ceil_mode, count_include_pad)
+AVGPOOL_CASES = [
+    ((2, 3, 8, 8), (2, 2), 2, (0, 0, 0, 0), 0, 0),
+    ((2, 3, 9, 9), (3, 3), 2, (1, 1, 1, 1), 0, 0),
+    ((2, 3, 9, 9), (3, 3), 2, (1, 1, 1, 1), 0, 1),
+    ((1, 2, 10, 9), (3, 3), 2, (1, 1, 1, 1), 1, 0),
+    ((1, 2, 10, 9), (3, 3), 2, (1, 1, 1, 1), 1, 1),
+    ((1, 2, 7, 8), (3, 2), 1, (0, 1, 2, 0), 0, 1),
+]
+
+
+@pytest.mark.parametrize("case", AVGPOOL_CASES)
+def test_avgpool2d(case):
+    shape, k, s, pads, ceil, incl = case
+    x = randn(*shape)
+    attrs = {"kernel_shape": list(k), "strides": [s, s], "pads": list(pads), "ceil_mode": ceil,
+             "count_include_pad": incl}
+    check_forward("AveragePool", [x], attrs, opset=19)
+    if pads[0] == pads[2] and pads[1] == pads[3]:
+        fn = lambda x: F.avg_pool2d(x, k, s, (pads[0], pads[1]), ceil_mode=bool(ceil),
+                                    count_include_pad=bool(incl))
+    else:
+        assert incl and not ceil
+        fn = lambda x: F.avg_pool2d(F.pad(x, torch_pad(pads)), k, s)
+    check_backward("AveragePool", [x], fn, attrs)
+
+
+def test_avgpool1d_dilated_and_auto_pad():
+    x = randn(2, 3, 12)
+    attrs = {"kernel_shape": [3], "strides": [2], "pads": [1, 1], "count_include_pad": 1}
+    check_forward("AveragePool", [x], attrs)
+    check_backward("AveragePool", [x], lambda x: F.avg_pool1d(x, 3, 2, 1), attrs)
+    x2 = randn(1, 2, 9, 9)
+    check_forward("AveragePool", [x2], {"kernel_shape": [3, 3], "dilations": [2, 2],
+                                        "pads": [1, 1, 1, 1]}, opset=19)
+    for ap in ["SAME_UPPER", "SAME_LOWER", "VALID"]:
+        check_forward("AveragePool", [x2], {"kernel_shape": [2, 3], "strides": [2, 2],
+                                            "auto_pad": ap})
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (2, 4, 7), (1, 2, 2, 3, 4)])
+def test_global_pools(shape):
+    x = randn(*shape)
+    axes = tuple(range(2, len(shape)))
+    check_forward("GlobalAveragePool", [x])
+    check_backward("GlobalAveragePool", [x], lambda x: x.mean(axes, keepdim=True))
+    check_forward("GlobalMaxPool", [x])
+    check_backward("GlobalMaxPool", [x], lambda x: x.amax(axes, keepdim=True))
+
+
+def test_pool_errors():
+    x = randn(1, 2, 4, 4)
+    with pytest.raises(_core.PyedgeError, match="kernel_shape"):
+        _core.run_op("MaxPool", [x], {})
+    with pytest.raises(_core.PyedgeError, match="larger than the padded input"):
+        _core.run_op("AveragePool", [x], {"kernel_shape": [5, 5]})
+    with pytest.raises(_core.PyedgeError, match="kernel_shape has 1 dims"):
+        _core.run_op("MaxPool", [x], {"kernel_shape": [2]})
+
+
+# ---------------------------------------------------------------------------- batchnorm
+
+def bn_inputs(shape):
+    c = shape[1]
+    return [randn(*shape) * 2 + 0.5, randn(c), randn(c),
+            randn(c) * 0.1, (RNG.random(c) + 0.5).astype(np.float32)]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (3, 4), (2, 5, 7)])
+@pytest.mark.parametrize("opset", [9, 15])
+def test_batchnorm_inference(shape, opset):
+    ins = bn_inputs(shape)
+    attrs = {"epsilon": 1e-3}
+    check_forward("BatchNormalization", ins, attrs, opset=opset)
+    grads = check_backward(
+        "BatchNormalization", ins, lambda x, s, b, m, v: F.batch_norm(
+            x, m.detach(), v.detach(), s, b, training=False, eps=1e-3), attrs, opset=opset)
+    assert grads[3] is None and grads[4] is None
+
+
+def bn_train_reference(x, s, b, m, v, eps, mom):
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    mu, var = x.mean(axes), x.var(axes)
+    sh = (1, -1) + (1,) * (x.ndim - 2)
+    y = s.reshape(sh) * (x - mu.reshape(sh)) / np.sqrt(var.reshape(sh) + eps) + b.reshape(sh)
+    return y, m * mom + mu * (1 - mom), v * mom + var * (1 - mom)
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6), (8, 5), (3, 4, 9)])
+def test_batchnorm_training(shape):
+    ins = bn_inputs(shape)
+    attrs = {"epsilon": 1e-5, "momentum": 0.8, "training_mode": 1}
+    check_forward("BatchNormalization", ins, attrs, opset=15, n_outputs=3, num_outputs=3,
+                  rtol=1e-4, atol=1e-4)
+    ref = bn_train_reference(*[a.astype(np.float64) for a in ins], 1e-5, 0.8)
+    for k in (1, 2):
+        outs, _ = _core.run_op("BatchNormalization", ins, attrs, opset=15, num_outputs=k)
+        assert len(outs) == k
+        for o, r in zip(outs, ref):
+            np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4)
+    g = randn(*shape)
+    torch_fn = lambda x, s, b, m, v: F.batch_norm(x, None, None, s, b, training=True, eps=1e-5)
+    grads = check_backward("BatchNormalization", ins, torch_fn, attrs, opset=15)
+    assert all(gr is not None for gr in grads[:3]) and grads[3] is None
+    check_backward("BatchNormalization", ins, lambda *a: (torch_fn(*a),), attrs, opset=15,
+                   grad_outputs=[g, None, None], num_outputs=3)
+    # Frozen scale and bias: dX alone still matches.
+    check_backward(
+        "BatchNormalization", ins, lambda x, s, b, m, v: F.batch_norm(
+            x, None, None, s.detach(), b.detach(), training=True, eps=1e-5),
+        attrs, opset=15, const_inputs=[1, 2])
+
+
+def test_batchnorm_errors():
+    ins = bn_inputs((2, 3, 4))
+    ins[1] = randn(4)
+    with pytest.raises(_core.PyedgeError, match="scale has shape"):
+        _core.run_op("BatchNormalization", ins, {})
+    with pytest.raises(_core.PyedgeError, match="need training mode"):
+        _core.run_op("BatchNormalization", bn_inputs((2, 3)), {}, num_outputs=3)
+    with pytest.raises(_core.PyedgeError, match="opset 14"):
+        _core.run_op("BatchNormalization", bn_inputs((2, 3)), {"training_mode": 1}, opset=12)
