@@ -534,10 +534,10 @@ class Seq3D(torch.nn.Module):
         super().__init__()
         torch.manual_seed(4)
         self.inp = torch.nn.Linear(6, 8)
-        self.out = torch.nn.Linear(8, 4)
+        self.proj = torch.nn.Linear(8, 4)  # not "out": PEFT would match "lora_dropout"
 
     def forward(self, x):
-        return self.out(torch.relu(self.inp(x)))
+        return self.proj(torch.relu(self.inp(x)))
 
 
 def test_plain_folded_export_transposed_whole_tensor(tmp_path):
@@ -550,10 +550,10 @@ def test_plain_folded_export_transposed_whole_tensor(tmp_path):
                           dynamic_axes={"x": {0: "b", 1: "s"}}, dynamo=False,
                           do_constant_folding=True)
     sess = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(r=2, alpha=4,
-                                  target_modules=["inp"]), train=["out.weight", "out.bias"],
+                                  target_modules=["inp"]), train=["proj.weight", "proj.bias"],
                                   optimizer=pyedge.AdamW(lr=1e-2))
-    renamed = [n for n in sess.whole_tensors if n != "out.bias"]
-    assert renamed and renamed[0] != "out.weight"  # the exporter renamed it
+    renamed = [n for n in sess.whole_tensors if n != "proj.bias"]
+    assert renamed and renamed[0] != "proj.weight"  # the exporter renamed it
     assert sess.graph.param_map[renamed[0]]["transposed"] is True
     rng = np.random.default_rng(0)
     for _ in range(3):
@@ -562,11 +562,11 @@ def test_plain_folded_export_transposed_whole_tensor(tmp_path):
     folder = str(tmp_path / "ad")
     sess.save_adapters(folder)
     _, saved = read_adapters(folder)
-    assert saved["base_model.model.out.weight"].shape == (4, 8)
+    assert saved["base_model.model.proj.weight"].shape == (4, 8)
     pm = load_peft_strict(Seq3D().eval(), folder)
     x = rng.standard_normal((3, 7, 6)).astype(np.float32)
     assert rel_err(sess.run({"x": x})[sess.output_name], torch_out(pm, {"x": x})) < TOL
     again = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(r=2, alpha=4,
-                                   target_modules=["inp"]), train=["out.*"], loss=None)
+                                   target_modules=["inp"]), train=["proj.*"], loss=None)
     again.load_adapters(folder)
     assert rel_err(again.run({"x": x})[sess.output_name], torch_out(pm, {"x": x})) < TOL

@@ -78,7 +78,8 @@ def write_adapters(folder, config: dict, tensors: dict[str, np.ndarray]) -> str:
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    arrays = {k: np.ascontiguousarray(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype)
+    # np.array, not np.ascontiguousarray: the latter turns 0-d arrays into 1-d ones
+    arrays = {k: np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype, order="C")
               for k, v in sorted(tensors.items())}
     _write_atomic(os.path.join(folder, WEIGHTS_NAME), save(arrays, metadata={"format": "pt"}))
     _write_atomic(os.path.join(folder, CONFIG_NAME),
