@@ -90,8 +90,7 @@ def test_merge_gpt2_fan_in_fan_out(source, export_root, tmp_path):
     assert merged_equals_torch("gpt2", "torchscript", export_root, tmp_path, source) < TOL
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo",
-                                                                   marks=pytest.mark.slow)])
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_merge_cnn_whole_tensors(exporter, export_root, tmp_path):
     assert merged_equals_torch("cnn", exporter, export_root, tmp_path, "pyedge") < TOL
 

@@ -219,8 +219,7 @@ def test_mlp_rslora_pyedge_to_peft(export_root, tmp_path):
                           rslora=True) < TOL
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo",
-                                                                   marks=pytest.mark.slow)])
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_cnn_pyedge_to_peft(exporter, export_root, tmp_path):
     assert pyedge_to_peft("cnn", exporter, export_root, tmp_path) < TOL
 
