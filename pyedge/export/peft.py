@@ -185,6 +185,11 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
     target_modules: list[str] = []
     fan_in_fan_out = False
     for site in session.lora_sites:
+        if site.weight not in graph.param_map:
+            raise AdapterError(
+                f"the LoRA site on '{site.weight}' has no PyTorch module name (the file keeps "
+                "no parameter names there), so PEFT could not load it; export the model with "
+                "pyedge.torch.export")
         tensors[f"{PREFIX}{site.module}.lora_A.weight"] = np.array(params[site.lora_a])
         tensors[f"{PREFIX}{site.module}.lora_B.weight"] = np.array(params[site.lora_b])
         target_modules.append(site.module)
