@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from pyedge import _core  # noqa: E402
-from pyedge._core import PyedgeError  # noqa: E402, UnsupportedOpError
+from pyedge._core import PyedgeError, UnsupportedOpError  # noqa: E402
 from pyedge.adapters import LoraConfig
 from pyedge.onnx_import import ModelLoadError, load_onnx
 from pyedge.optim import SGD, AdamW

@@ -141,7 +141,7 @@ def _attr_value(a: onnx.AttributeProto, node_desc: str):
     if a.type == A.STRINGS:
         return [s.decode("utf-8", "replace") for s in a.strings]
     if a.type == A.TENSOR:
-        return np.ascontiguousarray(numpy_helper.to_array(a.t))
+        return np.array(numpy_helper.to_array(a.t), order="C")
     raise ModelLoadError(f"{node_desc}: attribute '{a.name}' of type "
                          f"{A.AttributeType.Name(a.type)} is not supported (control flow / "
                          "subgraphs)")
@@ -157,7 +157,7 @@ def _value_info(v: onnx.ValueInfoProto) -> ValueInfo:
 def _constant_value(node: onnx.NodeProto, desc: str) -> np.ndarray:
     for a in node.attribute:
         if a.name == "value":
-            return np.ascontiguousarray(numpy_helper.to_array(a.t))
+            return np.array(numpy_helper.to_array(a.t), order="C")
         if a.name == "value_float":
             return np.array(a.f, np.float32)
         if a.name == "value_floats":

@@ -107,19 +107,20 @@ class TrainingSession:
                         x = x.astype(want)
                     else:
                         raise ValueError(f"input '{name}' must be {want}, got {x.dtype}")
-                x = np.ascontiguousarray(x)
+                x = np.require(x, requirements="C")
             out.append(x)
         return out
 
     # --- training --------------------------------------------------------------------------
-    def step(self, inputs, labels, update: bool = True) -> float:
+    def step(self, inputs, labels, update: bool = True, grad_scale: float = 1.0) -> float:
         """One forward + backward (+ optimizer update when `update`); returns the loss.
 
-        With update=False the gradients accumulate until a call with update=True.
+        With update=False the gradients accumulate until a call with update=True; pass
+        grad_scale=1/k on that call to update with the mean of k micro-batches.
         Raises FloatingPointError on a NaN/inf loss or gradient; parameters stay untouched.
         """
         loss, norm, applied = self._sess.train_step(self._input_list(inputs, labels), update,
-                                                    float(self.max_grad_norm))
+                                                    float(self.max_grad_norm), float(grad_scale))
         self.last_grad_norm = norm
         if not np.isfinite(loss) or (update and not applied):
             raise FloatingPointError(
@@ -128,9 +129,10 @@ class TrainingSession:
                 "parameters are unchanged: lower the learning rate or check the data")
         return float(loss)
 
-    def apply_update(self) -> float:
-        """Applies the gradients accumulated by step(update=False) calls; returns their norm."""
-        norm, applied = self._sess.apply_update(float(self.max_grad_norm))
+    def apply_update(self, grad_scale: float = 1.0) -> float:
+        """Applies the gradients accumulated by step(update=False) calls (times grad_scale);
+        returns their norm."""
+        norm, applied = self._sess.apply_update(float(self.max_grad_norm), float(grad_scale))
         self.last_grad_norm = norm
         if not applied:
             raise FloatingPointError(f"non-finite gradient norm ({norm}); the update was skipped")
@@ -152,7 +154,21 @@ class TrainingSession:
 
     @property
     def step_count(self) -> int:
+        """Optimizer updates applied (AdamW's bias correction uses it; restored on resume)."""
         return self._sess.step_count
+
+    @step_count.setter
+    def step_count(self, n: int):
+        self._sess.step_count = int(n)
+
+    @property
+    def micro_steps(self) -> int:
+        """Forward/backward passes run; dropout masks derive from it (restored on resume)."""
+        return self._sess.micro_steps
+
+    @micro_steps.setter
+    def micro_steps(self, n: int):
+        self._sess.micro_steps = int(n)
 
     # --- tensors ---------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, np.ndarray]:

@@ -113,23 +113,26 @@ void bind_session(py::module_& m) {
            }),
            py::arg("model"), py::arg("trainable"), py::arg("loss"), py::arg("optimizer"),
            py::arg("seed") = 0, py::keep_alive<1, 2>())
-      .def("train_step", [](Session& self, py::list inputs, bool update, double max_norm) {
+      .def("train_step", [](Session& self, py::list inputs, bool update, double max_norm,
+                            double grad_scale) {
         Inputs in = convert_inputs(self.model(), inputs);
         StepResult r;
         {
           py::gil_scoped_release nogil;
-          r = self.train_step(in.tensors, update, max_norm);
+          r = self.train_step(in.tensors, update, max_norm, grad_scale);
         }
         return py::make_tuple(r.loss, r.grad_norm, r.applied);
-      }, py::arg("inputs"), py::arg("update") = true, py::arg("max_grad_norm") = 0.0)
-      .def("apply_update", [](Session& self, double max_norm) {
+      }, py::arg("inputs"), py::arg("update") = true, py::arg("max_grad_norm") = 0.0,
+         py::arg("grad_scale") = 1.0)
+      .def("apply_update", [](Session& self, double max_norm, double grad_scale) {
         StepResult r;
         {
           py::gil_scoped_release nogil;
-          r = self.apply_update(max_norm);
+          r = self.apply_update(max_norm, 0.f, grad_scale);
         }
         return py::make_tuple(r.grad_norm, r.applied);
-      }, py::arg("max_grad_norm") = 0.0)
+      }, py::arg("max_grad_norm") = 0.0, py::arg("grad_scale") = 1.0)
+      .def_readwrite("micro_steps", &Session::micro_steps)
       .def("run", [](Session& self, py::list inputs, const std::vector<std::string>& names) {
         Inputs in = convert_inputs(self.model(), inputs);
         std::vector<int> ids;

@@ -92,7 +92,7 @@ void Session::check_inputs(const std::vector<Tensor>& inputs, Plan* plan, bool t
 }
 
 StepResult Session::train_step(const std::vector<Tensor>& inputs, bool update,
-                               double max_grad_norm) {
+                               double max_grad_norm, double grad_scale) {
   PYEDGE_CHECK(loss_ >= 0, "this session has no loss: it can only run inference");
   PYEDGE_CHECK(!params_.empty(), "nothing to train: no trainable tensors");
   int64_t allocs_before = heap_allocation_count();
@@ -107,7 +107,7 @@ StepResult Session::train_step(const std::vector<Tensor>& inputs, bool update,
                  model_->value_name(model_->inputs[i]), "' is required for training");
     plan.bind_input(i, inputs[i].data);
   }
-  uint64_t step_seed = seed_ * 0x9e3779b97f4a7c15ull + uint64_t(step_count) * 0xbf58476d1ce4e5b9ull + uint64_t(micro_steps_++);
+  uint64_t step_seed = seed_ * 0x9e3779b97f4a7c15ull + uint64_t(step_count) * 0xbf58476d1ce4e5b9ull + micro_steps++;
   plan.run(training_mode, step_seed, true);
   StepResult r;
   r.loss = *static_cast<const float*>(plan.value(loss_).data);
@@ -115,15 +115,20 @@ StepResult Session::train_step(const std::vector<Tensor>& inputs, bool update,
   if (!std::isfinite(r.loss)) {
     zero_grads();  // a poisoned accumulation must not reach a later update
   } else if (update) {
-    r = apply_update(max_grad_norm, r.loss);
+    r = apply_update(max_grad_norm, r.loss, grad_scale);
   }
   last_step_allocations = heap_allocation_count() - allocs_before;
   return r;
 }
 
-StepResult Session::apply_update(double max_grad_norm, float loss) {
+StepResult Session::apply_update(double max_grad_norm, float loss, double grad_scale) {
   StepResult r;
   r.loss = loss;
+  if (grad_scale != 1.0)
+    for (Parameter& p : params_) {
+      float* g = p.grad.ptr<float>();
+      for (int64_t i = 0, n = p.grad.numel(); i < n; ++i) g[i] = float(g[i] * grad_scale);
+    }
   r.grad_norm = clip_grad_norm(params_, max_grad_norm);
   if (std::isfinite(r.grad_norm)) {
     ++step_count;

@@ -26,10 +26,13 @@ class Session {
   // Forward + backward; gradients accumulate across calls. When `update`, clips to
   // max_grad_norm (0: off), applies the optimizer and zeroes the gradients. A non-finite loss
   // or gradient leaves parameters and optimizer state untouched and zeroes the gradients.
-  StepResult train_step(const std::vector<Tensor>& inputs, bool update, double max_grad_norm);
+  // grad_scale multiplies the accumulated gradients before clipping (1/k averages k
+  // accumulated micro-batches).
+  StepResult train_step(const std::vector<Tensor>& inputs, bool update, double max_grad_norm,
+                        double grad_scale = 1.0);
   // Clips, applies the optimizer to the accumulated gradients and zeroes them; skipped (but
   // gradients still zeroed) when the gradient norm is not finite.
-  StepResult apply_update(double max_grad_norm, float loss = 0.f);
+  StepResult apply_update(double max_grad_norm, float loss = 0.f, double grad_scale = 1.0);
   // Forward only (dropout off). Returned tensors view plan memory, valid until the next call.
   std::vector<Tensor> run(const std::vector<Tensor>& inputs, const std::vector<int>& outputs);
   PlanStats plan_stats(const std::vector<Shape>& input_shapes, bool training);
@@ -62,7 +65,9 @@ class Session {
   size_t last_plan_ = size_t(-1);
   std::vector<Shape> scratch_shapes_;  // reused so a steady-state step allocates nothing
   const std::vector<int> no_targets_;
-  uint64_t micro_steps_ = 0;
+
+ public:
+  uint64_t micro_steps = 0;  // forward/backward passes run; seeds dropout (saved for resume)
 };
 
 }  // namespace pyedge

@@ -1,0 +1,316 @@
+"""Atomic training checkpoints: out/checkpoints/step-N/ plus a `latest` pointer.
+
+A checkpoint directory holds
+
+* ``pyedge_adapters.safetensors``: the trainable tensors under their graph names,
+* ``pyedge_adapters.json``: what they adapt (LoRA config, train patterns, loss, model hash),
+  so ``pyedge eval --adapters <checkpoint>`` works on any checkpoint,
+* ``optimizer.safetensors``: optimizer state, keys ``<state>::<tensor name>``,
+* ``state.json``: step, epoch, data position, RNG state, lr, config hashes and the SHA-256 of
+  every file above.
+
+Writing is crash-safe: files go into ``.tmp-step-N-<pid>`` inside out/checkpoints, each is
+fsynced, the directory is fsynced and renamed to ``step-N`` (atomic), the parent fsynced, and
+only then the ``latest`` pointer is replaced (write temp + fsync + os.replace + fsync parent).
+A crash at any point leaves the previous ``latest`` loadable. Only safetensors and JSON are
+read back: nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+ADAPTERS = "pyedge_adapters.safetensors"
+ADAPTERS_META = "pyedge_adapters.json"
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+LATEST = "latest"
+FORMAT = "pyedge-checkpoint"
+VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+# Test hook: called with each file name after it is written into the temp directory.
+_after_file_write = None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read (one line)."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    path: Path
+    state: dict
+    tensors: dict[str, np.ndarray]
+    optimizer_state: dict[str, dict[str, np.ndarray]]
+    adapter_meta: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+# --------------------------------------------------------------------------- low-level io
+def fsync_dir(path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def write_file_synced(path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write(path, data: bytes) -> None:
+    """Replaces `path` atomically: temp file in the same folder, fsync, os.replace, fsync dir."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write_file_synced(tmp, data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensors_to_bytes(tensors: dict[str, np.ndarray], metadata: dict | None = None) -> bytes:
+    from safetensors.numpy import save
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    return save(arrays, metadata={k: str(v) for k, v in (metadata or {}).items()} or None)
+
+
+def tensors_from_bytes(data: bytes, where: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+    try:
+        return load(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{where}: not a valid safetensors file ({e})") from None
+
+
+def flatten_optimizer_state(state: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {f"{k}::{name}": arr for name, d in state.items() for k, arr in d.items()}
+
+
+def unflatten_optimizer_state(flat: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in flat.items():
+        k, _, name = key.partition("::")
+        out.setdefault(name, {})[k] = arr
+    return out
+
+
+# --------------------------------------------------------------------------- directories
+def write_dir_atomically(target: Path, files: dict[str, bytes], parent: Path | None = None,
+                         tmp_name: str | None = None) -> None:
+    """Writes `files` into a fresh directory that appears at `target` in one rename."""
+    target = Path(target)
+    parent = Path(parent or target.parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = parent / (tmp_name or f".tmp-{target.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        for name, data in files.items():
+            write_file_synced(tmp / name, data)
+            if _after_file_write is not None:
+                _after_file_write(name)
+        fsync_dir(tmp)
+        trash = None
+        if target.exists():  # same step written again (e.g. after a crash before `latest`)
+            trash = parent / f".trash-{target.name}-{os.getpid()}"
+            if trash.exists():
+                shutil.rmtree(trash)
+            os.rename(target, trash)
+        os.rename(tmp, target)
+        fsync_dir(parent)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def list_checkpoints(root) -> list[tuple[int, Path]]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def cleanup_temp(root) -> None:
+    """Removes half-written temp dirs left by a crash (never a complete step-N)."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        if p.name.startswith((".tmp-", ".trash-", f".{LATEST}.tmp-")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+
+
+def save_checkpoint(root, step: int, tensors: dict[str, np.ndarray],
+                    optimizer_state: dict[str, dict[str, np.ndarray]], state: dict,
+                    adapter_meta: dict, keep: int = 3) -> Path:
+    """Writes out/checkpoints/step-<step> atomically, points `latest` at it, keeps the last
+    `keep` checkpoints (0: keep all). Returns the checkpoint directory."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    files = {
+        ADAPTERS: tensors_to_bytes(tensors, {"format": "pyedge"}),
+        OPTIMIZER: tensors_to_bytes(flatten_optimizer_state(optimizer_state)),
+        ADAPTERS_META: json.dumps(adapter_meta, indent=1, sort_keys=True).encode(),
+    }
+    st = dict(state)
+    st.update(format=FORMAT, version=VERSION, step=int(step),
+              files={k: _sha256(v) for k, v in files.items()})
+    files[STATE] = json.dumps(st, indent=1, sort_keys=True).encode()  # written last
+    name = f"step-{int(step)}"
+    write_dir_atomically(root / name, files, root)
+    atomic_write(root / LATEST, (name + "\n").encode())
+    prune(root, keep)
+    return root / name
+
+
+def prune(root, keep: int) -> None:
+    if keep <= 0:
+        return
+    cur = read_latest_pointer(root)
+    cks = list_checkpoints(root)
+    for _, p in cks[:-keep]:
+        if cur is not None and p.name == cur:
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def read_latest_pointer(root) -> str | None:
+    try:
+        name = (Path(root) / LATEST).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if _STEP_RE.match(name) else None
+
+
+def load_checkpoint(path, verify: bool = True) -> Checkpoint:
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: not a checkpoint (no {STATE})") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}/{STATE}: unreadable ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}/{STATE}: not a pyedge checkpoint")
+    if int(state.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {state['version']} is newer "
+                              f"than this pyedge understands ({VERSION})")
+    blobs = {}
+    for name in (ADAPTERS, OPTIMIZER, ADAPTERS_META):
+        try:
+            blobs[name] = (path / name).read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"{path}: missing {name} ({e.strerror})") from None
+        want = state.get("files", {}).get(name)
+        if verify and want and _sha256(blobs[name]) != want:
+            raise CheckpointError(f"{path}/{name}: checksum mismatch (corrupt checkpoint)")
+    try:
+        meta = json.loads(blobs[ADAPTERS_META])
+    except ValueError as e:
+        raise CheckpointError(f"{path}/{ADAPTERS_META}: unreadable ({e})") from None
+    tensors = tensors_from_bytes(blobs[ADAPTERS], f"{path}/{ADAPTERS}")
+    optim = unflatten_optimizer_state(tensors_from_bytes(blobs[OPTIMIZER], f"{path}/{OPTIMIZER}"))
+    return Checkpoint(path, state, tensors, optim, meta)
+
+
+def latest_checkpoint_path(root) -> Path | None:
+    """The checkpoint `latest` points to, or else the newest complete step-N directory."""
+    root = Path(root)
+    name = read_latest_pointer(root)
+    if name is not None and (root / name / STATE).is_file():
+        return root / name
+    for _, p in reversed(list_checkpoints(root)):
+        if (p / STATE).is_file():
+            return p
+    return None
+
+
+def load_latest(root, warn=None) -> Checkpoint | None:
+    """Loads the latest checkpoint; falls back to older ones if it is unreadable."""
+    root = Path(root)
+    first = latest_checkpoint_path(root)
+    if first is None:
+        return None
+    candidates = [first] + [p for _, p in reversed(list_checkpoints(root)) if p != first]
+    errors = []
+    for p in candidates:
+        try:
+            ck = load_checkpoint(p)
+        except CheckpointError as e:
+            errors.append(str(e))
+            if warn:
+                warn(f"skipping unreadable checkpoint: {e}")
+            continue
+        return ck
+    raise CheckpointError(f"{root}: no loadable checkpoint ({'; '.join(errors)})")
+
+
+def has_checkpoints(root) -> bool:
+    return bool(list_checkpoints(root)) or (Path(root) / LATEST).exists()
+
+
+# --------------------------------------------------------------------------- adapters
+def write_adapters_dir(target, tensors: dict[str, np.ndarray], meta: dict) -> Path:
+    """The final adapters in pyedge's raw format (same files as in a checkpoint)."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    atomic_write(target / ADAPTERS, tensors_to_bytes(tensors, {"format": "pyedge"}))
+    atomic_write(target / ADAPTERS_META, json.dumps(meta, indent=1, sort_keys=True).encode())
+    return target
+
+
+def read_adapters_dir(path) -> tuple[dict[str, np.ndarray], dict] | None:
+    """(tensors, meta) from a pyedge adapters or checkpoint directory; None if not one."""
+    path = Path(path)
+    if not (path / ADAPTERS).is_file() or not (path / ADAPTERS_META).is_file():
+        return None
+    try:
+        meta = json.loads((path / ADAPTERS_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}/{ADAPTERS_META}: unreadable ({e})") from None
+    tensors = tensors_from_bytes((path / ADAPTERS).read_bytes(), f"{path}/{ADAPTERS}")
+    return tensors, meta

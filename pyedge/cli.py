@@ -1,0 +1,632 @@
+"""The `pyedge` command line: export, inspect, train, eval, merge, demo.
+
+Every expected failure prints one line ``pyedge: error: <message>`` to stderr and exits with
+2 (usage: bad flags or options) or 1 (runtime: missing file, corrupt model, unsupported op,
+data that does not fit the model, non-finite loss, ...). ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(ValueError):
+    """A bad command line or config file (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `pyedge: error: <msg> (see 'pyedge train --help')`."""
+
+    def error(self, message):  # noqa: D401
+        sys.stderr.write(f"pyedge: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _one_line(msg: str) -> str:
+    return "; ".join(part.strip() for part in str(msg).strip().splitlines() if part.strip())
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show Python tracebacks on errors")
+
+    p = _Parser(prog="pyedge", parents=[common],
+                description="Fine-tune ONNX models on edge CPUs: LoRA adapters in, PEFT out.")
+    from pyedge import __version__
+    p.add_argument("--version", action="version", version=f"pyedge {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    # export ---------------------------------------------------------------------------------
+    e = sub.add_parser("export", parents=[common], help="export a PyTorch model to ONNX (needs torch)",
+                       description="Export a PyTorch nn.Module to ONNX with pyedge's parameter "
+                                   "map (workstation; needs torch).")
+    e.add_argument("factory", help="'package.module:factory' or a model.py file (defining build() "
+                                   "or model)")
+    e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    e.add_argument("--example", action="append", default=[], metavar="[NAME=]DTYPE[SHAPE]",
+                   help="an example input, e.g. x=float32[1,784] or input_ids=int64[1,16]; "
+                        "repeat per input (not needed if the factory returns examples)")
+    e.add_argument("--input-names", help="comma-separated input names")
+    e.add_argument("--output-names", help="comma-separated output names")
+    e.add_argument("--dynamic", action="append", default=[], metavar="NAME:AXIS=LABEL",
+                   help="a dynamic axis, e.g. x:0=batch (repeatable); default: axis 0 of every "
+                        "input is 'batch' when --example is used")
+    e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    e.add_argument("--opset", type=int)
+    e.add_argument("--task-type", help="PEFT task type recorded for the adapters (SEQ_CLS, CAUSAL_LM, ...)")
+    e.set_defaults(func=cmd_export)
+
+    # inspect --------------------------------------------------------------------------------
+    i = sub.add_parser("inspect", parents=[common], help="ops, parameters, LoRA targets, planned memory",
+                       description="Show a model's inputs/outputs, op histogram, unsupported ops, "
+                                   "parameters and LoRA target modules; with adapter flags also "
+                                   "the trainable parameter count and the planned memory.")
+    i.add_argument("model")
+    i.add_argument("--lora-r", type=int, default=8)
+    i.add_argument("--lora-alpha", type=float, default=16.0)
+    i.add_argument("--target", help="LoRA target modules (comma-separated, or 'all-linear')")
+    i.add_argument("--train", help="whole tensors to train (comma-separated patterns)")
+    i.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"), default="cross_entropy")
+    i.add_argument("--output", help="graph output the loss reads")
+    i.add_argument("--batch-size", type=int, default=1, help="batch for the planned memory (default 1)")
+    i.add_argument("--seq-len", type=int, default=16, help="size of symbolic non-batch dims (default 16)")
+    i.add_argument("--json", action="store_true", help="print a JSON report")
+    i.set_defaults(func=cmd_inspect)
+
+    # train ----------------------------------------------------------------------------------
+    t = sub.add_parser("train", parents=[common], help="fine-tune with LoRA / whole tensors",
+                       argument_default=argparse.SUPPRESS,
+                       description="Fine-tune an ONNX model. Options may also come from "
+                                   "--config file.toml (keys = option names; flags win).")
+    t.add_argument("model", nargs="?", help="the .onnx model")
+    t.add_argument("--config", help="TOML file with options (keys like lora_r or lora-r, "
+                                    "optionally under [train]); paths are relative to it")
+    t.add_argument("--data", help="training data: .npz, .jsonl, .csv or a directory of .npy")
+    t.add_argument("--eval-data", help="evaluation data (same formats)")
+    t.add_argument("--out", "-o", help="run directory (default: pyedge-run)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g = t.add_argument_group("adapters")
+    g.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
+    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rsLoRA)")
+    g.add_argument("--target", help="LoRA target modules, comma-separated ('query,value', "
+                                    "'encoder.layer.*.value', 're:...', 'all-linear')")
+    g.add_argument("--train", help="whole tensors to train, comma-separated patterns ('classifier.*')")
+    g = t.add_argument_group("objective")
+    g.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"))
+    g.add_argument("--output", help="graph output the loss reads (default: the first)")
+    g.add_argument("--label-smoothing", type=float)
+    g.add_argument("--ignore-index", type=int, help="label ignored by cross-entropy (default -100)")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    g.add_argument("--batch-size", type=int, help="default 16")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    g.add_argument("--optimizer", choices=("adamw", "sgd"))
+    g.add_argument("--weight-decay", type=float, help="default: AdamW 0.01, SGD 0")
+    g.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
+    g.add_argument("--schedule", choices=("constant", "linear", "cosine"), help="default linear")
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--max-grad-norm", type=float, help="clip the gradient norm (default 1.0, 0: off)")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--threads", type=int)
+    g.add_argument("--deterministic", action="store_true",
+                   help="bit-reproducible runs, also across --resume (one thread unless --threads)")
+    g.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip steps with a NaN/inf loss instead of stopping")
+    g = t.add_argument_group("data")
+    g.add_argument("--pad-id", type=int, help="padding token id for .jsonl inputs (default 0)")
+    g.add_argument("--seq-len", type=int, help="pad .jsonl sequences to this fixed length")
+    g.add_argument("--drop-last", action="store_true", help="drop the last partial batch of an epoch")
+    g.add_argument("--no-shuffle", dest="shuffle", action="store_false")
+    g.add_argument("--skip-nonfinite-data", action="store_true",
+                   help="drop records with NaN/inf inputs instead of failing")
+    g.add_argument("--eval-batch-size", type=int)
+    g = t.add_argument_group("logging and checkpoints")
+    g.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
+    g.add_argument("--eval-at-start", action="store_true", help="also evaluate before training")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (default 100, 0: end only)")
+    g.add_argument("--keep-checkpoints", type=int, help="keep the last K checkpoints (default 3, 0: all)")
+    g.add_argument("--log-every", type=int, help="log line / metrics record every N steps (default 10)")
+    g.add_argument("--no-plot", dest="plot", action="store_false", help="no metrics.png")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    g.add_argument("--quiet", "-q", action="store_true", help="only errors")
+    t.set_defaults(func=cmd_train)
+
+    # eval -----------------------------------------------------------------------------------
+    v = sub.add_parser("eval", parents=[common], help="loss/accuracy with adapters loaded",
+                       description="Evaluate a model, with adapters (a run's adapters/ or a "
+                                   "checkpoint directory) if given.")
+    v.add_argument("model")
+    v.add_argument("--adapters", help="adapters directory (pyedge or PEFT format)")
+    v.add_argument("--data", required=True)
+    v.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"),
+                   help="default: the adapters' loss, else cross_entropy")
+    v.add_argument("--output", help="graph output to score")
+    v.add_argument("--batch-size", type=int, default=64)
+    v.add_argument("--pad-id", type=int, default=0)
+    v.add_argument("--seq-len", type=int)
+    v.add_argument("--threads", type=int)
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_eval)
+
+    # merge ----------------------------------------------------------------------------------
+    m = sub.add_parser("merge", parents=[common], help="fold adapters into the weights (ONNX out)",
+                       description="Write an ONNX file with the adapters merged into the weights "
+                                   "(runs in plain onnxruntime).")
+    m.add_argument("model")
+    m.add_argument("--adapters", required=True)
+    m.add_argument("-o", "--output", required=True)
+    m.set_defaults(func=cmd_merge)
+
+    # demo -----------------------------------------------------------------------------------
+    d = sub.add_parser("demo", parents=[common], help="end-to-end fine-tuning on a bundled model",
+                       description="Fine-tune a bundled sensor classifier on a shifted task: "
+                                   "accuracy before/after, PEFT adapters, PyTorch check.")
+    d.add_argument("--out", default="pyedge-demo", help="output directory (default ./pyedge-demo)")
+    d.add_argument("--steps", type=int, default=300)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=1)
+    d.add_argument("--no-torch-check", dest="torch_check", action="store_false",
+                   help="skip loading the adapters back into PyTorch")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+# --------------------------------------------------------------------------- config
+def _train_fields():
+    from pyedge.train import TrainConfig
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def read_toml_config(path) -> dict:
+    """Options from a TOML file, keys normalised to TrainConfig names, paths made absolute."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        try:
+            import tomli as tomllib  # type: ignore
+        except ImportError:
+            raise UsageError("--config needs Python 3.11+ (tomllib) or the tomli package") from None
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such config file") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{path}: invalid TOML ({_one_line(e)})") from None
+    if isinstance(doc.get("train"), dict):
+        section = dict(doc["train"])
+        for key, val in doc.items():
+            if key != "train" and not isinstance(val, dict):
+                section.setdefault(key, val)
+        doc = section
+    fields = _train_fields()
+    aliases = {"no_shuffle": ("shuffle", lambda v: not v), "no_plot": ("plot", lambda v: not v),
+               "no_progress": ("progress", lambda v: not v), "output_dir": ("out", None)}
+    out = {}
+    for key, val in doc.items():
+        name = key.replace("-", "_")
+        if name in aliases:
+            name, conv = aliases[name]
+            val = conv(val) if conv else val
+        if name not in fields:
+            raise UsageError(f"{path}: unknown option '{key}'")
+        out[name] = _coerce(path, key, val, fields[name])
+    for k in ("model", "data", "eval_data", "out"):
+        if isinstance(out.get(k), str) and not os.path.isabs(out[k]):
+            out[k] = str(p.parent / out[k])
+    return out
+
+
+def _coerce(path, key, val, field):
+    t = str(field.type)
+    try:
+        if t.startswith("list"):
+            if isinstance(val, str):
+                return [s.strip() for s in val.split(",") if s.strip()]
+            if isinstance(val, list) and all(isinstance(x, str) for x in val):
+                return val
+            raise TypeError
+        if t.startswith("bool"):
+            if not isinstance(val, bool):
+                raise TypeError
+            return val
+        if t.startswith("int"):
+            if isinstance(val, bool) or not isinstance(val, int):
+                raise TypeError
+            return val
+        if t.startswith("float"):
+            if isinstance(val, bool) or not isinstance(val, (int, float)):
+                raise TypeError
+            return float(val)
+        if val is not None and not isinstance(val, str):
+            raise TypeError
+        return val
+    except TypeError:
+        raise UsageError(f"{path}: option '{key}' must be {t.split(' ')[0]}, got "
+                         f"{type(val).__name__} {val!r}") from None
+
+
+def train_config_from_args(args) -> "object":
+    from pyedge.train import TrainConfig, split_list
+    values = {}
+    if getattr(args, "config", None):
+        values.update(read_toml_config(args.config))
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("func", "command", "config", "debug", "quiet")}
+    values.update(flags)
+    for k in ("target", "train"):
+        if k in values:
+            values[k] = split_list(values[k])
+    if not values.get("model"):
+        raise UsageError("no model given: pyedge train model.onnx --data train.npz ...")
+    if not values.get("data"):
+        raise UsageError("no training data given (--data train.npz)")
+    return TrainConfig(**values)
+
+
+# --------------------------------------------------------------------------- commands
+def _out(msg=""):
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join("?" if d < 0 else str(d) for d in shape) + "]"
+
+
+def cmd_train(args) -> int:
+    from pyedge.train import train
+    cfg = train_config_from_args(args)
+    quiet = getattr(args, "quiet", False)
+    if quiet:
+        cfg.progress = False
+    log = (lambda m: None) if quiet else None
+    res = train(cfg, log=log)
+    if not quiet:
+        ev = res.eval
+        done = (f"trained {res.steps} steps" if res.resumed_from is None else
+                f"trained steps {res.resumed_from + 1}-{res.steps} (resumed at {res.resumed_from})"
+                if res.steps > res.resumed_from else f"already at step {res.steps}")
+        parts = [f"{done} ({res.epoch:.2f} epochs) in {res.seconds:.1f} s"]
+        if math.isfinite(res.train_loss):
+            parts.append(f"train loss {res.train_loss:.4f} (moving average)")
+        if ev:
+            parts.append(f"eval loss {ev['loss']:.4f}" + (
+                f", accuracy {ev['accuracy']:.4f}" if ev.get("accuracy") is not None else ""))
+        if res.skipped_nonfinite:
+            parts.append(f"{res.skipped_nonfinite} non-finite steps skipped")
+        _out("; ".join(parts))
+        _out(f"adapters: {res.adapters}" + (" (pyedge + PEFT format)" if res.peft else ""))
+        _out(f"checkpoint: {res.checkpoint}")
+        _out(f"metrics: {res.out / 'metrics.jsonl'}")
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    import pyedge
+    from pyedge.train import evaluate, load_data, session_from_adapters
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"{args.model}: no such model file")
+    if args.adapters:
+        sess, meta = session_from_adapters(args.model, args.adapters, threads=args.threads,
+                                           output=args.output)
+    else:
+        sess = pyedge.TrainingSession(args.model, loss=None, output=args.output,
+                                      threads=args.threads)
+        meta = {}
+    loss = args.loss or meta.get("loss") or "cross_entropy"
+    ignore = int(meta.get("ignore_index", -100))
+    smoothing = float(meta.get("label_smoothing", 0.0)) if not args.loss else 0.0
+    opts = argparse.Namespace(pad_id=args.pad_id, seq_len=args.seq_len, skip_nonfinite_data=False)
+    ds = load_data(sess, args.data, opts, loss=loss, ignore_index=ignore)
+    res = evaluate(sess, ds, args.batch_size, loss, ignore, smoothing)
+    if args.json:
+        _out(json.dumps(res))
+    else:
+        acc = f"  accuracy {res['accuracy']:.4f}" if res["accuracy"] is not None else ""
+        _out(f"{args.data}: {res['records']} records  loss {res['loss']:.4f}{acc}")
+    return EXIT_OK
+
+
+def _export_module(name):
+    import importlib
+    try:
+        return importlib.import_module(f"pyedge.export.{name}")
+    except ModuleNotFoundError as e:
+        if e.name and (e.name.startswith("pyedge.export") or e.name == "pyedge.export"):
+            raise RuntimeError("this pyedge build has no pyedge.export module (PEFT/ONNX export "
+                               "and merge); install a pyedge version that includes it") from None
+        if e.name in ("torch", "transformers", "peft", "onnxscript"):
+            raise RuntimeError(f"'{e.name}' is not installed: pyedge export needs the "
+                               "workstation extras (pip install 'pyedge[torch]')") from None
+        raise
+
+
+def cmd_merge(args) -> int:
+    for p, what in ((args.model, "model file"), (args.adapters, "adapters directory")):
+        if not Path(p).exists():
+            raise FileNotFoundError(f"{p}: no such {what}")
+    merge = _export_module("merge")
+    from pyedge.checkpoint import ADAPTERS
+    src = Path(args.adapters)
+    if not (src / "adapter_config.json").is_file() and (src / ADAPTERS).is_file():
+        # a checkpoint (pyedge format only): write its PEFT form to a temp dir and merge that
+        import tempfile
+
+        from pyedge.train import session_from_adapters
+        sess, _ = session_from_adapters(args.model, src)
+        with tempfile.TemporaryDirectory(prefix="pyedge-merge-") as tmp:
+            sess.save_adapters(tmp)
+            info = merge.merge_adapters(args.model, tmp, args.output)
+    else:
+        info = merge.merge_adapters(args.model, args.adapters, args.output)
+    changed = len(info.get("lora", [])) + len(info.get("whole", [])) if isinstance(info, dict) else "?"
+    _out(f"wrote {args.output} ({changed} weight tensors changed)")
+    return EXIT_OK
+
+
+def _parse_example(spec: str):
+    """'x=float32[1,784]' | 'float32[1,784]' | '[1,784]' | '1,784' -> (name|None, dtype, shape)."""
+    import re
+    name = None
+    if "=" in spec:
+        name, spec = spec.split("=", 1)
+    m = re.fullmatch(r"\s*([a-z0-9]*)\s*\[?\s*([0-9,\s]*)\]?\s*", spec)
+    if not m:
+        raise UsageError(f"--example '{spec}': expected [NAME=]DTYPE[SHAPE], e.g. x=float32[1,784]")
+    dtype = m.group(1) or "float32"
+    shape = [int(s) for s in m.group(2).replace(" ", "").split(",") if s]
+    return name, dtype, shape
+
+
+def cmd_export(args) -> int:
+    tx = _export_module("torch_export")
+    try:
+        import torch
+    except ImportError:
+        raise RuntimeError("torch is not installed: pyedge export runs on a workstation with "
+                           "pyedge[torch]") from None
+    spec = tx.load_factory_spec(args.factory)
+    examples = spec.example_inputs
+    input_names = args.input_names.split(",") if args.input_names else spec.input_names
+    output_names = args.output_names.split(",") if args.output_names else spec.output_names
+    dynamic = spec.dynamic_axes
+    if args.example:
+        gen = torch.Generator().manual_seed(0)
+        parsed = [_parse_example(s) for s in args.example]
+        names = [n or (input_names[i] if input_names and i < len(input_names) else f"input_{i}")
+                 for i, (n, _, _) in enumerate(parsed)]
+        examples = {}
+        for nm, (_, dt, shape) in zip(names, parsed):
+            tdt = getattr(torch, dt, None)
+            if not isinstance(tdt, torch.dtype):
+                raise UsageError(f"--example {nm}: unknown dtype '{dt}'")
+            examples[nm] = (torch.randn(shape, generator=gen).to(tdt) if tdt.is_floating_point
+                            else torch.zeros(shape, dtype=tdt))
+        input_names = names
+        if dynamic is None and not args.dynamic:
+            dynamic = {n: {0: "batch"} for n in names}
+    if examples is None:
+        raise UsageError(f"{args.factory}: the factory returns no example inputs; give --example "
+                         "NAME=DTYPE[SHAPE] for each input")
+    if args.dynamic:
+        dynamic = dict(dynamic or {})
+        for d in args.dynamic:
+            try:
+                nm, rest = d.split(":", 1)
+                axis, label = rest.split("=", 1)
+                dynamic.setdefault(nm, {})[int(axis)] = label
+            except ValueError:
+                raise UsageError(f"--dynamic '{d}': expected NAME:AXIS=LABEL") from None
+    path = tx.export_module(spec.module, examples, args.output, input_names=input_names,
+                            output_names=output_names, dynamic_axes=dynamic,
+                            exporter=args.exporter, opset=args.opset, task_type=args.task_type)
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    _out(f"wrote {path} ({_fmt_bytes(size)})")
+    return EXIT_OK
+
+
+def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
+                   loss="cross_entropy", output=None, batch_size=1, seq_len=16) -> dict:
+    """Everything `pyedge inspect` prints, as a dict."""
+    import pyedge
+    from pyedge import _core
+    from pyedge.data import DataSpec, example_batch
+    from pyedge.train import expand_targets, split_list, weight_modules
+
+    graph = pyedge.load_onnx(model)
+    registered = set(_core.registered_ops())
+    hist = collections.Counter()
+    unsupported: dict[str, list[str]] = {}
+    for n in graph.nodes:
+        key = f"{n.domain}.{n.op_type}" if n.domain else n.op_type
+        hist[key] += 1
+        if key not in registered:
+            unsupported.setdefault(key, []).append(n.name)
+    float_inits = {k: v for k, v in graph.initializers.items() if v.dtype.kind == "f"}
+    rep = {
+        "model": str(model), "file_bytes": os.path.getsize(model), "opsets": graph.opsets,
+        "inputs": [{"name": v.name, "dtype": v.dtype, "shape": v.shape} for v in graph.inputs],
+        "outputs": [{"name": v.name, "dtype": v.dtype, "shape": v.shape} for v in graph.outputs],
+        "nodes": len(graph.nodes), "ops": dict(sorted(hist.items())),
+        "unsupported": unsupported,
+        "parameters": int(sum(a.size for a in float_inits.values())),
+        "parameter_tensors": len(float_inits),
+        "weight_bytes": int(sum(a.nbytes for a in graph.initializers.values())),
+        "modules": weight_modules(graph),
+    }
+    targets, patterns = split_list(target), split_list(train)
+    if targets or patterns:
+        lora = pyedge.LoraConfig(r=lora_r, alpha=lora_alpha,
+                                 target_modules=expand_targets(graph, targets)) if targets else None
+        sess = pyedge.TrainingSession(graph, lora=lora, train=patterns, loss=loss, output=output)
+        params = sess.trainable_parameters()
+        ntrain = int(sum(p.size for p in params.values()))
+        rep["trainable"] = {"parameters": ntrain, "tensors": len(params),
+                            "percent": 100.0 * ntrain / max(rep["parameters"], 1),
+                            "lora_modules": [s.module for s in sess.lora_sites],
+                            "names": sorted(params)}
+        missing = sorted({f"{n.domain}.{n.op_type}" if n.domain else n.op_type
+                          for n in sess.graph.nodes} - registered)
+        if missing:
+            rep["plan_error"] = f"ops without kernels: {', '.join(missing)}"
+        else:
+            spec = DataSpec.from_session(sess)
+            ex = example_batch(spec, batch_size, seq_len)
+            shapes = {k: list(v.shape) for k, v in ex.items()}
+            if spec.labels is not None:
+                shapes["labels"] = [d if d > 0 else (batch_size if i == 0 else seq_len)
+                                    for i, d in enumerate(spec.labels.shape)]
+            st = sess.plan_stats(shapes=shapes, training=True)
+            total = (st["arena_bytes"] + st["weight_bytes"] + st["parameter_gradient_bytes"]
+                     + st["optimizer_state_bytes"])
+            rep["plan"] = {"batch_shapes": shapes, "arena_bytes": st["arena_bytes"],
+                           "activation_bytes": st["activation_bytes"],
+                           "gradient_bytes": st["gradient_bytes"],
+                           "weight_bytes": st["weight_bytes"],
+                           "parameter_gradient_bytes": st["parameter_gradient_bytes"],
+                           "optimizer_state_bytes": st["optimizer_state_bytes"],
+                           "total_bytes": total, "forward_ops": st["forward_ops"],
+                           "backward_ops": st["backward_ops"], "pruned_nodes": st["pruned_nodes"]}
+    return rep
+
+
+def cmd_inspect(args) -> int:
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"{args.model}: no such model file")
+    rep = inspect_report(args.model, args.lora_r, args.lora_alpha, args.target, args.train,
+                         args.loss, args.output, args.batch_size, args.seq_len)
+    if args.json:
+        _out(json.dumps(rep, indent=1, default=str))
+        return EXIT_OK
+    opsets = ", ".join(f"{k or 'ai.onnx'}:{v}" for k, v in rep["opsets"].items())
+    _out(f"model: {rep['model']} ({_fmt_bytes(rep['file_bytes'])}, opsets {opsets})")
+    _out("inputs:")
+    for v in rep["inputs"]:
+        _out(f"  {v['name']}: {v['dtype']} {_fmt_shape(v['shape'])}")
+    _out("outputs:")
+    for v in rep["outputs"]:
+        _out(f"  {v['name']}: {v['dtype']} {_fmt_shape(v['shape'])}")
+    _out(f"ops ({rep['nodes']} nodes): " + ", ".join(f"{k} x{c}" for k, c in rep["ops"].items()))
+    if rep["unsupported"]:
+        _out("unsupported ops (pyedge has no kernel yet):")
+        for op, names in rep["unsupported"].items():
+            more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+            _out(f"  {op} x{len(names)}: {', '.join(names[:5])}{more}")
+    else:
+        _out("unsupported ops: none")
+    _out(f"parameters: {rep['parameters']:,} in {rep['parameter_tensors']} tensors "
+         f"({_fmt_bytes(rep['weight_bytes'])} of weights)")
+    mods = rep["modules"]
+    _out(f"modules with weights ({len(mods)}; LoRA targets are the linear ones):")
+    for m in mods:
+        tag = "" if m["lora"] else "  (no LoRA yet)"
+        _out(f"  {m['module']}  {m['op']} {_fmt_shape(m['shape'])}{tag}")
+    tr = rep.get("trainable")
+    if tr:
+        _out(f"trainable: {tr['parameters']:,} parameters in {tr['tensors']} tensors "
+             f"({tr['percent']:.3f}% of the model); LoRA on {len(tr['lora_modules'])} modules")
+        pl = rep.get("plan")
+        if pl:
+            shp = ", ".join(f"{k}{_fmt_shape(v)}" for k, v in pl["batch_shapes"].items())
+            _out(f"planned memory for one training step ({shp}): {_fmt_bytes(pl['total_bytes'])} "
+                 f"= weights {_fmt_bytes(pl['weight_bytes'])} + arena "
+                 f"{_fmt_bytes(pl['arena_bytes'])} (reused by liveness for {_fmt_bytes(pl['activation_bytes'])} of activations"
+                 f" and {_fmt_bytes(pl['gradient_bytes'])} of gradients) + parameter gradients "
+                 f"{_fmt_bytes(pl['parameter_gradient_bytes'])} + optimizer state "
+                 f"{_fmt_bytes(pl['optimizer_state_bytes'])}")
+            _out(f"plan: {pl['forward_ops']} forward ops, {pl['backward_ops']} backward ops, "
+                 f"{pl['pruned_nodes']} nodes pruned")
+        else:
+            _out(f"planned memory: unavailable ({rep.get('plan_error', 'no plan')})")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from pyedge.demo import run_demo
+    run_demo(out=args.out, steps=args.steps, seed=args.seed, threads=args.threads,
+             torch_check=args.torch_check)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+def _classify(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one-line message) for an expected failure; None for a bug."""
+    import pyedge
+    from pyedge.checkpoint import CheckpointError
+    from pyedge.data import DataError
+    from pyedge.train import ConfigError, TrainingError
+
+    if isinstance(exc, (UsageError, ConfigError)):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                        PermissionError)) and exc.filename is not None:
+        return EXIT_RUNTIME, f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, (DataError, pyedge.ModelLoadError, pyedge.PyedgeError, CheckpointError,
+                        TrainingError, FileNotFoundError, OSError)):
+        return EXIT_RUNTIME, str(exc)
+    mod = type(exc).__module__ or ""
+    if mod.startswith("pyedge.export") or type(exc).__name__ == "AdapterError":
+        return EXIT_RUNTIME, str(exc)
+    if isinstance(exc, ImportError):
+        return EXIT_RUNTIME, f"cannot import {exc.name or ''}: {exc}".replace(" : ", ": ")
+    if isinstance(exc, RuntimeError) and type(exc) is RuntimeError:
+        return EXIT_RUNTIME, str(exc)
+    if isinstance(exc, (ValueError, TypeError)) and type(exc) in (ValueError, TypeError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, ValueError):
+        return EXIT_RUNTIME, str(exc)
+    return None
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("PYEDGE_DEBUG") == "1"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\npyedge: interrupted (a run can continue with --resume)\n")
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI boundary
+        if debug:
+            raise
+        cls = _classify(exc)
+        if cls is None:
+            code, msg = EXIT_RUNTIME, (f"internal error: {type(exc).__name__}: {exc} "
+                                       "(rerun with --debug for the traceback)")
+        else:
+            code, msg = cls
+        sys.stderr.write(f"pyedge: error: {_one_line(msg) or type(exc).__name__}\n")
+        sys.stderr.flush()
+        return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

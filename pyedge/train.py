@@ -1,0 +1,722 @@
+"""The training loop around TrainingSession: data, schedules, accumulation, evaluation,
+metrics, checkpoints and resume. `train(TrainConfig(...))` is what `pyedge train` runs.
+
+Conventions:
+
+* A *step* is one optimizer update; it consumes `grad_accum` micro-batches from an endless,
+  seeded stream of batches (epochs follow each other; the last partial batch of an epoch is
+  kept unless `drop_last`). Without `max_steps`, a run is
+  ``ceil(epochs * batches_per_epoch / grad_accum)`` steps.
+* Gradient accumulation: the core sums the gradients of the k micro-batches and scales the sum
+  by 1/k before clipping and the update: the update of the *mean* gradient, as PyTorch does
+  when the loss is divided by k.
+* A non-finite loss or gradient skips the whole step (parameters untouched). Without
+  `skip_nonfinite` training stops with TrainingError; the last checkpoint stays as it was.
+* Determinism: same config + seed + thread count => bit-identical adapters, also across a
+  kill and `--resume` (the data order is a pure function of (seed, epoch); the checkpoint
+  holds tensors, optimizer state, update count and data position). `deterministic=True`
+  uses one thread unless `threads` is given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from pyedge import checkpoint as ckpt
+from pyedge.data import (BatchLoader, DataError, DataSpec, Dataset, check_label_range,
+                         iterate, load_dataset)
+from pyedge.progress import Progress
+from pyedge.schedules import SCHEDULES, make_schedule
+
+LOSSES = ("cross_entropy", "mse", "causal_lm")
+OPTIMIZERS = ("adamw", "sgd")
+ADAPTERS_FORMAT = "pyedge-adapters"
+
+
+class ConfigError(ValueError):
+    """A training option is invalid or inconsistent (usage error)."""
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (non-finite loss, ...); the message says what to do."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = ""
+    data: str = ""
+    eval_data: str | None = None
+    out: str = "pyedge-run"
+    # adapters
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    rslora: bool = False
+    target: list = dataclasses.field(default_factory=list)   # LoRA target modules
+    train: list = dataclasses.field(default_factory=list)    # whole tensors to train
+    # objective
+    loss: str = "cross_entropy"
+    output: str | None = None
+    label_smoothing: float = 0.0
+    ignore_index: int = -100
+    # optimisation
+    epochs: float = 1.0
+    max_steps: int = 0
+    batch_size: int = 16
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float | None = None   # None: the optimizer's default (AdamW 0.01, SGD 0)
+    momentum: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "linear"
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0          # 0: no clipping
+    seed: int = 0
+    threads: int | None = None
+    deterministic: bool = False
+    # data
+    pad_id: int = 0
+    seq_len: int | None = None
+    drop_last: bool = False
+    shuffle: bool = True
+    skip_nonfinite_data: bool = False
+    eval_batch_size: int | None = None
+    # bookkeeping
+    eval_every: int = 0                 # 0: evaluate at the end only
+    eval_at_start: bool = False
+    save_every: int = 100               # 0: checkpoint at the end only
+    keep_checkpoints: int = 3           # 0: keep all
+    log_every: int = 10
+    resume: bool = False
+    skip_nonfinite: bool = False
+    plot: bool = True
+    progress: bool = True
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+        need(self.model, "no model given")
+        need(self.data, "no training data given (--data)")
+        need(self.loss in LOSSES, f"unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
+        need(self.optimizer in OPTIMIZERS,
+             f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        need(self.schedule in SCHEDULES,
+             f"unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
+        need(self.target or self.train,
+             "nothing to train: give LoRA targets (--target MODULES; `pyedge inspect model.onnx` "
+             "lists them, or 'all-linear') and/or whole tensors (--train PATTERNS)")
+        if self.target:
+            need(self.lora_r > 0, f"--lora-r must be positive, got {self.lora_r}")
+        need(self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}")
+        need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}")
+        need(self.grad_accum > 0, f"--grad-accum must be positive, got {self.grad_accum}")
+        need(self.epochs > 0 or self.max_steps > 0, "--epochs must be positive (or give --max-steps)")
+        need(self.max_steps >= 0, f"--max-steps must be >= 0, got {self.max_steps}")
+        need(math.isfinite(self.lr) and self.lr >= 0, f"--lr must be >= 0, got {self.lr}")
+        need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+        need(self.weight_decay is None or self.weight_decay >= 0,
+             f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.label_smoothing <= 1,
+             f"--label-smoothing must be in [0, 1], got {self.label_smoothing}")
+        need(self.threads is None or self.threads > 0, f"--threads must be positive, got {self.threads}")
+        for k in ("eval_every", "save_every", "keep_checkpoints"):
+            need(getattr(self, k) >= 0, f"--{k.replace('_', '-')} must be >= 0")
+        need(self.log_every > 0, f"--log-every must be positive, got {self.log_every}")
+        need(self.seq_len is None or self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}")
+        need(self.eval_batch_size is None or self.eval_batch_size > 0, "--eval-batch-size must be positive")
+        need(self.loss != "mse" or self.label_smoothing == 0, "--label-smoothing needs a cross-entropy loss")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps: int
+    optimizer_steps: int
+    epoch: float
+    train_loss: float          # moving average (0.9) of the step losses at the end
+    eval: dict | None
+    initial_eval: dict | None
+    out: Path
+    adapters: Path
+    checkpoint: Path | None
+    skipped_nonfinite: int
+    seconds: float
+    resumed_from: int | None = None
+    peft: bool = False
+
+
+# --------------------------------------------------------------------------- helpers
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            b = fh.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _weight_of(graph, producers, name):
+    if name in graph.initializers:
+        return name
+    p = producers.get(name)
+    if p is not None and p.op_type == "Transpose" and p.inputs and p.inputs[0] in graph.initializers:
+        return p.inputs[0]
+    return None
+
+
+def weight_modules(graph) -> list[dict]:
+    """Modules with a weight initializer consumed by MatMul/Gemm/Conv, in graph order:
+    [{"module", "op", "weight", "shape", "lora": bool (LoRA can wrap it today)}]."""
+    from pyedge.param_names import module_of
+    producers = graph.producer_map()
+    outputs = {o.name for o in graph.outputs}
+    seen, out = set(), []
+    for n in graph.nodes:
+        if n.op_type not in ("MatMul", "Gemm", "Conv") or len(n.inputs) < 2:
+            continue
+        w = _weight_of(graph, producers, n.inputs[1])
+        if w is None or graph.initializers[w].dtype.kind != "f":
+            continue
+        mod = module_of(graph, w)
+        if mod in seen:
+            continue
+        seen.add(mod)
+        out.append({"module": mod, "op": n.op_type, "weight": w,
+                    "shape": list(graph.initializers[w].shape),
+                    "lora": n.op_type in ("MatMul", "Gemm") and graph.initializers[w].ndim == 2,
+                    "feeds_output": bool(set(n.outputs) & outputs)})
+    return out
+
+
+def expand_targets(graph, targets: Sequence[str]) -> list[str]:
+    """'all-linear' -> every LoRA-able linear module except the one producing a graph output
+    (like PEFT's all-linear, which leaves the output head alone)."""
+    out = []
+    for t in targets:
+        if t == "all-linear":
+            out += [m["module"] for m in weight_modules(graph) if m["lora"] and not m["feeds_output"]]
+        else:
+            out.append(t)
+    return list(dict.fromkeys(out))
+
+
+def split_list(v) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    out = []
+    for item in v:
+        out += [p.strip() for p in str(item).split(",") if p.strip()]
+    return out
+
+
+def build_session(cfg: TrainConfig, graph=None, loss: str | None = "__cfg__"):
+    """The TrainingSession for `cfg`."""
+    import pyedge
+    graph = graph if graph is not None else pyedge.load_onnx(cfg.model)
+    targets = expand_targets(graph, split_list(cfg.target))
+    lora = (pyedge.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets,
+                              dropout=cfg.lora_dropout, use_rslora=cfg.rslora, seed=cfg.seed)
+            if targets else None)
+    if cfg.optimizer == "adamw":
+        wd = 0.01 if cfg.weight_decay is None else cfg.weight_decay
+        opt = pyedge.AdamW(lr=cfg.lr, weight_decay=wd)
+    else:
+        wd = 0.0 if cfg.weight_decay is None else cfg.weight_decay
+        opt = pyedge.SGD(lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+    threads = cfg.threads or (1 if cfg.deterministic else None)
+    sess = pyedge.TrainingSession(
+        graph, lora=lora, train=split_list(cfg.train), loss=cfg.loss if loss == "__cfg__" else loss,
+        optimizer=opt, output=cfg.output, seed=cfg.seed, threads=threads,
+        max_grad_norm=cfg.max_grad_norm, label_smoothing=cfg.label_smoothing,
+        ignore_index=cfg.ignore_index)
+    sess.resolved_targets = targets
+    return sess
+
+
+def adapter_meta(cfg: TrainConfig, session, model_sha: str, step: int | None = None) -> dict:
+    lc = session.lora_config
+    return {
+        "format": ADAPTERS_FORMAT, "version": 1,
+        "model": os.path.basename(str(cfg.model)), "model_sha256": model_sha,
+        "lora": None if lc is None else {
+            "r": lc.r, "alpha": lc.alpha, "target_modules": list(lc.target_modules),
+            "dropout": lc.dropout, "use_rslora": lc.use_rslora},
+        "train": split_list(cfg.train), "loss": cfg.loss, "output": session.output_name,
+        "label_smoothing": cfg.label_smoothing, "ignore_index": cfg.ignore_index,
+        "tensors": sorted(session.trainable_parameters()), "step": step,
+    }
+
+
+def session_from_adapters(model, adapters, loss: str | None = None, threads: int | None = None,
+                          output: str | None = None):
+    """An inference session (no loss unless given) with saved adapters loaded.
+
+    `adapters` is a pyedge adapters or checkpoint directory (pyedge_adapters.*), or a PEFT
+    directory when pyedge.export can read it. Returns (session, meta)."""
+    import pyedge
+    path = Path(adapters)
+    if not path.exists():
+        raise FileNotFoundError(f"{adapters}: no such adapters directory")
+    raw = ckpt.read_adapters_dir(path)
+    if raw is None:
+        return _session_from_peft(model, path, loss, threads, output)
+    tensors, meta = raw
+    if meta.get("format") != ADAPTERS_FORMAT:
+        raise ckpt.CheckpointError(f"{path}/{ckpt.ADAPTERS_META}: not pyedge adapters")
+    lm = meta.get("lora")
+    lora = (pyedge.LoraConfig(r=int(lm["r"]), alpha=float(lm["alpha"]),
+                              target_modules=list(lm["target_modules"]),
+                              dropout=float(lm.get("dropout", 0.0)),
+                              use_rslora=bool(lm.get("use_rslora", False))) if lm else None)
+    sess = pyedge.TrainingSession(model, lora=lora, train=meta.get("train", []), loss=loss,
+                                  output=output or meta.get("output"), threads=threads,
+                                  label_smoothing=float(meta.get("label_smoothing", 0.0)),
+                                  ignore_index=int(meta.get("ignore_index", -100)))
+    _assign_tensors(sess, tensors, str(path))
+    return sess, meta
+
+
+def _session_from_peft(model, path: Path, loss, threads, output):
+    import pyedge
+    cfg_file = path / "adapter_config.json"
+    if not cfg_file.is_file():
+        raise ckpt.CheckpointError(f"{path}: no adapters found (neither {ckpt.ADAPTERS} nor "
+                                   "adapter_config.json)")
+    try:
+        pc = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{cfg_file}: unreadable ({e})") from None
+    targets = pc.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    lora = pyedge.LoraConfig(r=int(pc.get("r", 8)), alpha=float(pc.get("lora_alpha", 8)),
+                             target_modules=targets, use_rslora=bool(pc.get("use_rslora", False)))
+    train = [f"{m}.*" for m in (pc.get("modules_to_save") or [])]
+    sess = pyedge.TrainingSession(model, lora=lora, train=train, loss=loss, output=output,
+                                  threads=threads)
+    if not hasattr(sess, "load_adapters"):
+        raise ckpt.CheckpointError(f"{path}: PEFT adapters need pyedge.export (not installed in "
+                                   "this build); use a pyedge adapters directory")
+    sess.load_adapters(str(path))
+    meta = {"lora": {"r": lora.r, "alpha": lora.alpha, "target_modules": targets},
+            "train": train, "loss": loss, "output": sess.output_name,
+            "label_smoothing": 0.0, "ignore_index": -100}
+    return sess, meta
+
+
+def _assign_tensors(session, tensors: dict, where: str) -> None:
+    params = session.trainable_parameters()
+    missing = sorted(set(params) - set(tensors))
+    extra = sorted(set(tensors) - set(params))
+    if missing or extra:
+        raise ckpt.CheckpointError(
+            f"{where}: the saved tensors do not match this model/adapter config "
+            f"(missing: {', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(extra[:5]) or 'none'})")
+    for name, arr in tensors.items():
+        if params[name].shape != arr.shape:
+            raise ckpt.CheckpointError(f"{where}: tensor '{name}' has shape {arr.shape}, the "
+                                       f"session's is {params[name].shape}")
+        params[name][...] = arr
+
+
+def _set_step_count(session, n: int) -> None:
+    session.step_count = int(n)
+
+
+def _rng_state(session, seed: int) -> dict:
+    st = {"seed": int(seed), "data": "numpy default_rng([seed, epoch]).permutation"}
+    st["micro_steps"] = int(session.micro_steps)
+    return st
+
+
+# --------------------------------------------------------------------------- evaluation
+def loss_sums(outputs: np.ndarray, labels: np.ndarray, loss: str, ignore_index: int = -100,
+              label_smoothing: float = 0.0):
+    """(sum of per-item losses, item count, correct count or None) for one batch, in float64,
+    with torch's definitions (cross_entropy mean over non-ignored items, mse over elements)."""
+    if loss == "mse":
+        d = outputs.astype(np.float64) - labels.reshape(outputs.shape).astype(np.float64)
+        return float(np.sum(d * d)), int(d.size), None
+    logits, lab = outputs, labels
+    if loss == "causal_lm":
+        logits, lab = logits[..., :-1, :], lab[..., 1:]
+    c = logits.shape[-1]
+    lg = logits.reshape(-1, c).astype(np.float64)
+    lb = lab.reshape(-1).astype(np.int64)
+    keep = lb != ignore_index
+    lg, lb = lg[keep], lb[keep]
+    if not lb.size:
+        return 0.0, 0, 0
+    m = lg.max(axis=1, keepdims=True)
+    logp = lg - (np.log(np.exp(lg - m).sum(axis=1, keepdims=True)) + m)
+    nll = -logp[np.arange(lb.size), lb]
+    per = (1.0 - label_smoothing) * nll + label_smoothing * (-logp.mean(axis=1))
+    correct = int(np.sum(np.argmax(lg, axis=1) == lb))
+    return float(per.sum()), int(lb.size), correct
+
+
+def fixed_batch_size(session) -> int | None:
+    """The batch size the graph fixes (dim 0 of an input), if any."""
+    dims = {v.shape[0] for v in session.graph.inputs
+            if v.name != "labels" and v.shape and v.shape[0] > 0}
+    return min(dims) if dims else None
+
+
+def evaluate(session, dataset: Dataset, batch_size: int = 64, loss: str | None = None,
+             ignore_index: int = -100, label_smoothing: float = 0.0,
+             output: str | None = None) -> dict:
+    """{"loss", "accuracy" (None for mse), "records"} over the whole dataset (a model with a
+    fixed batch size gets its last batch padded with repeated records, ignored in the sums)."""
+    loss = loss or session.loss_kind or "cross_entropy"
+    output = output or session.output_name
+    fixed = fixed_batch_size(session)
+    if fixed:
+        batch_size = fixed
+    total, count, correct = 0.0, 0, 0
+    for inputs, labels in iterate(dataset, batch_size):
+        if labels is None:
+            raise DataError(f"{dataset.path}: no labels to evaluate against")
+        n = len(labels)
+        if fixed and n < fixed:
+            pad = np.arange(fixed) % n
+            inputs = {k: v[pad] for k, v in inputs.items()}
+        out = np.array(session.run(inputs, [output])[output])[:n]
+        s, c_n, c = loss_sums(out, labels, loss, ignore_index, label_smoothing)
+        total, count = total + s, count + c_n
+        correct = None if c is None or correct is None else correct + c
+    res = {"loss": total / count if count else float("nan"),
+           "accuracy": (correct / count if count else float("nan")) if correct is not None else None,
+           "records": len(dataset)}
+    return res
+
+
+def infer_num_classes(session, dataset: Dataset, spec: DataSpec) -> int | None:
+    """The class dim of the loss output, running the model on one record if it is symbolic."""
+    if spec.num_classes is not None or spec.loss not in ("cross_entropy", "causal_lm"):
+        return spec.num_classes
+    n = fixed_batch_size(session) or 1
+    inputs, _ = dataset.batch(np.arange(n) % len(dataset))
+    out = session.run(inputs, [session.output_name])[session.output_name]
+    return int(out.shape[-1])
+
+
+def load_data(session, path, cfg=None, require_labels: bool = True, loss: str | None = "",
+              ignore_index: int | None = None) -> Dataset:
+    """Loads and validates `path` for `session` (options from `cfg`: pad_id, seq_len,
+    skip_nonfinite_data). `loss` gives the labels' spec for a session without a loss."""
+    spec = DataSpec.from_session(session, loss=loss, ignore_index=ignore_index)
+    ds = load_dataset(path, spec, require_labels=require_labels,
+                      pad_id=getattr(cfg, "pad_id", 0), seq_len=getattr(cfg, "seq_len", None),
+                      skip_nonfinite=getattr(cfg, "skip_nonfinite_data", False))
+    if spec.num_classes is None and ds.has_labels and spec.loss in ("cross_entropy", "causal_lm"):
+        spec.num_classes = infer_num_classes(session, ds, spec)
+        labels = ds.fields["labels"]
+        for lab in (labels if isinstance(labels, list) else [labels]):
+            check_label_range(ds.path, lab, spec, "labels")
+    return ds
+
+
+# --------------------------------------------------------------------------- metrics
+class MetricsLog:
+    """out/metrics.jsonl: one JSON object per logged step or evaluation."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = Path(path)
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash
+                if isinstance(rec, dict) and int(rec.get("step", 0)) <= resume_step:
+                    kept.append(line)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in kept))
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def write(self, rec: dict) -> None:
+        rec = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+               for k, v in rec.items()}
+        self._fh.write(json.dumps(rec) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def records(self) -> list[dict]:
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
+    """Loss/accuracy curves as a PNG when matplotlib is installed; False otherwise."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001 - optional dependency, any import failure means skip
+        return False
+    recs = []
+    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        try:
+            recs.append(json.loads(line))
+        except ValueError:
+            pass
+    tr = [r for r in recs if r.get("type") == "train"]
+    ev = [r for r in recs if r.get("type") == "eval"]
+    fig, ax = plt.subplots(1, 2 if any(r.get("accuracy") is not None for r in ev) else 1,
+                           figsize=(10, 4), squeeze=False)
+    def ys(rs, key):
+        return [float("nan") if r.get(key) is None else r[key] for r in rs]
+    a = ax[0][0]
+    a.plot([r["step"] for r in tr], ys(tr, "loss"), label="train loss")
+    if ev:
+        a.plot([r["step"] for r in ev], ys(ev, "loss"), "o-", label="eval loss")
+    a.set_xlabel("step")
+    a.set_ylabel("loss")
+    a.legend()
+    if ax.shape[1] > 1:
+        b = ax[0][1]
+        b.plot([r["step"] for r in ev], ys(ev, "accuracy"), "o-", label="eval accuracy")
+        b.set_xlabel("step")
+        b.set_ylabel("accuracy")
+        b.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+# --------------------------------------------------------------------------- the loop
+def _hashes(cfg: TrainConfig, session, model_sha: str, total_steps: int):
+    structure = {
+        "model_sha256": model_sha,
+        "lora": None if session.lora_config is None else {
+            "r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(session.lora_config.target_modules),
+            "dropout": cfg.lora_dropout, "rslora": cfg.rslora},
+        "train": split_list(cfg.train), "loss": cfg.loss, "output": session.output_name,
+        "optimizer": cfg.optimizer, "tensors": sorted(session.trainable_parameters()),
+    }
+    trajectory = {
+        "lr": cfg.lr, "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps,
+        "total_steps": total_steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "seed": cfg.seed, "max_grad_norm": cfg.max_grad_norm, "weight_decay": cfg.weight_decay,
+        "momentum": cfg.momentum, "label_smoothing": cfg.label_smoothing,
+        "ignore_index": cfg.ignore_index, "drop_last": cfg.drop_last, "shuffle": cfg.shuffle,
+    }
+
+    def h(d):
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return structure, trajectory, h(structure), h(trajectory)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
+          progress_stream=None) -> TrainResult:
+    """Runs training as configured; returns a TrainResult. Raises ConfigError (bad options),
+    DataError, ModelLoadError / PyedgeError (model), CheckpointError, TrainingError."""
+    cfg.validate()
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    ck_root = out / "checkpoints"
+    stream = progress_stream if progress_stream is not None else sys.stderr
+    bar = Progress(0, stream=stream, every=cfg.log_every, enabled=cfg.progress)
+    say = log or bar.write
+
+    if not Path(cfg.model).is_file():
+        raise FileNotFoundError(f"{cfg.model}: no such model file")
+    if cfg.resume:
+        if not ckpt.has_checkpoints(ck_root):
+            say(f"no checkpoint in {ck_root}: starting from scratch")
+    elif ckpt.has_checkpoints(ck_root):
+        raise ConfigError(f"{out} already holds checkpoints of a run: pass --resume to continue "
+                          "it, or choose another --out")
+
+    session = build_session(cfg)
+    model_sha = file_sha256(cfg.model)
+    train_ds = load_data(session, cfg.data, cfg)
+    eval_ds = load_data(session, cfg.eval_data, cfg) if cfg.eval_data else None
+    for ds in (train_ds, eval_ds):
+        if ds is not None and ds.skipped:
+            say(f"{ds.path}: skipped {ds.skipped} record(s) with NaN/inf values")
+    fixed_batch = fixed_batch_size(session)
+    if fixed_batch and cfg.batch_size != fixed_batch:
+        raise ConfigError(f"the model has a fixed batch size {fixed_batch} (exported without a "
+                          f"dynamic batch axis): use --batch-size {fixed_batch}")
+    drop_last = cfg.drop_last or bool(fixed_batch)
+    loader = BatchLoader(train_ds, cfg.batch_size, shuffle=cfg.shuffle, seed=cfg.seed,
+                         drop_last=drop_last)
+    k = cfg.grad_accum
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * loader.batches_per_epoch / k))
+    schedule = make_schedule(cfg.schedule, cfg.lr, cfg.warmup_steps, total_steps)
+    structure, trajectory, s_hash, t_hash = _hashes(cfg, session, model_sha, total_steps)
+    eval_bs = cfg.eval_batch_size or max(cfg.batch_size, 64)
+
+    step, skipped, resumed_from = 0, 0, None
+    last_ck: Path | None = None
+    if cfg.resume and ckpt.has_checkpoints(ck_root):
+        ckpt.cleanup_temp(ck_root)
+        ck = ckpt.load_latest(ck_root, warn=say)
+        if ck is not None:
+            st = ck.state
+            if st.get("config_hash") != s_hash:
+                old = st.get("structure", {})
+                diff = [key for key in structure if old.get(key) != structure[key]]
+                raise ckpt.CheckpointError(
+                    f"{ck.path}: made with a different model or adapter setup "
+                    f"({', '.join(diff) or 'config'} changed); use another --out")
+            if st.get("trajectory_hash") != t_hash:
+                old = st.get("trajectory", {})
+                diff = [key for key in trajectory if old.get(key) != trajectory[key]]
+                say(f"warning: resuming with changed {', '.join(diff)}: the result will differ "
+                    "from an uninterrupted run")
+            _assign_tensors(session, ck.tensors, str(ck.path))
+            optim = session.optimizer_state()
+            for name, d in optim.items():
+                for key, arr in d.items():
+                    saved = ck.optimizer_state.get(name, {}).get(key)
+                    if saved is None or saved.shape != arr.shape:
+                        raise ckpt.CheckpointError(f"{ck.path}: optimizer state '{key}' of "
+                                                   f"'{name}' is missing or has the wrong shape")
+                    arr[...] = saved
+            _set_step_count(session, st["optimizer_steps"])
+            rng = st.get("rng", {})
+            if "micro_steps" in rng:
+                session.micro_steps = int(rng["micro_steps"])
+            try:
+                loader.load_state(st["data"])
+            except ValueError as e:
+                raise ckpt.CheckpointError(f"{ck.path}: {e}") from None
+            step = resumed_from = ck.step
+            skipped = int(st.get("skipped_nonfinite", 0))
+            last_ck = ck.path
+            say(f"resumed from {ck.path} (step {step}, epoch {loader.position:.2f})")
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write(out / "config.json", json.dumps(
+        {k2: v for k2, v in dataclasses.asdict(cfg).items()}, indent=1, default=str).encode())
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resumed_from is not None else None)
+
+    def save(step_now: int) -> Path:
+        state = {
+            "step": step_now, "optimizer_steps": int(session.step_count),
+            "epoch": loader.position, "data": loader.state(), "rng": _rng_state(session, cfg.seed),
+            "lr": schedule.lr_at(step_now), "total_steps": total_steps,
+            "config_hash": s_hash, "trajectory_hash": t_hash, "structure": structure,
+            "trajectory": trajectory, "skipped_nonfinite": skipped, "time": time.time(),
+        }
+        return ckpt.save_checkpoint(ck_root, step_now, session.trainable_parameters(),
+                                    session.optimizer_state(), state,
+                                    adapter_meta(cfg, session, model_sha, step_now),
+                                    keep=cfg.keep_checkpoints)
+
+    def run_eval(step_now: int) -> dict:
+        res = evaluate(session, eval_ds, eval_bs, cfg.loss, cfg.ignore_index, cfg.label_smoothing)
+        metrics.write({"type": "eval", "step": step_now, "epoch": round(loader.position, 4),
+                       **res})
+        acc = f", accuracy {res['accuracy']:.4f}" if res["accuracy"] is not None else ""
+        say(f"eval @ step {step_now}: loss {res['loss']:.4f}{acc} ({res['records']} records)")
+        return res
+
+    initial_eval = None
+    if cfg.eval_at_start and eval_ds is not None and resumed_from is None:
+        initial_eval = run_eval(0)
+
+    bar.total, bar.start_step, bar.step = total_steps, step, step
+    bar.t0 = time.perf_counter()
+    last_eval = None
+    window: list[float] = []
+    last_loss = float("nan")
+    ema = None  # moving average of the loss, for the progress display and the result
+    try:
+        while step < total_steps:
+            session.lr = schedule.lr_at(step)
+            losses, failure = [], None
+            for micro in range(k):
+                inputs, labels, _ = loader.next()
+                if failure is not None:
+                    continue  # keep the data stream aligned with an uninterrupted run
+                try:
+                    losses.append(session.step(inputs, labels, update=(micro == k - 1),
+                                               grad_scale=1.0 / k))
+                except FloatingPointError as e:
+                    failure = e
+            step += 1
+            if failure is not None:
+                if not cfg.skip_nonfinite:
+                    where = f"; the last checkpoint ({last_ck}) is intact" if last_ck else \
+                        "; no checkpoint was written yet"
+                    raise TrainingError(f"non-finite loss or gradient at step {step}{where}: "
+                                        "lower --lr, check the data, or pass --skip-nonfinite")
+                skipped += 1
+                metrics.write({"type": "skip", "step": step, "reason": "non-finite"})
+            else:
+                last_loss = float(np.mean(losses))
+                window.append(last_loss)
+                ema = last_loss if ema is None else 0.9 * ema + 0.1 * last_loss
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                rec = {"type": "train", "step": step, "epoch": round(loader.position, 4),
+                       "loss": float(np.mean(window)) if window else float("nan"),
+                       "lr": session.lr,
+                       "grad_norm": (float(session.last_grad_norm) / k
+                                     if session.last_grad_norm is not None else None),
+                       "skipped_nonfinite": skipped,
+                       "seconds": round(now - t_start, 3)}
+                metrics.write(rec)
+                window = []
+            bar.update(step, ema, lr=session.lr)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                last_ck = save(step)
+            if eval_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 \
+                    and step < total_steps:
+                last_eval = run_eval(step)
+        bar.close()
+        if last_ck is None or last_ck.name != f"step-{step}":
+            last_ck = save(step)
+        if eval_ds is not None:
+            last_eval = run_eval(step)
+    finally:
+        bar.close()
+        metrics.close()
+    if skipped:
+        say(f"skipped {skipped} step(s) with a non-finite loss or gradient")
+    adapters_dir = out / "adapters"
+    ckpt.write_adapters_dir(adapters_dir, session.trainable_parameters(),
+                            adapter_meta(cfg, session, model_sha, step))
+    peft = False
+    if hasattr(session, "save_adapters"):
+        try:
+            session.save_adapters(str(adapters_dir))
+            peft = True
+        except Exception as e:  # noqa: BLE001 - the raw adapters are saved anyway
+            say(f"warning: PEFT adapters not written ({type(e).__name__}: {e}); the pyedge "
+                "adapters are in " + str(adapters_dir))
+    if cfg.plot:
+        try:
+            plot_metrics(out / "metrics.jsonl", out / "metrics.png")
+        except Exception:  # noqa: BLE001 - a plot must never fail a finished run
+            pass
+    return TrainResult(step, int(session.step_count), loader.position,
+                       ema if ema is not None else float("nan"), last_eval,
+                       initial_eval, out, adapters_dir, last_ck, skipped,
+                       time.perf_counter() - t_start, resumed_from, peft)
