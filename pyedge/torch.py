@@ -47,7 +47,9 @@ def load_adapters(model, adapters_dir, merge: bool = False, use_peft: bool | Non
     """Loads a PEFT-format adapter folder (as pyedge writes it) into `model`.
 
     With peft installed (or use_peft=True): returns ``PeftModel.from_pretrained(model, dir)``,
-    or its ``merge_and_unload()`` when merge=True. Without peft (or use_peft=False): merges by
+    or its ``merge_and_unload()`` when merge=True. Tensors PEFT needs for modules_to_save that
+    the folder lacks (an ONNX file from another exporter may have dropped e.g. a zero bias, so
+    pyedge never trained it) are taken from `model` itself, with a warning. Without peft (or use_peft=False): merges by
     hand -- ``W += scaling * B @ A`` (transposed for transformers' Conv1D, i.e.
     fan_in_fan_out; the einsum of PEFT for Conv2d), modules_to_save tensors copied -- and
     returns `model` itself, modified in place (merge=False is then impossible: a warning says
@@ -62,13 +64,45 @@ def load_adapters(model, adapters_dir, merge: bool = False, use_peft: bool | Non
         except ImportError:
             use_peft = False
     if use_peft:
+        import tempfile
+
         from peft import PeftModel
-        pm = PeftModel.from_pretrained(model, str(adapters_dir), is_trainable=is_trainable)
+        with tempfile.TemporaryDirectory(prefix="pyedge-adapters-") as tmp:
+            folder = _complete_for_peft(model, str(adapters_dir), tmp)
+            pm = PeftModel.from_pretrained(model, folder, is_trainable=is_trainable)
         return pm.merge_and_unload() if merge else pm
     if not merge and auto:
         warnings.warn("peft is not installed: the adapters are merged into the weights",
                       stacklevel=2)
     return merge_into(model, adapters_dir)
+
+
+def _complete_for_peft(model, folder, tmp):
+    """PEFT needs every state_dict key of each modules_to_save module. A file exported by
+    someone else may lack some (e.g. an all-zero bias the exporter's optimizer dropped, so
+    pyedge never saw it); those tensors were not trained, so their values are the base
+    model's: a completed copy of the folder is written to `tmp` and returned (else `folder`)."""
+    from pyedge.export.peft import PREFIX, read_adapters, write_adapters
+
+    config, tensors = read_adapters(folder)
+    suffixes = list(config.get("modules_to_save") or [])
+    if config.get("task_type") in ("SEQ_CLS", "TOKEN_CLS"):
+        suffixes += ["classifier", "score"]
+    if not suffixes:
+        return folder
+    state = model.state_dict()
+    modules = {n.rpartition(".")[0] for n in state}
+    wrapped = {m for m in modules if any(m.endswith(t) for t in suffixes)}
+    missing = {n: t for n, t in state.items() if n.rpartition(".")[0] in wrapped
+               and PREFIX + n not in tensors}
+    if not missing:
+        return folder
+    warnings.warn(f"the adapters lack {sorted(missing)[:6]} (not in the ONNX file); "
+                  "using the base model's values", stacklevel=3)
+    for n, t in missing.items():
+        tensors[PREFIX + n] = t.detach().cpu().numpy()
+    write_adapters(tmp, config, tensors)
+    return tmp
 
 
 def merge_into(model, adapters_dir):

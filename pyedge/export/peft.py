@@ -29,6 +29,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -232,6 +233,20 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
                 "has neither the tensor nor its value (too large for the metadata); train "
                 "this module's tensors through LoRA or a smaller module instead")
         tensors[PREFIX + name] = np.asarray(e["value"], dtype=e["dtype"]).reshape(e["shape"])
+
+    if "pyedge.param_map" not in graph.metadata:
+        no_bias = sorted(m for m in wrapped
+                         if any(e.get("module") == m and e.get("param") == "weight"
+                                and e.get("kind") in ("linear", "conv") for e in
+                                graph.param_map.values())
+                         and not any(e.get("module") == m and e.get("param") == "bias"
+                                     for e in graph.param_map.values()))
+        if no_bias:
+            warnings.warn(
+                f"the ONNX file has no bias for {no_bias[:5]} (not exported by pyedge: an "
+                "exporter may drop a zero bias); if the PyTorch module has one, PEFT needs it: "
+                "load with pyedge.torch.load_adapters, which fills it from the base model",
+                stacklevel=3)
 
     if target_modules and cfg is not None:
         _zero_lora_for_suffix_matches(graph, target_modules, cfg.r, tensors)
