@@ -95,7 +95,6 @@ def test_merge_cnn_whole_tensors(exporter, export_root, tmp_path):
     assert merged_equals_torch("cnn", exporter, export_root, tmp_path, "pyedge") < TOL
 
 
-@pytest.mark.slow
 def test_merge_gpt2_dynamo(export_root, tmp_path):
     assert merged_equals_torch("gpt2", "dynamo", export_root, tmp_path, "pyedge") < TOL
 

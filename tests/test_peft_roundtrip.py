@@ -224,8 +224,7 @@ def test_cnn_pyedge_to_peft(exporter, export_root, tmp_path):
     assert pyedge_to_peft("cnn", exporter, export_root, tmp_path) < TOL
 
 
-@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo",
-                                                                   marks=pytest.mark.slow)])
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_gpt2_pyedge_to_peft(exporter, export_root, tmp_path):
     assert pyedge_to_peft("gpt2", exporter, export_root, tmp_path) < TOL
 
