@@ -248,16 +248,14 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
                 "load with pyedge.torch.load_adapters, which fills it from the base model",
                 stacklevel=3)
 
-    if target_modules and cfg is not None:
-        _zero_lora_for_suffix_matches(graph, target_modules, cfg.r, tensors)
-
     r, alpha, dropout, rslora = (cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora) if cfg \
         else (1, 1.0, 0.0, False)
     if not target_modules:
         if not modules_to_save:
             raise AdapterError("the session trains nothing that can be saved")
-        target_modules, fan_in_fan_out = _noop_lora(graph, modules_to_save, tensors)
+        target_modules, fan_in_fan_out = _noop_lora(graph, wrapped, tensors)
         r, alpha, dropout, rslora = 1, 1.0, 0.0, False
+    _zero_lora_for_suffix_matches(graph, target_modules, int(r), tensors)
     alpha_out = int(alpha) if float(alpha).is_integer() else float(alpha)
     config = {
         "peft_type": "LORA",
@@ -328,7 +326,7 @@ def _zero_lora_for_suffix_matches(graph, target_modules, r, tensors):
                 tensors[f"{PREFIX}{m}.lora_B.weight"] = np.zeros((dims[1], r), np.float32)
 
 
-def _noop_lora(graph, modules_to_save, tensors):
+def _noop_lora(graph, wrapped, tensors):
     """A zero rank-1 LoRA on one linear module outside modules_to_save (see module doc)."""
     for name, arr in graph.initializers.items():
         e = graph.param_map.get(name)
@@ -337,7 +335,7 @@ def _noop_lora(graph, modules_to_save, tensors):
             continue
         mod = e["module"]
         if any(mod == m or mod.startswith(m + ".") or m.startswith(mod + ".")
-               for m in modules_to_save):
+               for m in wrapped):
             continue
         w = arr.T if e.get("transposed") else arr  # PyTorch layout
         fifo = e["kind"] == "conv1d_fan_in_fan_out"
