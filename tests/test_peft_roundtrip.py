@@ -573,3 +573,23 @@ def test_plain_folded_export_transposed_whole_tensor(tmp_path):
                                    target_modules=["inp"]), train=["proj.*"], loss=None)
     again.load_adapters(folder)
     assert rel_err(again.run({"x": x})[sess.output_name], torch_out(pm, {"x": x})) < TOL
+
+
+def test_conv_lora_trained_in_session_loads_into_peft(export_root, tmp_path):
+    """LoRA on Conv layers through TrainingSession: train, save, PeftModel loads it exactly."""
+    path = export_model("cnn", "torchscript", export_root)
+    targets = ["blocks.2.conv", "blocks.3.conv", "head"]
+    sess = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(r=4, alpha=8,
+                                  target_modules=targets), optimizer=pyedge.AdamW(lr=1e-2))
+    assert sorted(s.module for s in sess.lora_sites) == sorted(targets)
+    train(sess, "cnn", steps=3)
+    params = sess.trainable_parameters()
+    assert all(np.any(params[s.lora_b] != 0) for s in sess.lora_sites)
+    folder = str(tmp_path / "adapters")
+    sess.save_adapters(folder)
+    pm = load_peft_strict(build("cnn")[0], folder)
+    feed, _ = make_batch("cnn", 21)
+    assert rel_err(sess.run(feed)[sess.output_name], torch_out(pm, feed)) < TOL
+    # sparse: only the last two blocks and the head get a backward
+    stats = sess.plan_stats(feed)
+    assert not any("blocks.0" in n or "blocks.1" in n for n in stats["backward_nodes"])
