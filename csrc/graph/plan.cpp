@@ -1,6 +1,9 @@
 #include "graph/plan.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -49,6 +52,40 @@ int64_t place_intervals(std::vector<Interval>& iv) {
 
 }  // namespace
 
+int64_t plan_memory_limit() {
+  if (const char* env = std::getenv("PYEDGE_MAX_MEMORY")) {
+    char* end = nullptr;
+    double v = std::strtod(env, &end);
+    double mult = 1;
+    if (end && *end) {
+      switch (*end) {
+        case 'k': case 'K': mult = double(1 << 10); break;
+        case 'm': case 'M': mult = double(1 << 20); break;
+        case 'g': case 'G': mult = double(1 << 30); break;
+        case 't': case 'T': mult = double(int64_t(1) << 40); break;
+        default: mult = 0;
+      }
+    }
+    PYEDGE_CHECK(end != env && mult > 0 && v > 0,
+                 "PYEDGE_MAX_MEMORY='", env, "' is not a byte count (e.g. 2000000000 or 2G)");
+    double bytes = v * mult;
+    return bytes >= 1e15 ? int64_t(1e15) : int64_t(bytes);  // 1 PB: keeps the sums far from overflow
+  }
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return std::numeric_limits<int64_t>::max();
+  return int64_t(double(pages) * double(page) * 0.75);
+}
+
+namespace {
+// Refuses a plan whose memory would exceed the limit, before it is allocated.
+void check_memory(const Model& model, const char* what, int64_t bytes, int64_t limit) {
+  PYEDGE_CHECK(bytes <= limit, "the plan needs ", bytes, " bytes of ", what,
+               ", over the memory limit of ", limit, " bytes (75% of RAM by default; set "
+               "PYEDGE_MAX_MEMORY to change it): check the input shapes and the model's "
+               "Reshape/Expand/ConstantOfShape sizes");
+}
+}  // namespace
+
 Plan::Plan(const Model& model, const PlanRequest& req) : model_(&model) { build(model, req); }
 
 void Plan::build(const Model& model, const PlanRequest& req) {
@@ -72,6 +109,7 @@ void Plan::build(const Model& model, const PlanRequest& req) {
     external[size_t(v)] = true;
   }
   loss_ = req.loss;
+  const int64_t mem_limit = plan_memory_limit();
 
   // Only nodes that lead to a target are planned.
   std::vector<bool> needed_value(nv, false), needed_node(model.nodes.size(), false);
@@ -129,6 +167,9 @@ void Plan::build(const Model& model, const PlanRequest& req) {
       // All inputs known now: compute once at plan time (shape arithmetic, frozen-weight
       // transposes) and treat the results as constants.
       std::vector<Tensor> outs;
+      int64_t fold_bytes = stats_.constant_bytes + int64_t(op->forward_scratch_bytes());
+      for (auto& o : op->outputs) fold_bytes += int64_t(o.nbytes());
+      check_memory(model, "folded constants", fold_bytes, mem_limit);
       for (size_t k = 0; k < op->outputs.size(); ++k) {
         folded_.push_back(OwnedTensor::make(op->outputs[k].dtype, op->outputs[k].shape));
         stats_.constant_bytes += int64_t(folded_.back().t.nbytes());
@@ -307,7 +348,12 @@ void Plan::build(const Model& model, const PlanRequest& req) {
       stats_.scratch_bytes += int64_t(sb);
     }
   }
+  // One buffer over the limit is refused before placing (keeps the offsets far from
+  // overflow); the placed arena is checked again below, before it is allocated.
+  for (auto& x : iv) check_memory(model, "one activation/gradient/scratch buffer", x.bytes, mem_limit);
   stats_.arena_bytes = place_intervals(iv);
+  check_memory(model, "activations, gradients and scratch",
+               stats_.arena_bytes + stats_.constant_bytes, mem_limit);
   arena_ = Buffer(size_t(std::max<int64_t>(stats_.arena_bytes, 1)));
   char* base = static_cast<char*>(arena_.data());
   for (size_t i = 0; i < iv.size(); ++i) {

@@ -33,6 +33,10 @@ struct PlanStats {
   std::vector<std::string> backward_nodes;  // node names with a backward step, in order
 };
 
+// Bytes a plan may use (arena + folded constants): PYEDGE_MAX_MEMORY (bytes, or with a
+// K/M/G/T suffix) or by default 75% of physical RAM. Read on every plan build (no global state).
+int64_t plan_memory_limit();
+
 class Plan {
  public:
   Plan(const Model& model, const PlanRequest& req);
