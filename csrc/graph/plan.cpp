@@ -1,6 +1,6 @@
 #include "graph/plan.h"
 
-#include <unistd.h>
+#include "common/memory_limit.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -52,30 +52,6 @@ int64_t place_intervals(std::vector<Interval>& iv) {
 
 }  // namespace
 
-int64_t plan_memory_limit() {
-  if (const char* env = std::getenv("PYEDGE_MAX_MEMORY")) {
-    char* end = nullptr;
-    double v = std::strtod(env, &end);
-    double mult = 1;
-    if (end && *end) {
-      switch (*end) {
-        case 'k': case 'K': mult = double(1 << 10); break;
-        case 'm': case 'M': mult = double(1 << 20); break;
-        case 'g': case 'G': mult = double(1 << 30); break;
-        case 't': case 'T': mult = double(int64_t(1) << 40); break;
-        default: mult = 0;
-      }
-    }
-    PYEDGE_CHECK(end != env && mult > 0 && v > 0,
-                 "PYEDGE_MAX_MEMORY='", env, "' is not a byte count (e.g. 2000000000 or 2G)");
-    double bytes = v * mult;
-    return bytes >= 1e15 ? int64_t(1e15) : int64_t(bytes);  // 1 PB: keeps the sums far from overflow
-  }
-  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  if (pages <= 0 || page <= 0) return std::numeric_limits<int64_t>::max();
-  return int64_t(double(pages) * double(page) * 0.75);
-}
-
 namespace {
 // Refuses a plan whose memory would exceed the limit, before it is allocated.
 void check_memory(const Model& model, const char* what, int64_t bytes, int64_t limit) {
@@ -109,7 +85,7 @@ void Plan::build(const Model& model, const PlanRequest& req) {
     external[size_t(v)] = true;
   }
   loss_ = req.loss;
-  const int64_t mem_limit = plan_memory_limit();
+  const int64_t mem_limit = memory_limit_bytes();
 
   // Only nodes that lead to a target are planned.
   std::vector<bool> needed_value(nv, false), needed_node(model.nodes.size(), false);

@@ -33,10 +33,8 @@ struct PlanStats {
   std::vector<std::string> backward_nodes;  // node names with a backward step, in order
 };
 
-// Bytes a plan may use (arena + folded constants): PYEDGE_MAX_MEMORY (bytes, or with a
-// K/M/G/T suffix) or by default 75% of physical RAM. Read on every plan build (no global state).
-int64_t plan_memory_limit();
-
+// A plan refuses to be built when its arena + folded constants exceed memory_limit_bytes()
+// (common/memory_limit.h): PYEDGE_MAX_MEMORY or 75% of physical RAM.
 class Plan {
  public:
   Plan(const Model& model, const PlanRequest& req);
