@@ -166,7 +166,7 @@ def _attr_value(a: onnx.AttributeProto, node_desc: str):
     if a.type == A.STRINGS:
         return [s.decode("utf-8", "replace") for s in a.strings]
     if a.type == A.TENSOR:
-        return np.array(numpy_helper.to_array(a.t), order="C")
+        return _to_array(a.t, node_desc)
     raise ModelLoadError(f"{node_desc}: attribute '{a.name}' of type "
                          f"{A.AttributeType.Name(a.type)} is not supported (control flow / "
                          "subgraphs)")
@@ -179,10 +179,17 @@ def _value_info(v: onnx.ValueInfoProto) -> ValueInfo:
     return ValueInfo(v.name, dtype, shape)
 
 
+def _to_array(t: onnx.TensorProto, desc: str) -> np.ndarray:
+    try:
+        return np.array(numpy_helper.to_array(t), order="C")
+    except Exception as e:  # noqa: BLE001 - onnx raises TypeError/ValueError/... on bad tensors
+        raise ModelLoadError(f"{desc}: tensor attribute cannot be read: {e}") from e
+
+
 def _constant_value(node: onnx.NodeProto, desc: str) -> np.ndarray:
     for a in node.attribute:
         if a.name == "value":
-            return np.array(numpy_helper.to_array(a.t), order="C")
+            return _to_array(a.t, desc)
         if a.name == "value_float":
             return np.array(a.f, np.float32)
         if a.name == "value_floats":
