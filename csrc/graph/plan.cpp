@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <chrono>
 #include <cstring>
 #include <limits>
 
@@ -384,10 +385,16 @@ void Plan::run(bool training, uint64_t seed, bool backward) {
   ctx.training = training;
   ctx.seed = seed;
   char* base = static_cast<char*>(arena_.data());
+  using clock = std::chrono::steady_clock;
   for (Step& s : fwd_) {
     ctx.scratch = base + s.scratch_offset;
     ctx.node_index = uint64_t(s.node);
+    auto t0 = profiling_ ? clock::now() : clock::time_point{};
     s.op->forward(s.in, s.out, ctx);
+    if (profiling_) {
+      s.seconds += std::chrono::duration<double>(clock::now() - t0).count();
+      ++s.calls;
+    }
   }
   if (!backward || loss_ < 0) return;
   Tensor& g = grads_[size_t(loss_)];
@@ -396,8 +403,24 @@ void Plan::run(bool training, uint64_t seed, bool backward) {
     for (int v : s.zero_grads) std::memset(grads_[size_t(v)].data, 0, grads_[size_t(v)].nbytes());
     ctx.scratch = base + s.scratch_offset;
     ctx.node_index = uint64_t(s.node);
+    auto t0 = profiling_ ? clock::now() : clock::time_point{};
     s.op->backward(s.in, s.out, s.dout, s.din, ctx);
+    if (profiling_) {
+      s.seconds += std::chrono::duration<double>(clock::now() - t0).count();
+      ++s.calls;
+    }
   }
+}
+
+std::vector<Plan::StepTime> Plan::profile() const {
+  std::vector<StepTime> r;
+  auto add = [&](const Step& s, bool bwd) {
+    const NodeInfo& n = model_->nodes[size_t(s.node)].info;
+    r.push_back({n.name, op_key(n.domain, n.op_type), bwd, s.seconds, s.calls});
+  };
+  for (const Step& s : fwd_) add(s, false);
+  for (const Step& s : bwd_) add(s, true);
+  return r;
 }
 
 }  // namespace pyedge
