@@ -60,7 +60,9 @@ cd "$SRC"
 # The module really is the sanitized one, loaded from the copy.
 "$PY" -c "import pyedge._core as c, sys; assert c.__file__.startswith('$SRC'), c.__file__"
 set +e
-"$PY" -m pytest -q -p no:cacheprovider "${ARGS[@]}"
+# --capture=sys: a sanitizer report goes to the real stderr (fd capture would swallow it when
+# halt_on_error ends the process).
+"$PY" -m pytest -q -p no:cacheprovider --capture=sys "${ARGS[@]}"
 rc=$?
 set -e
 if compgen -G "$LOG/*" >/dev/null; then
