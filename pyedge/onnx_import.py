@@ -63,6 +63,31 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     return proto
 
 
+def _check_names(g: onnx.GraphProto) -> None:
+    """Protobuf hands out bytes for a string field holding invalid UTF-8: refuse such names."""
+    def bad(x, what):
+        raise ModelLoadError(f"{what} {x!r} is not valid UTF-8")
+    for t in g.initializer:
+        if not isinstance(t.name, str):
+            bad(t.name, "initializer name")
+    for v in list(g.input) + list(g.output):
+        if not isinstance(v.name, str):
+            bad(v.name, "graph input/output name")
+    for n in g.node:
+        for x in (n.name, n.op_type, n.domain, *n.input, *n.output):
+            if not isinstance(x, str):
+                bad(x, f"{n.op_type!r} node name/input/output/domain")
+        for a in n.attribute:
+            if not isinstance(a.name, str):
+                bad(a.name, "attribute name")
+        for p in n.metadata_props:
+            if not isinstance(p.key, str) or not isinstance(p.value, str):
+                bad(p.key, "node metadata")
+    for p in getattr(g, "metadata_props", []):
+        if not isinstance(p.key, str) or not isinstance(p.value, str):
+            bad(p.key, "graph metadata")
+
+
 def _np_dtype(elem_type: int, what: str) -> str:
     try:
         return ONNX_TO_NP[elem_type]
@@ -141,7 +166,7 @@ def _attr_value(a: onnx.AttributeProto, node_desc: str):
     if a.type == A.STRINGS:
         return [s.decode("utf-8", "replace") for s in a.strings]
     if a.type == A.TENSOR:
-        return np.array(numpy_helper.to_array(a.t), order="C")
+        return _to_array(a.t, node_desc)
     raise ModelLoadError(f"{node_desc}: attribute '{a.name}' of type "
                          f"{A.AttributeType.Name(a.type)} is not supported (control flow / "
                          "subgraphs)")
@@ -154,10 +179,17 @@ def _value_info(v: onnx.ValueInfoProto) -> ValueInfo:
     return ValueInfo(v.name, dtype, shape)
 
 
+def _to_array(t: onnx.TensorProto, desc: str) -> np.ndarray:
+    try:
+        return np.array(numpy_helper.to_array(t), order="C")
+    except Exception as e:  # noqa: BLE001 - onnx raises TypeError/ValueError/... on bad tensors
+        raise ModelLoadError(f"{desc}: tensor attribute cannot be read: {e}") from e
+
+
 def _constant_value(node: onnx.NodeProto, desc: str) -> np.ndarray:
     for a in node.attribute:
         if a.name == "value":
-            return np.array(numpy_helper.to_array(a.t), order="C")
+            return _to_array(a.t, desc)
         if a.name == "value_float":
             return np.array(a.f, np.float32)
         if a.name == "value_floats":
@@ -171,6 +203,13 @@ def _constant_value(node: onnx.NodeProto, desc: str) -> np.ndarray:
 
 def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     g = proto.graph
+    _check_names(g)
+    for p in proto.metadata_props:
+        if not isinstance(p.key, str) or not isinstance(p.value, str):
+            raise ModelLoadError(f"model metadata {p.key!r} is not valid UTF-8")
+    for o in proto.opset_import:
+        if not isinstance(o.domain, str):
+            raise ModelLoadError(f"opset domain {o.domain!r} is not valid UTF-8")
     opsets = {(o.domain or ""): int(o.version) for o in proto.opset_import}
     if "ai.onnx" in opsets and "" not in opsets:
         opsets[""] = opsets["ai.onnx"]

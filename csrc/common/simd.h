@@ -62,7 +62,7 @@ struct Scalar {
   static PYEDGE_SIMD_INLINE float hsum(V a) { return a; }
   static PYEDGE_SIMD_INLINE float hmax(V a) { return a; }
   static PYEDGE_SIMD_INLINE V pow2n(V n) {
-    int32_t bits = (int32_t(n) + 127) << 23;
+    uint32_t bits = uint32_t(int32_t(n == n ? n : 0.f) + 127) << 23;  // NaN: no UB
     float f;
     std::memcpy(&f, &bits, 4);
     return f;

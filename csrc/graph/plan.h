@@ -33,6 +33,8 @@ struct PlanStats {
   std::vector<std::string> backward_nodes;  // node names with a backward step, in order
 };
 
+// A plan refuses to be built when its arena + folded constants exceed memory_limit_bytes()
+// (common/memory_limit.h): PYEDGE_MAX_MEMORY or 75% of physical RAM.
 class Plan {
  public:
   Plan(const Model& model, const PlanRequest& req);

@@ -32,7 +32,7 @@ inline float exp_f(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  int32_t bits = (int32_t(n) + 127) << 23;
+  uint32_t bits = uint32_t(int32_t(n == n ? n : 0.f) + 127) << 23;  // NaN: no UB, p stays NaN
   float s;
   std::memcpy(&s, &bits, sizeof s);
   float y = p * s;
