@@ -40,7 +40,9 @@ bool is_float(DType t) { return t == DType::f32 || t == DType::f64; }
 
 int64_t numel(const Shape& s) {
   int64_t n = 1;
-  for (int64_t d : s) n *= d;
+  for (int64_t d : s)
+    if (__builtin_mul_overflow(n, d, &n))  // a hostile or broken model's shape
+      throw Error(str_cat("tensor shape ", shape_str(s), " has too many elements"));
   return n;
 }
 
