@@ -201,6 +201,30 @@ def _constant_value(node: onnx.NodeProto, desc: str) -> np.ndarray:
     raise ModelLoadError(f"{desc}: Constant without a supported value attribute")
 
 
+def _check_inputs_against_schema(node: Node, opset: int) -> None:
+    """An absent input ("") is allowed only where the ONNX schema marks it optional; kernels
+    rely on this, so a broken file is refused here rather than read through a null tensor."""
+    if node.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset)
+    except Exception:  # noqa: BLE001 - unknown op: the core reports it with the node's name
+        return
+    formal = list(schema.inputs)
+    if len(node.inputs) < schema.min_input:
+        raise ModelLoadError(f"{node.op_type} node '{node.name}' has {len(node.inputs)} inputs, "
+                             f"the op needs at least {schema.min_input}")
+    Opt = onnx.defs.OpSchema.FormalParameterOption
+    for i, name in enumerate(node.inputs):
+        if name:
+            continue
+        param = formal[min(i, len(formal) - 1)] if formal else None
+        if param is None or param.option != Opt.Optional:
+            what = param.name if param is not None else f"#{i}"
+            raise ModelLoadError(f"{node.op_type} node '{node.name}': required input {i} "
+                                 f"('{what}') is missing")
+
+
 def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     g = proto.graph
     _check_names(g)
@@ -240,6 +264,10 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     init_names = set(inits)
     inputs = [_value_info(v) for v in g.input if v.name not in init_names]
     outputs = [_value_info(v) for v in g.output]
+    if not outputs:
+        raise ModelLoadError("the model declares no graph outputs")
+    for n in nodes:
+        _check_inputs_against_schema(n, opsets.get(n.domain, opsets.get("", 17)))
     metadata = {p.key: p.value for p in proto.metadata_props}
     graph = Graph(nodes, inits, inputs, outputs, opsets, metadata=metadata,
                   node_scopes=node_scopes)

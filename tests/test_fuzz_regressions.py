@@ -19,9 +19,19 @@ def test_saved_input(name):
     # graph_constant_undefined_tensor.onnx: Constant with an UNDEFINED tensor -> TypeError.
     # import_bytes_name.onnx: an initializer name with invalid UTF-8 came back from protobuf
     # as bytes and raised TypeError deep in param_names; now a ModelLoadError at import.
+    # graph_absent_required_input.onnx: Add('', b1): the kernel read a null tensor and the
+    # process died (SIGSEGV); absent inputs are now checked against the ONNX schema at import.
+    # import_no_outputs.onnx: a graph without outputs -> IndexError; now a ModelLoadError.
     common.checked((DATA / name).read_bytes())
 
 
 def test_seed_models_run():
     for name, m in common.seed_models().items():
         common.run_model(m)
+
+
+@pytest.mark.parametrize("name", ["graph_absent_required_input.onnx", "import_no_outputs.onnx"])
+def test_broken_graphs_are_refused_at_import(name):
+    import pyedge
+    with pytest.raises(pyedge.ModelLoadError):
+        pyedge.load_onnx((DATA / name).read_bytes())
