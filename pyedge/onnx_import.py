@@ -5,6 +5,7 @@ Weights are numpy views: on the protobuf's bytes, or memory-mapped from external
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def _tensor_array(t: onnx.TensorProto, base_dir, max_bytes: int) -> np.ndarray:
     dims = [int(d) for d in t.dims]
     if any(d < 0 for d in dims):
         raise ModelLoadError(f"initializer '{t.name}' has a negative dimension {dims}")
-    count = int(np.prod(dims, dtype=np.float64)) if dims else 1
+    count = math.prod(dims)  # Python ints: no overflow for hostile dims
     nbytes = count * dtype.itemsize
     if nbytes > max_bytes:
         raise ModelLoadError(f"initializer '{t.name}' declares {nbytes} bytes, over the limit of "

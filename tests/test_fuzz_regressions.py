@@ -22,6 +22,9 @@ def test_saved_input(name):
     # graph_absent_required_input.onnx: Add('', b1): the kernel read a null tensor and the
     # process died (SIGSEGV); absent inputs are now checked against the ONNX schema at import.
     # import_no_outputs.onnx: a graph without outputs -> IndexError; now a ModelLoadError.
+    # graph_squeeze_scalar_axis.onnx: Squeeze(scalar, axes=[0]) read shape[0] of a rank-0
+    # tensor (SIGSEGV); axes are now checked against the rank.
+    # import_dims_overflow.onnx: dims whose product overflowed float64 -> OverflowError.
     common.checked((DATA / name).read_bytes())
 
 
@@ -35,3 +38,10 @@ def test_broken_graphs_are_refused_at_import(name):
     import pyedge
     with pytest.raises(pyedge.ModelLoadError):
         pyedge.load_onnx((DATA / name).read_bytes())
+
+
+def test_squeeze_of_a_scalar_is_an_error_not_a_crash():
+    import numpy as np
+    from pyedge import _core
+    with pytest.raises(_core.PyedgeError, match="axis"):
+        _core.run_op("Squeeze", [np.array(0.0, np.float32), np.array([0])], opset=17)

@@ -142,7 +142,7 @@ Tensor make_output(DType dt, Shape shape) {
 
 int64_t normalize_axis(const NodeInfo& n, int64_t axis, int64_t rank) {
   int64_t a = axis < 0 ? axis + rank : axis;
-  PYEDGE_CHECK(a >= 0 && a < std::max<int64_t>(rank, 1), n.where(), ": axis ", axis,
+  PYEDGE_CHECK(a >= 0 && a < rank, n.where(), ": axis ", axis,
                " out of range for rank ", rank);
   return a;
 }
