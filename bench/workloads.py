@@ -1,0 +1,173 @@
+"""Benchmark workloads: model, batch, trainable set, loss. Importable with numpy only (the
+onnxruntime-training worker runs in its own venv, without transformers), so anything that
+needs torch is imported inside functions.
+
+Variant ids: "1".."4" are the workloads of the issue; "5k1".."5k6" are workload 1 with LoRA
+on the last k of the 6 encoder layers only (the sparse-scaling sweep, workload 5).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+CACHE = os.path.join(HERE, ".cache")
+BATCHES = 4  # distinct seeded batches, cycled through the steps
+
+MINILM_VOCAB = 30522
+MINILM_LAYERS = 6
+
+
+@dataclasses.dataclass
+class Workload:
+    id: str
+    title: str
+    factory: str                 # models.reference.FACTORIES key
+    kwargs: dict                 # factory arguments (shapes)
+    loss: str                    # "cross_entropy" | "causal_lm"
+    lora_targets: list | None    # LoRA target modules (full or suffix names), or None
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    train: list = dataclasses.field(default_factory=list)  # whole tensors (glob on torch names)
+    fan_in_fan_out: bool = False  # transformers Conv1D (GPT-2)
+    lr: float = 1e-4
+    engines: tuple = ("pyedge", "torch", "ort")
+    steps: int = 10              # default timed steps (sub-millisecond workloads take more,
+    warmup: int = 3              # so that a median is not three samples of scheduler noise)
+
+    def default_steps(self, quick: bool) -> tuple[int, int]:
+        """(steps, warmup) when the command line gives none; --quick keeps a few seconds."""
+        if quick:
+            return (20, 10) if self.steps >= 100 else (3, 1)
+        return self.steps, self.warmup
+
+    @property
+    def input_names(self) -> list[str]:
+        return {"mlp": ["x"], "cnn": ["x"], "gpt2": ["input_ids"],
+                "minilm": ["input_ids", "attention_mask"]}[self.factory]
+
+    def key(self, exporter: str, opset: int | None) -> str:
+        """Cache key of the exported base model (shapes + exporter)."""
+        blob = json.dumps([self.factory, sorted(self.kwargs.items()), exporter, opset])
+        return f"{self.factory}_{exporter}_{opset or 'def'}_" + \
+            hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+    # ------------------------------------------------------------------ data (seeded numpy)
+    def batches(self, seed: int = 0):
+        """[(inputs: {name: array}, labels: array)] — identical in every engine."""
+        rng = np.random.default_rng(seed)
+        kw = self.kwargs
+        out = []
+        for _ in range(BATCHES):
+            if self.factory == "mlp":
+                x = rng.standard_normal((kw["batch"], 784), dtype=np.float32)
+                out.append(({"x": x}, rng.integers(0, 10, kw["batch"]).astype(np.int64)))
+            elif self.factory == "cnn":
+                x = rng.standard_normal((kw["batch"], 3, 32, 32), dtype=np.float32)
+                out.append(({"x": x}, rng.integers(0, 10, kw["batch"]).astype(np.int64)))
+            elif self.factory == "gpt2":
+                ids = rng.integers(0, kw["vocab"], (kw["batch"], kw["seq"])).astype(np.int64)
+                out.append(({"input_ids": ids}, ids.copy()))  # causal LM: labels = ids
+            elif self.factory == "minilm":
+                b, s = kw["batch"], kw["seq"]
+                ids = rng.integers(1000, MINILM_VOCAB, (b, s)).astype(np.int64)
+                ids[:, 0] = 101
+                mask = np.ones((b, s), np.int64)
+                for i in range(b):  # row 0 full length, the others padded a little
+                    n = s - (7 * i) % (s // 4)
+                    ids[i, n - 1] = 102
+                    ids[i, n:] = 0
+                    mask[i, n:] = 0
+                labels = rng.integers(0, kw["num_labels"], b).astype(np.int64)
+                out.append(({"input_ids": ids, "attention_mask": mask}, labels))
+            else:
+                raise ValueError(self.factory)
+        return out
+
+
+def _minilm(id, title, layers=None):
+    targets = ["query", "value"] if layers is None else [
+        f"bert.encoder.layer.{i}.attention.self.{m}" for i in layers for m in ("query", "value")]
+    return Workload(id, title, "minilm", dict(num_labels=3, seq=128, batch=16),
+                    loss="cross_entropy", lora_targets=targets, train=["classifier.*"])
+
+
+WORKLOADS: dict[str, Workload] = {
+    "1": _minilm("1", "MiniLM-L6 + classifier, LoRA r=8 q/v + head, 16x128"),
+    "2": Workload("2", "MLP 784-256-256-10, last layer, batch 32", "mlp", dict(batch=32),
+                  loss="cross_entropy", lora_targets=None, train=["layers.4.*"],
+                  steps=300, warmup=30),
+    "3": Workload("3", "CNN 4 conv-BN-ReLU blocks, last block + head, 16x3x32x32", "cnn",
+                  dict(batch=16), loss="cross_entropy", lora_targets=None,
+                  train=["blocks.3.*", "head.*"], steps=100, warmup=10),
+    "4": Workload("4", "GPT-2 6L d512 8h V8192, LoRA r=8 c_attn, 4x256, causal LM", "gpt2",
+                  dict(n_layer=6, n_embd=512, n_head=8, vocab=8192, seq=256, batch=4),
+                  loss="causal_lm", lora_targets=["c_attn"], fan_in_fan_out=True),
+}
+for _k in range(1, MINILM_LAYERS + 1):
+    _w = _minilm(f"5k{_k}", f"MiniLM, LoRA q/v on the last {_k} of 6 layers + head",
+                 layers=range(MINILM_LAYERS - _k, MINILM_LAYERS))
+    _w.engines = ("pyedge", "torch")
+    WORKLOADS[_w.id] = _w
+
+
+def expand(spec: str) -> list[str]:
+    """'1,2,5' -> ['1', '2', '5k1', ..., '5k6']; '5k3' stays itself."""
+    ids = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        if part == "5":
+            ids += [f"5k{k}" for k in range(1, MINILM_LAYERS + 1)]
+        elif part in WORKLOADS:
+            ids.append(part)
+        else:
+            raise SystemExit(f"unknown workload '{part}'; choose from 1,2,3,4,5 or 5k1..5k6")
+    return ids
+
+
+# ------------------------------------------------------------------------- ONNX exports
+def build_torch(w: Workload, seed: int = 0):
+    """(module in eval mode, example inputs) from models.reference — needs torch."""
+    import sys
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from models.reference import FACTORIES
+    model, inputs, in_names, out_names, _dyn = FACTORIES[w.factory](seed=seed, **w.kwargs)
+    return model, inputs, in_names, out_names
+
+
+def export_path(w: Workload, exporter: str, opset: int | None = None) -> str:
+    return os.path.join(CACHE, w.key(exporter, opset) + ".onnx")
+
+
+def ensure_export(w: Workload, exporter: str, opset: int | None = None, log=print) -> str:
+    """Exports the workload's base model once (static shapes) into bench/.cache; returns path.
+
+    exporter "dynamo" (opset 18) feeds pyedge; "torchscript" at opset 14 feeds
+    onnxruntime-training (LayerNormalization decomposed, which its gradient builder needs).
+    """
+    path = export_path(w, exporter, opset)
+    if os.path.exists(path):
+        return path
+    import time
+    import sys
+    import torch
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from models.export_reference import export
+    torch.set_num_threads(2)
+    os.makedirs(CACHE, exist_ok=True)
+    t0 = time.time()
+    model, inputs, in_names, out_names = build_torch(w)
+    tmp = path + f".tmp{os.getpid()}.onnx"
+    export(model, inputs, tmp, exporter=exporter, opset=opset, input_names=in_names,
+           output_names=out_names, dynamic_axes=None)
+    os.replace(tmp, path)
+    log(f"exported {w.factory} ({exporter}, opset {opset or 'default'}) -> "
+        f"{os.path.relpath(path, ROOT)} in {time.time() - t0:.1f}s")
+    return path
