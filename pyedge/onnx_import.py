@@ -209,8 +209,11 @@ def _check_inputs_against_schema(node: Node, opset: int) -> None:
         return
     try:
         schema = onnx.defs.get_schema(node.op_type, opset)
-    except Exception:  # noqa: BLE001 - unknown op: the core reports it with the node's name
-        return
+    except Exception:  # noqa: BLE001 - no schema at that opset: use the newest one
+        try:
+            schema = onnx.defs.get_schema(node.op_type)
+        except Exception:  # noqa: BLE001 - unknown op: the core reports it with the node's name
+            return
     formal = list(schema.inputs)
     if len(node.inputs) < schema.min_input:
         raise ModelLoadError(f"{node.op_type} node '{node.name}' has {len(node.inputs)} inputs, "
@@ -267,6 +270,9 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     outputs = [_value_info(v) for v in g.output]
     if not outputs:
         raise ModelLoadError("the model declares no graph outputs")
+    bad = {d: v for d, v in opsets.items() if v < 1}
+    if bad:
+        raise ModelLoadError(f"invalid opset version(s) {bad}")
     for n in nodes:
         _check_inputs_against_schema(n, opsets.get(n.domain, opsets.get("", 17)))
     metadata = {p.key: p.value for p in proto.metadata_props}

@@ -25,6 +25,8 @@ def test_saved_input(name):
     # graph_squeeze_scalar_axis.onnx: Squeeze(scalar, axes=[0]) read shape[0] of a rank-0
     # tensor (SIGSEGV); axes are now checked against the rank.
     # import_dims_overflow.onnx: dims whose product overflowed float64 -> OverflowError.
+    # graph_invalid_opset_absent_input.onnx: opset -1 hid the schema check of Add('', b)
+    # (SIGSEGV); invalid opsets are refused and unknown versions use the newest schema.
     common.checked((DATA / name).read_bytes())
 
 
@@ -33,7 +35,8 @@ def test_seed_models_run():
         common.run_model(m)
 
 
-@pytest.mark.parametrize("name", ["graph_absent_required_input.onnx", "import_no_outputs.onnx"])
+@pytest.mark.parametrize("name", ["graph_absent_required_input.onnx", "import_no_outputs.onnx",
+                                  "graph_invalid_opset_absent_input.onnx"])
 def test_broken_graphs_are_refused_at_import(name):
     import pyedge
     with pytest.raises(pyedge.ModelLoadError):
