@@ -10,34 +10,16 @@
 #include <limits>
 
 #include "common/simd.h"
+#include "ops/fast_math.h"
 
 namespace pyedge {
 namespace rowk {
 
 constexpr int kLanes = 8;
 
-// exp(x), ~2 ulp on [-87.3, 88]; exactly 0 below -87.3 (so exp(-inf) = 0); clamps above 88
-// (callers pass x - max <= 0). Cephes-style range reduction x = n*ln2 + r, |r| <= ln2/2.
-inline float exp_f(float x) {
-  const float lo = -87.3365478515625f, hi = 88.0f;
-  float xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
-  float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  uint32_t bits = uint32_t(int32_t(n == n ? n : 0.f) + 127) << 23;  // NaN: no UB, p stays NaN
-  float s;
-  std::memcpy(&s, &bits, sizeof s);
-  float y = p * s;
-  return x < lo ? 0.f : y;
-}
+// exp(x) for the row kernels: the shared polynomial of fast_math.h (0 below -87.3, so
+// exp(-inf) = 0; callers pass x - max <= 0).
+inline float exp_f(float x) { return fm::exp(x); }
 
 // The row kernels below run on simd::Native (NEON on aarch64, SSE2/AVX2/AVX-512 on x86-64);
 // instantiated with simd::Scalar they are the reference the SIMD paths are tested against.
