@@ -16,3 +16,11 @@ from pyedge.session import TrainingSession
 __version__ = "0.1.0"
 __all__ = ["TrainingSession", "LoraConfig", "AdamW", "SGD", "load_onnx", "PyedgeError",
            "UnsupportedOpError", "ModelLoadError"]
+
+
+def __getattr__(name):
+    # `pyedge.torch` (workstation helpers) imports torch, so it loads only when asked for.
+    if name == "torch":
+        import importlib
+        return importlib.import_module("pyedge.torch")
+    raise AttributeError(f"module 'pyedge' has no attribute {name!r}")

@@ -5,6 +5,7 @@ Weights are numpy views: on the protobuf's bytes, or memory-mapped from external
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -63,6 +64,31 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
     return proto
 
 
+def _check_names(g: onnx.GraphProto) -> None:
+    """Protobuf hands out bytes for a string field holding invalid UTF-8: refuse such names."""
+    def bad(x, what):
+        raise ModelLoadError(f"{what} {x!r} is not valid UTF-8")
+    for t in g.initializer:
+        if not isinstance(t.name, str):
+            bad(t.name, "initializer name")
+    for v in list(g.input) + list(g.output):
+        if not isinstance(v.name, str):
+            bad(v.name, "graph input/output name")
+    for n in g.node:
+        for x in (n.name, n.op_type, n.domain, *n.input, *n.output):
+            if not isinstance(x, str):
+                bad(x, f"{n.op_type!r} node name/input/output/domain")
+        for a in n.attribute:
+            if not isinstance(a.name, str):
+                bad(a.name, "attribute name")
+        for p in n.metadata_props:
+            if not isinstance(p.key, str) or not isinstance(p.value, str):
+                bad(p.key, "node metadata")
+    for p in getattr(g, "metadata_props", []):
+        if not isinstance(p.key, str) or not isinstance(p.value, str):
+            bad(p.key, "graph metadata")
+
+
 def _np_dtype(elem_type: int, what: str) -> str:
     try:
         return ONNX_TO_NP[elem_type]
@@ -76,7 +102,7 @@ def _tensor_array(t: onnx.TensorProto, base_dir, max_bytes: int) -> np.ndarray:
     dims = [int(d) for d in t.dims]
     if any(d < 0 for d in dims):
         raise ModelLoadError(f"initializer '{t.name}' has a negative dimension {dims}")
-    count = int(np.prod(dims, dtype=np.float64)) if dims else 1
+    count = math.prod(dims)  # Python ints: no overflow for hostile dims
     nbytes = count * dtype.itemsize
     if nbytes > max_bytes:
         raise ModelLoadError(f"initializer '{t.name}' declares {nbytes} bytes, over the limit of "
@@ -141,7 +167,7 @@ def _attr_value(a: onnx.AttributeProto, node_desc: str):
     if a.type == A.STRINGS:
         return [s.decode("utf-8", "replace") for s in a.strings]
     if a.type == A.TENSOR:
-        return np.array(numpy_helper.to_array(a.t), order="C")
+        return _to_array(a.t, node_desc)
     raise ModelLoadError(f"{node_desc}: attribute '{a.name}' of type "
                          f"{A.AttributeType.Name(a.type)} is not supported (control flow / "
                          "subgraphs)")
@@ -154,10 +180,17 @@ def _value_info(v: onnx.ValueInfoProto) -> ValueInfo:
     return ValueInfo(v.name, dtype, shape)
 
 
+def _to_array(t: onnx.TensorProto, desc: str) -> np.ndarray:
+    try:
+        return np.array(numpy_helper.to_array(t), order="C")
+    except Exception as e:  # noqa: BLE001 - onnx raises TypeError/ValueError/... on bad tensors
+        raise ModelLoadError(f"{desc}: tensor attribute cannot be read: {e}") from e
+
+
 def _constant_value(node: onnx.NodeProto, desc: str) -> np.ndarray:
     for a in node.attribute:
         if a.name == "value":
-            return np.array(numpy_helper.to_array(a.t), order="C")
+            return _to_array(a.t, desc)
         if a.name == "value_float":
             return np.array(a.f, np.float32)
         if a.name == "value_floats":
@@ -169,8 +202,42 @@ def _constant_value(node: onnx.NodeProto, desc: str) -> np.ndarray:
     raise ModelLoadError(f"{desc}: Constant without a supported value attribute")
 
 
+def _check_inputs_against_schema(node: Node, opset: int) -> None:
+    """An absent input ("") is allowed only where the ONNX schema marks it optional; kernels
+    rely on this, so a broken file is refused here rather than read through a null tensor."""
+    if node.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset)
+    except Exception:  # noqa: BLE001 - no schema at that opset: use the newest one
+        try:
+            schema = onnx.defs.get_schema(node.op_type)
+        except Exception:  # noqa: BLE001 - unknown op: the core reports it with the node's name
+            return
+    formal = list(schema.inputs)
+    if len(node.inputs) < schema.min_input:
+        raise ModelLoadError(f"{node.op_type} node '{node.name}' has {len(node.inputs)} inputs, "
+                             f"the op needs at least {schema.min_input}")
+    Opt = onnx.defs.OpSchema.FormalParameterOption
+    for i, name in enumerate(node.inputs):
+        if name:
+            continue
+        param = formal[min(i, len(formal) - 1)] if formal else None
+        if param is None or param.option != Opt.Optional:
+            what = param.name if param is not None else f"#{i}"
+            raise ModelLoadError(f"{node.op_type} node '{node.name}': required input {i} "
+                                 f"('{what}') is missing")
+
+
 def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     g = proto.graph
+    _check_names(g)
+    for p in proto.metadata_props:
+        if not isinstance(p.key, str) or not isinstance(p.value, str):
+            raise ModelLoadError(f"model metadata {p.key!r} is not valid UTF-8")
+    for o in proto.opset_import:
+        if not isinstance(o.domain, str):
+            raise ModelLoadError(f"opset domain {o.domain!r} is not valid UTF-8")
     opsets = {(o.domain or ""): int(o.version) for o in proto.opset_import}
     if "ai.onnx" in opsets and "" not in opsets:
         opsets[""] = opsets["ai.onnx"]
@@ -201,6 +268,13 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     init_names = set(inits)
     inputs = [_value_info(v) for v in g.input if v.name not in init_names]
     outputs = [_value_info(v) for v in g.output]
+    if not outputs:
+        raise ModelLoadError("the model declares no graph outputs")
+    bad = {d: v for d, v in opsets.items() if v < 1}
+    if bad:
+        raise ModelLoadError(f"invalid opset version(s) {bad}")
+    for n in nodes:
+        _check_inputs_against_schema(n, opsets.get(n.domain, opsets.get("", 17)))
     metadata = {p.key: p.value for p in proto.metadata_props}
     graph = Graph(nodes, inits, inputs, outputs, opsets, metadata=metadata,
                   node_scopes=node_scopes)

@@ -59,7 +59,7 @@ def recover_param_map(graph) -> dict[str, dict]:
                     bm = _PARAM_RE.match(u.inputs[2])
                     if bm:
                         module = u.inputs[2][:-5]
-                for c in consumers.get(u.outputs[0], []):
+                for c in (consumers.get(u.outputs[0], []) if u.outputs else []):
                     if c.op_type == "Add":
                         for b in c.inputs:
                             bm = _PARAM_RE.match(b)

@@ -214,3 +214,15 @@ class TrainingSession:
     @property
     def last_step_allocations(self) -> int:
         return self._sess.last_step_allocations
+
+    # --- adapters (PEFT format) ----------------------------------------------------------
+    def save_adapters(self, dir) -> str:
+        """Writes adapter_config.json + adapter_model.safetensors that
+        peft.PeftModel.from_pretrained loads; returns the folder."""
+        from pyedge.export.peft import save_adapters
+        return save_adapters(self, dir)
+
+    def load_adapters(self, dir, strict: bool = True) -> dict:
+        """Loads a PEFT-format adapter folder into the trainable tensors."""
+        from pyedge.export.peft import load_adapters
+        return load_adapters(self, dir, strict=strict)

@@ -133,6 +133,13 @@ void bind_session(py::module_& m) {
         return py::make_tuple(r.grad_norm, r.applied);
       }, py::arg("max_grad_norm") = 0.0, py::arg("grad_scale") = 1.0)
       .def_readwrite("micro_steps", &Session::micro_steps)
+      .def_readwrite("profiling", &Session::profiling)
+      .def("last_profile", [](const Session& self) {
+        py::list r;
+        for (auto& t : self.last_profile())
+          r.append(py::make_tuple(t.node, t.op_type, t.backward, t.seconds, t.calls));
+        return r;
+      }, "Per-op (node, op_type, backward, seconds, calls) of the last plan run, when profiling.")
       .def("run", [](Session& self, py::list inputs, const std::vector<std::string>& names) {
         Inputs in = convert_inputs(self.model(), inputs);
         std::vector<int> ids;

@@ -6,6 +6,7 @@
 namespace pyedge {
 void bind_op_testing(py::module_& m);
 void bind_session(py::module_& m);
+void bind_simd(py::module_& m);
 }  // namespace pyedge
 
 PYBIND11_MODULE(_core, m) {
@@ -32,4 +33,5 @@ PYBIND11_MODULE(_core, m) {
         "Heap allocations made by the core's own code since import.");
   pyedge::bind_op_testing(m);
   pyedge::bind_session(m);
+  pyedge::bind_simd(m);
 }

@@ -1,6 +1,10 @@
 #include "graph/plan.h"
 
+#include "common/memory_limit.h"
+
 #include <algorithm>
+#include <cstdlib>
+#include <chrono>
 #include <cstring>
 #include <limits>
 
@@ -49,6 +53,16 @@ int64_t place_intervals(std::vector<Interval>& iv) {
 
 }  // namespace
 
+namespace {
+// Refuses a plan whose memory would exceed the limit, before it is allocated.
+void check_memory(const Model& model, const char* what, int64_t bytes, int64_t limit) {
+  PYEDGE_CHECK(bytes <= limit, "the plan needs ", bytes, " bytes of ", what,
+               ", over the memory limit of ", limit, " bytes (75% of RAM by default; set "
+               "PYEDGE_MAX_MEMORY to change it): check the input shapes and the model's "
+               "Reshape/Expand/ConstantOfShape sizes");
+}
+}  // namespace
+
 Plan::Plan(const Model& model, const PlanRequest& req) : model_(&model) { build(model, req); }
 
 void Plan::build(const Model& model, const PlanRequest& req) {
@@ -72,6 +86,7 @@ void Plan::build(const Model& model, const PlanRequest& req) {
     external[size_t(v)] = true;
   }
   loss_ = req.loss;
+  const int64_t mem_limit = memory_limit_bytes();
 
   // Only nodes that lead to a target are planned.
   std::vector<bool> needed_value(nv, false), needed_node(model.nodes.size(), false);
@@ -129,6 +144,9 @@ void Plan::build(const Model& model, const PlanRequest& req) {
       // All inputs known now: compute once at plan time (shape arithmetic, frozen-weight
       // transposes) and treat the results as constants.
       std::vector<Tensor> outs;
+      int64_t fold_bytes = stats_.constant_bytes + int64_t(op->forward_scratch_bytes());
+      for (auto& o : op->outputs) fold_bytes += int64_t(o.nbytes());
+      check_memory(model, "folded constants", fold_bytes, mem_limit);
       for (size_t k = 0; k < op->outputs.size(); ++k) {
         folded_.push_back(OwnedTensor::make(op->outputs[k].dtype, op->outputs[k].shape));
         stats_.constant_bytes += int64_t(folded_.back().t.nbytes());
@@ -307,7 +325,12 @@ void Plan::build(const Model& model, const PlanRequest& req) {
       stats_.scratch_bytes += int64_t(sb);
     }
   }
+  // One buffer over the limit is refused before placing (keeps the offsets far from
+  // overflow); the placed arena is checked again below, before it is allocated.
+  for (auto& x : iv) check_memory(model, "one activation/gradient/scratch buffer", x.bytes, mem_limit);
   stats_.arena_bytes = place_intervals(iv);
+  check_memory(model, "activations, gradients and scratch",
+               stats_.arena_bytes + stats_.constant_bytes, mem_limit);
   arena_ = Buffer(size_t(std::max<int64_t>(stats_.arena_bytes, 1)));
   char* base = static_cast<char*>(arena_.data());
   for (size_t i = 0; i < iv.size(); ++i) {
@@ -362,10 +385,16 @@ void Plan::run(bool training, uint64_t seed, bool backward) {
   ctx.training = training;
   ctx.seed = seed;
   char* base = static_cast<char*>(arena_.data());
+  using clock = std::chrono::steady_clock;
   for (Step& s : fwd_) {
     ctx.scratch = base + s.scratch_offset;
     ctx.node_index = uint64_t(s.node);
+    auto t0 = profiling_ ? clock::now() : clock::time_point{};
     s.op->forward(s.in, s.out, ctx);
+    if (profiling_) {
+      s.seconds += std::chrono::duration<double>(clock::now() - t0).count();
+      ++s.calls;
+    }
   }
   if (!backward || loss_ < 0) return;
   Tensor& g = grads_[size_t(loss_)];
@@ -374,8 +403,24 @@ void Plan::run(bool training, uint64_t seed, bool backward) {
     for (int v : s.zero_grads) std::memset(grads_[size_t(v)].data, 0, grads_[size_t(v)].nbytes());
     ctx.scratch = base + s.scratch_offset;
     ctx.node_index = uint64_t(s.node);
+    auto t0 = profiling_ ? clock::now() : clock::time_point{};
     s.op->backward(s.in, s.out, s.dout, s.din, ctx);
+    if (profiling_) {
+      s.seconds += std::chrono::duration<double>(clock::now() - t0).count();
+      ++s.calls;
+    }
   }
+}
+
+std::vector<Plan::StepTime> Plan::profile() const {
+  std::vector<StepTime> r;
+  auto add = [&](const Step& s, bool bwd) {
+    const NodeInfo& n = model_->nodes[size_t(s.node)].info;
+    r.push_back({n.name, op_key(n.domain, n.op_type), bwd, s.seconds, s.calls});
+  };
+  for (const Step& s : fwd_) add(s, false);
+  for (const Step& s : bwd_) add(s, true);
+  return r;
 }
 
 }  // namespace pyedge

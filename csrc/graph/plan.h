@@ -33,6 +33,8 @@ struct PlanStats {
   std::vector<std::string> backward_nodes;  // node names with a backward step, in order
 };
 
+// A plan refuses to be built when its arena + folded constants exceed memory_limit_bytes()
+// (common/memory_limit.h): PYEDGE_MAX_MEMORY or 75% of physical RAM.
 class Plan {
  public:
   Plan(const Model& model, const PlanRequest& req);
@@ -47,6 +49,16 @@ class Plan {
   const Tensor& value(int id) const { return values_[size_t(id)]; }
   const PlanStats& stats() const { return stats_; }
 
+  // Per-step timing (off by default: two clock reads per op when on).
+  struct StepTime {
+    std::string node, op_type;
+    bool backward;
+    double seconds;
+    int64_t calls;
+  };
+  void set_profiling(bool on) { profiling_ = on; }
+  std::vector<StepTime> profile() const;
+
  private:
   struct Step {
     int node;
@@ -55,6 +67,8 @@ class Plan {
     std::vector<int> in_ids, out_ids;
     std::vector<int> zero_grads;  // value ids whose grad buffer this backward step zeroes first
     int64_t scratch_offset = 0;
+    double seconds = 0.0;
+    int64_t calls = 0;
   };
   void build(const Model& model, const PlanRequest& req);
   void assign_memory(const Model& model, const PlanRequest& req);
@@ -68,6 +82,7 @@ class Plan {
   std::vector<std::vector<Tensor*>> input_sites_;  // where each graph input's pointer is used
   int loss_ = -1;
   Buffer arena_;
+  bool profiling_ = false;
   PlanStats stats_;
   const Model* model_ = nullptr;
 };

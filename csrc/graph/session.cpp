@@ -43,6 +43,11 @@ Session::Session(std::shared_ptr<Model> model, const std::vector<std::string>& t
   }
 }
 
+std::vector<Plan::StepTime> Session::last_profile() const {
+  if (last_plan_ >= plans_.size()) return {};
+  return plans_[last_plan_].plan->profile();
+}
+
 void Session::zero_grads() {
   for (Parameter& p : params_) std::memset(p.grad.data, 0, p.grad.nbytes());
 }
@@ -102,6 +107,7 @@ StepResult Session::train_step(const std::vector<Tensor>& inputs, bool update,
     if (shapes[i] != inputs[i].shape) shapes[i] = inputs[i].shape;
   check_inputs(inputs, nullptr, true);
   Plan& plan = plan_for(shapes, true, no_targets_);
+  plan.set_profiling(profiling);
   for (size_t i = 0; i < inputs.size(); ++i) {
     PYEDGE_CHECK(inputs[i].data || !plan.input_used(i), "input '",
                  model_->value_name(model_->inputs[i]), "' is required for training");

@@ -45,6 +45,8 @@ class Session {
   bool training_mode = true;       // dropout active in train_step
   int64_t last_step_allocations = 0;  // heap allocations inside the last train_step
   void zero_grads();
+  bool profiling = false;  // time every op of every plan (see last_profile)
+  std::vector<Plan::StepTime> last_profile() const;
 
  private:
   Plan& plan_for(const std::vector<Shape>& shapes, bool training, const std::vector<int>& targets);

@@ -9,6 +9,10 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
            const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
            int64_t ldc);
 
+// Splits large products over the core's threads (OpenBLAS itself stays single-threaded);
+// inside a parallel loop it runs on the calling thread.
+
+// Keeps OpenBLAS single-threaded whatever `n` is (the core owns all threading).
 void blas_set_num_threads(int n);
 
 }  // namespace pyedge

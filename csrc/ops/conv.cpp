@@ -333,18 +333,12 @@ class Conv : public Op {
   bool uses_col() const { return !depthwise_ && !pointwise_; }
   int64_t col_floats() const { return uses_col() ? Kc_ * P_ : 0; }
 
-  // All GEMMs run on single-threaded BLAS inside our own OpenMP loops (BLAS threads and
-  // OpenMP threads never compete for the cores). body(n0, n1, slot) handles a block of
+  // GEMMs inside our own OpenMP loops run on the calling thread (see blas.h). body(n0, n1, slot) handles a block of
   // samples with im2col buffer `slot`. Several slots: one OpenMP task per slot, and the
   // parallel_for calls inside the body run serially. One slot (N == 1): the body's
   // parallel_for calls split im2col by channels and each GEMM by columns (or rows).
   template <typename F>
   void over_samples(F&& body) const {
-    struct BlasSingleThread {
-      bool on = num_threads() > 1;
-      BlasSingleThread() { if (on) blas_set_num_threads(1); }
-      ~BlasSingleThread() { if (on) blas_set_num_threads(num_threads()); }
-    } guard;
     if (slots_ == 1) {
       body(int64_t(0), N_, int64_t(0));
       return;

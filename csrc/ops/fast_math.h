@@ -62,7 +62,9 @@ PYEDGE_FM_INLINE float exp(float x) {
   p = p * r + 5.0000001201E-1f;
   p = p * r * r + r + 1.f;
   // scale by 2^(n-1) * 2 so that n = 128 (x near ln(FLT_MAX)) still has a valid exponent
-  const float v = p * bits_to_float((int32_t(nf) + 126) << 23) * 2.f;
+  // NaN input: n = 0 (int32_t(NaN) and a negative left shift are UB); p keeps the NaN.
+  const int32_t n = int32_t(nf == nf ? nf : 0.f);
+  const float v = p * bits_to_float(int32_t(uint32_t(n + 126) << 23)) * 2.f;
   return sel(tiny, 0.f, sel(huge, __builtin_inff(), v));
 }
 

@@ -67,23 +67,11 @@ class LayerNorm : public Op {
         float* yr = y + r * D;
         float mu = rowk::row_sum(xr, D) * invD;
         // second pass over the (cached) row: stable variance of the centred values
-        float acc[rowk::kLanes] = {};
-        int64_t i = 0;
-        for (; i + rowk::kLanes <= D; i += rowk::kLanes)
-          for (int j = 0; j < rowk::kLanes; ++j) {
-            float c = xr[i + j] - mu;
-            acc[j] += c * c;
-          }
-        float var = 0.f;
-        for (int j = 0; j < rowk::kLanes; ++j) var += acc[j];
-        for (; i < D; ++i) var += (xr[i] - mu) * (xr[i] - mu);
+        float var = rowk::row_sqdev(xr, mu, D);
         float rs = 1.f / std::sqrt(var * invD + eps_);
         mean[r] = mu;
         rstd[r] = rs;
-        if (bias)
-          for (int64_t k = 0; k < D; ++k) yr[k] = (xr[k] - mu) * rs * g[k] + bias[k];
-        else
-          for (int64_t k = 0; k < D; ++k) yr[k] = (xr[k] - mu) * rs * g[k];
+        rowk::ln_apply(xr, mu, rs, g, bias, yr, D);
       }
     });
   }

@@ -293,6 +293,7 @@ class Tile : public LayoutOp {
       PYEDGE_CHECK(reps[k] >= 0, n.where(), ": negative repeat ", reps[k]);
       os[k] = x.shape[k] * reps[k];
     }
+    numel(os);  // throws on an element count past int64 (a hostile repeats input)
     auto xst = contiguous_strides(x.shape), ost = contiguous_strides(os);
     std::vector<int64_t> ds, ss;
     for (size_t k = 0; k < r; ++k) {

@@ -56,6 +56,8 @@ class MatMul : public Op {
         a_off_.push_back(ia * M_ * K_);
         b_off_.push_back(ib * K_ * N_);
       }
+      a_broadcast_ = numel(ab) != nb;
+      b_broadcast_ = numel(bb) != nb;
     }
     batches_ = nb;
     Shape out = batch;
@@ -72,9 +74,12 @@ class MatMul : public Op {
       sgemm(false, false, batches_ * M_, N_, K_, 1.f, A, K_, B, N_, 0.f, Y, N_);
       return;
     }
-    for (int64_t i = 0; i < batches_; ++i)
-      sgemm(false, false, M_, N_, K_, 1.f, A + a_off_[i], K_, B + b_off_[i], N_, 0.f,
-            Y + i * M_ * N_, N_);
+    // Many small products (attention): one per task, each on one thread.
+    parallel_for(batches_, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i)
+        sgemm(false, false, M_, N_, K_, 1.f, A + a_off_[i], K_, B + b_off_[i], N_, 0.f,
+              Y + i * M_ * N_, N_);
+    });
   }
 
   bool has_backward() const override { return true; }
@@ -92,15 +97,25 @@ class MatMul : public Op {
               din[1].ptr<float>(), N_);
       return;
     }
-    for (int64_t i = 0; i < batches_; ++i) {
-      const float* dYi = dY + i * M_ * N_;
-      if (din[0].data)
-        sgemm(false, true, M_, K_, N_, 1.f, dYi, N_, in[1].ptr<float>() + b_off_[i], N_, 1.f,
-              din[0].ptr<float>() + a_off_[i], K_);
-      if (din[1].data)
-        sgemm(true, false, K_, N_, M_, 1.f, in[0].ptr<float>() + a_off_[i], K_, dYi, N_, 1.f,
-              din[1].ptr<float>() + b_off_[i], N_);
-    }
+    // dA per batch writes disjoint blocks unless A is broadcast; same for dB.
+    auto grad_loop = [&](bool for_a) {
+      bool shared = for_a ? a_shared_ || a_broadcast_ : b_shared_ || b_broadcast_;
+      auto body = [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const float* dYi = dY + i * M_ * N_;
+          if (for_a)
+            sgemm(false, true, M_, K_, N_, 1.f, dYi, N_, in[1].ptr<float>() + b_off_[i], N_, 1.f,
+                  din[0].ptr<float>() + a_off_[i], K_);
+          else
+            sgemm(true, false, K_, N_, M_, 1.f, in[0].ptr<float>() + a_off_[i], K_, dYi, N_, 1.f,
+                  din[1].ptr<float>() + b_off_[i], N_);
+        }
+      };
+      if (shared) body(0, batches_);
+      else parallel_for(batches_, 1, body);
+    };
+    if (din[0].data) grad_loop(true);
+    if (din[1].data) grad_loop(false);
   }
   // dA needs B, dB needs A.
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
@@ -113,6 +128,7 @@ class MatMul : public Op {
  private:
   int64_t M_ = 0, K_ = 0, N_ = 0, batches_ = 1;
   bool b_shared_ = false, a_shared_ = false;
+  bool a_broadcast_ = false, b_broadcast_ = false;  // several batches read the same block
   std::vector<int64_t> a_off_, b_off_;
 };
 PYEDGE_REGISTER_OP("MatMul", MatMul);

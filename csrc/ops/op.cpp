@@ -125,6 +125,15 @@ const Tensor& const_input(const NodeInfo& n, const std::vector<Tensor>& in, size
 }
 
 Tensor make_output(DType dt, Shape shape) {
+  // Every planned shape passes here: refuse negative sizes and element counts whose byte size
+  // overflows (a hostile Reshape/Expand/ConstantOfShape) before anything multiplies them.
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    PYEDGE_CHECK(d >= 0, "invalid tensor shape ", shape_str(shape), ": negative dimension");
+    PYEDGE_CHECK(d == 0 || n <= (int64_t(1) << 56) / d, "invalid tensor shape ",
+                 shape_str(shape), ": too many elements");
+    n *= d;
+  }
   Tensor t;
   t.dtype = dt;
   t.shape = std::move(shape);
@@ -133,7 +142,7 @@ Tensor make_output(DType dt, Shape shape) {
 
 int64_t normalize_axis(const NodeInfo& n, int64_t axis, int64_t rank) {
   int64_t a = axis < 0 ? axis + rank : axis;
-  PYEDGE_CHECK(a >= 0 && a < std::max<int64_t>(rank, 1), n.where(), ": axis ", axis,
+  PYEDGE_CHECK(a >= 0 && a < rank, n.where(), ": axis ", axis,
                " out of range for rank ", rank);
   return a;
 }

@@ -116,15 +116,7 @@ class SoftmaxOp : public Op {
   }
 
   static void row_forward(const float* x, float* y, int64_t D) {
-    float m = rowk::row_max(x, D);
-    if (kLog) {
-      // (x - m) - log(s), not x - (m + log(s)): keeps precision when |m| is large
-      float ls = std::log(rowk::exp_sum(x, m, D));
-      for (int64_t i = 0; i < D; ++i) y[i] = (x[i] - m) - ls;
-    } else {
-      float inv = 1.f / rowk::exp_store_sum(x, m, y, D);
-      for (int64_t i = 0; i < D; ++i) y[i] *= inv;
-    }
+    rowk::softmax_row(x, y, D, kLog);
   }
   static void row_backward(const float* y, const float* dy, float* dx, int64_t D) {
     if (kLog) {

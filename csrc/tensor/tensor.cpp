@@ -1,9 +1,14 @@
 #include "tensor/tensor.h"
 
+#include <unistd.h>
+
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 
 #include "common/alloc_counter.h"
+#include "common/memory_limit.h"
 
 namespace pyedge {
 
@@ -35,7 +40,9 @@ bool is_float(DType t) { return t == DType::f32 || t == DType::f64; }
 
 int64_t numel(const Shape& s) {
   int64_t n = 1;
-  for (int64_t d : s) n *= d;
+  for (int64_t d : s)
+    if (__builtin_mul_overflow(n, d, &n))  // a hostile or broken model's shape
+      throw Error(str_cat("tensor shape ", shape_str(s), " has too many elements"));
   return n;
 }
 
@@ -71,8 +78,36 @@ std::vector<int64_t> Tensor::to_ints() const {
   return r;
 }
 
+int64_t memory_limit_bytes() {
+  if (const char* env = std::getenv("PYEDGE_MAX_MEMORY")) {
+    char* end = nullptr;
+    double v = std::strtod(env, &end);
+    double mult = 1;
+    if (end && *end) {
+      switch (*end) {
+        case 'k': case 'K': mult = double(1 << 10); break;
+        case 'm': case 'M': mult = double(1 << 20); break;
+        case 'g': case 'G': mult = double(1 << 30); break;
+        case 't': case 'T': mult = double(int64_t(1) << 40); break;
+        default: mult = 0;
+      }
+    }
+    PYEDGE_CHECK(end != env && mult > 0 && v > 0,
+                 "PYEDGE_MAX_MEMORY='", env, "' is not a byte count (e.g. 2000000000 or 2G)");
+    double bytes = v * mult;
+    return bytes >= 1e15 ? int64_t(1e15) : int64_t(bytes);  // 1 PB: keeps the sums far from overflow
+  }
+  long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return std::numeric_limits<int64_t>::max();
+  return int64_t(double(pages) * double(page) * 0.75);
+}
+
 Buffer::Buffer(size_t bytes) : size_(bytes) {
   if (bytes == 0) return;
+  int64_t limit = memory_limit_bytes();
+  if (bytes > uint64_t(limit))
+    throw Error(str_cat("refusing to allocate ", bytes, " bytes: over the memory limit of ", limit,
+                        " bytes (75% of RAM by default; set PYEDGE_MAX_MEMORY to change it)"));
   size_t rounded = (bytes + 63) / 64 * 64;
   data_ = std::aligned_alloc(64, rounded);
   if (!data_) throw Error(str_cat("out of memory allocating ", bytes, " bytes"));

@@ -54,6 +54,7 @@ def _weight_source(graph: Graph, producers, name: str):
 
 def inject_lora(graph: Graph, cfg: LoraConfig) -> list[LoraSite]:
     """Rewrites `graph` in place; returns the adapted sites (in graph order)."""
+    from pyedge.adapters.lora_conv import rewrite_conv  # it builds on this module
     if cfg.r <= 0:
         raise ValueError(f"LoRA rank must be positive, got {cfg.r}")
     rng = np.random.default_rng(cfg.seed)
@@ -62,19 +63,24 @@ def inject_lora(graph: Graph, cfg: LoraConfig) -> list[LoraSite]:
     new_nodes: list[Node] = []
     seen_modules: set[str] = set()
     for node in graph.nodes:
-        site_node = None
+        replacement = None
         if node.op_type in ("MatMul", "Gemm") and len(node.inputs) >= 2:
             w, via_transpose = _weight_source(graph, producers, node.inputs[1])
             if w is not None and graph.initializers[w].ndim == 2:
                 module = module_of(graph, w)
                 if any_match(module, cfg.target_modules):
-                    site_node = _rewrite(graph, node, w, via_transpose, module, cfg, rng, sites)
+                    fused = _rewrite(graph, node, w, via_transpose, module, cfg, rng, sites)
+                    replacement = [fused] if fused else None
                     seen_modules.add(module)
-        new_nodes.append(site_node or node)
+        elif node.op_type == "Conv" and len(node.inputs) >= 2 and node.inputs[1] in graph.initializers:
+            module = module_of(graph, node.inputs[1])
+            if any_match(module, cfg.target_modules):
+                replacement = rewrite_conv(graph, node, module, cfg, rng, sites)
+        new_nodes.extend(replacement or [node])
     graph.nodes = new_nodes
     if not sites:
         mods = sorted({module_of(graph, n.inputs[1]) for n in graph.nodes
-                       if n.op_type in ("MatMul", "Gemm") and len(n.inputs) > 1
+                       if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.inputs) > 1
                        and n.inputs[1] in graph.initializers})
         raise ValueError(f"no module matches LoRA targets {list(cfg.target_modules)}; "
                          f"modules with a weight: {', '.join(mods[:20]) or 'none'}")

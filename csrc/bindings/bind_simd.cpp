@@ -1,0 +1,132 @@
+// Test hooks for the SIMD layer (common/simd.h): run a kernel on its SIMD path (simd::Native)
+// or on the scalar reference (simd::Scalar) so tests can compare the two on any machine.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/simd.h"
+#include "ops/softmax_kernels.h"
+
+namespace py = pybind11;
+
+namespace pyedge {
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+template <class S, class Op>
+void binary(const float* a, const float* b, float* y, int64_t n, Op op) {
+  int64_t i = 0;
+  for (; i + S::W <= n; i += S::W) S::store(y + i, op.v(S::load(a + i), S::load(b + i)));
+  for (; i < n; ++i) y[i] = op.s(a[i], b[i]);
+}
+
+#define PYEDGE_BINOP(NAME, EXPR)                                                     \
+  template <class S>                                                                 \
+  struct NAME##Op {                                                                  \
+    static typename S::V v(typename S::V a, typename S::V b) { return S::EXPR(a, b); } \
+    static float s(float a, float b) { return simd::Scalar::EXPR(a, b); }            \
+  };
+PYEDGE_BINOP(Add, add)
+PYEDGE_BINOP(Sub, sub)
+PYEDGE_BINOP(Mul, mul)
+PYEDGE_BINOP(Div, div)
+PYEDGE_BINOP(Max, max)
+PYEDGE_BINOP(Min, min)
+#undef PYEDGE_BINOP
+
+// Runs kernel `name` with backend S. Elementwise kernels return an array shaped like a;
+// row reductions return a 1-element array; "softmax"/"logsoftmax"/"layernorm" treat a as
+// [rows, D] (layernorm: b = scale [D], c = bias [D] or empty).
+template <class S>
+py::array run(const std::string& name, F32 a, F32 b, F32 c) {
+  const int64_t n = int64_t(a.size());
+  const float* x = a.data();
+  auto need = [&](const F32& t, const char* what) {
+    if (int64_t(t.size()) != n) throw std::invalid_argument(name + ": " + what + " must match a");
+  };
+  auto scalar_out = [](float v) {
+    py::array_t<float> r(1);
+    r.mutable_data()[0] = v;
+    return py::array(r);
+  };
+  std::vector<py::ssize_t> shape(a.shape(), a.shape() + a.ndim());
+  py::array_t<float> out(shape);
+  float* y = out.mutable_data();
+  if (name == "add") { need(b, "b"); binary<S>(x, b.data(), y, n, AddOp<S>{}); }
+  else if (name == "sub") { need(b, "b"); binary<S>(x, b.data(), y, n, SubOp<S>{}); }
+  else if (name == "mul") { need(b, "b"); binary<S>(x, b.data(), y, n, MulOp<S>{}); }
+  else if (name == "div") { need(b, "b"); binary<S>(x, b.data(), y, n, DivOp<S>{}); }
+  else if (name == "max") { need(b, "b"); binary<S>(x, b.data(), y, n, MaxOp<S>{}); }
+  else if (name == "min") { need(b, "b"); binary<S>(x, b.data(), y, n, MinOp<S>{}); }
+  else if (name == "fma") {
+    need(b, "b");
+    need(c, "c");
+    const float *pb = b.data(), *pc = c.data();
+    int64_t i = 0;
+    for (; i + S::W <= n; i += S::W)
+      S::store(y + i, S::fma(S::load(x + i), S::load(pb + i), S::load(pc + i)));
+    for (; i < n; ++i) y[i] = simd::Scalar::fma(x[i], pb[i], pc[i]);
+  }
+  else if (name == "exp") simd::exp_array<S>(x, y, n);
+  else if (name == "tanh") simd::tanh_array<S>(x, y, n);
+  else if (name == "erf") simd::erf_array<S>(x, y, n);
+  else if (name == "sigmoid") simd::sigmoid_array<S>(x, y, n);
+  else if (name == "row_max") return scalar_out(rowk::row_max<S>(x, n));
+  else if (name == "row_sum") return scalar_out(rowk::row_sum<S>(x, n));
+  else if (name == "row_dot") { need(b, "b"); return scalar_out(rowk::row_dot<S>(x, b.data(), n)); }
+  else if (name == "exp_sum") return scalar_out(rowk::exp_sum<S>(x, rowk::row_max<S>(x, n), n));
+  else if (name == "softmax" || name == "logsoftmax" || name == "layernorm") {
+    if (a.ndim() != 2) throw std::invalid_argument(name + ": a must be 2-D [rows, D]");
+    const int64_t rows = a.shape(0), D = a.shape(1);
+    if (name == "layernorm") {
+      if (int64_t(b.size()) != D) throw std::invalid_argument("layernorm: b (scale) must be [D]");
+      const float* bias = nullptr;
+      if (c.size() != 0) {
+        if (int64_t(c.size()) != D) throw std::invalid_argument("layernorm: c (bias) must be [D]");
+        bias = c.data();
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* xr = x + r * D;
+        float mu = rowk::row_sum<S>(xr, D) / float(D);
+        float var = rowk::row_sqdev<S>(xr, mu, D);
+        float rs = 1.f / std::sqrt(var / float(D) + 1e-5f);
+        rowk::ln_apply<S>(xr, mu, rs, b.data(), bias, y + r * D, D);
+      }
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        rowk::softmax_row<S>(x + r * D, y + r * D, D, name == "logsoftmax");
+    }
+  } else {
+    throw std::invalid_argument("simd_kernel: unknown kernel '" + name + "'");
+  }
+  return std::move(out);
+}
+
+}  // namespace
+
+void bind_simd(py::module_& m) {
+  m.def("simd_info", [] {
+    py::dict d;
+    d["backend"] = simd::Native::name;
+    d["width"] = simd::Native::W;
+    return d;
+  }, "The SIMD backend this build uses (avx512/avx2/sse2/neon/scalar) and its float width.");
+  m.def(
+      "simd_kernel",
+      [](const std::string& name, F32 a, py::object b, py::object c, bool scalar) {
+        F32 bb = b.is_none() ? F32(0) : F32(b), cc = c.is_none() ? F32(0) : F32(c);
+        return scalar ? run<simd::Scalar>(name, a, bb, cc) : run<simd::Native>(name, a, bb, cc);
+      },
+      py::arg("name"), py::arg("a"), py::arg("b") = py::none(), py::arg("c") = py::none(),
+      py::arg("scalar") = false,
+      "Run a SIMD kernel (add sub mul div max min fma exp tanh erf sigmoid row_max row_sum "
+      "row_dot exp_sum softmax logsoftmax layernorm) on the native SIMD path or, with "
+      "scalar=True, on the scalar reference.");
+}
+
+}  // namespace pyedge

@@ -1,0 +1,203 @@
+"""Fold PEFT-format adapters into an ONNX model: same graph, new weights.
+
+    merge_adapters("model.onnx", "runs/x/adapters", "merged.onnx")
+
+For each adapted module the base initializer W becomes W + s·ΔW, in the layout the graph
+consumes it: the graph computes ``x @ W_eff`` with ``W_eff = Wᵀ`` when the MatMul/Gemm
+transposes it (Gemm transB=1 or a Transpose node: PyTorch's nn.Linear [out, in]) and ``W``
+otherwise (transformers' Conv1D [in, out]); LoRA adds ``x @ (s·B·A)ᵀ``, so the initializer gets
+``s·B·A`` or ``s·(B·A)ᵀ``. Conv weights (PEFT's ConvNd LoRA, B being 1×1) get
+``s·einsum(B, A)``. The MatMul/Gemm sites are found with the same rewrite pyedge trains with
+(`inject_lora`), so what is merged is exactly what was trained. Whole trained tensors
+(PEFT's modules_to_save) are written back, transposed to the ONNX layout when the parameter
+map says so. Nodes, their order, every other initializer and all metadata stay as they were
+(byte-identical protobuf messages); the result runs in plain onnxruntime.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+
+import numpy as np
+
+from pyedge.export.peft import (AdapterError, check_config, module_scaling, read_adapters,
+                                split_keys, to_onnx_layout, torch_names_to_onnx)
+
+
+def lora_deltas(graph, config: dict, lora: dict[str, dict[str, np.ndarray]]
+                ) -> dict[str, np.ndarray]:
+    """{ONNX initializer: s·ΔW in the initializer's layout} for the LoRA modules."""
+    from pyedge.adapters.lora import LoraConfig, inject_lora
+
+    from pyedge.param_names import module_of
+
+    deltas: dict[str, np.ndarray] = {}
+    found: set[str] = set()
+    # Conv weights (PEFT's ConvNd LoRA: A = Conv(in, r, k), B = Conv(r, out, 1)):
+    # ΔW[o, i, ...] = Σ_r B[o, r] A[r, i, ...], same layout in ONNX and PyTorch.
+    conv_weights = {module_of(graph, n.inputs[1]): n.inputs[1] for n in graph.nodes
+                    if n.op_type == "Conv" and len(n.inputs) > 1
+                    and n.inputs[1] in graph.initializers}
+    by_rank: dict[int, list[str]] = {}
+    for module, ab in lora.items():
+        if "A" not in ab or "B" not in ab:
+            raise AdapterError(f"module '{module}' has only lora_{'A' if 'A' in ab else 'B'}")
+        if module in conv_weights:
+            w = conv_weights[module]
+            W = graph.initializers[w]
+            A = np.asarray(ab["A"], np.float64)
+            B = np.asarray(ab["B"], np.float64)
+            r = A.shape[0]
+            if A.shape[1:] != W.shape[1:] or B.shape[:2] != (W.shape[0], r) or \
+                    any(d != 1 for d in B.shape[2:]):
+                raise AdapterError(f"'{module}': lora_A {list(A.shape)} / lora_B "
+                                   f"{list(B.shape)} do not fit the conv weight {list(W.shape)}")
+            _, scale = module_scaling(config, module)
+            d = scale * np.einsum("or,ri...->oi...", B.reshape(B.shape[0], r), A)
+            deltas[w] = deltas[w] + d if w in deltas else d
+            found.add(module)
+            continue
+        by_rank.setdefault(int(ab["A"].shape[0]), []).append(module)
+    for r, modules in by_rank.items():
+        g = graph.copy()
+        cfg = LoraConfig(r=r, alpha=float(r), target_modules=[
+            "re:" + re.escape(m) for m in modules])
+        try:
+            sites = inject_lora(g, cfg)
+        except ValueError as e:
+            raise AdapterError(f"the adapted modules {modules[:5]} are not in the model "
+                               f"({e})") from e
+        trans = {n.inputs[2]: bool(n.attrs.get("trans_w", 0)) for n in g.nodes
+                 if n.op_type == "LoraMatMul" and n.domain == "pyedge"}
+        for site in sites:
+            A = np.asarray(lora[site.module]["A"], np.float64)
+            B = np.asarray(lora[site.module]["B"], np.float64)
+            if A.shape != (r, site.in_features) or B.shape != (site.out_features, r):
+                raise AdapterError(
+                    f"'{site.module}': lora_A {list(A.shape)} / lora_B {list(B.shape)} do not "
+                    f"fit the weight (expected [{r}, {site.in_features}] / "
+                    f"[{site.out_features}, {r}])")
+            _, scale = module_scaling(config, site.module)
+            ba = scale * (B @ A)                       # [out, in]
+            d = ba if trans[site.lora_a] else ba.T     # initializer layout
+            if site.weight in deltas:
+                deltas[site.weight] = deltas[site.weight] + d
+            else:
+                deltas[site.weight] = d
+            found.add(site.module)
+    missing = sorted(set(lora) - found)
+    if missing:
+        raise AdapterError(f"adapted module(s) {missing[:8]} have no MatMul/Gemm weight in the "
+                           "model (different model, or a layer type pyedge cannot merge)")
+    return deltas
+
+
+def _save_atomic(proto, out_path, external: bool):
+    import onnx
+
+    folder = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(folder, exist_ok=True)
+    if external:  # keep big models' weights next to the file, like the input had them
+        data_name = os.path.basename(out_path) + ".data"
+        tmp_dir = tempfile.mkdtemp(dir=folder, prefix=".pyedge-merge-")
+        try:
+            tmp_model = os.path.join(tmp_dir, os.path.basename(out_path))
+            onnx.save_model(proto, tmp_model, save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=data_name,
+                            size_threshold=1024)
+            for f in (data_name, os.path.basename(out_path)):
+                with open(os.path.join(tmp_dir, f), "rb+") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(os.path.join(tmp_dir, data_name), os.path.join(folder, data_name))
+            os.replace(tmp_model, out_path)
+        finally:
+            import shutil
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        return
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder, prefix=".pyedge-merge-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def merge_adapters(model_path, adapters_dir, out_path) -> dict:
+    """Writes `out_path`: `model_path` with the adapters in `adapters_dir` folded in.
+
+    Returns {"lora": [initializers changed by LoRA], "whole": [initializers replaced by a
+    different value],
+    "skipped": [adapter tensors with no counterpart in the graph]}.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    from pyedge.onnx_import import load_onnx
+
+    model_path, out_path = os.fspath(model_path), os.fspath(out_path)
+    config, tensors = read_adapters(adapters_dir)
+    check_config(config, os.fspath(adapters_dir))
+    lora, whole = split_keys(tensors)
+    graph = load_onnx(model_path)
+    deltas = lora_deltas(graph, config, lora) if lora else {}
+
+    new_values: dict[str, np.ndarray] = {}
+    name_map = torch_names_to_onnx(graph.param_map, graph.initializers)
+    skipped = []
+    for tname, arr in whole.items():
+        hit = name_map.get(tname)
+        if hit is None:
+            skipped.append(tname)
+            continue
+        init, entry = hit
+        value = to_onnx_layout(np.asarray(arr), entry)
+        if tuple(value.shape) != tuple(graph.initializers[init].shape):
+            raise AdapterError(f"'{tname}' has shape {list(arr.shape)}, the model's tensor "
+                               f"'{init}' is {list(graph.initializers[init].shape)}")
+        if not np.array_equal(value.astype(graph.initializers[init].dtype),
+                              graph.initializers[init]):
+            new_values[init] = value  # unchanged tensors (e.g. running statistics) stay as is
+    float_skipped = [k for k in skipped if whole[k].dtype.kind == "f" and whole[k].ndim > 0]
+    if float_skipped:
+        warnings.warn(f"adapter tensors with no counterpart in {model_path} were ignored: "
+                      f"{float_skipped[:8]}", stacklevel=2)
+
+    header = onnx.load(model_path, load_external_data=False)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL
+                   for t in header.graph.initializer)
+    proto = onnx.load(model_path) if external else header
+    inits = {t.name: t for t in proto.graph.initializer}
+    consts = {n.output[0]: n for n in proto.graph.node
+              if n.op_type == "Constant" and len(n.output) == 1}
+    changed = set(deltas) | set(new_values)
+    for name in changed:
+        if name in inits:
+            orig = numpy_helper.to_array(inits[name], base_dir=os.path.dirname(
+                os.path.abspath(model_path)))
+        elif name in consts:
+            orig = numpy_helper.to_array(next(a.t for a in consts[name].attribute
+                                              if a.name == "value"))
+        else:
+            raise AdapterError(f"tensor '{name}' is neither an initializer nor a Constant")
+        if name in new_values:
+            value = new_values[name].astype(np.float64)
+            if name in deltas:  # trained whole and LoRA'd: PEFT does not allow it either
+                raise AdapterError(f"'{name}' is both trained whole and LoRA-adapted")
+        else:
+            value = orig.astype(np.float64) + deltas[name]
+        t = numpy_helper.from_array(value.astype(orig.dtype), name)
+        if name in inits:
+            inits[name].CopyFrom(t)
+        else:
+            for a in consts[name].attribute:
+                if a.name == "value":
+                    a.t.CopyFrom(t)
+    _save_atomic(proto, out_path, external)
+    return {"lora": sorted(deltas), "whole": sorted(new_values), "skipped": sorted(skipped)}

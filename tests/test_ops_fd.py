@@ -1,0 +1,128 @@
+"""Op backward rules against central finite differences of float64 numpy references.
+
+Needs numpy only (no torch), so it runs on aarch64 devices and in scripts/arm64-check.sh.
+For each case: pyedge's forward equals the numpy reference (float32 tolerance) and pyedge's
+input gradients for a random output gradient g equal d/dx sum(f(x) * g), by central
+differences on the float64 reference."""
+import numpy as np
+import pytest
+
+from pyedge import _core
+
+pytestmark = pytest.mark.arm64
+
+
+def _erf(x):
+    from math import erf
+    return np.vectorize(erf)(x)
+
+
+def _softmax(x, axis=-1):
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def _layernorm(x, w, b, eps=1e-5):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps) * w + b
+
+
+def _conv2d(x, w, b):
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    y = np.zeros((n, o, h - kh + 1, wd - kw + 1))
+    for i in range(kh):
+        for j in range(kw):
+            y += np.einsum("nchw,oc->nohw", x[:, :, i:i + y.shape[2], j:j + y.shape[3]],
+                           w[:, :, i, j])
+    return y + b[None, :, None, None]
+
+
+def _sce(x, labels):
+    lsm = x - x.max(1, keepdims=True)
+    lsm = lsm - np.log(np.exp(lsm).sum(1, keepdims=True))
+    return -lsm[np.arange(len(labels)), labels].mean()
+
+
+def R(*shape, seed=0, scale=1.0, shift=0.0):
+    rng = np.random.default_rng(seed + sum(shape))
+    return (rng.standard_normal(shape) * scale + shift).astype(np.float32)
+
+
+# (id, op, inputs, attrs, opset, numpy reference over float64 float inputs)
+CASES = [
+    ("matmul", "MatMul", [R(3, 4), R(4, 5, seed=1)], {}, 17, lambda a, b: a @ b),
+    ("matmul_batched", "MatMul", [R(2, 3, 4), R(4, 2, seed=1)], {}, 17, lambda a, b: a @ b),
+    ("gemm_transB", "Gemm", [R(3, 4), R(5, 4, seed=1), R(5, seed=2)], {"transB": 1}, 17,
+     lambda a, b, c: a @ b.T + c),
+    ("add_broadcast", "Add", [R(3, 4), R(4, seed=1)], {}, 17, lambda a, b: a + b),
+    ("mul_broadcast", "Mul", [R(2, 3, 4), R(3, 1, seed=1)], {}, 17, lambda a, b: a * b),
+    ("div", "Div", [R(3, 4), R(3, 4, seed=1, shift=3.0)], {}, 17, lambda a, b: a / b),
+    ("tanh", "Tanh", [R(5, 7, scale=2)], {}, 17, np.tanh),
+    ("sigmoid", "Sigmoid", [R(5, 7, scale=3)], {}, 17, lambda x: 1 / (1 + np.exp(-x))),
+    ("erf", "Erf", [R(5, 7)], {}, 17, _erf),
+    ("gelu", "Gelu", [R(5, 7, scale=2)], {}, 20, lambda x: 0.5 * x * (1 + _erf(x / np.sqrt(2)))),
+    ("gelu_tanh", "Gelu", [R(5, 7, scale=2)], {"approximate": "tanh"}, 20,
+     lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))),
+    ("softmax", "Softmax", [R(3, 37, scale=2)], {}, 17, _softmax),
+    ("logsoftmax", "LogSoftmax", [R(3, 19, scale=2)], {}, 17,
+     lambda x: np.log(_softmax(x))),
+    ("softmax_axis1", "Softmax", [R(2, 5, 3, scale=2)], {"axis": 1}, 17,
+     lambda x: _softmax(x, 1)),
+    ("layernorm", "LayerNormalization", [R(4, 33, scale=2, shift=1), R(33, seed=1),
+                                         R(33, seed=2)], {}, 17, _layernorm),
+    ("reducemean", "ReduceMean", [R(3, 4, 5)], {"axes": [1], "keepdims": 1}, 17,
+     lambda x: x.mean(1, keepdims=True)),
+    ("transpose", "Transpose", [R(2, 3, 4)], {"perm": [2, 0, 1]}, 17,
+     lambda x: x.transpose(2, 0, 1)),
+    ("conv2d", "Conv", [R(2, 3, 6, 5), R(4, 3, 3, 2, seed=1), R(4, seed=2)], {}, 17, _conv2d),
+]
+
+
+def _fd_grads(f, xs, g, eps=1e-6):
+    xs = [x.astype(np.float64) for x in xs]
+    grads = []
+    for k, x in enumerate(xs):
+        d = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            old = x[idx]
+            x[idx] = old + eps
+            fp = np.sum(f(*xs) * g)
+            x[idx] = old - eps
+            fm = np.sum(f(*xs) * g)
+            x[idx] = old
+            d[idx] = (fp - fm) / (2 * eps)
+        grads.append(d)
+    return grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_backward_vs_finite_differences(case):
+    _, op, inputs, attrs, opset, ref = case
+    outs, _ = _core.run_op(op, inputs, attrs, opset=opset)
+    want = ref(*[x.astype(np.float64) for x in inputs])
+    np.testing.assert_allclose(outs[0], want, rtol=2e-5, atol=2e-5, err_msg=f"{op} forward")
+    g = np.random.default_rng(1).standard_normal(outs[0].shape).astype(np.float32)
+    gouts = [g] + [None] * (len(outs) - 1)
+    _, grads = _core.run_op(op, inputs, attrs, opset=opset, grad_outputs=gouts)
+    fd = _fd_grads(ref, inputs, g.astype(np.float64))
+    checked = 0
+    for i, (ours, want) in enumerate(zip(grads, fd)):
+        if ours is None:
+            continue
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4 * scale,
+                                   err_msg=f"{op} grad of input {i}")
+        checked += 1
+    assert checked > 0
+
+
+def test_softmax_cross_entropy_vs_finite_differences():
+    x = R(4, 7, scale=2)
+    labels = np.array([0, 3, 6, 2], np.int64)
+    outs, _ = _core.run_op("SoftmaxCrossEntropyLoss", [x, labels], {"reduction": "mean"})
+    np.testing.assert_allclose(outs[0], _sce(x.astype(np.float64), labels), rtol=1e-5)
+    _, grads = _core.run_op("SoftmaxCrossEntropyLoss", [x, labels], {"reduction": "mean"},
+                            grad_outputs=[np.ones((), np.float32)])
+    fd = _fd_grads(lambda a: _sce(a, labels), [x], np.float64(1.0))
+    np.testing.assert_allclose(grads[0], fd[0], rtol=1e-4, atol=1e-5)
