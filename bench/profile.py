@@ -1,15 +1,19 @@
 """Per-op-family time breakdown of one pyedge training step.
 
-    python -m bench.profile --workload 1 [--threads 2] [--reps 3] [--top 12] [--perf]
+    python -m bench.profile --workload 1 [--threads 2] [--steps 5] [--top 12] [--replay] [--perf]
 
-The core does not time its plan per op (yet). If a future core exposes
-``Session.last_step_profile`` (a list of {"node", "op_type", "phase", "seconds"}), that is
-used. Otherwise each op of the step is *replayed* alone through ``pyedge._core.run_op`` on the
-real intermediate tensors of one batch (fetched with ``Session.run``): forward for every op the
-plan does not fold away, backward (the VJP with gradients only for the inputs that depend on
-a trainable tensor, as the pruned plan does) for the plan's ``backward_nodes``. Each op is
-timed on its own (median of --reps), so the sum differs from a real step by the plan's
-memory reuse, run_op's output copies and the optimizer; it shows where the time goes.
+With a core that times its plan (``Session.profiling`` / ``Session.last_profile()``: node,
+op type, forward/backward, seconds, calls), the real steps are profiled: every op of the plan
+is timed in place over --steps steps and the per-step average is reported; what is left of
+the measured step time is the optimizer, the Python call and input checks.
+
+Without it (older cores), or with --replay, each op of the step is *replayed* alone through
+``pyedge._core.run_op`` on the real intermediate tensors of one batch (fetched with
+``Session.run``): forward for every op the plan does not fold away, backward (the VJP with
+gradients only for the inputs that depend on a trainable tensor, as the pruned plan does)
+for the plan's ``backward_nodes``; each op is timed on its own (median of --reps), so the
+sum differs from a real step by the plan's memory reuse, run_op's output copies and the
+optimizer.
 
 --perf additionally samples real steps with ``perf record`` and splits the samples by shared
 object (pyedge core, OpenBLAS, OpenMP runtime, Python, kernel).
@@ -48,6 +52,7 @@ FAMILIES = {
 
 
 def family(op_type: str) -> str:
+    op_type = op_type.rsplit(".", 1)[-1]  # "pyedge.LoraMatMul" -> "LoraMatMul"
     for fam, ops in FAMILIES.items():
         if op_type in ops:
             return fam
@@ -184,9 +189,11 @@ def main(argv=None):
     ap.add_argument("--workload", default="1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=3, help="real steps timed for comparison")
+    ap.add_argument("--steps", type=int, default=5, help="real steps timed (and profiled)")
     ap.add_argument("--top", type=int, default=12, help="slowest single ops to list")
     ap.add_argument("--perf", action="store_true", help="also sample real steps with perf")
+    ap.add_argument("--replay", action="store_true",
+                    help="replay ops through run_op even when the core can time its plan")
     a = ap.parse_args(argv)
     for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYEDGE_NUM_THREADS"):
         os.environ.setdefault(k, str(a.threads))
@@ -198,20 +205,42 @@ def main(argv=None):
     sess = _session(w, path, a.threads)
     batches = w.batches()
     sess.step(*batches[0])
-    real = []
-    for i in range(a.steps):
-        t0 = time.perf_counter()
-        sess.step(*batches[(i + 1) % len(batches)])
-        real.append(time.perf_counter() - t0)
-    real_ms = statistics.median(real) * 1e3
-    print(f"W{w.id} {w.title}: real step median {real_ms:.2f} ms over {a.steps} steps "
-          f"({a.threads} threads)")
 
-    prof = getattr(sess._sess, "last_step_profile", None)
-    if prof:
-        rows = [(p["node"], p["op_type"], p["seconds"] if p["phase"] == "forward" else 0.0,
-                 p["seconds"] if p["phase"] == "backward" else None) for p in prof]
-        how = "core per-op timing of the last step"
+    def timed_steps():
+        ts = []
+        for i in range(a.steps):
+            t0 = time.perf_counter()
+            sess.step(*batches[(i + 1) % len(batches)])
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    real_ms = timed_steps()
+    print(f"W{w.id} {w.title}: real step median {real_ms:.2f} ms over {a.steps} steps "
+          f"({a.threads} threads, profiling off)")
+
+    core_profile = hasattr(sess._sess, "last_profile") and hasattr(sess._sess, "profiling")
+    if core_profile and not a.replay:
+        sess._sess.profiling = True
+        sess.step(*batches[0])  # plan state is per plan: start the count after one step
+        before = {(n, b): (sec, c) for n, _op, b, sec, c in sess._sess.last_profile()}
+        prof_ms = timed_steps()
+        rows = []
+        for node, op, bwd, sec, calls in sess._sess.last_profile():
+            s0, c0 = before.get((node, bwd), (0.0, 0))
+            per_step = (sec - s0) / max(calls - c0, 1)
+            if bwd:
+                rows.append((node, op, 0.0, per_step))
+            else:
+                rows.append((node, op, per_step, None))
+        merged = {}
+        for node, op, f, b in rows:  # one row per node: forward and backward together
+            m = merged.setdefault(node, [node, op, 0.0, None])
+            m[2] += f
+            if b is not None:
+                m[3] = (m[3] or 0.0) + b
+        rows = [tuple(v) for v in merged.values()]
+        how = (f"the core's own per-op timing over {a.steps} real steps, average per step; "
+               f"step median with profiling on: {prof_ms:.2f} ms")
     else:
         rows = replay(sess, batches[0], a.reps, log=lambda m: print(m, file=sys.stderr))
         how = "replay of each op alone through _core.run_op (the core has no per-op timing yet)"
@@ -233,7 +262,8 @@ def main(argv=None):
           f"{sum(d[1] for d in fams.values()) * 1e3:.2f} | | "
           f"{sum(d[2] for d in fams.values()) * 1e3:.2f} | {total * 1e3:.2f} | |")
     print(f"\nreal step {real_ms:.2f} ms vs sum of ops {total * 1e3:.2f} ms (the rest: "
-          "optimizer, plan overhead; replay adds output copies)")
+          "optimizer, Python call, input checks" +
+          ("; the replay also adds output copies)" if "replay" in how else ")"))
     print(f"\nslowest single ops:\n")
     print("| node | op | fwd ms | bwd ms |")
     print("|---|---|---:|---:|")
