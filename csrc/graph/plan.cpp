@@ -225,6 +225,7 @@ void Plan::build(const Model& model, const PlanRequest& req) {
             "other LoRA targets"));
       for (size_t k = 0; k < f.in_ids.size(); ++k)
         if (need[k]) has_grad[size_t(f.in_ids[k])] = true;
+      f.op->backward_planned = true;
       Step b = f;
       b.din.assign(f.in_ids.size(), Tensor{});
       for (size_t k = 0; k < f.in_ids.size(); ++k) if (need[k]) b.din[k].dtype = DType::f32;  // marker

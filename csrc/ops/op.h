@@ -94,6 +94,9 @@ class Op {
 
   // Filled by the planner; kernels may use them in errors.
   std::vector<DType> input_dtypes;
+  // Set by the planner once the backward is pruned: false when this op gets no backward step
+  // in the plan, so forward may skip what only the backward reads (MaxPool's argmax).
+  bool backward_planned = false;
 };
 
 using OpFactory =
