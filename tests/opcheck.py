@@ -77,8 +77,18 @@ def check_backward(op_type, inputs, torch_fn, attrs=None, opset=17, rtol=1e-4, a
     if grad_outputs is None:
         grad_outputs = [rng.standard_normal(o.shape).astype(np.float32)
                         if o.dtype == np.float32 else None for o in outs]
-    _, grads = _core.run_op(op_type, list(inputs), dict(attrs or {}), opset=opset,
-                            grad_outputs=grad_outputs, **kw)
+    # The same backward three ways: into zeroed buffers, added onto ones (the op must
+    # accumulate), and into NaN-filled buffers marked fresh (an op that assigns fresh
+    # gradients must overwrite every element; the others get zeros, as in a plan).
+    runs = {init: _core.run_op(op_type, list(inputs), dict(attrs or {}), opset=opset,
+                               grad_outputs=grad_outputs, grad_init=init, **kw)[1]
+            for init in ("zeros", "ones", "fresh")}
+    grads = runs["zeros"]
+    for init, off in (("ones", 1.0), ("fresh", 0.0)):
+        for i, (g0, g) in enumerate(zip(grads, runs[init])):
+            if g0 is not None:
+                np.testing.assert_allclose(g - off, g0, rtol=1e-5, atol=1e-5 * max(1.0, float(np.abs(g0).max(initial=0))),
+                                           err_msg=f"{op_type} grad of input {i} with grad_init={init}")
     leaves = []
     for x in inputs:
         if x is not None and np.asarray(x).dtype == np.float32:

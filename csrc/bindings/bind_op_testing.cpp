@@ -1,6 +1,8 @@
 // _core.run_op: one op, forward and (optionally) backward, outside any plan. Tests use it to
 // check each kernel against onnxruntime and PyTorch autograd.
+#include <algorithm>
 #include <cstring>
+#include <limits>
 
 #include <pybind11/stl.h>
 
@@ -10,7 +12,8 @@ namespace pyedge {
 
 static py::tuple run_op(const std::string& op_type, py::list inputs, py::dict attrs,
                         const std::string& domain, int opset, py::object grad_outputs,
-                        py::object const_inputs, bool training, uint64_t seed, int num_outputs) {
+                        py::object const_inputs, bool training, uint64_t seed, int num_outputs,
+                        const std::string& grad_init) {
   NodeInfo node;
   node.op_type = op_type;
   node.domain = domain;
@@ -76,6 +79,16 @@ static py::tuple run_op(const std::string& op_type, py::list inputs, py::dict at
       any = true;
       din_store[i] = OwnedTensor::make(in[i].dtype, in[i].shape);  // zeroed
       din[i] = din_store[i].t;
+      // "ones": the op must add to what is there; "fresh": garbage (NaN) the op must overwrite
+      // when it assigns_fresh_grads(), zeros otherwise (as the planner does).
+      float* d = din[i].ptr<float>();
+      const int64_t n = din[i].numel();
+      if (grad_init == "ones") std::fill(d, d + n, 1.f);
+      else if (grad_init == "fresh" && op->assigns_fresh_grads() && i < 64) {
+        std::fill(d, d + n, std::numeric_limits<float>::quiet_NaN());
+        ctx.fresh_din |= uint64_t(1) << i;
+      } else PYEDGE_CHECK(grad_init == "zeros" || grad_init == "fresh",
+                          "grad_init must be 'zeros', 'ones' or 'fresh', got '", grad_init, "'");
     }
     if (any) {
       if (!op->has_backward())
@@ -95,10 +108,10 @@ void bind_op_testing(py::module_& m) {
   m.def("run_op", &run_op, py::arg("op_type"), py::arg("inputs"), py::arg("attrs") = py::dict(),
         py::arg("domain") = "", py::arg("opset") = 17, py::arg("grad_outputs") = py::none(),
         py::arg("const_inputs") = py::none(), py::arg("training") = false,
-        py::arg("seed") = 0, py::arg("num_outputs") = 1,
+        py::arg("seed") = 0, py::arg("num_outputs") = 1, py::arg("grad_init") = "zeros",
         "Run one op: returns (outputs, input_grads). input_grads is empty unless "
         "grad_outputs is given; entries are None for inputs that take no gradient. Integer "
-        "inputs (and those listed in const_inputs) count as known at plan time. num_outputs is how many outputs the node lists.");
+        "inputs (and those listed in const_inputs) count as known at plan time. num_outputs is how many outputs the node lists. grad_init: what the input-gradient buffers hold before the backward: 'zeros', 'ones' (the op adds to them) or 'fresh' (NaN, marked for ops that assign fresh gradients).");
   m.def("registered_ops", &registered_ops);
 }
 

@@ -297,7 +297,16 @@ void Plan::build(const Model& model, const PlanRequest& req) {
     for (size_t k = 0; k < s.in_ids.size(); ++k) {
       int v = s.in_ids[k];
       if (s.din[k].dtype != DType::f32 || v < 0 || !has_grad[size_t(v)] || trainable[size_t(v)]) continue;
-      if (gstart[size_t(v)] < 0) { gstart[size_t(v)] = F + b; s.zero_grads.push_back(v); }
+      if (gstart[size_t(v)] < 0) {
+        gstart[size_t(v)] = F + b;
+        // First writer: it assigns when it can and the value is not its input twice (the
+        // second din would then add to the first); otherwise the buffer is zeroed first.
+        int uses = 0;
+        for (size_t j = 0; j < s.in_ids.size(); ++j)
+          uses += s.in_ids[j] == v && s.din[j].dtype == DType::f32;
+        if (k < 64 && uses == 1 && s.op->assigns_fresh_grads()) s.fresh_din |= uint64_t(1) << k;
+        else s.zero_grads.push_back(v);
+      }
       gend[size_t(v)] = std::max(gend[size_t(v)], F + b);
     }
     for (int v : s.out_ids)
@@ -404,6 +413,7 @@ void Plan::run(bool training, uint64_t seed, bool backward) {
     for (int v : s.zero_grads) std::memset(grads_[size_t(v)].data, 0, grads_[size_t(v)].nbytes());
     ctx.scratch = base + s.scratch_offset;
     ctx.node_index = uint64_t(s.node);
+    ctx.fresh_din = s.fresh_din;
     auto t0 = profiling_ ? clock::now() : clock::time_point{};
     s.op->backward(s.in, s.out, s.dout, s.din, ctx);
     if (profiling_) {

@@ -66,6 +66,7 @@ class Plan {
     std::vector<Tensor> in, out, dout, din;
     std::vector<int> in_ids, out_ids;
     std::vector<int> zero_grads;  // value ids whose grad buffer this backward step zeroes first
+    uint64_t fresh_din = 0;       // dins this step writes first and assigns (RunContext)
     int64_t scratch_offset = 0;
     double seconds = 0.0;
     int64_t calls = 0;

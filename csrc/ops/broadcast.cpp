@@ -160,14 +160,22 @@ inline int64_t kept_offset(int64_t j, int n, const int64_t* dim, const int64_t* 
 }
 }  // namespace
 
-void ReducePlan::accumulate(const float* g, float* dst, float alpha) const {
-  if (total_ <= 0) return;
+void ReducePlan::accumulate(const float* g, float* dst, float alpha, bool assign) const {
+  if (total_ <= 0) {
+    if (assign) std::fill(dst, dst + dst_n_, 0.f);
+    return;
+  }
   if (identity_) {
     parallel_for(total_, 1 << 15, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) dst[i] += alpha * g[i];
+      if (assign)
+        for (int64_t i = b; i < e; ++i) dst[i] = alpha * g[i];
+      else
+        for (int64_t i = b; i < e; ++i) dst[i] += alpha * g[i];
     });
     return;
   }
+  // Reduced: dst is smaller than g; clearing it first keeps one summation path.
+  if (assign) std::fill(dst, dst + dst_n_, 0.f);
   if (dst_n_ == 1) {
     // Everything reduces to one value: fixed chunks (result independent of thread count).
     constexpr int64_t kChunk = 1 << 15;

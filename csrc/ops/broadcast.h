@@ -151,8 +151,9 @@ class ReducePlan {
   ReducePlan() = default;
   // Sums tensors of shape `out` into shape `in`, which broadcasts to `out`.
   ReducePlan(const Shape& out, const Shape& in);
-  // dst[in-shaped] += alpha * sum over broadcast dims of g[out-shaped].
-  void accumulate(const float* g, float* dst, float alpha = 1.f) const;
+  // dst[in-shaped] += alpha * sum over broadcast dims of g[out-shaped]; with assign, dst is
+  // overwritten instead (a fresh gradient buffer, see RunContext::fresh_din).
+  void accumulate(const float* g, float* dst, float alpha = 1.f, bool assign = false) const;
   bool identity() const { return identity_; }  // no dim is reduced: dst += alpha * g
 
  private:

@@ -94,7 +94,7 @@ void broadcast_mixed(const Broadcast& bc, const A* a, const B* b, R* out, int64_
 template <typename B, typename G>
 void binary_grad(const Broadcast& bc, const ReducePlan& red, const float* a, bool use_a,
                  const B* b, bool use_b, const float* dy, float* dst, float* scratch,
-                 int64_t grain, G g) {
+                 int64_t grain, G g, bool assign = false) {
   static const float zero_a = 0.f;
   static const B zero_b = B(0);
   const bool direct = red.identity();
@@ -105,12 +105,12 @@ void binary_grad(const Broadcast& bc, const ReducePlan& red, const float* a, boo
     const B* pb = use_b ? b + off[1] : &zero_b;
     const float* pdy = dy + oo;
     float* pt = target + oo;
-    if (direct)
+    if (direct && !assign)
       visit2(n, pa, sa, pb, sb, [&](int64_t i, float x, B y) { pt[i] += g(x, float(y), pdy[i]); });
     else
       visit2(n, pa, sa, pb, sb, [&](int64_t i, float x, B y) { pt[i] = g(x, float(y), pdy[i]); });
   });
-  if (!direct) red.accumulate(scratch, dst);
+  if (!direct) red.accumulate(scratch, dst, 1.f, assign);
 }
 
 enum class Kind { add, sub, mul, div, pow, mod };
@@ -165,6 +165,7 @@ class Binary : public Op {
   }
 
   bool has_backward() const override { return kind_ != Kind::mod; }
+  bool assigns_fresh_grads() const override { return true; }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>&,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext& ctx) override {
@@ -173,11 +174,13 @@ class Binary : public Op {
     float* da = din[0].data ? din[0].ptr<float>() : nullptr;
     float* db = din[1].data ? din[1].ptr<float>() : nullptr;
     float* s = static_cast<float*>(ctx.scratch);
+    assign_[0] = ctx.fresh(0);
+    assign_[1] = ctx.fresh(1);
     switch (kind_) {
       case Kind::add:
       case Kind::sub:
-        if (da) red_[0].accumulate(dy, da);
-        if (db) red_[1].accumulate(dy, db, kind_ == Kind::sub ? -1.f : 1.f);
+        if (da) red_[0].accumulate(dy, da, 1.f, assign_[0]);
+        if (db) red_[1].accumulate(dy, db, kind_ == Kind::sub ? -1.f : 1.f, assign_[1]);
         return;
       case Kind::mul: {
         const float* a = db ? in[0].ptr<float>() : nullptr;
@@ -221,7 +224,7 @@ class Binary : public Op {
   void grad(int k, const float* a, bool use_a, const B* b, bool use_b, const float* dy, float* dst,
             float* scratch, G g) const {
     binary_grad(bc_, red_[k], a, use_a, b, use_b, dy, dst, scratch,
-                kind_ == Kind::pow ? kCostlyGrain : kCheapGrain, g);
+                kind_ == Kind::pow ? kCostlyGrain : kCheapGrain, g, assign_[k]);
   }
 
   void forward_pow(const std::vector<Tensor>& in, const std::vector<Tensor>& out) const {
@@ -266,7 +269,8 @@ class Binary : public Op {
         if (da) {
           if (in[1].numel() == 1 && red_[0].identity() && double(b[0]) == 2.0) {
             parallel_for(bc_.total, kCheapGrain, [&](int64_t lo, int64_t hi) {
-              for (int64_t i = lo; i < hi; ++i) da[i] += 2.f * a[i] * dy[i];
+              if (assign_[0]) for (int64_t i = lo; i < hi; ++i) da[i] = 2.f * a[i] * dy[i];
+              else for (int64_t i = lo; i < hi; ++i) da[i] += 2.f * a[i] * dy[i];
             });
           } else {
             grad(0, a, true, b, true, dy, da, s, [](float x, float y, float g) {
@@ -286,6 +290,7 @@ class Binary : public Op {
 
   Kind kind_;
   bool c_mod_ = false;
+  bool assign_[2] = {false, false};  // this backward call's RunContext::fresh for A and B
   Broadcast bc_;
   ReducePlan red_[2];
 };

@@ -11,7 +11,8 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;
 
 // dst (float32 or float64) += src (float32 or float64), elementwise.
-void accumulate_float(const Tensor& src, const Tensor& dst) {
+// dst += src (or dst = src for a fresh gradient buffer), converting between float types.
+void accumulate_float(const Tensor& src, const Tensor& dst, bool assign = false) {
   dispatch_type(src.dtype, [&](auto ts) {
     using S = decltype(ts);
     dispatch_type(dst.dtype, [&](auto td) {
@@ -20,7 +21,8 @@ void accumulate_float(const Tensor& src, const Tensor& dst) {
         const S* s = src.ptr<S>();
         D* d = dst.ptr<D>();
         parallel_for(src.numel(), kGrain, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) d[i] += D(s[i]);
+          if (assign) for (int64_t i = b; i < e; ++i) d[i] = D(s[i]);
+          else for (int64_t i = b; i < e; ++i) d[i] += D(s[i]);
         });
       } else {
         throw Error("internal: float gradient on a non-float tensor");
@@ -51,9 +53,10 @@ class Identity : public Op {
   bool output_aliases_input0() const override { return true; }
   bool has_backward() const override { return true; }
   void backward(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>& dout,
-                const std::vector<Tensor>& din, RunContext&) override {
-    if (din[0].data && dout[0].data) accumulate_float(dout[0], din[0]);
+                const std::vector<Tensor>& din, RunContext& ctx) override {
+    if (din[0].data && dout[0].data) accumulate_float(dout[0], din[0], ctx.fresh(0));
   }
+  bool assigns_fresh_grads() const override { return true; }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>&) const override { return {false}; }
   std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override { return {false}; }
 };
@@ -122,9 +125,10 @@ class Cast : public Op {
     return i == 0 && Op::differentiable_input(0) && is_float(to_);
   }
   void backward(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>& dout,
-                const std::vector<Tensor>& din, RunContext&) override {
-    if (din[0].data && dout[0].data) accumulate_float(dout[0], din[0]);
+                const std::vector<Tensor>& din, RunContext& ctx) override {
+    if (din[0].data && dout[0].data) accumulate_float(dout[0], din[0], ctx.fresh(0));
   }
+  bool assigns_fresh_grads() const override { return true; }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
     return std::vector<bool>(ng.size(), false);
   }

@@ -83,6 +83,7 @@ class LayerNorm : public Op {
     return params ? size_t(nblocks_ * 2 * D_) * sizeof(float) : 0;
   }
 
+  bool assigns_fresh_grads() const override { return true; }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext& ctx) override {
@@ -102,6 +103,10 @@ class LayerNorm : public Op {
     bool params = dg || db;
     float* part = static_cast<float*>(ctx.scratch);  // [nblocks, 2, D]: dScale, dB partials
     if (!dx && !params) return;
+    const bool assign_dx = ctx.fresh(0);
+    // Scale / bias gradients are small: clear fresh ones and keep one summation path.
+    if (dg && ctx.fresh(1)) std::fill(dg, dg + D, 0.f);
+    if (db && ctx.fresh(2)) std::fill(db, db + D, 0.f);
 
     int64_t nb = nblocks_, per = (rows + nb - 1) / nb;
     parallel_for(nb, 1, [&](int64_t bb, int64_t be) {
@@ -141,8 +146,12 @@ class LayerNorm : public Op {
             }
             const float m1 = s1 * invD, m2 = s2 * rs * invD;  // mean(g), mean(g*xhat)
             float* dxr = dx + r * D;
-            for (int64_t k = 0; k < D; ++k)
-              dxr[k] += rs * (dyr[k] * g[k] - m1 - (xr[k] - mu) * rs * m2);
+            if (assign_dx)
+              for (int64_t k = 0; k < D; ++k)
+                dxr[k] = rs * (dyr[k] * g[k] - m1 - (xr[k] - mu) * rs * m2);
+            else
+              for (int64_t k = 0; k < D; ++k)
+                dxr[k] += rs * (dyr[k] * g[k] - m1 - (xr[k] - mu) * rs * m2);
           }
         }
       }

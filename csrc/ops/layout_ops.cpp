@@ -63,9 +63,12 @@ class Transpose : public LayoutOp {
   }
   void backward(const std::vector<Tensor>&, const std::vector<Tensor>&,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
-                RunContext&) override {
-    if (din[0].data && dout[0].data) add_region(bwd_, din[0].ptr<float>(), dout[0].ptr<float>());
+                RunContext& ctx) override {
+    if (!din[0].data || !dout[0].data) return;
+    if (ctx.fresh(0)) copy_region(bwd_, sizeof(float), din[0].data, dout[0].data);
+    else add_region(bwd_, din[0].ptr<float>(), dout[0].ptr<float>());
   }
+  bool assigns_fresh_grads() const override { return true; }
 
  private:
   Region fwd_, bwd_;

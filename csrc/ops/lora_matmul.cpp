@@ -4,6 +4,7 @@
 // A [r, K] and B [N, r] in PEFT's layout; bias [N] optional.
 // Hidden outputs: t = drop(x)·Aᵀ [M, r] (needed for dB), and with dropout the dropped input
 // [M, K] and its keep mask.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -99,10 +100,15 @@ class LoraMatMul : public Op {
   size_t backward_scratch_bytes(const std::vector<bool>&) const override {
     return size_t(M_ * r_) * 4;
   }
+  bool assigns_fresh_grads() const override { return true; }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext& ctx) override {
     const float* dy = dout[0].ptr<float>();
+    // Fresh (unzeroed) buffers: dx is overwritten by its first GEMM; the rest are cleared.
+    for (size_t k = 1; k < din.size(); ++k)
+      if (din[k].data && ctx.fresh(k))
+        std::fill(din[k].ptr<float>(), din[k].ptr<float>() + din[k].numel(), 0.f);
     const float* t = out[1].ptr<float>();
     const float* xa = dropout_ > 0.f ? out[2].ptr<float>() : in[0].ptr<float>();
     bool need_dt = din[0].data || din[2].data;
@@ -127,7 +133,8 @@ class LoraMatMul : public Op {
     if (din[0].data) {
       float* dx = din[0].ptr<float>();
       // dx += dY · op(W)ᵀ
-      sgemm(false, !trans_w_, M_, K_, N_, 1.f, dy, N_, in[1].ptr<float>(), in[1].shape[1], 1.f, dx, K_);
+      sgemm(false, !trans_w_, M_, K_, N_, 1.f, dy, N_, in[1].ptr<float>(), in[1].shape[1],
+            ctx.fresh(0) ? 0.f : 1.f, dx, K_);
       if (dropout_ == 0.f) {  // dx += dt · A
         sgemm(false, false, M_, K_, r_, 1.f, dt, r_, in[2].ptr<float>(), K_, 1.f, dx, K_);
       } else {

@@ -60,6 +60,8 @@ class MatMul : public Op {
       b_broadcast_ = numel(bb) != nb;
     }
     batches_ = nb;
+    a_blocks_ = numel(ab);
+    b_blocks_ = numel(bb);
     Shape out = batch;
     if (!a_vec) out.push_back(M_);
     if (!b_vec) out.push_back(N_);
@@ -83,32 +85,46 @@ class MatMul : public Op {
   }
 
   bool has_backward() const override { return true; }
+  bool assigns_fresh_grads() const override { return true; }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>&,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
-                RunContext&) override {
+                RunContext& ctx) override {
     const float* dY = dout[0].ptr<float>();
+    // beta 0 overwrites a fresh gradient buffer, 1 adds to it.
+    const float beta_a = ctx.fresh(0) ? 0.f : 1.f, beta_b = ctx.fresh(1) ? 0.f : 1.f;
     if (b_shared_ && !a_shared_) {
       int64_t m = batches_ * M_;
       if (din[0].data)  // dA [m, K] += dY [m, N] · Bᵀ
-        sgemm(false, true, m, K_, N_, 1.f, dY, N_, in[1].ptr<float>(), N_, 1.f,
+        sgemm(false, true, m, K_, N_, 1.f, dY, N_, in[1].ptr<float>(), N_, beta_a,
               din[0].ptr<float>(), K_);
       if (din[1].data)  // dB [K, N] += Aᵀ [K, m] · dY [m, N]
-        sgemm(true, false, K_, N_, m, 1.f, in[0].ptr<float>(), K_, dY, N_, 1.f,
+        sgemm(true, false, K_, N_, m, 1.f, in[0].ptr<float>(), K_, dY, N_, beta_b,
               din[1].ptr<float>(), N_);
       return;
     }
-    // dA per batch writes disjoint blocks unless A is broadcast; same for dB.
+    // dA per batch writes disjoint blocks unless A is broadcast; same for dB. A broadcast
+    // block is written by several batches: only its first writer may overwrite it.
     auto grad_loop = [&](bool for_a) {
       bool shared = for_a ? a_shared_ || a_broadcast_ : b_shared_ || b_broadcast_;
+      const float beta0 = for_a ? beta_a : beta_b;
+      std::vector<bool> written;
+      if (shared && beta0 == 0.f) written.assign(size_t(for_a ? numel_of_a() : numel_of_b()), false);
       auto body = [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const float* dYi = dY + i * M_ * N_;
+          const int64_t off = for_a ? a_off_[size_t(i)] : b_off_[size_t(i)];
+          float beta = beta0;
+          if (!written.empty()) {
+            const size_t blk = size_t(off / (for_a ? M_ * K_ : K_ * N_));
+            beta = written[blk] ? 1.f : 0.f;
+            written[blk] = true;
+          }
           if (for_a)
-            sgemm(false, true, M_, K_, N_, 1.f, dYi, N_, in[1].ptr<float>() + b_off_[i], N_, 1.f,
-                  din[0].ptr<float>() + a_off_[i], K_);
+            sgemm(false, true, M_, K_, N_, 1.f, dYi, N_, in[1].ptr<float>() + b_off_[i], N_, beta,
+                  din[0].ptr<float>() + off, K_);
           else
-            sgemm(true, false, K_, N_, M_, 1.f, in[0].ptr<float>() + a_off_[i], K_, dYi, N_, 1.f,
-                  din[1].ptr<float>() + b_off_[i], N_);
+            sgemm(true, false, K_, N_, M_, 1.f, in[0].ptr<float>() + a_off_[i], K_, dYi, N_, beta,
+                  din[1].ptr<float>() + off, N_);
         }
       };
       if (shared) body(0, batches_);
@@ -126,7 +142,12 @@ class MatMul : public Op {
   }
 
  private:
+  // Blocks of A / B (distinct batch matrices before broadcasting).
+  int64_t numel_of_a() const { return a_blocks_; }
+  int64_t numel_of_b() const { return b_blocks_; }
+
   int64_t M_ = 0, K_ = 0, N_ = 0, batches_ = 1;
+  int64_t a_blocks_ = 1, b_blocks_ = 1;
   bool b_shared_ = false, a_shared_ = false;
   bool a_broadcast_ = false, b_broadcast_ = false;  // several batches read the same block
   std::vector<int64_t> a_off_, b_off_;
@@ -199,22 +220,27 @@ class Gemm : public Op {
     if (has_c_ && beta_ != 0.f) add_bias(in[2], beta_, Y, M_, N_);
   }
   bool has_backward() const override { return true; }
+  bool assigns_fresh_grads() const override { return true; }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>&,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
-                RunContext&) override {
+                RunContext& ctx) override {
     const float* dY = dout[0].ptr<float>();
     int64_t lda = in[0].shape[1], ldb = in[1].shape[1];
+    const float ba = ctx.fresh(0) ? 0.f : 1.f, bb = ctx.fresh(1) ? 0.f : 1.f;
     if (din[0].data) {
       // op(A) = dY·op(B)ᵀ; if A is stored transposed, Aᵀ-storage = op(B)·dYᵀ.
-      if (!ta_) sgemm(false, !tb_, M_, K_, N_, alpha_, dY, N_, in[1].ptr<float>(), ldb, 1.f, din[0].ptr<float>(), lda);
-      else sgemm(tb_, true, K_, M_, N_, alpha_, in[1].ptr<float>(), ldb, dY, N_, 1.f, din[0].ptr<float>(), lda);
+      if (!ta_) sgemm(false, !tb_, M_, K_, N_, alpha_, dY, N_, in[1].ptr<float>(), ldb, ba, din[0].ptr<float>(), lda);
+      else sgemm(tb_, true, K_, M_, N_, alpha_, in[1].ptr<float>(), ldb, dY, N_, ba, din[0].ptr<float>(), lda);
     }
     if (din[1].data) {
       // op(B) = op(A)ᵀ·dY; stored transposed: dYᵀ·op(A).
-      if (!tb_) sgemm(!ta_, false, K_, N_, M_, alpha_, in[0].ptr<float>(), lda, dY, N_, 1.f, din[1].ptr<float>(), ldb);
-      else sgemm(true, ta_, N_, K_, M_, alpha_, dY, N_, in[0].ptr<float>(), lda, 1.f, din[1].ptr<float>(), ldb);
+      if (!tb_) sgemm(!ta_, false, K_, N_, M_, alpha_, in[0].ptr<float>(), lda, dY, N_, bb, din[1].ptr<float>(), ldb);
+      else sgemm(true, ta_, N_, K_, M_, alpha_, dY, N_, in[0].ptr<float>(), lda, bb, din[1].ptr<float>(), ldb);
     }
-    if (has_c_ && din.size() > 2 && din[2].data) reduce_bias_grad(dY, beta_, din[2], M_, N_);
+    if (has_c_ && din.size() > 2 && din[2].data) {
+      if (ctx.fresh(2)) std::fill(din[2].ptr<float>(), din[2].ptr<float>() + din[2].numel(), 0.f);
+      reduce_bias_grad(dY, beta_, din[2], M_, N_);
+    }
   }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
     std::vector<bool> r(ng.size(), false);

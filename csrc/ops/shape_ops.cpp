@@ -27,14 +27,17 @@ class ReshapeLike : public Op {
   }
   void backward(const std::vector<Tensor>&, const std::vector<Tensor>&,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
-                RunContext&) override {
+                RunContext& ctx) override {
     if (!din[0].data || !dout[0].data) return;
     const float* dy = dout[0].ptr<float>();
     float* dx = din[0].ptr<float>();
+    const bool assign = ctx.fresh(0);
     parallel_for(din[0].numel(), 1 << 15, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) dx[i] += dy[i];
+      if (assign) std::copy(dy + b, dy + e, dx + b);
+      else for (int64_t i = b; i < e; ++i) dx[i] += dy[i];
     });
   }
+  bool assigns_fresh_grads() const override { return true; }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
     return std::vector<bool>(ng.size(), false);
   }

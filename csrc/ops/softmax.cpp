@@ -78,18 +78,23 @@ class SoftmaxOp : public Op {
     float* dx = din[0].ptr<float>();
     const int64_t D = D_;
     if (D == 0) return;
+    const bool assign = ctx.fresh(0);
     if (inner_ == 1) {
       parallel_for(outer_, grain(), [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) row_backward(y + r * D, dy + r * D, dx + r * D, D);
+        for (int64_t r = b; r < e; ++r) {
+          if (assign) row_backward<true>(y + r * D, dy + r * D, dx + r * D, D);
+          else row_backward<false>(y + r * D, dy + r * D, dx + r * D, D);
+        }
       });
       return;
     }
     float* scratch = static_cast<float*>(ctx.scratch);
     for_blocks([&](int64_t o, float* slot) {
       int64_t off = o * D * inner_;
-      strided_backward(y + off, dy + off, dx + off, slot);
+      strided_backward(y + off, dy + off, dx + off, slot, assign);
     }, scratch);
   }
+  bool assigns_fresh_grads() const override { return true; }
 
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
     return std::vector<bool>(ng.size(), false);
@@ -118,13 +123,14 @@ class SoftmaxOp : public Op {
   static void row_forward(const float* x, float* y, int64_t D) {
     rowk::softmax_row(x, y, D, kLog);
   }
+  template <bool kAssign>
   static void row_backward(const float* y, const float* dy, float* dx, int64_t D) {
     if (kLog) {
       float s = rowk::row_sum(dy, D);
-      for (int64_t i = 0; i < D; ++i) dx[i] += dy[i] - exp_f(y[i]) * s;
+      for (int64_t i = 0; i < D; ++i) put<kAssign>(dx[i], dy[i] - exp_f(y[i]) * s);
     } else {
       float s = rowk::row_dot(dy, y, D);
-      for (int64_t i = 0; i < D; ++i) dx[i] += y[i] * (dy[i] - s);
+      for (int64_t i = 0; i < D; ++i) put<kAssign>(dx[i], y[i] * (dy[i] - s));
     }
   }
 
@@ -153,7 +159,8 @@ class SoftmaxOp : public Op {
         for (int64_t j = 0; j < I; ++j) y[d * I + j] *= s[j];
     }
   }
-  void strided_backward(const float* y, const float* dy, float* dx, float* slot) const {
+  void strided_backward(const float* y, const float* dy, float* dx, float* slot,
+                        bool assign) const {
     const int64_t D = D_, I = inner_;
     float* s = slot;
     for (int64_t j = 0; j < I; ++j) s[j] = 0.f;
@@ -162,7 +169,8 @@ class SoftmaxOp : public Op {
     for (int64_t d = 0; d < D; ++d)
       for (int64_t j = 0; j < I; ++j) {
         int64_t k = d * I + j;
-        dx[k] += kLog ? dy[k] - exp_f(y[k]) * s[j] : y[k] * (dy[k] - s[j]);
+        const float g = kLog ? dy[k] - exp_f(y[k]) * s[j] : y[k] * (dy[k] - s[j]);
+        dx[k] = assign ? g : dx[k] + g;
       }
   }
 };

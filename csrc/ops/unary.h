@@ -51,16 +51,20 @@ class UnaryOp : public Op {
   }
 
   bool has_backward() const override { return K::kGrad; }
+  bool assigns_fresh_grads() const override { return true; }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
-                RunContext&) override {
+                RunContext& ctx) override {
     if (!din[0].data || !dout[0].data) return;
     const float* x = k_.reads_x ? in[0].ptr<float>() : nullptr;
     const float* y = k_.reads_y ? out[0].ptr<float>() : nullptr;
     const float* dy = dout[0].ptr<float>();
     float* dx = din[0].ptr<float>();
-    parallel_for(in[0].numel(), K::kGrain,
-                 [&](int64_t b, int64_t e) { bwd_chunk(k_, x, y, dy, dx, b, e); });
+    const bool assign = ctx.fresh(0);
+    parallel_for(in[0].numel(), K::kGrain, [&](int64_t b, int64_t e) {
+      if (assign) bwd_chunk<true>(k_, x, y, dy, dx, b, e);
+      else bwd_chunk<false>(k_, x, y, dy, dx, b, e);
+    });
   }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>&) const override {
     return {k_.reads_x};
@@ -85,16 +89,18 @@ class UnaryOp : public Op {
       else y[i] = k.f(x[i]);
     }
   }
+  // dx = (or +=) df(x, y, dy); kAssign for a fresh gradient buffer.
+  template <bool kAssign>
   __attribute__((flatten)) PYEDGE_SIMD_CLONES static void bwd_chunk(const K& k, const float* x, const float* y,
                                                  const float* dy, float* dx, int64_t b, int64_t e) {
     if (x && y) {
-      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(x[i], y[i], dy[i]);
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) put<kAssign>(dx[i], k.df(x[i], y[i], dy[i]));
     } else if (x) {
-      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(x[i], 0.f, dy[i]);
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) put<kAssign>(dx[i], k.df(x[i], 0.f, dy[i]));
     } else if (y) {
-      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(0.f, y[i], dy[i]);
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) put<kAssign>(dx[i], k.df(0.f, y[i], dy[i]));
     } else {
-      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) dx[i] += k.df(0.f, 0.f, dy[i]);
+      PYEDGE_SIMD for (int64_t i = b; i < e; ++i) put<kAssign>(dx[i], k.df(0.f, 0.f, dy[i]));
     }
   }
   K k_;
