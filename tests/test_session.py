@@ -91,6 +91,23 @@ def test_sparse_backprop_prunes_ops_before_the_first_trainable(mlp_path):
     assert s_last["gradient_bytes"] < s_first["gradient_bytes"]
 
 
+def test_first_writers_assign_gradients_instead_of_zeroing(mlp_path):
+    # The loss, Gemm and Relu overwrite the activation gradients they write first, so a step
+    # zeroes no gradient buffer at all.
+    x, y = batch()
+    sess = pyedge.TrainingSession(mlp_path, train=["0.*"])
+    st = sess.plan_stats({"x": x})
+    assert st["gradient_bytes"] > 0
+    assert st["zeroed_gradient_bytes"] == 0, st
+    # ...and the gradients are still right after several steps (no stale values carried).
+    ref = pyedge.TrainingSession(mlp_path, train=["0.*"])
+    for _ in range(3):
+        sess.step({"x": x}, y, update=False)
+    ref.step({"x": x}, y, update=False)
+    for k, g in ref.gradients().items():
+        np.testing.assert_allclose(sess.gradients()[k], 3 * g, rtol=1e-5, atol=1e-7, err_msg=k)
+
+
 def test_steady_state_step_allocates_nothing(mlp_path):
     sess = pyedge.TrainingSession(mlp_path, lora=pyedge.LoraConfig(r=4, target_modules=["0"]),
                                   train=["4.*"])

@@ -305,7 +305,10 @@ void Plan::build(const Model& model, const PlanRequest& req) {
         for (size_t j = 0; j < s.in_ids.size(); ++j)
           uses += s.in_ids[j] == v && s.din[j].dtype == DType::f32;
         if (k < 64 && uses == 1 && s.op->assigns_fresh_grads()) s.fresh_din |= uint64_t(1) << k;
-        else s.zero_grads.push_back(v);
+        else {
+          s.zero_grads.push_back(v);
+          stats_.zeroed_gradient_bytes += int64_t(grads_[size_t(v)].nbytes());
+        }
       }
       gend[size_t(v)] = std::max(gend[size_t(v)], F + b);
     }

@@ -28,6 +28,7 @@ struct PlanStats {
   int64_t arena_bytes = 0;       // activations + gradients + scratch, after reuse
   int64_t activation_bytes = 0;  // sum of forward tensors before reuse
   int64_t gradient_bytes = 0;    // sum of activation-gradient tensors before reuse
+  int64_t zeroed_gradient_bytes = 0;  // of those, zeroed each step (first writer accumulates)
   int64_t scratch_bytes = 0;
   int64_t constant_bytes = 0;    // folded constants owned by the plan
   std::vector<std::string> backward_nodes;  // node names with a backward step, in order

@@ -89,7 +89,12 @@ class LayerNorm : public Op {
                 RunContext& ctx) override {
     // Gradients through the Mean/InvStdDev outputs are not propagated (they are statistics;
     // exported training graphs never differentiate them).
-    if (dout[0].data == nullptr) return;
+    if (dout[0].data == nullptr) {  // only the statistics have gradients: none flow back
+      for (size_t k = 0; k < din.size(); ++k)
+        if (din[k].data && ctx.fresh(k))
+          std::fill(din[k].ptr<float>(), din[k].ptr<float>() + din[k].numel(), 0.f);
+      return;
+    }
     const float* x = in[0].ptr<float>();
     const float* g = in[1].ptr<float>();
     const float* mean = out[1].ptr<float>();

@@ -91,11 +91,12 @@ class CrossEntropyLoss : public Op {
   bool differentiable_input(size_t i) const override { return i == 0; }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
-                RunContext&) override {
+                RunContext& ctx) override {
     if (din[0].data == nullptr || dout[0].data == nullptr) return;
-    if (in[1].dtype == DType::i64) bwd<int64_t>(in, out, dout, din);
-    else bwd<int32_t>(in, out, dout, din);
+    if (in[1].dtype == DType::i64) bwd<int64_t>(in, out, dout, din, ctx.fresh(0));
+    else bwd<int32_t>(in, out, dout, din, ctx.fresh(0));
   }
+  bool assigns_fresh_grads() const override { return true; }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
     return {true, true};
   }
@@ -159,25 +160,39 @@ class CrossEntropyLoss : public Op {
 
   template <typename L>
   void bwd(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
-           const std::vector<Tensor>& dout, const std::vector<Tensor>& din) {
+           const std::vector<Tensor>& dout, const std::vector<Tensor>& din, bool assign) {
     const float* x = in[0].ptr<float>();
     const L* lab = in[1].ptr<L>();
     const float* lse = out[1].ptr<float>();
     float* dx = din[0].ptr<float>();
-    int64_t nv = mean_ ? count_valid(lab) : 1;
-    if (nv == 0) return;
-    const float g = dout[0].ptr<float>()[0] / float(nv);
     const int64_t C = C_;
+    int64_t nv = mean_ ? count_valid(lab) : 1;
+    if (nv == 0) {
+      if (assign) std::fill(dx, dx + din[0].numel(), 0.f);
+      return;
+    }
+    // A fresh buffer: the rows no label reads (the last position of each sequence when
+    // shifted) are zeroed here; ignored rows are zeroed in the loop.
+    if (assign && shift_)
+      for (int64_t lr = T_ - 1; lr < din[0].numel() / C; lr += T_)
+        std::fill(dx + lr * C, dx + (lr + 1) * C, 0.f);
+    const float g = dout[0].ptr<float>()[0] / float(nv);
     const float off = g * eps_ / float(C), hit = g * (1.f - eps_);
     parallel_for(rows_, std::max<int64_t>(1, 16384 / C), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         int64_t y = int64_t(lab[label_index(r)]);
-        if (y == ignore_) continue;
         int64_t lr = logit_row(r);
-        const float* xr = x + lr * C;
         float* dr = dx + lr * C;
+        if (y == ignore_) {
+          if (assign) std::fill(dr, dr + C, 0.f);
+          continue;
+        }
+        const float* xr = x + lr * C;
         const float m = lse[2 * r], ls = lse[2 * r + 1];
-        for (int64_t c = 0; c < C; ++c) dr[c] += g * exp_f((xr[c] - m) - ls) - off;
+        if (assign)
+          for (int64_t c = 0; c < C; ++c) dr[c] = g * exp_f((xr[c] - m) - ls) - off;
+        else
+          for (int64_t c = 0; c < C; ++c) dr[c] += g * exp_f((xr[c] - m) - ls) - off;
         dr[y] -= hit;
       }
     });
