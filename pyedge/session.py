@@ -8,6 +8,7 @@ import numpy as np
 
 from pyedge import _core
 from pyedge.adapters import LoraConfig, inject_lora, select_trainable_tensors
+from pyedge.fusions import fuse as fuse_graph
 from pyedge.graph import Graph, Node, ValueInfo, to_core
 from pyedge.onnx_import import load_onnx
 from pyedge.optim import SGD, AdamW
@@ -26,13 +27,15 @@ class TrainingSession:
     loss: "cross_entropy" (labels int64 [...]), "mse" (labels like the output) or
           "causal_lm" (cross-entropy of logits[:, :-1] against labels[:, 1:]).
     output: which graph output the loss reads (default: the first).
+    fuse: replace exported elementwise chains (GELU) by single ops (pyedge/fusions.py);
+          False runs the graph op by op, as exported.
     """
 
     def __init__(self, model, lora: LoraConfig | None = None, train: Sequence[str] = (),
                  loss: str | None = "cross_entropy", optimizer: AdamW | SGD | None = None,
                  output: str | None = None, seed: int = 0, threads: int | None = None,
                  max_grad_norm: float = 0.0, label_smoothing: float = 0.0,
-                 ignore_index: int = -100):
+                 ignore_index: int = -100, fuse: bool = True):
         self.graph = model.copy() if isinstance(model, Graph) else load_onnx(model)
         self.base_graph = self.graph.copy()
         self.lora_config = lora
@@ -53,6 +56,8 @@ class TrainingSession:
         self.optimizer = optimizer or AdamW()
         if threads or os.environ.get("PYEDGE_NUM_THREADS"):
             _core.set_num_threads(int(threads or os.environ["PYEDGE_NUM_THREADS"]))
+        # Exported elementwise chains (GELU) become single ops; base_graph keeps the original.
+        self.fusions = fuse_graph(self.graph) if fuse else {}
         self._model = to_core(self.graph)
         self._sess = _core.Session(self._model, trainable, LOSS if loss else "",
                                    self.optimizer.to_core(), seed)

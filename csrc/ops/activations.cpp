@@ -90,6 +90,7 @@ class Gelu : public Op {
     impl_->forward(in, out, c);
   }
   bool has_backward() const override { return true; }
+  bool assigns_fresh_grads() const override { return impl_->assigns_fresh_grads(); }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext& c) override {

@@ -241,9 +241,10 @@ class Binary : public Op {
             // Scalar exponent over a non-broadcast base (x^2 in decomposed LayerNorm): no pow().
             if (in[1].numel() == 1 && in[0].numel() == n) {
               const double e = double(b[0]);
-              if (e == 2.0 || e == 1.0 || e == 0.5 || e == -1.0) {
+              if (e == 2.0 || e == 3.0 || e == 1.0 || e == 0.5 || e == -1.0) {
                 parallel_for(n, kCheapGrain, [&](int64_t lo, int64_t hi) {
                   if (e == 2.0) for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * a[i];
+                  else if (e == 3.0) for (int64_t i = lo; i < hi; ++i) o[i] = a[i] * a[i] * a[i];
                   else if (e == 1.0) for (int64_t i = lo; i < hi; ++i) o[i] = a[i];
                   else if (e == 0.5) for (int64_t i = lo; i < hi; ++i) o[i] = std::sqrt(a[i]);
                   else for (int64_t i = lo; i < hi; ++i) o[i] = T(1) / a[i];
@@ -267,10 +268,14 @@ class Binary : public Op {
       if constexpr (!std::is_same_v<E, uint8_t>) {
         const E* b = in[1].ptr<E>();
         if (da) {
-          if (in[1].numel() == 1 && red_[0].identity() && double(b[0]) == 2.0) {
+          const double e = double(b[0]);
+          if (in[1].numel() == 1 && red_[0].identity() && (e == 2.0 || e == 3.0)) {
+            // d(x^2) = 2x, d(x^3) = 3x^2: no pow() per element (GPT-2's GELU cubes x)
             parallel_for(bc_.total, kCheapGrain, [&](int64_t lo, int64_t hi) {
-              if (assign_[0]) for (int64_t i = lo; i < hi; ++i) da[i] = 2.f * a[i] * dy[i];
-              else for (int64_t i = lo; i < hi; ++i) da[i] += 2.f * a[i] * dy[i];
+              for (int64_t i = lo; i < hi; ++i) {
+                const float g = e == 2.0 ? 2.f * a[i] * dy[i] : 3.f * a[i] * a[i] * dy[i];
+                da[i] = assign_[0] ? g : da[i] + g;
+              }
             });
           } else {
             grad(0, a, true, b, true, dy, da, s, [](float x, float y, float g) {

@@ -1,0 +1,180 @@
+"""Fusions applied to a training graph before the core plans it.
+
+Exporters spell some functions out as chains of elementwise ops: GELU becomes five ops
+(erf form) or eight (tanh form, with a Pow). Each op of a chain reads and writes a whole
+activation in the forward, again in the backward, and keeps its output alive for the
+backward; one fused op does one pass each way. Only exact rewrites are made: the
+constants must match the function's to float32 precision, and every intermediate value
+must be used by the chain alone (so nothing else reads a value that disappears).
+
+The original graph (``TrainingSession.base_graph``) is not changed: adapters are saved and
+merged against it.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+
+from pyedge.graph import Graph, Node
+
+_SQRT2 = math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+class _Matcher:
+    """Read-only views of a graph for pattern matching: producers, consumers, constants."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.producer = graph.producer_map()
+        self.consumers = graph.consumer_map()
+        self.outputs = {v.name for v in graph.outputs}
+
+    def scalar(self, name: str) -> float | None:
+        v = self.graph.initializers.get(name)
+        if v is None:
+            return None
+        a = np.asarray(v)
+        if a.size != 1 or a.dtype.kind != "f":
+            return None
+        return float(a.reshape(()))
+
+    def is_const(self, name: str, value: float, rtol: float = 1e-6) -> bool:
+        v = self.scalar(name)
+        return v is not None and math.isclose(v, value, rel_tol=rtol, abs_tol=0.0)
+
+    def private(self, value: str) -> Node | None:
+        """The single consumer of `value`, if it has exactly one and is not a graph output."""
+        users = self.consumers.get(value, [])
+        if len(users) != 1 or value in self.outputs:
+            return None
+        return users[0]
+
+    def made_by(self, value: str, op_type: str) -> Node | None:
+        n = self.producer.get(value)
+        return n if n is not None and n.op_type == op_type and n.domain in ("", "ai.onnx") else None
+
+    def other_input(self, node: Node, value: str) -> str | None:
+        """For a two-input node that reads `value` once, its other input."""
+        if len(node.inputs) != 2 or node.inputs.count(value) != 1:
+            return None
+        return node.inputs[1] if node.inputs[0] == value else node.inputs[0]
+
+
+def _scaled_input(m: _Matcher, value: str, factor: float) -> tuple[str, Node] | None:
+    """value = x * factor, spelled Mul(x, c), Mul(c, x) or Div(x, 1/c): (x, that node)."""
+    n = m.producer.get(value)
+    if n is None or n.domain not in ("", "ai.onnx") or len(n.inputs) != 2:
+        return None
+    a, b = n.inputs
+    if n.op_type == "Mul":
+        if m.is_const(b, factor):
+            return a, n
+        if m.is_const(a, factor):
+            return b, n
+    if n.op_type == "Div" and m.is_const(b, 1.0 / factor):
+        return a, n
+    return None
+
+
+def _gelu_inner(m: _Matcher, act: Node) -> tuple[str, str, list[Node]] | None:
+    """For an Erf / Tanh node computing GELU's inner function of some x: (x, approximate,
+    the nodes from x up to and including `act`)."""
+    if act.op_type == "Erf":
+        found = _scaled_input(m, act.inputs[0], 1.0 / _SQRT2)
+        if found is None:
+            return None
+        x, scale = found
+        return x, "none", [scale, act]
+    if act.op_type == "Tanh":
+        # tanh(sqrt(2/pi) * (x + 0.044715 * x^3))
+        found = _scaled_input(m, act.inputs[0], _SQRT_2_OVER_PI)
+        if found is None:
+            return None
+        inner, scale = found
+        add = m.made_by(inner, "Add")
+        if add is None or len(add.inputs) != 2:
+            return None
+        for x, cube_term in (add.inputs, add.inputs[::-1]):
+            found = _scaled_input(m, cube_term, 0.044715)
+            if found is None:
+                continue
+            cubed, coef = found
+            pw = m.made_by(cubed, "Pow")
+            if pw is not None and pw.inputs[0] == x and m.is_const(pw.inputs[1], 3.0):
+                return x, "tanh", [pw, coef, add, scale, act]
+        return None
+    return None
+
+
+def _gelu_outer(m: _Matcher, x: str, one_plus: str) -> tuple[str, list[Node]] | None:
+    """0.5 * x * one_plus in any association: (output value, the Mul nodes)."""
+    first = m.private(one_plus)
+    if first is None or first.op_type != "Mul":
+        return None
+    other = m.other_input(first, one_plus)
+    if other is None:
+        return None
+    # Mul(one_plus, Mul(x, 0.5))
+    half_x = _scaled_input(m, other, 0.5)
+    if half_x is not None and half_x[0] == x and m.private(other) is first:
+        return first.outputs[0], [half_x[1], first]
+    # Mul(Mul(one_plus, 0.5), x) or Mul(Mul(one_plus, x), 0.5)
+    if other != x and not m.is_const(other, 0.5):
+        return None
+    second = m.private(first.outputs[0])
+    if second is None or second.op_type != "Mul":
+        return None
+    last = m.other_input(second, first.outputs[0])
+    if (other == x and m.is_const(last or "", 0.5)) or (other != x and last == x):
+        return second.outputs[0], [first, second]
+    return None
+
+
+def fuse_gelu(graph: Graph) -> int:
+    """Replaces the exported GELU chains (erf and tanh forms) with one Gelu node each."""
+    m = _Matcher(graph)
+    remove: set[int] = set()
+    replace: dict[int, Node] = {}  # id of the chain's last node -> the Gelu replacing it
+    for act in graph.nodes:
+        if act.op_type not in ("Erf", "Tanh") or id(act) in remove:
+            continue
+        inner = _gelu_inner(m, act)
+        if inner is None:
+            continue
+        x, approximate, chain = inner
+        plus = m.private(act.outputs[0])
+        if plus is None or plus.op_type != "Add" \
+                or not m.is_const(m.other_input(plus, act.outputs[0]) or "", 1.0):
+            continue
+        outer = _gelu_outer(m, x, plus.outputs[0])
+        if outer is None:
+            continue
+        out, muls = outer
+        nodes = chain + [plus] + muls
+        # Every value the chain makes, but its result, must be read by the chain alone.
+        made = {o for n in nodes for o in n.outputs} - {out}
+        if any(v in m.outputs or any(id(u) not in {id(n) for n in nodes}
+                                     for u in m.consumers.get(v, [])) for v in made):
+            continue
+        last = m.producer[out]
+        attrs = {"approximate": approximate} if approximate != "none" else {}
+        replace[id(last)] = Node("Gelu", [x], [out], name=f"{last.name}_gelu", attrs=attrs)
+        remove.update(id(n) for n in nodes if n is not last)
+    if not replace:
+        return 0
+    graph.nodes = [replace.get(id(n), n) for n in graph.nodes if id(n) not in remove]
+    return len(replace)
+
+
+FUSIONS = {"gelu": fuse_gelu}
+
+
+def fuse(graph: Graph) -> dict[str, int]:
+    """Applies every fusion in place; returns how many sites each one rewrote."""
+    done = Counter()
+    for name, f in FUSIONS.items():
+        done[name] += f(graph)
+    return dict(done)

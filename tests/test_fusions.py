@@ -1,0 +1,148 @@
+"""Graph fusions (pyedge/fusions.py): which chains are rewritten, and that a fused session
+computes what the op-by-op graph computes (forward, gradients, updates)."""
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import pyedge
+from pyedge.fusions import fuse
+from pyedge.onnx_import import load_onnx
+
+SQRT2 = math.sqrt(2.0)
+C_TANH = math.sqrt(2.0 / math.pi)
+
+
+def _const(name, v):
+    return helper.make_tensor(name, TensorProto.FLOAT, [], [v])
+
+
+def gelu_erf_model(order="bert", half=0.5, extra_output=None):
+    """x [4, 6] -> Linear -> GELU (erf form, spelled in one of three orders) -> y."""
+    rng = np.random.default_rng(0)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [6, 6], rng.standard_normal(36).tolist())
+    inits = [w, _const("s2", SQRT2), _const("one", 1.0), _const("half", half)]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Div", ["h", "s2"], ["u"], name="div"),
+             helper.make_node("Erf", ["u"], ["e"], name="erf"),
+             helper.make_node("Add", ["e", "one"], ["p"], name="add")]
+    if order == "bert":    # 0.5 * (1 + erf) first, then x * that
+        nodes += [helper.make_node("Mul", ["half", "p"], ["q"], name="m1"),
+                  helper.make_node("Mul", ["h", "q"], ["y"], name="m2")]
+    elif order == "x_first":  # (x * (1 + erf)) * 0.5
+        nodes += [helper.make_node("Mul", ["p", "h"], ["q"], name="m1"),
+                  helper.make_node("Mul", ["q", "half"], ["y"], name="m2")]
+    else:                  # (0.5 * x) * (1 + erf)
+        nodes += [helper.make_node("Mul", ["h", "half"], ["q"], name="m1"),
+                  helper.make_node("Mul", ["q", "p"], ["y"], name="m2")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])]
+    if extra_output:
+        outputs.append(helper.make_tensor_value_info(extra_output, TensorProto.FLOAT, [4, 6]))
+    g = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+                          outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def gelu_tanh_model():
+    """GPT-2's NewGELU: 0.5*x*(1 + tanh(sqrt(2/pi)*(x + 0.044715*x^3)))."""
+    rng = np.random.default_rng(1)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [6, 6], rng.standard_normal(36).tolist())
+    inits = [w, _const("three", 3.0), _const("k", 0.044715), _const("c", C_TANH),
+             _const("one", 1.0), _const("half", 0.5)]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Mul", ["h", "half"], ["hh"]),
+             helper.make_node("Pow", ["h", "three"], ["p3"]),
+             helper.make_node("Mul", ["p3", "k"], ["kp"]),
+             helper.make_node("Add", ["h", "kp"], ["a"]),
+             helper.make_node("Mul", ["a", "c"], ["ca"]),
+             helper.make_node("Tanh", ["ca"], ["t"]),
+             helper.make_node("Add", ["t", "one"], ["tp"]),
+             helper.make_node("Mul", ["hh", "tp"], ["y"])]
+    g = helper.make_graph(nodes, "gelu_tanh",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 6])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _ops(graph):
+    return [n.op_type for n in graph.nodes]
+
+
+@pytest.mark.parametrize("order", ["bert", "x_first", "half_x_first"])
+def test_erf_gelu_chain_becomes_one_gelu(order):
+    g = load_onnx(gelu_erf_model(order))
+    assert fuse(g) == {"gelu": 1}
+    assert _ops(g) == ["MatMul", "Gelu"]
+    assert g.nodes[1].inputs == ["h"] and g.nodes[1].outputs == ["y"]
+    assert g.nodes[1].attrs.get("approximate", "none") == "none"
+
+
+def test_tanh_gelu_chain_becomes_one_gelu():
+    g = load_onnx(gelu_tanh_model())
+    assert fuse(g) == {"gelu": 1}
+    assert _ops(g) == ["MatMul", "Gelu"]
+    assert g.nodes[1].attrs["approximate"] == "tanh"
+
+
+def test_no_fusion_when_a_constant_differs_or_an_intermediate_is_used_elsewhere():
+    g = load_onnx(gelu_erf_model(half=0.6))
+    assert fuse(g) == {"gelu": 0}
+    assert "Erf" in _ops(g)
+    g = load_onnx(gelu_erf_model(extra_output="e"))  # erf's output is also a graph output
+    assert fuse(g) == {"gelu": 0}
+    assert "Erf" in _ops(g)
+
+
+@pytest.mark.parametrize("model", [gelu_erf_model("bert"), gelu_erf_model("x_first"),
+                                   gelu_tanh_model()], ids=["erf_bert", "erf_x_first", "tanh"])
+def test_fused_gelu_computes_the_chain(model):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 6)).astype(np.float32) * 2
+    y = rng.integers(0, 6, 4).astype(np.int64)
+    fused = pyedge.TrainingSession(model, train=["w"], optimizer=pyedge.SGD(lr=0.1))
+    plain = pyedge.TrainingSession(model, train=["w"], optimizer=pyedge.SGD(lr=0.1), fuse=False)
+    assert fused.fusions == {"gelu": 1} and plain.fusions == {}
+    assert "Gelu" in _ops(fused.graph) and "Gelu" not in _ops(plain.graph)
+    np.testing.assert_allclose(fused.run({"x": x})["y"], plain.run({"x": x})["y"],
+                               rtol=2e-6, atol=2e-6)
+    for _ in range(2):
+        lf, lp = fused.step({"x": x}, y), plain.step({"x": x}, y)
+        np.testing.assert_allclose(lf, lp, rtol=1e-5)
+        np.testing.assert_allclose(fused.gradients()["w"], plain.gradients()["w"],
+                                   rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,exporter", [("minilm", "torchscript"), ("minilm", "dynamo"),
+                                           ("gpt2", "torchscript"), ("gpt2", "dynamo")])
+def test_reference_models_fuse_every_gelu_and_train_the_same(exported, name, exporter):
+    path, model, inputs = exported(name, exporter)
+    layers = model.config.num_hidden_layers if name == "minilm" else model.config.n_layer
+    lora = pyedge.LoraConfig(r=4, target_modules=["query", "value"] if name == "minilm"
+                             else ["c_attn"])
+    loss = "cross_entropy" if name == "minilm" else "causal_lm"
+    kw = dict(lora=lora, loss=loss, optimizer=pyedge.AdamW(lr=1e-2))
+    fused = pyedge.TrainingSession(path, **kw)
+    plain = pyedge.TrainingSession(path, fuse=False, **kw)
+    assert fused.fusions["gelu"] == layers
+    assert len(fused.graph.nodes) < len(plain.graph.nodes)
+    rng = np.random.default_rng(0)
+    for sess in (fused, plain):  # the same nonzero B, so every adapter gets a gradient
+        for i, (k, v) in enumerate(sorted(sess.trainable_parameters().items())):
+            if ".lora_B" in k:
+                v[...] = np.random.default_rng(i).standard_normal(v.shape) * 0.02
+    feeds = {k: np.asarray(v.numpy()) for k, v in inputs.items()}
+    if name == "minilm":
+        labels = rng.integers(0, model.config.num_labels, feeds["input_ids"].shape[0])
+    else:
+        labels = feeds["input_ids"]
+    for _ in range(3):
+        lf = fused.step(feeds, labels.astype(np.int64))
+        lp = plain.step(feeds, labels.astype(np.int64))
+        np.testing.assert_allclose(lf, lp, rtol=1e-5)
+        gf, gp = fused.gradients(), plain.gradients()
+        for k in gp:
+            scale = float(np.abs(gp[k]).max()) or 1.0
+            np.testing.assert_allclose(gf[k], gp[k], rtol=1e-3, atol=1e-4 * scale, err_msg=k)
