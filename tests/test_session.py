@@ -218,3 +218,37 @@ def test_nan_loss_leaves_parameters_untouched(mlp_path):
         for s, a in sess.optimizer_state()[k].items():
             assert np.array_equal(a, state[k][s])
     assert sess.step_count == 1
+
+
+def _reshape_chain_model(with_reshapes: bool):
+    """x [4, 6] -> MatMul w1 -> (Reshape [4,2,3] -> Identity -> Flatten) -> MatMul w2 -> y."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(3)
+    inits = [helper.make_tensor("w1", TensorProto.FLOAT, [6, 6], rng.standard_normal(36).tolist()),
+             helper.make_tensor("w2", TensorProto.FLOAT, [6, 3], rng.standard_normal(18).tolist()),
+             helper.make_tensor("shape", TensorProto.INT64, [3], [4, 2, 3])]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"])]
+    if with_reshapes:
+        nodes += [helper.make_node("Reshape", ["h", "shape"], ["r"]),
+                  helper.make_node("Identity", ["r"], ["i"]),
+                  helper.make_node("Flatten", ["i"], ["f"], axis=1),
+                  helper.make_node("MatMul", ["f", "w2"], ["y"])]
+    else:
+        nodes += [helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_pass_through_backward_steps_share_the_gradient_buffer():
+    x = np.random.default_rng(4).standard_normal((4, 6)).astype(np.float32)
+    y = np.array([0, 2, 1, 2], np.int64)
+    chain = pyedge.TrainingSession(_reshape_chain_model(True), train=["w1"])
+    plain = pyedge.TrainingSession(_reshape_chain_model(False), train=["w1"])
+    st = chain.plan_stats({"x": x})
+    # Flatten, Identity and Reshape need no backward work: dX is dY's buffer.
+    assert st["passthrough_backward_ops"] == 3, st
+    assert st["gradient_bytes"] == plain.plan_stats({"x": x})["gradient_bytes"]
+    for _ in range(3):
+        np.testing.assert_allclose(chain.step({"x": x}, y), plain.step({"x": x}, y), rtol=1e-6)
+        np.testing.assert_allclose(chain.gradients()["w1"], plain.gradients()["w1"], rtol=1e-6)

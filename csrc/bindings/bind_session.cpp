@@ -54,6 +54,7 @@ py::dict stats_dict(const PlanStats& s) {
   d["activation_bytes"] = s.activation_bytes;
   d["gradient_bytes"] = s.gradient_bytes;
   d["zeroed_gradient_bytes"] = s.zeroed_gradient_bytes;
+  d["passthrough_backward_ops"] = s.passthrough_backward_ops;
   d["scratch_bytes"] = s.scratch_bytes;
   d["constant_bytes"] = s.constant_bytes;
   d["backward_nodes"] = s.backward_nodes;

@@ -292,11 +292,28 @@ void Plan::build(const Model& model, const PlanRequest& req) {
     }
   // Activation gradients: alive from their first writer to the producer's backward step.
   std::vector<int> gstart(nv, -1), gend(nv, -1);
+  // groot[v]: the value whose gradient buffer v's gradient shares (itself unless aliased).
+  std::vector<int> groot(nv);
+  for (size_t v = 0; v < nv; ++v) groot[v] = int(v);
   for (int b = 0; b < int(bwd_.size()); ++b) {
     Step& s = bwd_[size_t(b)];
     for (size_t k = 0; k < s.in_ids.size(); ++k) {
       int v = s.in_ids[k];
       if (s.din[k].dtype != DType::f32 || v < 0 || !has_grad[size_t(v)] || trainable[size_t(v)]) continue;
+      if (gstart[size_t(v)] < 0 && k == 0 && s.op->backward_passes_through()) {
+        // dX = dY and this step writes dX first: dX takes over dY's buffer (dY is dead after
+        // this step, its producer's backward) and the step has nothing left to do.
+        int y = s.out_ids.empty() ? -1 : s.out_ids[0];
+        if (y >= 0 && y != loss_ && has_grad[size_t(y)] && !trainable[size_t(y)] &&
+            grads_[size_t(y)].nbytes() == grads_[size_t(v)].nbytes()) {
+          groot[size_t(v)] = groot[size_t(y)];
+          gstart[size_t(v)] = F + b;
+          gend[size_t(v)] = F + b;
+          s.skip = true;
+          ++stats_.passthrough_backward_ops;
+          continue;
+        }
+      }
       if (gstart[size_t(v)] < 0) {
         gstart[size_t(v)] = F + b;
         // First writer: it assigns when it can and the value is not its input twice (the
@@ -316,8 +333,14 @@ void Plan::build(const Model& model, const PlanRequest& req) {
       if (has_grad[size_t(v)] && !trainable[size_t(v)]) gend[size_t(v)] = std::max(gend[size_t(v)], F + b);
   }
   if (loss_ >= 0) gstart[size_t(loss_)] = F - 1;
+  // A shared buffer lives from its root's first writer to the last use of any sharer.
   for (size_t v = 0; v < nv; ++v)
-    if (has_grad[v] && !trainable[v] && gstart[v] >= 0) {
+    if (groot[v] != int(v) && gstart[v] >= 0) {
+      int r = groot[v];
+      gend[size_t(r)] = std::max(gend[size_t(r)], gend[v]);
+    }
+  for (size_t v = 0; v < nv; ++v)
+    if (has_grad[v] && !trainable[v] && gstart[v] >= 0 && groot[v] == int(v)) {
       iv.push_back({int64_t(std::max<size_t>(grads_[v].nbytes(), 1)), gstart[v], std::max(gstart[v], gend[v])});
       owner.push_back({1, int(v)});
       stats_.gradient_bytes += int64_t(grads_[v].nbytes());
@@ -356,6 +379,8 @@ void Plan::build(const Model& model, const PlanRequest& req) {
   }
   for (size_t v = 0; v < nv; ++v)
     if (root[v] != int(v)) values_[v].data = values_[size_t(root[v])].data;
+  for (size_t v = 0; v < nv; ++v)
+    if (groot[v] != int(v)) grads_[v].data = grads_[size_t(groot[v])].data;
 
   // Bind tensors into the steps; remember where graph inputs' pointers go.
   input_sites_.assign(model.inputs.size(), {});
@@ -413,6 +438,7 @@ void Plan::run(bool training, uint64_t seed, bool backward) {
   Tensor& g = grads_[size_t(loss_)];
   *static_cast<float*>(g.data) = 1.f;
   for (Step& s : bwd_) {
+    if (s.skip) continue;
     for (int v : s.zero_grads) std::memset(grads_[size_t(v)].data, 0, grads_[size_t(v)].nbytes());
     ctx.scratch = base + s.scratch_offset;
     ctx.node_index = uint64_t(s.node);

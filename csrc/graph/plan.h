@@ -29,6 +29,7 @@ struct PlanStats {
   int64_t activation_bytes = 0;  // sum of forward tensors before reuse
   int64_t gradient_bytes = 0;    // sum of activation-gradient tensors before reuse
   int64_t zeroed_gradient_bytes = 0;  // of those, zeroed each step (first writer accumulates)
+  int passthrough_backward_ops = 0;   // backward steps skipped: dX shares dY's buffer
   int64_t scratch_bytes = 0;
   int64_t constant_bytes = 0;    // folded constants owned by the plan
   std::vector<std::string> backward_nodes;  // node names with a backward step, in order
@@ -68,6 +69,7 @@ class Plan {
     std::vector<int> in_ids, out_ids;
     std::vector<int> zero_grads;  // value ids whose grad buffer this backward step zeroes first
     uint64_t fresh_din = 0;       // dins this step writes first and assigns (RunContext)
+    bool skip = false;            // pass-through backward whose dX shares dY's buffer
     int64_t scratch_offset = 0;
     double seconds = 0.0;
     int64_t calls = 0;

@@ -84,6 +84,9 @@ class Op {
   // planner a memset of every activation gradient this op writes first (1.4 GB per MiniLM
   // step); ops that do not opt in get zeroed buffers.
   virtual bool assigns_fresh_grads() const { return false; }
+  // True when the backward is dX += dY over the same bytes (Reshape-likes, Identity): the
+  // planner may then give dX dY's buffer and skip the step.
+  virtual bool backward_passes_through() const { return false; }
   // Which inputs can carry a gradient at all (indices, masks and shapes cannot).
   virtual bool differentiable_input(size_t i) const;
 

@@ -45,6 +45,7 @@ class ReshapeLike : public Op {
     return std::vector<bool>(outputs.size(), false);
   }
   bool output_aliases_input0() const override { return true; }
+  bool backward_passes_through() const override { return true; }
 
  protected:
   void set_output(const NodeInfo& n, const Tensor& x, Shape s) {
