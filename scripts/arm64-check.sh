@@ -138,7 +138,7 @@ B0=$(date +%s)
 RUNENV=""
 if [ "$BUILD_MODE" = native ]; then
   say "building inside the root under qemu (CMake dev build, -j$JOBS; log .arm64/build.log)"
-  if inroot bash -c "cd /src/pyedge && cmake -S . -B build-arm64 -G Ninja -DPython_EXECUTABLE=/opt/venv/bin/python \
+  if inroot bash -c "cd /src/pyedge && cmake -S . -B build-arm64 -G Ninja -DPython_EXECUTABLE=/opt/venv/bin/python -DPYEDGE_NATIVE=OFF \
        -DPYEDGE_ARM_TARGET='${PYEDGE_ARM_TARGET:-}' >/dev/null && cmake --build build-arm64 -j $JOBS" \
        > "$LOG/build.log" 2>&1; then BUILD=ok; else BUILD=FAILED; fi
 else
@@ -164,7 +164,7 @@ set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE BOTH)
 TC
   BDIR="$ROOT/src/pyedge/build-arm64-cross"
   if cmake -S "$ROOT/src/pyedge" -B "$BDIR" -G Ninja \
-       -DCMAKE_TOOLCHAIN_FILE="$LOG/aarch64-toolchain.cmake" \
+       -DCMAKE_TOOLCHAIN_FILE="$LOG/aarch64-toolchain.cmake" -DPYEDGE_NATIVE=OFF \
        -DPython_EXECUTABLE="$LOG/python-aarch64" \
        -DPython_INCLUDE_DIR="$ROOT/usr/include/python3.11" \
        -Dpybind11_DIR="$ROOT$SITE/pybind11/share/cmake/pybind11" \
