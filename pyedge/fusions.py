@@ -1,7 +1,7 @@
 """Fusions applied to a training graph before the core plans it.
 
 Exporters spell some functions out as chains of elementwise ops: GELU becomes five ops
-(erf form) or eight (tanh form, with a Pow). Each op of a chain reads and writes a whole
+(erf form) or eight (tanh form, with a Pow); attention's softmax(scale * scores + mask) three. Each op of a chain reads and writes a whole
 activation in the forward, again in the backward, and keeps its output alive for the
 backward; one fused op does one pass each way. Only exact rewrites are made: the
 constants must match the function's to float32 precision, and every intermediate value
@@ -169,12 +169,91 @@ def fuse_gelu(graph: Graph) -> int:
     return len(replace)
 
 
-FUSIONS = {"gelu": fuse_gelu}
+def _depends_on(m: _Matcher, value: str, names: set[str]) -> bool:
+    """Whether `value` is computed from any of `names` (initializers or inputs)."""
+    seen, stack = set(), [value]
+    while stack:
+        v = stack.pop()
+        if v in names:
+            return True
+        if v in seen:
+            continue
+        seen.add(v)
+        n = m.producer.get(v)
+        if n is not None:
+            stack.extend(i for i in n.inputs if i)
+    return False
 
 
-def fuse(graph: Graph) -> dict[str, int]:
-    """Applies every fusion in place; returns how many sites each one rewrote."""
+def fuse_masked_softmax(graph: Graph, trainable: set[str] = frozenset()) -> int:
+    """Softmax(scale * x + mask) over the last axis, as attention computes its weights
+    (Mul or Div by a constant, Add of the mask, Softmax), becomes one pyedge.MaskedSoftmax.
+    Also Softmax(scale * x) without a mask."""
+    if graph.opset("") < 13:  # older Softmax flattens to 2-D around `axis`
+        return 0
+    m = _Matcher(graph)
+    remove: set[int] = set()
+    replace: dict[int, Node] = {}
+    for sm in graph.nodes:
+        if sm.op_type != "Softmax" or sm.domain not in ("", "ai.onnx") \
+                or int(sm.attrs.get("axis", -1)) != -1:
+            continue
+        pre = m.producer.get(sm.inputs[0])
+        mask = None
+        nodes = []
+        if pre is not None and pre.op_type == "Add" and m.private(pre.outputs[0]) is sm:
+            for scores, other in (pre.inputs, pre.inputs[::-1]):
+                sc = _scalar_scale(m, scores)
+                if sc is not None and m.private(scores) is pre:
+                    mask, nodes, (x, scale, scale_node) = other, [pre], sc
+                    break
+            else:
+                continue
+            # Masks come from the inputs; one computed from a trained tensor is left as it is
+            # (the core op has a mask gradient, but the plain graph is the reference there).
+            if _depends_on(m, mask, trainable):
+                continue
+        else:
+            sc = _scalar_scale(m, sm.inputs[0])
+            if sc is None or m.private(sm.inputs[0]) is not sm:
+                continue
+            x, scale, scale_node = sc
+        nodes.append(scale_node)
+        if any(id(n) in remove for n in nodes):
+            continue
+        inputs = [x] + ([mask] if mask else [])
+        replace[id(sm)] = Node("MaskedSoftmax", inputs, list(sm.outputs), name=f"{sm.name}_fused",
+                               domain="pyedge", attrs={"scale": float(scale)})
+        remove.update(id(n) for n in nodes)
+    if not replace:
+        return 0
+    graph.nodes = [replace.get(id(n), n) for n in graph.nodes if id(n) not in remove]
+    return len(replace)
+
+
+def _scalar_scale(m: _Matcher, value: str) -> tuple[str, float, Node] | None:
+    """value = x * c or x / c with a scalar constant c: (x, the factor, the node)."""
+    n = m.producer.get(value)
+    if n is None or n.domain not in ("", "ai.onnx") or len(n.inputs) != 2:
+        return None
+    a, b = n.inputs
+    if n.op_type == "Mul":
+        for x, c in ((a, b), (b, a)):
+            v = m.scalar(c)
+            if v is not None and m.scalar(x) is None:
+                return x, v, n
+    if n.op_type == "Div":
+        v = m.scalar(b)
+        if v is not None and v != 0.0:
+            return a, 1.0 / v, n
+    return None
+
+
+
+def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
+    """Applies every fusion in place; returns how many sites each one rewrote. `trainable`:
+    names of the tensors being trained (a fusion that drops a gradient path checks them)."""
     done = Counter()
-    for name, f in FUSIONS.items():
-        done[name] += f(graph)
+    done["gelu"] += fuse_gelu(graph)
+    done["masked_softmax"] += fuse_masked_softmax(graph, set(trainable))
     return dict(done)

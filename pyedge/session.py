@@ -27,7 +27,8 @@ class TrainingSession:
     loss: "cross_entropy" (labels int64 [...]), "mse" (labels like the output) or
           "causal_lm" (cross-entropy of logits[:, :-1] against labels[:, 1:]).
     output: which graph output the loss reads (default: the first).
-    fuse: replace exported elementwise chains (GELU) by single ops (pyedge/fusions.py);
+    fuse: replace exported elementwise chains (GELU, attention's scaled masked softmax) by
+          single ops (pyedge/fusions.py);
           False runs the graph op by op, as exported.
     """
 
@@ -56,8 +57,9 @@ class TrainingSession:
         self.optimizer = optimizer or AdamW()
         if threads or os.environ.get("PYEDGE_NUM_THREADS"):
             _core.set_num_threads(int(threads or os.environ["PYEDGE_NUM_THREADS"]))
-        # Exported elementwise chains (GELU) become single ops; base_graph keeps the original.
-        self.fusions = fuse_graph(self.graph) if fuse else {}
+        # Exported elementwise chains (GELU, scaled masked softmax) become single ops; base_graph
+        # keeps the original.
+        self.fusions = fuse_graph(self.graph, set(trainable)) if fuse else {}
         self._model = to_core(self.graph)
         self._sess = _core.Session(self._model, trainable, LOSS if loss else "",
                                    self.optimizer.to_core(), seed)

@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import pyedge
+from opcheck import check_backward, pyedge_run
 from pyedge.fusions import fuse
 from pyedge.onnx_import import load_onnx
 
@@ -73,7 +74,7 @@ def _ops(graph):
 @pytest.mark.parametrize("order", ["bert", "x_first", "half_x_first"])
 def test_erf_gelu_chain_becomes_one_gelu(order):
     g = load_onnx(gelu_erf_model(order))
-    assert fuse(g) == {"gelu": 1}
+    assert fuse(g)["gelu"] == 1
     assert _ops(g) == ["MatMul", "Gelu"]
     assert g.nodes[1].inputs == ["h"] and g.nodes[1].outputs == ["y"]
     assert g.nodes[1].attrs.get("approximate", "none") == "none"
@@ -81,17 +82,17 @@ def test_erf_gelu_chain_becomes_one_gelu(order):
 
 def test_tanh_gelu_chain_becomes_one_gelu():
     g = load_onnx(gelu_tanh_model())
-    assert fuse(g) == {"gelu": 1}
+    assert fuse(g)["gelu"] == 1
     assert _ops(g) == ["MatMul", "Gelu"]
     assert g.nodes[1].attrs["approximate"] == "tanh"
 
 
 def test_no_fusion_when_a_constant_differs_or_an_intermediate_is_used_elsewhere():
     g = load_onnx(gelu_erf_model(half=0.6))
-    assert fuse(g) == {"gelu": 0}
+    assert fuse(g)["gelu"] == 0
     assert "Erf" in _ops(g)
     g = load_onnx(gelu_erf_model(extra_output="e"))  # erf's output is also a graph output
-    assert fuse(g) == {"gelu": 0}
+    assert fuse(g)["gelu"] == 0
     assert "Erf" in _ops(g)
 
 
@@ -103,7 +104,7 @@ def test_fused_gelu_computes_the_chain(model):
     y = rng.integers(0, 6, 4).astype(np.int64)
     fused = pyedge.TrainingSession(model, train=["w"], optimizer=pyedge.SGD(lr=0.1))
     plain = pyedge.TrainingSession(model, train=["w"], optimizer=pyedge.SGD(lr=0.1), fuse=False)
-    assert fused.fusions == {"gelu": 1} and plain.fusions == {}
+    assert fused.fusions["gelu"] == 1 and plain.fusions == {}
     assert "Gelu" in _ops(fused.graph) and "Gelu" not in _ops(plain.graph)
     np.testing.assert_allclose(fused.run({"x": x})["y"], plain.run({"x": x})["y"],
                                rtol=2e-6, atol=2e-6)
@@ -127,6 +128,7 @@ def test_reference_models_fuse_every_gelu_and_train_the_same(exported, name, exp
     fused = pyedge.TrainingSession(path, **kw)
     plain = pyedge.TrainingSession(path, fuse=False, **kw)
     assert fused.fusions["gelu"] == layers
+    assert fused.fusions["masked_softmax"] == layers
     assert len(fused.graph.nodes) < len(plain.graph.nodes)
     rng = np.random.default_rng(0)
     for sess in (fused, plain):  # the same nonzero B, so every adapter gets a gradient
@@ -146,3 +148,90 @@ def test_reference_models_fuse_every_gelu_and_train_the_same(exported, name, exp
         for k in gp:
             scale = float(np.abs(gp[k]).max()) or 1.0
             np.testing.assert_allclose(gf[k], gp[k], rtol=1e-3, atol=1e-4 * scale, err_msg=k)
+
+
+# --- pyedge.MaskedSoftmax: the op, then the rewrite -------------------------------------
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 7), (2, 1, 5, 7), (2, 3, 5, 7), (7,), (1,)])
+def test_masked_softmax_matches_torch(mask_shape):
+    import torch
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 5, 7)).astype(np.float32) * 3
+    inputs = [x]
+    if mask_shape is not None:
+        mask = rng.standard_normal(mask_shape).astype(np.float32)
+        mask[..., 0] = -3.4e38  # the exporters' "minus infinity" for masked positions
+        inputs.append(mask)
+    attrs = {"scale": 0.35}
+
+    def ref(xt, mt=None):
+        s = 0.35 * xt + (mt if mt is not None else 0)
+        return torch.softmax(s, dim=-1)
+    (y,) = pyedge_run("MaskedSoftmax", inputs, attrs, domain="pyedge")
+    want = ref(*[torch.tensor(a, dtype=torch.float64) for a in inputs]).numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    # gradients of x and (when given) of the mask, each against torch autograd
+    check_backward("MaskedSoftmax", inputs, ref, attrs, domain="pyedge")
+
+
+def test_masked_softmax_rejects_a_mask_that_does_not_broadcast():
+    x = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(pyedge.PyedgeError, match="does not broadcast"):
+        pyedge_run("MaskedSoftmax", [x, np.zeros((3, 3), np.float32)], {}, domain="pyedge")
+
+
+def attention_model(scale_op="Mul", with_mask=True, mask_from="input"):
+    """q, k [2, 3, 5, 4] (+ mask [2, 1, 1, 5]) -> softmax(q k^T * s + mask) @ (k W)."""
+    rng = np.random.default_rng(6)
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, [4, 4], rng.standard_normal(16).tolist()),
+             _const("s", 0.5 if scale_op == "Mul" else 2.0)]
+    nodes = [helper.make_node("MatMul", ["q", "w"], ["qw"]),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["qw", "kt"], ["scores"]),
+             helper.make_node(scale_op, ["scores", "s"], ["scaled"])]
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, [2, 3, 5, 4]),
+              helper.make_tensor_value_info("k", TensorProto.FLOAT, [2, 3, 5, 4])]
+    if with_mask:
+        if mask_from == "input":
+            inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [2, 1, 1, 5]))
+            mask = "mask"
+        else:  # a mask computed from the trained weight: not fused
+            nodes.append(helper.make_node("ReduceSum", ["w"], ["mask"], keepdims=0))
+            mask = "mask"
+        nodes.append(helper.make_node("Add", ["scaled", mask], ["masked"]))
+        last = "masked"
+    else:
+        last = "scaled"
+    nodes += [helper.make_node("Softmax", [last], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "k"], ["y"])]
+    g = helper.make_graph(nodes, "attn", inputs,
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 5, 4])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("scale_op,with_mask", [("Mul", True), ("Div", True), ("Mul", False)])
+def test_attention_softmax_chain_is_fused_and_trains_the_same(scale_op, with_mask):
+    rng = np.random.default_rng(7)
+    feeds = {"q": rng.standard_normal((2, 3, 5, 4)).astype(np.float32),
+             "k": rng.standard_normal((2, 3, 5, 4)).astype(np.float32)}
+    if with_mask:
+        mask = np.zeros((2, 1, 1, 5), np.float32)
+        mask[1, ..., 3:] = -3.4e38
+        feeds["mask"] = mask
+    target = rng.standard_normal((2, 3, 5, 4)).astype(np.float32)
+    model = attention_model(scale_op, with_mask)
+    fused = pyedge.TrainingSession(model, train=["w"], loss="mse", optimizer=pyedge.SGD(lr=0.1))
+    plain = pyedge.TrainingSession(model, train=["w"], loss="mse", optimizer=pyedge.SGD(lr=0.1),
+                                   fuse=False)
+    assert fused.fusions["masked_softmax"] == 1
+    assert "Softmax" not in _ops(fused.graph) and "MaskedSoftmax" in _ops(fused.graph)
+    for _ in range(3):
+        np.testing.assert_allclose(fused.step(feeds, target), plain.step(feeds, target), rtol=1e-5)
+        np.testing.assert_allclose(fused.gradients()["w"], plain.gradients()["w"],
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_mask_computed_from_a_trained_tensor_is_not_fused():
+    g = load_onnx(attention_model(mask_from="weight"))
+    assert fuse(g, trainable={"w"})["masked_softmax"] == 0
+    g = load_onnx(attention_model(mask_from="weight"))
+    assert fuse(g, trainable=set())["masked_softmax"] == 1
