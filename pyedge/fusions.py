@@ -1,7 +1,8 @@
 """Fusions applied to a training graph before the core plans it.
 
 Exporters spell some functions out as chains of elementwise ops: GELU becomes five ops
-(erf form) or eight (tanh form, with a Pow); attention's softmax(scale * scores + mask) three. Each op of a chain reads and writes a whole
+(erf form) or eight (tanh form, with a Pow); attention's softmax(scale * scores + mask) three; MatMul(x, Transpose(W)) copies W
+transposed (every step, or once into a folded copy as large as the weight). Each op of a chain reads and writes a whole
 activation in the forward, again in the backward, and keeps its output alive for the
 backward; one fused op does one pass each way. Only exact rewrites are made: the
 constants must match the function's to float32 precision, and every intermediate value
@@ -250,10 +251,49 @@ def _scalar_scale(m: _Matcher, value: str) -> tuple[str, float, Node] | None:
 
 
 
+def _swaps_last_two(node: Node) -> bool:
+    perm = node.attrs.get("perm")
+    if perm is None or len(perm) < 2:
+        return False
+    r = len(perm)
+    return list(perm) == list(range(r - 2)) + [r - 1, r - 2]
+
+
+def fuse_transposed_matmul(graph: Graph) -> int:
+    """MatMul(A, Transpose(B)) with the Transpose swapping the last two dims (a Linear's
+    weight, attention's K) becomes pyedge.MatMul(A, B, trans_b=1); the same for A. The
+    Transpose goes away once nothing else reads it, and with it the transposed copy (for a
+    frozen weight, a folded copy as large as the weight)."""
+    m = _Matcher(graph)
+    count = 0
+    for node in graph.nodes:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        attrs = {}
+        inputs = list(node.inputs)
+        for k, flag in ((0, "trans_a"), (1, "trans_b")):
+            t = m.made_by(inputs[k], "Transpose")
+            if t is not None and _swaps_last_two(t) and inputs[0] != inputs[1]:
+                inputs[k] = t.inputs[0]
+                attrs[flag] = 1
+        if not attrs:
+            continue
+        node.op_type, node.domain, node.inputs = "MatMul", "pyedge", inputs
+        node.attrs = {**node.attrs, **attrs}
+        count += 1
+    if count:
+        # Transposes nobody reads any more (their MatMuls now read the source).
+        used = {i for n in graph.nodes for i in n.inputs} | m.outputs
+        graph.nodes = [n for n in graph.nodes
+                       if not (n.op_type == "Transpose" and n.outputs[0] not in used)]
+    return count
+
+
 def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
     """Applies every fusion in place; returns how many sites each one rewrote. `trainable`:
     names of the tensors being trained (a fusion that drops a gradient path checks them)."""
     done = Counter()
     done["gelu"] += fuse_gelu(graph)
     done["masked_softmax"] += fuse_masked_softmax(graph, set(trainable))
+    done["transposed_matmul"] += fuse_transposed_matmul(graph)
     return dict(done)

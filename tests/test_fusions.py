@@ -136,6 +136,12 @@ def test_reference_models_fuse_every_gelu_and_train_the_same(exported, name, exp
             if ".lora_B" in k:
                 v[...] = np.random.default_rng(i).standard_normal(v.shape) * 0.02
     feeds = {k: np.asarray(v.numpy()) for k, v in inputs.items()}
+    # Weights read through trans_b are not folded into transposed copies.
+    cf = fused.plan_stats(feeds)["constant_bytes"]
+    cp = plain.plan_stats(feeds)["constant_bytes"]
+    assert cf <= cp
+    if name == "minilm" and exporter == "dynamo":  # MatMul(x, Transpose(W)) per Linear
+        assert fused.fusions["transposed_matmul"] >= 4 * layers and cf < cp
     if name == "minilm":
         labels = rng.integers(0, model.config.num_labels, feeds["input_ids"].shape[0])
     else:
@@ -235,3 +241,44 @@ def test_mask_computed_from_a_trained_tensor_is_not_fused():
     assert fuse(g, trainable={"w"})["masked_softmax"] == 0
     g = load_onnx(attention_model(mask_from="weight"))
     assert fuse(g, trainable=set())["masked_softmax"] == 1
+
+
+# --- pyedge.MatMul with trans_a / trans_b, and the Transpose -> MatMul rewrite ------------
+@pytest.mark.parametrize("a_shape,b_shape,ta,tb", [
+    ((5, 4), (3, 4), 0, 1),            # x · Wᵀ (a Linear's weight as stored)
+    ((2, 6, 4), (3, 4), 0, 1),         # batch folded into M
+    ((2, 3, 6, 4), (2, 3, 5, 4), 0, 1),  # attention Q · Kᵀ
+    ((2, 3, 4, 6), (2, 3, 4, 5), 1, 0),
+    ((2, 3, 4, 6), (1, 3, 5, 4), 1, 1),  # broadcast B batch
+    ((1, 4, 6), (2, 5, 4), 1, 1),      # broadcast A batch
+    ((4,), (3, 4), 0, 1),              # vector times Wᵀ
+])
+def test_transposed_matmul_matches_torch(a_shape, b_shape, ta, tb):
+    import torch
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    attrs = {"trans_a": ta, "trans_b": tb}
+
+    def ref(x, y):
+        return torch.matmul(x.transpose(-1, -2) if ta else x, y.transpose(-1, -2) if tb else y)
+    (y,) = pyedge_run("MatMul", [a, b], attrs, domain="pyedge")
+    want = ref(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    check_backward("MatMul", [a, b], ref, attrs, domain="pyedge")
+
+
+def test_transposed_matmul_rejects_mismatched_inner_dims():
+    with pytest.raises(pyedge.PyedgeError, match="inner dimensions differ"):
+        pyedge_run("MatMul", [np.zeros((5, 4), np.float32), np.zeros((4, 3), np.float32)],
+                   {"trans_b": 1}, domain="pyedge")
+
+
+def test_matmul_of_a_transposed_weight_uses_the_weight_as_stored():
+    model = attention_model()
+    g = load_onnx(model)
+    done = fuse(g)
+    assert done["transposed_matmul"] == 1          # qw · Transpose(k)
+    mm = [n for n in g.nodes if n.domain == "pyedge" and n.op_type == "MatMul"]
+    assert mm[0].inputs == ["qw", "k"] and mm[0].attrs["trans_b"] == 1
+    assert "Transpose" not in _ops(g)

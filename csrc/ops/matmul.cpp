@@ -11,22 +11,34 @@
 namespace pyedge {
 namespace {
 
+// pyedge.MatMul adds trans_a / trans_b: the last two dims of A / B are read transposed, so
+// MatMul(x, Transpose(W)) and attention's Q·Transpose(K) need no transposed copy (the
+// fusions rewrite them; a frozen W is then used as stored instead of folded into a copy).
 class MatMul : public Op {
  public:
   MatMul(const NodeInfo& n, const std::vector<Tensor>& in) {
     check_num_inputs(n, in, 2, 2);
     check_float(n, in[0], "A");
     check_float(n, in[1], "B");
+    ta_ = n.attrs.get_int("trans_a", 0) != 0;
+    tb_ = n.attrs.get_int("trans_b", 0) != 0;
     Shape a = in[0].shape, b = in[1].shape;
     PYEDGE_CHECK(!a.empty() && !b.empty(), n.where(), ": MatMul of a scalar");
+    PYEDGE_CHECK((!ta_ || a.size() >= 2) && (!tb_ || b.size() >= 2), n.where(),
+                 ": trans_a / trans_b need an operand of rank >= 2");
     bool a_vec = a.size() == 1, b_vec = b.size() == 1;
     if (a_vec) a.insert(a.begin(), 1);
     if (b_vec) b.push_back(1);
-    M_ = a[a.size() - 2];
-    K_ = a.back();
-    N_ = b.back();
-    PYEDGE_CHECK(b[b.size() - 2] == K_, n.where(), ": inner dimensions differ: A is ",
-                 shape_str(in[0].shape), ", B is ", shape_str(in[1].shape));
+    // Logical (op(A), op(B)) matrix dims.
+    M_ = ta_ ? a.back() : a[a.size() - 2];
+    K_ = ta_ ? a[a.size() - 2] : a.back();
+    N_ = tb_ ? b[b.size() - 2] : b.back();
+    const int64_t kb = tb_ ? b.back() : b[b.size() - 2];
+    PYEDGE_CHECK(kb == K_, n.where(), ": inner dimensions differ: A is ",
+                 shape_str(in[0].shape), (ta_ ? " (transposed)" : ""), ", B is ",
+                 shape_str(in[1].shape), (tb_ ? " (transposed)" : ""));
+    lda_ = ta_ ? M_ : K_;  // row strides of A and B as stored
+    ldb_ = tb_ ? K_ : N_;
     Shape ab(a.begin(), a.end() - 2), bb(b.begin(), b.end() - 2);
     size_t r = std::max(ab.size(), bb.size());
     ab.insert(ab.begin(), r - ab.size(), 1);
@@ -39,10 +51,12 @@ class MatMul : public Op {
       batch[i] = std::max(ab[i], bb[i]);
     }
     int64_t nb = numel(batch);
-    // B shared by all batches (a weight [K, N]): fold the batch into M for one big GEMM.
+    // B shared by all batches (a weight [K, N]): fold the batch into M for one big GEMM
+    // (A stored [batch*M, K], so not when A is read transposed).
     b_shared_ = numel(bb) == 1;
     a_shared_ = numel(ab) == 1;
-    if (!b_shared_ || a_shared_) {
+    fold_ = b_shared_ && !a_shared_ && !ta_;
+    if (!fold_) {
       for (int64_t i = 0; i < nb; ++i) {
         int64_t ia = 0, ib = 0, rem = i, sa = 1, sb = 1;
         for (size_t d = r; d-- > 0;) {
@@ -72,14 +86,14 @@ class MatMul : public Op {
     const float* A = in[0].ptr<float>();
     const float* B = in[1].ptr<float>();
     float* Y = out[0].ptr<float>();
-    if (b_shared_ && !a_shared_) {
-      sgemm(false, false, batches_ * M_, N_, K_, 1.f, A, K_, B, N_, 0.f, Y, N_);
+    if (fold_) {
+      sgemm(false, tb_, batches_ * M_, N_, K_, 1.f, A, K_, B, ldb_, 0.f, Y, N_);
       return;
     }
     // Many small products (attention): one per task, each on one thread.
     parallel_for(batches_, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i)
-        sgemm(false, false, M_, N_, K_, 1.f, A + a_off_[i], K_, B + b_off_[i], N_, 0.f,
+        sgemm(ta_, tb_, M_, N_, K_, 1.f, A + a_off_[i], lda_, B + b_off_[i], ldb_, 0.f,
               Y + i * M_ * N_, N_);
     });
   }
@@ -92,14 +106,19 @@ class MatMul : public Op {
     const float* dY = dout[0].ptr<float>();
     // beta 0 overwrites a fresh gradient buffer, 1 adds to it.
     const float beta_a = ctx.fresh(0) ? 0.f : 1.f, beta_b = ctx.fresh(1) ? 0.f : 1.f;
-    if (b_shared_ && !a_shared_) {
+    if (fold_) {
       int64_t m = batches_ * M_;
-      if (din[0].data)  // dA [m, K] += dY [m, N] · Bᵀ
-        sgemm(false, true, m, K_, N_, 1.f, dY, N_, in[1].ptr<float>(), N_, beta_a,
+      if (din[0].data)  // dA [m, K] += dY [m, N] · op(B)ᵀ
+        sgemm(false, !tb_, m, K_, N_, 1.f, dY, N_, in[1].ptr<float>(), ldb_, beta_a,
               din[0].ptr<float>(), K_);
-      if (din[1].data)  // dB [K, N] += Aᵀ [K, m] · dY [m, N]
-        sgemm(true, false, K_, N_, m, 1.f, in[0].ptr<float>(), K_, dY, N_, beta_b,
-              din[1].ptr<float>(), N_);
+      if (din[1].data) {
+        if (tb_)  // dB stored [N, K] += dYᵀ [N, m] · A [m, K]
+          sgemm(true, false, N_, K_, m, 1.f, dY, N_, in[0].ptr<float>(), K_, beta_b,
+                din[1].ptr<float>(), K_);
+        else      // dB [K, N] += Aᵀ [K, m] · dY [m, N]
+          sgemm(true, false, K_, N_, m, 1.f, in[0].ptr<float>(), K_, dY, N_, beta_b,
+                din[1].ptr<float>(), N_);
+      }
       return;
     }
     // dA per batch writes disjoint blocks unless A is broadcast; same for dB. A broadcast
@@ -108,7 +127,7 @@ class MatMul : public Op {
       bool shared = for_a ? a_shared_ || a_broadcast_ : b_shared_ || b_broadcast_;
       const float beta0 = for_a ? beta_a : beta_b;
       std::vector<bool> written;
-      if (shared && beta0 == 0.f) written.assign(size_t(for_a ? numel_of_a() : numel_of_b()), false);
+      if (shared && beta0 == 0.f) written.assign(size_t(for_a ? a_blocks_ : b_blocks_), false);
       auto body = [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const float* dYi = dY + i * M_ * N_;
@@ -119,12 +138,21 @@ class MatMul : public Op {
             beta = written[blk] ? 1.f : 0.f;
             written[blk] = true;
           }
-          if (for_a)
-            sgemm(false, true, M_, K_, N_, 1.f, dYi, N_, in[1].ptr<float>() + b_off_[i], N_, beta,
-                  din[0].ptr<float>() + off, K_);
-          else
-            sgemm(true, false, K_, N_, M_, 1.f, in[0].ptr<float>() + a_off_[i], K_, dYi, N_, beta,
-                  din[1].ptr<float>() + off, N_);
+          const float* Ai = in[0].ptr<float>() + a_off_[size_t(i)];
+          const float* Bi = in[1].ptr<float>() + b_off_[size_t(i)];
+          if (for_a) {
+            float* dA = din[0].ptr<float>() + off;
+            if (!ta_)  // dA [M, K] = dY · op(B)ᵀ
+              sgemm(false, !tb_, M_, K_, N_, 1.f, dYi, N_, Bi, ldb_, beta, dA, K_);
+            else       // dA stored [K, M] = op(B) · dYᵀ
+              sgemm(tb_, true, K_, M_, N_, 1.f, Bi, ldb_, dYi, N_, beta, dA, M_);
+          } else {
+            float* dB = din[1].ptr<float>() + off;
+            if (!tb_)  // dB [K, N] = op(A)ᵀ · dY
+              sgemm(!ta_, false, K_, N_, M_, 1.f, Ai, lda_, dYi, N_, beta, dB, N_);
+            else       // dB stored [N, K] = dYᵀ · op(A)
+              sgemm(true, ta_, N_, K_, M_, 1.f, dYi, N_, Ai, lda_, beta, dB, K_);
+          }
         }
       };
       if (shared) body(0, batches_);
@@ -142,17 +170,16 @@ class MatMul : public Op {
   }
 
  private:
-  // Blocks of A / B (distinct batch matrices before broadcasting).
-  int64_t numel_of_a() const { return a_blocks_; }
-  int64_t numel_of_b() const { return b_blocks_; }
-
   int64_t M_ = 0, K_ = 0, N_ = 0, batches_ = 1;
-  int64_t a_blocks_ = 1, b_blocks_ = 1;
+  int64_t lda_ = 0, ldb_ = 0;
+  int64_t a_blocks_ = 1, b_blocks_ = 1;  // distinct A / B matrices before broadcasting
+  bool ta_ = false, tb_ = false, fold_ = false;
   bool b_shared_ = false, a_shared_ = false;
   bool a_broadcast_ = false, b_broadcast_ = false;  // several batches read the same block
   std::vector<int64_t> a_off_, b_off_;
 };
 PYEDGE_REGISTER_OP("MatMul", MatMul);
+PYEDGE_REGISTER_OP("pyedge.MatMul", MatMul);
 
 // Adds bias c (broadcast to [M, N]: scalar, [N], [M, 1] or [M, N]) times beta into y.
 void add_bias(const Tensor& c, float beta, float* y, int64_t M, int64_t N) {
