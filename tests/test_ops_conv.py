@@ -66,6 +66,54 @@ def test_conv2d(case):
     check_backward("Conv", ins, fn, attrs)
 
 
+# Several samples per GEMM (small planes: col [Kc, B*P]) and the table-driven im2col (strided
+# or <= 8 columns wide), under 1 thread (one slot: the whole batch in a block), 2 and 3 (slots
+# of uneven sizes, last block of a slot shorter). (N, C, spatial, M, kernel, stride, pads,
+# dilation, group, bias)
+CONV_BATCHED_CASES = [
+    (5, 4, (4, 4), 6, (3, 3), 1, (1, 1, 1, 1), 1, 1, True),    # W3's last block: 4x4, padded
+    (6, 3, (8, 8), 4, (3, 3), 2, (1, 1, 1, 1), 1, 1, False),   # strided
+    (4, 4, (9, 7), 6, (3, 2), 1, (0, 1, 2, 0), 2, 2, True),    # asym pads, dilation, groups
+    (5, 6, (5, 5), 4, (1, 1), 1, (0, 0, 0, 0), 1, 1, True),    # pointwise, gathered
+    (4, 4, (6, 6), 4, (3, 3), 1, (0, 0, 0, 0), 1, 1, True),    # no padding: table reads X
+    (7, 2, (3, 20), 3, (3, 3), 1, (1, 1, 1, 1), 1, 1, False),  # wide rows: row-wise im2col
+    (3, 4, (16, 16), 4, (3, 3), 1, (1, 1, 1, 1), 1, 1, True),  # P = 256: two per GEMM
+    (5, 3, (12,), 4, (3,), 2, (1, 1), 1, 1, True),             # 1D
+    (1, 6, (6, 6), 4, (3, 3), 2, (1, 1, 1, 1), 1, 2, True),    # N = 1: channel blocks split
+]
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"threads{t}")
+def threads(request):
+    before = _core.num_threads()
+    _core.set_num_threads(request.param)
+    yield request.param
+    _core.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", CONV_BATCHED_CASES)
+def test_conv_batched(case, threads):
+    n, c, sp, m, k, s, pads, d, g, bias = case
+    x = randn(n, c, *sp)
+    w = randn(m, c // g, *k)
+    b = randn(m) if bias else None
+    attrs = conv_attrs(k, s, pads, d, g)
+    ins = [x, w] + ([b] if bias else [])
+    check_forward("Conv", ins, attrs, rtol=1e-4, atol=1e-4)
+    conv = F.conv2d if len(sp) == 2 else F.conv1d
+
+    def fn(x, w, b=None):
+        return conv(F.pad(x, torch_pad(pads)), w, b, stride=s, dilation=d, groups=g)
+
+    check_backward("Conv", ins, fn, attrs)
+    frozen_w = check_backward("Conv", ins, lambda x, w, b=None: fn(x, w.detach()), attrs,
+                              const_inputs=[1] + ([2] if bias else []))
+    assert frozen_w[0] is not None and frozen_w[1] is None
+    frozen_x = check_backward("Conv", ins, lambda x, w, b=None: fn(x.detach(), w, b), attrs,
+                              const_inputs=[0])
+    assert frozen_x[0] is None and frozen_x[1] is not None
+
+
 # Depthwise kernels: fused 3x3/5x5/7x7 interiors, dilation, tiny planes with no interior,
 # a generic kernel size, asymmetric pads, strides. (C, spatial, mult, kernel, stride, pads, dil)
 @pytest.mark.parametrize("case", [

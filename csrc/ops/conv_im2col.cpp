@@ -96,14 +96,13 @@ Shape window_out_dims(const WindowGeom& g) {
   return {g.OH, g.OW};
 }
 
-void im2col(const float* x, int64_t C, const WindowGeom& g, float* col) {
-  const int64_t P = g.out_plane();
+void im2col(const float* x, int64_t C, const WindowGeom& g, float* col, int64_t ld) {
   for (int64_t c = 0; c < C; ++c) {
     const float* xc = x + c * g.in_plane();
     for (int64_t i = 0; i < g.KH; ++i) {
       const int64_t hlo = g.oh_lo[size_t(i)], hhi = g.oh_hi[size_t(i)];
       for (int64_t j = 0; j < g.KW; ++j) {
-        float* dst = col + ((c * g.KH + i) * g.KW + j) * P;
+        float* dst = col + ((c * g.KH + i) * g.KW + j) * ld;
         const int64_t lo = g.ow_lo[size_t(j)], hi = g.ow_hi[size_t(j)];
         const int64_t offw = j * g.DW - g.PW;
         std::memset(dst, 0, sizeof(float) * size_t(hlo * g.OW));
@@ -124,13 +123,12 @@ void im2col(const float* x, int64_t C, const WindowGeom& g, float* col) {
   }
 }
 
-void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx) {
-  const int64_t P = g.out_plane();
+void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx, int64_t ld) {
   for (int64_t c = 0; c < C; ++c) {
     float* xc = dx + c * g.in_plane();
     for (int64_t i = 0; i < g.KH; ++i) {
       for (int64_t j = 0; j < g.KW; ++j) {
-        const float* src = col + ((c * g.KH + i) * g.KW + j) * P;
+        const float* src = col + ((c * g.KH + i) * g.KW + j) * ld;
         const int64_t lo = g.ow_lo[size_t(j)], hi = g.ow_hi[size_t(j)];
         const int64_t offw = j * g.DW - g.PW;
         for (int64_t oh = g.oh_lo[size_t(i)]; oh < g.oh_hi[size_t(i)]; ++oh) {
@@ -144,6 +142,82 @@ void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx) {
         }
       }
     }
+  }
+}
+
+bool im2col_table_wanted(const WindowGeom& g) {
+  return (g.SW > 1 || g.OW <= 8) && g.taps() * g.out_plane() <= (int64_t(1) << 16);
+}
+
+Im2colTable make_im2col_table(const WindowGeom& g) {
+  Im2colTable t;
+  t.padded = g.PH + g.PHE + g.PW + g.PWE > 0;
+  t.IHp = g.IH + g.PH + g.PHE;
+  t.IWp = g.IW + g.PW + g.PWE;
+  // Windows fit inside the padded input (OH, OW come from it), so every index is in range.
+  const int64_t ld = t.padded ? t.IWp : g.IW;
+  t.idx.reserve(size_t(g.taps() * g.out_plane()));
+  for (int64_t i = 0; i < g.KH; ++i)
+    for (int64_t j = 0; j < g.KW; ++j)
+      for (int64_t oh = 0; oh < g.OH; ++oh)
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          int64_t r = oh * g.SH + i * g.DH, q = ow * g.SW + j * g.DW;  // padded coordinates
+          if (!t.padded) {
+            r -= g.PH;
+            q -= g.PW;
+          }
+          t.idx.push_back(int32_t(r * ld + q));
+        }
+  return t;
+}
+
+namespace {
+// The zero-bordered copy of plane xc (interior rows at [PH, PH + IH), columns [PW, PW + IW)).
+void fill_padded(const float* xc, const WindowGeom& g, const Im2colTable& t, float* pad) {
+  std::memset(pad, 0, sizeof(float) * size_t(t.IHp * t.IWp));
+  for (int64_t h = 0; h < g.IH; ++h)
+    std::memcpy(pad + (h + g.PH) * t.IWp + g.PW, xc + h * g.IW, sizeof(float) * size_t(g.IW));
+}
+}  // namespace
+
+void im2col_table(const float* x, int64_t C, const WindowGeom& g, const Im2colTable& t,
+                  float* pad, float* col, int64_t ld) {
+  const int64_t P = g.out_plane(), T = g.taps();
+  for (int64_t c = 0; c < C; ++c) {
+    const float* src = x + c * g.in_plane();
+    if (t.padded) {
+      fill_padded(src, g, t, pad);
+      src = pad;
+    }
+    for (int64_t k = 0; k < T; ++k) {
+      float* d = col + (c * T + k) * ld;
+      const int32_t* ix = t.idx.data() + k * P;
+      for (int64_t p = 0; p < P; ++p) d[p] = src[ix[p]];
+    }
+  }
+}
+
+void col2im_add_table(const float* col, int64_t C, const WindowGeom& g, const Im2colTable& t,
+                      float* pad, float* dx, int64_t ld) {
+  const int64_t P = g.out_plane(), T = g.taps();
+  for (int64_t c = 0; c < C; ++c) {
+    float* xc = dx + c * g.in_plane();
+    float* dst = xc;
+    if (t.padded) {
+      std::memset(pad, 0, sizeof(float) * size_t(t.IHp * t.IWp));
+      dst = pad;
+    }
+    for (int64_t k = 0; k < T; ++k) {
+      const float* s = col + (c * T + k) * ld;
+      const int32_t* ix = t.idx.data() + k * P;
+      for (int64_t p = 0; p < P; ++p) dst[ix[p]] += s[p];
+    }
+    if (t.padded)
+      for (int64_t h = 0; h < g.IH; ++h) {
+        const float* pr = pad + (h + g.PH) * t.IWp + g.PW;
+        float* xr = xc + h * g.IW;
+        for (int64_t w = 0; w < g.IW; ++w) xr[w] += pr[w];
+      }
   }
 }
 

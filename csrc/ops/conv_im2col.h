@@ -41,10 +41,32 @@ Shape window_out_dims(const WindowGeom& g);
 
 // Both run serially: Conv calls them per sample, either inside its own parallel loop over
 // samples or between threaded BLAS calls (where OpenMP regions would fight BLAS threads).
-// col [C*KH*KW, OH*OW] = patches of x [C, IH, IW] (zeros in the padding).
-void im2col(const float* x, int64_t C, const WindowGeom& g, float* col);
+// col [C*KH*KW, OH*OW] = patches of x [C, IH, IW] (zeros in the padding); `ld` is the row
+// stride of col (OH*OW for one sample; B*OH*OW when B samples sit side by side).
+void im2col(const float* x, int64_t C, const WindowGeom& g, float* col, int64_t ld);
 // dx [C, IH, IW] += fold of col [C*KH*KW, OH*OW] (the adjoint of im2col).
-void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx);
+void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx, int64_t ld);
+
+// Table-driven im2col for small or strided outputs, where the row-wise copies above spend
+// their time on per-row overhead (4x4 outputs: rows of 4 floats). Each channel plane is
+// copied into a zero-bordered plane [IH + pads, IW + pads], then every col entry is one
+// lookup: col[t, p] = padded[idx[t*P + p]]. Built at plan time (KH*KW*OH*OW int32).
+struct Im2colTable {
+  std::vector<int32_t> idx;
+  int64_t IHp = 0, IWp = 0;  // padded plane
+  bool padded = false;       // false: idx points into x's own plane (no copy)
+  bool empty() const { return idx.empty(); }
+  int64_t plane_floats() const { return padded ? IHp * IWp : 0; }
+};
+// Whether the table pays off for this geometry (measured: strided or <= 8 columns wide, and
+// small enough to keep: at most 64K entries).
+bool im2col_table_wanted(const WindowGeom& g);
+Im2colTable make_im2col_table(const WindowGeom& g);
+// As im2col / col2im_add; `pad` is plane_floats() of scratch.
+void im2col_table(const float* x, int64_t C, const WindowGeom& g, const Im2colTable& t,
+                  float* pad, float* col, int64_t ld);
+void col2im_add_table(const float* col, int64_t C, const WindowGeom& g, const Im2colTable& t,
+                      float* pad, float* dx, int64_t ld);
 
 // Σ a[i]·b[i] with 8 independent partial sums, so the loop vectorises without -ffast-math.
 inline float dot8(const float* a, const float* b, int64_t n) {
