@@ -66,8 +66,8 @@ def test_conv2d(case):
     check_backward("Conv", ins, fn, attrs)
 
 
-# Several samples per GEMM (small planes: col [Kc, B*P]) and the table-driven im2col (strided
-# or <= 8 columns wide), under 1 thread (one slot: the whole batch in a block), 2 and 3 (slots
+# Several samples per GEMM (small planes: col [Kc, B*P]) and im2col_planned's modes (rows of
+# a fixed width and stride, lookup table, plain row-wise copies), under 1 thread (one slot: the whole batch in a block), 2 and 3 (slots
 # of uneven sizes, last block of a slot shorter). (N, C, spatial, M, kernel, stride, pads,
 # dilation, group, bias)
 CONV_BATCHED_CASES = [
@@ -79,6 +79,8 @@ CONV_BATCHED_CASES = [
     (7, 2, (3, 20), 3, (3, 3), 1, (1, 1, 1, 1), 1, 1, False),  # wide rows: row-wise im2col
     (3, 4, (16, 16), 4, (3, 3), 1, (1, 1, 1, 1), 1, 1, True),  # P = 256: two per GEMM
     (5, 3, (12,), 4, (3,), 2, (1, 1), 1, 1, True),             # 1D
+    (4, 3, (5, 5), 4, (3, 3), 1, (1, 1, 1, 1), 1, 1, True),    # OW 5: lookup table, padded
+    (4, 3, (10, 10), 4, (3, 3), 3, (1, 1, 1, 1), 1, 1, False), # stride 3: lookup table
     (1, 6, (6, 6), 4, (3, 3), 2, (1, 1, 1, 1), 1, 2, True),    # N = 1: channel blocks split
 ]
 

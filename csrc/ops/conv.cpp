@@ -194,8 +194,7 @@ class Conv : public Op {
       const int64_t per_slot = (N_ + slots_ - 1) / slots_;
       batch_ = std::clamp<int64_t>(kTargetCols / std::max<int64_t>(P_, 1), 1, per_slot);
     }
-    if (!depthwise_ && (batch_ > 1 || !pointwise_) && im2col_table_wanted(g_))
-      table_ = make_im2col_table(g_);
+    if (!depthwise_ && (batch_ > 1 || !pointwise_)) im2col_ = make_im2col_plan(g_);
     splits_ = slots_ == 1 ? std::max<int64_t>(1, std::min(nt, Cg_)) : 1;
     PYEDGE_CHECK(batch_ * P_ < (int64_t(1) << 31), n.where(), ": Conv too large for 32-bit BLAS");
     Shape ys = {N_, M_};
@@ -382,7 +381,7 @@ class Conv : public Op {
  private:
   // Per-slot scratch: col [Kc, batch*P] (im2col, or dcol in backward), stage [Mg, batch*P]
   // (GEMM output in forward, gathered dY in backward; batch > 1 only), and a padded plane
-  // for the im2col table per channel block (splits_ of them with a single slot, whose channel
+  // for im2col_planned per channel block (splits_ of them with a single slot, whose channel
   // loop is split over the threads; one otherwise).
   struct Slot {
     float* col;
@@ -392,7 +391,7 @@ class Conv : public Op {
   bool uses_col() const { return !depthwise_ && (batch_ > 1 || !pointwise_); }
   int64_t col_floats() const { return uses_col() ? Kc_ * batch_ * P_ : 0; }
   int64_t stage_floats() const { return batch_ > 1 ? Mg_ * batch_ * P_ : 0; }
-  int64_t pad_floats() const { return table_.plane_floats(); }
+  int64_t pad_floats() const { return im2col_.plane_floats(); }
   int64_t slot_floats() const {
     return col_floats() + stage_floats() + splits_ * pad_floats();
   }
@@ -413,19 +412,13 @@ class Conv : public Op {
   void fill_col(const float* xg, int64_t c0, int64_t c1, float* pad, float* col,
                 int64_t ld) const {
     const int64_t IP = g_.in_plane(), T = g_.taps();
-    if (table_.empty())
-      im2col(xg + c0 * IP, c1 - c0, g_, col + c0 * T * ld, ld);
-    else
-      im2col_table(xg + c0 * IP, c1 - c0, g_, table_, pad, col + c0 * T * ld, ld);
+    im2col_planned(xg + c0 * IP, c1 - c0, g_, im2col_, pad, col + c0 * T * ld, ld);
   }
   // dxg (channels [c0, c1) of one sample's group) += fold of col rows, row stride ld.
   void fold_col(const float* col, int64_t c0, int64_t c1, float* pad, float* dxg,
                 int64_t ld) const {
     const int64_t IP = g_.in_plane(), T = g_.taps();
-    if (table_.empty())
-      col2im_add(col + c0 * T * ld, c1 - c0, g_, dxg + c0 * IP, ld);
-    else
-      col2im_add_table(col + c0 * T * ld, c1 - c0, g_, table_, pad, dxg + c0 * IP, ld);
+    col2im_add_planned(col + c0 * T * ld, c1 - c0, g_, im2col_, pad, dxg + c0 * IP, ld);
   }
 
   // GEMMs inside our own OpenMP loops run on the calling thread (see blas.h).
@@ -588,7 +581,7 @@ class Conv : public Op {
   int64_t slots_ = 1;  // sample blocks run in parallel (see over_samples)
   int64_t batch_ = 1;   // samples per GEMM within a slot
   int64_t splits_ = 1;  // channel blocks of im2col / col2im (threads, with a single slot)
-  Im2colTable table_;  // empty: row-wise im2col
+  Im2colPlan im2col_;   // how col is filled (see conv_im2col.h)
   bool has_bias_ = false, depthwise_ = false, pointwise_ = false;
 };
 PYEDGE_REGISTER_OP("Conv", Conv);

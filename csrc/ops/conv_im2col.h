@@ -47,26 +47,32 @@ void im2col(const float* x, int64_t C, const WindowGeom& g, float* col, int64_t 
 // dx [C, IH, IW] += fold of col [C*KH*KW, OH*OW] (the adjoint of im2col).
 void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx, int64_t ld);
 
-// Table-driven im2col for small or strided outputs, where the row-wise copies above spend
-// their time on per-row overhead (4x4 outputs: rows of 4 floats). Each channel plane is
-// copied into a zero-bordered plane [IH + pads, IW + pads], then every col entry is one
-// lookup: col[t, p] = padded[idx[t*P + p]]. Built at plan time (KH*KW*OH*OW int32).
-struct Im2colTable {
-  std::vector<int32_t> idx;
-  int64_t IHp = 0, IWp = 0;  // padded plane
-  bool padded = false;       // false: idx points into x's own plane (no copy)
-  bool empty() const { return idx.empty(); }
-  int64_t plane_floats() const { return padded ? IHp * IWp : 0; }
+// Faster im2col for small, narrow or strided outputs, where the row-wise copies above spend
+// their time on per-row overhead (4x4 outputs: rows of 4 floats) or scalar strided loads.
+// Each channel plane is first copied into a zero-bordered plane [IH + pads, IW + pads] (no
+// copy without padding), so no bounds are checked afterwards:
+//   kRows:  rows of a width and stride fixed at compile time (OW 2..32, stride 1 or 2), so the
+//           copies are a few vector moves (stride 2: loads + shuffles);
+//   kTable: any other small geometry, one lookup per entry: col[t, p] = padded[idx[t*P + p]];
+//   kPlain: im2col / col2im_add above (wide stride-1 rows, or large planes).
+// Chosen at plan time by make_im2col_plan (measured on W3's shapes: 2-5x the row-wise copies).
+struct Im2colPlan {
+  enum Mode { kPlain, kRows, kTable };
+  Mode mode = kPlain;
+  bool padded = false;        // false: read x's own plane (row stride IW)
+  int64_t IHp = 0, IWp = 0;   // padded plane
+  std::vector<int32_t> idx;   // kTable: KH*KW*OH*OW offsets into the (padded) plane
+  // kRows: all taps of one channel; src plane with row stride rs; col rows with stride ld.
+  void (*rows)(const float* src, int64_t rs, const WindowGeom& g, float* col, int64_t ld) = nullptr;
+  void (*fold)(const float* col, int64_t ld, const WindowGeom& g, float* dst, int64_t rs) = nullptr;
+  int64_t plane_floats() const { return mode != kPlain && padded ? IHp * IWp : 0; }
 };
-// Whether the table pays off for this geometry (measured: strided or <= 8 columns wide, and
-// small enough to keep: at most 64K entries).
-bool im2col_table_wanted(const WindowGeom& g);
-Im2colTable make_im2col_table(const WindowGeom& g);
-// As im2col / col2im_add; `pad` is plane_floats() of scratch.
-void im2col_table(const float* x, int64_t C, const WindowGeom& g, const Im2colTable& t,
-                  float* pad, float* col, int64_t ld);
-void col2im_add_table(const float* col, int64_t C, const WindowGeom& g, const Im2colTable& t,
-                      float* pad, float* dx, int64_t ld);
+Im2colPlan make_im2col_plan(const WindowGeom& g);
+// As im2col / col2im_add; `pad` holds plane_floats() of scratch (one per concurrent caller).
+void im2col_planned(const float* x, int64_t C, const WindowGeom& g, const Im2colPlan& pl,
+                    float* pad, float* col, int64_t ld);
+void col2im_add_planned(const float* col, int64_t C, const WindowGeom& g, const Im2colPlan& pl,
+                        float* pad, float* dx, int64_t ld);
 
 // Σ a[i]·b[i] with 8 independent partial sums, so the loop vectorises without -ffast-math.
 inline float dot8(const float* a, const float* b, int64_t n) {
