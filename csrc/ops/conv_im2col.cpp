@@ -205,6 +205,9 @@ Im2colPlan make_im2col_plan(const WindowGeom& g) {
   pl.IHp = g.IH + g.PH + g.PHE;
   pl.IWp = g.IW + g.PW + g.PWE;
   // Conv windows fit inside the padded input (OH, OW come from it): every read is in range.
+  // Huge planes (a padded copy per channel task, int32 offsets) stay on the plain path.
+  if (pl.padded && pl.IHp * pl.IWp > (int64_t(1) << 20)) return pl;
+  if (!pl.padded && g.in_plane() > (int64_t(1) << 30)) return pl;
   if (pick_rows<2>(g, pl) || pick_rows<4>(g, pl) || pick_rows<7>(g, pl) ||
       pick_rows<8>(g, pl) || pick_rows<14>(g, pl) || pick_rows<16>(g, pl) ||
       pick_rows<28>(g, pl) || pick_rows<32>(g, pl)) {
