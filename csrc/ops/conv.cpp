@@ -1,5 +1,6 @@
-// Conv (1D / 2D): im2col + SGEMM per sample and group, a direct kernel for depthwise convs,
-// and no im2col at all for 1x1 stride-1 unpadded convs.
+// Conv (1D / 2D): im2col + SGEMM per group and per sample (large planes) or per block of
+// samples side by side (small planes, see batch_), a direct kernel for depthwise convs, and no
+// im2col at all for 1x1 stride-1 unpadded convs one sample at a time.
 //   x [N, C, (H,) W], w [M, C/group, (KH,) KW], b [M]  ->  y [N, M, (OH,) OW]
 // Backward: dW += dY·colᵀ, dX += col2im(Wᵀ·dY), dB += Σ dY, each only when wanted (frozen
 // weights skip their GEMM). Threads: see over_samples.
