@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opcheck import check_backward, check_forward
+from opcheck import check_backward, check_forward, ort_run, pyedge_run
 from pyedge import _core
 
 RNG = np.random.default_rng(0)
@@ -296,6 +296,22 @@ def test_maxpool2d_dense_and_generic(case, ties):
     g = randn(*outs[0].shape)
     check_backward("MaxPool", [x], fn, attrs, grad_outputs=[g, None], num_outputs=2)
     check_backward("MaxPool", [x], fn, attrs, grad_outputs=[g])
+
+
+@pytest.mark.parametrize("k,s,pads", [((2, 2), 2, (0, 0, 0, 0)), ((3, 3), 2, (0, 0, 0, 0)),
+                                       ((3, 3), 2, (1, 1, 1, 1))])
+def test_maxpool_nan_like_onnxruntime_indices(k, s, pads):
+    """NaN: taps fold in row-major order with a strict '>', so a NaN first tap wins and later
+    NaNs are skipped; onnxruntime's Indices kernel does the same (its kernel without Indices
+    differs, so both of our outputs are compared with the Indices one)."""
+    x = randn(2, 3, 9, 9)
+    x[RNG.random(x.shape) < 0.15] = np.nan
+    attrs = {"kernel_shape": list(k), "strides": [s, s], "pads": list(pads)}
+    ref = ort_run("MaxPool", [x], attrs, opset=12, n_outputs=2)
+    ours = pyedge_run("MaxPool", [x], attrs, opset=12, num_outputs=2)
+    np.testing.assert_array_equal(ours[0], ref[0])
+    np.testing.assert_array_equal(ours[1], ref[1])
+    np.testing.assert_array_equal(pyedge_run("MaxPool", [x], attrs, opset=12)[0], ref[0])
 
 
 @pytest.mark.parametrize("k,s", [(2, 2), (3, 2), (3, 3)])
