@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opcheck import check_backward, check_forward
+from opcheck import check_backward, check_forward, ort_run, pyedge_run
 from pyedge import _core
 
 RNG = np.random.default_rng(0)
@@ -64,6 +64,56 @@ def test_conv2d(case):
         return F.conv2d(F.pad(x, torch_pad(pads)), w, b, stride=s, dilation=d, groups=g)
 
     check_backward("Conv", ins, fn, attrs)
+
+
+# Several samples per GEMM (small planes: col [Kc, B*P]) and im2col_planned's modes (rows of
+# a fixed width and stride, lookup table, plain row-wise copies), under 1 thread (one slot: the whole batch in a block), 2 and 3 (slots
+# of uneven sizes, last block of a slot shorter). (N, C, spatial, M, kernel, stride, pads,
+# dilation, group, bias)
+CONV_BATCHED_CASES = [
+    (5, 4, (4, 4), 6, (3, 3), 1, (1, 1, 1, 1), 1, 1, True),    # W3's last block: 4x4, padded
+    (6, 3, (8, 8), 4, (3, 3), 2, (1, 1, 1, 1), 1, 1, False),   # strided
+    (4, 4, (9, 7), 6, (3, 2), 1, (0, 1, 2, 0), 2, 2, True),    # asym pads, dilation, groups
+    (5, 6, (5, 5), 4, (1, 1), 1, (0, 0, 0, 0), 1, 1, True),    # pointwise, gathered
+    (4, 4, (6, 6), 4, (3, 3), 1, (0, 0, 0, 0), 1, 1, True),    # no padding: table reads X
+    (7, 2, (3, 20), 3, (3, 3), 1, (1, 1, 1, 1), 1, 1, False),  # wide rows: row-wise im2col
+    (3, 4, (16, 16), 4, (3, 3), 1, (1, 1, 1, 1), 1, 1, True),  # P = 256: two per GEMM
+    (5, 3, (12,), 4, (3,), 2, (1, 1), 1, 1, True),             # 1D
+    (4, 3, (5, 5), 4, (3, 3), 1, (1, 1, 1, 1), 1, 1, True),    # OW 5: lookup table, padded
+    (4, 3, (10, 10), 4, (3, 3), 3, (1, 1, 1, 1), 1, 1, False), # stride 3: lookup table
+    (1, 6, (6, 6), 4, (3, 3), 2, (1, 1, 1, 1), 1, 2, True),    # N = 1: channel blocks split
+]
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda t: f"threads{t}")
+def threads(request):
+    before = _core.num_threads()
+    _core.set_num_threads(request.param)
+    yield request.param
+    _core.set_num_threads(before)
+
+
+@pytest.mark.parametrize("case", CONV_BATCHED_CASES)
+def test_conv_batched(case, threads):
+    n, c, sp, m, k, s, pads, d, g, bias = case
+    x = randn(n, c, *sp)
+    w = randn(m, c // g, *k)
+    b = randn(m) if bias else None
+    attrs = conv_attrs(k, s, pads, d, g)
+    ins = [x, w] + ([b] if bias else [])
+    check_forward("Conv", ins, attrs, rtol=1e-4, atol=1e-4)
+    conv = F.conv2d if len(sp) == 2 else F.conv1d
+
+    def fn(x, w, b=None):
+        return conv(F.pad(x, torch_pad(pads)), w, b, stride=s, dilation=d, groups=g)
+
+    check_backward("Conv", ins, fn, attrs)
+    frozen_w = check_backward("Conv", ins, lambda x, w, b=None: fn(x, w.detach()), attrs,
+                              const_inputs=[1] + ([2] if bias else []))
+    assert frozen_w[0] is not None and frozen_w[1] is None
+    frozen_x = check_backward("Conv", ins, lambda x, w, b=None: fn(x.detach(), w, b), attrs,
+                              const_inputs=[0])
+    assert frozen_x[0] is None and frozen_x[1] is not None
 
 
 # Depthwise kernels: fused 3x3/5x5/7x7 interiors, dilation, tiny planes with no interior,
@@ -203,6 +253,139 @@ def test_maxpool1d_and_auto_pad():
     for ap in ["SAME_UPPER", "SAME_LOWER", "VALID"]:
         check_forward("MaxPool", [x2], {"kernel_shape": [3, 3], "strides": [2, 2],
                                         "auto_pad": ap}, n_outputs=2, num_outputs=2)
+
+
+# Dense windows (no padding, dilation 1, every window inside X) take the fixed-size kernels:
+# 2x2/2, 3x3/2, 2x2/1, 3x3/1, 1D k2/2 and k3/2; the rest of these stay on the generic path.
+# (shape, kernel, strides, pads, ceil_mode)
+MAXPOOL_DENSE_CASES = [
+    ((2, 3, 9, 11), (2, 2), (2, 2), (0, 0, 0, 0), 0),    # odd sizes: last row/column unused
+    ((2, 2, 9, 9), (3, 3), (2, 2), (0, 0, 0, 0), 0),
+    ((1, 3, 6, 7), (3, 3), (1, 1), (0, 0, 0, 0), 0),
+    ((1, 2, 5, 6), (2, 2), (1, 1), (0, 0, 0, 0), 0),
+    ((2, 2, 8, 9), (2, 2), (3, 1), (0, 0, 0, 0), 0),     # row stride free, column stride 1
+    ((2, 2, 9, 9), (2, 2), (2, 2), (0, 0, 0, 0), 1),     # ceil_mode overhangs: generic
+    ((2, 2, 8, 8), (2, 2), (2, 2), (0, 0, 0, 0), 1),     # ceil_mode without overhang: dense
+    ((2, 2, 9, 10), (3, 3), (2, 2), (1, 1, 1, 1), 0),    # padded: generic
+    ((2, 2, 8, 9), (2, 3), (2, 2), (0, 0, 0, 0), 0),     # no fixed-size kernel: generic
+    ((1, 1, 32, 32), (2, 2), (2, 2), (0, 0, 0, 0), 0),   # one plane, more rows than threads
+]
+
+
+@pytest.mark.parametrize("case", MAXPOOL_DENSE_CASES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_maxpool2d_dense_and_generic(case, ties):
+    shape, k, s, pads, ceil = case
+    # ties: small integers, so windows often hold several maxima and the first must win
+    x = RNG.integers(-2, 3, shape).astype(np.float32) if ties else randn(*shape)
+    attrs = {"kernel_shape": list(k), "strides": list(s), "pads": list(pads), "ceil_mode": ceil}
+    outs = check_forward("MaxPool", [x], attrs, n_outputs=2, opset=12, num_outputs=2)
+    check_forward("MaxPool", [x], attrs, opset=12)
+    if pads[0] == pads[2] and pads[1] == pads[3]:
+        fn = lambda x: F.max_pool2d(x, k, s, (pads[0], pads[1]), ceil_mode=bool(ceil))
+    if ties:
+        # torch may route a tie's gradient to another maximum: scatter through ORT's Indices
+        g = randn(*outs[0].shape)
+        ref = np.zeros(x.size, np.float64)
+        np.add.at(ref, outs[1].ravel(), g.ravel().astype(np.float64))
+        for num_outputs in (1, 2):
+            _, grads = _core.run_op("MaxPool", [x], attrs, opset=12, num_outputs=num_outputs,
+                                    grad_outputs=[g] + [None] * (num_outputs - 1))
+            np.testing.assert_allclose(grads[0].ravel(), ref, rtol=1e-6, atol=1e-6)
+        return
+    g = randn(*outs[0].shape)
+    check_backward("MaxPool", [x], fn, attrs, grad_outputs=[g, None], num_outputs=2)
+    check_backward("MaxPool", [x], fn, attrs, grad_outputs=[g])
+
+
+@pytest.mark.parametrize("k,s,pads", [((2, 2), 2, (0, 0, 0, 0)), ((3, 3), 2, (0, 0, 0, 0)),
+                                       ((3, 3), 2, (1, 1, 1, 1))])
+def test_maxpool_nan_like_onnxruntime_indices(k, s, pads):
+    """NaN: taps fold in row-major order with a strict '>', so a NaN first tap wins and later
+    NaNs are skipped; onnxruntime's Indices kernel does the same (its kernel without Indices
+    differs, so both of our outputs are compared with the Indices one)."""
+    x = randn(2, 3, 9, 9)
+    x[RNG.random(x.shape) < 0.15] = np.nan
+    attrs = {"kernel_shape": list(k), "strides": [s, s], "pads": list(pads)}
+    ref = ort_run("MaxPool", [x], attrs, opset=12, n_outputs=2)
+    ours = pyedge_run("MaxPool", [x], attrs, opset=12, num_outputs=2)
+    np.testing.assert_array_equal(ours[0], ref[0])
+    np.testing.assert_array_equal(ours[1], ref[1])
+    np.testing.assert_array_equal(pyedge_run("MaxPool", [x], attrs, opset=12)[0], ref[0])
+
+
+@pytest.mark.parametrize("k,s", [(2, 2), (3, 2), (3, 3)])
+def test_maxpool1d_dense(k, s):
+    x = randn(2, 3, 13)
+    attrs = {"kernel_shape": [k], "strides": [s]}
+    outs = check_forward("MaxPool", [x], attrs, n_outputs=2, num_outputs=2)
+    check_forward("MaxPool", [x], attrs)
+    g = randn(*outs[0].shape)
+    fn = lambda x: F.max_pool1d(x, k, s)
+    check_backward("MaxPool", [x], fn, attrs, grad_outputs=[g, None], num_outputs=2)
+    check_backward("MaxPool", [x], fn, attrs, grad_outputs=[g])
+
+
+def _conv_pool_conv_model(path, pool_attrs, seed=0):
+    """x [2,3,8,8] -> Conv W1 (3->4, 3x3 pad 1) -> Relu -> MaxPool -> Conv W2 (4->5, 3x3 pad 1)
+    -> GlobalAveragePool -> Flatten -> MatMul V (5->3): logits [2, 3]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    w = {"W1": rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3,
+         "W2": rng.standard_normal((5, 4, 3, 3)).astype(np.float32) * 0.3,
+         "V": rng.standard_normal((5, 3)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "W1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p"], name="the_pool", **pool_attrs),
+        helper.make_node("Conv", ["p", "W2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c2"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["f"]),
+        helper.make_node("MatMul", ["f", "V"], ["logits"]),
+    ]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     [2, 3, 8, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3])],
+                          [numpy_helper.from_array(v, k) for k, v in w.items()])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return w
+
+
+@pytest.mark.parametrize("pool", ["dense", "padded"])
+@pytest.mark.parametrize("train", ["W1", "W2"])
+def test_maxpool_in_training_session(tmp_path, pool, train):
+    """train W1: the gradient crosses MaxPool (backward planned, argmax written); train W2:
+    MaxPool is before the first trainable tensor (no backward, argmax skipped)."""
+    import pyedge
+    pool_attrs = ({"kernel_shape": [2, 2], "strides": [2, 2]} if pool == "dense" else
+                  {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})
+    p = str(tmp_path / "m.onnx")
+    w = _conv_pool_conv_model(p, pool_attrs)
+    sess = pyedge.TrainingSession(p, train=[train], loss="mse")
+    stats = sess.plan_stats({"x": np.zeros((2, 3, 8, 8), np.float32)})
+    assert ("the_pool" in stats["backward_nodes"]) == (train == "W1")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    y = rng.standard_normal((2, 3)).astype(np.float32)
+    for _ in range(2):  # the plan is reused: the second step must agree as well
+        sess.step({"x": x}, y, update=False)
+    grads = sess.gradients()
+
+    t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=(k == train)) for k, v in w.items()}
+    h = torch.relu(F.conv2d(torch.tensor(x, dtype=torch.float64), t["W1"], padding=1))
+    if pool == "dense":
+        h = F.max_pool2d(h, 2, 2)
+    else:
+        h = F.max_pool2d(h, 3, 2, 1)
+    h = F.conv2d(h, t["W2"], padding=1).mean((2, 3))
+    logits = h @ t["V"]
+    np.testing.assert_allclose(sess.run({"x": x})["logits"], logits.detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
+    loss = F.mse_loss(logits, torch.tensor(y, dtype=torch.float64))
+    loss.backward()
+    ref = t[train].grad.numpy() * 2  # two accumulated steps
+    np.testing.assert_allclose(grads[train], ref, rtol=1e-4, atol=1e-6)
 
 
 # (shape, kernel, stride, pads, ceil_mode, count_include_pad)

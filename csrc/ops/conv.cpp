@@ -1,5 +1,6 @@
-// Conv (1D / 2D): im2col + SGEMM per sample and group, a direct kernel for depthwise convs,
-// and no im2col at all for 1x1 stride-1 unpadded convs.
+// Conv (1D / 2D): im2col + SGEMM per group and per sample (large planes) or per block of
+// samples side by side (small planes, see batch_), a direct kernel for depthwise convs, and no
+// im2col at all for 1x1 stride-1 unpadded convs one sample at a time.
 //   x [N, C, (H,) W], w [M, C/group, (KH,) KW], b [M]  ->  y [N, M, (OH,) OW]
 // Backward: dW += dY·colᵀ, dX += col2im(Wᵀ·dY), dB += Σ dY, each only when wanted (frozen
 // weights skip their GEMM). Threads: see over_samples.
@@ -187,18 +188,28 @@ class Conv : public Op {
     // BLAS per sample on a busy 2-core box); N == 1 splits each GEMM instead.
     const int64_t nt = num_threads();
     if (nt > 1 && N_ >= 2) slots_ = std::min(nt, N_);
+    // Small output planes: a slot puts up to B samples side by side in one col [Kc, B*P] and
+    // runs one GEMM of B*P columns (W3's 4x4 and 8x8 outputs: per-sample GEMMs of 16 or 64
+    // columns are slow, and W is packed once instead of B times). ~512 columns is plenty.
+    if (!depthwise_) {
+      const int64_t per_slot = (N_ + slots_ - 1) / slots_;
+      batch_ = std::clamp<int64_t>(kTargetCols / std::max<int64_t>(P_, 1), 1, per_slot);
+    }
+    if (!depthwise_ && (batch_ > 1 || !pointwise_)) im2col_ = make_im2col_plan(g_);
+    splits_ = slots_ == 1 ? std::max<int64_t>(1, std::min(nt, Cg_)) : 1;
+    PYEDGE_CHECK(batch_ * P_ < (int64_t(1) << 31), n.where(), ": Conv too large for 32-bit BLAS");
     Shape ys = {N_, M_};
     for (int64_t d : window_out_dims(g_)) ys.push_back(d);
     outputs = {make_output(DType::f32, ys)};
   }
 
   size_t forward_scratch_bytes() const override {
-    return uses_col() ? size_t(slots_ * col_floats()) * sizeof(float) : 0;
+    return depthwise_ ? 0 : size_t(slots_ * slot_floats()) * sizeof(float);
   }
   size_t backward_scratch_bytes(const std::vector<bool>& need) const override {
     const bool ndx = need.size() > 0 && need[0], ndw = need.size() > 1 && need[1];
     if (depthwise_ || (!ndx && !ndw)) return 0;
-    int64_t f = uses_col() ? slots_ * col_floats() : 0;
+    int64_t f = slots_ * slot_floats();
     if (ndw) f += (slots_ - 1) * M_ * Kc_;  // private dW of slots 1.. (slot 0 uses dW)
     return size_t(f) * sizeof(float);
   }
@@ -210,23 +221,39 @@ class Conv : public Op {
     const float* b = has_bias_ ? in[2].ptr<float>() : nullptr;
     float* y = out[0].ptr<float>();
     if (depthwise_) return depthwise_forward(x, w, b, y);
-    float* cols = static_cast<float*>(ctx.scratch);
-    const int64_t IP = g_.in_plane(), T = g_.taps(), P = P_;
+    float* scratch = static_cast<float*>(ctx.scratch);
+    const int64_t IP = g_.in_plane(), P = P_;
     over_samples([&](int64_t n0, int64_t n1, int64_t slot) {
-      float* col = cols + slot * col_floats();
-      for (int64_t n = n0; n < n1; ++n) {
+      Slot sl = slot_buffers(scratch, slot);
+      for (int64_t nb = n0; nb < n1; nb += batch_) {
+        const int64_t B = std::min(batch_, n1 - nb), ld = B * P;
         for (int64_t gi = 0; gi < G_; ++gi) {
-          const float* xg = x + (n * C_ + gi * Cg_) * IP;
+          const float* wg = w + gi * Mg_ * Kc_;
+          if (batch_ > 1) {
+            // col [Kc, B*P] (sample k at columns k*P..), stage [Mg, B*P] = w_g · col, then
+            // each [Mg, P] block to y[nb + k] (+ bias). Serial: one slot per thread.
+            for (int64_t k = 0; k < B; ++k)
+              fill_col(x + ((nb + k) * C_ + gi * Cg_) * IP, 0, Cg_, sl.pad, sl.col + k * P, ld);
+            sgemm(false, false, Mg_, ld, Kc_, 1.f, wg, Kc_, sl.col, ld, 0.f, sl.stage, ld);
+            for (int64_t k = 0; k < B; ++k)
+              for (int64_t m = 0; m < Mg_; ++m) {
+                const float* sr = sl.stage + m * ld + k * P;
+                float* yr = y + ((nb + k) * M_ + gi * Mg_ + m) * P;
+                const float bv = b ? b[gi * Mg_ + m] : 0.f;
+                for (int64_t p = 0; p < P; ++p) yr[p] = sr[p] + bv;
+              }
+            continue;
+          }
+          const float* xg = x + (nb * C_ + gi * Cg_) * IP;
           const float* src = xg;
           if (!pointwise_) {
-            parallel_for(Cg_, 1, [&](int64_t c0, int64_t c1) {
-              im2col(xg + c0 * IP, c1 - c0, g_, col + c0 * T * P);
-            });
-            src = col;
+            over_channels([&](int64_t c0, int64_t c1, float* pad) {
+              fill_col(xg, c0, c1, pad, sl.col, P);
+            }, sl);
+            src = sl.col;
           }
           // y_g [Mg, P] = w_g [Mg, Kc] · col [Kc, P], split by output columns
-          const float* wg = w + gi * Mg_ * Kc_;
-          float* yg = y + (n * M_ + gi * Mg_) * P;
+          float* yg = y + (nb * M_ + gi * Mg_) * P;
           parallel_for(P, kColGrain, [&](int64_t p0, int64_t p1) {
             sgemm(false, false, Mg_, p1 - p0, Kc_, 1.f, wg, Kc_, src + p0, P, 0.f, yg + p0, P);
             if (b)
@@ -261,30 +288,54 @@ class Conv : public Op {
       if (dw) depthwise_backward_w(x, dy, dw);
       return;
     }
-    float* cols = static_cast<float*>(ctx.scratch);
-    float* dw_priv = cols + slots_ * col_floats();
-    const int64_t IP = g_.in_plane(), T = g_.taps(), P = P_, WN = M_ * Kc_;
+    float* scratch = static_cast<float*>(ctx.scratch);
+    float* dw_priv = scratch + slots_ * slot_floats();
+    const int64_t IP = g_.in_plane(), P = P_, WN = M_ * Kc_;
     over_samples([&](int64_t n0, int64_t n1, int64_t slot) {
-      float* col = cols + slot * col_floats();
+      Slot sl = slot_buffers(scratch, slot);
       float* dwd = nullptr;
       if (dw) {
         dwd = slot == 0 ? dw : dw_priv + (slot - 1) * WN;
         if (slot > 0) std::memset(dwd, 0, sizeof(float) * size_t(WN));
       }
-      for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t nb = n0; nb < n1; nb += batch_) {
+        const int64_t B = std::min(batch_, n1 - nb), ld = B * P;
         for (int64_t gi = 0; gi < G_; ++gi) {
+          const float* wg = w ? w + gi * Mg_ * Kc_ : nullptr;
+          float* dwg = dwd ? dwd + gi * Mg_ * Kc_ : nullptr;
+          if (batch_ > 1) {
+            // stage [Mg, B*P] = the samples' dy_g side by side; col as in forward.
+            // dw_g += stage · colᵀ; dcol = w_gᵀ · stage (into col), folded back per sample.
+            for (int64_t k = 0; k < B; ++k)
+              for (int64_t m = 0; m < Mg_; ++m)
+                std::memcpy(sl.stage + m * ld + k * P, dy + ((nb + k) * M_ + gi * Mg_ + m) * P,
+                            sizeof(float) * size_t(P));
+            if (dwg) {
+              for (int64_t k = 0; k < B; ++k)
+                fill_col(x + ((nb + k) * C_ + gi * Cg_) * IP, 0, Cg_, sl.pad, sl.col + k * P,
+                         ld);
+              sgemm(false, true, Mg_, Kc_, ld, 1.f, sl.stage, ld, sl.col, ld, 1.f, dwg, Kc_);
+            }
+            if (dx) {
+              sgemm(true, false, Kc_, ld, Mg_, 1.f, wg, Kc_, sl.stage, ld, 0.f, sl.col, ld);
+              for (int64_t k = 0; k < B; ++k)
+                fold_col(sl.col + k * P, 0, Cg_, sl.pad, dx + ((nb + k) * C_ + gi * Cg_) * IP,
+                         ld);
+            }
+            continue;
+          }
+          const int64_t n = nb;
           const float* dyg = dy + (n * M_ + gi * Mg_) * P;
-          if (dwd) {
+          if (dwg) {
             const float* xg = x + (n * C_ + gi * Cg_) * IP;
             const float* src = xg;
             if (!pointwise_) {
-              parallel_for(Cg_, 1, [&](int64_t c0, int64_t c1) {
-                im2col(xg + c0 * IP, c1 - c0, g_, col + c0 * T * P);
-              });
-              src = col;
+              over_channels([&](int64_t c0, int64_t c1, float* pad) {
+                fill_col(xg, c0, c1, pad, sl.col, P);
+              }, sl);
+              src = sl.col;
             }
             // dw_g [Mg, Kc] += dy_g [Mg, P] · colᵀ [P, Kc], split by rows of dw_g
-            float* dwg = dwd + gi * Mg_ * Kc_;
             parallel_for(Mg_, 8, [&](int64_t m0, int64_t m1) {
               sgemm(false, true, m1 - m0, Kc_, P, 1.f, dyg + m0 * P, P, src, P, 1.f,
                     dwg + m0 * Kc_, Kc_);
@@ -292,18 +343,17 @@ class Conv : public Op {
           }
           if (dx) {
             float* dxg = dx + (n * C_ + gi * Cg_) * IP;
-            const float* wg = w + gi * Mg_ * Kc_;
             // dcol [Kc, P] = w_gᵀ [Kc, Mg] · dy_g [Mg, P] by column blocks, then folded
             // back per channel; pointwise: straight into dx.
-            float* dst = pointwise_ ? dxg : col;
+            float* dst = pointwise_ ? dxg : sl.col;
             const float beta = pointwise_ ? 1.f : 0.f;
             parallel_for(P, kColGrain, [&](int64_t p0, int64_t p1) {
               sgemm(true, false, Kc_, p1 - p0, Mg_, 1.f, wg, Kc_, dyg + p0, P, beta, dst + p0, P);
             });
             if (!pointwise_)
-              parallel_for(Cg_, 1, [&](int64_t c0, int64_t c1) {
-                col2im_add(col + c0 * T * P, c1 - c0, g_, dxg + c0 * IP);
-              });
+              over_channels([&](int64_t c0, int64_t c1, float* pad) {
+                fold_col(sl.col, c0, c1, pad, dxg, P);
+              }, sl);
           }
         }
       }
@@ -330,13 +380,53 @@ class Conv : public Op {
   }
 
  private:
-  bool uses_col() const { return !depthwise_ && !pointwise_; }
-  int64_t col_floats() const { return uses_col() ? Kc_ * P_ : 0; }
+  // Per-slot scratch: col [Kc, batch*P] (im2col, or dcol in backward), stage [Mg, batch*P]
+  // (GEMM output in forward, gathered dY in backward; batch > 1 only), and a padded plane
+  // for im2col_planned per channel block (splits_ of them with a single slot, whose channel
+  // loop is split over the threads; one otherwise).
+  struct Slot {
+    float* col;
+    float* stage;
+    float* pad;
+  };
+  bool uses_col() const { return !depthwise_ && (batch_ > 1 || !pointwise_); }
+  int64_t col_floats() const { return uses_col() ? Kc_ * batch_ * P_ : 0; }
+  int64_t stage_floats() const { return batch_ > 1 ? Mg_ * batch_ * P_ : 0; }
+  int64_t pad_floats() const { return im2col_.plane_floats(); }
+  int64_t slot_floats() const {
+    return col_floats() + stage_floats() + splits_ * pad_floats();
+  }
+  Slot slot_buffers(float* scratch, int64_t slot) const {
+    float* base = scratch + slot * slot_floats();
+    return {base, base + col_floats(), base + col_floats() + stage_floats()};
+  }
+  // body(c0, c1, pad) over splits_ blocks of the group's channels, block t with padded plane t
+  // (blocks, not threads, own the planes: safe whatever the thread count at run time).
+  template <typename F>
+  void over_channels(F&& body, const Slot& sl) const {
+    const int64_t S = splits_, C = Cg_, PF = pad_floats();
+    parallel_for(S, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) body(C * t / S, C * (t + 1) / S, sl.pad + t * PF);
+    });
+  }
+  // col rows of channels [c0, c1) of one sample (xg: its group's first channel), row stride ld.
+  void fill_col(const float* xg, int64_t c0, int64_t c1, float* pad, float* col,
+                int64_t ld) const {
+    const int64_t IP = g_.in_plane(), T = g_.taps();
+    im2col_planned(xg + c0 * IP, c1 - c0, g_, im2col_, pad, col + c0 * T * ld, ld);
+  }
+  // dxg (channels [c0, c1) of one sample's group) += fold of col rows, row stride ld.
+  void fold_col(const float* col, int64_t c0, int64_t c1, float* pad, float* dxg,
+                int64_t ld) const {
+    const int64_t IP = g_.in_plane(), T = g_.taps();
+    col2im_add_planned(col + c0 * T * ld, c1 - c0, g_, im2col_, pad, dxg + c0 * IP, ld);
+  }
 
-  // GEMMs inside our own OpenMP loops run on the calling thread (see blas.h). body(n0, n1, slot) handles a block of
-  // samples with im2col buffer `slot`. Several slots: one OpenMP task per slot, and the
-  // parallel_for calls inside the body run serially. One slot (N == 1): the body's
-  // parallel_for calls split im2col by channels and each GEMM by columns (or rows).
+  // GEMMs inside our own OpenMP loops run on the calling thread (see blas.h).
+  // body(n0, n1, slot) handles a block of samples with scratch `slot`. Several slots: one
+  // OpenMP task per slot, and the parallel_for calls inside the body run serially. One slot
+  // (N == 1, or one thread): the body's parallel_for calls split im2col by channels and each
+  // GEMM by columns (or rows).
   template <typename F>
   void over_samples(F&& body) const {
     if (slots_ == 1) {
@@ -348,7 +438,8 @@ class Conv : public Op {
       for (int64_t s = b; s < e; ++s) body(N * s / S, N * (s + 1) / S, s);
     });
   }
-  static constexpr int64_t kColGrain = 128;  // GEMM columns per task, at least
+  static constexpr int64_t kColGrain = 128;    // GEMM columns per task, at least
+  static constexpr int64_t kTargetCols = 512;  // batched GEMM width (samples x plane)
 
   void bias_backward(const float* dy, float* db) const {
     const int64_t P = P_, M = M_, N = N_;
@@ -489,6 +580,9 @@ class Conv : public Op {
   WindowGeom g_;
   int64_t N_ = 0, C_ = 0, M_ = 0, G_ = 1, Cg_ = 0, Mg_ = 0, P_ = 0, Kc_ = 0;
   int64_t slots_ = 1;  // sample blocks run in parallel (see over_samples)
+  int64_t batch_ = 1;   // samples per GEMM within a slot
+  int64_t splits_ = 1;  // channel blocks of im2col / col2im (threads, with a single slot)
+  Im2colPlan im2col_;   // how col is filled (see conv_im2col.h)
   bool has_bias_ = false, depthwise_ = false, pointwise_ = false;
 };
 PYEDGE_REGISTER_OP("Conv", Conv);

@@ -96,14 +96,13 @@ Shape window_out_dims(const WindowGeom& g) {
   return {g.OH, g.OW};
 }
 
-void im2col(const float* x, int64_t C, const WindowGeom& g, float* col) {
-  const int64_t P = g.out_plane();
+void im2col(const float* x, int64_t C, const WindowGeom& g, float* col, int64_t ld) {
   for (int64_t c = 0; c < C; ++c) {
     const float* xc = x + c * g.in_plane();
     for (int64_t i = 0; i < g.KH; ++i) {
       const int64_t hlo = g.oh_lo[size_t(i)], hhi = g.oh_hi[size_t(i)];
       for (int64_t j = 0; j < g.KW; ++j) {
-        float* dst = col + ((c * g.KH + i) * g.KW + j) * P;
+        float* dst = col + ((c * g.KH + i) * g.KW + j) * ld;
         const int64_t lo = g.ow_lo[size_t(j)], hi = g.ow_hi[size_t(j)];
         const int64_t offw = j * g.DW - g.PW;
         std::memset(dst, 0, sizeof(float) * size_t(hlo * g.OW));
@@ -124,13 +123,12 @@ void im2col(const float* x, int64_t C, const WindowGeom& g, float* col) {
   }
 }
 
-void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx) {
-  const int64_t P = g.out_plane();
+void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx, int64_t ld) {
   for (int64_t c = 0; c < C; ++c) {
     float* xc = dx + c * g.in_plane();
     for (int64_t i = 0; i < g.KH; ++i) {
       for (int64_t j = 0; j < g.KW; ++j) {
-        const float* src = col + ((c * g.KH + i) * g.KW + j) * P;
+        const float* src = col + ((c * g.KH + i) * g.KW + j) * ld;
         const int64_t lo = g.ow_lo[size_t(j)], hi = g.ow_hi[size_t(j)];
         const int64_t offw = j * g.DW - g.PW;
         for (int64_t oh = g.oh_lo[size_t(i)]; oh < g.oh_hi[size_t(i)]; ++oh) {
@@ -144,6 +142,143 @@ void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx) {
         }
       }
     }
+  }
+}
+
+namespace {
+// All taps of one channel, rows of fixed width OW and stride SW: col[(i, j), oh, :] =
+// src[oh*SH + i*DH, j*DW + ow*SW] (src: the padded plane, or x's plane when unpadded).
+template <int OW, int SW>
+void rows_fixed(const float* src, int64_t rs, const WindowGeom& g, float* col, int64_t ld) {
+  for (int64_t i = 0; i < g.KH; ++i)
+    for (int64_t j = 0; j < g.KW; ++j) {
+      float* d = col + (i * g.KW + j) * ld;
+      const float* s = src + i * g.DH * rs + j * g.DW;
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        float* dr = d + oh * OW;
+        const float* sr = s + oh * g.SH * rs;
+        for (int o = 0; o < OW; ++o) dr[o] = sr[o * SW];
+      }
+    }
+}
+// Its adjoint: dst (plane, row stride rs) += fold of the channel's col rows.
+template <int OW, int SW>
+void fold_fixed(const float* col, int64_t ld, const WindowGeom& g, float* dst, int64_t rs) {
+  for (int64_t i = 0; i < g.KH; ++i)
+    for (int64_t j = 0; j < g.KW; ++j) {
+      const float* s = col + (i * g.KW + j) * ld;
+      float* d = dst + i * g.DH * rs + j * g.DW;
+      for (int64_t oh = 0; oh < g.OH; ++oh) {
+        const float* sr = s + oh * OW;
+        float* dr = d + oh * g.SH * rs;
+        for (int o = 0; o < OW; ++o) dr[o * SW] += sr[o];
+      }
+    }
+}
+
+template <int OW>
+bool pick_rows(const WindowGeom& g, Im2colPlan& pl) {
+  if (g.OW != OW) return false;
+  if (g.SW == 1) {
+    pl.rows = rows_fixed<OW, 1>;
+    pl.fold = fold_fixed<OW, 1>;
+  } else if (g.SW == 2) {
+    pl.rows = rows_fixed<OW, 2>;
+    pl.fold = fold_fixed<OW, 2>;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+// The zero-bordered copy of plane xc (interior rows at [PH, PH + IH), columns [PW, PW + IW)).
+void fill_padded(const float* xc, const WindowGeom& g, const Im2colPlan& pl, float* pad) {
+  std::memset(pad, 0, sizeof(float) * size_t(pl.IHp * pl.IWp));
+  for (int64_t h = 0; h < g.IH; ++h)
+    std::memcpy(pad + (h + g.PH) * pl.IWp + g.PW, xc + h * g.IW, sizeof(float) * size_t(g.IW));
+}
+}  // namespace
+
+Im2colPlan make_im2col_plan(const WindowGeom& g) {
+  Im2colPlan pl;
+  pl.padded = g.PH + g.PHE + g.PW + g.PWE > 0;
+  pl.IHp = g.IH + g.PH + g.PHE;
+  pl.IWp = g.IW + g.PW + g.PWE;
+  // Conv windows fit inside the padded input (OH, OW come from it): every read is in range.
+  // Huge planes (a padded copy per channel task, int32 offsets) stay on the plain path.
+  if (pl.padded && pl.IHp * pl.IWp > (int64_t(1) << 20)) return pl;
+  if (!pl.padded && g.in_plane() > (int64_t(1) << 30)) return pl;
+  if (pick_rows<2>(g, pl) || pick_rows<4>(g, pl) || pick_rows<7>(g, pl) ||
+      pick_rows<8>(g, pl) || pick_rows<14>(g, pl) || pick_rows<16>(g, pl) ||
+      pick_rows<28>(g, pl) || pick_rows<32>(g, pl)) {
+    pl.mode = Im2colPlan::kRows;
+    return pl;
+  }
+  if ((g.SW > 1 || g.OW <= 8) && g.taps() * g.out_plane() <= (int64_t(1) << 16)) {
+    pl.mode = Im2colPlan::kTable;
+    const int64_t rs = pl.padded ? pl.IWp : g.IW;
+    pl.idx.reserve(size_t(g.taps() * g.out_plane()));
+    for (int64_t i = 0; i < g.KH; ++i)
+      for (int64_t j = 0; j < g.KW; ++j)
+        for (int64_t oh = 0; oh < g.OH; ++oh)
+          for (int64_t ow = 0; ow < g.OW; ++ow)
+            pl.idx.push_back(int32_t((oh * g.SH + i * g.DH) * rs + ow * g.SW + j * g.DW));
+  }
+  return pl;
+}
+
+void im2col_planned(const float* x, int64_t C, const WindowGeom& g, const Im2colPlan& pl,
+                    float* pad, float* col, int64_t ld) {
+  if (pl.mode == Im2colPlan::kPlain) return im2col(x, C, g, col, ld);
+  const int64_t P = g.out_plane(), T = g.taps();
+  const int64_t rs = pl.padded ? pl.IWp : g.IW;
+  for (int64_t c = 0; c < C; ++c) {
+    const float* src = x + c * g.in_plane();
+    if (pl.padded) {
+      fill_padded(src, g, pl, pad);
+      src = pad;
+    }
+    float* colc = col + c * T * ld;
+    if (pl.mode == Im2colPlan::kRows) {
+      pl.rows(src, rs, g, colc, ld);
+      continue;
+    }
+    for (int64_t k = 0; k < T; ++k) {
+      float* d = colc + k * ld;
+      const int32_t* ix = pl.idx.data() + k * P;
+      for (int64_t p = 0; p < P; ++p) d[p] = src[ix[p]];
+    }
+  }
+}
+
+void col2im_add_planned(const float* col, int64_t C, const WindowGeom& g, const Im2colPlan& pl,
+                        float* pad, float* dx, int64_t ld) {
+  if (pl.mode == Im2colPlan::kPlain) return col2im_add(col, C, g, dx, ld);
+  const int64_t P = g.out_plane(), T = g.taps();
+  const int64_t rs = pl.padded ? pl.IWp : g.IW;
+  for (int64_t c = 0; c < C; ++c) {
+    float* xc = dx + c * g.in_plane();
+    float* dst = xc;
+    if (pl.padded) {
+      std::memset(pad, 0, sizeof(float) * size_t(pl.IHp * pl.IWp));
+      dst = pad;
+    }
+    const float* colc = col + c * T * ld;
+    if (pl.mode == Im2colPlan::kRows) {
+      pl.fold(colc, ld, g, dst, rs);
+    } else {
+      for (int64_t k = 0; k < T; ++k) {
+        const float* s = colc + k * ld;
+        const int32_t* ix = pl.idx.data() + k * P;
+        for (int64_t p = 0; p < P; ++p) dst[ix[p]] += s[p];
+      }
+    }
+    if (pl.padded)
+      for (int64_t h = 0; h < g.IH; ++h) {
+        const float* pr = pad + (h + g.PH) * pl.IWp + g.PW;
+        float* xr = xc + h * g.IW;
+        for (int64_t w = 0; w < g.IW; ++w) xr[w] += pr[w];
+      }
   }
 }
 

@@ -41,10 +41,38 @@ Shape window_out_dims(const WindowGeom& g);
 
 // Both run serially: Conv calls them per sample, either inside its own parallel loop over
 // samples or between threaded BLAS calls (where OpenMP regions would fight BLAS threads).
-// col [C*KH*KW, OH*OW] = patches of x [C, IH, IW] (zeros in the padding).
-void im2col(const float* x, int64_t C, const WindowGeom& g, float* col);
+// col [C*KH*KW, OH*OW] = patches of x [C, IH, IW] (zeros in the padding); `ld` is the row
+// stride of col (OH*OW for one sample; B*OH*OW when B samples sit side by side).
+void im2col(const float* x, int64_t C, const WindowGeom& g, float* col, int64_t ld);
 // dx [C, IH, IW] += fold of col [C*KH*KW, OH*OW] (the adjoint of im2col).
-void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx);
+void col2im_add(const float* col, int64_t C, const WindowGeom& g, float* dx, int64_t ld);
+
+// Faster im2col for small, narrow or strided outputs, where the row-wise copies above spend
+// their time on per-row overhead (4x4 outputs: rows of 4 floats) or scalar strided loads.
+// Each channel plane is first copied into a zero-bordered plane [IH + pads, IW + pads] (no
+// copy without padding), so no bounds are checked afterwards:
+//   kRows:  rows of a width and stride fixed at compile time (OW 2..32, stride 1 or 2), so the
+//           copies are a few vector moves (stride 2: loads + shuffles);
+//   kTable: any other small geometry, one lookup per entry: col[t, p] = padded[idx[t*P + p]];
+//   kPlain: im2col / col2im_add above (wide stride-1 rows, or large planes).
+// Chosen at plan time by make_im2col_plan (measured on W3's shapes: 2-5x the row-wise copies).
+struct Im2colPlan {
+  enum Mode { kPlain, kRows, kTable };
+  Mode mode = kPlain;
+  bool padded = false;        // false: read x's own plane (row stride IW)
+  int64_t IHp = 0, IWp = 0;   // padded plane
+  std::vector<int32_t> idx;   // kTable: KH*KW*OH*OW offsets into the (padded) plane
+  // kRows: all taps of one channel; src plane with row stride rs; col rows with stride ld.
+  void (*rows)(const float* src, int64_t rs, const WindowGeom& g, float* col, int64_t ld) = nullptr;
+  void (*fold)(const float* col, int64_t ld, const WindowGeom& g, float* dst, int64_t rs) = nullptr;
+  int64_t plane_floats() const { return mode != kPlain && padded ? IHp * IWp : 0; }
+};
+Im2colPlan make_im2col_plan(const WindowGeom& g);
+// As im2col / col2im_add; `pad` holds plane_floats() of scratch (one per concurrent caller).
+void im2col_planned(const float* x, int64_t C, const WindowGeom& g, const Im2colPlan& pl,
+                    float* pad, float* col, int64_t ld);
+void col2im_add_planned(const float* col, int64_t C, const WindowGeom& g, const Im2colPlan& pl,
+                        float* pad, float* dx, int64_t ld);
 
 // Σ a[i]·b[i] with 8 independent partial sums, so the loop vectorises without -ffast-math.
 inline float dot8(const float* a, const float* b, int64_t n) {

@@ -35,6 +35,14 @@ int64_t plane_grain(int64_t work_per_plane) {
 // MaxPool. When the node lists Indices, that int64 output (ONNX semantics: flat index into X)
 // drives the backward; otherwise a hidden int32 in-plane argmax does (half the memory).
 // Either way the backward scatters dY through it and reads neither X nor Y.
+//
+// Dense windows (no padding, dilation 1, every window inside X: 2x2/2, 3x3/2, ...) of the
+// common sizes run a kernel with the window size fixed at compile time: each output folds its
+// taps in row-major order with the same strict '>' as the generic path (so values, first-max
+// index and NaN behaviour are identical), and the loop over output columns vectorises
+// (column pairs via shuffles for stride 2). The hidden argmax is only written when the plan has
+// a backward step for this op (backward_planned); in eval plans and before the first
+// trainable tensor nothing reads it.
 class MaxPool : public Op {
  public:
   MaxPool(const NodeInfo& n, const std::vector<Tensor>& in) : g_(pool_geom(n, in)) {
@@ -47,22 +55,37 @@ class MaxPool : public Op {
     outputs = {make_output(DType::f32, ys),
                make_output(onnx_indices_ ? DType::i64 : DType::i32, ys)};
     n_visible = onnx_indices_ ? 2 : 1;
+    const WindowGeom& g = g_;
+    const bool dense = g.PH == 0 && g.PW == 0 && g.DH == 1 && g.DW == 1 &&
+                       (g.OH - 1) * g.SH + g.KH <= g.IH && (g.OW - 1) * g.SW + g.KW <= g.IW;
+    if (dense) {
+      dense_i32_ = pick_dense<int32_t>();
+      dense_i64_ = pick_dense<int64_t>();
+    }
   }
 
   void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                RunContext&) override {
     if (onnx_indices_) {
-      run_forward(in[0].ptr<float>(), out[0].ptr<float>(), out[1].ptr<int64_t>());
+      run_forward(in[0].ptr<float>(), out[0].ptr<float>(), out[1].ptr<int64_t>(), dense_i64_);
     } else {
-      run_forward(in[0].ptr<float>(), out[0].ptr<float>(), out[1].ptr<int32_t>());
+      int32_t* idx = skips_hidden_index() ? nullptr : out[1].ptr<int32_t>();
+      run_forward(in[0].ptr<float>(), out[0].ptr<float>(), idx, dense_i32_);
     }
   }
 
   bool has_backward() const override { return true; }
-  void backward(const std::vector<Tensor>&, const std::vector<Tensor>& out,
+  void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext&) override {
     if (!din[0].data || !dout[0].data) return;
+    if (skips_hidden_index()) {
+      // The forward skipped the argmax because no backward was planned. Only a caller
+      // outside a plan (run_op) gets here; X is alive there, so recompute it.
+      PYEDGE_CHECK(in[0].data && out[0].data && out[1].data,
+                   "MaxPool backward without a planned backward and without X");
+      run_forward(in[0].ptr<float>(), out[0].ptr<float>(), out[1].ptr<int32_t>(), dense_i32_);
+    }
     const float* dy = dout[0].ptr<float>();
     float* dx = din[0].ptr<float>();
     const int64_t P = g_.out_plane(), IP = g_.in_plane();
@@ -94,12 +117,80 @@ class MaxPool : public Op {
   }
 
  private:
-  // y = window max; idx = its in-plane position (ONNX int64: plus the plane's offset in X).
+  // Dense kernel over output rows [0, OH) of one plane: xp [IH, IW] -> yp [OH, OW]; idx (may be
+  // nullptr) gets the in-plane argmax plus `base`.
   template <typename I>
-  void run_forward(const float* x, float* y, I* idx) const {
+  using DenseFn = void (*)(const float* xp, float* yp, I* ip, I base, const WindowGeom& g);
+
+  template <int KH, int KW, int SW, typename I>
+  static void dense_plane(const float* xp, float* yp, I* ip, I base, const WindowGeom& g) {
+    const int64_t OW = g.OW, IW = g.IW;
+    for (int64_t oh = 0; oh < g.OH; ++oh) {
+      const float* r = xp + oh * g.SH * IW;  // window rows r + i*IW, i < KH
+      float* yr = yp + oh * OW;
+      if (!ip) {
+        for (int64_t ow = 0; ow < OW; ++ow) {
+          const float* w = r + ow * SW;
+          float m = w[0];
+          for (int i = 0; i < KH; ++i)
+            for (int j = (i == 0 ? 1 : 0); j < KW; ++j) {
+              const float v = w[i * IW + j];
+              m = v > m ? v : m;
+            }
+          yr[ow] = m;
+        }
+        continue;
+      }
+      I* ir = ip + oh * OW;
+      const I row0 = I(oh * g.SH * IW) + base;
+      for (int64_t ow = 0; ow < OW; ++ow) {
+        const float* w = r + ow * SW;
+        float m = w[0];
+        I k = row0 + I(ow * SW);
+        for (int i = 0; i < KH; ++i)
+          for (int j = (i == 0 ? 1 : 0); j < KW; ++j) {
+            const float v = w[i * IW + j];
+            const bool gt = v > m;
+            m = gt ? v : m;
+            k = gt ? I(row0 + I(ow * SW + i * IW + j)) : k;
+          }
+        yr[ow] = m;
+        ir[ow] = k;
+      }
+    }
+  }
+
+  template <typename I>
+  DenseFn<I> pick_dense() const {
+    const WindowGeom& g = g_;
+    if (g.KH == 2 && g.KW == 2 && g.SW == 2) return dense_plane<2, 2, 2, I>;
+    if (g.KH == 3 && g.KW == 3 && g.SW == 2) return dense_plane<3, 3, 2, I>;
+    if (g.KH == 2 && g.KW == 2 && g.SW == 1) return dense_plane<2, 2, 1, I>;
+    if (g.KH == 3 && g.KW == 3 && g.SW == 1) return dense_plane<3, 3, 1, I>;
+    if (g.KH == 1 && g.KW == 2 && g.SW == 2) return dense_plane<1, 2, 2, I>;  // 1D k2 s2
+    if (g.KH == 1 && g.KW == 3 && g.SW == 2) return dense_plane<1, 3, 2, I>;  // 1D k3 s2
+    return nullptr;
+  }
+
+  // The hidden argmax is left unwritten when no backward is planned, on the dense kernels
+  // (the generic kernel needs it to tell "no tap yet" from a NaN maximum).
+  bool skips_hidden_index() const { return !onnx_indices_ && !backward_planned && dense_i32_; }
+
+  // y = window max; idx = its in-plane position (ONNX int64: plus the plane's offset in X).
+  // idx == nullptr only with a dense kernel.
+  template <typename I>
+  void run_forward(const float* x, float* y, I* idx, DenseFn<I> dense) const {
     const WindowGeom& g = g_;
     const int64_t P = g.out_plane(), IP = g.in_plane();
     const bool global = onnx_indices_;
+    if (dense) {
+      parallel_for(planes_, plane_grain(P * g.taps()), [&](int64_t lo, int64_t hi) {
+        for (int64_t pc = lo; pc < hi; ++pc)
+          dense(x + pc * IP, y + pc * P, idx ? idx + pc * P : nullptr,
+                global ? I(pc * IP) : I(0), g);
+      });
+      return;
+    }
     parallel_for(planes_, plane_grain(P * g.taps()), [&](int64_t lo, int64_t hi) {
       for (int64_t pc = lo; pc < hi; ++pc) {
         const float* xp = x + pc * IP;
@@ -139,6 +230,8 @@ class MaxPool : public Op {
   WindowGeom g_;
   int64_t planes_ = 0;
   bool onnx_indices_ = false;
+  DenseFn<int32_t> dense_i32_ = nullptr;
+  DenseFn<int64_t> dense_i64_ = nullptr;
 };
 PYEDGE_REGISTER_OP("MaxPool", MaxPool);
 
