@@ -39,6 +39,7 @@ static py::tuple run_op(const std::string& op_type, py::list inputs, py::dict at
     if (!is_const[i]) plan_in[i].data = nullptr;
   }
   std::unique_ptr<Op> op = make_op(node, plan_in);
+  op->backward_planned = !grad_outputs.is_none();  // as a plan with this op's backward would
 
   std::vector<OwnedTensor> out_store;
   std::vector<Tensor> out;
