@@ -228,7 +228,9 @@ void Plan::build(const Model& model, const PlanRequest& req) {
       f.op->backward_planned = true;
       Step b = f;
       b.din.assign(f.in_ids.size(), Tensor{});
-      for (size_t k = 0; k < f.in_ids.size(); ++k) if (need[k]) b.din[k].dtype = DType::f32;  // marker
+      // Marker until the buffers are bound: f32 = this input gets a gradient (a default
+      // Tensor is f32, so the others are marked u8).
+      for (size_t k = 0; k < f.in_ids.size(); ++k) b.din[k].dtype = need[k] ? DType::f32 : DType::u8;
       bwd_.push_back(std::move(b));
       stats_.backward_nodes.push_back(n.info.name);
     }
@@ -297,10 +299,19 @@ void Plan::build(const Model& model, const PlanRequest& req) {
   for (size_t v = 0; v < nv; ++v) groot[v] = int(v);
   for (int b = 0; b < int(bwd_.size()); ++b) {
     Step& s = bwd_[size_t(b)];
+    // Which inputs this step writes a gradient for (the din dtype marker alone is not enough:
+    // an unset Tensor is f32 too).
+    std::vector<bool> wants(s.in_ids.size());
+    for (size_t k = 0; k < wants.size(); ++k) {
+      const int v = s.in_ids[k];
+      wants[k] = s.din[k].dtype == DType::f32 && v >= 0 && has_grad[size_t(v)] &&
+                 requires_grad_[size_t(v)] && s.op->differentiable_input(k);
+    }
+    const int through = s.op->passthrough_input(wants);
     for (size_t k = 0; k < s.in_ids.size(); ++k) {
       int v = s.in_ids[k];
       if (s.din[k].dtype != DType::f32 || v < 0 || !has_grad[size_t(v)] || trainable[size_t(v)]) continue;
-      if (gstart[size_t(v)] < 0 && k == 0 && s.op->backward_passes_through()) {
+      if (gstart[size_t(v)] < 0 && int(k) == through) {
         // dX = dY and this step writes dX first: dX takes over dY's buffer (dY is dead after
         // this step, its producer's backward) and the step has nothing left to do.
         int y = s.out_ids.empty() ? -1 : s.out_ids[0];
@@ -319,8 +330,7 @@ void Plan::build(const Model& model, const PlanRequest& req) {
         // First writer: it assigns when it can and the value is not its input twice (the
         // second din would then add to the first); otherwise the buffer is zeroed first.
         int uses = 0;
-        for (size_t j = 0; j < s.in_ids.size(); ++j)
-          uses += s.in_ids[j] == v && s.din[j].dtype == DType::f32;
+        for (size_t j = 0; j < s.in_ids.size(); ++j) uses += s.in_ids[j] == v && wants[j];
         if (k < 64 && uses == 1 && s.op->assigns_fresh_grads()) s.fresh_din |= uint64_t(1) << k;
         else {
           s.zero_grads.push_back(v);

@@ -166,6 +166,13 @@ class Binary : public Op {
 
   bool has_backward() const override { return kind_ != Kind::mod; }
   bool assigns_fresh_grads() const override { return true; }
+  // x + b (or x - b) with b frozen and x not broadcast: dX is dY.
+  int passthrough_input(const std::vector<bool>& need) const override {
+    if (need.size() < 2 || (kind_ != Kind::add && kind_ != Kind::sub)) return -1;
+    if (need[0] && !need[1] && red_[0].identity()) return 0;
+    if (kind_ == Kind::add && need[1] && !need[0] && red_[1].identity()) return 1;
+    return -1;
+  }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>&,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext& ctx) override {

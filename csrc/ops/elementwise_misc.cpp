@@ -51,7 +51,9 @@ class Identity : public Op {
     copy_bytes(in[0], out[0]);
   }
   bool output_aliases_input0() const override { return true; }
-  bool backward_passes_through() const override { return true; }
+  int passthrough_input(const std::vector<bool>& need) const override {
+    return !need.empty() && need[0] ? 0 : -1;
+  }
   bool has_backward() const override { return true; }
   void backward(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>& dout,
                 const std::vector<Tensor>& din, RunContext& ctx) override {

@@ -84,9 +84,10 @@ class Op {
   // planner a memset of every activation gradient this op writes first (1.4 GB per MiniLM
   // step); ops that do not opt in get zeroed buffers.
   virtual bool assigns_fresh_grads() const { return false; }
-  // True when the backward is dX += dY over the same bytes (Reshape-likes, Identity): the
-  // planner may then give dX dY's buffer and skip the step.
-  virtual bool backward_passes_through() const { return false; }
+  // k when the backward is just din[k] += dY over the same bytes, given which inputs need a
+  // gradient (Reshape-likes, Identity; Add of a frozen bias): the planner may then give
+  // din[k] dY's buffer and skip the step. -1 otherwise.
+  virtual int passthrough_input(const std::vector<bool>& /*need_grad*/) const { return -1; }
   // Which inputs can carry a gradient at all (indices, masks and shapes cannot).
   virtual bool differentiable_input(size_t i) const;
 

@@ -45,7 +45,9 @@ class ReshapeLike : public Op {
     return std::vector<bool>(outputs.size(), false);
   }
   bool output_aliases_input0() const override { return true; }
-  bool backward_passes_through() const override { return true; }
+  int passthrough_input(const std::vector<bool>& need) const override {
+    return !need.empty() && need[0] ? 0 : -1;
+  }
 
  protected:
   void set_output(const NodeInfo& n, const Tensor& x, Shape s) {
