@@ -221,13 +221,15 @@ def test_nan_loss_leaves_parameters_untouched(mlp_path):
 
 
 def _reshape_chain_model(with_reshapes: bool):
-    """x [4, 6] -> MatMul w1 -> (Reshape [4,2,3] -> Identity -> Flatten) -> MatMul w2 -> y."""
+    """x [4, 6] -> MatMul w1 -> Add b -> (Reshape [4,2,3] -> Identity -> Flatten) -> MatMul w2."""
     from onnx import TensorProto, helper
     rng = np.random.default_rng(3)
     inits = [helper.make_tensor("w1", TensorProto.FLOAT, [6, 6], rng.standard_normal(36).tolist()),
              helper.make_tensor("w2", TensorProto.FLOAT, [6, 3], rng.standard_normal(18).tolist()),
-             helper.make_tensor("shape", TensorProto.INT64, [3], [4, 2, 3])]
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"])]
+             helper.make_tensor("shape", TensorProto.INT64, [3], [4, 2, 3]),
+             helper.make_tensor("b", TensorProto.FLOAT, [6], rng.standard_normal(6).tolist())]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+             helper.make_node("Add", ["h0", "b"], ["h"])]  # frozen bias: dh0 = dh
     if with_reshapes:
         nodes += [helper.make_node("Reshape", ["h", "shape"], ["r"]),
                   helper.make_node("Identity", ["r"], ["i"]),
@@ -246,9 +248,12 @@ def test_pass_through_backward_steps_share_the_gradient_buffer():
     chain = pyedge.TrainingSession(_reshape_chain_model(True), train=["w1"])
     plain = pyedge.TrainingSession(_reshape_chain_model(False), train=["w1"])
     st = chain.plan_stats({"x": x})
-    # Flatten, Identity and Reshape need no backward work: dX is dY's buffer.
-    assert st["passthrough_backward_ops"] == 3, st
-    assert st["gradient_bytes"] == plain.plan_stats({"x": x})["gradient_bytes"]
+    # Flatten, Identity, Reshape and the Add of the frozen bias need no backward work: dX is
+    # dY's buffer.
+    assert st["passthrough_backward_ops"] == 4, st
+    st_plain = plain.plan_stats({"x": x})
+    assert st_plain["passthrough_backward_ops"] == 1, st_plain
+    assert st["gradient_bytes"] == st_plain["gradient_bytes"]
     for _ in range(3):
         np.testing.assert_allclose(chain.step({"x": x}, y), plain.step({"x": x}, y), rtol=1e-6)
         np.testing.assert_allclose(chain.gradients()["w1"], plain.gradients()["w1"], rtol=1e-6)
