@@ -163,6 +163,11 @@ set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE BOTH)
 TC
   BDIR="$ROOT/src/pyedge/build-arm64-cross"
+  # A cache configured from another checkout names another toolchain file: start it afresh.
+  if [ -f "$BDIR/CMakeCache.txt" ] && ! cat "$BDIR/CMakeCache.txt" "$BDIR"/CMakeFiles/*/CMakeSystem.cmake 2>/dev/null \
+        | grep -q "^include(\"$LOG/aarch64-toolchain.cmake\")"; then
+    rm -rf "$BDIR/CMakeCache.txt" "$BDIR/CMakeFiles"
+  fi
   if cmake -S "$ROOT/src/pyedge" -B "$BDIR" -G Ninja \
        -DCMAKE_TOOLCHAIN_FILE="$LOG/aarch64-toolchain.cmake" -DPYEDGE_NATIVE=OFF \
        -DPython_EXECUTABLE="$LOG/python-aarch64" \
