@@ -76,6 +76,13 @@ CASES = [
     ("transpose", "Transpose", [R(2, 3, 4)], {"perm": [2, 0, 1]}, 17,
      lambda x: x.transpose(2, 0, 1)),
     ("conv2d", "Conv", [R(2, 3, 6, 5), R(4, 3, 3, 2, seed=1), R(4, seed=2)], {}, 17, _conv2d),
+    # pyedge's own fused ops (domain "pyedge")
+    ("masked_softmax", "pyedge.MaskedSoftmax", [R(2, 3, 4, 9, scale=2), R(2, 1, 1, 9, seed=1)],
+     {"scale": 0.7}, 17, lambda x, m: _softmax(0.7 * x + m)),
+    ("matmul_trans_b", "pyedge.MatMul", [R(2, 3, 4), R(2, 5, 4, seed=1)], {"trans_b": 1}, 17,
+     lambda a, b: a @ np.swapaxes(b, -1, -2)),
+    ("matmul_trans_a", "pyedge.MatMul", [R(2, 4, 3), R(4, 5, seed=1)], {"trans_a": 1}, 17,
+     lambda a, b: np.swapaxes(a, -1, -2) @ b),
 ]
 
 
@@ -99,12 +106,13 @@ def _fd_grads(f, xs, g, eps=1e-6):
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_backward_vs_finite_differences(case):
     _, op, inputs, attrs, opset, ref = case
-    outs, _ = _core.run_op(op, inputs, attrs, opset=opset)
+    domain, _, op = op.rpartition(".")
+    outs, _ = _core.run_op(op, inputs, attrs, opset=opset, domain=domain)
     want = ref(*[x.astype(np.float64) for x in inputs])
     np.testing.assert_allclose(outs[0], want, rtol=2e-5, atol=2e-5, err_msg=f"{op} forward")
     g = np.random.default_rng(1).standard_normal(outs[0].shape).astype(np.float32)
     gouts = [g] + [None] * (len(outs) - 1)
-    _, grads = _core.run_op(op, inputs, attrs, opset=opset, grad_outputs=gouts)
+    _, grads = _core.run_op(op, inputs, attrs, opset=opset, grad_outputs=gouts, domain=domain)
     fd = _fd_grads(ref, inputs, g.astype(np.float64))
     checked = 0
     for i, (ours, want) in enumerate(zip(grads, fd)):
