@@ -7,6 +7,7 @@
 #include "common/parallel.h"
 #include "ops/blas.h"
 #include "ops/op.h"
+#include "ops/small_gemm.h"
 
 namespace pyedge {
 namespace {
@@ -93,8 +94,8 @@ class MatMul : public Op {
     // Many small products (attention): one per task, each on one thread.
     parallel_for(batches_, 1, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i)
-        sgemm(ta_, tb_, M_, N_, K_, 1.f, A + a_off_[i], lda_, B + b_off_[i], ldb_, 0.f,
-              Y + i * M_ * N_, N_);
+        gemm(ta_, tb_, M_, N_, K_, A + a_off_[i], lda_, B + b_off_[i], ldb_, 0.f,
+             Y + i * M_ * N_, N_);
     });
   }
 
@@ -143,15 +144,15 @@ class MatMul : public Op {
           if (for_a) {
             float* dA = din[0].ptr<float>() + off;
             if (!ta_)  // dA [M, K] = dY · op(B)ᵀ
-              sgemm(false, !tb_, M_, K_, N_, 1.f, dYi, N_, Bi, ldb_, beta, dA, K_);
+              gemm(false, !tb_, M_, K_, N_, dYi, N_, Bi, ldb_, beta, dA, K_);
             else       // dA stored [K, M] = op(B) · dYᵀ
-              sgemm(tb_, true, K_, M_, N_, 1.f, Bi, ldb_, dYi, N_, beta, dA, M_);
+              gemm(tb_, true, K_, M_, N_, Bi, ldb_, dYi, N_, beta, dA, M_);
           } else {
             float* dB = din[1].ptr<float>() + off;
             if (!tb_)  // dB [K, N] = op(A)ᵀ · dY
-              sgemm(!ta_, false, K_, N_, M_, 1.f, Ai, lda_, dYi, N_, beta, dB, N_);
+              gemm(!ta_, false, K_, N_, M_, Ai, lda_, dYi, N_, beta, dB, N_);
             else       // dB stored [N, K] = dYᵀ · op(A)
-              sgemm(true, ta_, N_, K_, M_, 1.f, dYi, N_, Ai, lda_, beta, dB, K_);
+              gemm(true, ta_, N_, K_, M_, dYi, N_, Ai, lda_, beta, dB, K_);
           }
         }
       };
@@ -170,6 +171,15 @@ class MatMul : public Op {
   }
 
  private:
+  // One product of the batched path: with several batches (each on one thread), small ones
+  // on small_gemm; a single product keeps sgemm's split over the threads.
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) const {
+    if (batches_ > 1 && small_gemm_fits(M, N, K))
+      small_gemm(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    else sgemm(ta, tb, M, N, K, 1.f, A, lda, B, ldb, beta, C, ldc);
+  }
+
   int64_t M_ = 0, K_ = 0, N_ = 0, batches_ = 1;
   int64_t lda_ = 0, ldb_ = 0;
   int64_t a_blocks_ = 1, b_blocks_ = 1;  // distinct A / B matrices before broadcasting
