@@ -89,3 +89,21 @@ def test_lora_matmul_dropout_masks_adapter_path_only():
     base = _core.run_op("LoraMatMul", [x, W, A, np.zeros_like(B)], attrs, domain="pyedge",
                         training=True, seed=3)[0][0]
     np.testing.assert_allclose(base, x @ W, rtol=1e-4, atol=1e-4)
+
+
+# Batched products with every dim <= 512 run on small_gemm (csrc/ops/small_gemm.cpp): its
+# register blocks (4 rows x 64 columns, 6 x 16), the row and column remainders, and the
+# transposed operands (A read in place, B through a panel), forward and both gradients.
+@pytest.mark.parametrize("m,n,k", [(1, 16, 1), (3, 17, 5), (7, 37, 33), (13, 64, 8),
+                                   (6, 80, 2), (5, 130, 12), (128, 32, 16)])
+@pytest.mark.parametrize("ta,tb", [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_small_batched_products(m, n, k, ta, tb):
+    A = randn(3, *((k, m) if ta else (m, k)))
+    B = randn(3, *((n, k) if tb else (k, n)))
+
+    def ref(a, b):
+        return torch.matmul(a.transpose(-1, -2) if ta else a, b.transpose(-1, -2) if tb else b)
+    (y,), _ = _core.run_op("MatMul", [A, B], {"trans_a": ta, "trans_b": tb}, domain="pyedge")
+    want = ref(torch.tensor(A, dtype=torch.float64), torch.tensor(B, dtype=torch.float64))
+    np.testing.assert_allclose(y, want.numpy(), rtol=1e-4, atol=1e-4)
+    check_backward("MatMul", [A, B], ref, {"trans_a": ta, "trans_b": tb}, domain="pyedge")
