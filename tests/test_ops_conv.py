@@ -50,14 +50,20 @@ CONV2D_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CONV2D_CASES)
-def test_conv2d(case):
+def conv_case_inputs(case):
+    """(x, w, b or None, attrs, inputs) of a (n, c, spatial, m, kernel, strides, pads,
+    dilations, groups, bias) case."""
     n, c, sp, m, k, s, pads, d, g, bias = case
     x = randn(n, c, *sp)
     w = randn(m, c // g, *k)
     b = randn(m) if bias else None
-    attrs = conv_attrs(k, s, pads, d, g)
-    ins = [x, w] + ([b] if bias else [])
+    return x, w, b, conv_attrs(k, s, pads, d, g), [x, w] + ([b] if bias else [])
+
+
+@pytest.mark.parametrize("case", CONV2D_CASES)
+def test_conv2d(case):
+    n, c, sp, m, k, s, pads, d, g, bias = case
+    x, w, b, attrs, ins = conv_case_inputs(case)
     check_forward("Conv", ins, attrs, rtol=1e-4, atol=1e-4)
 
     def fn(x, w, b=None):
@@ -96,11 +102,7 @@ def threads(request):
 @pytest.mark.parametrize("case", CONV_BATCHED_CASES)
 def test_conv_batched(case, threads):
     n, c, sp, m, k, s, pads, d, g, bias = case
-    x = randn(n, c, *sp)
-    w = randn(m, c // g, *k)
-    b = randn(m) if bias else None
-    attrs = conv_attrs(k, s, pads, d, g)
-    ins = [x, w] + ([b] if bias else [])
+    x, w, b, attrs, ins = conv_case_inputs(case)
     check_forward("Conv", ins, attrs, rtol=1e-4, atol=1e-4)
     conv = F.conv2d if len(sp) == 2 else F.conv1d
 
