@@ -201,8 +201,10 @@ class TrainingSession:
             shapes = {n: list(a.shape) for n, a in zip(self._input_names, arrays)
                       if a is not None}
         if training and LABELS in self._input_names and LABELS not in shapes:
-            out_shape = self._sess.run(self._input_list(inputs), [self.output_name])[0].shape \
-                if inputs is not None else None
+            if inputs is None:
+                raise ValueError(f"plan_stats(shapes=...) of a training plan needs the labels' "
+                                 f"shape too: add shapes['{LABELS}']")
+            out_shape = self._sess.run(self._input_list(inputs), [self.output_name])[0].shape
             shapes[LABELS] = list(out_shape if self.loss_kind == "mse" else out_shape[:-1])
         stats = self._sess.plan_stats([list(shapes.get(n, [])) for n in self._input_names],
                                       training)

@@ -257,3 +257,12 @@ def test_pass_through_backward_steps_share_the_gradient_buffer():
     for _ in range(3):
         np.testing.assert_allclose(chain.step({"x": x}, y), plain.step({"x": x}, y), rtol=1e-6)
         np.testing.assert_allclose(chain.gradients()["w1"], plain.gradients()["w1"], rtol=1e-6)
+
+
+def test_plan_stats_from_shapes_alone(mlp_path):
+    sess = pyedge.TrainingSession(mlp_path, train=["4.*"])
+    x, _ = batch()
+    with pytest.raises(ValueError, match="labels' shape"):
+        sess.plan_stats(shapes={"x": list(x.shape)})
+    by_shape = sess.plan_stats(shapes={"x": list(x.shape), "labels": [x.shape[0]]})
+    assert by_shape["arena_bytes"] == sess.plan_stats({"x": x})["arena_bytes"]
