@@ -100,6 +100,11 @@ def load_torch_model():
 
 
 # --------------------------------------------------------------------------- the demo
+def _secs(t: float) -> str:
+    """Seconds for the report: fast runs keep two significant digits instead of "0.0 s"."""
+    return f"{t:.1f} s" if t >= 1 else f"{t:.2g} s"
+
+
 def _say(msg: str = "") -> None:
     sys.stdout.write(msg + "\n")
     sys.stdout.flush()
@@ -163,7 +168,7 @@ def run_demo(out="pyedge-demo", steps: int = 300, seed: int = 0, threads: int | 
     res = train(cfg)
     after = res.eval
     _say(f"accuracy after fine-tuning:  {after['accuracy']:.1%}  (loss {before['loss']:.3f} -> "
-         f"{after['loss']:.3f}, {res.seconds:.1f} s)")
+         f"{after['loss']:.3f}, {_secs(res.seconds)})")
     fmt = ("PEFT format: adapter_config.json + adapter_model.safetensors, and pyedge_adapters.*"
            if res.peft else "pyedge format: pyedge_adapters.*")
     _say(f"adapters: {res.adapters} ({fmt})")
@@ -176,7 +181,7 @@ def run_demo(out="pyedge-demo", steps: int = 300, seed: int = 0, threads: int | 
         summary.update(_torch_check(onnx_path, res.adapters, xv, threads, res.peft))
     summary["seconds"] = time.perf_counter() - t0
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
-    _say(f"done in {summary['seconds']:.1f} s; summary in {out / 'demo.json'}")
+    _say(f"done in {_secs(summary['seconds'])}; summary in {out / 'demo.json'}")
     return summary
 
 
