@@ -107,3 +107,30 @@ def test_small_batched_products(m, n, k, ta, tb):
     want = ref(torch.tensor(A, dtype=torch.float64), torch.tensor(B, dtype=torch.float64))
     np.testing.assert_allclose(y, want.numpy(), rtol=1e-4, atol=1e-4)
     check_backward("MatMul", [A, B], ref, {"trans_a": ta, "trans_b": tb}, domain="pyedge")
+
+
+# A frozen weight (known at plan time) times few rows is packed once into panels
+# (csrc/ops/packed_gemm.cpp): full and partial 64-column panels, both weight layouts.
+@pytest.mark.parametrize("m,k,n", [(1, 16, 64), (5, 50, 100), (32, 784, 256), (64, 33, 130)])
+@pytest.mark.parametrize("tb", [0, 1])
+def test_gemm_with_a_packed_frozen_weight(m, k, n, tb):
+    A = randn(m, k)
+    B = randn(n, k) if tb else randn(k, n)
+    C = randn(n)
+    want = A.astype(np.float64) @ (B.T if tb else B).astype(np.float64) + C
+    (y,), _ = _core.run_op("Gemm", [A, B, C], {"transB": tb}, const_inputs=[1, 2])
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    # the gradient of A still flows (it reads B as stored)
+    check_backward("Gemm", [A, B, C], lambda a, b, c: a @ (b.T if tb else b) + c,
+                   {"transB": tb}, const_inputs=[1, 2])
+
+
+@pytest.mark.parametrize("tb", [0, 1])
+def test_matmul_with_a_packed_frozen_weight(tb):
+    A = randn(2, 3, 40)                      # 6 rows after folding the batch
+    B = randn(70, 40) if tb else randn(40, 70)
+    want = A.astype(np.float64) @ (B.T if tb else B).astype(np.float64)
+    (y,), _ = _core.run_op("MatMul", [A, B], {"trans_b": tb}, domain="pyedge", const_inputs=[1])
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+    check_backward("MatMul", [A, B], lambda a, b: a @ (b.transpose(-1, -2) if tb else b),
+                   {"trans_b": tb}, domain="pyedge", const_inputs=[1])

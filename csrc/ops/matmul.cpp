@@ -7,6 +7,7 @@
 #include "common/parallel.h"
 #include "ops/blas.h"
 #include "ops/op.h"
+#include "ops/packed_gemm.h"
 #include "ops/small_gemm.h"
 
 namespace pyedge {
@@ -77,6 +78,9 @@ class MatMul : public Op {
     batches_ = nb;
     a_blocks_ = numel(ab);
     b_blocks_ = numel(bb);
+    // A frozen weight (known at plan time) times few rows: pack it once (packed_gemm.h).
+    if (fold_ && in[1].data && PackedWeight::worth_it(batches_ * M_, N_, K_))
+      packed_ = PackedWeight(in[1].ptr<float>(), K_, N_, tb_, ldb_);
     Shape out = batch;
     if (!a_vec) out.push_back(M_);
     if (!b_vec) out.push_back(N_);
@@ -88,7 +92,8 @@ class MatMul : public Op {
     const float* B = in[1].ptr<float>();
     float* Y = out[0].ptr<float>();
     if (fold_) {
-      sgemm(false, tb_, batches_ * M_, N_, K_, 1.f, A, K_, B, ldb_, 0.f, Y, N_);
+      if (!packed_.empty()) packed_.gemm(batches_ * M_, A, K_, Y, N_);
+      else sgemm(false, tb_, batches_ * M_, N_, K_, 1.f, A, K_, B, ldb_, 0.f, Y, N_);
       return;
     }
     // Many small products (attention): one per task, each on one thread.
@@ -182,6 +187,7 @@ class MatMul : public Op {
 
   int64_t M_ = 0, K_ = 0, N_ = 0, batches_ = 1;
   int64_t lda_ = 0, ldb_ = 0;
+  PackedWeight packed_;  // frozen B packed for few-row products (empty otherwise)
   int64_t a_blocks_ = 1, b_blocks_ = 1;  // distinct A / B matrices before broadcasting
   bool ta_ = false, tb_ = false, fold_ = false;
   bool b_shared_ = false, a_shared_ = false;
@@ -255,11 +261,17 @@ class Gemm : public Op {
                    M_, ",", N_, "]");
     }
     outputs = {make_output(DType::f32, {M_, N_})};
+    // A frozen weight (known at plan time) times few rows: pack it once (packed_gemm.h).
+    if (!ta_ && alpha_ == 1.f && in[1].data && PackedWeight::worth_it(M_, N_, K_))
+      packed_ = PackedWeight(in[1].ptr<float>(), K_, N_, tb_, in[1].shape[1]);
   }
   void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out, RunContext&) override {
     float* Y = out[0].ptr<float>();
-    sgemm(ta_, tb_, M_, N_, K_, alpha_, in[0].ptr<float>(), in[0].shape[1], in[1].ptr<float>(),
-          in[1].shape[1], 0.f, Y, N_);
+    if (!packed_.empty())
+      packed_.gemm(M_, in[0].ptr<float>(), in[0].shape[1], Y, N_);
+    else
+      sgemm(ta_, tb_, M_, N_, K_, alpha_, in[0].ptr<float>(), in[0].shape[1], in[1].ptr<float>(),
+            in[1].shape[1], 0.f, Y, N_);
     if (has_c_ && beta_ != 0.f) add_bias(in[2], beta_, Y, M_, N_);
   }
   bool has_backward() const override { return true; }
@@ -297,6 +309,7 @@ class Gemm : public Op {
   bool ta_ = false, tb_ = false, has_c_ = false;
   float alpha_ = 1.f, beta_ = 1.f;
   int64_t M_ = 0, K_ = 0, N_ = 0;
+  PackedWeight packed_;  // frozen B packed for few-row products (empty otherwise)
 };
 PYEDGE_REGISTER_OP("Gemm", Gemm);
 
