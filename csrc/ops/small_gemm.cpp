@@ -50,11 +50,14 @@ inline void block(int64_t K, const float* A, int64_t sr, int64_t sk, const float
 template <int NV>
 void columns(int64_t M, int64_t N16, int64_t K, const float* A, int64_t sr, int64_t sk,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  constexpr int MR = NV >= 4 ? 4 : 6;
+  // MR x NV accumulators + NV row vectors of B fit the 32 vector registers of AVX-512.
+  constexpr int MR = NV >= 4 ? 6 : 8;
   for (int64_t j = 0; j + NV * kLanes <= N16; j += NV * kLanes) {
     int64_t i = 0;
     for (; i + MR <= M; i += MR)
       block<MR, NV>(K, A + i * sr, sr, sk, B + j, ldb, beta, C + i * ldc + j, ldc);
+    for (; i + 2 <= M; i += 2)
+      block<2, NV>(K, A + i * sr, sr, sk, B + j, ldb, beta, C + i * ldc + j, ldc);
     for (; i < M; ++i)
       block<1, NV>(K, A + i * sr, sr, sk, B + j, ldb, beta, C + i * ldc + j, ldc);
   }

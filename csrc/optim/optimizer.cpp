@@ -82,11 +82,18 @@ std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& cfg) {
 }
 
 double clip_grad_norm(std::vector<Parameter>& params, double max_norm) {
-  double sq = 0.0;
+  // Eight independent partial sums: one dependent chain of double adds cost ~4 cycles per
+  // element (3 us of a 90 us MLP step); the order is fixed, so the result is deterministic.
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (Parameter& p : params) {
     const float* g = p.grad.ptr<float>();
-    for (int64_t i = 0, n = p.grad.numel(); i < n; ++i) sq += double(g[i]) * double(g[i]);
+    const int64_t n = p.grad.numel();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      for (int k = 0; k < 8; ++k) part[k] += double(g[i + k]) * double(g[i + k]);
+    for (; i < n; ++i) part[0] += double(g[i]) * double(g[i]);
   }
+  const double sq = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
   double norm = std::sqrt(sq);
   if (max_norm > 0.0 && std::isfinite(norm)) {
     double coef = max_norm / (norm + 1e-6);
