@@ -83,6 +83,9 @@ CASES = [
      lambda a, b: a @ np.swapaxes(b, -1, -2)),
     ("matmul_trans_a", "pyedge.MatMul", [R(2, 4, 3), R(4, 5, seed=1)], {"trans_a": 1}, 17,
      lambda a, b: np.swapaxes(a, -1, -2) @ b),
+    # batched with 17 columns: small_gemm's vector block plus a remainder column
+    ("matmul_small_gemm", "pyedge.MatMul", [R(2, 3, 5), R(2, 17, 5, seed=1)], {"trans_b": 1}, 17,
+     lambda a, b: a @ np.swapaxes(b, -1, -2)),
 ]
 
 
@@ -134,3 +137,13 @@ def test_softmax_cross_entropy_vs_finite_differences():
                             grad_outputs=[np.ones((), np.float32)])
     fd = _fd_grads(lambda a: _sce(a, labels), [x], np.float64(1.0))
     np.testing.assert_allclose(grads[0], fd[0], rtol=1e-4, atol=1e-5)
+
+
+def test_gemm_with_a_packed_frozen_weight_matches_numpy():
+    # A weight known at plan time, times few rows, is packed into 64-column panels
+    # (csrc/ops/packed_gemm.cpp): one full and one partial panel, both weight layouts.
+    a, c = R(5, 20), R(70, seed=2)
+    for tb, w in ((0, R(20, 70, seed=1)), (1, R(70, 20, seed=1))):
+        want = a.astype(np.float64) @ (w.T if tb else w).astype(np.float64) + c
+        (y,), _ = _core.run_op("Gemm", [a, w, c], {"transB": tb}, const_inputs=[1, 2])
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
