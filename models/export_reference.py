@@ -20,26 +20,9 @@ import warnings
 import numpy as np
 import torch
 
+from pyedge.export.torch_export import _dynamic_shapes  # one Dim per dynamic-axes label
+
 DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
-
-
-def _dynamic_shapes(input_names, dynamic_axes):
-    """dynamic_axes ({name: {axis: label}}) -> dynamo dynamic_shapes (tuple, one per input)."""
-    from torch.export import Dim
-
-    dims = {}
-    out = []
-    for n in input_names:
-        axes = (dynamic_axes or {}).get(n, {})
-        if isinstance(axes, (list, tuple)):
-            axes = {a: f"{n}_{a}" for a in axes}
-        spec = {}
-        for a, label in axes.items():
-            if label not in dims:  # a named Dim keeps the label as the ONNX dim_param
-                dims[label] = Dim(str(label))
-            spec[a] = dims[label]
-        out.append(spec or None)
-    return tuple(out)
 
 
 def export(model, example_inputs, path, exporter="dynamo", opset=None, input_names=None,

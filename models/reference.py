@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch import nn
 
 __all__ = ["mlp", "cnn", "gpt2", "minilm_classifier", "minilm_path",
-           "tokenizer_path", "FACTORIES"]
+           "tokenizer_path", "FACTORIES", "unseen_inputs"]
 
 
 def _gen(seed):
@@ -225,3 +226,25 @@ def minilm_classifier(seed=0, num_labels=3, seq=16, batch=2):
 
 
 FACTORIES = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "minilm": minilm_classifier}
+
+
+def unseen_inputs(name, inputs, rng):
+    """Numpy inputs unlike a factory's export example: batch + 1 and, for the text models, a
+    shorter sequence (>= 4), token ids below 200, padding in the first row. rng: a numpy
+    Generator."""
+    out = {}
+    for k, v in inputs.items():
+        v = v.numpy()
+        shape = list(v.shape)
+        shape[0] += 1
+        if name in ("gpt2", "minilm"):
+            shape[1] = max(4, shape[1] - 3)
+        if k == "input_ids":
+            out[k] = rng.integers(0, 200, size=shape).astype(v.dtype)
+        elif k == "attention_mask":
+            m = np.ones(shape, v.dtype)
+            m[0, shape[1] // 2:] = 0  # padding in the first row
+            out[k] = m
+        else:
+            out[k] = rng.standard_normal(shape).astype(v.dtype)
+    return out

@@ -66,18 +66,10 @@ class _Matcher:
 
 def _scaled_input(m: _Matcher, value: str, factor: float) -> tuple[str, Node] | None:
     """value = x * factor, spelled Mul(x, c), Mul(c, x) or Div(x, 1/c): (x, that node)."""
-    n = m.producer.get(value)
-    if n is None or n.domain not in ("", "ai.onnx") or len(n.inputs) != 2:
+    found = _scalar_scale(m, value)
+    if found is None or not math.isclose(found[1], factor, rel_tol=1e-6, abs_tol=0.0):
         return None
-    a, b = n.inputs
-    if n.op_type == "Mul":
-        if m.is_const(b, factor):
-            return a, n
-        if m.is_const(a, factor):
-            return b, n
-    if n.op_type == "Div" and m.is_const(b, 1.0 / factor):
-        return a, n
-    return None
+    return found[0], found[2]
 
 
 def _gelu_inner(m: _Matcher, act: Node) -> tuple[str, str, list[Node]] | None:

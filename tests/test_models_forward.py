@@ -12,23 +12,8 @@ CASES = [(m, e) for m in ("mlp", "cnn", "gpt2", "minilm") for e in ("torchscript
 
 def fresh_inputs(name, inputs, seed=5):
     """Inputs unlike the export example: another batch size, another sequence length."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for k, v in inputs.items():
-        v = v.numpy()
-        shape = list(v.shape)
-        shape[0] += 1
-        if name in ("gpt2", "minilm"):
-            shape[1] = max(4, shape[1] - 3)
-        if k == "input_ids":
-            out[k] = rng.integers(0, 200, size=shape).astype(v.dtype)
-        elif k == "attention_mask":
-            m = np.ones(shape, v.dtype)
-            m[0, shape[1] // 2:] = 0  # padding in the first row
-            out[k] = m
-        else:
-            out[k] = rng.standard_normal(shape).astype(v.dtype)
-    return out
+    from models.reference import unseen_inputs
+    return unseen_inputs(name, inputs, np.random.default_rng(seed))
 
 
 @pytest.mark.parametrize("name,exporter", CASES)

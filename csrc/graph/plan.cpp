@@ -227,10 +227,8 @@ void Plan::build(const Model& model, const PlanRequest& req) {
         if (need[k]) has_grad[size_t(f.in_ids[k])] = true;
       f.op->backward_planned = true;
       Step b = f;
+      b.need_grad = need;
       b.din.assign(f.in_ids.size(), Tensor{});
-      // Marker until the buffers are bound: f32 = this input gets a gradient (a default
-      // Tensor is f32, so the others are marked u8).
-      for (size_t k = 0; k < f.in_ids.size(); ++k) b.din[k].dtype = need[k] ? DType::f32 : DType::u8;
       bwd_.push_back(std::move(b));
       stats_.backward_nodes.push_back(n.info.name);
     }
@@ -272,10 +270,8 @@ void Plan::build(const Model& model, const PlanRequest& req) {
   }
   for (int b = 0; b < int(bwd_.size()); ++b) {
     Step& s = bwd_[size_t(b)];
-    std::vector<bool> need(s.in_ids.size());
-    for (size_t k = 0; k < need.size(); ++k) need[k] = s.din[k].dtype == DType::f32 && s.in_ids[k] >= 0 && has_grad[size_t(s.in_ids[k])] && requires_grad_[size_t(s.in_ids[k])] && s.op->differentiable_input(k);
-    auto ri = s.op->backward_reads_inputs(need);
-    auto ro = s.op->backward_reads_outputs(need);
+    auto ri = s.op->backward_reads_inputs(s.need_grad);
+    auto ro = s.op->backward_reads_outputs(s.need_grad);
     for (size_t k = 0; k < s.in_ids.size() && k < ri.size(); ++k)
       if (ri[k] && arena_value(s.in_ids[k])) { int r = root[size_t(s.in_ids[k])]; end[size_t(r)] = std::max(end[size_t(r)], F + b); }
     for (size_t k = 0; k < s.out_ids.size() && k < ro.size(); ++k)
@@ -299,18 +295,10 @@ void Plan::build(const Model& model, const PlanRequest& req) {
   for (size_t v = 0; v < nv; ++v) groot[v] = int(v);
   for (int b = 0; b < int(bwd_.size()); ++b) {
     Step& s = bwd_[size_t(b)];
-    // Which inputs this step writes a gradient for (the din dtype marker alone is not enough:
-    // an unset Tensor is f32 too).
-    std::vector<bool> wants(s.in_ids.size());
-    for (size_t k = 0; k < wants.size(); ++k) {
-      const int v = s.in_ids[k];
-      wants[k] = s.din[k].dtype == DType::f32 && v >= 0 && has_grad[size_t(v)] &&
-                 requires_grad_[size_t(v)] && s.op->differentiable_input(k);
-    }
-    const int through = s.op->passthrough_input(wants);
+    const int through = s.op->passthrough_input(s.need_grad);
     for (size_t k = 0; k < s.in_ids.size(); ++k) {
       int v = s.in_ids[k];
-      if (s.din[k].dtype != DType::f32 || v < 0 || !has_grad[size_t(v)] || trainable[size_t(v)]) continue;
+      if (!s.need_grad[k] || trainable[size_t(v)]) continue;
       if (gstart[size_t(v)] < 0 && int(k) == through) {
         // dX = dY and this step writes dX first: dX takes over dY's buffer (dY is dead after
         // this step, its producer's backward) and the step has nothing left to do.
@@ -330,7 +318,7 @@ void Plan::build(const Model& model, const PlanRequest& req) {
         // First writer: it assigns when it can and the value is not its input twice (the
         // second din would then add to the first); otherwise the buffer is zeroed first.
         int uses = 0;
-        for (size_t j = 0; j < s.in_ids.size(); ++j) uses += s.in_ids[j] == v && wants[j];
+        for (size_t j = 0; j < s.in_ids.size(); ++j) uses += s.in_ids[j] == v && s.need_grad[j];
         if (k < 64 && uses == 1 && s.op->assigns_fresh_grads()) s.fresh_din |= uint64_t(1) << k;
         else {
           s.zero_grads.push_back(v);
@@ -363,9 +351,7 @@ void Plan::build(const Model& model, const PlanRequest& req) {
     }
   for (int b = 0; b < int(bwd_.size()); ++b) {
     Step& s = bwd_[size_t(b)];
-    std::vector<bool> need(s.in_ids.size());
-    for (size_t k = 0; k < need.size(); ++k) need[k] = s.din[k].dtype == DType::f32;
-    if (size_t sb = s.op->backward_scratch_bytes(need)) {
+    if (size_t sb = s.op->backward_scratch_bytes(s.need_grad)) {
       iv.push_back({int64_t(sb), F + b, F + b});
       owner.push_back({3, b});
       stats_.scratch_bytes += int64_t(sb);
@@ -405,7 +391,7 @@ void Plan::build(const Model& model, const PlanRequest& req) {
       s.dout.clear();
       for (int v : s.out_ids) s.dout.push_back(grads_[size_t(v)]);
       for (size_t k = 0; k < s.in_ids.size(); ++k) {
-        bool want = s.din[k].dtype == DType::f32 && s.in_ids[k] >= 0;
+        bool want = s.need_grad[k];
         s.din[k] = want ? grads_[size_t(s.in_ids[k])] : Tensor{};
         if (!want && s.in_ids[k] >= 0) { s.din[k] = values_[size_t(s.in_ids[k])]; s.din[k].data = nullptr; }
       }

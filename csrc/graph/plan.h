@@ -66,6 +66,7 @@ class Plan {
     int node;
     Op* op;
     std::vector<Tensor> in, out, dout, din;
+    std::vector<bool> need_grad;  // backward: which inputs get a gradient (the pruned backward)
     std::vector<int> in_ids, out_ids;
     std::vector<int> zero_grads;  // value ids whose grad buffer this backward step zeroes first
     uint64_t fresh_din = 0;       // dins this step writes first and assigns (RunContext)

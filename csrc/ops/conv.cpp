@@ -244,14 +244,7 @@ class Conv : public Op {
               }
             continue;
           }
-          const float* xg = x + (nb * C_ + gi * Cg_) * IP;
-          const float* src = xg;
-          if (!pointwise_) {
-            over_channels([&](int64_t c0, int64_t c1, float* pad) {
-              fill_col(xg, c0, c1, pad, sl.col, P);
-            }, sl);
-            src = sl.col;
-          }
+          const float* src = sample_columns(x + (nb * C_ + gi * Cg_) * IP, sl);
           // y_g [Mg, P] = w_g [Mg, Kc] · col [Kc, P], split by output columns
           float* yg = y + (nb * M_ + gi * Mg_) * P;
           parallel_for(P, kColGrain, [&](int64_t p0, int64_t p1) {
@@ -327,14 +320,7 @@ class Conv : public Op {
           const int64_t n = nb;
           const float* dyg = dy + (n * M_ + gi * Mg_) * P;
           if (dwg) {
-            const float* xg = x + (n * C_ + gi * Cg_) * IP;
-            const float* src = xg;
-            if (!pointwise_) {
-              over_channels([&](int64_t c0, int64_t c1, float* pad) {
-                fill_col(xg, c0, c1, pad, sl.col, P);
-              }, sl);
-              src = sl.col;
-            }
+            const float* src = sample_columns(x + (n * C_ + gi * Cg_) * IP, sl);
             // dw_g [Mg, Kc] += dy_g [Mg, P] · colᵀ [P, Kc], split by rows of dw_g
             parallel_for(Mg_, 8, [&](int64_t m0, int64_t m1) {
               sgemm(false, true, m1 - m0, Kc_, P, 1.f, dyg + m0 * P, P, src, P, 1.f,
@@ -414,6 +400,15 @@ class Conv : public Op {
                 int64_t ld) const {
     const int64_t IP = g_.in_plane(), T = g_.taps();
     im2col_planned(xg + c0 * IP, c1 - c0, g_, im2col_, pad, col + c0 * T * ld, ld);
+  }
+  // The GEMM operand [Kc, P] of one sample's group (xg: its first channel): x itself for a
+  // pointwise conv, else its im2col in sl.col.
+  const float* sample_columns(const float* xg, const Slot& sl) const {
+    if (pointwise_) return xg;
+    over_channels([&](int64_t c0, int64_t c1, float* pad) {
+      fill_col(xg, c0, c1, pad, sl.col, P_);
+    }, sl);
+    return sl.col;
   }
   // dxg (channels [c0, c1) of one sample's group) += fold of col rows, row stride ld.
   void fold_col(const float* col, int64_t c0, int64_t c1, float* pad, float* dxg,

@@ -181,30 +181,29 @@ class Binary : public Op {
     float* da = din[0].data ? din[0].ptr<float>() : nullptr;
     float* db = din[1].data ? din[1].ptr<float>() : nullptr;
     float* s = static_cast<float*>(ctx.scratch);
-    assign_[0] = ctx.fresh(0);
-    assign_[1] = ctx.fresh(1);
+    const bool fa = ctx.fresh(0), fb = ctx.fresh(1);  // assign instead of add
     switch (kind_) {
       case Kind::add:
       case Kind::sub:
-        if (da) red_[0].accumulate(dy, da, 1.f, assign_[0]);
-        if (db) red_[1].accumulate(dy, db, kind_ == Kind::sub ? -1.f : 1.f, assign_[1]);
+        if (da) red_[0].accumulate(dy, da, 1.f, fa);
+        if (db) red_[1].accumulate(dy, db, kind_ == Kind::sub ? -1.f : 1.f, fb);
         return;
       case Kind::mul: {
         const float* a = db ? in[0].ptr<float>() : nullptr;
         const float* b = da ? in[1].ptr<float>() : nullptr;
-        if (da) grad(0, a, false, b, true, dy, da, s, [](float, float y, float g) { return g * y; });
-        if (db) grad(1, a, true, b, false, dy, db, s, [](float x, float, float g) { return g * x; });
+        if (da) grad(0, fa, a, false, b, true, dy, da, s, [](float, float y, float g) { return g * y; });
+        if (db) grad(1, fb, a, true, b, false, dy, db, s, [](float x, float, float g) { return g * x; });
         return;
       }
       case Kind::div: {
         const float* b = in[1].ptr<float>();
         const float* a = db ? in[0].ptr<float>() : nullptr;
-        if (da) grad(0, a, false, b, true, dy, da, s, [](float, float y, float g) { return g / y; });
+        if (da) grad(0, fa, a, false, b, true, dy, da, s, [](float, float y, float g) { return g / y; });
         if (db)
-          grad(1, a, true, b, true, dy, db, s, [](float x, float y, float g) { return -g * x / (y * y); });
+          grad(1, fb, a, true, b, true, dy, db, s, [](float x, float y, float g) { return -g * x / (y * y); });
         return;
       }
-      case Kind::pow: return backward_pow(in, dy, da, db, s);
+      case Kind::pow: return backward_pow(in, dy, da, db, s, fa, fb);
       case Kind::mod: return;
     }
   }
@@ -227,11 +226,12 @@ class Binary : public Op {
   }
 
  private:
+  // Gradient of input k into dst (assigned when `fresh`, see RunContext::fresh_din).
   template <typename B, typename G>
-  void grad(int k, const float* a, bool use_a, const B* b, bool use_b, const float* dy, float* dst,
-            float* scratch, G g) const {
+  void grad(int k, bool fresh, const float* a, bool use_a, const B* b, bool use_b,
+            const float* dy, float* dst, float* scratch, G g) const {
     binary_grad(bc_, red_[k], a, use_a, b, use_b, dy, dst, scratch,
-                kind_ == Kind::pow ? kCostlyGrain : kCheapGrain, g, assign_[k]);
+                kind_ == Kind::pow ? kCostlyGrain : kCheapGrain, g, fresh);
   }
 
   void forward_pow(const std::vector<Tensor>& in, const std::vector<Tensor>& out) const {
@@ -268,7 +268,7 @@ class Binary : public Op {
 
   // torch: dA = dy * b * a^(b-1) (0 where b == 0); dB = dy * a^b * log(a) (0 where a == 0, b >= 0).
   void backward_pow(const std::vector<Tensor>& in, const float* dy, float* da, float* db,
-                    float* s) const {
+                    float* s, bool fa, bool fb) const {
     const float* a = in[0].ptr<float>();
     dispatch_type(in[1].dtype, [&](auto tb) {
       using E = decltype(tb);
@@ -281,18 +281,18 @@ class Binary : public Op {
             parallel_for(bc_.total, kCheapGrain, [&](int64_t lo, int64_t hi) {
               for (int64_t i = lo; i < hi; ++i) {
                 const float g = e == 2.0 ? 2.f * a[i] * dy[i] : 3.f * a[i] * a[i] * dy[i];
-                da[i] = assign_[0] ? g : da[i] + g;
+                da[i] = fa ? g : da[i] + g;
               }
             });
           } else {
-            grad(0, a, true, b, true, dy, da, s, [](float x, float y, float g) {
+            grad(0, fa, a, true, b, true, dy, da, s, [](float x, float y, float g) {
               return y == 0.f ? 0.f : g * y * std::pow(x, y - 1.f);
             });
           }
         }
         if constexpr (std::is_same_v<E, float>) {
           if (db)
-            grad(1, a, true, b, true, dy, db, s, [](float x, float y, float g) {
+            grad(1, fb, a, true, b, true, dy, db, s, [](float x, float y, float g) {
               return (x == 0.f && y >= 0.f) ? 0.f : g * std::pow(x, y) * std::log(x);
             });
         }
@@ -302,7 +302,6 @@ class Binary : public Op {
 
   Kind kind_;
   bool c_mod_ = false;
-  bool assign_[2] = {false, false};  // this backward call's RunContext::fresh for A and B
   Broadcast bc_;
   ReducePlan red_[2];
 };

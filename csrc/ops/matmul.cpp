@@ -76,8 +76,6 @@ class MatMul : public Op {
       b_broadcast_ = numel(bb) != nb;
     }
     batches_ = nb;
-    a_blocks_ = numel(ab);
-    b_blocks_ = numel(bb);
     // A frozen weight (known at plan time) times few rows: pack it once (packed_gemm.h).
     if (fold_ && in[1].data && PackedWeight::worth_it(batches_ * M_, N_, K_))
       packed_ = PackedWeight(in[1].ptr<float>(), K_, N_, tb_, ldb_);
@@ -128,22 +126,19 @@ class MatMul : public Op {
       return;
     }
     // dA per batch writes disjoint blocks unless A is broadcast; same for dB. A broadcast
-    // block is written by several batches: only its first writer may overwrite it.
+    // block is summed over several batches, so a fresh one is cleared first.
     auto grad_loop = [&](bool for_a) {
       bool shared = for_a ? a_shared_ || a_broadcast_ : b_shared_ || b_broadcast_;
-      const float beta0 = for_a ? beta_a : beta_b;
-      std::vector<bool> written;
-      if (shared && beta0 == 0.f) written.assign(size_t(for_a ? a_blocks_ : b_blocks_), false);
+      float beta = for_a ? beta_a : beta_b;
+      const Tensor& d = din[for_a ? 0 : 1];
+      if (shared && beta == 0.f) {
+        std::fill(d.ptr<float>(), d.ptr<float>() + d.numel(), 0.f);
+        beta = 1.f;
+      }
       auto body = [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const float* dYi = dY + i * M_ * N_;
           const int64_t off = for_a ? a_off_[size_t(i)] : b_off_[size_t(i)];
-          float beta = beta0;
-          if (!written.empty()) {
-            const size_t blk = size_t(off / (for_a ? M_ * K_ : K_ * N_));
-            beta = written[blk] ? 1.f : 0.f;
-            written[blk] = true;
-          }
           const float* Ai = in[0].ptr<float>() + a_off_[size_t(i)];
           const float* Bi = in[1].ptr<float>() + b_off_[size_t(i)];
           if (for_a) {
@@ -188,7 +183,6 @@ class MatMul : public Op {
   int64_t M_ = 0, K_ = 0, N_ = 0, batches_ = 1;
   int64_t lda_ = 0, ldb_ = 0;
   PackedWeight packed_;  // frozen B packed for few-row products (empty otherwise)
-  int64_t a_blocks_ = 1, b_blocks_ = 1;  // distinct A / B matrices before broadcasting
   bool ta_ = false, tb_ = false, fold_ = false;
   bool b_shared_ = false, a_shared_ = false;
   bool a_broadcast_ = false, b_broadcast_ = false;  // several batches read the same block

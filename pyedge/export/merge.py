@@ -22,6 +22,8 @@ import warnings
 
 import numpy as np
 
+from pyedge.checkpoint import atomic_write
+
 from pyedge.export.peft import (AdapterError, check_config, module_scaling, read_adapters,
                                 split_keys, to_onnx_layout, torch_names_to_onnx)
 
@@ -116,17 +118,7 @@ def _save_atomic(proto, out_path, external: bool):
             import shutil
             shutil.rmtree(tmp_dir, ignore_errors=True)
         return
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder, prefix=".pyedge-merge-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(out_path, proto.SerializeToString())
 
 
 def merge_adapters(model_path, adapters_dir, out_path) -> dict:

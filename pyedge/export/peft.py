@@ -28,10 +28,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 
 import numpy as np
+
+from pyedge.checkpoint import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,21 +46,6 @@ class AdapterError(ValueError):
 # --------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------
-def _write_atomic(path: str, data: bytes):
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _fsync_dir(folder: str):
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -82,8 +68,8 @@ def write_adapters(folder, config: dict, tensors: dict[str, np.ndarray]) -> str:
     # np.array, not np.ascontiguousarray: the latter turns 0-d arrays into 1-d ones
     arrays = {k: np.array(v, dtype=np.float32 if v.dtype.kind == "f" else v.dtype, order="C")
               for k, v in sorted(tensors.items())}
-    _write_atomic(os.path.join(folder, WEIGHTS_NAME), save(arrays, metadata={"format": "pt"}))
-    _write_atomic(os.path.join(folder, CONFIG_NAME),
+    atomic_write(os.path.join(folder, WEIGHTS_NAME), save(arrays, metadata={"format": "pt"}))
+    atomic_write(os.path.join(folder, CONFIG_NAME),
                   (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     _fsync_dir(folder)
     return folder

@@ -193,18 +193,8 @@ def _name_or_path(model) -> str | None:
 def _save_atomic(proto, path):
     import onnx
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder, prefix=".pyedge-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from pyedge.checkpoint import atomic_write
+    atomic_write(path, proto.SerializeToString())
     onnx.checker.check_model(path)
 
 
