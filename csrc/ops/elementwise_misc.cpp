@@ -2,6 +2,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/hash.h"
 #include "ops/broadcast.h"
 #include "ops/fast_math.h"
 
@@ -193,15 +194,6 @@ class Expand : public Op {
   ReducePlan red_;
 };
 PYEDGE_REGISTER_OP("Expand", Expand);
-
-// Counter-based hash: the mask bit of element i depends only on (key, i), so masks are
-// reproducible and independent of the thread count.
-inline uint64_t splitmix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
 // Dropout(data, ratio?, training_mode?) (opset 12+; ratio is an attribute before).
 // Outputs: y, mask (bool). Active when ctx.training and training_mode (if given) is true and

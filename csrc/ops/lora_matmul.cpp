@@ -8,19 +8,13 @@
 #include <cmath>
 #include <cstring>
 
+#include "common/hash.h"
 #include "common/parallel.h"
 #include "ops/blas.h"
 #include "ops/op.h"
 
 namespace pyedge {
 namespace {
-
-uint64_t mix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 
 class LoraMatMul : public Op {
  public:
@@ -78,12 +72,12 @@ class LoraMatMul : public Op {
     if (dropout_ > 0.f && ctx.training) {
       float* xd = out[2].ptr<float>();
       uint8_t* keep = out[3].ptr<uint8_t>();
-      uint64_t seed = mix64(ctx.seed ^ mix64(salt_));
+      uint64_t seed = splitmix64(ctx.seed ^ splitmix64(salt_));
       float inv = 1.f / (1.f - dropout_);
       uint64_t threshold = uint64_t(double(dropout_) * 18446744073709551616.0);
       parallel_for(M_ * K_, 1 << 14, [&](int64_t s, int64_t e) {
         for (int64_t i = s; i < e; ++i) {
-          keep[i] = mix64(seed + uint64_t(i)) >= threshold;
+          keep[i] = splitmix64(seed + uint64_t(i)) >= threshold;
           xd[i] = keep[i] ? x[i] * inv : 0.f;
         }
       });
