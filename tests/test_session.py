@@ -156,6 +156,35 @@ def test_plan_cache_per_shape(mlp_path):
     assert sess.run({"x": x})["logits"].shape == (8, 4)
 
 
+def test_plans_share_one_arena_and_rebind_when_it_grows(mlp_path):
+    # Training at batch 8, evaluating at batch 64 (a larger plan: the shared arena grows and
+    # moves), training again: the losses and parameters are bit-identical to a session that
+    # never evaluated, and the session holds the largest plan's arena, not the sum.
+    def make():
+        return pyedge.TrainingSession(mlp_path, lora=pyedge.LoraConfig(r=4, target_modules=["0"]),
+                                      train=["4.*"], optimizer=pyedge.AdamW(lr=1e-2))
+    mixed, plain = make(), make()
+    xs = [batch(n=8, seed=s) for s in range(4)]
+    x_eval, _ = batch(n=64, seed=9)
+    want_eval = None
+    for i, (x, y) in enumerate(xs):
+        assert mixed.step({"x": x}, y) == plain.step({"x": x}, y)
+        if i % 2 == 0:
+            got = mixed.run({"x": x_eval})["logits"]
+            ref = plain.run({"x": x_eval})["logits"]
+            np.testing.assert_array_equal(got, ref)
+            want_eval = ref
+    for k, v in plain.trainable_parameters().items():
+        np.testing.assert_array_equal(mixed.trainable_parameters()[k], v, err_msg=k)
+    assert want_eval is not None
+    train = mixed.plan_stats(shapes={"x": [8, 16], "labels": [8]})
+    small_eval = mixed.plan_stats(shapes={"x": [8, 16]}, training=False)
+    big_eval = mixed.plan_stats(shapes={"x": [64, 16]}, training=False)
+    largest = max(train["arena_bytes"], small_eval["arena_bytes"], big_eval["arena_bytes"])
+    assert big_eval["arena_bytes"] > train["arena_bytes"]  # the eval plan did grow the arena
+    assert largest <= big_eval["session_arena_bytes"] < largest + 64
+
+
 def test_nothing_trainable_reaches_the_loss(tmp_path):
     # y = x·W, with an unrelated trainable tensor feeding a side output only.
     W = helper.make_tensor("W", TensorProto.FLOAT, [4, 3], np.ones(12, np.float32))

@@ -160,7 +160,9 @@ void bind_session(py::module_& m) {
         return r;
       })
       .def("plan_stats", [](Session& self, const std::vector<std::vector<int64_t>>& shapes, bool training) {
-        return stats_dict(self.plan_stats(shapes, training));
+        py::dict d = stats_dict(self.plan_stats(shapes, training));
+        d["session_arena_bytes"] = self.arena_bytes();
+        return d;
       })
       .def("parameters", [](py::object self_obj) {
         Session& self = self_obj.cast<Session&>();

@@ -63,7 +63,18 @@ void check_memory(const Model& model, const char* what, int64_t bytes, int64_t l
 }
 }  // namespace
 
-Plan::Plan(const Model& model, const PlanRequest& req) : model_(&model) { build(model, req); }
+char* Arena::reserve(size_t bytes) {
+  if (bytes > buf_.size()) {
+    buf_ = Buffer();  // free first: the old and the new arena are never held together
+    buf_ = Buffer(bytes);
+  }
+  return base();
+}
+
+Plan::Plan(const Model& model, const PlanRequest& req, std::shared_ptr<Arena> arena)
+    : arena_(arena ? std::move(arena) : std::make_shared<Arena>()), model_(&model) {
+  build(model, req);
+}
 
 void Plan::build(const Model& model, const PlanRequest& req) {
   size_t nv = model.num_values();
@@ -363,20 +374,24 @@ void Plan::build(const Model& model, const PlanRequest& req) {
   stats_.arena_bytes = place_intervals(iv);
   check_memory(model, "activations, gradients and scratch",
                stats_.arena_bytes + stats_.constant_bytes, mem_limit);
-  arena_ = Buffer(size_t(std::max<int64_t>(stats_.arena_bytes, 1)));
-  char* base = static_cast<char*>(arena_.data());
+  value_off_.assign(nv, -1);
+  grad_off_.assign(nv, -1);
   for (size_t i = 0; i < iv.size(); ++i) {
     auto [kind, id] = owner[i];
-    char* p = base + iv[i].offset;
-    if (kind == 0) values_[size_t(id)].data = p;
-    else if (kind == 1) grads_[size_t(id)].data = p;
+    if (kind == 0) value_off_[size_t(id)] = iv[i].offset;
+    else if (kind == 1) grad_off_[size_t(id)] = iv[i].offset;
     else if (kind == 2) fwd_[size_t(id)].scratch_offset = iv[i].offset;
     else bwd_[size_t(id)].scratch_offset = iv[i].offset;
   }
   for (size_t v = 0; v < nv; ++v)
-    if (root[v] != int(v)) values_[v].data = values_[size_t(root[v])].data;
+    if (root[v] != int(v)) value_off_[v] = value_off_[size_t(root[v])];
   for (size_t v = 0; v < nv; ++v)
-    if (groot[v] != int(v)) grads_[v].data = grads_[size_t(groot[v])].data;
+    if (groot[v] != int(v)) grad_off_[v] = grad_off_[size_t(groot[v])];
+  char* base = arena_->reserve(size_t(std::max<int64_t>(stats_.arena_bytes, 1)));
+  for (size_t v = 0; v < nv; ++v) {
+    if (value_off_[v] >= 0) values_[v].data = base + value_off_[v];
+    if (grad_off_[v] >= 0) grads_[v].data = base + grad_off_[v];
+  }
 
   // Bind tensors into the steps; remember where graph inputs' pointers go.
   input_sites_.assign(model.inputs.size(), {});
@@ -407,6 +422,30 @@ void Plan::build(const Model& model, const PlanRequest& req) {
     for (size_t k = 0; k < s.in_ids.size(); ++k)
       if (s.in_ids[k] >= 0 && input_index[size_t(s.in_ids[k])] >= 0)
         input_sites_[size_t(input_index[size_t(s.in_ids[k])])].push_back(&s.in[k]);
+  bound_ = base;
+}
+
+void Plan::bind_arena(char* base) {
+  for (size_t v = 0; v < values_.size(); ++v) {
+    if (value_off_[v] >= 0) values_[v].data = base + value_off_[v];
+    if (grad_off_[v] >= 0) grads_[v].data = base + grad_off_[v];
+  }
+  auto point = [&](std::vector<Tensor>& ts, const std::vector<int>& ids,
+                   const std::vector<int64_t>& off) {
+    for (size_t k = 0; k < ts.size() && k < ids.size(); ++k)
+      if (ids[k] >= 0 && off[size_t(ids[k])] >= 0 && ts[k].data) ts[k].data = base + off[size_t(ids[k])];
+  };
+  for (Step& s : fwd_) {
+    point(s.in, s.in_ids, value_off_);
+    point(s.out, s.out_ids, value_off_);
+  }
+  for (Step& s : bwd_) {
+    point(s.in, s.in_ids, value_off_);
+    point(s.out, s.out_ids, value_off_);
+    point(s.dout, s.out_ids, grad_off_);
+    point(s.din, s.in_ids, grad_off_);  // a din not wanted keeps data == nullptr
+  }
+  bound_ = base;
 }
 
 void Plan::bind_input(size_t i, void* data) {
@@ -418,7 +457,8 @@ void Plan::run(bool training, uint64_t seed, bool backward) {
   RunContext ctx;
   ctx.training = training;
   ctx.seed = seed;
-  char* base = static_cast<char*>(arena_.data());
+  char* base = arena_->base();
+  if (base != bound_) bind_arena(base);
   using clock = std::chrono::steady_clock;
   for (Step& s : fwd_) {
     ctx.scratch = base + s.scratch_offset;

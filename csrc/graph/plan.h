@@ -35,11 +35,28 @@ struct PlanStats {
   std::vector<std::string> backward_nodes;  // node names with a backward step, in order
 };
 
+// The memory a session's plans run in. Plans never run at the same time and keep nothing in
+// the arena from one run to the next (inputs, parameters and their gradients live outside
+// it), so a session with several plans (training and evaluation, several sequence lengths)
+// needs its largest plan's memory, not the sum. Each plan re-points its tensors when the
+// arena has moved since its last run (after a larger plan grew it).
+class Arena {
+ public:
+  // At least `bytes` (contents dropped when it grows); returns the base.
+  char* reserve(size_t bytes);
+  char* base() const { return static_cast<char*>(buf_.data()); }
+  size_t size() const { return buf_.size(); }
+
+ private:
+  Buffer buf_;
+};
+
 // A plan refuses to be built when its arena + folded constants exceed memory_limit_bytes()
 // (common/memory_limit.h): PYEDGE_MAX_MEMORY or 75% of physical RAM.
 class Plan {
  public:
-  Plan(const Model& model, const PlanRequest& req);
+  // Runs in `arena` (shared with the session's other plans), or in its own when null.
+  Plan(const Model& model, const PlanRequest& req, std::shared_ptr<Arena> arena = nullptr);
 
   // Binds caller-owned input memory (dtype/shape already checked) for the next run.
   void bind_input(size_t input_index, void* data);
@@ -77,6 +94,8 @@ class Plan {
   };
   void build(const Model& model, const PlanRequest& req);
   void assign_memory(const Model& model, const PlanRequest& req);
+  // Points every arena tensor (values, gradients, the steps' copies) at `base` + its offset.
+  void bind_arena(char* base);
 
   std::vector<std::unique_ptr<Op>> ops_;
   std::vector<OwnedTensor> folded_;      // constants computed at plan time
@@ -86,7 +105,9 @@ class Plan {
   std::vector<Step> fwd_, bwd_;
   std::vector<std::vector<Tensor*>> input_sites_;  // where each graph input's pointer is used
   int loss_ = -1;
-  Buffer arena_;
+  std::shared_ptr<Arena> arena_;
+  char* bound_ = nullptr;                // arena base the tensors point into
+  std::vector<int64_t> value_off_, grad_off_;  // arena offset per value / gradient, -1: outside
   bool profiling_ = false;
   PlanStats stats_;
   const Model* model_ = nullptr;

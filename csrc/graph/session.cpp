@@ -74,7 +74,7 @@ Plan& Session::plan_for(const std::vector<Shape>& shapes, bool training,
   }
   req.targets = targets;
   req.loss = training ? loss_ : -1;
-  auto plan = std::make_unique<Plan>(*model_, req);
+  auto plan = std::make_unique<Plan>(*model_, req, arena_);
   plans_.push_back({training, shapes, targets, std::move(plan)});
   last_plan_ = plans_.size() - 1;
   return *plans_.back().plan;

@@ -36,6 +36,8 @@ class Session {
   // Forward only (dropout off). Returned tensors view plan memory, valid until the next call.
   std::vector<Tensor> run(const std::vector<Tensor>& inputs, const std::vector<int>& outputs);
   PlanStats plan_stats(const std::vector<Shape>& input_shapes, bool training);
+  // Bytes of the arena all plans share: the largest plan's, not the sum.
+  size_t arena_bytes() const { return arena_->size(); }
 
   const Model& model() const { return *model_; }
   std::vector<Parameter>& parameters() { return params_; }
@@ -64,6 +66,7 @@ class Session {
     std::unique_ptr<Plan> plan;
   };
   std::vector<CachedPlan> plans_;
+  std::shared_ptr<Arena> arena_ = std::make_shared<Arena>();  // shared by all plans_
   size_t last_plan_ = size_t(-1);
   std::vector<Shape> scratch_shapes_;  // reused so a steady-state step allocates nothing
   const std::vector<int> no_targets_;
