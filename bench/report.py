@@ -41,7 +41,8 @@ def summarize(runs, sgemm, flops, plan, machine, notes, config) -> dict:
         if "pyedge" in r:
             row["pyedge"] = _median(r["pyedge"]["gflops"])
             row["pyedge_best"] = max(r["pyedge"]["gflops"])
-        row["best"] = max(v for k, v in row.items() if k.endswith("_best"))
+            row["pyedge_blas_core"] = r.get("pyedge_blas_core")
+        row["best"] = max(v for k, v in row.items() if k.endswith("_best") and v is not None)
         cal.append(row)
     rate = max([c["best"] for c in cal], default=None)
 
@@ -173,6 +174,11 @@ def markdown(res, plot_dir=None) -> str:
                  f"**{sg['rate_gflops']:.1f} GFLOP/s** = best single call of numpy/OpenBLAS or "
                  f"pyedge MatMul over {len(sg['calibrations'])} calibration runs (their medians: "
                  f"{parts})")
+        cores = sorted({x["pyedge_blas_core"] for x in sg["calibrations"] if x.get("pyedge_blas_core")})
+        if cores:
+            L.append(f"- OpenBLAS kernels: pyedge's copy {'/'.join(cores)}; numpy's follow "
+                     f"OPENBLAS_CORETYPE={m.get('openblas_coretype_env') or '(unset)'} "
+                     "(pyedge/cpu_defaults.py)")
     L.append(f"- FLOPs per step: {res['flop_method']}")
     for n in res.get("notes", []):
         L.append(f"- note: {n}")

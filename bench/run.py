@@ -62,7 +62,8 @@ def machine_info(threads):
     return {"cpu": model, "logical_cpus": os.cpu_count(), "cores_per_socket": physical,
             "simd": simd, "memory_bytes": mem, "threads_used": threads,
             "platform": platform.platform(), "python": platform.python_version(),
-            "loadavg_start": os.getloadavg()}
+            "loadavg_start": os.getloadavg(),
+            "openblas_coretype_env": os.environ.get("OPENBLAS_CORETYPE")}
 
 
 def git_rev():

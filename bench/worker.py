@@ -90,6 +90,7 @@ def run_pyedge(w, a):
              if k in stats}
     extra["steady_state_allocations"] = sess.last_step_allocations
     extra["core_threads"] = pyedge._core.num_threads()
+    extra["blas_core"] = pyedge._core.blas_core()
     return times, losses, build, rss_built, extra, {"pyedge": pyedge.__version__}
 
 
@@ -246,6 +247,7 @@ def run_sgemm(a, n=1024):
         pyedge._core.set_num_threads(a.threads)
         ts = bench(lambda: pyedge._core.run_op("MatMul", [x, y]))
         out["pyedge"] = {"times": ts, "gflops": [flops / t / 1e9 for t in ts]}
+        out["pyedge_blas_core"] = pyedge._core.blas_core()
     except Exception as e:  # pyedge not built: numpy only
         out["pyedge_error"] = f"{type(e).__name__}: {e}"
     out["n"] = n

@@ -2,6 +2,7 @@
 #include "bindings/numpy_convert.h"
 #include "common/alloc_counter.h"
 #include "common/parallel.h"
+#include "ops/blas.h"
 
 namespace pyedge {
 void bind_op_testing(py::module_& m);
@@ -29,6 +30,8 @@ PYBIND11_MODULE(_core, m) {
   });
   m.def("set_num_threads", &pyedge::set_num_threads);
   m.def("num_threads", &pyedge::num_threads);
+  m.def("blas_core", [] { return std::string(pyedge::blas_core_name()); },
+        "OpenBLAS's kernel family for this CPU (set OPENBLAS_CORETYPE before import to choose).");
   m.def("heap_allocation_count", &pyedge::heap_allocation_count,
         "Heap allocations made by the core's own code since import.");
   pyedge::bind_op_testing(m);

@@ -12,6 +12,9 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
 // Splits large products over the core's threads (OpenBLAS itself stays single-threaded);
 // inside a parallel loop it runs on the calling thread.
 
+// The kernel family OpenBLAS picked for this CPU at load time ("SkylakeX", "Haswell", ...).
+const char* blas_core_name();
+
 // Keeps OpenBLAS single-threaded whatever `n` is (the core owns all threading).
 void blas_set_num_threads(int n);
 
