@@ -44,6 +44,13 @@ def _sce(x, labels):
     return -lsm[np.arange(len(labels)), labels].mean()
 
 
+def _attention(q, k, v, mask, scale, layout="bhld"):
+    """softmax(scale * q kᵀ + mask) v; blhd tensors are [B, L, H, D]."""
+    t = (lambda x: x.transpose(0, 2, 1, 3)) if layout == "blhd" else (lambda x: x)
+    q, k, v = t(q), t(k), t(v)
+    return t(_softmax(scale * q @ np.swapaxes(k, -1, -2) + mask) @ v)
+
+
 def R(*shape, seed=0, scale=1.0, shift=0.0):
     rng = np.random.default_rng(seed + sum(shape))
     return (rng.standard_normal(shape) * scale + shift).astype(np.float32)
@@ -86,6 +93,14 @@ CASES = [
     # batched with 17 columns: small_gemm's vector block plus a remainder column
     ("matmul_small_gemm", "pyedge.MatMul", [R(2, 3, 5), R(2, 17, 5, seed=1)], {"trans_b": 1}, 17,
      lambda a, b: a @ np.swapaxes(b, -1, -2)),
+    # fused attention, L != Lk and D != Dv, a mask over [B, 1, L, Lk] (no mask gradient)
+    ("attention", "pyedge.Attention",
+     [R(2, 2, 3, 4), R(2, 2, 5, 4, seed=1), R(2, 2, 5, 3, seed=2), R(2, 1, 3, 5, seed=3)],
+     {"scale": 0.6}, 17, lambda q, k, v, m: _attention(q, k, v, m, 0.6)),
+    ("attention_blhd", "pyedge.Attention",
+     [R(2, 3, 2, 4), R(2, 5, 2, 4, seed=1), R(2, 5, 2, 3, seed=2), R(2, 1, 1, 5, seed=3)],
+     {"scale": 0.6, "layout": "blhd"}, 17,
+     lambda q, k, v, m: _attention(q, k, v, m, 0.6, "blhd")),
 ]
 
 

@@ -1,0 +1,317 @@
+// pyedge.Attention: scaled dot-product attention in one op,
+//   O = softmax(scale * Q·Kᵀ + mask) · V   (softmax over the keys)
+// layout "bhld": Q [B,H,L,D], K [B,H,Lk,D], V [B,H,Lk,Dv], O [B,H,L,Dv]; layout "blhd": the
+// same with L and H swapped in every tensor (the exporters' layout before their head-split
+// Transpose), read with row strides. mask (optional, no gradient) is additive and broadcasts
+// to the scores [B,H,L,Lk] whatever the layout.
+// Why: the chain MatMul → MaskedSoftmax → MatMul keeps the probabilities P [B,H,L,Lk] for its
+// backward (12 MiB per MiniLM layer). This op keeps only LSE [B,H,L] (hidden output, the
+// log-sum-exp of each score row) and recomputes P per (b, h) slice in the backward, with the
+// L×Lk tile in a per-thread scratch (flash-attention style, one tile per slice).
+// Forward per slice: S = scale·QKᵀ + mask, m = rowmax, P = exp(S − m), l = ΣP,
+// LSE = m + log l, O = (P·V) / l (normalised after the product: L×Dv scalings, not L×Lk).
+// Backward per slice: P = exp(S − LSE) renormalised by its row sum (exact where LSE absorbed
+// log l: rows masked entirely with -3.4e38 give uniform P, as softmax does), dV = Pᵀ·dO,
+// dP = dO·Vᵀ, Dᵢ = Σⱼ Pᵢⱼ dPᵢⱼ, dS = P ∘ (dP − D), dQ = scale·dS·K, dK = scale·dSᵀ·Q.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "common/parallel.h"
+#include "ops/blas.h"
+#include "ops/op.h"
+#include "ops/small_gemm.h"
+#include "ops/softmax_kernels.h"
+
+namespace pyedge {
+namespace {
+
+// Strides (in floats) of one [B, H, rows, cols] operand stored in either layout.
+struct Strides {
+  int64_t b = 0, h = 0, r = 0;  // batch, head, row; the last dim is contiguous
+  int64_t at(int64_t bi, int64_t hi) const { return bi * b + hi * h; }
+};
+
+class Attention : public Op {
+ public:
+  Attention(const NodeInfo& n, const std::vector<Tensor>& in) {
+    check_num_inputs(n, in, 3, 4);
+    const char* names[3] = {"Q", "K", "V"};
+    for (size_t i = 0; i < 3; ++i) {
+      PYEDGE_CHECK(n.has_input(i), n.where(), ": missing input ", names[i]);
+      check_float(n, in[i], names[i]);
+      PYEDGE_CHECK(in[i].rank() == 4, n.where(), ": ", names[i], " must have rank 4, got ",
+                   shape_str(in[i].shape));
+    }
+    scale_ = float(n.attrs.get_float("scale", 1.0));
+    const std::string layout = n.attrs.get_string("layout", "bhld");
+    PYEDGE_CHECK(layout == "bhld" || layout == "blhd", n.where(), ": layout must be 'bhld' or ",
+                 "'blhd', got '", layout, "'");
+    const bool blhd = layout == "blhd";
+    const Shape &qs = in[0].shape, &ks = in[1].shape, &vs = in[2].shape;
+    // Logical dims: [B, H, rows, cols] from either layout.
+    auto dims = [&](const Shape& s) {
+      return blhd ? Shape{s[0], s[2], s[1], s[3]} : Shape{s[0], s[1], s[2], s[3]};
+    };
+    const Shape q = dims(qs), k = dims(ks), v = dims(vs);
+    const std::string shapes = str_cat("Q ", shape_str(qs), ", K ", shape_str(ks), ", V ",
+                                       shape_str(vs), " (layout ", layout, ")");
+    PYEDGE_CHECK(q[0] == k[0] && q[0] == v[0] && q[1] == k[1] && q[1] == v[1], n.where(),
+                 ": batch and head dims of Q, K and V must match: ", shapes);
+    PYEDGE_CHECK(q[3] == k[3], n.where(), ": Q and K must have the same head size D: ", shapes);
+    PYEDGE_CHECK(k[2] == v[2], n.where(), ": K and V must have the same number of keys: ",
+                 shapes);
+    B_ = q[0];
+    H_ = q[1];
+    L_ = q[2];
+    D_ = q[3];
+    Lk_ = k[2];
+    Dv_ = v[3];
+    auto strides = [&](int64_t rows, int64_t cols) {
+      Strides s;
+      if (blhd) s = {rows * H_ * cols, cols, H_ * cols};
+      else s = {H_ * rows * cols, rows * cols, cols};
+      return s;
+    };
+    sq_ = strides(L_, D_);
+    sk_ = strides(Lk_, D_);
+    sv_ = strides(Lk_, Dv_);
+    so_ = strides(L_, Dv_);
+
+    has_mask_ = in.size() > 3 && n.has_input(3);
+    if (has_mask_) {
+      check_float(n, in[3], "mask");
+      const Shape& ms = in[3].shape;
+      const Shape scores = {B_, H_, L_, Lk_};
+      PYEDGE_CHECK(ms.size() <= 4, n.where(), ": mask ", shape_str(ms),
+                   " has a higher rank than the scores ", shape_str(scores));
+      int64_t st[4] = {0, 0, 0, 0}, s = 1;
+      const size_t lead = 4 - ms.size();
+      for (size_t d = 4; d-- > lead;) {
+        const int64_t md = ms[d - lead];
+        PYEDGE_CHECK(md == scores[d] || md == 1, n.where(), ": mask ", shape_str(ms),
+                     " does not broadcast to the scores ", shape_str(scores), " (", shapes, ")");
+        st[d] = md == 1 ? 0 : s;
+        s *= md;
+      }
+      mb_ = st[0];
+      mh_ = st[1];
+      ml_ = st[2];
+      mk_ = st[3];
+    }
+    const int64_t slices = B_ * H_;
+    slots_ = std::max<int64_t>(1, std::min<int64_t>(num_threads(), slices));
+    Shape os = blhd ? Shape{B_, L_, H_, Dv_} : Shape{B_, H_, L_, Dv_};
+    outputs = {make_output(DType::f32, os), make_output(DType::f32, {B_, H_, L_})};
+    n_visible = 1;
+  }
+
+  // Per slot: the score tile [L, Lk], 1/l per row, and a panel for a transposed K.
+  size_t forward_scratch_bytes() const override {
+    return size_t(slots_ * (tile() + L_ + panel())) * sizeof(float);
+  }
+  // Per slot: P and dP/dS tiles and a panel for a transposed K or V (one tile when only dV
+  // is wanted).
+  size_t backward_scratch_bytes(const std::vector<bool>& ng) const override {
+    const int64_t tiles = want_ds(ng) ? 2 : 1;
+    return size_t(slots_ * (tiles * tile() + panel())) * sizeof(float);
+  }
+
+  void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
+               RunContext& ctx) override {
+    const float* Q = in[0].ptr<float>();
+    const float* K = in[1].ptr<float>();
+    const float* V = in[2].ptr<float>();
+    const float* M = has_mask_ ? in[3].ptr<float>() : nullptr;
+    float* O = out[0].ptr<float>();
+    float* LSE = out[1].ptr<float>();
+    const int64_t L = L_, Lk = Lk_, Dv = Dv_;
+    if (Lk == 0) {  // softmax over no keys: O = 0 (an empty sum), LSE = -inf
+      for (int64_t s = 0; s < B_ * H_; ++s)
+        for (int64_t i = 0; i < L; ++i) {
+          std::memset(O + so_.at(s / H_, s % H_) + i * so_.r, 0, sizeof(float) * size_t(Dv));
+          LSE[s * L + i] = -std::numeric_limits<float>::infinity();
+        }
+      return;
+    }
+    float* scratch = static_cast<float*>(ctx.scratch);
+    over_slices([&](int64_t s0, int64_t s1, int64_t slot) {
+      float* S = scratch + slot * (tile() + L + panel());
+      float* inv_l = S + tile();
+      float* pan = inv_l + L;
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t b = s / H_, h = s % H_;
+        const float* q = Q + sq_.at(b, h);
+        const float* k = K + sk_.at(b, h);
+        float* lse = LSE + s * L;
+        scores(q, k, mask_at(M, b, h), S, pan);
+        for (int64_t i = 0; i < L; ++i) {
+          float* r = S + i * Lk;
+          const float m = rowk::row_max(r, Lk);
+          const float l = rowk::exp_store_sum(r, m, r, Lk);
+          lse[i] = m + std::log(l);
+          inv_l[i] = 1.f / l;
+        }
+        // O = (P · V) / l
+        float* o = O + so_.at(b, h);
+        mm(false, false, L, Dv, Lk, S, Lk, V + sv_.at(b, h), sv_.r, 0.f, o, so_.r, pan);
+        for (int64_t i = 0; i < L; ++i) rowk::row_scale(o + i * so_.r, inv_l[i], o + i * so_.r, Dv);
+      }
+    });
+  }
+
+  bool has_backward() const override { return true; }
+  bool assigns_fresh_grads() const override { return true; }
+  bool differentiable_input(size_t i) const override { return i < 3; }
+
+  void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
+                const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
+                RunContext& ctx) override {
+    const float* Q = in[0].ptr<float>();
+    const float* K = in[1].ptr<float>();
+    const float* V = in[2].ptr<float>();
+    const float* M = has_mask_ ? in[3].ptr<float>() : nullptr;
+    const float* LSE = out[1].ptr<float>();
+    const float* dO = dout[0].ptr<float>();
+    float* dQ = din[0].data ? din[0].ptr<float>() : nullptr;
+    float* dK = din[1].data ? din[1].ptr<float>() : nullptr;
+    float* dV = din[2].data ? din[2].ptr<float>() : nullptr;
+    if (!dQ && !dK && !dV) return;
+    // beta 0 assigns a fresh gradient (small_gemm and BLAS then do not read it), 1 adds.
+    const float bq = ctx.fresh(0) ? 0.f : 1.f, bk = ctx.fresh(1) ? 0.f : 1.f,
+                bv = ctx.fresh(2) ? 0.f : 1.f;
+    const int64_t L = L_, Lk = Lk_, D = D_, Dv = Dv_;
+    if (Lk == 0) {  // O did not depend on Q: dQ = 0; dK, dV are empty
+      if (dQ && bq == 0.f)
+        for (int64_t s = 0; s < B_ * H_; ++s)
+          for (int64_t i = 0; i < L; ++i)
+            std::memset(dQ + sq_.at(s / H_, s % H_) + i * sq_.r, 0, sizeof(float) * size_t(D));
+      return;
+    }
+    const bool ds_wanted = dQ || dK;
+    const int64_t per_slot = (ds_wanted ? 2 : 1) * tile() + panel();
+    const float sc = scale_;
+    float* scratch = static_cast<float*>(ctx.scratch);
+    over_slices([&](int64_t s0, int64_t s1, int64_t slot) {
+      float* P = scratch + slot * per_slot;
+      float* dS = P + tile();
+      float* pan = P + (ds_wanted ? 2 : 1) * tile();
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t b = s / H_, h = s % H_;
+        const float* q = Q + sq_.at(b, h);
+        const float* k = K + sk_.at(b, h);
+        const float* v = V + sv_.at(b, h);
+        const float* dov = dO + so_.at(b, h);
+        const float* lse = LSE + s * L;
+        scores(q, k, mask_at(M, b, h), P, pan);
+        for (int64_t i = 0; i < L; ++i) {
+          float* r = P + i * Lk;
+          rowk::row_scale(r, 1.f / rowk::exp_store_sum(r, lse[i], r, Lk), r, Lk);
+        }
+        if (dV)  // dV [Lk, Dv] = Pᵀ · dO
+          mm(true, false, Lk, Dv, L, P, Lk, dov, so_.r, bv, dV + sv_.at(b, h), sv_.r, pan);
+        if (!ds_wanted) continue;
+        // dP [L, Lk] = dO · Vᵀ, then dS = scale · P ∘ (dP − rowsum(P ∘ dP)) in place
+        mm(false, true, L, Lk, Dv, dov, so_.r, v, sv_.r, 0.f, dS, Lk, pan);
+        for (int64_t i = 0; i < L; ++i) {
+          const float* p = P + i * Lk;
+          float* g = dS + i * Lk;
+          const float di = rowk::row_dot(p, g, Lk);
+          for (int64_t j = 0; j < Lk; ++j) g[j] = sc * (p[j] * (g[j] - di));
+        }
+        if (dQ)  // dQ [L, D] = dS · K
+          mm(false, false, L, D, Lk, dS, Lk, k, sk_.r, bq, dQ + sq_.at(b, h), sq_.r, pan);
+        if (dK)  // dK [Lk, D] = dSᵀ · Q
+          mm(true, false, Lk, D, L, dS, Lk, q, sq_.r, bk, dK + sk_.at(b, h), sk_.r, pan);
+      }
+    });
+  }
+
+  // Q and K always (P is recomputed), V only for dP (dQ, dK), the mask when given; of the
+  // outputs only LSE.
+  std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
+    std::vector<bool> r(ng.size(), false);
+    r[0] = r[1] = true;
+    r[2] = want_ds(ng);
+    if (r.size() > 3) r[3] = has_mask_;
+    return r;
+  }
+  std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override {
+    return {false, true};
+  }
+
+ private:
+  int64_t tile() const { return L_ * Lk_; }
+  // A transposed K [D, Lk] or V [Dv, Lk] for small_gemm (which would otherwise allocate its
+  // own panel).
+  int64_t panel() const { return std::max(D_, Dv_) * Lk_; }
+  static bool want_ds(const std::vector<bool>& ng) {
+    return (ng.size() > 0 && ng[0]) || (ng.size() > 1 && ng[1]);
+  }
+
+  const float* mask_at(const float* M, int64_t b, int64_t h) const {
+    return M ? M + b * mb_ + h * mh_ : nullptr;
+  }
+
+  // S [L, Lk] = scale · q·kᵀ (+ mask rows of the slice).
+  void scores(const float* q, const float* k, const float* m, float* S, float* pan) const {
+    const int64_t L = L_, Lk = Lk_;
+    mm(false, true, L, Lk, D_, q, sq_.r, k, sk_.r, 0.f, S, Lk, pan);
+    const float sc = scale_;
+    for (int64_t i = 0; i < L; ++i) {
+      float* r = S + i * Lk;
+      if (!m) {
+        if (sc != 1.f) rowk::row_scale(r, sc, r, Lk);
+        continue;
+      }
+      const float* mr = m + i * ml_;
+      if (mk_ == 1)
+        for (int64_t j = 0; j < Lk; ++j) r[j] = sc * r[j] + mr[j];
+      else
+        for (int64_t j = 0; j < Lk; ++j) r[j] = sc * r[j] + mr[0];
+    }
+  }
+
+  // C [M, N] = op(A) · op(B) + beta · C on the calling thread: small_gemm where it fits (a
+  // transposed B copied into `pan` first), serial BLAS otherwise.
+  static void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc, float* pan) {
+    if (M == 0 || N == 0) return;
+    if (!small_gemm_fits(M, N, K)) {
+      sgemm(ta, tb, M, N, K, 1.f, A, lda, B, ldb, beta, C, ldc);
+      return;
+    }
+    if (tb) {  // B is [N, K] with row stride ldb: pan [K, N]
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t kk = 0; kk < K; ++kk) pan[kk * N + j] = B[j * ldb + kk];
+      B = pan;
+      ldb = N;
+    }
+    small_gemm(ta, false, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  }
+
+  // body(first slice, end slice, slot): slot s owns scratch block s and runs on one thread.
+  template <typename F>
+  void over_slices(F&& body) const {
+    const int64_t S = slots_, n = B_ * H_;
+    if (S == 1) return body(int64_t(0), n, int64_t(0));
+    parallel_for(S, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t s = lo; s < hi; ++s) body(n * s / S, n * (s + 1) / S, s);
+    });
+  }
+
+  float scale_ = 1.f;
+  int64_t B_ = 0, H_ = 0, L_ = 0, Lk_ = 0, D_ = 0, Dv_ = 0;
+  Strides sq_, sk_, sv_, so_;
+  bool has_mask_ = false;
+  int64_t mb_ = 0, mh_ = 0, ml_ = 0, mk_ = 0;  // mask strides over [B, H, L, Lk] (0: broadcast)
+  int64_t slots_ = 1;                          // scratch blocks, one per thread (<= B·H)
+};
+PYEDGE_REGISTER_OP("pyedge.Attention", Attention);
+
+}  // namespace
+}  // namespace pyedge

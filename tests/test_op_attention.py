@@ -1,0 +1,165 @@
+"""pyedge.Attention (csrc/ops/attention.cpp): softmax(scale * Q Kᵀ + mask) V in one op, both
+layouts, against torch in float64; its backward (which recomputes P from the saved log-sum-exp)
+through check_backward, also with only some inputs wanting a gradient."""
+import numpy as np
+import pytest
+
+import pyedge
+from pyedge import _core
+from opcheck import check_backward, pyedge_run
+
+MASKED = -3.4e38  # the exporters' "minus infinity"
+
+
+def make_inputs(B, H, L, Lk, D, Dv, layout="bhld", mask_shape=None, seed=0, full_row=False):
+    rng = np.random.default_rng(seed)
+
+    def t(rows, cols):
+        shape = (B, H, rows, cols) if layout == "bhld" else (B, rows, H, cols)
+        return rng.standard_normal(shape).astype(np.float32)
+
+    inputs = [t(L, D), t(Lk, D), t(Lk, Dv)]
+    if mask_shape is not None:
+        mask = rng.standard_normal(mask_shape).astype(np.float32)
+        mask[..., 0] = MASKED  # one masked key per row
+        if full_row:  # and rows where every key is masked
+            mask[..., 1, :] = MASKED
+        inputs.append(mask)
+    return inputs
+
+
+def torch_ref(scale, layout):
+    import torch
+
+    def f(q, k, v, mask=None):
+        if layout == "blhd":
+            q, k, v = (x.permute(0, 2, 1, 3) for x in (q, k, v))
+        s = scale * q @ k.transpose(-1, -2)
+        if mask is not None:
+            s = s + mask
+        o = torch.softmax(s, dim=-1) @ v
+        return o.permute(0, 2, 1, 3) if layout == "blhd" else o
+    return f
+
+
+def run_ref(inputs, scale, layout):
+    import torch
+    return torch_ref(scale, layout)(*[torch.tensor(x, dtype=torch.float64) for x in inputs]).numpy()
+
+
+# (B, H, L, Lk, D, Dv, mask shape over the logical scores [B, H, L, Lk])
+CASES = [
+    (2, 3, 5, 7, 3, 6, None),
+    (2, 3, 5, 7, 3, 6, (2, 1, 1, 7)),
+    (2, 3, 5, 7, 3, 6, (2, 1, 5, 7)),
+    (2, 3, 5, 7, 3, 6, (1, 1, 5, 7)),
+    (2, 3, 5, 7, 3, 6, (2, 3, 5, 7)),
+    (2, 3, 5, 7, 3, 6, (7,)),
+    (1, 2, 19, 33, 17, 20, (1, 1, 19, 33)),  # small_gemm's vector blocks plus remainders
+    (2, 3, 64, 64, 32, 32, (2, 1, 1, 64)),   # a larger one
+]
+IDS = [f"{c[2]}x{c[3]}x{c[4]}x{c[5]}-mask{c[6]}" for c in CASES]
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_attention_matches_torch(case, layout):
+    B, H, L, Lk, D, Dv, ms = case
+    scale = 0.35
+    inputs = make_inputs(B, H, L, Lk, D, Dv, layout, ms)
+    attrs = {"scale": scale, "layout": layout}
+    (o,) = pyedge_run("Attention", inputs, attrs, domain="pyedge")
+    want = run_ref(inputs, scale, layout)
+    assert o.shape == want.shape and o.dtype == np.float32
+    np.testing.assert_allclose(o, want, rtol=1e-5, atol=2e-6)
+    grads = check_backward("Attention", inputs, torch_ref(scale, layout), attrs, domain="pyedge")
+    assert grads[0] is not None and grads[1] is not None and grads[2] is not None
+    if ms is not None:
+        assert grads[3] is None  # the mask takes no gradient
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("mask_shape", [(2, 1, 5, 7), (2, 3, 5, 7)])
+def test_fully_masked_rows_give_uniform_weights(layout, mask_shape):
+    # every key of row 1 masked with -3.4e38: softmax (and torch) give uniform weights there,
+    # forward and backward (P recomputed from the saved log-sum-exp must stay uniform too)
+    scale = 0.5
+    inputs = make_inputs(2, 3, 5, 7, 3, 6, layout, mask_shape, full_row=True)
+    attrs = {"scale": scale, "layout": layout}
+    (o,) = pyedge_run("Attention", inputs, attrs, domain="pyedge")
+    want = run_ref(inputs, scale, layout)
+    assert np.isfinite(o).all()
+    np.testing.assert_allclose(o, want, rtol=1e-5, atol=2e-6)
+    v = inputs[2] if layout == "bhld" else inputs[2].transpose(0, 2, 1, 3)
+    o_bh = o if layout == "bhld" else o.transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(o_bh[:, :, 1], v.mean(2), rtol=1e-5, atol=1e-6)
+    if layout == "bhld":  # the same as the unfused MaskedSoftmax then a product
+        s = inputs[0] @ np.swapaxes(inputs[1], -1, -2)
+        (p,) = pyedge_run("MaskedSoftmax", [s, inputs[3]], {"scale": scale}, domain="pyedge")
+        np.testing.assert_allclose(o, p @ inputs[2], rtol=1e-4, atol=1e-5)
+    check_backward("Attention", inputs, torch_ref(scale, layout), attrs, domain="pyedge")
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("const", [[1], [0, 1], [0, 2], [1, 2]],
+                         ids=["dQ+dV", "dV-only", "dK-only", "dQ-only"])
+def test_backward_with_some_inputs_frozen(layout, const):
+    # inputs listed in const_inputs take no gradient (din.data == nullptr): the op skips them
+    # (dV only: no dP, dS at all) and the others are unchanged
+    inputs = make_inputs(2, 3, 5, 7, 3, 6, layout, (2, 1, 1, 7), seed=3)
+    attrs = {"scale": 0.7, "layout": layout}
+    full = check_backward("Attention", inputs, torch_ref(0.7, layout), attrs, domain="pyedge")
+    part = check_backward("Attention", inputs, torch_ref(0.7, layout), attrs, domain="pyedge",
+                          const_inputs=const)
+    for i in range(3):
+        if i in const:
+            assert part[i] is None
+        else:
+            np.testing.assert_array_equal(part[i], full[i])
+
+
+@pytest.fixture
+def restore_threads():
+    before = _core.num_threads()
+    yield
+    _core.set_num_threads(before)
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_one_and_two_threads_agree_exactly(layout, restore_threads):
+    inputs = make_inputs(2, 3, 33, 40, 16, 24, layout, (2, 1, 1, 40), seed=4)
+    attrs = {"scale": 0.25, "layout": layout}
+    g = np.random.default_rng(9).standard_normal(
+        pyedge_run("Attention", inputs, attrs, domain="pyedge")[0].shape).astype(np.float32)
+    res = []
+    for nt in (1, 2):
+        _core.set_num_threads(nt)
+        outs, grads = _core.run_op("Attention", inputs, attrs, domain="pyedge",
+                                   grad_outputs=[g])
+        res.append((outs[0], grads[:3]))
+    np.testing.assert_array_equal(res[0][0], res[1][0])
+    for a, b in zip(res[0][1], res[1][1]):
+        np.testing.assert_array_equal(a, b)
+
+
+def _z(*shape):
+    return np.zeros(shape, np.float32)
+
+
+@pytest.mark.parametrize("inputs,attrs,match", [
+    ([_z(2, 3, 5, 4), _z(2, 2, 7, 4), _z(2, 2, 7, 4)], {}, "batch and head dims"),
+    ([_z(2, 3, 5, 4), _z(1, 3, 7, 4), _z(1, 3, 7, 4)], {}, "batch and head dims"),
+    ([_z(2, 5, 3, 4), _z(2, 7, 2, 4), _z(2, 7, 3, 4)], {"layout": "blhd"}, "batch and head dims"),
+    ([_z(2, 3, 5, 4), _z(2, 3, 7, 8), _z(2, 3, 7, 4)], {}, "same head size D"),
+    ([_z(2, 3, 5, 4), _z(2, 3, 7, 4), _z(2, 3, 6, 4)], {}, "same number of keys"),
+    ([_z(2, 3, 5, 4), _z(2, 3, 7, 4), _z(2, 3, 7, 4), _z(2, 1, 1, 5)], {}, "does not broadcast"),
+    ([_z(2, 3, 5, 4), _z(2, 3, 7, 4), _z(2, 3, 7, 4), _z(1, 2, 3, 5, 7)], {}, "higher rank"),
+    ([_z(2, 3, 5, 4), _z(2, 3, 7, 4), _z(2, 3, 7, 4)], {"layout": "bshd"}, "layout must be"),
+    ([_z(3, 5, 4), _z(3, 7, 4), _z(3, 7, 4)], {}, "must have rank 4"),
+])
+def test_errors_name_the_node_and_shapes(inputs, attrs, match):
+    with pytest.raises(pyedge.PyedgeError, match=match) as e:
+        pyedge_run("Attention", inputs, attrs, domain="pyedge")
+    assert "'test'" in str(e.value)  # the node's name (n.where())
+    if match != "layout must be":
+        assert "[" in str(e.value)  # and the shapes
