@@ -24,6 +24,7 @@
 #include "common/parallel.h"
 #include "ops/blas.h"
 #include "ops/op.h"
+#include "ops/region_copy.h"
 #include "ops/small_gemm.h"
 #include "ops/softmax_kernels.h"
 
@@ -35,6 +36,51 @@ struct Strides {
   int64_t b = 0, h = 0, r = 0;  // batch, head, row; the last dim is contiguous
   int64_t at(int64_t bi, int64_t hi) const { return bi * b + hi * h; }
 };
+
+// r += mask row (m[j], or m[0] everywhere when `one`); returns max(r). Mask add and row max
+// in one pass.
+template <class S = simd::Native>
+float add_mask_max(float* r, const float* m, bool one, int64_t n) {
+  using V = typename S::V;
+  constexpr int W = S::W, A = rowk::kAcc;
+  const V m0 = S::set1(m[0]);
+  float mx = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  if (n >= W) {
+    V acc[A];
+    for (int j = 0; j < A; ++j) acc[j] = S::set1(mx);
+    auto step = [&](int64_t at, V& a) {
+      const V v = S::add(S::load(r + at), one ? m0 : S::load(m + at));
+      S::store(r + at, v);
+      a = S::max(v, a);
+    };
+    for (; i + A * W <= n; i += A * W)
+      for (int j = 0; j < A; ++j) step(i + j * W, acc[j]);
+    for (; i + W <= n; i += W) step(i, acc[0]);
+    for (int j = 1; j < A; ++j) acc[0] = S::max(acc[j], acc[0]);
+    mx = S::hmax(acc[0]);
+  }
+  for (; i < n; ++i) {
+    r[i] += one ? m[0] : m[i];
+    mx = r[i] > mx ? r[i] : mx;
+  }
+  return mx;
+}
+
+// r = exp(r + mask row − c) (mask as above, or none); returns sum(r).
+template <class S = simd::Native>
+float add_mask_exp_sum(float* r, const float* m, bool one, float c, int64_t n) {
+  if (!m) return rowk::exp_store_sum<S>(r, c, r, n);
+  const typename S::V vc = S::set1(c), m0 = S::set1(m[0]);
+  return rowk::row_reduce<S>(
+      n,
+      [&](int64_t i) {
+        auto e = simd::exp<S>(S::sub(S::add(S::load(r + i), one ? m0 : S::load(m + i)), vc));
+        S::store(r + i, e);
+        return e;
+      },
+      [&](int64_t i) { return r[i] = simd::exp<simd::Scalar>((r[i] + (one ? m[0] : m[i])) - c); });
+}
 
 class Attention : public Op {
  public:
@@ -110,15 +156,12 @@ class Attention : public Op {
     n_visible = 1;
   }
 
-  // Per slot: the score tile [L, Lk], 1/l per row, and a panel for a transposed K.
+  // Per slot: the score tile [L, Lk], 1/l per row and a panel for the transposed K.
   size_t forward_scratch_bytes() const override {
-    return size_t(slots_ * (tile() + L_ + panel())) * sizeof(float);
+    return size_t(slots_ * fwd_slot()) * sizeof(float);
   }
-  // Per slot: P and dP/dS tiles and a panel for a transposed K or V (one tile when only dV
-  // is wanted).
   size_t backward_scratch_bytes(const std::vector<bool>& ng) const override {
-    const int64_t tiles = want_ds(ng) ? 2 : 1;
-    return size_t(slots_ * (tiles * tile() + panel())) * sizeof(float);
+    return size_t(slots_ * bwd_slot(want_ds(ng), ng.size() > 2 && ng[2])) * sizeof(float);
   }
 
   void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
@@ -140,25 +183,26 @@ class Attention : public Op {
     }
     float* scratch = static_cast<float*>(ctx.scratch);
     over_slices([&](int64_t s0, int64_t s1, int64_t slot) {
-      float* S = scratch + slot * (tile() + L + panel());
+      float* S = scratch + slot * fwd_slot();
       float* inv_l = S + tile();
       float* pan = inv_l + L;
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / H_, h = s % H_;
-        const float* q = Q + sq_.at(b, h);
-        const float* k = K + sk_.at(b, h);
+        const float* m = mask_at(M, b, h);
         float* lse = LSE + s * L;
-        scores(q, k, mask_at(M, b, h), S, pan);
-        for (int64_t i = 0; i < L; ++i) {
+        scores(Q + sq_.at(b, h), K + sk_.at(b, h), S, pan);
+        for (int64_t i = 0; i < L; ++i) {  // lse = row max, inv_l = row sum for now
           float* r = S + i * Lk;
-          const float m = rowk::row_max(r, Lk);
-          const float l = rowk::exp_store_sum(r, m, r, Lk);
-          lse[i] = m + std::log(l);
-          inv_l[i] = 1.f / l;
+          lse[i] = m ? add_mask_max(r, m + i * ml_, mk_ == 0, Lk) : rowk::row_max(r, Lk);
+          inv_l[i] = rowk::exp_store_sum(r, lse[i], r, Lk);
+        }
+        for (int64_t i = 0; i < L; ++i) {  // a vector loop (fm::log is branch-free)
+          lse[i] += fm::log(inv_l[i]);
+          inv_l[i] = 1.f / inv_l[i];
         }
         // O = (P · V) / l
         float* o = O + so_.at(b, h);
-        mm(false, false, L, Dv, Lk, S, Lk, V + sv_.at(b, h), sv_.r, 0.f, o, so_.r, pan);
+        mm(false, L, Dv, Lk, S, Lk, V + sv_.at(b, h), sv_.r, 0.f, o, so_.r);
         for (int64_t i = 0; i < L; ++i) rowk::row_scale(o + i * so_.r, inv_l[i], o + i * so_.r, Dv);
       }
     });
@@ -193,40 +237,48 @@ class Attention : public Op {
       return;
     }
     const bool ds_wanted = dQ || dK;
-    const int64_t per_slot = (ds_wanted ? 2 : 1) * tile() + panel();
+    const int64_t per_slot = bwd_slot(ds_wanted, dV != nullptr);
     const float sc = scale_;
     float* scratch = static_cast<float*>(ctx.scratch);
     over_slices([&](int64_t s0, int64_t s1, int64_t slot) {
-      float* P = scratch + slot * per_slot;
-      float* dS = P + tile();
-      float* pan = P + (ds_wanted ? 2 : 1) * tile();
+      // E [L, Lk] = exp(S − LSE), dS [L, Lk], the panel, 1/rowsum(E) [L], dO/rowsum(E) [L, Dv]
+      float* E = scratch + slot * per_slot;
+      float* dS = E + tile();
+      float* pan = dS + (ds_wanted ? tile() : 0);
+      float* inv = pan + panel();
+      float* dOs = inv + L;
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t b = s / H_, h = s % H_;
         const float* q = Q + sq_.at(b, h);
         const float* k = K + sk_.at(b, h);
-        const float* v = V + sv_.at(b, h);
+        const float* m = mask_at(M, b, h);
         const float* dov = dO + so_.at(b, h);
         const float* lse = LSE + s * L;
-        scores(q, k, mask_at(M, b, h), P, pan);
-        for (int64_t i = 0; i < L; ++i) {
-          float* r = P + i * Lk;
-          rowk::row_scale(r, 1.f / rowk::exp_store_sum(r, lse[i], r, Lk), r, Lk);
+        // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
+        // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
+        // 1/rowsum goes into dO (for dV) and into dS instead of a pass over E.
+        scores(q, k, E, pan);
+        for (int64_t i = 0; i < L; ++i)
+          inv[i] = 1.f / add_mask_exp_sum(E + i * Lk, m ? m + i * ml_ : nullptr, mk_ == 0,
+                                          lse[i], Lk);
+        if (dV) {  // dV [Lk, Dv] = Pᵀ · dO = Eᵀ · (dO / rowsum(E))
+          for (int64_t i = 0; i < L; ++i) rowk::row_scale(dov + i * so_.r, inv[i], dOs + i * Dv, Dv);
+          mm(true, Lk, Dv, L, E, Lk, dOs, Dv, bv, dV + sv_.at(b, h), sv_.r);
         }
-        if (dV)  // dV [Lk, Dv] = Pᵀ · dO
-          mm(true, false, Lk, Dv, L, P, Lk, dov, so_.r, bv, dV + sv_.at(b, h), sv_.r, pan);
         if (!ds_wanted) continue;
         // dP [L, Lk] = dO · Vᵀ, then dS = scale · P ∘ (dP − rowsum(P ∘ dP)) in place
-        mm(false, true, L, Lk, Dv, dov, so_.r, v, sv_.r, 0.f, dS, Lk, pan);
+        transpose(V + sv_.at(b, h), sv_.r, Lk, Dv, pan);
+        mm(false, L, Lk, Dv, dov, so_.r, pan, Lk, 0.f, dS, Lk);
         for (int64_t i = 0; i < L; ++i) {
-          const float* p = P + i * Lk;
+          const float* e = E + i * Lk;
           float* g = dS + i * Lk;
-          const float di = rowk::row_dot(p, g, Lk);
-          for (int64_t j = 0; j < Lk; ++j) g[j] = sc * (p[j] * (g[j] - di));
+          const float di = inv[i] * rowk::row_dot(e, g, Lk), c = sc * inv[i];
+          for (int64_t j = 0; j < Lk; ++j) g[j] = c * (e[j] * (g[j] - di));
         }
         if (dQ)  // dQ [L, D] = dS · K
-          mm(false, false, L, D, Lk, dS, Lk, k, sk_.r, bq, dQ + sq_.at(b, h), sq_.r, pan);
+          mm(false, L, D, Lk, dS, Lk, k, sk_.r, bq, dQ + sq_.at(b, h), sq_.r);
         if (dK)  // dK [Lk, D] = dSᵀ · Q
-          mm(true, false, Lk, D, L, dS, Lk, q, sq_.r, bk, dK + sk_.at(b, h), sk_.r, pan);
+          mm(true, Lk, D, L, dS, Lk, q, sq_.r, bk, dK + sk_.at(b, h), sk_.r);
       }
     });
   }
@@ -246,9 +298,13 @@ class Attention : public Op {
 
  private:
   int64_t tile() const { return L_ * Lk_; }
-  // A transposed K [D, Lk] or V [Dv, Lk] for small_gemm (which would otherwise allocate its
-  // own panel).
+  // K [Lk, D] or V [Lk, Dv] transposed, the row-major B of small_gemm (which would otherwise
+  // transpose into a buffer of its own).
   int64_t panel() const { return std::max(D_, Dv_) * Lk_; }
+  int64_t fwd_slot() const { return tile() + L_ + panel(); }
+  int64_t bwd_slot(bool ds, bool dv) const {
+    return (ds ? 2 : 1) * tile() + panel() + L_ + (dv ? L_ * Dv_ : 0);
+  }
   static bool want_ds(const std::vector<bool>& ng) {
     return (ng.size() > 0 && ng[0]) || (ng.size() > 1 && ng[1]);
   }
@@ -257,41 +313,37 @@ class Attention : public Op {
     return M ? M + b * mb_ + h * mh_ : nullptr;
   }
 
-  // S [L, Lk] = scale · q·kᵀ (+ mask rows of the slice).
-  void scores(const float* q, const float* k, const float* m, float* S, float* pan) const {
-    const int64_t L = L_, Lk = Lk_;
-    mm(false, true, L, Lk, D_, q, sq_.r, k, sk_.r, 0.f, S, Lk, pan);
-    const float sc = scale_;
-    for (int64_t i = 0; i < L; ++i) {
-      float* r = S + i * Lk;
-      if (!m) {
-        if (sc != 1.f) rowk::row_scale(r, sc, r, Lk);
-        continue;
-      }
-      const float* mr = m + i * ml_;
-      if (mk_ == 1)
-        for (int64_t j = 0; j < Lk; ++j) r[j] = sc * r[j] + mr[j];
-      else
-        for (int64_t j = 0; j < Lk; ++j) r[j] = sc * r[j] + mr[0];
-    }
-  }
-
-  // C [M, N] = op(A) · op(B) + beta · C on the calling thread: small_gemm where it fits (a
-  // transposed B copied into `pan` first), serial BLAS otherwise.
-  static void mm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc, float* pan) {
-    if (M == 0 || N == 0) return;
-    if (!small_gemm_fits(M, N, K)) {
-      sgemm(ta, tb, M, N, K, 1.f, A, lda, B, ldb, beta, C, ldc);
+  // S [L, Lk] = scale · q·kᵀ (the scale folded into the transposed k).
+  void scores(const float* q, const float* k, float* S, float* pan) const {
+    const int64_t L = L_, Lk = Lk_, D = D_;
+    if (L == 0) return;
+    if (!small_gemm_fits(L, Lk, D)) {
+      sgemm(false, true, L, Lk, D, scale_, q, sq_.r, k, sk_.r, 0.f, S, Lk);
       return;
     }
-    if (tb) {  // B is [N, K] with row stride ldb: pan [K, N]
-      for (int64_t j = 0; j < N; ++j)
-        for (int64_t kk = 0; kk < K; ++kk) pan[kk * N + j] = B[j * ldb + kk];
-      B = pan;
-      ldb = N;
-    }
-    small_gemm(ta, false, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    transpose(k, sk_.r, Lk, D, pan);
+    if (scale_ != 1.f) rowk::row_scale(pan, scale_, pan, D * Lk);
+    small_gemm(false, false, L, Lk, D, q, sq_.r, pan, Lk, 0.f, S, Lk);
+  }
+
+  // dst [cols, rows] = src [rows, cols] (row stride lds)ᵀ, 4x4 blocks through registers.
+  static void transpose(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst) {
+    using namespace region_detail;
+    const int64_t c4 = cols & ~int64_t(3), r4 = rows & ~int64_t(3);
+    for (int64_t c = 0; c < c4; c += 4)
+      for (int64_t r = 0; r < r4; r += 4)
+        block4<float, false>(dst + c * rows + r, rows, src + r * lds + c, lds);
+    block_scalar<float, false>(dst + r4, rows, src + r4 * lds, lds, c4, rows - r4);
+    block_scalar<float, false>(dst + c4 * rows, rows, src + c4, lds, cols - c4, rows);
+  }
+
+  // C [M, N] = op(A) · B + beta · C on the calling thread (B row-major [K, N]): small_gemm
+  // where it fits, serial BLAS otherwise.
+  static void mm(bool ta, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+    if (M == 0 || N == 0) return;
+    if (small_gemm_fits(M, N, K)) small_gemm(ta, false, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    else sgemm(ta, false, M, N, K, 1.f, A, lda, B, ldb, beta, C, ldc);
   }
 
   // body(first slice, end slice, slot): slot s owns scratch block s and runs on one thread.
