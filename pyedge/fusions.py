@@ -281,6 +281,120 @@ def fuse_transposed_matmul(graph: Graph) -> int:
     return count
 
 
+def fuse_matmul_bias(graph: Graph, trainable: set[str] = frozenset()) -> int:
+    """MatMul(x, W) + b, a Linear's bias added in a second op, becomes pyedge.MatMul(x, W, b)
+    when W and b are initializers, b is [N] (W's output columns) and not trained, and nothing
+    else reads the product: the GEMM adds onto rows pre-filled with b instead of a separate
+    pass over the output."""
+    m = _Matcher(graph)
+    count = 0
+    remove: set[int] = set()
+    for mm in graph.nodes:
+        is_mm = mm.op_type == "MatMul" and len(mm.inputs) == 2 and (
+            mm.domain in ("", "ai.onnx") or (mm.domain == "pyedge" and not mm.attrs.get("trans_a")))
+        w = graph.initializers.get(mm.inputs[1]) if is_mm else None
+        if w is None or np.ndim(w) < 2:
+            continue
+        n_out = np.shape(w)[-2] if mm.attrs.get("trans_b") else np.shape(w)[-1]
+        add = m.private(mm.outputs[0])
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+            continue
+        bias = m.other_input(add, mm.outputs[0])
+        b = graph.initializers.get(bias) if bias else None
+        if b is None or np.shape(b) != (n_out,) or np.asarray(b).dtype != np.float32 \
+                or bias in trainable:
+            continue
+        mm.domain, mm.inputs, mm.outputs = "pyedge", mm.inputs + [bias], list(add.outputs)
+        remove.add(id(add))
+        count += 1
+    if remove:
+        graph.nodes = [n for n in graph.nodes if id(n) not in remove]
+    return count
+
+
+def _made_by_transpose(m: _Matcher, value: str, perm: list[int]) -> str | None:
+    """The input of the Transpose(perm) that makes `value`, when `value` has no other reader."""
+    t = m.made_by(value, "Transpose")
+    if t is None or list(t.attrs.get("perm", [])) != perm or m.private(value) is None:
+        return None
+    return t.inputs[0]
+
+
+_HEADS_FIRST = [0, 2, 1, 3]   # [B, L, H, D] <-> [B, H, L, D], the exporters' head split/merge
+_KEYS_LAST = [0, 2, 3, 1]     # [B, L, H, D] -> [B, H, D, L], Kᵀ in one Transpose
+
+
+def _attention_site(m: _Matcher, sm: Node) -> tuple[list[str], str, list[Node]] | None:
+    """For a MaskedSoftmax node inside multi-head attention,
+        O = Transpose(MaskedSoftmax(Q·Kᵀ, mask) · V)  with Q, K, V head-split by Transpose,
+    ([q, k, v] in [B, L, H, D] layout, O's merged-heads output name, the nodes to remove)."""
+    scores = sm.inputs[0]
+    qk = m.producer.get(scores)
+    if qk is None or qk.op_type != "MatMul" or m.private(scores) is not sm or len(qk.inputs) != 2:
+        return None
+    q_t, k_in = qk.inputs
+    trans = (int(qk.attrs.get("trans_a", 0)), int(qk.attrs.get("trans_b", 0)))
+    if qk.domain == "pyedge" and trans == (0, 1):
+        k = _made_by_transpose(m, k_in, _HEADS_FIRST)         # Q · Kᵀ via trans_b
+    elif qk.domain in ("", "ai.onnx") and trans == (0, 0):
+        k = _made_by_transpose(m, k_in, _KEYS_LAST)           # Q · Transpose(K, 0 2 3 1)
+    else:
+        return None
+    q = _made_by_transpose(m, q_t, _HEADS_FIRST)
+    if q is None or k is None or q_t == k_in:
+        return None
+    nodes = [m.producer[q_t], m.producer[k_in], qk, sm]
+    # P may pass through Identity (dropout off) or a float Cast before P · V.
+    p = sm.outputs[0]
+    user = m.private(p)
+    while user is not None and (user.op_type == "Identity" or (
+            user.op_type == "Cast" and int(user.attrs.get("to", 0)) == 1)):
+        nodes.append(user)
+        p = user.outputs[0]
+        user = m.private(p)
+    if user is None or user.op_type != "MatMul" or user.inputs[0] != p or len(user.inputs) != 2 \
+            or (user.domain == "pyedge" and (user.attrs.get("trans_a") or user.attrs.get("trans_b"))):
+        return None
+    v_t = user.inputs[1]
+    v = _made_by_transpose(m, v_t, _HEADS_FIRST)
+    merge = m.private(user.outputs[0])
+    if v is None or v_t in (q_t, k_in) or merge is None or merge.op_type != "Transpose" \
+            or list(merge.attrs.get("perm", [])) != _HEADS_FIRST:
+        return None
+    nodes += [m.producer[v_t], user, merge]
+    return [q, k, v], merge.outputs[0], nodes
+
+
+def fuse_attention(graph: Graph) -> int:
+    """Multi-head attention after the MaskedSoftmax and transposed-MatMul rewrites, from the
+    head-split Transposes of Q, K, V to the head-merge Transpose of the result, becomes one
+    pyedge.Attention reading and writing the [B, L, H, D] layout: the probabilities
+    (B·H·L·L floats) are not kept for the backward but recomputed from a per-row
+    log-sum-exp, and the four transposed copies (and their backward) go away."""
+    m = _Matcher(graph)
+    remove: set[int] = set()
+    replace: dict[int, Node] = {}
+    for sm in graph.nodes:
+        if sm.op_type != "MaskedSoftmax" or sm.domain != "pyedge":
+            continue
+        site = _attention_site(m, sm)
+        if site is None:
+            continue
+        (q, k, v), out, nodes = site
+        if any(id(n) in remove or id(n) in replace for n in nodes):
+            continue
+        inputs = [q, k, v] + sm.inputs[1:2]
+        last = nodes[-1]
+        replace[id(last)] = Node("Attention", inputs, [out], name=f"{sm.name}_attention",
+                                 domain="pyedge", attrs={"scale": float(sm.attrs.get("scale", 1.0)),
+                                                         "layout": "blhd"})
+        remove.update(id(n) for n in nodes if n is not last)
+    if not replace:
+        return 0
+    graph.nodes = [replace.get(id(n), n) for n in graph.nodes if id(n) not in remove]
+    return len(replace)
+
+
 def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
     """Applies every fusion in place; returns how many sites each one rewrote. `trainable`:
     names of the tensors being trained (a fusion that drops a gradient path checks them)."""
@@ -288,4 +402,6 @@ def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
     done["gelu"] += fuse_gelu(graph)
     done["masked_softmax"] += fuse_masked_softmax(graph, set(trainable))
     done["transposed_matmul"] += fuse_transposed_matmul(graph)
+    done["attention"] += fuse_attention(graph)
+    done["matmul_bias"] += fuse_matmul_bias(graph, set(trainable))
     return dict(done)

@@ -129,6 +129,7 @@ def test_reference_models_fuse_every_gelu_and_train_the_same(exported, name, exp
     plain = pyedge.TrainingSession(path, fuse=False, **kw)
     assert fused.fusions["gelu"] == layers
     assert fused.fusions["masked_softmax"] == layers
+    assert fused.fusions["attention"] == layers
     assert len(fused.graph.nodes) < len(plain.graph.nodes)
     rng = np.random.default_rng(0)
     for sess in (fused, plain):  # the same nonzero B, so every adapter gets a gradient
@@ -243,6 +244,135 @@ def test_mask_computed_from_a_trained_tensor_is_not_fused():
     assert fuse(g, trainable=set())["masked_softmax"] == 1
 
 
+# --- multi-head attention -> pyedge.Attention ------------------------------------------
+B, L, H, D = 2, 6, 3, 4
+E = H * D
+
+
+def mha_model(keys="trans_b", between="Identity", mask="input", merge=True, extra_output=None,
+              L=L):
+    """x [B, L, E] -> multi-head self-attention as the exporters write it -> y [B, L, E].
+
+    keys: how Kᵀ is spelled, "trans_b" (head-split Transpose, then a last-two swap; dynamo)
+    or "keys_last" (one Transpose 0 2 3 1; torchscript). between: the op between softmax and
+    P·V (Identity, Cast or none). mask: "input" [B, 1, 1, L], "causal" constant [1, 1, L, L]
+    or None. merge: whether the result goes through the head-merge Transpose."""
+    rng = np.random.default_rng(11)
+    inits = [helper.make_tensor(n, TensorProto.FLOAT, [E, E], (rng.standard_normal(E * E) * 0.4).tolist())
+             for n in ("wq", "wk", "wv", "wo")]
+    inits += [helper.make_tensor("split", TensorProto.INT64, [4], [B, L, H, D]),
+              helper.make_tensor("merged", TensorProto.INT64, [3], [B, L, E]),
+              _const("s", 1.0 / math.sqrt(D))]
+    nodes = []
+    for p in ("q", "k", "v"):
+        nodes += [helper.make_node("MatMul", ["x", f"w{p}"], [f"{p}2"]),
+                  helper.make_node("Reshape", [f"{p}2", "split"], [f"{p}4"])]
+    nodes += [helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
+              helper.make_node("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3])]
+    if keys == "trans_b":
+        nodes += [helper.make_node("Transpose", ["k4"], ["kh"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Transpose", ["kh"], ["kt"], perm=[0, 1, 3, 2])]
+    else:
+        nodes.append(helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]))
+    nodes += [helper.make_node("MatMul", ["qh", "kt"], ["scores"]),
+              helper.make_node("Mul", ["scores", "s"], ["scaled"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [B, L, E])]
+    last = "scaled"
+    if mask == "input":
+        inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [B, 1, 1, L]))
+    elif mask == "causal":
+        causal = np.triu(np.full((L, L), -3.4e38, np.float32), 1).reshape(1, 1, L, L)
+        inits.append(helper.make_tensor("mask", TensorProto.FLOAT, causal.shape, causal.ravel().tolist()))
+    if mask:
+        nodes.append(helper.make_node("Add", ["scaled", "mask"], ["masked"]))
+        last = "masked"
+    nodes.append(helper.make_node("Softmax", [last], ["p"], axis=-1))
+    p = "p"
+    if between == "Identity":
+        nodes.append(helper.make_node("Identity", ["p"], ["p2"]))
+        p = "p2"
+    elif between == "Cast":
+        nodes.append(helper.make_node("Cast", ["p"], ["p2"], to=TensorProto.FLOAT))
+        p = "p2"
+    nodes.append(helper.make_node("MatMul", [p, "vh"], ["o"]))
+    if merge:
+        nodes += [helper.make_node("Transpose", ["o"], ["o4"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", ["o4", "merged"], ["o3"])]
+    else:  # a head-major reshape instead of the merge (not the layout pyedge.Attention writes)
+        nodes.append(helper.make_node("Reshape", ["o", "merged"], ["o3"]))
+    nodes.append(helper.make_node("MatMul", ["o3", "wo"], ["y"]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, L, E])]
+    if extra_output:
+        outputs.append(helper.make_tensor_value_info(extra_output, TensorProto.FLOAT, None))
+    g = helper.make_graph(nodes, "mha", inputs, outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _mha_feeds(mask):
+    rng = np.random.default_rng(12)
+    feeds = {"x": rng.standard_normal((B, L, E)).astype(np.float32)}
+    if mask == "input":
+        m = np.zeros((B, 1, 1, L), np.float32)
+        m[1, ..., 4:] = -3.4e38   # padding of the second sequence
+        feeds["mask"] = m
+    return feeds, rng.standard_normal((B, L, E)).astype(np.float32)
+
+
+@pytest.mark.parametrize("keys,between,mask", [
+    ("trans_b", "Identity", "input"), ("keys_last", "Cast", "input"),
+    ("trans_b", None, "causal"), ("keys_last", None, None)])
+def test_multi_head_attention_becomes_one_op_and_trains_the_same(keys, between, mask):
+    model = mha_model(keys, between, mask)
+    kw = dict(train=["wq", "wk", "wv"], loss="mse", optimizer=pyedge.SGD(lr=0.05))
+    fused = pyedge.TrainingSession(model, **kw)
+    plain = pyedge.TrainingSession(model, fuse=False, **kw)
+    assert fused.fusions["attention"] == 1
+    ops = _ops(fused.graph)
+    assert "Attention" in ops and "Transpose" not in ops and "MaskedSoftmax" not in ops
+    att = next(n for n in fused.graph.nodes if n.op_type == "Attention")
+    assert att.inputs[:3] == ["q4", "k4", "v4"] and att.outputs == ["o4"]
+    assert att.attrs["layout"] == "blhd"
+    feeds, target = _mha_feeds(mask)
+    np.testing.assert_allclose(fused.run(feeds)["y"], plain.run(feeds)["y"], rtol=1e-5, atol=1e-5)
+    for _ in range(3):
+        np.testing.assert_allclose(fused.step(feeds, target), plain.step(feeds, target), rtol=1e-5)
+        for w in ("wq", "wk", "wv"):
+            g = plain.gradients()[w]
+            np.testing.assert_allclose(fused.gradients()[w], g, rtol=1e-4,
+                                       atol=1e-5 * float(np.abs(g).max()), err_msg=w)
+
+
+def test_fused_attention_does_not_keep_the_probabilities():
+    n = 64
+    model = mha_model("trans_b", "Identity", "causal", L=n)
+    kw = dict(train=["wq", "wv"], loss="mse", optimizer=pyedge.SGD(lr=0.05))
+    fused, plain = pyedge.TrainingSession(model, **kw), pyedge.TrainingSession(model, fuse=False, **kw)
+    shapes = {"x": [B, n, E], "labels": [B, n, E]}
+    probabilities = B * H * n * n * 4
+    assert fused.plan_stats(shapes=shapes)["arena_bytes"] + probabilities \
+        <= plain.plan_stats(shapes=shapes)["arena_bytes"]
+
+
+def test_only_the_first_layer_wants_some_attention_gradients():
+    # Only wq trains: the fused op computes dQ alone (dK, dV are pruned) and matches the chain.
+    model = mha_model("trans_b", "Identity", "input")
+    kw = dict(train=["wq"], loss="mse", optimizer=pyedge.SGD(lr=0.05))
+    fused, plain = pyedge.TrainingSession(model, **kw), pyedge.TrainingSession(model, fuse=False, **kw)
+    feeds, target = _mha_feeds("input")
+    for _ in range(2):
+        np.testing.assert_allclose(fused.step(feeds, target), plain.step(feeds, target), rtol=1e-5)
+        np.testing.assert_allclose(fused.gradients()["wq"], plain.gradients()["wq"], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["no_merge", "probabilities_read_elsewhere"])
+def test_attention_is_not_fused_when_the_pattern_is_incomplete(case):
+    model = mha_model(merge=False) if case == "no_merge" else mha_model(extra_output="p")
+    g = load_onnx(model)
+    done = fuse(g)
+    assert done["attention"] == 0
+    assert "Attention" not in _ops(g)
+
+
 # --- pyedge.MatMul with trans_a / trans_b, and the Transpose -> MatMul rewrite ------------
 @pytest.mark.parametrize("a_shape,b_shape,ta,tb", [
     ((5, 4), (3, 4), 0, 1),            # x · Wᵀ (a Linear's weight as stored)
@@ -282,3 +412,81 @@ def test_matmul_of_a_transposed_weight_uses_the_weight_as_stored():
     mm = [n for n in g.nodes if n.domain == "pyedge" and n.op_type == "MatMul"]
     assert mm[0].inputs == ["qw", "k"] and mm[0].attrs["trans_b"] == 1
     assert "Transpose" not in _ops(g)
+
+
+# --- MatMul + bias Add -> pyedge.MatMul with a bias ------------------------------------
+@pytest.mark.parametrize("a_shape,b_shape,tb", [
+    ((5, 4), (4, 3), 0), ((2, 6, 4), (3, 4), 1),   # folded batch, Linear's stored weight
+    ((2, 3, 6, 4), (2, 3, 4, 5), 0),               # batched products, bias after each
+])
+def test_matmul_with_bias_matches_torch(a_shape, b_shape, tb):
+    import torch
+    rng = np.random.default_rng(9)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    n = b_shape[-2] if tb else b_shape[-1]
+    bias = rng.standard_normal(n).astype(np.float32)
+    attrs = {"trans_b": tb}
+
+    def ref(x, y, c):
+        return torch.matmul(x, y.transpose(-1, -2) if tb else y) + c
+    (y,) = pyedge_run("MatMul", [a, b, bias], attrs, domain="pyedge")
+    want = ref(*[torch.tensor(v, dtype=torch.float64) for v in (a, b, bias)]).numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    check_backward("MatMul", [a, b, bias], ref, attrs, domain="pyedge")
+
+
+def test_matmul_bias_of_the_wrong_shape_is_refused():
+    with pytest.raises(pyedge.PyedgeError, match=r"bias \[4\] must be \[N\] = \[3\]"):
+        pyedge_run("MatMul", [np.zeros((5, 4), np.float32), np.zeros((4, 3), np.float32),
+                              np.zeros(4, np.float32)], {}, domain="pyedge")
+
+
+def linear_model(bias_shape=(3,), rows=5):
+    """x [rows, 4] -> x·W0 -> (·W + b) -> Relu -> y; the fused Linear is the second."""
+    rng = np.random.default_rng(10)
+    inits = [helper.make_tensor("w0", TensorProto.FLOAT, [4, 4], rng.standard_normal(16).tolist()),
+             helper.make_tensor("w", TensorProto.FLOAT, [4, 3], rng.standard_normal(12).tolist()),
+             helper.make_tensor("b", TensorProto.FLOAT, list(bias_shape),
+                                rng.standard_normal(int(np.prod(bias_shape))).tolist())]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["x0"]),
+             helper.make_node("MatMul", ["x0", "w"], ["h"]),
+             helper.make_node("Add", ["h", "b"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["y"])]
+    g = helper.make_graph(nodes, "linear",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, 3])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# few rows with a frozen W: the packed weight, then the bias; many rows: rows pre-filled
+# with the bias and the GEMM adding onto them; W trained: its gradient as well
+@pytest.mark.parametrize("rows,train", [(5, ["w0"]), (300, ["w0"]), (300, ["w0", "w"])])
+def test_linear_bias_is_fused_and_trains_the_same(rows, train):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((rows, 4)).astype(np.float32)
+    target = rng.standard_normal((rows, 3)).astype(np.float32)
+    model = linear_model(rows=rows)
+    kw = dict(train=train, loss="mse", optimizer=pyedge.SGD(lr=0.05))
+    fused = pyedge.TrainingSession(model, **kw)
+    plain = pyedge.TrainingSession(model, fuse=False, **kw)
+    assert fused.fusions["matmul_bias"] == 1 and "Add" not in _ops(fused.graph)
+    np.testing.assert_allclose(fused.run({"x": x})["y"], plain.run({"x": x})["y"],
+                               rtol=1e-6, atol=1e-6)
+    for _ in range(3):
+        np.testing.assert_allclose(fused.step({"x": x}, target), plain.step({"x": x}, target),
+                                   rtol=1e-6)
+        for k in train:
+            np.testing.assert_allclose(fused.gradients()[k], plain.gradients()[k],
+                                       rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_trained_or_broadcast_biases_are_not_fused():
+    g = load_onnx(linear_model())
+    assert fuse(g, trainable={"b"})["matmul_bias"] == 0 and "Add" in _ops(g)
+    g = load_onnx(linear_model(bias_shape=(1,)))   # broadcasts, but is not [N]
+    assert fuse(g)["matmul_bias"] == 0 and "Add" in _ops(g)
+    g = load_onnx(linear_model())
+    assert fuse(g)["matmul_bias"] == 1
+    mm = g.nodes[1]
+    assert (mm.domain, mm.inputs, mm.outputs) == ("pyedge", ["x0", "w", "b"], ["hb"])

@@ -13,13 +13,52 @@
 namespace pyedge {
 namespace {
 
+// Adds bias c (broadcast to [M, N]: scalar, [N], [M, 1] or [M, N]) times beta into y. One
+// loop per layout, so the row loops vectorise (a per-element layout test did not).
+void add_bias(const Tensor& c, float beta, float* y, int64_t M, int64_t N) {
+  const float* cp = c.ptr<float>();
+  const int64_t cn = c.numel();
+  const bool per_col = c.rank() >= 1 && c.shape.back() == N && cn == N;
+  const bool per_row = cn == M && (c.rank() == 2 && c.shape[1] == 1);
+  parallel_for(M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float* yr = y + i * N;
+      if (cn == 1 || per_row) {
+        const float v = beta * cp[cn == 1 ? 0 : i];
+        for (int64_t j = 0; j < N; ++j) yr[j] += v;
+      } else {
+        const float* cr = per_col ? cp : cp + i * N;
+        for (int64_t j = 0; j < N; ++j) yr[j] += beta * cr[j];
+      }
+    }
+  });
+}
+
+// Sums dy [M, N] into dc with c's broadcast shape, times beta.
+void reduce_bias_grad(const float* dy, float beta, const Tensor& dc, int64_t M, int64_t N) {
+  float* g = dc.ptr<float>();
+  int64_t cn = dc.numel();
+  bool per_row = cn == M && dc.rank() == 2 && dc.shape[1] == 1 && N != 1;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      float v = beta * dy[i * N + j];
+      if (cn == 1) g[0] += v;
+      else if (per_row) g[i] += v;
+      else if (cn == N) g[j] += v;
+      else g[i * N + j] += v;
+    }
+}
+
 // pyedge.MatMul adds trans_a / trans_b: the last two dims of A / B are read transposed, so
 // MatMul(x, Transpose(W)) and attention's Q·Transpose(K) need no transposed copy (the
-// fusions rewrite them; a frozen W is then used as stored instead of folded into a copy).
+// fusions rewrite them; a frozen W is then used as stored instead of folded into a copy), and
+// an optional bias [N] (input 2) added to every output row: the exporters' MatMul + Add of a
+// Linear's bias in one op, where the GEMM adds the product onto rows pre-filled with the bias
+// instead of a separate pass reading and writing the whole output again.
 class MatMul : public Op {
  public:
   MatMul(const NodeInfo& n, const std::vector<Tensor>& in) {
-    check_num_inputs(n, in, 2, 2);
+    check_num_inputs(n, in, 2, 3);
     check_float(n, in[0], "A");
     check_float(n, in[1], "B");
     ta_ = n.attrs.get_int("trans_a", 0) != 0;
@@ -82,6 +121,12 @@ class MatMul : public Op {
     Shape out = batch;
     if (!a_vec) out.push_back(M_);
     if (!b_vec) out.push_back(N_);
+    has_bias_ = in.size() > 2 && n.has_input(2);
+    if (has_bias_) {
+      check_float(n, in[2], "bias");
+      PYEDGE_CHECK(in[2].rank() == 1 && in[2].shape[0] == N_ && !b_vec, n.where(), ": bias ",
+                   shape_str(in[2].shape), " must be [N] = [", N_, "]");
+    }
     outputs = {make_output(DType::f32, out)};
   }
 
@@ -89,9 +134,15 @@ class MatMul : public Op {
     const float* A = in[0].ptr<float>();
     const float* B = in[1].ptr<float>();
     float* Y = out[0].ptr<float>();
+    const int64_t rows = batches_ * M_;
     if (fold_) {
-      if (!packed_.empty()) packed_.gemm(batches_ * M_, A, K_, Y, N_);
-      else sgemm(false, tb_, batches_ * M_, N_, K_, 1.f, A, K_, B, ldb_, 0.f, Y, N_);
+      if (!packed_.empty()) {
+        packed_.gemm(rows, A, K_, Y, N_);
+        if (has_bias_) add_bias(in[2], 1.f, Y, rows, N_);
+      } else {
+        if (has_bias_) fill_rows(in[2].ptr<float>(), Y, rows);
+        sgemm(false, tb_, rows, N_, K_, 1.f, A, K_, B, ldb_, has_bias_ ? 1.f : 0.f, Y, N_);
+      }
       return;
     }
     // Many small products (attention): one per task, each on one thread.
@@ -100,6 +151,7 @@ class MatMul : public Op {
         gemm(ta_, tb_, M_, N_, K_, A + a_off_[i], lda_, B + b_off_[i], ldb_, 0.f,
              Y + i * M_ * N_, N_);
     });
+    if (has_bias_) add_bias(in[2], 1.f, Y, rows, N_);
   }
 
   bool has_backward() const override { return true; }
@@ -110,6 +162,10 @@ class MatMul : public Op {
     const float* dY = dout[0].ptr<float>();
     // beta 0 overwrites a fresh gradient buffer, 1 adds to it.
     const float beta_a = ctx.fresh(0) ? 0.f : 1.f, beta_b = ctx.fresh(1) ? 0.f : 1.f;
+    if (has_bias_ && din.size() > 2 && din[2].data) {  // dbias [N] += dY summed over rows
+      if (ctx.fresh(2)) std::fill(din[2].ptr<float>(), din[2].ptr<float>() + N_, 0.f);
+      reduce_bias_grad(dY, 1.f, din[2], batches_ * M_, N_);
+    }
     if (fold_) {
       int64_t m = batches_ * M_;
       if (din[0].data)  // dA [m, K] += dY [m, N] · op(B)ᵀ
@@ -162,15 +218,26 @@ class MatMul : public Op {
     if (din[0].data) grad_loop(true);
     if (din[1].data) grad_loop(false);
   }
-  // dA needs B, dB needs A.
+  // dA needs B, dB needs A; dbias neither.
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
-    return {ng.size() > 1 && ng[1], ng[0]};
+    std::vector<bool> r(ng.size(), false);
+    r[0] = ng.size() > 1 && ng[1];
+    r[1] = ng[0];
+    return r;
   }
   std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override {
     return {false};
   }
 
  private:
+  // Y [rows, N] = the bias in every row (the GEMM then adds the product, beta 1).
+  void fill_rows(const float* bias, float* Y, int64_t rows) const {
+    const int64_t N = N_;
+    parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) std::memcpy(Y + i * N, bias, size_t(N) * sizeof(float));
+    });
+  }
+
   // One product of the batched path: with several batches (each on one thread), small ones
   // on small_gemm; a single product keeps sgemm's split over the threads.
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
@@ -183,49 +250,13 @@ class MatMul : public Op {
   int64_t M_ = 0, K_ = 0, N_ = 0, batches_ = 1;
   int64_t lda_ = 0, ldb_ = 0;
   PackedWeight packed_;  // frozen B packed for few-row products (empty otherwise)
-  bool ta_ = false, tb_ = false, fold_ = false;
+  bool ta_ = false, tb_ = false, fold_ = false, has_bias_ = false;
   bool b_shared_ = false, a_shared_ = false;
   bool a_broadcast_ = false, b_broadcast_ = false;  // several batches read the same block
   std::vector<int64_t> a_off_, b_off_;
 };
 PYEDGE_REGISTER_OP("MatMul", MatMul);
 PYEDGE_REGISTER_OP("pyedge.MatMul", MatMul);
-
-// Adds bias c (broadcast to [M, N]: scalar, [N], [M, 1] or [M, N]) times beta into y. One
-// loop per layout, so the row loops vectorise (a per-element layout test did not).
-void add_bias(const Tensor& c, float beta, float* y, int64_t M, int64_t N) {
-  const float* cp = c.ptr<float>();
-  const int64_t cn = c.numel();
-  const bool per_col = c.rank() >= 1 && c.shape.back() == N && cn == N;
-  const bool per_row = cn == M && (c.rank() == 2 && c.shape[1] == 1);
-  parallel_for(M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float* yr = y + i * N;
-      if (cn == 1 || per_row) {
-        const float v = beta * cp[cn == 1 ? 0 : i];
-        for (int64_t j = 0; j < N; ++j) yr[j] += v;
-      } else {
-        const float* cr = per_col ? cp : cp + i * N;
-        for (int64_t j = 0; j < N; ++j) yr[j] += beta * cr[j];
-      }
-    }
-  });
-}
-
-// Sums dy [M, N] into dc with c's broadcast shape, times beta.
-void reduce_bias_grad(const float* dy, float beta, const Tensor& dc, int64_t M, int64_t N) {
-  float* g = dc.ptr<float>();
-  int64_t cn = dc.numel();
-  bool per_row = cn == M && dc.rank() == 2 && dc.shape[1] == 1 && N != 1;
-  for (int64_t i = 0; i < M; ++i)
-    for (int64_t j = 0; j < N; ++j) {
-      float v = beta * dy[i * N + j];
-      if (cn == 1) g[0] += v;
-      else if (per_row) g[i] += v;
-      else if (cn == N) g[j] += v;
-      else g[i * N + j] += v;
-    }
-}
 
 class Gemm : public Op {
  public:
