@@ -21,7 +21,8 @@ def make_inputs(B, H, L, Lk, D, Dv, layout="bhld", mask_shape=None, seed=0, full
     inputs = [t(L, D), t(Lk, D), t(Lk, Dv)]
     if mask_shape is not None:
         mask = rng.standard_normal(mask_shape).astype(np.float32)
-        mask[..., 0] = MASKED  # one masked key per row
+        if mask_shape[-1] > 1:
+            mask[..., 0] = MASKED  # one masked key per row
         if full_row:  # and rows where every key is masked
             mask[..., 1, :] = MASKED
         inputs.append(mask)
@@ -57,6 +58,8 @@ CASES = [
     (2, 3, 5, 7, 3, 6, (7,)),
     (1, 2, 19, 33, 17, 20, (1, 1, 19, 33)),  # small_gemm's vector blocks plus remainders
     (2, 3, 64, 64, 32, 32, (2, 1, 1, 64)),   # a larger one
+    (2, 3, 5, 7, 3, 6, (2, 1, 5, 1)),        # one mask value per row
+    (1, 2, 3, 600, 4, 5, (1, 1, 1, 600)),    # beyond small_gemm (BLAS products)
 ]
 IDS = [f"{c[2]}x{c[3]}x{c[4]}x{c[5]}-mask{c[6]}" for c in CASES]
 
@@ -163,3 +166,55 @@ def test_errors_name_the_node_and_shapes(inputs, attrs, match):
     assert "'test'" in str(e.value)  # the node's name (n.where())
     if match != "layout must be":
         assert "[" in str(e.value)  # and the shapes
+
+
+def _session_model(fused, layout, B=2, H=3, L=6, D=4):
+    """q, k, v trainable; softmax(q kᵀ s + mask) v as pyedge.Attention or as the unfused
+    chain (with the head-split Transposes for blhd)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(11)
+    shp = [B, H, L, D] if layout == "bhld" else [B, L, H, D]
+    inits = [numpy_helper.from_array(rng.standard_normal(shp).astype(np.float32), n)
+             for n in ("q", "k", "v")]
+    if fused:
+        nodes = [helper.make_node("Attention", ["q", "k", "v", "mask"], ["o"], domain="pyedge",
+                                  scale=0.5, layout=layout)]
+    else:
+        names = ["q", "k", "v"]
+        nodes = []
+        if layout == "blhd":
+            nodes = [helper.make_node("Transpose", [n], [n + "t"], perm=[0, 2, 1, 3])
+                     for n in names]
+            names = [n + "t" for n in names]
+        nodes += [helper.make_node("MatMul", names[:2], ["s"], domain="pyedge", trans_b=1),
+                  helper.make_node("MaskedSoftmax", ["s", "mask"], ["p"], domain="pyedge",
+                                   scale=0.5),
+                  helper.make_node("MatMul", ["p", names[2]],
+                                   ["o" if layout == "bhld" else "ot"])]
+        if layout == "blhd":
+            nodes.append(helper.make_node("Transpose", ["ot"], ["o"], perm=[0, 2, 1, 3]))
+    g = helper.make_graph(
+        nodes, "attn", [helper.make_tensor_value_info("mask", TensorProto.FLOAT, [B, 1, 1, L])],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, shp)], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                               helper.make_opsetid("pyedge", 1)])
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_training_session_matches_the_unfused_chain(layout):
+    # through the planner: hidden LSE output, backward_reads_*, fresh gradient buffers
+    B, H, L, D = 2, 3, 6, 4
+    mask = np.zeros((B, 1, 1, L), np.float32)
+    mask[1, ..., -2:] = MASKED
+    rng = np.random.default_rng(12)
+    target = rng.standard_normal((B, H, L, D) if layout == "bhld" else (B, L, H, D)
+                                 ).astype(np.float32)
+    sess = {f: pyedge.TrainingSession(_session_model(f, layout), train=["q", "k", "v"],
+                                      loss="mse", optimizer=pyedge.SGD(lr=0.1), fuse=False)
+            for f in (True, False)}
+    for _ in range(3):
+        losses = {f: s.step({"mask": mask}, target) for f, s in sess.items()}
+        np.testing.assert_allclose(losses[True], losses[False], rtol=1e-5)
+        gf, gc = sess[True].gradients(), sess[False].gradients()
+        for n in ("q", "k", "v"):
+            np.testing.assert_allclose(gf[n], gc[n], rtol=1e-4, atol=1e-6, err_msg=n)

@@ -13,6 +13,8 @@
 // Backward per slice: P = exp(S − LSE) renormalised by its row sum (exact where LSE absorbed
 // log l: rows masked entirely with -3.4e38 give uniform P, as softmax does), dV = Pᵀ·dO,
 // dP = dO·Vᵀ, Dᵢ = Σⱼ Pᵢⱼ dPᵢⱼ, dS = P ∘ (dP − D), dQ = scale·dS·K, dK = scale·dSᵀ·Q.
+// (A row masked entirely with -inf gives NaN, as softmax does.) Threads take whole slices,
+// each with its own scratch block, so results do not depend on the thread count.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
