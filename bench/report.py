@@ -172,7 +172,7 @@ def markdown(res, plot_dir=None) -> str:
                           for x in sg["calibrations"])
         L.append(f"- SGEMM rate (1024³ fp32, {c['threads']} threads): "
                  f"**{sg['rate_gflops']:.1f} GFLOP/s** = best single call of numpy/OpenBLAS or "
-                 f"pyedge MatMul over {len(sg['calibrations'])} calibration runs (their medians: "
+                 f"pyedge's core GEMM over {len(sg['calibrations'])} calibration runs (their medians: "
                  f"{parts})")
         cores = sorted({x["pyedge_blas_core"] for x in sg["calibrations"] if x.get("pyedge_blas_core")})
         if cores:

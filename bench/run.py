@@ -5,7 +5,7 @@
 
 Every (workload, engine) run is its own process (``python -m bench.worker``; the ORT one under
 bench/.venv-ort's python), engines alternate: in repeat r the engine order is rotated by r,
-and an SGEMM calibration run (numpy/OpenBLAS and pyedge MatMul, 1024³, same threads) opens
+and an SGEMM calibration run (numpy/OpenBLAS and pyedge's core GEMM, 1024³, same threads) opens
 each repeat and closes the last. Per-step times of all repeats are pooled: median, min–max.
 Results go to bench/results/latest.{json,md} (--quick: quick.{json,md}, so a smoke test
 never overwrites the numbers the README shows).
