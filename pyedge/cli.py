@@ -489,7 +489,8 @@ def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
         rep["trainable"] = {"parameters": ntrain, "tensors": len(params),
                             "percent": 100.0 * ntrain / max(rep["parameters"], 1),
                             "lora_modules": [s.module for s in sess.lora_sites],
-                            "names": sorted(params)}
+                            "names": sorted(params),
+                            "fusions": {k: v for k, v in sess.fusions.items() if v}}
         missing = sorted({f"{n.domain}.{n.op_type}" if n.domain else n.op_type
                           for n in sess.graph.nodes} - registered)
         if missing:
@@ -516,6 +517,7 @@ def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
 
 
 def cmd_inspect(args) -> int:
+    import pyedge
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"{args.model}: no such model file")
     rep = inspect_report(args.model, args.lora_r, args.lora_alpha, args.target, args.train,
@@ -563,6 +565,9 @@ def cmd_inspect(args) -> int:
                  f"{pl['pruned_nodes']} nodes pruned")
         else:
             _out(f"planned memory: unavailable ({rep.get('plan_error', 'no plan')})")
+        fused = tr.get("fusions") or {}
+        _out("fused chains: " + (", ".join(f"{k} x{v}" for k, v in fused.items()) or "none")
+             + f"; GEMM kernels: OpenBLAS {pyedge._core.blas_core()}")
     return EXIT_OK
 
 

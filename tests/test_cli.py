@@ -104,6 +104,9 @@ def test_inspect(model):
     assert rep["trainable"]["parameters"] == 2 * (8 + 64) + 2 * (64 + 64) + 64 * 4 + 4
     if has_loss():
         assert rep["plan"]["total_bytes"] > rep["plan"]["weight_bytes"] > 0
+    assert rep["trainable"]["fusions"] == {}  # Gemm layers: no exported chain to fuse
+    r = run("inspect", model, "--target", "all-linear", "--lora-r", "2")
+    assert "fused chains: none; GEMM kernels: OpenBLAS " in r.stdout, r.stdout
 
 
 def test_inspect_lists_unsupported_ops(files):
