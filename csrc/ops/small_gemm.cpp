@@ -50,7 +50,9 @@ inline void block(int64_t K, const float* A, int64_t sr, int64_t sk, const float
 template <int NV>
 void columns(int64_t M, int64_t N16, int64_t K, const float* A, int64_t sr, int64_t sk,
              const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  // MR x NV accumulators + NV row vectors of B fit the 32 vector registers of AVX-512.
+  // MR x NV accumulators + NV row vectors of B fit the 32 vector registers of AVX-512
+  // (NV 2: 16 + 2, for attention's 32-wide outputs P·V, dS·K, dSᵀ·Q, Pᵀ·dO; 12 rows
+  // measured no faster than 8, which divide its 128 rows).
   constexpr int MR = NV >= 4 ? 6 : 8;
   for (int64_t j = 0; j + NV * kLanes <= N16; j += NV * kLanes) {
     int64_t i = 0;
@@ -82,10 +84,12 @@ void small_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, con
     B = b_panel.data();
     ldb = N;
   }
-  const int64_t n64 = N / 64 * 64, n16 = N / kLanes * kLanes;
+  const int64_t n64 = N / 64 * 64, n32 = N / 32 * 32, n16 = N / kLanes * kLanes;
   columns<4>(M, n64, K, A, sr, sk, B, ldb, beta, C, ldc);
-  if (n16 > n64)
-    columns<1>(M, n16 - n64, K, A, sr, sk, B + n64, ldb, beta, C + n64, ldc);
+  if (n32 > n64)  // one 32-wide strip: 12x2 blocks use the registers 6x4 would leave idle
+    columns<2>(M, n32 - n64, K, A, sr, sk, B + n64, ldb, beta, C + n64, ldc);
+  if (n16 > n32)
+    columns<1>(M, n16 - n32, K, A, sr, sk, B + n32, ldb, beta, C + n32, ldc);
   // The last N % 16 columns, plainly.
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = n16; j < N; ++j) {
