@@ -283,6 +283,7 @@ def fuse_transposed_matmul(graph: Graph) -> int:
 
 def fuse_matmul_bias(graph: Graph, trainable: set[str] = frozenset()) -> int:
     """MatMul(x, W) + b, a Linear's bias added in a second op, becomes pyedge.MatMul(x, W, b)
+    (and a LoRA-adapted pyedge.LoraMatMul(x, W, A, B) + b the same op with its bias input)
     when W and b are initializers, b is [N] (W's output columns) and not trained, and nothing
     else reads the product: the GEMM adds onto rows pre-filled with b instead of a separate
     pass over the output."""
@@ -292,10 +293,13 @@ def fuse_matmul_bias(graph: Graph, trainable: set[str] = frozenset()) -> int:
     for mm in graph.nodes:
         is_mm = mm.op_type == "MatMul" and len(mm.inputs) == 2 and (
             mm.domain in ("", "ai.onnx") or (mm.domain == "pyedge" and not mm.attrs.get("trans_a")))
-        w = graph.initializers.get(mm.inputs[1]) if is_mm else None
+        # LoraMatMul(x, W, A, B) has an optional bias input after B
+        is_lora = mm.op_type == "LoraMatMul" and mm.domain == "pyedge" and len(mm.inputs) == 4
+        w = graph.initializers.get(mm.inputs[1]) if is_mm or is_lora else None
         if w is None or np.ndim(w) < 2:
             continue
-        n_out = np.shape(w)[-2] if mm.attrs.get("trans_b") else np.shape(w)[-1]
+        transposed = mm.attrs.get("trans_w" if is_lora else "trans_b")
+        n_out = np.shape(w)[-2] if transposed else np.shape(w)[-1]
         add = m.private(mm.outputs[0])
         if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
             continue

@@ -60,14 +60,14 @@ class LoraMatMul : public Op {
     const float* x = in[0].ptr<float>();
     float* y = out[0].ptr<float>();
     float* t = out[1].ptr<float>();
-    sgemm(false, trans_w_, M_, N_, K_, 1.f, x, K_, in[1].ptr<float>(), in[1].shape[1], 0.f, y, N_);
-    if (has_bias_) {
+    if (has_bias_) {  // rows pre-filled with the bias; the GEMM adds onto them (beta 1)
       const float* b = in[4].ptr<float>();
       parallel_for(M_, 64, [&](int64_t s, int64_t e) {
-        for (int64_t i = s; i < e; ++i)
-          for (int64_t j = 0; j < N_; ++j) y[i * N_ + j] += b[j];
+        for (int64_t i = s; i < e; ++i) std::memcpy(y + i * N_, b, size_t(N_) * sizeof(float));
       });
     }
+    sgemm(false, trans_w_, M_, N_, K_, 1.f, x, K_, in[1].ptr<float>(), in[1].shape[1],
+          has_bias_ ? 1.f : 0.f, y, N_);
     const float* xa = x;
     if (dropout_ > 0.f && ctx.training) {
       float* xd = out[2].ptr<float>();
