@@ -86,7 +86,7 @@ void small_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, con
   }
   const int64_t n64 = N / 64 * 64, n32 = N / 32 * 32, n16 = N / kLanes * kLanes;
   columns<4>(M, n64, K, A, sr, sk, B, ldb, beta, C, ldc);
-  if (n32 > n64)  // one 32-wide strip: 12x2 blocks use the registers 6x4 would leave idle
+  if (n32 > n64)  // one 32-wide strip: 8x2 blocks use the registers 6x4 would leave idle
     columns<2>(M, n32 - n64, K, A, sr, sk, B + n64, ldb, beta, C + n64, ldc);
   if (n16 > n32)
     columns<1>(M, n16 - n32, K, A, sr, sk, B + n32, ldb, beta, C + n32, ldc);
