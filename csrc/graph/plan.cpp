@@ -388,10 +388,7 @@ void Plan::build(const Model& model, const PlanRequest& req) {
   for (size_t v = 0; v < nv; ++v)
     if (groot[v] != int(v)) grad_off_[v] = grad_off_[size_t(groot[v])];
   char* base = arena_->reserve(size_t(std::max<int64_t>(stats_.arena_bytes, 1)));
-  for (size_t v = 0; v < nv; ++v) {
-    if (value_off_[v] >= 0) values_[v].data = base + value_off_[v];
-    if (grad_off_[v] >= 0) grads_[v].data = base + grad_off_[v];
-  }
+  point_values(base);
 
   // Bind tensors into the steps; remember where graph inputs' pointers go.
   input_sites_.assign(model.inputs.size(), {});
@@ -425,11 +422,15 @@ void Plan::build(const Model& model, const PlanRequest& req) {
   bound_ = base;
 }
 
-void Plan::bind_arena(char* base) {
+void Plan::point_values(char* base) {
   for (size_t v = 0; v < values_.size(); ++v) {
     if (value_off_[v] >= 0) values_[v].data = base + value_off_[v];
     if (grad_off_[v] >= 0) grads_[v].data = base + grad_off_[v];
   }
+}
+
+void Plan::bind_arena(char* base) {
+  point_values(base);
   auto point = [&](std::vector<Tensor>& ts, const std::vector<int>& ids,
                    const std::vector<int64_t>& off) {
     for (size_t k = 0; k < ts.size() && k < ids.size(); ++k)

@@ -94,7 +94,9 @@ class Plan {
   };
   void build(const Model& model, const PlanRequest& req);
   void assign_memory(const Model& model, const PlanRequest& req);
-  // Points every arena tensor (values, gradients, the steps' copies) at `base` + its offset.
+  // Points the arena's values and gradients at `base` + their offsets.
+  void point_values(char* base);
+  // The same, and the steps' copies of those tensors (after the arena moved).
   void bind_arena(char* base);
 
   std::vector<std::unique_ptr<Op>> ops_;
