@@ -25,7 +25,8 @@ def op_flops(node, shapes) -> float | None:
     """Forward FLOPs of one GEMM-like node, or None when a shape is unknown."""
     try:
         if node.op_type == "MatMul":
-            a, b = shapes[node.input[0]], shapes[node.input[1]]
+            a = shapes[node.input[0]]
+            shapes[node.input[1]]  # KeyError (-> None) when B's shape is unknown
             out = shapes[node.output[0]]
             k = a[-1]
             return 2.0 * float(np.prod(out)) * k
@@ -46,7 +47,7 @@ def count(model, trainable) -> dict:
     """{'forward': F, 'backward': B, 'total': F+B, 'unknown_ops': n} for a ModelProto whose
     trainable initializers are `trainable` (inputs have static shapes)."""
     import onnx
-    from onnx import numpy_helper, shape_inference
+    from onnx import shape_inference
 
     m = shape_inference.infer_shapes(model, data_prop=True)
     g = m.graph

@@ -81,7 +81,6 @@ def replay(sess, batch, reps=3, log=print):
     """[(node name, op_type, forward s, backward s or None)] for one batch."""
     import numpy as np
     from pyedge import _core
-    from pyedge.session import LABELS
 
     g = sess.graph
     inputs, labels = batch
@@ -264,7 +263,7 @@ def main(argv=None):
     print(f"\nreal step {real_ms:.2f} ms vs sum of ops {total * 1e3:.2f} ms (the rest: "
           "optimizer, Python call, input checks" +
           ("; the replay also adds output copies)" if "replay" in how else ")"))
-    print(f"\nslowest single ops:\n")
+    print("\nslowest single ops:\n")
     print("| node | op | fwd ms | bwd ms |")
     print("|---|---|---:|---:|")
     for name, op, f, b in sorted(rows, key=lambda r: -(r[2] + (r[3] or 0)))[:a.top]:

@@ -2,7 +2,7 @@
 from pyedge.cpu_defaults import core_load_env
 
 with core_load_env():  # variables libgomp and OpenBLAS read when they load
-    from pyedge import _core
+    from pyedge import _core  # noqa: F401  (pyedge._core, loaded with those variables)
 from pyedge._core import PyedgeError, UnsupportedOpError  # noqa: E402
 from pyedge.adapters import LoraConfig
 from pyedge.onnx_import import ModelLoadError, load_onnx

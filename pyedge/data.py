@@ -25,10 +25,9 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import zipfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 

@@ -13,7 +13,6 @@ Everything here is numpy + pyedge; torch is imported only inside the optional ch
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time

@@ -29,7 +29,6 @@ def recover_param_map(graph) -> dict[str, dict]:
         except ValueError:
             pass  # fall back to recovery
     consumers = graph.consumer_map()
-    producers = graph.producer_map()
     result: dict[str, dict] = {}
     for name, arr in graph.initializers.items():
         if arr.dtype.kind != "f" or arr.ndim == 0:

@@ -46,19 +46,6 @@ class AdapterError(ValueError):
 # --------------------------------------------------------------------------------------------
 # files
 # --------------------------------------------------------------------------------------------
-def _fsync_dir(folder: str):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_adapters(folder, config: dict, tensors: dict[str, np.ndarray]) -> str:
     """Writes the two files atomically (weights first, then the config); returns `folder`."""
     from safetensors.numpy import save
@@ -70,8 +57,7 @@ def write_adapters(folder, config: dict, tensors: dict[str, np.ndarray]) -> str:
               for k, v in sorted(tensors.items())}
     atomic_write(os.path.join(folder, WEIGHTS_NAME), save(arrays, metadata={"format": "pt"}))
     atomic_write(os.path.join(folder, CONFIG_NAME),
-                  (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-    _fsync_dir(folder)
+                 (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder
 
 

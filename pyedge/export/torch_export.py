@@ -246,7 +246,6 @@ def _digest(arr) -> str:
 def build_param_map(model, proto) -> dict[str, dict]:
     """{ONNX initializer: {"module", "param", "transposed", "kind"[, "aliases"]}} for every
     initializer that is a parameter or buffer of `model` (by name, else by value)."""
-    import numpy as np
     from onnx import numpy_helper
 
     modules = dict(model.named_modules(remove_duplicate=False))
