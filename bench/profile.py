@@ -263,6 +263,18 @@ def main(argv=None):
     print(f"\nreal step {real_ms:.2f} ms vs sum of ops {total * 1e3:.2f} ms (the rest: "
           "optimizer, Python call, input checks" +
           ("; the replay also adds output copies)" if "replay" in how else ")"))
+    types = {}
+    for _name, op, f, b in rows:
+        d = types.setdefault(op, [0, 0.0, 0.0])
+        d[0] += 1
+        d[1] += f
+        d[2] += b or 0.0
+    print("\nper op type:\n")
+    print("| op | nodes | fwd ms | bwd ms | total ms |")
+    print("|---|---:|---:|---:|---:|")
+    for op, (n, f, b) in sorted(types.items(), key=lambda kv: -(kv[1][1] + kv[1][2])):
+        if f + b >= 0.0005 * total:
+            print(f"| {op} | {n} | {f * 1e3:.2f} | {b * 1e3:.2f} | {(f + b) * 1e3:.2f} |")
     print("\nslowest single ops:\n")
     print("| node | op | fwd ms | bwd ms |")
     print("|---|---|---:|---:|")
