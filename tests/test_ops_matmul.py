@@ -91,6 +91,90 @@ def test_lora_matmul_dropout_masks_adapter_path_only():
     np.testing.assert_allclose(base, x @ W, rtol=1e-4, atol=1e-4)
 
 
+def _lora_ref(trans_w, s):
+    def ref(x, W, A, B, b=None):
+        y = x @ (W.T if trans_w else W) + s * (x @ A.T) @ B.T
+        return y if b is None else y + b
+    return ref
+
+
+# Many rows: the forward runs one GEMM on the merged weight W + s·B·A, the adapter gradients
+# come from one pass over row chunks in fixed partitions (12 partitions of up to 2 chunks of
+# 128 rows at M = 3100); r = 20 > 16 takes the plain BLAS calls instead.
+@pytest.mark.parametrize("m,k,n,r", [(3100, 24, 40, 8), (700, 33, 17, 3), (300, 20, 24, 20),
+                                     (40, 48, 48, 16)])
+@pytest.mark.parametrize("trans_w", [0, 1])
+def test_lora_matmul_many_rows(m, k, n, r, trans_w):
+    s = 0.5
+    x = randn(m, k) * 0.5
+    W = randn(n, k) if trans_w else randn(k, n)
+    ins = [x, W, randn(r, k), randn(n, r), randn(n)]
+    attrs = {"scale": s, "trans_w": trans_w}
+    ref = _lora_ref(trans_w, s)
+    out = _core.run_op("LoraMatMul", ins, attrs, domain="pyedge")[0][0]
+    with torch.no_grad():
+        expect = ref(*[torch.tensor(t, dtype=torch.float64) for t in ins]).numpy()
+    np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)
+    check_backward("LoraMatMul", ins, ref, attrs, domain="pyedge", rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("frozen", [[1, 2], [1, 3], [0, 1, 3], [0, 1, 2]])
+def test_lora_matmul_pruned_gradients(frozen):
+    """Only the gradients asked for are written; each equals the full backward's."""
+    x, W, A, B = randn(500, 24), randn(24, 40), randn(8, 24), randn(40, 8)
+    g = randn(500, 40)
+    attrs = {"scale": 2.0}
+    _, full = _core.run_op("LoraMatMul", [x, W, A, B], attrs, domain="pyedge", grad_outputs=[g])
+    _, part = _core.run_op("LoraMatMul", [x, W, A, B], attrs, domain="pyedge", grad_outputs=[g],
+                           const_inputs=frozen)
+    for i in range(4):
+        if i in frozen:
+            assert part[i] is None
+        else:
+            np.testing.assert_allclose(part[i], full[i], rtol=1e-6, atol=1e-6)
+
+
+def test_lora_matmul_adapter_grads_do_not_depend_on_threads():
+    x, W, A, B = randn(3000, 24), randn(24, 40), randn(8, 24), randn(40, 8)
+    g = randn(3000, 40)
+    before = _core.num_threads()
+    try:
+        res = []
+        for nt in (1, 2):
+            _core.set_num_threads(nt)
+            res.append(_core.run_op("LoraMatMul", [x, W, A, B], {"scale": 0.5}, domain="pyedge",
+                                    grad_outputs=[g], const_inputs=[1])[1])
+    finally:
+        _core.set_num_threads(before)
+    np.testing.assert_array_equal(res[0][2], res[1][2])
+    np.testing.assert_array_equal(res[0][3], res[1][3])
+
+
+def test_lora_matmul_dropout_backward_matches_its_mask():
+    """With dropout the adapter sees xd = keep·x/(1-p). A, B and dY are positive, so every
+    element of dx's adapter share is either clearly positive (kept) or exactly 0 (dropped):
+    that recovers the mask, and with it y, dA, dB and dx against float64."""
+    p, s = 0.25, 0.5
+    x, W = randn(300, 16), randn(16, 20)
+    A, B, g = [np.abs(randn(*sh)) + 0.1 for sh in ((4, 16), (20, 4), (300, 20))]
+    attrs = {"scale": s, "dropout": p}
+    (y,), grads = _core.run_op("LoraMatMul", [x, W, A, B], attrs, domain="pyedge",
+                               training=True, seed=5, grad_outputs=[g])
+    f64 = [torch.tensor(v, dtype=torch.float64) for v in (x, W, A, B, g)]
+    dense = (s * f64[4] @ f64[3] @ f64[2]).numpy() / (1 - p)   # dt·A/(1-p) > 0
+    share = grads[0] - g @ W.T
+    keep = share > 0.5 * dense
+    assert np.all(np.abs(share[~keep]) < 1e-4)
+    assert 0.6 < keep.mean() < 0.9                  # about 1 - p of the elements kept
+    xd = torch.tensor(keep * x / (1 - p), dtype=torch.float64)
+    t = xd @ f64[2].T
+    dt = s * f64[4] @ f64[3]
+    np.testing.assert_allclose(y, (f64[0] @ f64[1] + s * t @ f64[3].T).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads[2], (dt.T @ xd).numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(grads[3], (s * f64[4].T @ t).numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(share, keep * dense, rtol=1e-4, atol=1e-4)
+
+
 # Batched products with every dim <= 512 run on small_gemm (csrc/ops/small_gemm.cpp): its
 # register blocks (4 rows x 64 columns, 6 x 16), the row and column remainders, and the
 # transposed operands (A read in place, B through a panel), forward and both gradients.

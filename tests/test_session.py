@@ -157,7 +157,7 @@ def test_plan_cache_per_shape(mlp_path):
 
 
 def test_plans_share_one_arena_and_rebind_when_it_grows(mlp_path):
-    # Training at batch 8, evaluating at batch 64 (a larger plan: the shared arena grows and
+    # Training at batch 8, evaluating at batch 512 (a larger plan: the shared arena grows and
     # moves), training again: the losses and parameters are bit-identical to a session that
     # never evaluated, and the session holds the largest plan's arena, not the sum.
     def make():
@@ -165,7 +165,7 @@ def test_plans_share_one_arena_and_rebind_when_it_grows(mlp_path):
                                       train=["4.*"], optimizer=pyedge.AdamW(lr=1e-2))
     mixed, plain = make(), make()
     xs = [batch(n=8, seed=s) for s in range(4)]
-    x_eval, _ = batch(n=64, seed=9)
+    x_eval, _ = batch(n=512, seed=9)
     want_eval = None
     for i, (x, y) in enumerate(xs):
         assert mixed.step({"x": x}, y) == plain.step({"x": x}, y)
@@ -179,7 +179,7 @@ def test_plans_share_one_arena_and_rebind_when_it_grows(mlp_path):
     assert want_eval is not None
     train = mixed.plan_stats(shapes={"x": [8, 16], "labels": [8]})
     small_eval = mixed.plan_stats(shapes={"x": [8, 16]}, training=False)
-    big_eval = mixed.plan_stats(shapes={"x": [64, 16]}, training=False)
+    big_eval = mixed.plan_stats(shapes={"x": [512, 16]}, training=False)
     largest = max(train["arena_bytes"], small_eval["arena_bytes"], big_eval["arena_bytes"])
     assert big_eval["arena_bytes"] > train["arena_bytes"]  # the eval plan did grow the arena
     assert largest <= big_eval["session_arena_bytes"] < largest + 64

@@ -2,8 +2,11 @@
 //   y = x·W (+ bias) + scale · (drop(x)·Aᵀ)·Bᵀ
 // x [..., K]; W [K, N] (MatMul layout, trans_w=0) or [N, K] (Gemm transB / nn.Linear, trans_w=1);
 // A [r, K] and B [N, r] in PEFT's layout; bias [N] optional.
-// Hidden outputs: t = drop(x)·Aᵀ [M, r] (needed for dB), and with dropout the dropped input
-// [M, K] and its keep mask.
+// Without dropout the op runs as y = x·W' with the merged weight W' = W + s·(B·A) in W's
+// layout (rebuilt each forward and backward: A and B change every step; 2·K·N·r FLOPs), so the
+// adapter costs no passes over the [M, N] output, and dx = dY·W'ᵀ gets its adapter share from
+// the same GEMM. PEFT's sum x·W + s·(x·Aᵀ)·Bᵀ differs from it only by rounding.
+// Hidden outputs, with dropout only: the dropped input [M, K] and its keep mask.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -11,10 +14,106 @@
 #include "common/hash.h"
 #include "common/parallel.h"
 #include "ops/blas.h"
+#include "ops/small_gemm.h"
 #include "ops/op.h"
 
 namespace pyedge {
 namespace {
+
+// dA [r, K] and dB [N, r] of the adapter from xa [M, K] (the adapter's input: x, or x after
+// dropout), dY [M, N], A [r, K] and B [N, r]:
+//   t = xa·Aᵀ [M, r], dt = s·dY·B [M, r], dB (+)= s·dYᵀ·t, dA (+)= dtᵀ·xa.
+// One pass over row chunks (xa and dY are read once, while in cache) instead of four
+// skinny BLAS calls that each stream them: t and dt of a chunk are small_gemm products with
+// 16 output columns (Aᵀ and s·B zero-padded to 16), and the chunk's contributions to dBᵀ
+// [r, N] and dA go into a partial sum per partition. Partitions are fixed row ranges (not
+// one per thread) summed in order, so the result does not depend on the thread count.
+class AdapterGrads {
+ public:
+  static constexpr int64_t kLanes = 16, kChunk = 128, kMaxParts = 12;
+  AdapterGrads() = default;
+  AdapterGrads(int64_t M, int64_t K, int64_t N, int64_t r)
+      : M_(M), K_(K), N_(N), r_(r),
+        parts_(std::max<int64_t>(1, std::min<int64_t>(kMaxParts, (M + 31) / 32))) {}
+  // Whether the padded products apply (else four sgemm calls).
+  bool padded() const { return r_ <= kLanes; }
+  size_t scratch_floats() const {
+    if (!padded()) return size_t(M_ * r_ * 2);  // t and dt, whole
+    return size_t((K_ + N_) * kLanes + parts_ * (2 * kChunk * kLanes + r_ * (N_ + K_)));
+  }
+
+  // dA, dB: nullptr when not wanted; assign (fresh) or add.
+  void run(const float* xa, const float* dy, const float* A, const float* B, float s, float* dA,
+           bool fresh_a, float* dB, bool fresh_b, float* scratch) const {
+    const int64_t M = M_, K = K_, N = N_, r = r_;
+    if (!padded()) {
+      float* t = scratch;
+      float* dt = t + M * r;
+      if (dB) {  // dB [N, r] (+)= s · dYᵀ · t
+        sgemm(false, true, M, r, K, 1.f, xa, K, A, K, 0.f, t, r);
+        sgemm(true, false, N, r, M, s, dy, N, t, r, fresh_b ? 0.f : 1.f, dB, r);
+      }
+      if (dA) {  // dA [r, K] (+)= dtᵀ · xa
+        sgemm(false, false, M, r, N, s, dy, N, B, r, 0.f, dt, r);
+        sgemm(true, false, r, K, M, 1.f, dt, r, xa, K, fresh_a ? 0.f : 1.f, dA, K);
+      }
+      return;
+    }
+    constexpr int64_t L = kLanes;
+    float* at = scratch;       // [K, 16] = Aᵀ, zero-padded
+    float* bs = at + K * L;    // [N, 16] = s·B, zero-padded
+    float* part = bs + N * L;  // per partition: t [kChunk, 16], dt [kChunk, 16], dBᵀ, dA
+    const int64_t per_part = 2 * kChunk * L + r * (N + K);
+    std::fill(at, part, 0.f);
+    for (int64_t q = 0; q < r; ++q) {
+      for (int64_t k = 0; k < K; ++k) at[k * L + q] = A[q * K + k];
+      for (int64_t n = 0; n < N; ++n) bs[n * L + q] = s * B[n * r + q];
+    }
+    parallel_for(parts_, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        float* t = part + p * per_part;
+        float* dt = t + kChunk * L;
+        float* dbt = dt + kChunk * L;  // [r, N]
+        float* da = dbt + r * N;       // [r, K]
+        const int64_t lo = M * p / parts_, hi = M * (p + 1) / parts_;
+        for (int64_t i = lo; i < hi; i += kChunk) {
+          const int64_t c = std::min(kChunk, hi - i);
+          const float beta = i == lo ? 0.f : 1.f;
+          const float* xc = xa + i * K;
+          const float* dyc = dy + i * N;
+          if (dB) {  // t = xa·Aᵀ, dBᵀ += tᵀ·dY (s applied when the partitions are summed)
+            small_gemm(false, false, c, L, K, xc, K, at, L, 0.f, t, L);
+            small_gemm(true, false, r, N, c, t, L, dyc, N, beta, dbt, N);
+          }
+          if (dA) {  // dt = dY·(s·B), dA += dtᵀ·xa
+            small_gemm(false, false, c, L, N, dyc, N, bs, L, 0.f, dt, L);
+            small_gemm(true, false, r, K, c, dt, L, xc, K, beta, da, K);
+          }
+        }
+      }
+    });
+    auto sum_parts = [&](int64_t off, int64_t n, auto&& put) {  // put(j, Σ_p part_p[off + j])
+      parallel_for(n, 1024, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j) {
+          float acc = 0.f;
+          for (int64_t p = 0; p < parts_; ++p) acc += part[p * per_part + off + j];
+          put(j, acc);
+        }
+      });
+    };
+    const int64_t off_dbt = 2 * kChunk * L, off_da = off_dbt + r * N;
+    if (dB)  // dB[n, q] from dBᵀ[q, n]
+      sum_parts(off_dbt, r * N, [&](int64_t j, float v) {
+        float& d = dB[(j % N) * r + j / N];
+        d = fresh_b ? s * v : d + s * v;
+      });
+    if (dA)
+      sum_parts(off_da, r * K, [&](int64_t j, float v) { dA[j] = fresh_a ? v : dA[j] + v; });
+  }
+
+ private:
+  int64_t M_ = 0, K_ = 0, N_ = 0, r_ = 0, parts_ = 1;
+};
 
 class LoraMatMul : public Op {
  public:
@@ -43,9 +142,13 @@ class LoraMatMul : public Op {
     has_bias_ = in.size() > 4 && n.has_input(4);
     if (has_bias_)
       PYEDGE_CHECK(in[4].numel() == N_, n.where(), ": bias must have ", N_, " elements");
+    // Without dropout y = x·(W + s·(B·A) in W's layout): one GEMM on a merged weight, once
+    // the rows outnumber what building it costs (M·(K+N) adapter MACs against K·N).
+    merged_fwd_ = dropout_ == 0.f && M_ * (K_ + N_) >= K_ * N_;
+    grads_ = AdapterGrads(M_, K_, N_, r_);
     Shape y(x.begin(), x.end() - 1);
     y.push_back(N_);
-    outputs = {make_output(DType::f32, y), make_output(DType::f32, {M_, r_})};
+    outputs = {make_output(DType::f32, y)};
     if (dropout_ > 0.f) {
       outputs.push_back(make_output(DType::f32, {M_, K_}));      // dropped x
       outputs.push_back(make_output(DType::u8, {M_, K_}));       // keep mask
@@ -55,23 +158,31 @@ class LoraMatMul : public Op {
 
   bool foldable() const override { return dropout_ == 0.f; }
 
+  // The merged weight, or t = drop(x)·Aᵀ [M, r].
+  size_t forward_scratch_bytes() const override {
+    return size_t(merged_fwd_ ? K_ * N_ : M_ * r_) * 4;
+  }
+
   void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                RunContext& ctx) override {
     const float* x = in[0].ptr<float>();
     float* y = out[0].ptr<float>();
-    float* t = out[1].ptr<float>();
+    const float* w = in[1].ptr<float>();
+    float* scratch = static_cast<float*>(ctx.scratch);
+    if (merged_fwd_) w = merged_weight(in, scratch);
     if (has_bias_) {  // rows pre-filled with the bias; the GEMM adds onto them (beta 1)
       const float* b = in[4].ptr<float>();
       parallel_for(M_, 64, [&](int64_t s, int64_t e) {
         for (int64_t i = s; i < e; ++i) std::memcpy(y + i * N_, b, size_t(N_) * sizeof(float));
       });
     }
-    sgemm(false, trans_w_, M_, N_, K_, 1.f, x, K_, in[1].ptr<float>(), in[1].shape[1],
-          has_bias_ ? 1.f : 0.f, y, N_);
+    sgemm(false, trans_w_, M_, N_, K_, 1.f, x, K_, w, in[1].shape[1], has_bias_ ? 1.f : 0.f, y,
+          N_);
+    if (merged_fwd_) return;
     const float* xa = x;
     if (dropout_ > 0.f && ctx.training) {
-      float* xd = out[2].ptr<float>();
-      uint8_t* keep = out[3].ptr<uint8_t>();
+      float* xd = out[1].ptr<float>();
+      uint8_t* keep = out[2].ptr<uint8_t>();
       uint64_t seed = splitmix64(ctx.seed ^ splitmix64(salt_));
       float inv = 1.f / (1.f - dropout_);
       uint64_t threshold = uint64_t(double(dropout_) * 18446744073709551616.0);
@@ -83,90 +194,104 @@ class LoraMatMul : public Op {
       });
       xa = xd;
     } else if (dropout_ > 0.f) {
-      std::memcpy(out[2].data, x, size_t(M_ * K_) * 4);
-      std::memset(out[3].data, 1, size_t(M_ * K_));
+      std::memcpy(out[1].data, x, size_t(M_ * K_) * 4);
+      std::memset(out[2].data, 1, size_t(M_ * K_));
     }
+    float* t = scratch;
     sgemm(false, true, M_, r_, K_, 1.f, xa, K_, in[2].ptr<float>(), K_, 0.f, t, r_);   // t = x·Aᵀ
     sgemm(false, true, M_, N_, r_, scale_, t, r_, in[3].ptr<float>(), r_, 1.f, y, N_); // y += s·t·Bᵀ
   }
 
   bool has_backward() const override { return true; }
-  size_t backward_scratch_bytes(const std::vector<bool>&) const override {
-    return size_t(M_ * r_) * 4;
+  // The adapter-gradient pass, then for dx the merged weight (or dt [M, r] with dropout).
+  size_t backward_scratch_bytes(const std::vector<bool>& ng) const override {
+    size_t dx = !ng.empty() && ng[0] ? size_t(dropout_ > 0.f ? M_ * r_ : K_ * N_) : 0;
+    return (grads_.scratch_floats() + dx) * 4;
   }
   bool assigns_fresh_grads() const override { return true; }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext& ctx) override {
     const float* dy = dout[0].ptr<float>();
-    // Fresh (unzeroed) buffers: dx is overwritten by its first GEMM; the rest are cleared.
-    for (size_t k = 1; k < din.size(); ++k)
-      if (din[k].data && ctx.fresh(k))
-        std::fill(din[k].ptr<float>(), din[k].ptr<float>() + din[k].numel(), 0.f);
-    const float* t = out[1].ptr<float>();
-    const float* xa = dropout_ > 0.f ? out[2].ptr<float>() : in[0].ptr<float>();
-    bool need_dt = din[0].data || din[2].data;
-    float* dt = static_cast<float*>(ctx.scratch);
-    if (need_dt)  // dt [M, r] = s · dY [M, N] · B [N, r]
-      sgemm(false, false, M_, r_, N_, scale_, dy, N_, in[3].ptr<float>(), r_, 0.f, dt, r_);
-    if (din[3].data)  // dB [N, r] += s · dYᵀ [N, M] · t [M, r]
-      sgemm(true, false, N_, r_, M_, scale_, dy, N_, t, r_, 1.f, din[3].ptr<float>(), r_);
-    if (din[2].data)  // dA [r, K] += dtᵀ [r, M] · drop(x) [M, K]
-      sgemm(true, false, r_, K_, M_, 1.f, dt, r_, xa, K_, 1.f, din[2].ptr<float>(), K_);
+    const float* A = in[2].ptr<float>();
+    const float* B = in[3].ptr<float>();
+    const float* xa = dropout_ > 0.f ? out[1].ptr<float>() : in[0].ptr<float>();
+    float* scratch = static_cast<float*>(ctx.scratch);
+    float* dx_scratch = scratch + grads_.scratch_floats();
+    if (din[2].data || din[3].data)
+      grads_.run(xa, dy, A, B, scale_, din[2].ptr<float>(), ctx.fresh(2), din[3].ptr<float>(),
+                 ctx.fresh(3), scratch);
     if (din[1].data) {  // frozen in normal use; supported when W is trained too
-      if (trans_w_)  // dW [N, K] += dYᵀ · x
-        sgemm(true, false, N_, K_, M_, 1.f, dy, N_, in[0].ptr<float>(), K_, 1.f, din[1].ptr<float>(), K_);
-      else  // dW [K, N] += xᵀ · dY
-        sgemm(true, false, K_, N_, M_, 1.f, in[0].ptr<float>(), K_, dy, N_, 1.f, din[1].ptr<float>(), N_);
+      const float bw = ctx.fresh(1) ? 0.f : 1.f;
+      if (trans_w_)  // dW [N, K] (+)= dYᵀ · x
+        sgemm(true, false, N_, K_, M_, 1.f, dy, N_, in[0].ptr<float>(), K_, bw, din[1].ptr<float>(), K_);
+      else  // dW [K, N] (+)= xᵀ · dY
+        sgemm(true, false, K_, N_, M_, 1.f, in[0].ptr<float>(), K_, dy, N_, bw, din[1].ptr<float>(), N_);
     }
     if (has_bias_ && din.size() > 4 && din[4].data) {
       float* db = din[4].ptr<float>();
+      if (ctx.fresh(4)) std::fill(db, db + N_, 0.f);
       for (int64_t i = 0; i < M_; ++i)
         for (int64_t j = 0; j < N_; ++j) db[j] += dy[i * N_ + j];
     }
-    if (din[0].data) {
-      float* dx = din[0].ptr<float>();
-      // dx += dY · op(W)ᵀ
-      sgemm(false, !trans_w_, M_, K_, N_, 1.f, dy, N_, in[1].ptr<float>(), in[1].shape[1],
-            ctx.fresh(0) ? 0.f : 1.f, dx, K_);
-      if (dropout_ == 0.f) {  // dx += dt · A
-        sgemm(false, false, M_, K_, r_, 1.f, dt, r_, in[2].ptr<float>(), K_, 1.f, dx, K_);
-      } else {
-        const uint8_t* keep = out[3].ptr<uint8_t>();
-        const float* A = in[2].ptr<float>();
-        float inv = 1.f / (1.f - dropout_);
-        parallel_for(M_, 16, [&](int64_t s, int64_t e) {
-          for (int64_t i = s; i < e; ++i)
-            for (int64_t k = 0; k < K_; ++k) {
-              if (!keep[i * K_ + k]) continue;
-              float acc = 0.f;
-              for (int64_t q = 0; q < r_; ++q) acc += dt[i * r_ + q] * A[q * K_ + k];
-              dx[i * K_ + k] += acc * inv;
-            }
-        });
-      }
+    if (!din[0].data) return;
+    float* dx = din[0].ptr<float>();
+    const float bx = ctx.fresh(0) ? 0.f : 1.f;
+    if (dropout_ == 0.f) {  // dx (+)= dY · op(W + s·B·A)ᵀ: the adapter's share in the same GEMM
+      sgemm(false, !trans_w_, M_, K_, N_, 1.f, dy, N_, merged_weight(in, dx_scratch),
+            in[1].shape[1], bx, dx, K_);
+      return;
     }
+    // dx (+)= dY · op(W)ᵀ + keep ∘ (dt · A) / (1 − p), dt = s·dY·B
+    sgemm(false, !trans_w_, M_, K_, N_, 1.f, dy, N_, in[1].ptr<float>(), in[1].shape[1], bx, dx,
+          K_);
+    float* dt = dx_scratch;
+    sgemm(false, false, M_, r_, N_, scale_, dy, N_, B, r_, 0.f, dt, r_);
+    const uint8_t* keep = out[2].ptr<uint8_t>();
+    const float inv = 1.f / (1.f - dropout_);
+    parallel_for(M_, 16, [&](int64_t s, int64_t e) {
+      for (int64_t i = s; i < e; ++i)
+        for (int64_t k = 0; k < K_; ++k) {
+          if (!keep[i * K_ + k]) continue;
+          float acc = 0.f;
+          for (int64_t q = 0; q < r_; ++q) acc += dt[i * r_ + q] * A[q * K_ + k];
+          dx[i * K_ + k] += acc * inv;
+        }
+    });
   }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
     std::vector<bool> r(ng.size(), false);
-    r[0] = dropout_ == 0.f && ng[2];        // dA reads x (or the saved dropped x)
-    r[0] = r[0] || (ng.size() > 1 && ng[1]);
-    r[1] = ng[0];                           // dx reads W
-    r[2] = ng[0];                           // dx reads A
-    r[3] = ng[0] || ng[2];                  // dt reads B
+    const bool adapter = ng[2] || ng[3];
+    r[0] = (dropout_ == 0.f && adapter) || ng[1];  // the adapter pass and dW read x
+    r[1] = ng[0];                                  // dx reads W
+    r[2] = ng[0] || ng[3];                         // dx and dB (through t) read A
+    r[3] = ng[0] || ng[2];                         // dx and dA (through dt) read B
     return r;
   }
   std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override {
-    std::vector<bool> r(outputs.size(), true);
+    std::vector<bool> r(outputs.size(), true);  // the dropped x and its mask
     r[0] = false;
     return r;
   }
 
  private:
-  bool trans_w_ = false, has_bias_ = false;
+  // W + s·(B·A) in W's layout ([N, K] with trans_w, else [K, N]) into `buf`.
+  const float* merged_weight(const std::vector<Tensor>& in, float* buf) const {
+    const float* A = in[2].ptr<float>();
+    const float* B = in[3].ptr<float>();
+    std::memcpy(buf, in[1].data, size_t(K_ * N_) * sizeof(float));
+    if (trans_w_)  // [N, K] += s · B [N, r] · A [r, K]
+      sgemm(false, false, N_, K_, r_, scale_, B, r_, A, K_, 1.f, buf, K_);
+    else  // [K, N] += s · Aᵀ [K, r] · Bᵀ [r, N]
+      sgemm(true, true, K_, N_, r_, scale_, A, K_, B, r_, 1.f, buf, N_);
+    return buf;
+  }
+
+  bool trans_w_ = false, has_bias_ = false, merged_fwd_ = false;
   float scale_ = 1.f, dropout_ = 0.f;
   uint64_t salt_ = 0;
   int64_t M_ = 0, K_ = 0, N_ = 0, r_ = 0;
+  AdapterGrads grads_;
 };
 PYEDGE_REGISTER_OP("pyedge.LoraMatMul", LoraMatMul);
 
