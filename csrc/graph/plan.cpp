@@ -304,8 +304,69 @@ void Plan::build(const Model& model, const PlanRequest& req) {
   // groot[v]: the value whose gradient buffer v's gradient shares (itself unless aliased).
   std::vector<int> groot(nv);
   for (size_t v = 0; v < nv; ++v) groot[v] = int(v);
+  // Backward steps that write each value's gradient (its consumers', in order) and the one
+  // that reads it (its producer's).
+  std::vector<std::vector<int>> grad_writers(nv);
+  std::vector<int> grad_reader(nv, -1);
+  for (int b = 0; b < int(bwd_.size()); ++b) {
+    const Step& s = bwd_[size_t(b)];
+    for (size_t k = 0; k < s.in_ids.size(); ++k)
+      if (s.need_grad[k]) grad_writers[size_t(s.in_ids[k])].push_back(b);
+    for (int v : s.out_ids) grad_reader[size_t(v)] = b;
+  }
+  // The last backward step that may read the buffer of v's gradient: its producer's, or
+  // past pass-through producers (which may hand v's buffer on to their input) the first
+  // that does real work; -1 when an input along the way has other gradient writers (they
+  // would add into the buffer) or nothing reads it.
+  auto last_grad_reader = [&](int v) {
+    for (;;) {
+      const int r = grad_reader[size_t(v)];
+      if (r < 0) return -1;
+      const Step& rs = bwd_[size_t(r)];
+      if (rs.op->both_grads_are_dy(rs.need_grad)) return -1;
+      const int k = rs.op->passthrough_input(rs.need_grad);
+      if (k < 0 || trainable[size_t(rs.in_ids[size_t(k)])]) return r;
+      v = rs.in_ids[size_t(k)];
+      if (grad_writers[size_t(v)].size() != 1) return -1;
+    }
+  };
+  // z = x + y with dX = dZ and dY = dZ: both can take over dZ's buffer G when y's gradient
+  // has no other writer and is read (by its producer, through pass-through ops) before any
+  // other writer of x's gradient adds into G. Residual connections are this shape: y is the
+  // branch's output, x the stream that other layers also read.
+  auto share_both = [&](int b, const Step& s) {
+    if (s.in_ids.size() != 2 || s.out_ids.empty()) return false;
+    const int z = s.out_ids[0];
+    if (z == loss_ || !has_grad[size_t(z)] || trainable[size_t(z)]) return false;
+    for (int pick = 0; pick < 2; ++pick) {
+      const int x = s.in_ids[size_t(pick)], y = s.in_ids[size_t(1 - pick)];
+      if (x == y || trainable[size_t(x)] || trainable[size_t(y)]) return false;
+      if (gstart[size_t(x)] >= 0 || gstart[size_t(y)] >= 0) return false;
+      if (grads_[size_t(x)].nbytes() != grads_[size_t(z)].nbytes() ||
+          grads_[size_t(y)].nbytes() != grads_[size_t(z)].nbytes())
+        return false;
+      const int r = grad_writers[size_t(y)].size() == 1 ? last_grad_reader(y) : -1;
+      if (r < 0) continue;
+      bool ordered = true;
+      for (int w : grad_writers[size_t(x)]) ordered = ordered && (w == b || w > r);
+      if (!ordered) continue;
+      for (int v : {x, y}) {
+        groot[size_t(v)] = groot[size_t(z)];
+        gstart[size_t(v)] = gend[size_t(v)] = F + b;
+      }
+      return true;
+    }
+    return false;
+  };
   for (int b = 0; b < int(bwd_.size()); ++b) {
     Step& s = bwd_[size_t(b)];
+    if (s.op->both_grads_are_dy(s.need_grad) && share_both(b, s)) {
+      s.skip = true;
+      ++stats_.passthrough_backward_ops;
+      for (int v : s.out_ids)
+        if (has_grad[size_t(v)] && !trainable[size_t(v)]) gend[size_t(v)] = std::max(gend[size_t(v)], F + b);
+      continue;
+    }
     const int through = s.op->passthrough_input(s.need_grad);
     for (size_t k = 0; k < s.in_ids.size(); ++k) {
       int v = s.in_ids[k];

@@ -173,6 +173,10 @@ class Binary : public Op {
     if (kind_ == Kind::add && need[1] && !need[0] && red_[1].identity()) return 1;
     return -1;
   }
+  bool both_grads_are_dy(const std::vector<bool>& need) const override {
+    return kind_ == Kind::add && need.size() == 2 && need[0] && need[1] &&
+           red_[0].identity() && red_[1].identity();
+  }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>&,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext& ctx) override {

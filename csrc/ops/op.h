@@ -88,6 +88,10 @@ class Op {
   // gradient (Reshape-likes, Identity; Add of a frozen bias): the planner may then give
   // din[k] dY's buffer and skip the step. -1 otherwise.
   virtual int passthrough_input(const std::vector<bool>& /*need_grad*/) const { return -1; }
+  // True when both inputs need a gradient and each is exactly dY (a residual Add): the
+  // planner may give both dY's buffer and skip the step when their other readers and
+  // writers are ordered so that sharing it is exact (see Plan::assign_memory).
+  virtual bool both_grads_are_dy(const std::vector<bool>& /*need_grad*/) const { return false; }
   // Which inputs can carry a gradient at all (indices, masks and shapes cannot).
   virtual bool differentiable_input(size_t i) const;
 
