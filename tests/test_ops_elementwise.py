@@ -93,6 +93,18 @@ def test_fast_math_accuracy():
         np.testing.assert_allclose(y, fn(ref).numpy(), rtol=2e-6, atol=5e-7, err_msg=op)
 
 
+def test_gelu_accuracy_and_gradient_over_the_range():
+    # GELU's own erf (A&S 7.1.26, one exp shared with the density): value and derivative
+    # against float64 where both the tails and the centre matter.
+    x = np.linspace(-12, 12, 240001).astype(np.float32)
+    (y,), (dx,) = _core.run_op("Gelu", [x], opset=20, grad_outputs=[np.ones_like(x)])
+    t = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    ref = F.gelu(t)
+    ref.sum().backward()
+    np.testing.assert_allclose(y, ref.detach().numpy(), rtol=1e-6, atol=3e-7)
+    np.testing.assert_allclose(dx, t.grad.numpy(), rtol=0, atol=4e-7)
+
+
 @pytest.mark.parametrize("dtype", [np.int64, np.int32, np.float64])
 def test_unary_numeric_dtypes(dtype):
     x = np.array([[-5, 0, 7], [2**30, -(2**30), 1]], dtype)
