@@ -23,30 +23,30 @@ namespace {
 // dA [r, K] and dB [N, r] of the adapter from xa [M, K] (the adapter's input: x, or x after
 // dropout), dY [M, N], A [r, K] and B [N, r]:
 //   t = xa·Aᵀ [M, r], dt = s·dY·B [M, r], dB (+)= s·dYᵀ·t, dA (+)= dtᵀ·xa.
-// One pass over row chunks (xa and dY are read once, while in cache) instead of four
-// skinny BLAS calls that each stream them: t and dt of a chunk are small_gemm products with
-// 16 output columns (Aᵀ and s·B zero-padded to 16), and the chunk's contributions to dBᵀ
-// [r, N] and dA go into a partial sum per partition. Partitions are fixed row ranges (not
-// one per thread) summed in order, so the result does not depend on the thread count.
+// For r <= 8, one pass over row chunks (xa and dY are read once, while in cache) instead of
+// four skinny BLAS calls that each stream them: t and dt of a chunk come from skinny8_gemm
+// (Aᵀ and s·B packed once per call), the chunk's dBᵀ [r, N] and dA [r, K] shares from
+// small_gemm into a partial sum per partition. Partitions are fixed row ranges (not one per
+// thread) summed in order, so the result does not depend on the thread count.
 class AdapterGrads {
  public:
-  static constexpr int64_t kLanes = 16, kChunk = 128, kMaxParts = 12;
+  static constexpr int64_t kChunk = 128, kMaxParts = 12;
   AdapterGrads() = default;
   AdapterGrads(int64_t M, int64_t K, int64_t N, int64_t r)
       : M_(M), K_(K), N_(N), r_(r),
         parts_(std::max<int64_t>(1, std::min<int64_t>(kMaxParts, (M + 31) / 32))) {}
-  // Whether the padded products apply (else four sgemm calls).
-  bool padded() const { return r_ <= kLanes; }
+  // Whether the chunked pass applies (else four sgemm calls).
+  bool chunked() const { return r_ <= kSkinny; }
   size_t scratch_floats() const {
-    if (!padded()) return size_t(M_ * r_ * 2);  // t and dt, whole
-    return size_t((K_ + N_) * kLanes + parts_ * (2 * kChunk * kLanes + r_ * (N_ + K_)));
+    if (!chunked()) return size_t(M_ * r_ * 2);  // t and dt, whole
+    return size_t(skinny8_panel_floats(K_) + skinny8_panel_floats(N_) + parts_ * per_part());
   }
 
   // dA, dB: nullptr when not wanted; assign (fresh) or add.
   void run(const float* xa, const float* dy, const float* A, const float* B, float s, float* dA,
            bool fresh_a, float* dB, bool fresh_b, float* scratch) const {
     const int64_t M = M_, K = K_, N = N_, r = r_;
-    if (!padded()) {
+    if (!chunked()) {
       float* t = scratch;
       float* dt = t + M * r;
       if (dB) {  // dB [N, r] (+)= s · dYᵀ · t
@@ -59,19 +59,15 @@ class AdapterGrads {
       }
       return;
     }
-    constexpr int64_t L = kLanes;
-    float* at = scratch;       // [K, 16] = Aᵀ, zero-padded
-    float* bs = at + K * L;    // [N, 16] = s·B, zero-padded
-    float* part = bs + N * L;  // per partition: t [kChunk, 16], dt [kChunk, 16], dBᵀ, dA
-    const int64_t per_part = 2 * kChunk * L + r * (N + K);
-    std::fill(at, part, 0.f);
-    for (int64_t q = 0; q < r; ++q) {
-      for (int64_t k = 0; k < K; ++k) at[k * L + q] = A[q * K + k];
-      for (int64_t n = 0; n < N; ++n) bs[n * L + q] = s * B[n * r + q];
-    }
+    constexpr int64_t L = kSkinny;
+    float* at = scratch;                          // Aᵀ [K, 8], packed
+    float* bs = at + skinny8_panel_floats(K);     // s·B [N, 8], packed
+    float* part = bs + skinny8_panel_floats(N);   // per partition: t, dt [kChunk, 8], dBᵀ, dA
+    pack_skinny8(K, r, A, 1, K, 1.f, at);
+    pack_skinny8(N, r, B, r, 1, s, bs);
     parallel_for(parts_, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        float* t = part + p * per_part;
+        float* t = part + p * per_part();
         float* dt = t + kChunk * L;
         float* dbt = dt + kChunk * L;  // [r, N]
         float* da = dbt + r * N;       // [r, K]
@@ -82,11 +78,11 @@ class AdapterGrads {
           const float* xc = xa + i * K;
           const float* dyc = dy + i * N;
           if (dB) {  // t = xa·Aᵀ, dBᵀ += tᵀ·dY (s applied when the partitions are summed)
-            small_gemm(false, false, c, L, K, xc, K, at, L, 0.f, t, L);
+            skinny8_gemm(c, K, xc, K, at, t, L);
             small_gemm(true, false, r, N, c, t, L, dyc, N, beta, dbt, N);
           }
           if (dA) {  // dt = dY·(s·B), dA += dtᵀ·xa
-            small_gemm(false, false, c, L, N, dyc, N, bs, L, 0.f, dt, L);
+            skinny8_gemm(c, N, dyc, N, bs, dt, L);
             small_gemm(true, false, r, K, c, dt, L, xc, K, beta, da, K);
           }
         }
@@ -96,7 +92,7 @@ class AdapterGrads {
       parallel_for(n, 1024, [&](int64_t j0, int64_t j1) {
         for (int64_t j = j0; j < j1; ++j) {
           float acc = 0.f;
-          for (int64_t p = 0; p < parts_; ++p) acc += part[p * per_part + off + j];
+          for (int64_t p = 0; p < parts_; ++p) acc += part[p * per_part() + off + j];
           put(j, acc);
         }
       });
@@ -112,6 +108,7 @@ class AdapterGrads {
   }
 
  private:
+  int64_t per_part() const { return 2 * kChunk * kSkinny + r_ * (N_ + K_); }
   int64_t M_ = 0, K_ = 0, N_ = 0, r_ = 0, parts_ = 1;
 };
 

@@ -99,4 +99,51 @@ void small_gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, con
     }
 }
 
+namespace {
+
+typedef double vd __attribute__((vector_size(kLanes * sizeof(float))));
+
+// MR rows of C[., 8]: acc lanes 2q + j hold the even (j 0) and odd (j 1) k of column q.
+template <int MR>
+inline void skinny8_block(int64_t K, const float* X, int64_t ldx, const float* panel, float* C,
+                          int64_t ldc) {
+  vf acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = vf{};
+  const int64_t pairs = K / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const vf a = load(panel + p * kLanes);
+    for (int r = 0; r < MR; ++r) {
+      double two;  // x[r, 2p] and x[r, 2p+1], broadcast as one 64-bit lane
+      std::memcpy(&two, X + r * ldx + 2 * p, sizeof(two));
+      const vd d = {two, two, two, two, two, two, two, two};
+      vf b;
+      std::memcpy(&b, &d, sizeof(b));
+      acc[r] += a * b;
+    }
+  }
+  if (K % 2) {  // the last k alone: its panel row has zeros in the odd lanes
+    const vf a = load(panel + pairs * kLanes);
+    for (int r = 0; r < MR; ++r) acc[r] += a * X[r * ldx + K - 1];
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int q = 0; q < int(kSkinny); ++q) C[r * ldc + q] = acc[r][2 * q] + acc[r][2 * q + 1];
+}
+
+}  // namespace
+
+void pack_skinny8(int64_t K, int64_t cols, const float* P, int64_t sk, int64_t sq, float scale,
+                  float* panel) {
+  std::memset(panel, 0, sizeof(float) * size_t(skinny8_panel_floats(K)));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t q = 0; q < cols; ++q)
+      panel[(k / 2) * kLanes + 2 * q + (k % 2)] = scale * P[k * sk + q * sq];
+}
+
+void skinny8_gemm(int64_t M, int64_t K, const float* X, int64_t ldx, const float* panel,
+                  float* C, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 8 <= M; i += 8) skinny8_block<8>(K, X + i * ldx, ldx, panel, C + i * ldc, ldc);
+  for (; i < M; ++i) skinny8_block<1>(K, X + i * ldx, ldx, panel, C + i * ldc, ldc);
+}
+
 }  // namespace pyedge
