@@ -196,8 +196,20 @@ class Attention : public Op {
       over_slices([&](int64_t s0, int64_t s1, int64_t slot) {
         for (int64_t s = s0; s < s1; ++s) {
           const int64_t b = s / H_, h = s % H_;
+          // the next slice's operands (and O rows, which would cost a read for ownership
+          // at the store) on their way to L2 while this slice computes: with the other core
+          // busy the first touches missed L3 (forward 3.0 -> 2.4 ms on MiniLM)
+          attn::Ahead ahead[4];
+          int na = 0;
+          if (s + 1 < s1) {
+            const int64_t b1 = (s + 1) / H_, h1 = (s + 1) % H_;
+            ahead[na++] = {K + sk_.at(b1, h1), sk_.r, Lk, D_};
+            ahead[na++] = {V + sv_.at(b1, h1), sv_.r, Lk, Dv};
+            ahead[na++] = {Q + sq_.at(b1, h1), sq_.r, L, D_};
+            ahead[na++] = {O + so_.at(b1, h1), so_.r, L, Dv, true};
+          }
           attn::forward_slice<simd::Native>(slice(Q, K, V, M, b, h), O + so_.at(b, h), so_.r,
-                                            LSE + s * L, scratch + slot * fwd_slot());
+                                            LSE + s * L, scratch + slot * fwd_slot(), ahead, na);
         }
       });
       return;
@@ -267,10 +279,22 @@ class Attention : public Op {
           const attn::Out oq{dQ ? dQ + sq_.at(b, h) : nullptr, sq_.r, nullptr, bq != 0.f},
               ok{dK ? dK + sk_.at(b, h) : nullptr, sk_.r, nullptr, bk != 0.f},
               ov{dV ? dV + sv_.at(b, h) : nullptr, sv_.r, nullptr, bv != 0.f};
+          attn::Ahead ahead[7];  // as in the forward
+          int na = 0;
+          if (s + 1 < s1) {
+            const int64_t b1 = (s + 1) / H_, h1 = (s + 1) % H_;
+            ahead[na++] = {K + sk_.at(b1, h1), sk_.r, Lk, D};
+            ahead[na++] = {Q + sq_.at(b1, h1), sq_.r, L, D};
+            ahead[na++] = {dO + so_.at(b1, h1), so_.r, L, Dv};
+            if (dQ || dK) ahead[na++] = {V + sv_.at(b1, h1), sv_.r, Lk, Dv};
+            if (dQ) ahead[na++] = {dQ + sq_.at(b1, h1), sq_.r, L, D, true};
+            if (dK) ahead[na++] = {dK + sk_.at(b1, h1), sk_.r, Lk, D, true};
+            if (dV) ahead[na++] = {dV + sv_.at(b1, h1), sv_.r, Lk, Dv, true};
+          }
           attn::backward_slice<simd::Native>(slice(Q, K, V, M, b, h), LSE + s * L,
                                              dO + so_.at(b, h), so_.r, dQ ? &oq : nullptr,
                                              dK ? &ok : nullptr, dV ? &ov : nullptr,
-                                             scratch + slot * per_slot);
+                                             scratch + slot * per_slot, ahead, na);
         }
       });
       return;

@@ -207,6 +207,29 @@ struct Slice {
   float scale = 1.f;
 };
 
+// An operand of the next slice to bring towards L2 while this slice computes: [rows, cols]
+// at p with row stride ld, to be read (or written: prefetchw, so the stores find the lines
+// owned). Software prefetch because a slice's rows are scattered lines (blhd: 128 rows of
+// 128 bytes, 1.5 KiB apart) that the hardware prefetchers did not bring in time.
+struct Ahead {
+  const float* p = nullptr;
+  int64_t ld = 0, rows = 0, cols = 0;
+  bool write = false;
+};
+
+// Part `part` of `parts` of each operand's rows (a part per row block of this slice).
+// Always inlined: GCC takes a function made of prefetches for a pure one and drops calls.
+PYEDGE_SIMD_INLINE void prefetch_part(const Ahead* a, int n, int64_t part, int64_t parts) {
+  for (int t = 0; t < n; ++t) {
+    const Ahead& x = a[t];
+    for (int64_t r = x.rows * part / parts, r1 = x.rows * (part + 1) / parts; r < r1; ++r)
+      for (int64_t c = 0; c < x.cols; c += 16) {
+        if (x.write) __builtin_prefetch(x.p + r * x.ld + c, 1, 2);
+        else __builtin_prefetch(x.p + r * x.ld + c, 0, 2);
+      }
+  }
+}
+
 // Whether the fused path takes these sizes: whole vectors along Lk, D and Dv, every dim
 // within small_gemm's range (larger products go to BLAS, see attention.cpp).
 template <class S>
@@ -312,7 +335,8 @@ inline void ds_rows(float* g, const float* e, int64_t ld, int64_t n, const float
 // strip, mask, row max, exp and sum in place, O rows = strip · v scaled by 1/sum on the way
 // out of the registers. The rows' logs go in one vector loop at the end.
 template <class S>
-void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scratch) {
+void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scratch,
+                   const Ahead* ahead = nullptr, int n_ahead = 0) {
   constexpr int MR = Blk<S>::MR;
   const int64_t L = s.L, Lk = s.Lk, D = s.D, Dv = s.Dv;
   float* kt = scratch;           // [D, Lk]
@@ -325,6 +349,7 @@ void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scr
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
     const int64_t rows = std::min<int64_t>(MR, L - i0);
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
+    prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
     gemm<S>(rows, Lk, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {strip, Lk});
     if (rows == MR) {
       exp_rows<S, MR>(strip, Lk, Lk, m, s.ldm, s.one, nullptr, lse + i0, sum + i0);
@@ -351,7 +376,8 @@ inline int64_t backward_floats(int64_t L, int64_t Lk, int64_t D, int64_t Dv, boo
 // rows = dS·k. Then dV = Eᵀ·(dO/rowsum(E)) and dK = dSᵀ·q over all rows.
 template <class S>
 void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t lddo,
-                    const Out* dq, const Out* dk, const Out* dv, float* scratch) {
+                    const Out* dq, const Out* dk, const Out* dv, float* scratch,
+                    const Ahead* ahead = nullptr, int n_ahead = 0) {
   using V = typename S::V;
   constexpr int MR = Blk<S>::MR, W = S::W;
   const int64_t L = s.L, Lk = s.Lk, D = s.D, Dv = s.Dv;
@@ -376,6 +402,7 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     const int64_t rows = std::min<int64_t>(MR, L - i0);
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     float* e = E + i0 * Lk;
+    prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
     gemm<S>(rows, Lk, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {e, Lk});
     // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
     // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
