@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/simd.h"
 #include "ops/fast_math.h"
@@ -38,15 +39,36 @@ struct Blk {
   static constexpr int MR = kRegs >= 32 ? 8 : 4;
 };
 
-// e^x as simd::exp (the same polynomial, bit for bit) for x <= 88.7, i.e. without its
-// overflow branch: every caller here passes x <= 0 (a score minus its row max or its LSE).
-// Below -87.3 (masked keys) the result is exactly 0; NaN stays NaN.
+// e^x for x <= 0 (a score minus its row max or its LSE), simd::exp's polynomial without
+// its overflow branch. Below -87.3 (masked keys) the result is exactly 0; NaN stays NaN.
 template <class S>
 PYEDGE_SIMD_INLINE typename S::V exp_le0(typename S::V x) {
   using V = typename S::V;
   const V lo = S::set1(-87.3f);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<S, simd::Avx512>) {
+    // 16 instead of 22 instructions: one rounding instruction for the magic-number pair, and
+    // the 2^n scaling (with the zeroing of x < lo) as one masked vscalefps instead of the
+    // exponent-bit construction, two multiplies and a blend. Differs from simd::exp only for
+    // x in [-87.3, -87.0) (n = -126): ~1e-38 there, where simd::exp flushes to 0.
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
+    const V xc = S::max(lo, x);  // second operand on NaN: keeps it
+    const V nf = _mm512_roundscale_ps(S::mul(xc, S::set1(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = S::fma(nf, S::set1(-0.693359375f), xc);
+    r = S::fma(nf, S::set1(2.12194440e-4f), r);
+    V p = S::set1(1.9875691500E-4f);
+    p = S::fma(p, r, S::set1(1.3981999507E-3f));
+    p = S::fma(p, r, S::set1(8.3334519073E-3f));
+    p = S::fma(p, r, S::set1(4.1665795894E-2f));
+    p = S::fma(p, r, S::set1(1.6666665459E-1f));
+    p = S::fma(p, r, S::set1(5.0000001201E-1f));
+    p = S::fma(S::mul(p, r), r, S::add(r, S::set1(1.f)));
+    return _mm512_maskz_scalef_ps(keep, p, nf);
+  }
+#endif
   const auto tiny = S::lt(x, lo);
-  const V xc = S::max(lo, x);  // second operand on NaN: keeps it
+  const V xc = S::max(lo, x);
   const V t = S::mul(xc, S::set1(1.44269504088896341f));
   const V magic = S::set1(12582912.f);
   const V nf = S::sub(S::add(t, magic), magic);
@@ -59,6 +81,7 @@ PYEDGE_SIMD_INLINE typename S::V exp_le0(typename S::V x) {
   p = S::fma(p, r, S::set1(1.6666665459E-1f));
   p = S::fma(p, r, S::set1(5.0000001201E-1f));
   p = S::fma(S::mul(p, r), r, S::add(r, S::set1(1.f)));
+  // 2^(n-1) * 2 so that n = 128 still has a valid exponent (as simd::exp)
   V v = S::mul(S::mul(p, S::pow2n(S::sub(nf, S::set1(1.f)))), S::set1(2.f));
   return S::select(tiny, S::set1(0.f), v);
 }
