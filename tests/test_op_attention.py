@@ -60,6 +60,15 @@ CASES = [
     (2, 3, 64, 64, 32, 32, (2, 1, 1, 64)),   # a larger one
     (2, 3, 5, 7, 3, 6, (2, 1, 5, 1)),        # one mask value per row
     (1, 2, 3, 600, 4, 5, (1, 1, 1, 600)),    # beyond small_gemm (BLAS products)
+    # the fused per-slice kernels (attention_kernels.h: Lk, D, Dv whole vectors of 16 floats
+    # with AVX-512, 8 with AVX2): row blocks of 8 then 4, 2, 1 rows; 32-column chunks then a
+    # single vector; every mask form (keys, per row and key, one value per row, none)
+    (2, 3, 37, 48, 16, 32, (2, 1, 1, 48)),
+    (2, 3, 37, 48, 16, 32, (2, 1, 37, 48)),
+    (2, 3, 37, 48, 16, 32, (2, 3, 37, 1)),
+    (2, 3, 37, 48, 16, 32, (2, 1, 1, 1)),
+    (1, 2, 19, 32, 48, 16, None),
+    (1, 2, 8, 16, 16, 48, (1, 1, 8, 16)),
 ]
 IDS = [f"{c[2]}x{c[3]}x{c[4]}x{c[5]}-mask{c[6]}" for c in CASES]
 
@@ -82,12 +91,15 @@ def test_attention_matches_torch(case, layout):
 
 
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
-@pytest.mark.parametrize("mask_shape", [(2, 1, 5, 7), (2, 3, 5, 7)])
-def test_fully_masked_rows_give_uniform_weights(layout, mask_shape):
+@pytest.mark.parametrize("dims,mask_shape", [
+    ((5, 7, 3, 6), (2, 1, 5, 7)), ((5, 7, 3, 6), (2, 3, 5, 7)),
+    ((11, 32, 16, 16), (2, 1, 11, 32)),  # the fused kernels
+], ids=["5x7-mask-b1", "5x7-mask-bh", "fused-11x32"])
+def test_fully_masked_rows_give_uniform_weights(layout, dims, mask_shape):
     # every key of row 1 masked with -3.4e38: softmax (and torch) give uniform weights there,
     # forward and backward (P recomputed from the saved log-sum-exp must stay uniform too)
     scale = 0.5
-    inputs = make_inputs(2, 3, 5, 7, 3, 6, layout, mask_shape, full_row=True)
+    inputs = make_inputs(2, 3, *dims, layout, mask_shape, full_row=True)
     attrs = {"scale": scale, "layout": layout}
     (o,) = pyedge_run("Attention", inputs, attrs, domain="pyedge")
     want = run_ref(inputs, scale, layout)
@@ -106,10 +118,11 @@ def test_fully_masked_rows_give_uniform_weights(layout, mask_shape):
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
 @pytest.mark.parametrize("const", [[1], [0, 1], [0, 2], [1, 2]],
                          ids=["dQ+dV", "dV-only", "dK-only", "dQ-only"])
-def test_backward_with_some_inputs_frozen(layout, const):
+@pytest.mark.parametrize("dims", [(5, 7, 3, 6), (13, 32, 16, 32)], ids=["5x7", "fused-13x32"])
+def test_backward_with_some_inputs_frozen(layout, const, dims):
     # inputs listed in const_inputs take no gradient (din.data == nullptr): the op skips them
     # (dV only: no dP, dS at all) and the others are unchanged
-    inputs = make_inputs(2, 3, 5, 7, 3, 6, layout, (2, 1, 1, 7), seed=3)
+    inputs = make_inputs(2, 3, *dims, layout, (2, 1, 1, dims[1]), seed=3)
     attrs = {"scale": 0.7, "layout": layout}
     full = check_backward("Attention", inputs, torch_ref(0.7, layout), attrs, domain="pyedge")
     part = check_backward("Attention", inputs, torch_ref(0.7, layout), attrs, domain="pyedge",
@@ -129,8 +142,9 @@ def restore_threads():
 
 
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
-def test_one_and_two_threads_agree_exactly(layout, restore_threads):
-    inputs = make_inputs(2, 3, 33, 40, 16, 24, layout, (2, 1, 1, 40), seed=4)
+@pytest.mark.parametrize("dims", [(33, 40, 16, 24), (33, 48, 16, 32)], ids=["33x40", "fused-33x48"])
+def test_one_and_two_threads_agree_exactly(layout, dims, restore_threads):
+    inputs = make_inputs(2, 3, *dims, layout, (2, 1, 1, dims[1]), seed=4)
     attrs = {"scale": 0.25, "layout": layout}
     g = np.random.default_rng(9).standard_normal(
         pyedge_run("Attention", inputs, attrs, domain="pyedge")[0].shape).astype(np.float32)
@@ -201,15 +215,17 @@ def _session_model(fused, layout, B=2, H=3, L=6, D=4):
 
 
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
-def test_training_session_matches_the_unfused_chain(layout):
+@pytest.mark.parametrize("L,D", [(6, 4), (16, 16)], ids=["6x4", "fused-16x16"])
+def test_training_session_matches_the_unfused_chain(layout, L, D):
     # through the planner: hidden LSE output, backward_reads_*, fresh gradient buffers
-    B, H, L, D = 2, 3, 6, 4
+    B, H = 2, 3
     mask = np.zeros((B, 1, 1, L), np.float32)
     mask[1, ..., -2:] = MASKED
     rng = np.random.default_rng(12)
     target = rng.standard_normal((B, H, L, D) if layout == "bhld" else (B, L, H, D)
                                  ).astype(np.float32)
-    sess = {f: pyedge.TrainingSession(_session_model(f, layout), train=["q", "k", "v"],
+    sess = {f: pyedge.TrainingSession(_session_model(f, layout, B, H, L, D),
+                                      train=["q", "k", "v"],
                                       loss="mse", optimizer=pyedge.SGD(lr=0.1), fuse=False)
             for f in (True, False)}
     for _ in range(3):

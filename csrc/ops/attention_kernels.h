@@ -1,0 +1,466 @@
+// Per-slice kernels of pyedge.Attention's fused path (attention.cpp), over the widest SIMD
+// backend S (simd::Native): one (b, h) slice at a time, query rows in blocks of MR = 8 so that
+// a block's scores [MR, Lk] (4 KiB on MiniLM) go from the score product through mask, max,
+// exp and sum to the next product while they are in L1.
+//
+// Why not small_gemm plus row passes over the whole tile (the general path): on MiniLM's
+// slices (L = Lk = 128, D = Dv = 32, "blhd") the separate sweeps over a 64 KiB score tile, its
+// round trips through L2, the 4x4 transposes and the strided K, V and Q rows (which thrash a
+// few L1 sets, see pack_rows) cost about a third of the op's time.
+//
+// Products: MR rows x NV vectors of C in registers accumulate over k from rows of a dense,
+// row-major B; A is read by strides (A(r, k) = A[r * sr + k * sk]) and only feeds broadcasts,
+// so a transposed A (Eᵀ·dO, dSᵀ·Q) costs nothing extra. Sums run in a fixed order per slice,
+// so results do not depend on the thread count.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "common/simd.h"
+#include "ops/fast_math.h"
+
+namespace pyedge {
+namespace attn {
+
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kRegs = 32;
+#else
+constexpr int kRegs = 16;
+#endif
+
+template <class S>
+struct Blk {
+  // 8 rows x 2 vectors = 16 accumulators + 2 B vectors + a broadcast fit 32 registers
+  // (AVX-512: 8 x 32 floats, a block of MiniLM's 128 x 32 outputs); 4 x 2 fit 16.
+  static constexpr int NV = 2;
+  static constexpr int MR = kRegs >= 32 ? 8 : 4;
+};
+
+// e^x for x <= 0 (a score minus its row max or its LSE), simd::exp's polynomial without
+// its overflow branch. Below -87.3 (masked keys) the result is exactly 0; NaN stays NaN.
+template <class S>
+PYEDGE_SIMD_INLINE typename S::V exp_le0(typename S::V x) {
+  using V = typename S::V;
+  const V lo = S::set1(-87.3f);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<S, simd::Avx512>) {
+    // 16 instead of 22 instructions: one rounding instruction for the magic-number pair, and
+    // the 2^n scaling (with the zeroing of x < lo) as one masked vscalefps instead of the
+    // exponent-bit construction, two multiplies and a blend. Differs from simd::exp only for
+    // x in [-87.3, -87.0) (n = -126): ~1e-38 there, where simd::exp flushes to 0.
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
+    const V xc = S::max(lo, x);  // second operand on NaN: keeps it
+    const V nf = _mm512_roundscale_ps(S::mul(xc, S::set1(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    V r = S::fma(nf, S::set1(-0.693359375f), xc);
+    r = S::fma(nf, S::set1(2.12194440e-4f), r);
+    V p = S::set1(1.9875691500E-4f);
+    p = S::fma(p, r, S::set1(1.3981999507E-3f));
+    p = S::fma(p, r, S::set1(8.3334519073E-3f));
+    p = S::fma(p, r, S::set1(4.1665795894E-2f));
+    p = S::fma(p, r, S::set1(1.6666665459E-1f));
+    p = S::fma(p, r, S::set1(5.0000001201E-1f));
+    p = S::fma(S::mul(p, r), r, S::add(r, S::set1(1.f)));
+    return _mm512_maskz_scalef_ps(keep, p, nf);
+  }
+#endif
+  const auto tiny = S::lt(x, lo);
+  const V xc = S::max(lo, x);
+  const V t = S::mul(xc, S::set1(1.44269504088896341f));
+  const V magic = S::set1(12582912.f);
+  const V nf = S::sub(S::add(t, magic), magic);
+  V r = S::fma(nf, S::set1(-0.693359375f), xc);
+  r = S::fma(nf, S::set1(2.12194440e-4f), r);
+  V p = S::set1(1.9875691500E-4f);
+  p = S::fma(p, r, S::set1(1.3981999507E-3f));
+  p = S::fma(p, r, S::set1(8.3334519073E-3f));
+  p = S::fma(p, r, S::set1(4.1665795894E-2f));
+  p = S::fma(p, r, S::set1(1.6666665459E-1f));
+  p = S::fma(p, r, S::set1(5.0000001201E-1f));
+  p = S::fma(S::mul(p, r), r, S::add(r, S::set1(1.f)));
+  // 2^(n-1) * 2 so that n = 128 still has a valid exponent (as simd::exp)
+  V v = S::mul(S::mul(p, S::pow2n(S::sub(nf, S::set1(1.f)))), S::set1(2.f));
+  return S::select(tiny, S::set1(0.f), v);
+}
+
+// acc[r][v] = Σ_k A(r, k) · B[k * ldb + v * W], r < MR, v < NV.
+template <class S, int MR, int NV>
+PYEDGE_SIMD_INLINE void block(int64_t K, const float* A, int64_t sr, int64_t sk, const float* B,
+                              int64_t ldb, typename S::V (&acc)[MR][NV]) {
+  using V = typename S::V;
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = S::set1(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = S::load(B + k * ldb + v * S::W);
+    for (int r = 0; r < MR; ++r) {
+      const V a = S::set1(A[r * sr + k * sk]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = S::fma(a, b[v], acc[r][v]);
+    }
+  }
+}
+
+// Where a product's C rows go: C[i, j] = rs[i] · acc + (add ? C[i, j] : 0), with rs absent
+// meaning 1. add = false assigns (C is not read: a fresh gradient may hold anything).
+struct Out {
+  float* C;
+  int64_t ldc;
+  const float* rs = nullptr;
+  bool add = false;
+};
+
+// Rows [i, i + MR) of C [M, N] = A · B, in chunks of NV vectors (then single vectors); N is a
+// multiple of W. Not inlined: in a function of its own the k loop
+// keeps the accumulators, B vectors and row pointers in registers (inlined into a slice
+// function, GCC spilled B vectors and row pointers to the stack).
+template <class S, int MR>
+__attribute__((noinline)) void rows_of(int64_t i, int64_t N, int64_t K, const float* A,
+                                       int64_t sr, int64_t sk, const float* B, int64_t ldb,
+                                       Out out) {
+  using V = typename S::V;
+  constexpr int NV = Blk<S>::NV, W = S::W;
+  const float* a = A + i * sr;
+  float* C = out.C + i * out.ldc;
+  auto put = [&](int r, int64_t j, V x) {
+    float* c = C + r * out.ldc + j;
+    if (out.rs) x = S::mul(x, S::set1(out.rs[i + r]));
+    S::store(c, out.add ? S::add(x, S::load(c)) : x);
+  };
+  int64_t j = 0;
+  for (; j + NV * W <= N; j += NV * W) {
+    V acc[MR][NV];
+    block<S, MR, NV>(K, a, sr, sk, B + j, ldb, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) put(r, j + v * W, acc[r][v]);
+  }
+  for (; j < N; j += W) {
+    V acc[MR][1];
+    block<S, MR, 1>(K, a, sr, sk, B + j, ldb, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) put(r, j, acc[r][0]);
+  }
+}
+
+// C [M, N] = A [M, K] · B [K, N] into out, rows in blocks of MR, then 4, 2, 1.
+template <class S>
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sr, int64_t sk,
+                 const float* B, int64_t ldb, Out out) {
+  constexpr int MR = Blk<S>::MR;
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) rows_of<S, MR>(i, N, K, A, sr, sk, B, ldb, out);
+  if (MR > 4 && i + 4 <= M) {
+    rows_of<S, 4>(i, N, K, A, sr, sk, B, ldb, out);
+    i += 4;
+  }
+  if (i + 2 <= M) {
+    rows_of<S, 2>(i, N, K, A, sr, sk, B, ldb, out);
+    i += 2;
+  }
+  if (i < M) rows_of<S, 1>(i, N, K, A, sr, sk, B, ldb, out);
+}
+
+// dst [cols, rows] (row stride ldd) = a · src [rows, cols] (row stride lds)ᵀ: the row-major
+// B operand of the score products (K scaled, V). 16x16 blocks through AVX-512 registers
+// (64 two-source shuffles per block), the edges element by element.
+inline void pack_t(const float* src, int64_t lds, int64_t rows, int64_t cols, float a,
+                   float* dst, int64_t ldd) {
+  int64_t r16 = 0, c16 = 0;
+#if defined(__AVX512F__)
+  r16 = rows & ~int64_t(15);
+  c16 = cols & ~int64_t(15);
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t r0 = 0; r0 < r16; r0 += 16)
+    for (int64_t c0 = 0; c0 < c16; c0 += 16) {
+      __m512 x[16], t[16];
+      for (int i = 0; i < 16; ++i) x[i] = _mm512_mul_ps(_mm512_loadu_ps(src + (r0 + i) * lds + c0), va);
+      // within each 128-bit lane: pairs of rows interleaved, then groups of four rows
+      for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(x[i], x[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(x[i], x[i + 1]);
+      }
+      for (int g = 0; g < 16; g += 4) {
+        x[g] = _mm512_shuffle_ps(t[g], t[g + 2], 0x44);
+        x[g + 1] = _mm512_shuffle_ps(t[g], t[g + 2], 0xEE);
+        x[g + 2] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+        x[g + 3] = _mm512_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+      }
+      // x[4g + c]: rows 4g..4g+3 of columns c, c+4, c+8, c+12 (one per lane); gather lanes
+      for (int c = 0; c < 4; ++c) {
+        const __m512 x0 = _mm512_shuffle_f32x4(x[c], x[4 + c], 0x88);
+        const __m512 x1 = _mm512_shuffle_f32x4(x[c], x[4 + c], 0xDD);
+        const __m512 y0 = _mm512_shuffle_f32x4(x[8 + c], x[12 + c], 0x88);
+        const __m512 y1 = _mm512_shuffle_f32x4(x[8 + c], x[12 + c], 0xDD);
+        _mm512_storeu_ps(dst + (c0 + c) * ldd + r0, _mm512_shuffle_f32x4(x0, y0, 0x88));
+        _mm512_storeu_ps(dst + (c0 + c + 4) * ldd + r0, _mm512_shuffle_f32x4(x1, y1, 0x88));
+        _mm512_storeu_ps(dst + (c0 + c + 8) * ldd + r0, _mm512_shuffle_f32x4(x0, y0, 0xDD));
+        _mm512_storeu_ps(dst + (c0 + c + 12) * ldd + r0, _mm512_shuffle_f32x4(x1, y1, 0xDD));
+      }
+    }
+#endif
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = r < r16 ? c16 : 0; c < cols; ++c) dst[c * ldd + r] = a * src[r * lds + c];
+}
+
+// dst [rows, cols] (row stride cols) = src [rows, cols] (row stride lds): a strided operand
+// made dense. In the "blhd" layout a slice's rows are 1.5 KiB apart (H·D floats): 128 such
+// rows fall into 16 of L1's 64 sets, more lines than those sets hold, so a product streaming
+// them through every row block misses L1 each time (and evicts the Kᵀ panel's lines).
+template <class S>
+inline void pack_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst) {
+  if (lds == cols) {
+    std::memcpy(dst, src, sizeof(float) * size_t(rows * cols));
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; c += S::W) S::store(dst + r * cols + c, S::load(src + r * lds + c));
+}
+
+// One slice's operands: row pointers and row strides, sizes, the mask rows (row i at
+// mask + i * ldm; `one`: a single value per row, else Lk values), the score scale.
+struct Slice {
+  int64_t L = 0, Lk = 0, D = 0, Dv = 0;
+  const float *q = nullptr, *k = nullptr, *v = nullptr, *mask = nullptr;
+  int64_t ldq = 0, ldk = 0, ldv = 0, ldm = 0;
+  bool one = false;
+  float scale = 1.f;
+};
+
+// An operand of the next slice to bring towards L2 while this slice computes: [rows, cols]
+// at p with row stride ld, to be read (or written: prefetchw, so the stores find the lines
+// owned). Software prefetch because a slice's rows are scattered lines (blhd: 128 rows of
+// 128 bytes, 1.5 KiB apart) that the hardware prefetchers did not bring in time.
+struct Ahead {
+  const float* p = nullptr;
+  int64_t ld = 0, rows = 0, cols = 0;
+  bool write = false;
+};
+
+// Part `part` of `parts` of each operand's rows (a part per row block of this slice).
+// Always inlined: GCC takes a function made of prefetches for a pure one and drops calls.
+PYEDGE_SIMD_INLINE void prefetch_part(const Ahead* a, int n, int64_t part, int64_t parts) {
+  for (int t = 0; t < n; ++t) {
+    const Ahead& x = a[t];
+    for (int64_t r = x.rows * part / parts, r1 = x.rows * (part + 1) / parts; r < r1; ++r)
+      for (int64_t c = 0; c < x.cols; c += 16) {
+        if (x.write) __builtin_prefetch(x.p + r * x.ld + c, 1, 2);
+        else __builtin_prefetch(x.p + r * x.ld + c, 0, 2);
+      }
+  }
+}
+
+// Whether the fused path takes these sizes: whole vectors along Lk, D and Dv, every dim
+// within small_gemm's range (larger products go to BLAS, see attention.cpp).
+template <class S>
+inline bool fits(int64_t L, int64_t Lk, int64_t D, int64_t Dv) {
+  constexpr int W = S::W;
+  return L >= 1 && Lk >= 1 && D >= 1 && Dv >= 1 && Lk % W == 0 && D % W == 0 && Dv % W == 0 &&
+         L <= 512 && Lk <= 512 && D <= 512 && Dv <= 512;
+}
+
+// Floats of scratch forward_slice needs: the scaled Kᵀ panel [D, Lk], dense V [Lk, Dv], a
+// score strip [MR, Lk] and the row sums [L].
+template <class S>
+inline int64_t forward_floats(int64_t L, int64_t Lk, int64_t D, int64_t Dv) {
+  return D * Lk + Lk * Dv + Blk<S>::MR * Lk + L;
+}
+
+// Passes over R rows of a strip in L1 (row stride ld, n columns, n a multiple of W), the rows
+// interleaved: one row at a time, each row's chain (max, then exp, then the sum) left the
+// core idle between rows (~2x slower). Sums run in a fixed order.
+
+// Columns [j, j + W) of mask row r at m + r * ldm (Lk values, or one value when `one`).
+template <class S>
+PYEDGE_SIMD_INLINE typename S::V mask_vec(const float* m, int64_t ldm, bool one, int r,
+                                         int64_t j) {
+  return one ? S::set1(m[r * ldm]) : S::load(m + r * ldm + j);
+}
+
+// x = exp(x + mask − c_r) with c_r = max(x + mask) when `lse` is null (forward; c_r goes to
+// cmax[r]) or c_r = lse[r] (backward); sum[r] = Σ x.
+template <class S, int R>
+inline void exp_rows(float* x, int64_t ld, int64_t n, const float* m, int64_t ldm, bool one,
+                     const float* lse, float* cmax, float* sum) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  V c[R], acc[R];
+  if (!lse) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) c[r] = S::set1(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < n; j += W)
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        V v = S::load(x + r * ld + j);
+        if (m) {
+          v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
+          S::store(x + r * ld + j, v);
+        }
+        c[r] = S::max(v, c[r]);
+      }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      cmax[r] = S::hmax(c[r]);
+      c[r] = S::set1(cmax[r]);
+    }
+    m = nullptr;  // added above
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) c[r] = S::set1(lse[r]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = S::set1(0.f);
+  for (int64_t j = 0; j < n; j += W)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      V v = S::load(x + r * ld + j);
+      if (m) v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
+      v = exp_le0<S>(S::sub(v, c[r]));
+      S::store(x + r * ld + j, v);
+      acc[r] = S::add(acc[r], v);
+    }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) sum[r] = S::hsum(acc[r]);
+}
+
+// g = scale · (e / sum_r) ∘ (g − Σⱼ eⱼ gⱼ / sum_r) in place, inv[r] = 1 / sum_r: dS from dP
+// and E.
+template <class S, int R>
+inline void ds_rows(float* g, const float* e, int64_t ld, int64_t n, const float* inv,
+                    float scale) {
+  using V = typename S::V;
+  constexpr int W = S::W;
+  V acc[R], di[R], c[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = S::set1(0.f);
+  for (int64_t j = 0; j < n; j += W)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      acc[r] = S::fma(S::load(e + r * ld + j), S::load(g + r * ld + j), acc[r]);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    di[r] = S::set1(inv[r] * S::hsum(acc[r]));
+    c[r] = S::set1(scale * inv[r]);
+  }
+  for (int64_t j = 0; j < n; j += W)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const V v = S::sub(S::load(g + r * ld + j), di[r]);
+      S::store(g + r * ld + j, S::mul(c[r], S::mul(S::load(e + r * ld + j), v)));
+    }
+}
+
+// Forward of one slice: O [L, Dv] (row stride ldo) = softmax(scale·q·kᵀ + mask) · v and
+// LSE [L], as attention.cpp's header describes. Per block of MR query rows: scores into the
+// strip, mask, row max, exp and sum in place, O rows = strip · v scaled by 1/sum on the way
+// out of the registers. The rows' logs go in one vector loop at the end.
+template <class S>
+void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scratch,
+                   const Ahead* ahead = nullptr, int n_ahead = 0) {
+  constexpr int MR = Blk<S>::MR;
+  const int64_t L = s.L, Lk = s.Lk, D = s.D, Dv = s.Dv;
+  float* kt = scratch;           // [D, Lk]
+  float* vp = kt + D * Lk;       // [Lk, Dv]
+  float* strip = vp + Lk * Dv;   // [MR, Lk]
+  float* sum = strip + MR * Lk;  // [L]
+  pack_t(s.k, s.ldk, Lk, D, s.scale, kt, Lk);
+  pack_rows<S>(s.v, s.ldv, Lk, Dv, vp);
+  float inv[MR];
+  for (int64_t i0 = 0; i0 < L; i0 += MR) {
+    const int64_t rows = std::min<int64_t>(MR, L - i0);
+    const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
+    prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
+    gemm<S>(rows, Lk, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {strip, Lk});
+    if (rows == MR) {
+      exp_rows<S, MR>(strip, Lk, Lk, m, s.ldm, s.one, nullptr, lse + i0, sum + i0);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        exp_rows<S, 1>(strip + r * Lk, Lk, Lk, m ? m + r * s.ldm : nullptr, s.ldm, s.one,
+                       nullptr, lse + i0 + r, sum + i0 + r);
+    }
+    for (int64_t r = 0; r < rows; ++r) inv[r] = 1.f / sum[i0 + r];
+    gemm<S>(rows, Dv, Lk, strip, Lk, 1, vp, Dv, {o + i0 * ldo, ldo, inv});
+  }
+  for (int64_t i = 0; i < L; ++i) lse[i] += fm::log(sum[i]);
+}
+
+// Floats of scratch backward_slice needs: E [L, Lk], Kᵀ·scale [D, Lk], 1/rowsum(E) [L];
+// dO/rowsum(E) [L, Dv] (dv); dS [L, Lk], Vᵀ [Dv, Lk], dense k [Lk, D], dense q [L, D] (ds).
+inline int64_t backward_floats(int64_t L, int64_t Lk, int64_t D, int64_t Dv, bool ds, bool dv) {
+  return L * Lk + D * Lk + L + (dv ? L * Dv : 0) + (ds ? L * Lk + Dv * Lk + Lk * D + L * D : 0);
+}
+
+// Backward of one slice (attention.cpp's header has the formulas), gradients into Out
+// (add: beta 1). Per block of MR query rows, while its rows are in L1: E = exp(scale·q·kᵀ +
+// mask − LSE) and its row sums, dP = dO·vᵀ, dS = scale·P∘(dP − Σⱼ Pᵢⱼ dPᵢⱼ), the block's dQ
+// rows = dS·k. Then dV = Eᵀ·(dO/rowsum(E)) and dK = dSᵀ·q over all rows.
+template <class S>
+void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t lddo,
+                    const Out* dq, const Out* dk, const Out* dv, float* scratch,
+                    const Ahead* ahead = nullptr, int n_ahead = 0) {
+  using V = typename S::V;
+  constexpr int MR = Blk<S>::MR, W = S::W;
+  const int64_t L = s.L, Lk = s.Lk, D = s.D, Dv = s.Dv;
+  const bool ds_wanted = dq || dk;
+  float* E = scratch;           // [L, Lk]
+  float* kt = E + L * Lk;       // [D, Lk]
+  float* inv = kt + D * Lk;     // [L]
+  float* dOs = inv + L;         // [L, Dv] (dv)
+  float* dS = nullptr;          // [L, Lk] (ds), then Vᵀ [Dv, Lk], k [Lk, D], q [L, D]
+  float *vt = nullptr, *kc = nullptr, *qc = nullptr;
+  pack_t(s.k, s.ldk, Lk, D, s.scale, kt, Lk);
+  if (ds_wanted) {
+    dS = dOs + (dv ? L * Dv : 0);
+    vt = dS + L * Lk;
+    kc = vt + Dv * Lk;
+    qc = kc + Lk * D;
+    pack_t(s.v, s.ldv, Lk, Dv, 1.f, vt, Lk);
+    pack_rows<S>(s.k, s.ldk, Lk, D, kc);
+    pack_rows<S>(s.q, s.ldq, L, D, qc);
+  }
+  for (int64_t i0 = 0; i0 < L; i0 += MR) {
+    const int64_t rows = std::min<int64_t>(MR, L - i0);
+    const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
+    float* e = E + i0 * Lk;
+    prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
+    gemm<S>(rows, Lk, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {e, Lk});
+    // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
+    // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
+    if (rows == MR) {
+      exp_rows<S, MR>(e, Lk, Lk, m, s.ldm, s.one, lse + i0, nullptr, inv + i0);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        exp_rows<S, 1>(e + r * Lk, Lk, Lk, m ? m + r * s.ldm : nullptr, s.ldm, s.one,
+                       lse + i0 + r, nullptr, inv + i0 + r);
+    }
+    for (int64_t r = 0; r < rows; ++r) inv[i0 + r] = 1.f / inv[i0 + r];
+    const float* go = dO + i0 * lddo;
+    if (dv)
+      for (int64_t r = 0; r < rows; ++r) {
+        const V c = S::set1(inv[i0 + r]);
+        for (int64_t j = 0; j < Dv; j += W)
+          S::store(dOs + (i0 + r) * Dv + j, S::mul(S::load(go + r * lddo + j), c));
+      }
+    if (!ds_wanted) continue;
+    float* g = dS + i0 * Lk;
+    gemm<S>(rows, Lk, Dv, go, lddo, 1, vt, Lk, {g, Lk});  // dP
+    if (rows == MR) {
+      ds_rows<S, MR>(g, e, Lk, Lk, inv + i0, s.scale);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        ds_rows<S, 1>(g + r * Lk, e + r * Lk, Lk, Lk, inv + i0 + r, s.scale);
+    }
+    if (dq)  // dQ rows [rows, D] = dS rows · k
+      gemm<S>(rows, D, Lk, g, Lk, 1, kc, D, {dq->C + i0 * dq->ldc, dq->ldc, nullptr, dq->add});
+  }
+  if (dv)  // dV [Lk, Dv] = Eᵀ · dOs
+    gemm<S>(Lk, Dv, L, E, 1, Lk, dOs, Dv, *dv);
+  if (dk)  // dK [Lk, D] = dSᵀ · q
+    gemm<S>(Lk, D, L, dS, 1, Lk, qc, D, *dk);
+}
+
+}  // namespace attn
+}  // namespace pyedge
