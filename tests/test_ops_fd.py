@@ -93,6 +93,14 @@ CASES = [
     # batched with 17 columns: small_gemm's vector block plus a remainder column
     ("matmul_small_gemm", "pyedge.MatMul", [R(2, 3, 5), R(2, 17, 5, seed=1)], {"trans_b": 1}, 17,
      lambda a, b: a @ np.swapaxes(b, -1, -2)),
+    # LoRA on its base weight: the merged-weight GEMM and the chunked adapter gradients
+    # (skinny8_gemm with an odd K, small_gemm for dBᵀ and dA), and trans_w with a bias
+    ("lora_matmul", "pyedge.LoraMatMul", [R(40, 9), R(9, 7, seed=1), R(3, 9, seed=2),
+                                          R(7, 3, seed=3)], {"scale": 0.5}, 17,
+     lambda x, w, a, b: x @ w + 0.5 * (x @ a.T) @ b.T),
+    ("lora_matmul_linear", "pyedge.LoraMatMul", [R(70, 16), R(20, 16, seed=1), R(8, 16, seed=2),
+                                                 R(20, 8, seed=3), R(20, seed=4)],
+     {"scale": 2.0, "trans_w": 1}, 17, lambda x, w, a, b, c: x @ w.T + 2.0 * (x @ a.T) @ b.T + c),
     # fused attention, L != Lk and D != Dv, a mask over [B, 1, L, Lk] (no mask gradient)
     ("attention", "pyedge.Attention",
      [R(2, 2, 3, 4), R(2, 2, 5, 4, seed=1), R(2, 2, 5, 3, seed=2), R(2, 1, 3, 5, seed=3)],
