@@ -254,6 +254,22 @@ using Native = Scalar;
 #endif
 
 // ---------------------------------------------------------------- math over any backend
+// e^(x - n·ln2) for n = round(x / ln2) given as nf (Cephes expf: two-part ln2, then a
+// polynomial on |r| <= ln2/2): what every exp here computes before scaling by 2^n.
+template <class S>
+PYEDGE_SIMD_INLINE typename S::V exp_reduced(typename S::V x, typename S::V nf) {
+  using V = typename S::V;
+  V r = S::fma(nf, S::set1(-0.693359375f), x);
+  r = S::fma(nf, S::set1(2.12194440e-4f), r);
+  V p = S::set1(1.9875691500E-4f);
+  p = S::fma(p, r, S::set1(1.3981999507E-3f));
+  p = S::fma(p, r, S::set1(8.3334519073E-3f));
+  p = S::fma(p, r, S::set1(4.1665795894E-2f));
+  p = S::fma(p, r, S::set1(1.6666665459E-1f));
+  p = S::fma(p, r, S::set1(5.0000001201E-1f));
+  return S::fma(S::mul(p, r), r, S::add(r, S::set1(1.f)));
+}
+
 // e^x (fast_math.h's fm::exp): 0 below -87.3, +inf above ln(FLT_MAX), NaN for NaN.
 template <class S>
 PYEDGE_SIMD_INLINE typename S::V exp(typename S::V x) {
@@ -265,15 +281,7 @@ PYEDGE_SIMD_INLINE typename S::V exp(typename S::V x) {
   const V t = S::mul(xc, S::set1(1.44269504088896341f));
   const V magic = S::set1(12582912.f);
   const V nf = S::sub(S::add(t, magic), magic);
-  V r = S::fma(nf, S::set1(-0.693359375f), xc);
-  r = S::fma(nf, S::set1(2.12194440e-4f), r);
-  V p = S::set1(1.9875691500E-4f);
-  p = S::fma(p, r, S::set1(1.3981999507E-3f));
-  p = S::fma(p, r, S::set1(8.3334519073E-3f));
-  p = S::fma(p, r, S::set1(4.1665795894E-2f));
-  p = S::fma(p, r, S::set1(1.6666665459E-1f));
-  p = S::fma(p, r, S::set1(5.0000001201E-1f));
-  p = S::fma(S::mul(p, r), r, S::add(r, S::set1(1.f)));
+  const V p = exp_reduced<S>(xc, nf);
   // 2^(n-1) * 2 so that n = 128 still has a valid exponent
   V v = S::mul(S::mul(p, S::pow2n(S::sub(nf, S::set1(1.f)))), S::set1(2.f));
   return S::select(tiny, S::set1(0.f), S::select(huge, S::set1(INFINITY), v));

@@ -65,14 +65,8 @@ struct GeluErfK : UnaryKernel {
   // density term, so the backward evaluates one exp, not two.
   static float cdf(float x, float& e) {
     const float a = std::fabs(x) * 0.7071067811865476f;
-    const float t = 1.f / (1.f + 0.3275911f * a);
-    float q = 1.061405429f;
-    q = q * t - 1.453152027f;
-    q = q * t + 1.421413741f;
-    q = q * t - 0.284496736f;
-    q = q * t + 0.254829592f;
     e = fm::exp(-a * a);
-    return 0.5f + 0.5f * std::copysign(1.f - q * t * e, x);
+    return 0.5f + 0.5f * std::copysign(1.f - fm::erfc_as_factor(a) * e, x);
   }
   float f(float x) const {
     float e;

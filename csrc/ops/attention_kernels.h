@@ -55,16 +55,7 @@ PYEDGE_SIMD_INLINE typename S::V exp_le0(typename S::V x) {
     const V xc = S::max(lo, x);  // second operand on NaN: keeps it
     const V nf = _mm512_roundscale_ps(S::mul(xc, S::set1(1.44269504088896341f)),
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    V r = S::fma(nf, S::set1(-0.693359375f), xc);
-    r = S::fma(nf, S::set1(2.12194440e-4f), r);
-    V p = S::set1(1.9875691500E-4f);
-    p = S::fma(p, r, S::set1(1.3981999507E-3f));
-    p = S::fma(p, r, S::set1(8.3334519073E-3f));
-    p = S::fma(p, r, S::set1(4.1665795894E-2f));
-    p = S::fma(p, r, S::set1(1.6666665459E-1f));
-    p = S::fma(p, r, S::set1(5.0000001201E-1f));
-    p = S::fma(S::mul(p, r), r, S::add(r, S::set1(1.f)));
-    return _mm512_maskz_scalef_ps(keep, p, nf);
+    return _mm512_maskz_scalef_ps(keep, simd::exp_reduced<S>(xc, nf), nf);
   }
 #endif
   const auto tiny = S::lt(x, lo);
@@ -72,15 +63,7 @@ PYEDGE_SIMD_INLINE typename S::V exp_le0(typename S::V x) {
   const V t = S::mul(xc, S::set1(1.44269504088896341f));
   const V magic = S::set1(12582912.f);
   const V nf = S::sub(S::add(t, magic), magic);
-  V r = S::fma(nf, S::set1(-0.693359375f), xc);
-  r = S::fma(nf, S::set1(2.12194440e-4f), r);
-  V p = S::set1(1.9875691500E-4f);
-  p = S::fma(p, r, S::set1(1.3981999507E-3f));
-  p = S::fma(p, r, S::set1(8.3334519073E-3f));
-  p = S::fma(p, r, S::set1(4.1665795894E-2f));
-  p = S::fma(p, r, S::set1(1.6666665459E-1f));
-  p = S::fma(p, r, S::set1(5.0000001201E-1f));
-  p = S::fma(S::mul(p, r), r, S::add(r, S::set1(1.f)));
+  const V p = simd::exp_reduced<S>(xc, nf);
   // 2^(n-1) * 2 so that n = 128 still has a valid exponent (as simd::exp)
   V v = S::mul(S::mul(p, S::pow2n(S::sub(nf, S::set1(1.f)))), S::set1(2.f));
   return S::select(tiny, S::set1(0.f), v);

@@ -128,6 +128,18 @@ PYEDGE_FM_INLINE float tanh(float x) {
   return sel(ax < 0.625f, small, std::copysign(big, x));
 }
 
+// Abramowitz & Stegun 7.1.26: erfc(a) = f(a)·e^(−a²) for a >= 0 with |error| <= 1.5e-7;
+// this returns f(a) = q(t)·t, t = 1/(1 + 0.3275911·a).
+PYEDGE_FM_INLINE float erfc_as_factor(float a) {
+  const float t = 1.f / (1.f + 0.3275911f * a);
+  float q = 1.061405429f;
+  q = q * t - 1.453152027f;
+  q = q * t + 1.421413741f;
+  q = q * t - 0.284496736f;
+  q = q * t + 0.254829592f;
+  return q * t;
+}
+
 PYEDGE_FM_INLINE float erf(float x) {
   const float ax = std::fabs(x);
   // |x| < 0.5: Maclaurin series 2/sqrt(pi) * x * (1 - z/3 + z^2/10 - z^3/42 + z^4/216 - z^5/1320)
@@ -140,13 +152,7 @@ PYEDGE_FM_INLINE float erf(float x) {
   s = s * z + 1.f;
   const float small = 1.12837916709551257f * x * s;
   // otherwise Abramowitz & Stegun 7.1.26
-  const float t = 1.f / (1.f + 0.3275911f * ax);
-  float q = 1.061405429f;
-  q = q * t - 1.453152027f;
-  q = q * t + 1.421413741f;
-  q = q * t - 0.284496736f;
-  q = q * t + 0.254829592f;
-  const float big = 1.f - q * t * exp(-z);
+  const float big = 1.f - erfc_as_factor(ax) * exp(-z);
   return sel(ax < 0.5f, small, std::copysign(big, x));
 }
 
