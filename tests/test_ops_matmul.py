@@ -56,6 +56,13 @@ def test_gemm(ta, tb, c):
     check_backward("Gemm", inputs, ref, attrs)
 
 
+def _lora_ref(trans_w, s):
+    def ref(x, W, A, B, b=None):
+        y = x @ (W.T if trans_w else W) + s * (x @ A.T) @ B.T
+        return y if b is None else y + b
+    return ref
+
+
 @pytest.mark.parametrize("trans_w,bias,x_shape", [(0, False, (2, 3, 6)), (1, True, (4, 6)),
                                                   (1, False, (2, 2, 3, 6))])
 def test_lora_matmul_matches_peft_formula(trans_w, bias, x_shape):
@@ -65,11 +72,7 @@ def test_lora_matmul_matches_peft_formula(trans_w, bias, x_shape):
     A, B = randn(r, k), randn(n, r)
     ins = [x, W, A, B] + ([randn(n)] if bias else [])
     attrs = {"scale": s, "trans_w": trans_w}
-
-    def ref(x, W, A, B, b=None):
-        base = x @ (W.T if trans_w else W)
-        y = base + s * (x @ A.T) @ B.T
-        return y if b is None else y + b
+    ref = _lora_ref(trans_w, s)
     out = _core.run_op("LoraMatMul", ins, attrs, domain="pyedge")[0][0]
     with torch.no_grad():
         expect = ref(*[torch.tensor(t) for t in ins]).numpy()
@@ -89,13 +92,6 @@ def test_lora_matmul_dropout_masks_adapter_path_only():
     base = _core.run_op("LoraMatMul", [x, W, A, np.zeros_like(B)], attrs, domain="pyedge",
                         training=True, seed=3)[0][0]
     np.testing.assert_allclose(base, x @ W, rtol=1e-4, atol=1e-4)
-
-
-def _lora_ref(trans_w, s):
-    def ref(x, W, A, B, b=None):
-        y = x @ (W.T if trans_w else W) + s * (x @ A.T) @ B.T
-        return y if b is None else y + b
-    return ref
 
 
 # Many rows: the forward runs one GEMM on the merged weight W + s·B·A, the adapter gradients

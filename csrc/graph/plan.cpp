@@ -360,11 +360,12 @@ void Plan::build(const Model& model, const PlanRequest& req) {
   };
   for (int b = 0; b < int(bwd_.size()); ++b) {
     Step& s = bwd_[size_t(b)];
+    // The step reads its outputs' gradients (skipped or not: a shared buffer lives on).
+    for (int v : s.out_ids)
+      if (has_grad[size_t(v)] && !trainable[size_t(v)]) gend[size_t(v)] = std::max(gend[size_t(v)], F + b);
     if (s.op->both_grads_are_dy(s.need_grad) && share_both(b, s)) {
       s.skip = true;
       ++stats_.passthrough_backward_ops;
-      for (int v : s.out_ids)
-        if (has_grad[size_t(v)] && !trainable[size_t(v)]) gend[size_t(v)] = std::max(gend[size_t(v)], F + b);
       continue;
     }
     const int through = s.op->passthrough_input(s.need_grad);
@@ -399,8 +400,6 @@ void Plan::build(const Model& model, const PlanRequest& req) {
       }
       gend[size_t(v)] = std::max(gend[size_t(v)], F + b);
     }
-    for (int v : s.out_ids)
-      if (has_grad[size_t(v)] && !trainable[size_t(v)]) gend[size_t(v)] = std::max(gend[size_t(v)], F + b);
   }
   if (loss_ >= 0) gstart[size_t(loss_)] = F - 1;
   // A shared buffer lives from its root's first writer to the last use of any sharer.
