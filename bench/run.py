@@ -113,7 +113,7 @@ def main(argv=None):
                     help="comma list of 1..5 (5 = the k=1..6 sweep; 5k3 = one point)")
     ap.add_argument("--engines", default=",".join(ENGINES))
     ap.add_argument("--steps", type=int, default=None,
-                    help="timed steps per run (default: 10; W2 300, W3 100)")
+                    help="timed steps per run (default: 20 for W1 and W4, 10 for W5; W2 300, W3 100)")
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed steps first (default: 3; W2 30, W3 10)")
     ap.add_argument("--repeats", type=int, default=None,
