@@ -162,6 +162,24 @@ def test_softmax_cross_entropy_vs_finite_differences():
     np.testing.assert_allclose(grads[0], fd[0], rtol=1e-4, atol=1e-5)
 
 
+def test_gelu_accuracy_and_position_independence():
+    # Value and derivative against float64 math.erf over [-12, 12] (as the torch test in
+    # test_ops_elementwise.py, but also on aarch64). An element's result must not depend on
+    # where it sits: in a full SIMD vector or in a chunk's padded last vector.
+    x = np.linspace(-12, 12, 48001).astype(np.float32)
+    (y,), (dx,) = _core.run_op("Gelu", [x], opset=20, grad_outputs=[np.ones_like(x)])
+    xd = x.astype(np.float64)
+    cdf = 0.5 * (1 + _erf(xd / np.sqrt(2)))
+    np.testing.assert_allclose(y, xd * cdf, rtol=1e-6, atol=3e-7)
+    np.testing.assert_allclose(dx, cdf + xd * np.exp(-0.5 * xd * xd) / np.sqrt(2 * np.pi),
+                               rtol=0, atol=4e-7)
+    for k, n in ((1, 37), (5, 3), (24000, 21)):
+        (ys,), (dxs,) = _core.run_op("Gelu", [x[k:k + n]], opset=20,
+                                     grad_outputs=[np.ones(n, np.float32)])
+        np.testing.assert_array_equal(ys, y[k:k + n])
+        np.testing.assert_array_equal(dxs, dx[k:k + n])
+
+
 def test_gemm_with_a_packed_frozen_weight_matches_numpy():
     # A weight known at plan time, times few rows, is packed into 64-column panels
     # (csrc/ops/packed_gemm.cpp): one full and one partial panel, both weight layouts.

@@ -113,6 +113,22 @@ def test_layernorm_frozen_params_only_dx():
     np.testing.assert_allclose(grads[0], xt.grad.numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_layernorm_frozen_input_only_param_grads():
+    # X a plan-time constant: the backward computes only dScale/dB (no dX pass); D = 37 has
+    # a column tail after the SIMD vectors, 40 rows make several row blocks
+    x, w, b = randn(40, 37) * 2 + 0.5, randn(37), randn(37)
+    gy = randn(40, 37)
+    _, grads = _core.run_op("LayerNormalization", [x, w, b], {}, opset=17,
+                            grad_outputs=[gy, None, None], const_inputs=[0])
+    assert grads[0] is None
+    wt = torch.tensor(w, dtype=torch.float64, requires_grad=True)
+    bt = torch.tensor(b, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.layer_norm(torch.tensor(x, dtype=torch.float64), [37], wt, bt, 1e-5)
+    (y * torch.tensor(gy, dtype=torch.float64)).sum().backward()
+    np.testing.assert_allclose(grads[1], wt.grad.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grads[2], bt.grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_layernorm_bad_scale_shape():
     with pytest.raises(_core.PyedgeError, match="Scale"):
         _core.run_op("LayerNormalization", [randn(2, 8), randn(7)], {}, opset=17)

@@ -3,7 +3,8 @@
 // Outputs: Y, Mean, InvStdDev (both [shape[:axis], 1, ...]). The op always produces all three
 // (they are tiny) and its backward reads Mean/InvStdDev instead of recomputing them.
 // Backward per row: xhat = (x - mean)*rstd, g = dy*scale,
-//   dx = rstd * (g - mean(g) - xhat*mean(g*xhat)),  dScale = sum_rows dy*xhat,  dB = sum_rows dy.
+//   dx = rstd * (g - mean(g) - xhat*mean(g*xhat)),  dScale = sum_rows dy*xhat,  dB = sum_rows dy:
+// one pass for the two row sums, one for dx and the dScale/dB partials (simd::Native vectors).
 // dScale/dB: rows are cut into a fixed number of blocks (chosen at plan time), each block sums
 // into its own scratch row, then the block rows are added column-parallel: deterministic, no
 // races, independent of the thread count.
@@ -16,6 +17,7 @@
 #include <cmath>
 
 #include "common/parallel.h"
+#include "common/simd.h"
 #include "ops/op.h"
 #include "ops/softmax_kernels.h"
 
@@ -118,47 +120,12 @@ class LayerNorm : public Op {
       for (int64_t blk = bb; blk < be; ++blk) {
         float* pg = params ? part + blk * 2 * D : nullptr;
         float* pb = params ? pg + D : nullptr;
-        if (params)
-          for (int64_t k = 0; k < 2 * D; ++k) pg[k] = 0.f;
-        for (int64_t r = blk * per; r < std::min(rows, (blk + 1) * per); ++r) {
-          const float* xr = x + r * D;
-          const float* dyr = dy + r * D;
-          const float mu = mean[r], rs = rstd[r];
-          if (params)
-            for (int64_t k = 0; k < D; ++k) {
-              pg[k] += dyr[k] * (xr[k] - mu) * rs;
-              pb[k] += dyr[k];
-            }
-          if (dx) {
-            // sums of g and g*xhat in one pass
-            float a1[rowk::kLanes] = {}, a2[rowk::kLanes] = {};
-            int64_t i = 0;
-            for (; i + rowk::kLanes <= D; i += rowk::kLanes)
-              for (int j = 0; j < rowk::kLanes; ++j) {
-                float gg = dyr[i + j] * g[i + j];
-                a1[j] += gg;
-                a2[j] += gg * (xr[i + j] - mu);
-              }
-            float s1 = 0.f, s2 = 0.f;
-            for (int j = 0; j < rowk::kLanes; ++j) {
-              s1 += a1[j];
-              s2 += a2[j];
-            }
-            for (; i < D; ++i) {
-              float gg = dyr[i] * g[i];
-              s1 += gg;
-              s2 += gg * (xr[i] - mu);
-            }
-            const float m1 = s1 * invD, m2 = s2 * rs * invD;  // mean(g), mean(g*xhat)
-            float* dxr = dx + r * D;
-            if (assign_dx)
-              for (int64_t k = 0; k < D; ++k)
-                dxr[k] = rs * (dyr[k] * g[k] - m1 - (xr[k] - mu) * rs * m2);
-            else
-              for (int64_t k = 0; k < D; ++k)
-                dxr[k] += rs * (dyr[k] * g[k] - m1 - (xr[k] - mu) * rs * m2);
-          }
-        }
+        if (params) std::fill(pg, pg + 2 * D, 0.f);
+        const BwdArgs a{x, dy, g, mean, rstd, invD, dx, pg, pb, blk * per,
+                        std::min(rows, (blk + 1) * per)};
+        if (!dx) bwd_rows<false, false, true>(a);
+        else if (!params) assign_dx ? bwd_rows<true, true, false>(a) : bwd_rows<true, false, false>(a);
+        else assign_dx ? bwd_rows<true, true, true>(a) : bwd_rows<true, false, true>(a);
       }
     });
     if (!params) return;
@@ -188,6 +155,79 @@ class LayerNorm : public Op {
   int64_t rows_ = 1, D_ = 1, nblocks_ = 1;
   float eps_ = 1e-5f;
   bool has_bias_ = false;
+
+  // Backward of rows [r0, r1) of [rows, D] (D_ columns), on simd::Native vectors with a
+  // scalar column tail (the same per-row arithmetic whatever the block split):
+  //   kDx: dx (= when kAssign, else +=) rstd·(dy·g − mean(dy·g)) − (x − mean)·rstd³·mean(dy·g·(x − mean))
+  //   kParams: pg += dy·xhat, pb += dy (this block's dScale / dB partial rows)
+  struct BwdArgs {
+    const float *x, *dy, *g, *mean, *rstd;
+    float invD;
+    float *dx, *pg, *pb;
+    int64_t r0, r1;
+  };
+  template <bool kDx, bool kAssign, bool kParams>
+  void bwd_rows(const BwdArgs& a) const {
+    const float *x = a.x, *dy = a.dy, *g = a.g;
+    float *pg = a.pg, *pb = a.pb;
+    const float invD = a.invD;
+    using S = simd::Native;
+    using V = S::V;
+    constexpr int W = S::W;
+    const int64_t D = D_, nv = D / W * W;  // columns [0, nv) as vectors
+    for (int64_t r = a.r0; r < a.r1; ++r) {
+      const float* xr = x + r * D;
+      const float* dyr = dy + r * D;
+      const float mu = a.mean[r], rs = a.rstd[r];
+      float A = 0.f, B = 0.f, C = 0.f;  // dx = dy·g·A + (x − mu)·C + B
+      if constexpr (kDx) {
+        // s1 = sum dy·g, s2 = sum dy·g·(x − mu): two accumulators each, for latency
+        V a1 = S::set1(0.f), a2 = a1, b1 = a1, b2 = a1;
+        const V vmu = S::set1(mu);
+        int64_t i = 0;
+        for (; i + 2 * W <= nv; i += 2 * W) {
+          const V g0 = S::mul(S::load(dyr + i), S::load(g + i));
+          const V g1 = S::mul(S::load(dyr + i + W), S::load(g + i + W));
+          a1 = S::add(a1, g0);
+          b1 = S::add(b1, g1);
+          a2 = S::fma(g0, S::sub(S::load(xr + i), vmu), a2);
+          b2 = S::fma(g1, S::sub(S::load(xr + i + W), vmu), b2);
+        }
+        if (i < nv) {
+          const V g0 = S::mul(S::load(dyr + i), S::load(g + i));
+          a1 = S::add(a1, g0);
+          a2 = S::fma(g0, S::sub(S::load(xr + i), vmu), a2);
+        }
+        float s1 = S::hsum(S::add(a1, b1)), s2 = S::hsum(S::add(a2, b2));
+        for (int64_t k = nv; k < D; ++k) {
+          const float gg = dyr[k] * g[k];
+          s1 += gg;
+          s2 += gg * (xr[k] - mu);
+        }
+        A = rs;
+        B = -rs * s1 * invD;
+        C = -rs * rs * rs * s2 * invD;
+      }
+      float* dxr = kDx ? a.dx + r * D : nullptr;
+      // one column block (vectors, then the scalar tail through simd::Scalar)
+      auto cols = [&](auto tag, int64_t k) {
+        using T = decltype(tag);
+        const auto d = T::load(dyr + k);
+        const auto xm = T::sub(T::load(xr + k), T::set1(mu));
+        if constexpr (kDx) {
+          auto v = T::fma(T::mul(d, T::load(g + k)), T::set1(A), T::fma(xm, T::set1(C), T::set1(B)));
+          if constexpr (!kAssign) v = T::add(T::load(dxr + k), v);
+          T::store(dxr + k, v);
+        }
+        if constexpr (kParams) {
+          T::store(pg + k, T::fma(T::mul(d, xm), T::set1(rs), T::load(pg + k)));
+          T::store(pb + k, T::add(T::load(pb + k), d));
+        }
+      };
+      for (int64_t k = 0; k < nv; k += W) cols(S{}, k);
+      for (int64_t k = nv; k < D; ++k) cols(simd::Scalar{}, k);
+    }
+  }
 
   int64_t grain() const { return std::max<int64_t>(1, 16384 / std::max<int64_t>(D_, 1)); }
 
