@@ -214,3 +214,61 @@ def test_matmul_with_a_packed_frozen_weight(tb):
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
     check_backward("MatMul", [A, B], lambda a, b: a @ (b.transpose(-1, -2) if tb else b),
                    {"trans_b": tb}, domain="pyedge", const_inputs=[1])
+
+
+def _sparse_rows_grad(shape, nonzero_rows, seed=3):
+    """An output gradient [.., M, N] whose rows are all zero except `nonzero_rows` (flat)."""
+    g = np.zeros(shape, np.float32)
+    flat = g.reshape(-1, shape[-1])
+    rng = np.random.default_rng(seed)
+    for i in nonzero_rows:
+        flat[i] = rng.standard_normal(shape[-1]).astype(np.float32)
+    return g
+
+
+# M = 4 x 64 = 256 rows: the skip gathers up to M/8 = 32 non-zero rows, more go dense.
+SPARSE_ROW_SETS = {
+    "cls_rows": [0, 64, 128, 192],            # one row per sequence, like a [CLS] classifier
+    "at_cap": list(range(0, 256, 8)),         # exactly 32
+    "over_cap": list(range(0, 256, 8)) + [5],  # 33: the dense path
+    "none": [],                               # all zero: dA is 0 (fresh) or unchanged
+    "last_row": [255],
+}
+
+
+@pytest.mark.parametrize("rows", list(SPARSE_ROW_SETS))
+@pytest.mark.parametrize("tb", [0, 1])
+def test_matmul_backward_skips_zero_gradient_rows(rows, tb):
+    A = randn(4, 64, 24)
+    B = randn(40, 24) if tb else randn(24, 40)
+    g = _sparse_rows_grad((4, 64, 40), SPARSE_ROW_SETS[rows])
+    # zeros / ones / fresh gradient buffers, against torch float64
+    grads = check_backward("MatMul", [A, B], lambda a, b: a @ (b.T if tb else b),
+                           {"trans_b": tb}, domain="pyedge", grad_outputs=[g])
+    dA = grads[0].reshape(256, 24)
+    zero = np.ones(256, bool)
+    zero[SPARSE_ROW_SETS[rows]] = False
+    assert not dA[zero].any() and (len(SPARSE_ROW_SETS[rows]) == 0 or dA[~zero].any())
+
+
+def test_matmul_backward_keeps_nan_gradient_rows():
+    A, B = randn(4, 64, 24), randn(24, 40)
+    g = _sparse_rows_grad((4, 64, 40), [0, 64])
+    g[1, 7, 3] = np.nan  # a row that is zero but for one NaN is not skipped
+    _, (dA, _) = _core.run_op("MatMul", [A, B], {}, domain="pyedge", grad_outputs=[g],
+                              grad_init="fresh")
+    assert np.isnan(dA[1, 7]).all()
+    assert np.isfinite(np.delete(dA.reshape(256, 24), 71, axis=0)).all()
+
+
+@pytest.mark.parametrize("rows", ["cls_rows", "over_cap", "none"])
+def test_lora_matmul_backward_skips_zero_gradient_rows(rows):
+    x, W, A, B = randn(4, 64, 24), randn(40, 24), randn(8, 24), randn(40, 8)
+    g = _sparse_rows_grad((4, 64, 40), SPARSE_ROW_SETS[rows])
+    grads = check_backward("LoraMatMul", [x, W, A, B], _lora_ref(1, 0.5),
+                           {"scale": 0.5, "trans_w": 1}, domain="pyedge", grad_outputs=[g],
+                           rtol=1e-4, atol=1e-4)
+    dx = grads[0].reshape(256, 24)
+    zero = np.ones(256, bool)
+    zero[SPARSE_ROW_SETS[rows]] = False
+    assert not dx[zero].any()

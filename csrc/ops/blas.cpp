@@ -2,6 +2,9 @@
 
 #include <cblas.h>
 
+#include <algorithm>
+#include <cstring>
+
 #include "common/error.h"
 #include "common/parallel.h"
 
@@ -66,6 +69,84 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
         sgemm_serial(trans_a, trans_b, M, n, K, alpha, A, lda, Bi, ldb, beta, C + n0, ldc);
       }
     });
+  }
+}
+
+namespace {
+
+constexpr int64_t kMinRowsToSkip = 64;  // below this a dense product is as cheap as the scan
+
+// Rows at most M/8 of which are non-zero are gathered; beyond that the GEMM's own rate wins.
+int64_t max_gathered_rows(int64_t M) { return M >= kMinRowsToSkip ? M / 8 : 0; }
+
+// Whether any element of r[0, n) is not ±0 (NaN and inf count as non-zero). Dense gradient
+// rows answer at their first block of 16, so the scan costs little when nothing is skipped.
+bool row_nonzero(const float* r, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    uint32_t acc = 0;
+    for (int64_t j = 0; j < 16; ++j) {
+      uint32_t u;
+      std::memcpy(&u, r + i + j, 4);
+      acc |= u & 0x7fffffffu;
+    }
+    if (acc) return true;
+  }
+  for (; i < n; ++i)
+    if (r[i] != 0.f || r[i] != r[i]) return true;
+  return false;
+}
+
+size_t align64(size_t b) { return (b + 63) / 64 * 64; }
+
+}  // namespace
+
+size_t skip_zero_rows_scratch_bytes(int64_t M, int64_t N, int64_t K) {
+  const int64_t g = max_gathered_rows(M);
+  if (g == 0) return 0;
+  return align64(size_t(M) * sizeof(int32_t)) + align64(size_t(g * K) * sizeof(float)) +
+         size_t(g * N) * sizeof(float);
+}
+
+void sgemm_skip_zero_rows(bool trans_b, int64_t M, int64_t N, int64_t K, const float* A,
+                          int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                          int64_t ldc, void* scratch) {
+  PYEDGE_CHECK(beta == 0.f || beta == 1.f, "sgemm_skip_zero_rows: beta must be 0 or 1");
+  const int64_t g = max_gathered_rows(M);
+  if (g == 0 || scratch == nullptr || N == 0 || K == 0) {
+    sgemm(false, trans_b, M, N, K, 1.f, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  char* p = static_cast<char*>(scratch);
+  int32_t* rows = reinterpret_cast<int32_t*>(p);  // [M]: flags, then the kept row indices
+  float* Ag = reinterpret_cast<float*>(p + align64(size_t(M) * sizeof(int32_t)));  // [g, K]
+  float* Cg = Ag + align64(size_t(g * K) * sizeof(float)) / sizeof(float);         // [g, N]
+  parallel_for(M, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) rows[i] = row_nonzero(A + i * lda, K) ? 1 : 0;
+  });
+  int64_t kept = 0;
+  for (int64_t i = 0; i < M; ++i)
+    if (rows[i]) {
+      if (kept == g) break;
+      rows[kept++] = int32_t(i);  // kept <= i: overwrites only flags already read
+    }
+  if (kept == g && g < M) {  // too many non-zero rows (the loop stopped at the cap)
+    sgemm(false, trans_b, M, N, K, 1.f, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  for (int64_t j = 0; j < kept; ++j) std::memcpy(Ag + j * K, A + rows[j] * lda, size_t(K) * 4);
+  if (kept > 0) sgemm(false, trans_b, kept, N, K, 1.f, Ag, K, B, ldb, 0.f, Cg, N);
+  if (beta == 0.f) {
+    parallel_for(M, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.f);
+    });
+    for (int64_t j = 0; j < kept; ++j) std::memcpy(C + rows[j] * ldc, Cg + j * N, size_t(N) * 4);
+  } else {  // beta 1: the plan's accumulation into an existing gradient
+    for (int64_t j = 0; j < kept; ++j) {
+      float* c = C + rows[j] * ldc;
+      const float* cg = Cg + j * N;
+      for (int64_t k = 0; k < N; ++k) c[k] += cg[k];
+    }
   }
 }
 

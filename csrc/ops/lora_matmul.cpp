@@ -202,8 +202,9 @@ class LoraMatMul : public Op {
   bool has_backward() const override { return true; }
   // The adapter-gradient pass, then for dx the merged weight (or dt [M, r] with dropout).
   size_t backward_scratch_bytes(const std::vector<bool>& ng) const override {
-    size_t dx = !ng.empty() && ng[0] ? size_t(dropout_ > 0.f ? M_ * r_ : K_ * N_) : 0;
-    return (grads_.scratch_floats() + dx) * 4;
+    if (ng.empty() || !ng[0]) return grads_.scratch_floats() * 4;
+    if (dropout_ > 0.f) return (grads_.scratch_floats() + M_ * r_) * 4;
+    return (grads_.scratch_floats() + K_ * N_) * 4 + skip_zero_rows_scratch_bytes(M_, K_, N_);
   }
   bool assigns_fresh_grads() const override { return true; }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
@@ -235,8 +236,9 @@ class LoraMatMul : public Op {
     float* dx = din[0].ptr<float>();
     const float bx = ctx.fresh(0) ? 0.f : 1.f;
     if (dropout_ == 0.f) {  // dx (+)= dY · op(W + s·B·A)ᵀ: the adapter's share in the same GEMM
-      sgemm(false, !trans_w_, M_, K_, N_, 1.f, dy, N_, merged_weight(in, dx_scratch),
-            in[1].shape[1], bx, dx, K_);
+      // (rows of dY the loss never reads skipped, blas.h)
+      sgemm_skip_zero_rows(!trans_w_, M_, K_, N_, dy, N_, merged_weight(in, dx_scratch),
+                           in[1].shape[1], bx, dx, K_, dx_scratch + K_ * N_);
       return;
     }
     // dx (+)= dY · op(W)ᵀ + keep ∘ (dt · A) / (1 − p), dt = s·dY·B

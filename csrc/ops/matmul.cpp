@@ -156,6 +156,9 @@ class MatMul : public Op {
 
   bool has_backward() const override { return true; }
   bool assigns_fresh_grads() const override { return true; }
+  size_t backward_scratch_bytes(const std::vector<bool>& ng) const override {
+    return fold_ && ng[0] ? skip_zero_rows_scratch_bytes(batches_ * M_, K_, N_) : 0;
+  }
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>&,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext& ctx) override {
@@ -168,9 +171,9 @@ class MatMul : public Op {
     }
     if (fold_) {
       int64_t m = batches_ * M_;
-      if (din[0].data)  // dA [m, K] += dY [m, N] · op(B)ᵀ
-        sgemm(false, !tb_, m, K_, N_, 1.f, dY, N_, in[1].ptr<float>(), ldb_, beta_a,
-              din[0].ptr<float>(), K_);
+      if (din[0].data)  // dA [m, K] += dY [m, N] · op(B)ᵀ, rows the loss never reads skipped
+        sgemm_skip_zero_rows(!tb_, m, K_, N_, dY, N_, in[1].ptr<float>(), ldb_, beta_a,
+                             din[0].ptr<float>(), K_, ctx.scratch);
       if (din[1].data) {
         if (tb_)  // dB stored [N, K] += dYᵀ [N, m] · A [m, K]
           sgemm(true, false, N_, K_, m, 1.f, dY, N_, in[0].ptr<float>(), K_, beta_b,
