@@ -245,6 +245,61 @@ inline bool fits(int64_t L, int64_t Lk, int64_t D, int64_t Dv) {
          L <= 512 && Lk <= 512 && D <= 512 && Dv <= 512;
 }
 
+// Skipping keys the mask removes (padded sequences: the last keys of a row masked with the
+// exporters' -3.4e38 or -inf). Key j is removed from a row exactly when that row's mask is
+// below kHard on keys [j, Lk) and above kReal on some key before j: the row max (of kept
+// keys) is then above -1e30 - |s| and a removed key's score + mask below -1e37 + |s|, so for
+// scores |s| < 1e36 its exp is exactly 0 (below exp_le0's -87.3) in the forward and in the
+// backward's recompute, it never is the max, and the products, sums, dS, dQ, dK and dV it
+// would enter are unchanged to the bit (dK and dV rows of keys every row removes are 0).
+// Rows masked entirely (uniform P) keep every key. NaN or inf in a removed key's K or V rows
+// no longer reaches the output (as it would through 0·inf).
+constexpr float kHard = -1e37f, kReal = -1e30f;
+
+// Keys [0, kend) that mask row m [Lk] keeps, kend a multiple of W; 0 when the row keeps no
+// key above kReal (masked entirely: the caller keeps every key then).
+template <class S>
+inline int64_t row_key_end(const float* m, int64_t Lk) {
+  constexpr int W = S::W;
+  const typename S::V hard = S::set1(kHard), zero = S::set1(0.f), one = S::set1(1.f);
+  int64_t j = Lk;
+  // a vector is all removed when no lane is >= kHard (NaN counts as kept)
+  while (j > 0 && S::hmax(S::select(S::lt(S::load(m + j - W), hard), zero, one)) == 0.f) j -= W;
+  for (int64_t i = 0; i < j; ++i)
+    if (!(m[i] <= kReal)) return j;
+  return 0;
+}
+
+// The keys [0, ke[b]) each block b of MR query rows needs (ke: (L + MR - 1) / MR entries),
+// returns their maximum: the rows of K and V the slice reads.
+template <class S>
+inline int64_t key_ends(const Slice& s, int MR, int64_t* ke) {
+  const int64_t nb = (s.L + MR - 1) / MR;
+  if (!s.mask || s.one) {  // one value per row removes every key of a row or none
+    std::fill(ke, ke + nb, s.Lk);
+    return s.Lk;
+  }
+  auto rows_end = [&](const float* m, int64_t rows) {
+    int64_t e = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t x = row_key_end<S>(m + r * s.ldm, s.Lk);
+      if (x == 0) return s.Lk;
+      e = std::max(e, x);
+    }
+    return e;
+  };
+  if (s.ldm == 0) {  // the same mask row for every query (key padding)
+    std::fill(ke, ke + nb, rows_end(s.mask, 1));
+    return ke[0];
+  }
+  int64_t mx = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    ke[b] = rows_end(s.mask + b * MR * s.ldm, std::min<int64_t>(MR, s.L - b * MR));
+    mx = std::max(mx, ke[b]);
+  }
+  return mx;
+}
+
 // Floats of scratch forward_slice needs: the scaled Kᵀ panel [D, Lk], dense V [Lk, Dv], a
 // score strip [MR, Lk] and the row sums [L].
 template <class S>
@@ -349,25 +404,33 @@ void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scr
   float* vp = kt + D * Lk;       // [Lk, Dv]
   float* strip = vp + Lk * Dv;   // [MR, Lk]
   float* sum = strip + MR * Lk;  // [L]
-  pack_t(s.k, s.ldk, Lk, D, s.scale, kt, Lk);
-  pack_rows<S>(s.v, s.ldv, Lk, Dv, vp);
+  int64_t ke[512 / 4];           // keys per row block (L <= 512, MR >= 4)
+  const int64_t kn = key_ends<S>(s, MR, ke);
+  pack_t(s.k, s.ldk, kn, D, s.scale, kt, Lk);
+  pack_rows<S>(s.v, s.ldv, kn, Dv, vp);
   float inv[MR];
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
-    const int64_t rows = std::min<int64_t>(MR, L - i0);
+    const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR];
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
-    gemm<S>(rows, Lk, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {strip, Lk});
+    gemm<S>(rows, n, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {strip, Lk});
     if (rows == MR) {
-      exp_rows<S, MR>(strip, Lk, Lk, m, s.ldm, s.one, nullptr, lse + i0, sum + i0);
+      exp_rows<S, MR>(strip, Lk, n, m, s.ldm, s.one, nullptr, lse + i0, sum + i0);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        exp_rows<S, 1>(strip + r * Lk, Lk, Lk, m ? m + r * s.ldm : nullptr, s.ldm, s.one,
+        exp_rows<S, 1>(strip + r * Lk, Lk, n, m ? m + r * s.ldm : nullptr, s.ldm, s.one,
                        nullptr, lse + i0 + r, sum + i0 + r);
     }
     for (int64_t r = 0; r < rows; ++r) inv[r] = 1.f / sum[i0 + r];
-    gemm<S>(rows, Dv, Lk, strip, Lk, 1, vp, Dv, {o + i0 * ldo, ldo, inv});
+    gemm<S>(rows, Dv, n, strip, Lk, 1, vp, Dv, {o + i0 * ldo, ldo, inv});
   }
   for (int64_t i = 0; i < L; ++i) lse[i] += fm::log(sum[i]);
+}
+
+// Rows [r0, r1) of a gradient [.., cols] that is 0 there: assigned, or left as it is.
+inline void zero_rows(const Out& out, int64_t r0, int64_t r1, int64_t cols) {
+  if (!out.add)
+    for (int64_t r = r0; r < r1; ++r) std::fill(out.C + r * out.ldc, out.C + r * out.ldc + cols, 0.f);
 }
 
 // Floats of scratch backward_slice needs: E [L, Lk], Kᵀ·scale [D, Lk], 1/rowsum(E) [L];
@@ -394,30 +457,37 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
   float* dOs = inv + L;         // [L, Dv] (dv)
   float* dS = nullptr;          // [L, Lk] (ds), then Vᵀ [Dv, Lk], k [Lk, D], q [L, D]
   float *vt = nullptr, *kc = nullptr, *qc = nullptr;
-  pack_t(s.k, s.ldk, Lk, D, s.scale, kt, Lk);
+  int64_t ke[512 / 4];  // keys per row block, as in the forward
+  const int64_t kn = key_ends<S>(s, MR, ke);
+  pack_t(s.k, s.ldk, kn, D, s.scale, kt, Lk);
   if (ds_wanted) {
     dS = dOs + (dv ? L * Dv : 0);
     vt = dS + L * Lk;
     kc = vt + Dv * Lk;
     qc = kc + Lk * D;
-    pack_t(s.v, s.ldv, Lk, Dv, 1.f, vt, Lk);
-    pack_rows<S>(s.k, s.ldk, Lk, D, kc);
+    pack_t(s.v, s.ldv, kn, Dv, 1.f, vt, Lk);
+    pack_rows<S>(s.k, s.ldk, kn, D, kc);
     pack_rows<S>(s.q, s.ldq, L, D, qc);
   }
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
-    const int64_t rows = std::min<int64_t>(MR, L - i0);
+    const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR];
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     float* e = E + i0 * Lk;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
-    gemm<S>(rows, Lk, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {e, Lk});
+    gemm<S>(rows, n, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {e, Lk});
     // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
     // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
     if (rows == MR) {
-      exp_rows<S, MR>(e, Lk, Lk, m, s.ldm, s.one, lse + i0, nullptr, inv + i0);
+      exp_rows<S, MR>(e, Lk, n, m, s.ldm, s.one, lse + i0, nullptr, inv + i0);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        exp_rows<S, 1>(e + r * Lk, Lk, Lk, m ? m + r * s.ldm : nullptr, s.ldm, s.one,
+        exp_rows<S, 1>(e + r * Lk, Lk, n, m ? m + r * s.ldm : nullptr, s.ldm, s.one,
                        lse + i0 + r, nullptr, inv + i0 + r);
+    }
+    // keys [n, kn) that other blocks keep: E and dS 0 there for the dV and dK products
+    for (int64_t r = 0; r < rows && n < kn; ++r) {
+      std::fill(e + r * Lk + n, e + r * Lk + kn, 0.f);
+      if (ds_wanted) std::fill(dS + (i0 + r) * Lk + n, dS + (i0 + r) * Lk + kn, 0.f);
     }
     for (int64_t r = 0; r < rows; ++r) inv[i0 + r] = 1.f / inv[i0 + r];
     const float* go = dO + i0 * lddo;
@@ -429,20 +499,24 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
       }
     if (!ds_wanted) continue;
     float* g = dS + i0 * Lk;
-    gemm<S>(rows, Lk, Dv, go, lddo, 1, vt, Lk, {g, Lk});  // dP
+    gemm<S>(rows, n, Dv, go, lddo, 1, vt, Lk, {g, Lk});  // dP
     if (rows == MR) {
-      ds_rows<S, MR>(g, e, Lk, Lk, inv + i0, s.scale);
+      ds_rows<S, MR>(g, e, Lk, n, inv + i0, s.scale);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        ds_rows<S, 1>(g + r * Lk, e + r * Lk, Lk, Lk, inv + i0 + r, s.scale);
+        ds_rows<S, 1>(g + r * Lk, e + r * Lk, Lk, n, inv + i0 + r, s.scale);
     }
     if (dq)  // dQ rows [rows, D] = dS rows · k
-      gemm<S>(rows, D, Lk, g, Lk, 1, kc, D, {dq->C + i0 * dq->ldc, dq->ldc, nullptr, dq->add});
+      gemm<S>(rows, D, n, g, Lk, 1, kc, D, {dq->C + i0 * dq->ldc, dq->ldc, nullptr, dq->add});
   }
-  if (dv)  // dV [Lk, Dv] = Eᵀ · dOs
-    gemm<S>(Lk, Dv, L, E, 1, Lk, dOs, Dv, *dv);
-  if (dk)  // dK [Lk, D] = dSᵀ · q
-    gemm<S>(Lk, D, L, dS, 1, Lk, qc, D, *dk);
+  if (dv) {  // dV [Lk, Dv] = Eᵀ · dOs
+    gemm<S>(kn, Dv, L, E, 1, Lk, dOs, Dv, *dv);
+    zero_rows(*dv, kn, Lk, Dv);
+  }
+  if (dk) {  // dK [Lk, D] = dSᵀ · q
+    gemm<S>(kn, D, L, dS, 1, Lk, qc, D, *dk);
+    zero_rows(*dk, kn, Lk, D);
+  }
 }
 
 }  // namespace attn
