@@ -318,45 +318,78 @@ PYEDGE_SIMD_INLINE typename S::V mask_vec(const float* m, int64_t ldm, bool one,
   return one ? S::set1(m[r * ldm]) : S::load(m + r * ldm + j);
 }
 
-// x = exp(x + mask − c_r) with c_r = max(x + mask) when `lse` is null (forward; c_r goes to
-// cmax[r]) or c_r = lse[r] (backward); sum[r] = Σ x.
+// Rows [R] of the scores x = q·kt + mask against keys [0, n), finished while the product's
+// accumulators are in registers (no pass reading the strip back):
+//   forward (lse null): x stored, red[r] = max_j x (the exp needs the max: exp_rows);
+//   backward: e = exp(x − lse_r) stored, red[r] = Σ_j e (per lane in j order, then hsum).
+// q rows at q + r * ldq, kt [D, n] with row stride ldk, x rows at x + r * ldx.
 template <class S, int R>
-inline void exp_rows(float* x, int64_t ld, int64_t n, const float* m, int64_t ldm, bool one,
-                     const float* lse, float* cmax, float* sum) {
+__attribute__((noinline)) void score_rows(int64_t n, int64_t D, const float* q, int64_t ldq,
+                                          const float* kt, int64_t ldk, const float* m,
+                                          int64_t ldm, bool one, const float* lse, float* x,
+                                          int64_t ldx, float* red) {
+  using V = typename S::V;
+  constexpr int NV = Blk<S>::NV, W = S::W;
+  V rd[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    rd[r] = S::set1(lse ? 0.f : -std::numeric_limits<float>::infinity());
+  auto finish = [&](int r, int64_t j, V v) {
+    if (m) v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
+    if (lse) {
+      v = exp_le0<S>(S::sub(v, S::set1(lse[r])));
+      rd[r] = S::add(rd[r], v);
+    } else {
+      rd[r] = S::max(v, rd[r]);
+    }
+    S::store(x + r * ldx + j, v);
+  };
+  int64_t j = 0;
+  for (; j + NV * W <= n; j += NV * W) {
+    V acc[R][NV];
+    block<S, R, NV>(D, q, ldq, 1, kt + j, ldk, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) finish(r, j + v * W, acc[r][v]);
+  }
+  for (; j < n; j += W) {
+    V acc[R][1];
+    block<S, R, 1>(D, q, ldq, 1, kt + j, ldk, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) finish(r, j, acc[r][0]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) red[r] = lse ? S::hsum(rd[r]) : S::hmax(rd[r]);
+}
+
+// score_rows over a block of rows <= MR (one row at a time below MR).
+template <class S>
+inline void scores(int64_t rows, int64_t n, int64_t D, const float* q, int64_t ldq,
+                   const float* kt, int64_t ldk, const float* m, int64_t ldm, bool one,
+                   const float* lse, float* x, int64_t ldx, float* red) {
+  constexpr int MR = Blk<S>::MR;
+  if (rows == MR) return score_rows<S, MR>(n, D, q, ldq, kt, ldk, m, ldm, one, lse, x, ldx, red);
+  for (int64_t r = 0; r < rows; ++r)
+    score_rows<S, 1>(n, D, q + r * ldq, ldq, kt, ldk, m ? m + r * ldm : nullptr, ldm, one,
+                     lse ? lse + r : nullptr, x + r * ldx, ldx, red + r);
+}
+
+// x = exp(x − c_r) in place, sum[r] = Σ x: the forward's exp after score_rows' max.
+template <class S, int R>
+inline void exp_rows(float* x, int64_t ld, int64_t n, const float* cmax, float* sum) {
   using V = typename S::V;
   constexpr int W = S::W;
   V c[R], acc[R];
-  if (!lse) {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) c[r] = S::set1(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < n; j += W)
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        V v = S::load(x + r * ld + j);
-        if (m) {
-          v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
-          S::store(x + r * ld + j, v);
-        }
-        c[r] = S::max(v, c[r]);
-      }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      cmax[r] = S::hmax(c[r]);
-      c[r] = S::set1(cmax[r]);
-    }
-    m = nullptr;  // added above
-  } else {
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) c[r] = S::set1(lse[r]);
+  for (int r = 0; r < R; ++r) {
+    c[r] = S::set1(cmax[r]);
+    acc[r] = S::set1(0.f);
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = S::set1(0.f);
   for (int64_t j = 0; j < n; j += W)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      V v = S::load(x + r * ld + j);
-      if (m) v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
-      v = exp_le0<S>(S::sub(v, c[r]));
+      const V v = exp_le0<S>(S::sub(S::load(x + r * ld + j), c[r]));
       S::store(x + r * ld + j, v);
       acc[r] = S::add(acc[r], v);
     }
@@ -392,8 +425,8 @@ inline void ds_rows(float* g, const float* e, int64_t ld, int64_t n, const float
 }
 
 // Forward of one slice: O [L, Dv] (row stride ldo) = softmax(scale·q·kᵀ + mask) · v and
-// LSE [L], as attention.cpp's header describes. Per block of MR query rows: scores into the
-// strip, mask, row max, exp and sum in place, O rows = strip · v scaled by 1/sum on the way
+// LSE [L], as attention.cpp's header describes. Per block of MR query rows: scores plus mask into
+// the strip with their row max (score_rows), exp and sum in place, O rows = strip · v scaled by 1/sum on the way
 // out of the registers. The rows' logs go in one vector loop at the end.
 template <class S>
 void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scratch,
@@ -413,13 +446,13 @@ void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scr
     const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR];
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
-    gemm<S>(rows, n, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {strip, Lk});
+    scores<S>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one, nullptr, strip, Lk,
+              lse + i0);  // lse = row max for now
     if (rows == MR) {
-      exp_rows<S, MR>(strip, Lk, n, m, s.ldm, s.one, nullptr, lse + i0, sum + i0);
+      exp_rows<S, MR>(strip, Lk, n, lse + i0, sum + i0);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        exp_rows<S, 1>(strip + r * Lk, Lk, n, m ? m + r * s.ldm : nullptr, s.ldm, s.one,
-                       nullptr, lse + i0 + r, sum + i0 + r);
+        exp_rows<S, 1>(strip + r * Lk, Lk, n, lse + i0 + r, sum + i0 + r);
     }
     for (int64_t r = 0; r < rows; ++r) inv[r] = 1.f / sum[i0 + r];
     gemm<S>(rows, Dv, n, strip, Lk, 1, vp, Dv, {o + i0 * ldo, ldo, inv});
@@ -474,16 +507,10 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     float* e = E + i0 * Lk;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
-    gemm<S>(rows, n, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {e, Lk});
     // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
     // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
-    if (rows == MR) {
-      exp_rows<S, MR>(e, Lk, n, m, s.ldm, s.one, lse + i0, nullptr, inv + i0);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        exp_rows<S, 1>(e + r * Lk, Lk, n, m ? m + r * s.ldm : nullptr, s.ldm, s.one,
-                       lse + i0 + r, nullptr, inv + i0 + r);
-    }
+    scores<S>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one, lse + i0, e, Lk,
+              inv + i0);
     // keys [n, kn) that other blocks keep: E and dS 0 there for the dV and dK products
     for (int64_t r = 0; r < rows && n < kn; ++r) {
       std::fill(e + r * Lk + n, e + r * Lk + kn, 0.f);
