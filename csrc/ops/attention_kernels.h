@@ -47,15 +47,16 @@ PYEDGE_SIMD_INLINE typename S::V exp_le0(typename S::V x) {
   const V lo = S::set1(-87.3f);
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<S, simd::Avx512>) {
-    // 16 instead of 22 instructions: one rounding instruction for the magic-number pair, and
+    // 15 instead of 22 instructions: one rounding instruction for the magic-number pair, and
     // the 2^n scaling (with the zeroing of x < lo) as one masked vscalefps instead of the
     // exponent-bit construction, two multiplies and a blend. Differs from simd::exp only for
     // x in [-87.3, -87.0) (n = -126): ~1e-38 there, where simd::exp flushes to 0.
+    // No clamp of x to lo first: the lanes below lo (where x·log2e may be -inf and the
+    // reduction NaN) are zeroed by the mask, the others see the same x.
     const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
-    const V xc = S::max(lo, x);  // second operand on NaN: keeps it
-    const V nf = _mm512_roundscale_ps(S::mul(xc, S::set1(1.44269504088896341f)),
+    const V nf = _mm512_roundscale_ps(S::mul(x, S::set1(1.44269504088896341f)),
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return _mm512_maskz_scalef_ps(keep, simd::exp_reduced<S>(xc, nf), nf);
+    return _mm512_maskz_scalef_ps(keep, simd::exp_reduced<S>(x, nf), nf);
   }
 #endif
   const auto tiny = S::lt(x, lo);
@@ -318,36 +319,48 @@ PYEDGE_SIMD_INLINE typename S::V mask_vec(const float* m, int64_t ldm, bool one,
   return one ? S::set1(m[r * ldm]) : S::load(m + r * ldm + j);
 }
 
-// Rows [R] of the scores x = q·kt + mask against keys [0, n), finished while the product's
-// accumulators are in registers (no pass reading the strip back):
-//   forward (lse null): x stored, red[r] = max_j x (the exp needs the max: exp_rows);
-//   backward: e = exp(x − lse_r) stored, red[r] = Σ_j e (per lane in j order, then hsum).
-// q rows at q + r * ldq, kt [D, n] with row stride ldk, x rows at x + r * ldx.
-template <class S, int R>
-__attribute__((noinline)) void score_rows(int64_t n, int64_t D, const float* q, int64_t ldq,
-                                          const float* kt, int64_t ldk, const float* m,
-                                          int64_t ldm, bool one, const float* lse, float* x,
-                                          int64_t ldx, float* red) {
+// How strip_rows finishes a product's rows while its accumulators are in registers (no pass
+// reading the strip back). Reductions per lane in column order, then across lanes.
+enum class Fin {
+  Max,  // scores plus mask stored, red[r] = their max (the forward: the exp needs the max)
+  Exp,  // e = exp(scores + mask − aux[r]) stored (aux: LSE), red[r] = Σ e (the backward's E)
+  Dot,  // dP stored, red[r] = Σ_j e_j dP_j with e the rows of E at aux (row stride ldx)
+};
+
+// Rows [R] of x = a·b, columns [0, n): a rows at a + r * lda ([K] each), b [K, n] with row
+// stride ldb, x rows at x + r * ldx; finished as F says (the mask rows as in mask_vec). The
+// running reductions go through memory, lanes [R, W] from the caller: kept in registers
+// across the k loops, GCC spilled the loop's B vectors instead (forward 1.5x slower).
+template <class S, int R, Fin F>
+__attribute__((noinline)) void strip_rows(int64_t n, int64_t K, const float* a, int64_t lda,
+                                          const float* b, int64_t ldb, const float* m,
+                                          int64_t ldm, bool one, const float* aux, float* x,
+                                          int64_t ldx, float* lanes, float* red) {
   using V = typename S::V;
   constexpr int NV = Blk<S>::NV, W = S::W;
-  V rd[R];
+  float* rd[R];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-    rd[r] = S::set1(lse ? 0.f : -std::numeric_limits<float>::infinity());
+  for (int r = 0; r < R; ++r) {
+    rd[r] = lanes + r * W;
+    S::store(rd[r], S::set1(F == Fin::Max ? -std::numeric_limits<float>::infinity() : 0.f));
+  }
   auto finish = [&](int r, int64_t j, V v) {
-    if (m) v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
-    if (lse) {
-      v = exp_le0<S>(S::sub(v, S::set1(lse[r])));
-      rd[r] = S::add(rd[r], v);
+    if constexpr (F != Fin::Dot)
+      if (m) v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
+    if constexpr (F == Fin::Max) {
+      S::store(rd[r], S::max(v, S::load(rd[r])));
+    } else if constexpr (F == Fin::Exp) {
+      v = exp_le0<S>(S::sub(v, S::set1(aux[r])));
+      S::store(rd[r], S::add(S::load(rd[r]), v));
     } else {
-      rd[r] = S::max(v, rd[r]);
+      S::store(rd[r], S::fma(S::load(aux + r * ldx + j), v, S::load(rd[r])));
     }
     S::store(x + r * ldx + j, v);
   };
   int64_t j = 0;
   for (; j + NV * W <= n; j += NV * W) {
     V acc[R][NV];
-    block<S, R, NV>(D, q, ldq, 1, kt + j, ldk, acc);
+    block<S, R, NV>(K, a, lda, 1, b + j, ldb, acc);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
@@ -355,27 +368,33 @@ __attribute__((noinline)) void score_rows(int64_t n, int64_t D, const float* q, 
   }
   for (; j < n; j += W) {
     V acc[R][1];
-    block<S, R, 1>(D, q, ldq, 1, kt + j, ldk, acc);
+    block<S, R, 1>(K, a, lda, 1, b + j, ldb, acc);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) finish(r, j, acc[r][0]);
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) red[r] = lse ? S::hsum(rd[r]) : S::hmax(rd[r]);
+  for (int r = 0; r < R; ++r) {
+    const V v = S::load(rd[r]);
+    red[r] = F == Fin::Max ? S::hmax(v) : S::hsum(v);
+  }
 }
 
-// score_rows over a block of rows <= MR (one row at a time below MR).
-template <class S>
-inline void scores(int64_t rows, int64_t n, int64_t D, const float* q, int64_t ldq,
-                   const float* kt, int64_t ldk, const float* m, int64_t ldm, bool one,
-                   const float* lse, float* x, int64_t ldx, float* red) {
+// strip_rows over a block of rows <= MR (one row at a time below MR); aux as F says.
+template <class S, Fin F>
+inline void strip_block(int64_t rows, int64_t n, int64_t K, const float* a, int64_t lda,
+                  const float* b, int64_t ldb, const float* m, int64_t ldm, bool one,
+                  const float* aux, float* x, int64_t ldx, float* red) {
   constexpr int MR = Blk<S>::MR;
-  if (rows == MR) return score_rows<S, MR>(n, D, q, ldq, kt, ldk, m, ldm, one, lse, x, ldx, red);
+  alignas(64) float lanes[MR * S::W];
+  if (rows == MR)
+    return strip_rows<S, MR, F>(n, K, a, lda, b, ldb, m, ldm, one, aux, x, ldx, lanes, red);
   for (int64_t r = 0; r < rows; ++r)
-    score_rows<S, 1>(n, D, q + r * ldq, ldq, kt, ldk, m ? m + r * ldm : nullptr, ldm, one,
-                     lse ? lse + r : nullptr, x + r * ldx, ldx, red + r);
+    strip_rows<S, 1, F>(n, K, a + r * lda, lda, b, ldb, m ? m + r * ldm : nullptr, ldm, one,
+                        F == Fin::Exp ? aux + r : F == Fin::Dot ? aux + r * ldx : nullptr,
+                        x + r * ldx, ldx, lanes, red + r);
 }
 
-// x = exp(x − c_r) in place, sum[r] = Σ x: the forward's exp after score_rows' max.
+// x = exp(x − c_r) in place, sum[r] = Σ x: the forward's exp after strip_rows' max.
 template <class S, int R>
 inline void exp_rows(float* x, int64_t ld, int64_t n, const float* cmax, float* sum) {
   using V = typename S::V;
@@ -397,23 +416,17 @@ inline void exp_rows(float* x, int64_t ld, int64_t n, const float* cmax, float* 
   for (int r = 0; r < R; ++r) sum[r] = S::hsum(acc[r]);
 }
 
-// g = scale · (e / sum_r) ∘ (g − Σⱼ eⱼ gⱼ / sum_r) in place, inv[r] = 1 / sum_r: dS from dP
-// and E.
+// g = scale · (e / sum_r) ∘ (g − dot_r / sum_r) in place, inv[r] = 1 / sum_r, dot_r = Σⱼ eⱼ gⱼ
+// (strip_rows' Dot): dS from dP and E.
 template <class S, int R>
 inline void ds_rows(float* g, const float* e, int64_t ld, int64_t n, const float* inv,
-                    float scale) {
+                    const float* dot, float scale) {
   using V = typename S::V;
   constexpr int W = S::W;
-  V acc[R], di[R], c[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = S::set1(0.f);
-  for (int64_t j = 0; j < n; j += W)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-      acc[r] = S::fma(S::load(e + r * ld + j), S::load(g + r * ld + j), acc[r]);
+  V di[R], c[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    di[r] = S::set1(inv[r] * S::hsum(acc[r]));
+    di[r] = S::set1(inv[r] * dot[r]);
     c[r] = S::set1(scale * inv[r]);
   }
   for (int64_t j = 0; j < n; j += W)
@@ -426,7 +439,7 @@ inline void ds_rows(float* g, const float* e, int64_t ld, int64_t n, const float
 
 // Forward of one slice: O [L, Dv] (row stride ldo) = softmax(scale·q·kᵀ + mask) · v and
 // LSE [L], as attention.cpp's header describes. Per block of MR query rows: scores plus mask into
-// the strip with their row max (score_rows), exp and sum in place, O rows = strip · v scaled by 1/sum on the way
+// the strip with their row max (strip_rows), exp and sum in place, O rows = strip · v scaled by 1/sum on the way
 // out of the registers. The rows' logs go in one vector loop at the end.
 template <class S>
 void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scratch,
@@ -446,8 +459,8 @@ void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scr
     const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR];
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
-    scores<S>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one, nullptr, strip, Lk,
-              lse + i0);  // lse = row max for now
+    strip_block<S, Fin::Max>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one, nullptr,
+                       strip, Lk, lse + i0);  // lse = row max for now
     if (rows == MR) {
       exp_rows<S, MR>(strip, Lk, n, lse + i0, sum + i0);
     } else {
@@ -509,8 +522,8 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
     // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
     // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
-    scores<S>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one, lse + i0, e, Lk,
-              inv + i0);
+    strip_block<S, Fin::Exp>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one, lse + i0,
+                       e, Lk, inv + i0);
     // keys [n, kn) that other blocks keep: E and dS 0 there for the dV and dK products
     for (int64_t r = 0; r < rows && n < kn; ++r) {
       std::fill(e + r * Lk + n, e + r * Lk + kn, 0.f);
@@ -526,12 +539,13 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
       }
     if (!ds_wanted) continue;
     float* g = dS + i0 * Lk;
-    gemm<S>(rows, n, Dv, go, lddo, 1, vt, Lk, {g, Lk});  // dP
+    float dot[MR];
+    strip_block<S, Fin::Dot>(rows, n, Dv, go, lddo, vt, Lk, nullptr, 0, false, e, g, Lk, dot);  // dP
     if (rows == MR) {
-      ds_rows<S, MR>(g, e, Lk, n, inv + i0, s.scale);
+      ds_rows<S, MR>(g, e, Lk, n, inv + i0, dot, s.scale);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        ds_rows<S, 1>(g + r * Lk, e + r * Lk, Lk, n, inv + i0 + r, s.scale);
+        ds_rows<S, 1>(g + r * Lk, e + r * Lk, Lk, n, inv + i0 + r, dot + r, s.scale);
     }
     if (dq)  // dQ rows [rows, D] = dS rows · k
       gemm<S>(rows, D, n, g, Lk, 1, kc, D, {dq->C + i0 * dq->ldc, dq->ldc, nullptr, dq->add});
