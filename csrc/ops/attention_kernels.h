@@ -1,7 +1,9 @@
 // Per-slice kernels of pyedge.Attention's fused path (attention.cpp), over the widest SIMD
 // backend S (simd::Native): one (b, h) slice at a time, query rows in blocks of MR = 8 so that
 // a block's scores [MR, Lk] (4 KiB on MiniLM) go from the score product through mask, max,
-// exp and sum to the next product while they are in L1.
+// exp and sum to the next product while they are in L1. Each product's rows are finished
+// while its accumulators are in registers (strip_rows: mask, max or exp and sum, or the dot
+// with E), and the products stop at the last vector of keys the mask keeps (key_ends).
 //
 // Why not small_gemm plus row passes over the whole tile (the general path): on MiniLM's
 // slices (L = Lk = 128, D = Dv = 32, "blhd") the separate sweeps over a 64 KiB score tile, its
@@ -247,9 +249,9 @@ inline bool fits(int64_t L, int64_t Lk, int64_t D, int64_t Dv) {
 }
 
 // Skipping keys the mask removes (padded sequences: the last keys of a row masked with the
-// exporters' -3.4e38 or -inf). Key j is removed from a row exactly when that row's mask is
-// below kHard on keys [j, Lk) and above kReal on some key before j: the row max (of kept
-// keys) is then above -1e30 - |s| and a removed key's score + mask below -1e37 + |s|, so for
+// exporters' -3.4e38 or -inf). A row drops keys [j, Lk) when its mask is below kHard on all
+// of them and above kReal on some key before j: the row max (of kept keys) is then above
+// -1e30 - |s| and a dropped key's score + mask below -1e37 + |s|, so for
 // scores |s| < 1e36 its exp is exactly 0 (below exp_le0's -87.3) in the forward and in the
 // backward's recompute, it never is the max, and the products, sums, dS, dQ, dK and dV it
 // would enter are unchanged to the bit (dK and dV rows of keys every row removes are 0).
@@ -438,9 +440,10 @@ inline void ds_rows(float* g, const float* e, int64_t ld, int64_t n, const float
 }
 
 // Forward of one slice: O [L, Dv] (row stride ldo) = softmax(scale·q·kᵀ + mask) · v and
-// LSE [L], as attention.cpp's header describes. Per block of MR query rows: scores plus mask into
-// the strip with their row max (strip_rows), exp and sum in place, O rows = strip · v scaled by 1/sum on the way
-// out of the registers. The rows' logs go in one vector loop at the end.
+// LSE [L], as attention.cpp's header describes. Per block of MR query rows, over the keys the
+// block keeps (key_ends): scores plus mask into the strip with their row max (strip_rows),
+// exp and sum in place, O rows = strip · v scaled by 1/sum on the way out of the registers.
+// The rows' logs go in one vector loop at the end.
 template <class S>
 void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scratch,
                    const Ahead* ahead = nullptr, int n_ahead = 0) {
@@ -459,8 +462,8 @@ void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scr
     const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR];
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
-    strip_block<S, Fin::Max>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one, nullptr,
-                       strip, Lk, lse + i0);  // lse = row max for now
+    strip_block<S, Fin::Max>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
+                             nullptr, strip, Lk, lse + i0);  // lse = row max for now
     if (rows == MR) {
       exp_rows<S, MR>(strip, Lk, n, lse + i0, sum + i0);
     } else {
@@ -476,7 +479,8 @@ void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scr
 // Rows [r0, r1) of a gradient [.., cols] that is 0 there: assigned, or left as it is.
 inline void zero_rows(const Out& out, int64_t r0, int64_t r1, int64_t cols) {
   if (!out.add)
-    for (int64_t r = r0; r < r1; ++r) std::fill(out.C + r * out.ldc, out.C + r * out.ldc + cols, 0.f);
+    for (int64_t r = r0; r < r1; ++r)
+      std::fill(out.C + r * out.ldc, out.C + r * out.ldc + cols, 0.f);
 }
 
 // Floats of scratch backward_slice needs: E [L, Lk], Kᵀ·scale [D, Lk], 1/rowsum(E) [L];
@@ -486,9 +490,10 @@ inline int64_t backward_floats(int64_t L, int64_t Lk, int64_t D, int64_t Dv, boo
 }
 
 // Backward of one slice (attention.cpp's header has the formulas), gradients into Out
-// (add: beta 1). Per block of MR query rows, while its rows are in L1: E = exp(scale·q·kᵀ +
-// mask − LSE) and its row sums, dP = dO·vᵀ, dS = scale·P∘(dP − Σⱼ Pᵢⱼ dPᵢⱼ), the block's dQ
-// rows = dS·k. Then dV = Eᵀ·(dO/rowsum(E)) and dK = dSᵀ·q over all rows.
+// (add: beta 1). Per block of MR query rows, while its rows are in L1, over the keys the block
+// keeps: E = exp(scale·q·kᵀ + mask − LSE) and its row sums, dP = dO·vᵀ, dS = scale·P∘(dP −
+// Σⱼ Pᵢⱼ dPᵢⱼ), the block's dQ rows = dS·k. Then dV = Eᵀ·(dO/rowsum(E)) and dK = dSᵀ·q over
+// all rows and the keys any block keeps.
 template <class S>
 void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t lddo,
                     const Out* dq, const Out* dk, const Out* dv, float* scratch,
@@ -522,8 +527,8 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
     // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
     // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
-    strip_block<S, Fin::Exp>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one, lse + i0,
-                       e, Lk, inv + i0);
+    strip_block<S, Fin::Exp>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
+                             lse + i0, e, Lk, inv + i0);
     // keys [n, kn) that other blocks keep: E and dS 0 there for the dV and dK products
     for (int64_t r = 0; r < rows && n < kn; ++r) {
       std::fill(e + r * Lk + n, e + r * Lk + kn, 0.f);
@@ -540,7 +545,8 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     if (!ds_wanted) continue;
     float* g = dS + i0 * Lk;
     float dot[MR];
-    strip_block<S, Fin::Dot>(rows, n, Dv, go, lddo, vt, Lk, nullptr, 0, false, e, g, Lk, dot);  // dP
+    // dP = dO·vᵀ with its row dots Σⱼ Eᵢⱼ dPᵢⱼ
+    strip_block<S, Fin::Dot>(rows, n, Dv, go, lddo, vt, Lk, nullptr, 0, false, e, g, Lk, dot);
     if (rows == MR) {
       ds_rows<S, MR>(g, e, Lk, n, inv + i0, dot, s.scale);
     } else {
