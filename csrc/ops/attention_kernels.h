@@ -483,6 +483,14 @@ inline void zero_rows(const Out& out, int64_t r0, int64_t r1, int64_t cols) {
       std::fill(out.C + r * out.ldc, out.C + r * out.ldc + cols, 0.f);
 }
 
+// Whether rows [rows, cols] at p (row stride ld) hold anything but zeros (NaN counts).
+inline bool any_nonzero(const float* p, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      if (p[r * ld + c] != 0.f) return true;
+  return false;
+}
+
 // Floats of scratch backward_slice needs: E [L, Lk], Kᵀ·scale [D, Lk], 1/rowsum(E) [L];
 // dO/rowsum(E) [L, Dv] (dv); dS [L, Lk], Vᵀ [Dv, Lk], dense k [Lk, D], dense q [L, D] (ds).
 inline int64_t backward_floats(int64_t L, int64_t Lk, int64_t D, int64_t Dv, bool ds, bool dv) {
@@ -510,6 +518,16 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
   float *vt = nullptr, *kc = nullptr, *qc = nullptr;
   int64_t ke[512 / 4];  // keys per row block, as in the forward
   const int64_t kn = key_ends<S>(s, MR, ke);
+  // Row blocks whose dO rows are all 0 (positions the loss does not see: padding, or all but
+  // [CLS] in a classifier's last layer): their dP, dS and dQ rows and their terms of dV and
+  // dK are exactly 0 (for finite V), so they are skipped; dV and dK sum rows [0, qend).
+  bool live[512 / 4];
+  int64_t qend = 0;
+  for (int64_t i0 = 0; i0 < L; i0 += MR) {
+    const int64_t rows = std::min<int64_t>(MR, L - i0);
+    live[i0 / MR] = any_nonzero(dO + i0 * lddo, lddo, rows, Dv);
+    if (live[i0 / MR]) qend = i0 + rows;
+  }
   pack_t(s.k, s.ldk, kn, D, s.scale, kt, Lk);
   if (ds_wanted) {
     dS = dOs + (dv ? L * Dv : 0);
@@ -518,13 +536,22 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     qc = kc + Lk * D;
     pack_t(s.v, s.ldv, kn, Dv, 1.f, vt, Lk);
     pack_rows<S>(s.k, s.ldk, kn, D, kc);
-    pack_rows<S>(s.q, s.ldq, L, D, qc);
+    pack_rows<S>(s.q, s.ldq, qend, D, qc);
   }
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
     const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR];
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     float* e = E + i0 * Lk;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
+    if (!live[i0 / MR]) {  // dQ rows 0; E, dS, dOs rows 0 where dV and dK read them
+      if (dq) zero_rows(*dq, i0, i0 + rows, D);
+      if (i0 < qend) {
+        std::fill(e, e + rows * Lk, 0.f);
+        if (ds_wanted) std::fill(dS + i0 * Lk, dS + (i0 + rows) * Lk, 0.f);
+        if (dv) std::fill(dOs + i0 * Dv, dOs + (i0 + rows) * Dv, 0.f);
+      }
+      continue;
+    }
     // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
     // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
     strip_block<S, Fin::Exp>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
@@ -557,11 +584,11 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
       gemm<S>(rows, D, n, g, Lk, 1, kc, D, {dq->C + i0 * dq->ldc, dq->ldc, nullptr, dq->add});
   }
   if (dv) {  // dV [Lk, Dv] = Eᵀ · dOs
-    gemm<S>(kn, Dv, L, E, 1, Lk, dOs, Dv, *dv);
+    gemm<S>(kn, Dv, qend, E, 1, Lk, dOs, Dv, *dv);
     zero_rows(*dv, kn, Lk, Dv);
   }
   if (dk) {  // dK [Lk, D] = dSᵀ · q
-    gemm<S>(kn, D, L, dS, 1, Lk, qc, D, *dk);
+    gemm<S>(kn, D, qend, dS, 1, Lk, qc, D, *dk);
     zero_rows(*dk, kn, Lk, D);
   }
 }
