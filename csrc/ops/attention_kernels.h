@@ -259,8 +259,9 @@ inline bool fits(int64_t L, int64_t Lk, int64_t D, int64_t Dv) {
 // no longer reaches the output (as it would through 0·inf).
 constexpr float kHard = -1e37f, kReal = -1e30f;
 
-// Keys [0, kend) that mask row m [Lk] keeps, kend a multiple of W; 0 when the row keeps no
-// key above kReal (masked entirely: the caller keeps every key then).
+// Keys [0, kend) that mask row m [Lk] keeps; 0 when the row keeps no key above kReal (masked
+// entirely: the caller keeps every key then). The products along keys (P·V, dS·k, the dV and
+// dK rows) stop at kend, those with keys in vectors (scores, dP) at vec_end(kend).
 template <class S>
 inline int64_t row_key_end(const float* m, int64_t Lk) {
   constexpr int W = S::W;
@@ -268,13 +269,14 @@ inline int64_t row_key_end(const float* m, int64_t Lk) {
   int64_t j = Lk;
   // a vector is all removed when no lane is >= kHard (NaN counts as kept)
   while (j > 0 && S::hmax(S::select(S::lt(S::load(m + j - W), hard), zero, one)) == 0.f) j -= W;
+  while (j > 0 && m[j - 1] < kHard) --j;
   for (int64_t i = 0; i < j; ++i)
     if (!(m[i] <= kReal)) return j;
   return 0;
 }
 
 // The keys [0, ke[b]) each block b of MR query rows needs (ke: (L + MR - 1) / MR entries),
-// returns their maximum: the rows of K and V the slice reads.
+// returns their maximum: the rows of V (and, in whole vectors, of K) the slice reads.
 template <class S>
 inline int64_t key_ends(const Slice& s, int MR, int64_t* ke) {
   const int64_t nb = (s.L + MR - 1) / MR;
@@ -301,6 +303,12 @@ inline int64_t key_ends(const Slice& s, int MR, int64_t* ke) {
     mx = std::max(mx, ke[b]);
   }
   return mx;
+}
+
+// n keys rounded up to whole vectors.
+template <class S>
+constexpr int64_t vec_end(int64_t n) {
+  return (n + S::W - 1) / S::W * S::W;
 }
 
 // Floats of scratch forward_slice needs: the scaled Kᵀ panel [D, Lk], dense V [Lk, Dv], a
@@ -455,20 +463,21 @@ void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scr
   float* sum = strip + MR * Lk;  // [L]
   int64_t ke[512 / 4];           // keys per row block (L <= 512, MR >= 4)
   const int64_t kn = key_ends<S>(s, MR, ke);
-  pack_t(s.k, s.ldk, kn, D, s.scale, kt, Lk);
+  pack_t(s.k, s.ldk, vec_end<S>(kn), D, s.scale, kt, Lk);
   pack_rows<S>(s.v, s.ldv, kn, Dv, vp);
   float inv[MR];
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
-    const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR];
+    // keys [n, nv) of the strip: exactly 0 after the exp
+    const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR], nv = vec_end<S>(n);
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
-    strip_block<S, Fin::Max>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
+    strip_block<S, Fin::Max>(rows, nv, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
                              nullptr, strip, Lk, lse + i0);  // lse = row max for now
     if (rows == MR) {
-      exp_rows<S, MR>(strip, Lk, n, lse + i0, sum + i0);
+      exp_rows<S, MR>(strip, Lk, nv, lse + i0, sum + i0);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        exp_rows<S, 1>(strip + r * Lk, Lk, n, lse + i0 + r, sum + i0 + r);
+        exp_rows<S, 1>(strip + r * Lk, Lk, nv, lse + i0 + r, sum + i0 + r);
     }
     for (int64_t r = 0; r < rows; ++r) inv[r] = 1.f / sum[i0 + r];
     gemm<S>(rows, Dv, n, strip, Lk, 1, vp, Dv, {o + i0 * ldo, ldo, inv});
@@ -528,18 +537,19 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     live[i0 / MR] = any_nonzero(dO + i0 * lddo, lddo, rows, Dv);
     if (live[i0 / MR]) qend = i0 + rows;
   }
-  pack_t(s.k, s.ldk, kn, D, s.scale, kt, Lk);
+  pack_t(s.k, s.ldk, vec_end<S>(kn), D, s.scale, kt, Lk);
   if (ds_wanted) {
     dS = dOs + (dv ? L * Dv : 0);
     vt = dS + L * Lk;
     kc = vt + Dv * Lk;
     qc = kc + Lk * D;
-    pack_t(s.v, s.ldv, kn, Dv, 1.f, vt, Lk);
+    pack_t(s.v, s.ldv, vec_end<S>(kn), Dv, 1.f, vt, Lk);
     pack_rows<S>(s.k, s.ldk, kn, D, kc);
     pack_rows<S>(s.q, s.ldq, qend, D, qc);
   }
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
-    const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR];
+    // keys [n, nv) of E and dS: exactly 0 after the exp
+    const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR], nv = vec_end<S>(n);
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     float* e = E + i0 * Lk;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
@@ -554,12 +564,12 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     }
     // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
     // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
-    strip_block<S, Fin::Exp>(rows, n, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
+    strip_block<S, Fin::Exp>(rows, nv, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
                              lse + i0, e, Lk, inv + i0);
-    // keys [n, kn) that other blocks keep: E and dS 0 there for the dV and dK products
-    for (int64_t r = 0; r < rows && n < kn; ++r) {
-      std::fill(e + r * Lk + n, e + r * Lk + kn, 0.f);
-      if (ds_wanted) std::fill(dS + (i0 + r) * Lk + n, dS + (i0 + r) * Lk + kn, 0.f);
+    // keys [nv, kn) that other blocks keep: E and dS 0 there for the dV and dK products
+    for (int64_t r = 0; r < rows && nv < kn; ++r) {
+      std::fill(e + r * Lk + nv, e + r * Lk + kn, 0.f);
+      if (ds_wanted) std::fill(dS + (i0 + r) * Lk + nv, dS + (i0 + r) * Lk + kn, 0.f);
     }
     for (int64_t r = 0; r < rows; ++r) inv[i0 + r] = 1.f / inv[i0 + r];
     const float* go = dO + i0 * lddo;
@@ -573,12 +583,12 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     float* g = dS + i0 * Lk;
     float dot[MR];
     // dP = dO·vᵀ with its row dots Σⱼ Eᵢⱼ dPᵢⱼ
-    strip_block<S, Fin::Dot>(rows, n, Dv, go, lddo, vt, Lk, nullptr, 0, false, e, g, Lk, dot);
+    strip_block<S, Fin::Dot>(rows, nv, Dv, go, lddo, vt, Lk, nullptr, 0, false, e, g, Lk, dot);
     if (rows == MR) {
-      ds_rows<S, MR>(g, e, Lk, n, inv + i0, dot, s.scale);
+      ds_rows<S, MR>(g, e, Lk, nv, inv + i0, dot, s.scale);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        ds_rows<S, 1>(g + r * Lk, e + r * Lk, Lk, n, inv + i0 + r, dot + r, s.scale);
+        ds_rows<S, 1>(g + r * Lk, e + r * Lk, Lk, nv, inv + i0 + r, dot + r, s.scale);
     }
     if (dq)  // dQ rows [rows, D] = dS rows · k
       gemm<S>(rows, D, n, g, Lk, 1, kc, D, {dq->C + i0 * dq->ldc, dq->ldc, nullptr, dq->add});
