@@ -3,7 +3,8 @@
 // a block's scores [MR, Lk] (4 KiB on MiniLM) go from the score product through mask, max,
 // exp and sum to the next product while they are in L1. Each product's rows are finished
 // while its accumulators are in registers (strip_rows: mask, max or exp and sum, or the dot
-// with E), and the products stop at the last vector of keys the mask keeps (key_ends).
+// with E). Work that is exactly 0 is skipped: keys past the last one the mask keeps
+// (key_ends) and, in the backward, row blocks whose dO rows are all 0.
 //
 // Why not small_gemm plus row passes over the whole tile (the general path): on MiniLM's
 // slices (L = Lk = 128, D = Dv = 32, "blhd") the separate sweeps over a 64 KiB score tile, its
@@ -392,8 +393,8 @@ __attribute__((noinline)) void strip_rows(int64_t n, int64_t K, const float* a, 
 // strip_rows over a block of rows <= MR (one row at a time below MR); aux as F says.
 template <class S, Fin F>
 inline void strip_block(int64_t rows, int64_t n, int64_t K, const float* a, int64_t lda,
-                  const float* b, int64_t ldb, const float* m, int64_t ldm, bool one,
-                  const float* aux, float* x, int64_t ldx, float* red) {
+                        const float* b, int64_t ldb, const float* m, int64_t ldm, bool one,
+                        const float* aux, float* x, int64_t ldx, float* red) {
   constexpr int MR = Blk<S>::MR;
   alignas(64) float lanes[MR * S::W];
   if (rows == MR)
