@@ -2,6 +2,7 @@
 
     taskset -c 1 env OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYEDGE_NUM_THREADS=1 \\
         python -m bench.attention_micro [--shape 16,128,12,32] [--steps 200] [--layout blhd]
+        [--pad random|w1|none]
 
 The graph is the node alone (Q, K, V trainable, an additive key mask [B,1,1,L] as input, MSE
 loss); the core's per-op profile gives the op's own time per step, and the medians over
@@ -43,6 +44,9 @@ def main(argv=None):
     ap.add_argument("--shape", default="16,128,12,32", help="B,L,H,D")
     ap.add_argument("--layout", default="blhd", choices=["blhd", "bhld"])
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--pad", default="random", choices=["random", "w1", "none"],
+                    help="padded keys per sequence: random (0 to L/2 - 1), w1 (bench workload "
+                         "1's (7·b) mod L/4), none")
     a = ap.parse_args(argv)
     import numpy as np
     import pyedge
@@ -53,7 +57,9 @@ def main(argv=None):
     rng = np.random.default_rng(1)
     mask = np.zeros((B, 1, 1, L), np.float32)
     for b in range(B):  # padded batches: the last keys of most sequences masked
-        mask[b, ..., L - int(rng.integers(0, L // 2)):] = -3.4e38
+        pad = {"random": int(rng.integers(0, L // 2)), "w1": (7 * b) % (L // 4), "none": 0}[a.pad]
+        if pad:
+            mask[b, ..., L - pad:] = -3.4e38
     target = rng.standard_normal(shp).astype(np.float32)
     for _ in range(3):
         sess.step({"mask": mask}, target)
@@ -77,7 +83,8 @@ def main(argv=None):
         prev = cur
     f, b = statistics.median(fwd), statistics.median(bwd)
     work = B * H * L * L * D
-    print(f"Attention {a.layout} B={B} L={L} H={H} D={D}, {pyedge._core.num_threads()} thread(s), "
+    print(f"Attention {a.layout} B={B} L={L} H={H} D={D} pad={a.pad}, "
+          f"{pyedge._core.num_threads()} thread(s), "
           f"median of {a.steps}: forward {f * 1e3:.3f} ms ({4 * work / f / 1e9:.0f} GFLOP/s), "
           f"backward {b * 1e3:.3f} ms ({10 * work / b / 1e9:.0f} GFLOP/s), "
           f"total {(f + b) * 1e3:.3f} ms")

@@ -159,6 +159,72 @@ def test_one_and_two_threads_agree_exactly(layout, dims, restore_threads):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 64), (2, 1, 37, 64), (2, 3, 37, 64)],
+                         ids=["keys", "rows", "heads-rows"])
+def test_skipped_masked_keys_change_nothing(layout, mask_shape, restore_threads):
+    # the fused kernels skip keys masked (-3.4e38, -inf) to the end of a row (padding;
+    # attention_kernels.h, key_ends); a mask of -1e25 gives those keys the same zero weight
+    # without the skip: outputs and gradients must agree to the bit, on one and two threads
+    B, H, L, Lk, D, Dv = 2, 3, 37, 64, 16, 32
+    inputs = make_inputs(B, H, L, Lk, D, Dv, layout, seed=5)
+    rng = np.random.default_rng(6)
+    mask = rng.standard_normal(mask_shape).astype(np.float32)
+    rows = mask.reshape(-1, Lk)
+    for r in rows:  # 0 to 60 padded keys, some with -inf
+        p = int(rng.integers(0, 61))
+        r[Lk - p:] = MASKED
+        if p and rng.integers(0, 2):
+            r[-1] = -np.inf
+    if mask_shape[2] > 1:
+        mask[:, :, 3] = MASKED   # a row masked entirely: uniform weights, no skip
+        mask[:, :, 5, 40:] = -1e25  # masked, but not hard: the keys stay
+    soft = np.where(mask <= -1e37, np.float32(-1e25), mask).astype(np.float32)
+    attrs = {"scale": 0.4, "layout": layout}
+    g = np.random.default_rng(7).standard_normal(
+        pyedge_run("Attention", inputs + [mask], attrs, domain="pyedge")[0].shape
+    ).astype(np.float32)
+    for nt in (1, 2):
+        _core.set_num_threads(nt)
+        res = [_core.run_op("Attention", inputs + [m], attrs, domain="pyedge", grad_outputs=[g])
+               for m in (mask, soft)]
+        np.testing.assert_array_equal(res[0][0][0], res[1][0][0])
+        for a, b in zip(res[0][1][:3], res[1][1][:3]):
+            np.testing.assert_array_equal(a, b)
+    want = run_ref(inputs + [mask], 0.4, layout)
+    np.testing.assert_allclose(res[0][0][0], want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("live", ["padding", "cls", "middle", "none"])
+def test_zero_output_gradient_rows(layout, live, restore_threads):
+    # the fused backward skips row blocks whose dO rows are all 0 (positions the loss does not
+    # see); their dQ rows are 0 and they add nothing to dK and dV: torch's gradients, and the
+    # dQ rows of the other blocks as without the zero rows, to the bit
+    import torch
+    B, H, L, Lk, D, Dv = 2, 3, 37, 48, 16, 32
+    inputs = make_inputs(B, H, L, Lk, D, Dv, layout, (B, 1, 1, Lk), seed=8)
+    attrs = {"scale": 0.3, "layout": layout}
+    shape = (B, H, L, Dv) if layout == "bhld" else (B, L, H, Dv)
+    g_full = np.random.default_rng(10).standard_normal(shape).astype(np.float32)
+    rows = {"padding": np.arange(L) < 21, "cls": np.arange(L) == 0,
+            "middle": (np.arange(L) < 8) | (np.arange(L) >= 24), "none": np.zeros(L, bool)}[live]
+    keep = rows[None, None, :, None] if layout == "bhld" else rows[None, :, None, None]
+    g = np.where(keep, g_full, np.float32(0)).astype(np.float32)
+    for nt in (1, 2):
+        _core.set_num_threads(nt)
+        _, grads = _core.run_op("Attention", inputs, attrs, domain="pyedge", grad_outputs=[g])
+        _, full = _core.run_op("Attention", inputs, attrs, domain="pyedge", grad_outputs=[g_full])
+        dq = grads[0] if layout == "bhld" else grads[0].transpose(0, 2, 1, 3)
+        dq_full = full[0] if layout == "bhld" else full[0].transpose(0, 2, 1, 3)
+        assert (dq[:, :, ~rows] == 0).all()
+        np.testing.assert_array_equal(dq[:, :, rows], dq_full[:, :, rows])
+    t = [torch.tensor(x, dtype=torch.float64, requires_grad=i < 3) for i, x in enumerate(inputs)]
+    torch_ref(0.3, layout)(*t).backward(torch.tensor(g, dtype=torch.float64))
+    for i in range(3):
+        np.testing.assert_allclose(grads[i], t[i].grad.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def _z(*shape):
     return np.zeros(shape, np.float32)
 

@@ -16,8 +16,10 @@
 // (A row masked entirely with -inf gives NaN, as softmax does.) Threads take whole slices,
 // each with its own scratch block, so results do not depend on the thread count.
 // Slices whose Lk, D, Dv are whole SIMD vectors run attention_kernels.h's fused kernels (query
-// rows in blocks of 8 kept in L1 from the score product to the next product); the code below
-// (small_gemm or BLAS products, row passes over the whole tile) takes the other shapes.
+// rows in blocks of 8 kept in L1 from the score product to the next product; keys masked
+// with -3.4e38 or -inf to the end of a row and, in the backward, rows whose dO is 0 skipped,
+// exactly); the code below (small_gemm or BLAS products, row passes over the whole tile)
+// takes the other shapes.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif

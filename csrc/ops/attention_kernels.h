@@ -1,7 +1,10 @@
 // Per-slice kernels of pyedge.Attention's fused path (attention.cpp), over the widest SIMD
 // backend S (simd::Native): one (b, h) slice at a time, query rows in blocks of MR = 8 so that
 // a block's scores [MR, Lk] (4 KiB on MiniLM) go from the score product through mask, max,
-// exp and sum to the next product while they are in L1.
+// exp and sum to the next product while they are in L1. Each product's rows are finished
+// while its accumulators are in registers (strip_rows: mask, max or exp and sum, or the dot
+// with E). Work that is exactly 0 is skipped: keys past the last one the mask keeps
+// (key_ends) and, in the backward, row blocks whose dO rows are all 0.
 //
 // Why not small_gemm plus row passes over the whole tile (the general path): on MiniLM's
 // slices (L = Lk = 128, D = Dv = 32, "blhd") the separate sweeps over a 64 KiB score tile, its
@@ -47,15 +50,16 @@ PYEDGE_SIMD_INLINE typename S::V exp_le0(typename S::V x) {
   const V lo = S::set1(-87.3f);
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<S, simd::Avx512>) {
-    // 16 instead of 22 instructions: one rounding instruction for the magic-number pair, and
+    // 15 instead of 22 instructions: one rounding instruction for the magic-number pair, and
     // the 2^n scaling (with the zeroing of x < lo) as one masked vscalefps instead of the
     // exponent-bit construction, two multiplies and a blend. Differs from simd::exp only for
     // x in [-87.3, -87.0) (n = -126): ~1e-38 there, where simd::exp flushes to 0.
+    // No clamp of x to lo first: the lanes below lo (where x·log2e may be -inf and the
+    // reduction NaN) are zeroed by the mask, the others see the same x.
     const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ);  // x >= lo, or NaN
-    const V xc = S::max(lo, x);  // second operand on NaN: keeps it
-    const V nf = _mm512_roundscale_ps(S::mul(xc, S::set1(1.44269504088896341f)),
+    const V nf = _mm512_roundscale_ps(S::mul(x, S::set1(1.44269504088896341f)),
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return _mm512_maskz_scalef_ps(keep, simd::exp_reduced<S>(xc, nf), nf);
+    return _mm512_maskz_scalef_ps(keep, simd::exp_reduced<S>(x, nf), nf);
   }
 #endif
   const auto tiny = S::lt(x, lo);
@@ -245,6 +249,69 @@ inline bool fits(int64_t L, int64_t Lk, int64_t D, int64_t Dv) {
          L <= 512 && Lk <= 512 && D <= 512 && Dv <= 512;
 }
 
+// Skipping keys the mask removes (padded sequences: the last keys of a row masked with the
+// exporters' -3.4e38 or -inf). A row drops keys [j, Lk) when its mask is below kHard on all
+// of them and above kReal on some key before j: the row max (of kept keys) is then above
+// -1e30 - |s| and a dropped key's score + mask below -1e37 + |s|, so for
+// scores |s| < 1e36 its exp is exactly 0 (below exp_le0's -87.3) in the forward and in the
+// backward's recompute, it never is the max, and the products, sums, dS, dQ, dK and dV it
+// would enter are unchanged to the bit (dK and dV rows of keys every row removes are 0).
+// Rows masked entirely (uniform P) keep every key. NaN or inf in a removed key's K or V rows
+// no longer reaches the output (as it would through 0·inf).
+constexpr float kHard = -1e37f, kReal = -1e30f;
+
+// Keys [0, kend) that mask row m [Lk] keeps; 0 when the row keeps no key above kReal (masked
+// entirely: the caller keeps every key then). The products along keys (P·V, dS·k, the dV and
+// dK rows) stop at kend, those with keys in vectors (scores, dP) at vec_end(kend).
+template <class S>
+inline int64_t row_key_end(const float* m, int64_t Lk) {
+  constexpr int W = S::W;
+  const typename S::V hard = S::set1(kHard), zero = S::set1(0.f), one = S::set1(1.f);
+  int64_t j = Lk;
+  // a vector is all removed when no lane is >= kHard (NaN counts as kept)
+  while (j > 0 && S::hmax(S::select(S::lt(S::load(m + j - W), hard), zero, one)) == 0.f) j -= W;
+  while (j > 0 && m[j - 1] < kHard) --j;
+  for (int64_t i = 0; i < j; ++i)
+    if (!(m[i] <= kReal)) return j;
+  return 0;
+}
+
+// The keys [0, ke[b]) each block b of MR query rows needs (ke: (L + MR - 1) / MR entries),
+// returns their maximum: the rows of V (and, in whole vectors, of K) the slice reads.
+template <class S>
+inline int64_t key_ends(const Slice& s, int MR, int64_t* ke) {
+  const int64_t nb = (s.L + MR - 1) / MR;
+  if (!s.mask || s.one) {  // one value per row removes every key of a row or none
+    std::fill(ke, ke + nb, s.Lk);
+    return s.Lk;
+  }
+  auto rows_end = [&](const float* m, int64_t rows) {
+    int64_t e = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t x = row_key_end<S>(m + r * s.ldm, s.Lk);
+      if (x == 0) return s.Lk;
+      e = std::max(e, x);
+    }
+    return e;
+  };
+  if (s.ldm == 0) {  // the same mask row for every query (key padding)
+    std::fill(ke, ke + nb, rows_end(s.mask, 1));
+    return ke[0];
+  }
+  int64_t mx = 0;
+  for (int64_t b = 0; b < nb; ++b) {
+    ke[b] = rows_end(s.mask + b * MR * s.ldm, std::min<int64_t>(MR, s.L - b * MR));
+    mx = std::max(mx, ke[b]);
+  }
+  return mx;
+}
+
+// n keys rounded up to whole vectors.
+template <class S>
+constexpr int64_t vec_end(int64_t n) {
+  return (n + S::W - 1) / S::W * S::W;
+}
+
 // Floats of scratch forward_slice needs: the scaled Kᵀ panel [D, Lk], dense V [Lk, Dv], a
 // score strip [MR, Lk] and the row sums [L].
 template <class S>
@@ -263,45 +330,96 @@ PYEDGE_SIMD_INLINE typename S::V mask_vec(const float* m, int64_t ldm, bool one,
   return one ? S::set1(m[r * ldm]) : S::load(m + r * ldm + j);
 }
 
-// x = exp(x + mask − c_r) with c_r = max(x + mask) when `lse` is null (forward; c_r goes to
-// cmax[r]) or c_r = lse[r] (backward); sum[r] = Σ x.
+// How strip_rows finishes a product's rows while its accumulators are in registers (no pass
+// reading the strip back). Reductions per lane in column order, then across lanes.
+enum class Fin {
+  Max,  // scores plus mask stored, red[r] = their max (the forward: the exp needs the max)
+  Exp,  // e = exp(scores + mask − aux[r]) stored (aux: LSE), red[r] = Σ e (the backward's E)
+  Dot,  // dP stored, red[r] = Σ_j e_j dP_j with e the rows of E at aux (row stride ldx)
+};
+
+// Rows [R] of x = a·b, columns [0, n): a rows at a + r * lda ([K] each), b [K, n] with row
+// stride ldb, x rows at x + r * ldx; finished as F says (the mask rows as in mask_vec). The
+// running reductions go through memory, lanes [R, W] from the caller: kept in registers
+// across the k loops, GCC spilled the loop's B vectors instead (forward 1.5x slower).
+template <class S, int R, Fin F>
+__attribute__((noinline)) void strip_rows(int64_t n, int64_t K, const float* a, int64_t lda,
+                                          const float* b, int64_t ldb, const float* m,
+                                          int64_t ldm, bool one, const float* aux, float* x,
+                                          int64_t ldx, float* lanes, float* red) {
+  using V = typename S::V;
+  constexpr int NV = Blk<S>::NV, W = S::W;
+  float* rd[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    rd[r] = lanes + r * W;
+    S::store(rd[r], S::set1(F == Fin::Max ? -std::numeric_limits<float>::infinity() : 0.f));
+  }
+  auto finish = [&](int r, int64_t j, V v) {
+    if constexpr (F != Fin::Dot)
+      if (m) v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
+    if constexpr (F == Fin::Max) {
+      S::store(rd[r], S::max(v, S::load(rd[r])));
+    } else if constexpr (F == Fin::Exp) {
+      v = exp_le0<S>(S::sub(v, S::set1(aux[r])));
+      S::store(rd[r], S::add(S::load(rd[r]), v));
+    } else {
+      S::store(rd[r], S::fma(S::load(aux + r * ldx + j), v, S::load(rd[r])));
+    }
+    S::store(x + r * ldx + j, v);
+  };
+  int64_t j = 0;
+  for (; j + NV * W <= n; j += NV * W) {
+    V acc[R][NV];
+    block<S, R, NV>(K, a, lda, 1, b + j, ldb, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) finish(r, j + v * W, acc[r][v]);
+  }
+  for (; j < n; j += W) {
+    V acc[R][1];
+    block<S, R, 1>(K, a, lda, 1, b + j, ldb, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) finish(r, j, acc[r][0]);
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const V v = S::load(rd[r]);
+    red[r] = F == Fin::Max ? S::hmax(v) : S::hsum(v);
+  }
+}
+
+// strip_rows over a block of rows <= MR (one row at a time below MR); aux as F says.
+template <class S, Fin F>
+inline void strip_block(int64_t rows, int64_t n, int64_t K, const float* a, int64_t lda,
+                        const float* b, int64_t ldb, const float* m, int64_t ldm, bool one,
+                        const float* aux, float* x, int64_t ldx, float* red) {
+  constexpr int MR = Blk<S>::MR;
+  alignas(64) float lanes[MR * S::W];
+  if (rows == MR)
+    return strip_rows<S, MR, F>(n, K, a, lda, b, ldb, m, ldm, one, aux, x, ldx, lanes, red);
+  for (int64_t r = 0; r < rows; ++r)
+    strip_rows<S, 1, F>(n, K, a + r * lda, lda, b, ldb, m ? m + r * ldm : nullptr, ldm, one,
+                        F == Fin::Exp ? aux + r : F == Fin::Dot ? aux + r * ldx : nullptr,
+                        x + r * ldx, ldx, lanes, red + r);
+}
+
+// x = exp(x − c_r) in place, sum[r] = Σ x: the forward's exp after strip_rows' max.
 template <class S, int R>
-inline void exp_rows(float* x, int64_t ld, int64_t n, const float* m, int64_t ldm, bool one,
-                     const float* lse, float* cmax, float* sum) {
+inline void exp_rows(float* x, int64_t ld, int64_t n, const float* cmax, float* sum) {
   using V = typename S::V;
   constexpr int W = S::W;
   V c[R], acc[R];
-  if (!lse) {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) c[r] = S::set1(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < n; j += W)
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        V v = S::load(x + r * ld + j);
-        if (m) {
-          v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
-          S::store(x + r * ld + j, v);
-        }
-        c[r] = S::max(v, c[r]);
-      }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      cmax[r] = S::hmax(c[r]);
-      c[r] = S::set1(cmax[r]);
-    }
-    m = nullptr;  // added above
-  } else {
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) c[r] = S::set1(lse[r]);
+  for (int r = 0; r < R; ++r) {
+    c[r] = S::set1(cmax[r]);
+    acc[r] = S::set1(0.f);
   }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = S::set1(0.f);
   for (int64_t j = 0; j < n; j += W)
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      V v = S::load(x + r * ld + j);
-      if (m) v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
-      v = exp_le0<S>(S::sub(v, c[r]));
+      const V v = exp_le0<S>(S::sub(S::load(x + r * ld + j), c[r]));
       S::store(x + r * ld + j, v);
       acc[r] = S::add(acc[r], v);
     }
@@ -309,23 +427,17 @@ inline void exp_rows(float* x, int64_t ld, int64_t n, const float* m, int64_t ld
   for (int r = 0; r < R; ++r) sum[r] = S::hsum(acc[r]);
 }
 
-// g = scale · (e / sum_r) ∘ (g − Σⱼ eⱼ gⱼ / sum_r) in place, inv[r] = 1 / sum_r: dS from dP
-// and E.
+// g = scale · (e / sum_r) ∘ (g − dot_r / sum_r) in place, inv[r] = 1 / sum_r, dot_r = Σⱼ eⱼ gⱼ
+// (strip_rows' Dot): dS from dP and E.
 template <class S, int R>
 inline void ds_rows(float* g, const float* e, int64_t ld, int64_t n, const float* inv,
-                    float scale) {
+                    const float* dot, float scale) {
   using V = typename S::V;
   constexpr int W = S::W;
-  V acc[R], di[R], c[R];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) acc[r] = S::set1(0.f);
-  for (int64_t j = 0; j < n; j += W)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-      acc[r] = S::fma(S::load(e + r * ld + j), S::load(g + r * ld + j), acc[r]);
+  V di[R], c[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
-    di[r] = S::set1(inv[r] * S::hsum(acc[r]));
+    di[r] = S::set1(inv[r] * dot[r]);
     c[r] = S::set1(scale * inv[r]);
   }
   for (int64_t j = 0; j < n; j += W)
@@ -337,9 +449,10 @@ inline void ds_rows(float* g, const float* e, int64_t ld, int64_t n, const float
 }
 
 // Forward of one slice: O [L, Dv] (row stride ldo) = softmax(scale·q·kᵀ + mask) · v and
-// LSE [L], as attention.cpp's header describes. Per block of MR query rows: scores into the
-// strip, mask, row max, exp and sum in place, O rows = strip · v scaled by 1/sum on the way
-// out of the registers. The rows' logs go in one vector loop at the end.
+// LSE [L], as attention.cpp's header describes. Per block of MR query rows, over the keys the
+// block keeps (key_ends): scores plus mask into the strip with their row max (strip_rows),
+// exp and sum in place, O rows = strip · v scaled by 1/sum on the way out of the registers.
+// The rows' logs go in one vector loop at the end.
 template <class S>
 void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scratch,
                    const Ahead* ahead = nullptr, int n_ahead = 0) {
@@ -349,25 +462,43 @@ void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scr
   float* vp = kt + D * Lk;       // [Lk, Dv]
   float* strip = vp + Lk * Dv;   // [MR, Lk]
   float* sum = strip + MR * Lk;  // [L]
-  pack_t(s.k, s.ldk, Lk, D, s.scale, kt, Lk);
-  pack_rows<S>(s.v, s.ldv, Lk, Dv, vp);
+  int64_t ke[512 / 4];           // keys per row block (L <= 512, MR >= 4)
+  const int64_t kn = key_ends<S>(s, MR, ke);
+  pack_t(s.k, s.ldk, vec_end<S>(kn), D, s.scale, kt, Lk);
+  pack_rows<S>(s.v, s.ldv, kn, Dv, vp);
   float inv[MR];
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
-    const int64_t rows = std::min<int64_t>(MR, L - i0);
+    // keys [n, nv) of the strip: exactly 0 after the exp
+    const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR], nv = vec_end<S>(n);
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
-    gemm<S>(rows, Lk, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {strip, Lk});
+    strip_block<S, Fin::Max>(rows, nv, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
+                             nullptr, strip, Lk, lse + i0);  // lse = row max for now
     if (rows == MR) {
-      exp_rows<S, MR>(strip, Lk, Lk, m, s.ldm, s.one, nullptr, lse + i0, sum + i0);
+      exp_rows<S, MR>(strip, Lk, nv, lse + i0, sum + i0);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        exp_rows<S, 1>(strip + r * Lk, Lk, Lk, m ? m + r * s.ldm : nullptr, s.ldm, s.one,
-                       nullptr, lse + i0 + r, sum + i0 + r);
+        exp_rows<S, 1>(strip + r * Lk, Lk, nv, lse + i0 + r, sum + i0 + r);
     }
     for (int64_t r = 0; r < rows; ++r) inv[r] = 1.f / sum[i0 + r];
-    gemm<S>(rows, Dv, Lk, strip, Lk, 1, vp, Dv, {o + i0 * ldo, ldo, inv});
+    gemm<S>(rows, Dv, n, strip, Lk, 1, vp, Dv, {o + i0 * ldo, ldo, inv});
   }
   for (int64_t i = 0; i < L; ++i) lse[i] += fm::log(sum[i]);
+}
+
+// Rows [r0, r1) of a gradient [.., cols] that is 0 there: assigned, or left as it is.
+inline void zero_rows(const Out& out, int64_t r0, int64_t r1, int64_t cols) {
+  if (!out.add)
+    for (int64_t r = r0; r < r1; ++r)
+      std::fill(out.C + r * out.ldc, out.C + r * out.ldc + cols, 0.f);
+}
+
+// Whether rows [rows, cols] at p (row stride ld) hold anything but zeros (NaN counts).
+inline bool any_nonzero(const float* p, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      if (p[r * ld + c] != 0.f) return true;
+  return false;
 }
 
 // Floats of scratch backward_slice needs: E [L, Lk], Kᵀ·scale [D, Lk], 1/rowsum(E) [L];
@@ -377,9 +508,10 @@ inline int64_t backward_floats(int64_t L, int64_t Lk, int64_t D, int64_t Dv, boo
 }
 
 // Backward of one slice (attention.cpp's header has the formulas), gradients into Out
-// (add: beta 1). Per block of MR query rows, while its rows are in L1: E = exp(scale·q·kᵀ +
-// mask − LSE) and its row sums, dP = dO·vᵀ, dS = scale·P∘(dP − Σⱼ Pᵢⱼ dPᵢⱼ), the block's dQ
-// rows = dS·k. Then dV = Eᵀ·(dO/rowsum(E)) and dK = dSᵀ·q over all rows.
+// (add: beta 1). Per block of MR query rows, while its rows are in L1, over the keys the block
+// keeps: E = exp(scale·q·kᵀ + mask − LSE) and its row sums, dP = dO·vᵀ, dS = scale·P∘(dP −
+// Σⱼ Pᵢⱼ dPᵢⱼ), the block's dQ rows = dS·k. Then dV = Eᵀ·(dO/rowsum(E)) and dK = dSᵀ·q over
+// all rows and the keys any block keeps.
 template <class S>
 void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t lddo,
                     const Out* dq, const Out* dk, const Out* dv, float* scratch,
@@ -394,30 +526,51 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
   float* dOs = inv + L;         // [L, Dv] (dv)
   float* dS = nullptr;          // [L, Lk] (ds), then Vᵀ [Dv, Lk], k [Lk, D], q [L, D]
   float *vt = nullptr, *kc = nullptr, *qc = nullptr;
-  pack_t(s.k, s.ldk, Lk, D, s.scale, kt, Lk);
+  int64_t ke[512 / 4];  // keys per row block, as in the forward
+  const int64_t kn = key_ends<S>(s, MR, ke);
+  // Row blocks whose dO rows are all 0 (positions the loss does not see: padding, or all but
+  // [CLS] in a classifier's last layer): their dP, dS and dQ rows and their terms of dV and
+  // dK are exactly 0 (for finite V), so they are skipped; dV and dK sum rows [0, qend).
+  bool live[512 / 4];
+  int64_t qend = 0;
+  for (int64_t i0 = 0; i0 < L; i0 += MR) {
+    const int64_t rows = std::min<int64_t>(MR, L - i0);
+    live[i0 / MR] = any_nonzero(dO + i0 * lddo, lddo, rows, Dv);
+    if (live[i0 / MR]) qend = i0 + rows;
+  }
+  pack_t(s.k, s.ldk, vec_end<S>(kn), D, s.scale, kt, Lk);
   if (ds_wanted) {
     dS = dOs + (dv ? L * Dv : 0);
     vt = dS + L * Lk;
     kc = vt + Dv * Lk;
     qc = kc + Lk * D;
-    pack_t(s.v, s.ldv, Lk, Dv, 1.f, vt, Lk);
-    pack_rows<S>(s.k, s.ldk, Lk, D, kc);
-    pack_rows<S>(s.q, s.ldq, L, D, qc);
+    pack_t(s.v, s.ldv, vec_end<S>(kn), Dv, 1.f, vt, Lk);
+    pack_rows<S>(s.k, s.ldk, kn, D, kc);
+    pack_rows<S>(s.q, s.ldq, qend, D, qc);
   }
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
-    const int64_t rows = std::min<int64_t>(MR, L - i0);
+    // keys [n, nv) of E and dS: exactly 0 after the exp
+    const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR], nv = vec_end<S>(n);
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     float* e = E + i0 * Lk;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
-    gemm<S>(rows, Lk, D, s.q + i0 * s.ldq, s.ldq, 1, kt, Lk, {e, Lk});
+    if (!live[i0 / MR]) {  // dQ rows 0; E, dS, dOs rows 0 where dV and dK read them
+      if (dq) zero_rows(*dq, i0, i0 + rows, D);
+      if (i0 < qend) {
+        std::fill(e, e + rows * Lk, 0.f);
+        if (ds_wanted) std::fill(dS + i0 * Lk, dS + (i0 + rows) * Lk, 0.f);
+        if (dv) std::fill(dOs + i0 * Dv, dOs + (i0 + rows) * Dv, 0.f);
+      }
+      continue;
+    }
     // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
     // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
-    if (rows == MR) {
-      exp_rows<S, MR>(e, Lk, Lk, m, s.ldm, s.one, lse + i0, nullptr, inv + i0);
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        exp_rows<S, 1>(e + r * Lk, Lk, Lk, m ? m + r * s.ldm : nullptr, s.ldm, s.one,
-                       lse + i0 + r, nullptr, inv + i0 + r);
+    strip_block<S, Fin::Exp>(rows, nv, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
+                             lse + i0, e, Lk, inv + i0);
+    // keys [nv, kn) that other blocks keep: E and dS 0 there for the dV and dK products
+    for (int64_t r = 0; r < rows && nv < kn; ++r) {
+      std::fill(e + r * Lk + nv, e + r * Lk + kn, 0.f);
+      if (ds_wanted) std::fill(dS + (i0 + r) * Lk + nv, dS + (i0 + r) * Lk + kn, 0.f);
     }
     for (int64_t r = 0; r < rows; ++r) inv[i0 + r] = 1.f / inv[i0 + r];
     const float* go = dO + i0 * lddo;
@@ -429,20 +582,26 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
       }
     if (!ds_wanted) continue;
     float* g = dS + i0 * Lk;
-    gemm<S>(rows, Lk, Dv, go, lddo, 1, vt, Lk, {g, Lk});  // dP
+    float dot[MR];
+    // dP = dO·vᵀ with its row dots Σⱼ Eᵢⱼ dPᵢⱼ
+    strip_block<S, Fin::Dot>(rows, nv, Dv, go, lddo, vt, Lk, nullptr, 0, false, e, g, Lk, dot);
     if (rows == MR) {
-      ds_rows<S, MR>(g, e, Lk, Lk, inv + i0, s.scale);
+      ds_rows<S, MR>(g, e, Lk, nv, inv + i0, dot, s.scale);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        ds_rows<S, 1>(g + r * Lk, e + r * Lk, Lk, Lk, inv + i0 + r, s.scale);
+        ds_rows<S, 1>(g + r * Lk, e + r * Lk, Lk, nv, inv + i0 + r, dot + r, s.scale);
     }
     if (dq)  // dQ rows [rows, D] = dS rows · k
-      gemm<S>(rows, D, Lk, g, Lk, 1, kc, D, {dq->C + i0 * dq->ldc, dq->ldc, nullptr, dq->add});
+      gemm<S>(rows, D, n, g, Lk, 1, kc, D, {dq->C + i0 * dq->ldc, dq->ldc, nullptr, dq->add});
   }
-  if (dv)  // dV [Lk, Dv] = Eᵀ · dOs
-    gemm<S>(Lk, Dv, L, E, 1, Lk, dOs, Dv, *dv);
-  if (dk)  // dK [Lk, D] = dSᵀ · q
-    gemm<S>(Lk, D, L, dS, 1, Lk, qc, D, *dk);
+  if (dv) {  // dV [Lk, Dv] = Eᵀ · dOs
+    gemm<S>(kn, Dv, qend, E, 1, Lk, dOs, Dv, *dv);
+    zero_rows(*dv, kn, Lk, Dv);
+  }
+  if (dk) {  // dK [Lk, D] = dSᵀ · q
+    gemm<S>(kn, D, qend, dS, 1, Lk, qc, D, *dk);
+    zero_rows(*dk, kn, Lk, D);
+  }
 }
 
 }  // namespace attn
