@@ -90,6 +90,31 @@ PYEDGE_SIMD_INLINE void block(int64_t K, const float* A, int64_t sr, int64_t sk,
   }
 }
 
+// The column walk of both product kernels: the C tiles of R rows × NV vectors over [0, N)
+// (N a multiple of W), then single vectors; each accumulator goes to f(r, j, acc) while it
+// is in a register.
+template <class S, int R, class F>
+PYEDGE_SIMD_INLINE void tiles(int64_t N, int64_t K, const float* a, int64_t sr, int64_t sk,
+                              const float* B, int64_t ldb, F&& f) {
+  using V = typename S::V;
+  constexpr int NV = Blk<S>::NV, W = S::W;
+  int64_t j = 0;
+  for (; j + NV * W <= N; j += NV * W) {
+    V acc[R][NV];
+    block<S, R, NV>(K, a, sr, sk, B + j, ldb, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) f(r, j + v * W, acc[r][v]);
+  }
+  for (; j < N; j += W) {
+    V acc[R][1];
+    block<S, R, 1>(K, a, sr, sk, B + j, ldb, acc);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) f(r, j, acc[r][0]);
+  }
+}
+
 // Where a product's C rows go: C[i, j] = rs[i] · acc + (add ? C[i, j] : 0), with rs absent
 // meaning 1. add = false assigns (C is not read: a fresh gradient may hold anything).
 struct Out {
@@ -99,7 +124,7 @@ struct Out {
   bool add = false;
 };
 
-// Rows [i, i + MR) of C [M, N] = A · B, in chunks of NV vectors (then single vectors); N is a
+// Rows [i, i + MR) of C [M, N] = A · B, in tiles (tiles above); N is a
 // multiple of W. Not inlined: in a function of its own the k loop
 // keeps the accumulators, B vectors and row pointers in registers (inlined into a slice
 // function, GCC spilled B vectors and row pointers to the stack).
@@ -108,7 +133,6 @@ __attribute__((noinline)) void rows_of(int64_t i, int64_t N, int64_t K, const fl
                                        int64_t sr, int64_t sk, const float* B, int64_t ldb,
                                        Out out) {
   using V = typename S::V;
-  constexpr int NV = Blk<S>::NV, W = S::W;
   const float* a = A + i * sr;
   float* C = out.C + i * out.ldc;
   auto put = [&](int r, int64_t j, V x) {
@@ -116,21 +140,7 @@ __attribute__((noinline)) void rows_of(int64_t i, int64_t N, int64_t K, const fl
     if (out.rs) x = S::mul(x, S::set1(out.rs[i + r]));
     S::store(c, out.add ? S::add(x, S::load(c)) : x);
   };
-  int64_t j = 0;
-  for (; j + NV * W <= N; j += NV * W) {
-    V acc[MR][NV];
-    block<S, MR, NV>(K, a, sr, sk, B + j, ldb, acc);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) put(r, j + v * W, acc[r][v]);
-  }
-  for (; j < N; j += W) {
-    V acc[MR][1];
-    block<S, MR, 1>(K, a, sr, sk, B + j, ldb, acc);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) put(r, j, acc[r][0]);
-  }
+  tiles<S, MR>(N, K, a, sr, sk, B, ldb, put);
 }
 
 // C [M, N] = A [M, K] · B [K, N] into out, rows in blocks of MR, then 4, 2, 1.
@@ -348,7 +358,7 @@ __attribute__((noinline)) void strip_rows(int64_t n, int64_t K, const float* a, 
                                           int64_t ldm, bool one, const float* aux, float* x,
                                           int64_t ldx, float* lanes, float* red) {
   using V = typename S::V;
-  constexpr int NV = Blk<S>::NV, W = S::W;
+  constexpr int W = S::W;
   float* rd[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -368,21 +378,7 @@ __attribute__((noinline)) void strip_rows(int64_t n, int64_t K, const float* a, 
     }
     S::store(x + r * ldx + j, v);
   };
-  int64_t j = 0;
-  for (; j + NV * W <= n; j += NV * W) {
-    V acc[R][NV];
-    block<S, R, NV>(K, a, lda, 1, b + j, ldb, acc);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) finish(r, j + v * W, acc[r][v]);
-  }
-  for (; j < n; j += W) {
-    V acc[R][1];
-    block<S, R, 1>(K, a, lda, 1, b + j, ldb, acc);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) finish(r, j, acc[r][0]);
-  }
+  tiles<S, R>(n, K, a, lda, 1, b, ldb, finish);
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     const V v = S::load(rd[r]);
