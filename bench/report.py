@@ -44,6 +44,7 @@ def summarize(runs, sgemm, flops, plan, machine, notes, config) -> dict:
                 row[f"{lib}_best"] = max(r[lib]["gflops"])
                 pooled.setdefault(lib, []).extend(r[lib]["gflops"])
         row["pyedge_blas_core"] = r.get("pyedge_blas_core")
+        row["pyedge_core_target"] = r.get("pyedge_core_target")
         row["best"] = max(v for k, v in row.items() if k.endswith("_best") and v is not None)
         cal.append(row)
     medians = {lib: statistics.median(v) for lib, v in pooled.items()}
@@ -192,6 +193,10 @@ def markdown(res, plot_dir=None) -> str:
             L.append(f"- OpenBLAS kernels: pyedge's copy {'/'.join(cores)}; numpy's follow "
                      f"OPENBLAS_CORETYPE={m.get('openblas_coretype_env') or '(unset)'} "
                      "(pyedge/cpu_defaults.py)")
+        targets = sorted({x["pyedge_core_target"] for x in sg["calibrations"]
+                          if x.get("pyedge_core_target")})
+        if targets:
+            L.append(f"- pyedge's core: the {'/'.join(targets)} build (pyedge/core_variant.py)")
     L.append(f"- FLOPs per step: {res['flop_method']}")
     for n in res.get("notes", []):
         L.append(f"- note: {n}")

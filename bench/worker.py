@@ -91,6 +91,7 @@ def run_pyedge(w, a):
     extra["steady_state_allocations"] = sess.last_step_allocations
     extra["core_threads"] = pyedge._core.num_threads()
     extra["blas_core"] = pyedge._core.blas_core()
+    extra["core_target"] = pyedge._core.simd_info()["target"]
     return times, losses, build, rss_built, extra, {"pyedge": pyedge.__version__}
 
 
@@ -249,6 +250,7 @@ def run_sgemm(a, n=1024):
         ts = pyedge._core.time_sgemm(n, max(3, a.steps) + 2)[2:]
         out["pyedge"] = {"times": ts, "gflops": [flops / t / 1e9 for t in ts]}
         out["pyedge_blas_core"] = pyedge._core.blas_core()
+        out["pyedge_core_target"] = pyedge._core.simd_info()["target"]
     except Exception as e:  # pyedge not built: numpy only
         out["pyedge_error"] = f"{type(e).__name__}: {e}"
     out["n"] = n

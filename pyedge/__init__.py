@@ -1,8 +1,13 @@
 """pyedge: fine-tune ONNX models on edge devices with sparse backprop and LoRA."""
-from pyedge.cpu_defaults import core_load_env
+import os as _os
+import platform as _platform
+
+from pyedge.core_variant import load_core as _load_core
+from pyedge.cpu_defaults import core_load_env, cpu_flags
 
 with core_load_env():  # variables libgomp and OpenBLAS read when they load
-    from pyedge import _core  # noqa: F401  (pyedge._core, loaded with those variables)
+    # pyedge._core: the build of the core for this CPU's instruction set (core_variant.py)
+    _core = _load_core(_os.environ, cpu_flags(), _platform.machine())
 from pyedge._core import PyedgeError, UnsupportedOpError  # noqa: E402
 from pyedge.adapters import LoraConfig
 from pyedge.onnx_import import ModelLoadError, load_onnx

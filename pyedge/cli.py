@@ -567,8 +567,16 @@ def cmd_inspect(args) -> int:
             _out(f"planned memory: unavailable ({rep.get('plan_error', 'no plan')})")
         fused = tr.get("fusions") or {}
         _out("fused chains: " + (", ".join(f"{k} x{v}" for k, v in fused.items()) or "none")
-             + f"; GEMM kernels: OpenBLAS {pyedge._core.blas_core()}")
+             + f"; GEMM kernels: OpenBLAS {pyedge._core.blas_core()}"
+             + f"; core build: {_core_build()}")
     return EXIT_OK
+
+
+def _core_build() -> str:
+    """Which build of the core runs (pyedge/core_variant.py): its -march and SIMD backend."""
+    from pyedge import _core
+    info = _core.simd_info()
+    return f"{info['target']} ({info['backend']}, {info['width']} floats)"
 
 
 def cmd_demo(args) -> int:

@@ -3,7 +3,8 @@
 # against that build. The normal dev build (pyedge/_core*.so) is never touched: the tracked
 # and untracked (non-ignored) files are mirrored into a separate directory (default
 # /tmp/pyedge-sanitize/<hash of the worktree path>; PYEDGE_SANITIZE_DIR overrides), built there
-# with -DPYEDGE_SANITIZE=ON (the module lands in that copy's pyedge/) and tested from there.
+# with -DPYEDGE_SANITIZE=ON (one module for this CPU, -DPYEDGE_NATIVE=ON; it lands in that
+# copy's pyedge/) and tested from there.
 # tar keeps modification times, so reruns rebuild only what changed.
 #
 #   scripts/sanitize.sh                    # default subset: ops, session, forward, fuzz regr.
@@ -27,7 +28,7 @@ rm -rf "$SRC" && mkdir -p "$SRC"
 [ -n "$KEEP" ] && mv "$DIR"/keep/_core*.so "$SRC/pyedge/"
 
 cmake -S "$SRC" -B "$DIR/build" -G Ninja -DPython_EXECUTABLE="$PY" \
-      -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYEDGE_SANITIZE=ON >/dev/null
+      -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYEDGE_SANITIZE=ON -DPYEDGE_NATIVE=ON >/dev/null
 cmake --build "$DIR/build" -j "${SANITIZE_JOBS:-2}"
 
 ASAN_LIB="$(g++ -print-file-name=libasan.so)"

@@ -107,6 +107,9 @@ def test_inspect(model):
     assert rep["trainable"]["fusions"] == {}  # Gemm layers: no exported chain to fuse
     r = run("inspect", model, "--target", "all-linear", "--lora-r", "2")
     assert "fused chains: none; GEMM kernels: OpenBLAS " in r.stdout, r.stdout
+    import pyedge
+    info = pyedge._core.simd_info()
+    assert f"; core build: {info['target']} ({info['backend']}, " in r.stdout, r.stdout
 
 
 def test_inspect_lists_unsupported_ops(files):

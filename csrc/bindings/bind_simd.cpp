@@ -114,8 +114,14 @@ void bind_simd(py::module_& m) {
     py::dict d;
     d["backend"] = simd::Native::name;
     d["width"] = simd::Native::W;
+#ifdef PYEDGE_BUILD_TARGET
+    d["target"] = PYEDGE_BUILD_TARGET;
+#else
+    d["target"] = "unknown";
+#endif
     return d;
-  }, "The SIMD backend this build uses (avx512/avx2/sse2/neon/scalar) and its float width.");
+  }, "The SIMD backend this build uses (avx512/avx2/sse2/neon/scalar), its float width and "
+     "the -march it was compiled for (target: baseline, x86-64-v3, native, ...).");
   m.def(
       "simd_kernel",
       [](const std::string& name, F32 a, py::object b, py::object c, bool scalar) {
