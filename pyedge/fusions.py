@@ -19,6 +19,7 @@ from collections import Counter
 import numpy as np
 
 from pyedge.graph import Graph, Node
+from pyedge.row_pruning import push_gathers_up
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -403,6 +404,8 @@ def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
     """Applies every fusion in place; returns how many sites each one rewrote. `trainable`:
     names of the tensors being trained (a fusion that drops a gradient path checks them)."""
     done = Counter()
+    # first, so the fusions below see the ops that now run on gathered rows
+    done["gathered_rows"] += push_gathers_up(graph)
     done["gelu"] += fuse_gelu(graph)
     done["masked_softmax"] += fuse_masked_softmax(graph, set(trainable))
     done["transposed_matmul"] += fuse_transposed_matmul(graph)

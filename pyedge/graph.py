@@ -42,6 +42,9 @@ class Graph:
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     # node name -> PyTorch module scope (dynamo's name_scopes), when the file has it
     node_scopes: dict[str, str] = dataclasses.field(default_factory=dict)
+    # intermediate value -> shape (-1 symbolic) as the file or ONNX shape inference gave it;
+    # rewrites that add values do not update it (see row_pruning.value_ranks)
+    value_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
     _counter: Any = dataclasses.field(default_factory=lambda: itertools.count(), repr=False)
 
@@ -79,6 +82,7 @@ class Graph:
             param_map={k: dict(v) for k, v in self.param_map.items()},
             metadata=dict(self.metadata),
             node_scopes=dict(self.node_scopes),
+            value_shapes={k: list(v) for k, v in self.value_shapes.items()},
         )
 
 

@@ -229,6 +229,25 @@ def _check_inputs_against_schema(node: Node, opset: int) -> None:
                                  f"('{what}') is missing")
 
 
+def _value_shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
+    """Shapes of intermediate values (-1 for a symbolic dimension): the file's value_info
+    (the dynamo exporter writes it), else ONNX shape inference; {} when neither tells.
+    Only rewrites use them (row_pruning.py), the core infers its own shapes."""
+    infos = proto.graph.value_info
+    if not infos and proto.graph.node:
+        try:
+            infos = onnx.shape_inference.infer_shapes(proto).graph.value_info
+        except Exception:  # noqa: BLE001 - inference is optional: no shapes then
+            return {}
+    out = {}
+    for v in infos:
+        tt = v.type.tensor_type
+        if v.type.HasField("tensor_type") and tt.HasField("shape"):
+            out[v.name] = [int(d.dim_value) if d.HasField("dim_value") else -1
+                           for d in tt.shape.dim]
+    return out
+
+
 def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     g = proto.graph
     _check_names(g)
@@ -277,7 +296,7 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
         _check_inputs_against_schema(n, opsets.get(n.domain, opsets.get("", 17)))
     metadata = {p.key: p.value for p in proto.metadata_props}
     graph = Graph(nodes, inits, inputs, outputs, opsets, metadata=metadata,
-                  node_scopes=node_scopes)
+                  node_scopes=node_scopes, value_shapes=_value_shapes(proto))
     from pyedge.import_rewrites import rewrite_sequences
     from pyedge.param_names import recover_param_map
     rewrite_sequences(graph)
