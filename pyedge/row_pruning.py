@@ -19,8 +19,8 @@ Moves made (x the Gather's data, read by nothing else and not a graph output):
 Identical Gathers of one value are merged, so a value read twice on the way (the residual
 stream feeding both the feed-forward block and the Add after it) moves on as one.
 
-Ranks come from a small propagation over the graph (graph inputs' ranks, initializers,
-common ops); where a rank is unknown nothing moves. Broadcast operands are gathered at index
+Ranks come from the file's value_info (or ONNX shape inference at import) and a small
+propagation over the graph for values added since; where a rank is unknown nothing moves. Broadcast operands are gathered at index
 0 only when the index is 0 (a size-1 axis broadcasts its row 0, a full axis gives row 0), so
 other indices move only through operands that lack the axis.
 """
@@ -51,8 +51,10 @@ def value_ranks(graph: Graph) -> dict[str, int]:
         r = [ranks.get(i) for i in n.inputs if i]
         out = None
         t = n.op_type
-        if n.domain == "pyedge" and t in ("MatMul", "LoraMatMul", "Gelu", "MaskedSoftmax"):
-            out = r[0] if t != "MatMul" or None in r[:2] else max(r[:2])
+        if n.domain == "pyedge" and t in ("LoraMatMul", "Gelu", "MaskedSoftmax"):
+            out = r[0]  # the shape of x
+        elif n.domain == "pyedge" and t == "MatMul" and None not in r[:2]:
+            out = max(r[:2])
         elif n.domain not in ("", "ai.onnx"):
             out = None
         elif t == "Expand" and r and r[0] is not None:
@@ -114,6 +116,12 @@ def constant_value(graph: Graph, producer: dict[str, Node], name: str, depth: in
     return f(x, tuple(int(a) for a in np.ravel(axes)))
 
 
+def _axes_without(axes: list[int], axis: int) -> np.ndarray:
+    """Non-negative `axes` renumbered once `axis` has left the rank (those after it move
+    down by one)."""
+    return np.array([a - (a > axis) for a in axes], np.int64)
+
+
 def _scalar_index(graph: Graph, name: str) -> int | None:
     a = graph.initializers.get(name)
     if a is None or np.ndim(a) != 0 or np.asarray(a).dtype.kind not in "iu":
@@ -143,12 +151,17 @@ class _Pusher:
         if "axes" in p.attrs:
             axes = p.attrs["axes"]
         elif len(p.inputs) > 1 and p.inputs[1]:
-            axes = self.g.initializers.get(p.inputs[1])
-            if axes is None:
-                return None
+            axes = self.const(p.inputs[1])
         else:
             return None  # no axes: all of them
-        return [int(a) + R if int(a) < 0 else int(a) for a in np.ravel(axes)]
+        return None if axes is None else [int(a) + R if int(a) < 0 else int(a)
+                                          for a in np.ravel(axes)]
+
+    def axes_input(self, p: Node, axes: list[int], axis: int) -> str:
+        """A new int64 initializer holding `axes` renumbered for the rank without `axis`."""
+        name = self.g.fresh_name(f"{p.name}_axes")
+        self.g.initializers[name] = _axes_without(axes, axis)
+        return name
 
     def move(self, g: Node, p: Node, axis: int, index: str, idx: int) -> list[Node] | None:
         """New nodes computing Gather(p(...)) as p(Gather(...)), or None if p does not allow
@@ -180,14 +193,10 @@ class _Pusher:
             axes = self.reduce_axes(p, R)
             if axes is None or axis in axes:
                 return None
-            # the gathered axis leaves the rank: reduced axes after it move down by one
-            moved = np.array([a - (a > axis) for a in axes], np.int64)
             if "axes" in p.attrs:
-                p.attrs = {**p.attrs, "axes": [int(a) for a in moved]}
+                p.attrs = {**p.attrs, "axes": [int(a) for a in _axes_without(axes, axis)]}
             else:
-                name = self.g.fresh_name(f"{p.name}_axes")
-                self.g.initializers[name] = moved
-                inputs[1] = name
+                inputs[1] = self.axes_input(p, axes, axis)
             targets = [(0, axis)]
         elif plain and t == "Slice" and all(self.const(i) is not None for i in inputs[1:] if i):
             # x[:, 0] exported with dynamic shapes: Gather(Slice(h, 0:MAX on axis 0), 0, axis=1)
@@ -197,10 +206,8 @@ class _Pusher:
             axes = [int(a) + R if int(a) < 0 else int(a) for a in axes]
             if axis in axes:
                 return None
-            name = self.g.fresh_name(f"{p.name}_axes")
-            self.g.initializers[name] = np.array([a - (a > axis) for a in axes], np.int64)
             inputs += [""] * (4 - len(inputs))
-            inputs[3] = name
+            inputs[3] = self.axes_input(p, axes, axis)
             targets = [(0, axis)]
         elif plain and t == "LayerNormalization":
             norm = int(p.attrs.get("axis", -1))
@@ -233,7 +240,6 @@ def push_gathers_up(graph: Graph) -> int:
     while True:
         _merge_identical_gathers(graph)
         pusher = _Pusher(graph)
-        producer = graph.producer_map()
         consumers = graph.consumer_map()
         done = False
         for g in graph.nodes:
@@ -241,7 +247,7 @@ def push_gathers_up(graph: Graph) -> int:
                 continue
             idx = _scalar_index(graph, g.inputs[1])
             data = g.inputs[0]
-            p = producer.get(data)
+            p = pusher.producer.get(data)
             R = pusher.ranks.get(data)
             if idx is None or p is None or R is None or data in pusher.outputs \
                     or len(consumers.get(data, [])) != 1:
@@ -266,6 +272,7 @@ def push_gathers_up(graph: Graph) -> int:
 
 def _merge_identical_gathers(graph: Graph) -> None:
     """Gathers of the same value, index value and axis become one (the first)."""
+    outputs = {v.name for v in graph.outputs}
     seen: dict[tuple, str] = {}
     rename: dict[str, str] = {}
     keep = []
@@ -275,7 +282,7 @@ def _merge_identical_gathers(graph: Graph) -> None:
             idx = _scalar_index(graph, n.inputs[1])
             if idx is not None:
                 key = (n.inputs[0], idx, int(n.attrs.get("axis", 0)))
-                if key in seen and n.outputs[0] not in {v.name for v in graph.outputs}:
+                if key in seen and n.outputs[0] not in outputs:
                     rename[n.outputs[0]] = seen[key]
                     continue
                 seen.setdefault(key, n.outputs[0])
