@@ -1,8 +1,9 @@
 """Conv, pooling and BatchNormalization: forward vs onnxruntime, backward vs torch autograd."""
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from optional_deps import optional
+torch = optional("torch")
+F = optional("torch.nn.functional")
 
 from opcheck import check_backward, check_forward, ort_run, pyedge_run
 from pyedge import _core

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
-import torch
+from optional_deps import optional
+torch = optional("torch")
 
 from opcheck import check_forward
 from pyedge import _core

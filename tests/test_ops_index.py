@@ -2,7 +2,8 @@
 onnxruntime, backward against torch, out-of-range indices as clear errors."""
 import numpy as np
 import pytest
-import torch
+from optional_deps import optional
+torch = optional("torch")
 
 from opcheck import check_backward, check_forward, ort_run
 from pyedge import _core

@@ -2,8 +2,9 @@
 SoftmaxCrossEntropyLoss (forward vs onnxruntime, backward vs torch)."""
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+from optional_deps import optional
+torch = optional("torch")
+F = optional("torch.nn.functional")
 
 from opcheck import check_backward, check_forward
 from pyedge import _core

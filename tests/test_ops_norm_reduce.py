@@ -1,7 +1,8 @@
 """Softmax/LogSoftmax, LayerNormalization and Reduce*: forward vs onnxruntime, backward vs torch."""
 import numpy as np
 import pytest
-import torch
+from optional_deps import optional
+torch = optional("torch")
 
 from opcheck import check_backward, check_forward
 from pyedge import _core

@@ -3,7 +3,8 @@ Range) and layout ops (Transpose, Concat, Split, Slice, Tile, Pad, Trilu): forwa
 onnxruntime for every dtype, backward against torch."""
 import numpy as np
 import pytest
-import torch
+from optional_deps import optional
+torch = optional("torch")
 from onnx import numpy_helper
 
 from opcheck import check_backward, check_forward, ort_run

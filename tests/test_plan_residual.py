@@ -4,7 +4,8 @@ exact, checked against torch autograd. Each graph is built so that sharing is sa
 unsafe in a known way; the unsafe ones must keep their own buffers."""
 import numpy as np
 import pytest
-import torch
+from optional_deps import optional
+torch = optional("torch")
 from onnx import TensorProto, helper, numpy_helper
 
 import pyedge
