@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", help="LoRA target modules, comma-separated ('query,value', "
                                     "'encoder.layer.*.value', 're:...', 'all-linear')")
     g.add_argument("--train", help="whole tensors to train, comma-separated patterns ('classifier.*')")
+    g.add_argument("--quantize", choices=("4", "8", "nf4", "fp4"),
+                   help="quantize the frozen linear weights on load (QLoRA; see pyedge quantize)")
     g = t.add_argument_group("objective")
     g.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"))
     g.add_argument("--output", help="graph output the loss reads (default: the first)")
@@ -170,7 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model")
     m.add_argument("--adapters", required=True)
     m.add_argument("-o", "--output", required=True)
+    m.add_argument("--bits", type=int, choices=(4, 8),
+                   help="quantized base: re-quantize the merged weights (default: write them "
+                        "float, dequantized + delta)")
+    m.add_argument("--group-size", type=int, help="with --bits: block size (default: the base's)")
     m.set_defaults(func=cmd_merge)
+
+    # quantize -------------------------------------------------------------------------------
+    q = sub.add_parser("quantize", parents=[common], help="4/8-bit frozen weights (ONNX out)",
+                       description="Quantize the linear weights of an ONNX model to 4 or 8 bits "
+                                   "(MatMulNBits / MatMulBnb4 / int8 DequantizeLinear: runs in "
+                                   "onnxruntime, trains LoRA in pyedge).")
+    q.add_argument("model")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    q.add_argument("--group-size", type=int, help="values per block along K (default 64; "
+                   "8-bit default: one scale per output channel)")
+    q.add_argument("--scheme", choices=("int", "nf4", "fp4"), default="int")
+    q.add_argument("--symmetric", action="store_true", default=None,
+                   help="no zero points (int scheme)")
+    q.add_argument("--include", help="also quantize: embeddings, lm_head (comma-separated)")
+    q.add_argument("--exclude", help="module patterns to leave float (comma-separated)")
+    q.set_defaults(func=cmd_quantize)
 
     # demo -----------------------------------------------------------------------------------
     d = sub.add_parser("demo", parents=[common], help="end-to-end fine-tuning on a bundled model",
@@ -386,6 +409,20 @@ def cmd_merge(args) -> int:
         info = merge.merge_adapters(args.model, args.adapters, args.output)
     changed = len(info.get("lora", [])) + len(info.get("whole", [])) if isinstance(info, dict) else "?"
     _out(f"wrote {args.output} ({changed} weight tensors changed)")
+    return EXIT_OK
+
+
+def cmd_quantize(args) -> int:
+    from pyedge.quantize import quantize
+    from pyedge.train import split_list
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"{args.model}: no such model file")
+    rep = quantize(args.model, args.output, bits=args.bits, group_size=args.group_size,
+                   scheme=args.scheme, include=split_list(args.include),
+                   symmetric=args.symmetric, exclude=split_list(args.exclude))
+    for line in rep.lines():
+        _out(line)
+    _out(f"wrote {args.output}")
     return EXIT_OK
 
 
