@@ -111,6 +111,7 @@ def quantize_nbits(w: np.ndarray, bits: int = 4, block_size: int = 64, symmetric
         recip = np.where(scales != 0, np.float32(1) / scales, np.float32(0)).astype(np.float32)
     q = blocks * recip[..., None] + zp[..., None]
     codes = np.clip(_round_half_away(q.astype(np.float32)), 0, kmax).astype(np.uint8)
+    codes.reshape(N, -1)[:, K:] = 0  # ORT leaves the padding past K zero
     packed = pack_codes(codes, bits)
     # ORT fills the unused nibble of an odd block count with the default zero point
     zero_points = None if symmetric else pack_codes(zp.astype(np.uint8), bits,
