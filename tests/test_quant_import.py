@@ -1,0 +1,290 @@
+"""Quantized files at import: MatMulNBits/MatMulBnb4 checked against their attributes,
+DequantizeLinear weights re-packed as MatMulNBits (no float copy), module names recovered,
+LoRA on quantized nodes (pyedge.LoraQuantMatMul) with the float model's initial adapters."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import pyedge
+from pyedge.import_quantized import dequantized_weight, is_quant_node
+from pyedge.onnx_import import ModelLoadError, load_onnx
+from pyedge.quantize import quantize_model
+from quant_models import inits_of, linear_model, run_ort
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def quant_nodes(graph):
+    return [n for n in graph.nodes if is_quant_node(n)]
+
+
+# ---------------------------------------------------------------- QDQ models
+QTYPES = {"int8": (TensorProto.INT8, -128, 127), "uint8": (TensorProto.UINT8, 0, 255),
+          "int4": (TensorProto.INT4, -8, 7), "uint4": (TensorProto.UINT4, 0, 15)}
+
+
+def int_tensor(name, q, qtype):
+    if qtype in ("int8", "uint8"):
+        return numpy_helper.from_array(q.astype(np.int8 if qtype == "int8" else np.uint8), name)
+    return helper.make_tensor(name, QTYPES[qtype][0], list(q.shape),
+                              q.reshape(-1).astype(np.int64).tolist())
+
+
+def qdq_model(qtype="int8", gran="axis", form="transpose", K=64, N=48, block=16, zp=True,
+              seed=0):
+    """x [2, 5, K] -> MatMul/Gemm with W = DequantizeLinear(q, scale[, zp]) -> y.
+    form "transpose": DQ gives [N, K] (torch layout) then Transpose; "matmul": DQ gives
+    [K, N]; "gemm": Gemm(transB=1) on [N, K]. gran: tensor | axis (per output channel) |
+    block (blocks of `block` along K)."""
+    rng = np.random.default_rng(seed)
+    _, lo, hi = QTYPES[qtype]
+    nk = form in ("transpose", "gemm")
+    shape = (N, K) if nk else (K, N)
+    q = rng.integers(lo, hi + 1, shape)
+    n_axis, k_axis = (0, 1) if nk else (1, 0)
+    attrs = {}
+    if gran == "tensor":
+        s_shape = ()
+    elif gran == "axis":
+        s_shape, attrs["axis"] = (N,), n_axis
+    else:
+        nb = -(-K // block)
+        s_shape = (N, nb) if nk else (nb, N)
+        attrs.update(axis=k_axis, block_size=block)
+    scale = (rng.random(s_shape) * 0.02 + 0.005).astype(np.float32)
+    inits = [int_tensor("w_q", q, qtype), numpy_helper.from_array(np.asarray(scale), "w_scale")]
+    dq_in = ["w_q", "w_scale"]
+    if zp:
+        z = rng.integers(lo, hi + 1, s_shape)
+        inits.append(int_tensor("w_zp", np.asarray(z), qtype))
+        dq_in.append("w_zp")
+    nodes = [helper.make_node("DequantizeLinear", dq_in, ["w"], name="/fc/DequantizeLinear",
+                              **attrs)]
+    if form == "transpose":
+        nodes += [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0], name="/fc/T"),
+                  helper.make_node("MatMul", ["x", "wt"], ["y"], name="/fc/MatMul")]
+    elif form == "matmul":
+        nodes += [helper.make_node("MatMul", ["x", "w"], ["y"], name="/fc/MatMul")]
+    else:
+        inits.append(numpy_helper.from_array(rng.standard_normal(N).astype(np.float32), "b"))
+        nodes += [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, name="/fc/Gemm")]
+    lead = ["n"] if form == "gemm" else ["n", 5]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     lead + [K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, lead + [N])],
+                          inits)
+    opset = 21 if qtype in ("int4", "uint4") or gran == "block" else 13
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 10 if opset >= 21 else 8
+    return m
+
+
+def ort_weight(m):
+    """W as ORT's DequantizeLinear computes it: a model whose output is the DQ value."""
+    g = onnx.GraphProto()
+    g.CopyFrom(m.graph)
+    dq = next(n for n in g.node if n.op_type == "DequantizeLinear")
+    g.ClearField("node")
+    g.node.append(dq)
+    g.ClearField("input")
+    g.ClearField("output")
+    g.output.append(helper.make_tensor_value_info(dq.output[0], TensorProto.FLOAT, None))
+    mm = helper.make_model(g, opset_imports=m.opset_import)
+    mm.ir_version = m.ir_version
+    return run_ort(mm, {})
+
+
+@pytest.mark.parametrize("qtype", ["int8", "uint8", "int4", "uint4"])
+@pytest.mark.parametrize("gran", ["tensor", "axis", "block"])
+@pytest.mark.parametrize("form", ["transpose", "matmul", "gemm"])
+def test_dequantizelinear_weights_become_matmulnbits(qtype, gran, form):
+    zp = gran != "tensor" or qtype.startswith("u")   # also: signed, no zero point
+    m = qdq_model(qtype, gran, form, K=72, block=16, zp=zp)  # 72: K not a block multiple
+    g = load_onnx(m)
+    assert not any(n.op_type in ("DequantizeLinear", "Transpose") for n in g.nodes)
+    (node,) = quant_nodes(g)
+    bits = 4 if qtype.endswith("4") else 8
+    assert node.op_type == "MatMulNBits" and node.name in ("/fc/MatMul", "/fc/Gemm")
+    assert node.attrs == {"K": 72, "N": 48, "bits": bits,
+                          "block_size": 16 if gran == "block" else 72}
+    W = ort_weight(m)
+    W_nk = W if form != "matmul" else W.T
+    np.testing.assert_allclose(dequantized_weight(g, node), W_nk, rtol=1e-6, atol=1e-7)
+    # weights stay integer: no float tensor of the weight's size
+    assert not any(a.dtype.kind == "f" and a.size >= 72 * 48 for a in g.initializers.values())
+    assert g.initializers[node.inputs[1]].dtype == np.uint8
+    assert g.initializers[node.inputs[1]].nbytes == 48 * (72 if gran != "block" else 80) * bits // 8
+    if form == "gemm":
+        assert node.inputs[5] == "b"
+
+
+def test_ort_qdq_int4_file_imports():
+    """onnxruntime's own QDQ output (int4 blocks, opset 21)."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    m, _ = linear_model(K=64, form="matmul", with_map=False)
+    for sym in (False, True):
+        q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(m.SerializeToString()), bits=4,
+                                 block_size=32, is_symmetric=sym, quant_format=QuantFormat.QDQ)
+        q.process()
+        qm = q.model.model
+        assert any(n.op_type == "DequantizeLinear" for n in qm.graph.node)
+        g = load_onnx(qm)
+        nodes = quant_nodes(g)
+        assert len(nodes) == 2 and all(n.attrs["bits"] == 4 and n.attrs["block_size"] == 32
+                                       for n in nodes)
+        assert {g.param_map[n.inputs[1]]["module"] for n in nodes} == {"layers.0.fc",
+                                                                       "layers.1.out"}
+
+
+def test_dequantizelinear_read_by_gather_is_folded_to_float():
+    m, _ = quantize_model(__import__("quant_models").tied_lm(), bits=4, include=("embeddings",))
+    g = load_onnx(m)
+    assert not any(n.op_type == "DequantizeLinear" for n in g.nodes)
+    table = g.initializers["embed.weight"]
+    t = inits_of(m)
+    np.testing.assert_allclose(table, t["embed.weight_Q8"] * t["embed.weight_scales"][:, None],
+                               rtol=1e-6)
+    assert "embed.weight_Q8" not in g.initializers
+
+
+def test_scales_along_k_are_refused_for_packing_and_folded_with_a_warning():
+    m = qdq_model("int8", "axis", "matmul")
+    dq = m.graph.node[0]
+    dq.attribute[0].i = 0                                  # per input row (K): not MatMulNBits
+    t = {i.name: i for i in m.graph.initializer}
+    t["w_scale"].CopyFrom(numpy_helper.from_array(np.full(64, 0.01, np.float32), "w_scale"))
+    t["w_zp"].CopyFrom(numpy_helper.from_array(np.zeros(64, np.int8), "w_zp"))
+    with pytest.warns(UserWarning, match="along the weight's K axis"):
+        g = load_onnx(m)
+    assert not quant_nodes(g) and g.initializers["w"].shape == (64, 48)
+
+
+# ---------------------------------------------------------------- names
+def test_module_names_from_ort_quantizer_files():
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    m, _ = linear_model(form="matmul", with_map=False)
+    q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(m.SerializeToString()), bits=4,
+                             block_size=32)
+    q.process()
+    qm = q.model.model
+    g = load_onnx(qm)
+    got = {n.inputs[1]: g.param_map[n.inputs[1]]["module"] for n in quant_nodes(g)}
+    assert got == {"layers.0.fc.weight_Q4": "layers.0.fc", "layers.1.out.weight_Q4": "layers.1.out"}
+    # renamed initializers (onnx::MatMul_N): the node name still carries the module path
+    for t in qm.graph.initializer:
+        if t.name.endswith("_Q4"):
+            new = "onnx::MatMul_" + str(len(t.name))
+            for n in qm.graph.node:
+                n.input[:] = [new if i == t.name else i for i in n.input]
+            t.name = new
+    g = load_onnx(qm)
+    assert sorted(g.param_map[n.inputs[1]]["module"] for n in quant_nodes(g)) == \
+        ["layers.0.fc", "layers.1.out"]
+    assert all(n.name.endswith("MatMul_Q4") for n in quant_nodes(g))
+
+
+def test_pyedge_map_survives_quantization_and_import():
+    m, _ = linear_model(form="transpose")
+    for kind in (dict(bits=4), dict(bits=8), dict(scheme="nf4")):
+        g = load_onnx(quantize_model(m, **kind)[0])
+        mods = sorted(g.param_map[n.inputs[1]]["module"] for n in quant_nodes(g))
+        assert mods == ["layers.0.fc", "layers.1.out"], kind
+        if kind == dict(bits=8):  # per output channel: one block of K
+            assert all(n.attrs["block_size"] == n.attrs["K"] for n in quant_nodes(g))
+
+
+# ---------------------------------------------------------------- broken files
+def _nbits_file(**edit):
+    m, _ = linear_model(form="matmul")
+    q, _ = quantize_model(m, bits=4, group_size=32, include=("lm_head",))
+    node = next(n for n in q.graph.node if n.op_type == "MatMulNBits")
+    t = {i.name: i for i in q.graph.initializer}
+    for key, fn in edit.items():
+        if key == "attr":
+            fn(node)
+        else:
+            name = node.input[{"B": 1, "scales": 2, "zp": 3}[key]]
+            t[name].CopyFrom(numpy_helper.from_array(fn(numpy_helper.to_array(t[name])), name))
+    return q, node.name
+
+
+@pytest.mark.parametrize("edit,match", [
+    (dict(scales=lambda a: a[:, :1]), r"scales holds 48 values .*need 96"),
+    (dict(B=lambda a: a[:, :, :8]), r"B \(packed weight\) holds"),
+    (dict(zp=lambda a: np.concatenate([a, a], 1)), r"zero_points holds"),
+    (dict(attr=lambda n: [a for a in n.attribute if a.name == "K"][0].__setattr__("i", 96)),
+     r"K=96"),
+    (dict(attr=lambda n: [a for a in n.attribute if a.name == "bits"][0].__setattr__("i", 2)),
+     r"bits=2 is not supported"),
+    (dict(scales=lambda a: a.astype(np.float64)), r"scales is float64"),
+])
+def test_mismatched_quantized_tensors_are_clear_errors(edit, match):
+    q, name = _nbits_file(**edit)
+    with pytest.raises(ModelLoadError, match=match) as e:
+        load_onnx(q)
+    assert f"MatMulNBits node '{name}'" in str(e.value)
+
+
+def test_bnb4_and_gidx_errors_name_the_node():
+    m, _ = linear_model(form="matmul")
+    q, _ = quantize_model(m, scheme="nf4", include=("lm_head",))
+    node = next(n for n in q.graph.node if n.op_type == "MatMulBnb4")
+    t = {i.name: i for i in q.graph.initializer}
+    t[node.input[2]].CopyFrom(numpy_helper.from_array(np.ones(5, np.float32), node.input[2]))
+    with pytest.raises(ModelLoadError, match=rf"MatMulBnb4 node '{node.name}': absmax holds 5"):
+        load_onnx(q)
+    q, name = _nbits_file()
+    node = next(n for n in q.graph.node if n.name == name)
+    q.graph.initializer.append(numpy_helper.from_array(np.zeros(64, np.int32), "g_idx"))
+    node.input[:] = list(node.input)[:4] + ["g_idx"]
+    with pytest.raises(ModelLoadError, match=rf"'{name}': g_idx"):
+        load_onnx(q)
+
+
+# ---------------------------------------------------------------- LoRA on quantized nodes
+@pytest.mark.parametrize("kind", [dict(bits=4), dict(bits=8), dict(scheme="nf4"),
+                                  dict(bits=4, symmetric=True)])
+def test_lora_sites_on_quantized_nodes_start_like_the_float_model(kind):
+    from pyedge.adapters import LoraConfig, inject_lora
+    m, _ = linear_model(form="transpose", final_relu=False)
+    cfg = LoraConfig(r=4, alpha=8, target_modules=["fc", "out"], dropout=0.1, seed=3)
+    fg = load_onnx(m)
+    fsites = inject_lora(fg, cfg)
+    qg = load_onnx(quantize_model(m, include=("lm_head",), **kind)[0])
+    before = {n.name: n for n in quant_nodes(qg)}
+    sites = inject_lora(qg, cfg)
+    assert [(s.module, s.in_features, s.out_features, s.fan_in_fan_out) for s in sites] == \
+        [(s.module, s.in_features, s.out_features, False) for s in fsites]
+    for s, f in zip(sites, fsites):
+        np.testing.assert_array_equal(qg.initializers[s.lora_a], fg.initializers[f.lora_a])
+        assert not qg.initializers[s.lora_b].any()
+    lq = [n for n in qg.nodes if n.op_type == "LoraQuantMatMul"]
+    assert len(lq) == 2 and all(n.domain == "pyedge" for n in lq)
+    for n in lq:
+        base = before[n.name]
+        assert n.attrs["base"] == base.op_type and n.attrs["scale"] == 2.0
+        assert n.attrs["dropout"] == 0.1 and n.attrs["salt"] in (1, 2)
+        assert all(n.attrs[k] == v for k, v in base.attrs.items())
+        site = sites[lq.index(n)]
+        assert n.inputs[:3] == [base.inputs[0], site.lora_a, site.lora_b]
+        if base.op_type == "MatMulNBits":
+            want = (base.inputs + [""] * 6)
+            assert n.inputs[3:] == [want[1], want[2], want[3], want[5]]
+        else:
+            assert n.inputs[3:] == base.inputs[1:3]
+
+
+def test_weight_modules_list_quantized_layers_with_bits_and_bytes():
+    from pyedge.train import expand_targets, weight_modules
+    m, _ = linear_model(form="transpose", final_relu=False)
+    g = load_onnx(quantize_model(m, bits=4, group_size=32)[0])
+    mods = {x["module"]: x for x in weight_modules(g)}
+    fc = mods["layers.0.fc"]
+    assert fc["op"] == "MatMulNBits" and fc["bits"] == 4 and fc["lora"]
+    assert fc["resident_bytes"] == 48 * 64 // 2 + 48 * 2 * 4 + 48 * 1  # packed, scales, zp
+    assert mods["layers.1.out"]["op"] == "MatMul"                        # the head: float
+    assert expand_targets(g, ["all-linear"]) == ["layers.0.fc"]
