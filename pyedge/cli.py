@@ -395,6 +395,9 @@ def cmd_merge(args) -> int:
             raise FileNotFoundError(f"{p}: no such {what}")
     merge = _export_module("merge")
     from pyedge.checkpoint import ADAPTERS
+    qargs = {"bits": args.bits, "group_size": args.group_size} if args.bits else {}
+    if args.group_size and not args.bits:
+        raise UsageError("--group-size goes with --bits (re-quantize the merged layers)")
     src = Path(args.adapters)
     if not (src / "adapter_config.json").is_file() and (src / ADAPTERS).is_file():
         # a checkpoint (pyedge format only): write its PEFT form to a temp dir and merge that
@@ -404,11 +407,20 @@ def cmd_merge(args) -> int:
         sess, _ = session_from_adapters(args.model, src)
         with tempfile.TemporaryDirectory(prefix="pyedge-merge-") as tmp:
             sess.save_adapters(tmp)
-            info = merge.merge_adapters(args.model, tmp, args.output)
+            info = merge.merge_adapters(args.model, tmp, args.output, **qargs)
     else:
-        info = merge.merge_adapters(args.model, args.adapters, args.output)
+        info = merge.merge_adapters(args.model, args.adapters, args.output, **qargs)
     changed = len(info.get("lora", [])) + len(info.get("whole", [])) if isinstance(info, dict) else "?"
     _out(f"wrote {args.output} ({changed} weight tensors changed)")
+    if info.get("dequantized"):
+        _out(f"quantized base: {len(info['dequantized'])} adapted layers written as float "
+             "weights (dequantized + LoRA delta); the others stay quantized")
+    if info.get("requantized"):
+        st = info.get("settings") or {}
+        _out(f"quantized base: {len(info['requantized'])} adapted layers re-quantized "
+             f"({st.get('scheme', 'int')} {st.get('bits')}-bit, "
+             f"{'blocks of ' + str(st['group_size']) if st.get('group_size') else 'per channel'})"
+             " after adding the LoRA delta")
     return EXIT_OK
 
 
@@ -504,7 +516,10 @@ def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
         hist[key] += 1
         if key not in registered:
             unsupported.setdefault(key, []).append(n.name)
-    float_inits = {k: v for k, v in graph.initializers.items() if v.dtype.kind == "f"}
+    from pyedge.import_quantized import is_quant_node, quant_weight_inputs
+    quant_tensors = {x for n in graph.nodes if is_quant_node(n) for x in quant_weight_inputs(n)}
+    float_inits = {k: v for k, v in graph.initializers.items() if v.dtype.kind == "f"
+                   and k not in quant_tensors}  # scales and zero points are no parameters
     rep = {
         "model": str(model), "file_bytes": os.path.getsize(model), "opsets": graph.opsets,
         "inputs": [{"name": v.name, "dtype": v.dtype, "shape": v.shape} for v in graph.inputs],
@@ -513,9 +528,18 @@ def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
         "unsupported": unsupported,
         "parameters": int(sum(a.size for a in float_inits.values())),
         "parameter_tensors": len(float_inits),
-        "weight_bytes": int(sum(a.nbytes for a in graph.initializers.values())),
         "modules": weight_modules(graph),
     }
+    quant = [m for m in rep["modules"] if "bits" in m]
+    rep["parameters"] += int(sum(m["shape"][0] * m["shape"][1] for m in quant))
+    rep["parameter_tensors"] += len(quant)
+    rep.update({
+        "weight_bytes": int(sum(a.nbytes for a in graph.initializers.values())),
+        "quantized": {"layers": len(quant),
+                      "resident_bytes": int(sum(m["resident_bytes"] for m in quant)),
+                      "float32_bytes": int(sum(4 * m["shape"][0] * m["shape"][1]
+                                               for m in quant))},
+    })
     targets, patterns = split_list(target), split_list(train)
     if targets or patterns:
         lora = pyedge.LoraConfig(r=lora_r, alpha=lora_alpha,
@@ -584,7 +608,14 @@ def cmd_inspect(args) -> int:
     _out(f"modules with weights ({len(mods)}; LoRA targets are the linear ones):")
     for m in mods:
         tag = "" if m["lora"] else "  (no LoRA yet)"
+        if "bits" in m:  # quantized: bits, block and what it occupies
+            tag = (f"  {m['bits']}-bit, blocks of {m['block_size']}, "
+                   f"{_fmt_bytes(m['resident_bytes'])} resident") + tag
         _out(f"  {m['module']}  {m['op']} {_fmt_shape(m['shape'])}{tag}")
+    qi = rep["quantized"]
+    if qi["layers"]:
+        _out(f"quantized: {qi['layers']} layers, {_fmt_bytes(qi['resident_bytes'])} resident "
+             f"(float32: {_fmt_bytes(qi['float32_bytes'])})")
     tr = rep.get("trainable")
     if tr:
         _out(f"trainable: {tr['parameters']:,} parameters in {tr['tensors']} tensors "

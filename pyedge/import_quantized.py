@@ -66,6 +66,17 @@ def quant_resident_bytes(graph: Graph, node: Node) -> int:
                    if n and n in graph.initializers))
 
 
+def quantized_bytes(graph: Graph) -> int:
+    """Bytes of all quantized weights' tensors (each counted once), base or LoRA-wrapped."""
+    names = set()
+    for n in graph.nodes:
+        if is_quant_node(n):
+            names.update(quant_weight_inputs(n))
+        elif n.op_type == "LoraQuantMatMul" and n.domain == "pyedge":
+            names.update(n.inputs[3:])
+    return int(sum(graph.initializers[x].nbytes for x in names if x in graph.initializers))
+
+
 # --------------------------------------------------------------------------------------------
 # checks
 # --------------------------------------------------------------------------------------------
@@ -251,18 +262,14 @@ def rewrite_dequantize(graph: Graph, int4_names: set[str] = frozenset()) -> dict
         drop_nodes.add(id(dq))
         done["folded"].append(dq.name)
     if drop_nodes or replace:
+        dq_inputs = {i for n in graph.nodes if id(n) in drop_nodes and n.op_type ==
+                     "DequantizeLinear" for i in n.inputs if i}
         graph.nodes = [replace.get(id(n), n) for n in graph.nodes if id(n) not in drop_nodes]
         graph.opsets.setdefault(MS, 1)
-        _drop_unread(graph)
+        read = {i for n in graph.nodes for i in n.inputs} | {o.name for o in graph.outputs}
+        for name in dq_inputs - read:  # the file's int weights, scales, zero points
+            graph.initializers.pop(name, None)
     return done
-
-
-def _drop_unread(graph: Graph) -> None:
-    """Integer weights and scales the rewrite left without readers (a folded DQ's int input)."""
-    read = {i for n in graph.nodes for i in n.inputs} | {o.name for o in graph.outputs}
-    for name in [k for k, v in graph.initializers.items()
-                 if k not in read and v.dtype.kind in "iu" and v.ndim >= 1]:
-        del graph.initializers[name]
 
 
 # --------------------------------------------------------------------------------------------

@@ -184,9 +184,10 @@ def quantize(in_path, out_path, bits: int = 4, group_size: int | None = None,
 
 
 def quantize_model(proto, bits: int = 4, group_size: int | None = None, scheme: str = "int",
-                   include=(), symmetric: bool | None = None, exclude=()):
+                   include=(), symmetric: bool | None = None, exclude=(), only=None):
     """(quantized copy of the ModelProto, QuantizeReport); see the module docstring.
-    `exclude`: module/weight name patterns left float."""
+    `exclude`: module/weight name patterns left float; `only`: if given, the set of weight
+    initializers to quantize (merge re-quantizes the merged ones only)."""
     import onnx
 
     unknown = set(include) - set(INCLUDES)
@@ -196,7 +197,9 @@ def quantize_model(proto, bits: int = 4, group_size: int | None = None, scheme: 
     st = _settings(bits, group_size, scheme, symmetric)
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    return out, _Rewriter(out, st, set(include), list(exclude)).run()
+    rw = _Rewriter(out, st, set(include), list(exclude))
+    rw.only = None if only is None else set(only)
+    return out, rw.run()
 
 
 class _Rewriter:
@@ -217,6 +220,7 @@ class _Rewriter:
         self.report = QuantizeReport(settings={k: v for k, v in st.items()})
         self.outputs = {o.name for o in self.g.output}
         self._extra_after = {}  # node name -> nodes to insert right after it
+        self.only = None
         self.taken = set(self.inits) | {o for n in self.g.node for o in n.output} | \
             {i.name for i in self.g.input}
 
@@ -320,6 +324,8 @@ class _Rewriter:
         gathers = self.embedding_tables()
         remove_inits, remove_nodes, new_nodes_before = set(), set(), {}
         for w, readers in sites.items():
+            if self.only is not None and w not in self.only:
+                continue
             if self.excluded(w):
                 self.report.skipped.append((w, "excluded"))
                 continue

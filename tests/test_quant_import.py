@@ -288,3 +288,74 @@ def test_weight_modules_list_quantized_layers_with_bits_and_bytes():
     assert fc["resident_bytes"] == 48 * 64 // 2 + 48 * 2 * 4 + 48 * 1  # packed, scales, zp
     assert mods["layers.1.out"]["op"] == "MatMul"                        # the head: float
     assert expand_targets(g, ["all-linear"]) == ["layers.0.fc"]
+
+
+# ---------------------------------------------------------------- merge into a quantized base
+def _adapters(folder, modules, K=64, N=48, r=4, seed=0):
+    from pyedge.export.peft import write_adapters
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for mod, (k, n) in modules.items():
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = rng.standard_normal((r, k)).astype(np.float32) * 0.1
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = rng.standard_normal((n, r)).astype(np.float32) * 0.1
+    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": list(modules),
+           "fan_in_fan_out": False, "bias": "none", "use_rslora": False}
+    write_adapters(folder, cfg, tensors)
+    return {m: 2.0 * tensors[f"base_model.model.{m}.lora_B.weight"].astype(np.float64)
+            @ tensors[f"base_model.model.{m}.lora_A.weight"] for m in modules}
+
+
+@pytest.mark.parametrize("kind", [dict(bits=4), dict(bits=8), dict(scheme="nf4")])
+def test_merge_into_quantized_base_writes_float_or_requantized(tmp_path, kind):
+    from pyedge.export.merge import merge_adapters
+    from pyedge.quant_formats import quantize_nbits
+    m, _ = linear_model(form="transpose", final_relu=False)
+    qm, rep = quantize_model(m, include=("lm_head",), **kind)
+    onnx.save(qm, tmp_path / "q.onnx")
+    delta = _adapters(tmp_path / "ad", {"layers.0.fc": (64, 48)})
+    g = load_onnx(qm)
+    fc = next(n for n in quant_nodes(g) if g.param_map[n.inputs[1]]["module"] == "layers.0.fc")
+    W = dequantized_weight(g, fc, np.float64) + delta["layers.0.fc"]
+    info = merge_adapters(tmp_path / "q.onnx", tmp_path / "ad", tmp_path / "merged.onnx")
+    assert info["dequantized"] == ["layers.0.fc"] and not info["requantized"]
+    out = onnx.load(tmp_path / "merged.onnx")
+    t = inits_of(out)
+    np.testing.assert_allclose(t["layers.0.fc.weight"], W.T.astype(np.float32), rtol=1e-6)
+    (fc_node,) = [n for n in out.graph.node if "layers.0.fc.weight" in n.input]
+    assert fc_node.op_type == "MatMul" and fc_node.name == fc.name
+    assert sum(n.op_type in ("MatMulNBits", "MatMulBnb4", "DequantizeLinear")
+               for n in out.graph.node) == 1  # layers.1.out stays quantized
+    assert not any(k.startswith("layers.0.fc.weight_") for k in t)  # packed tensors gone
+    x = np.random.default_rng(2).standard_normal((2, 5, 64)).astype(np.float32)
+    q_out = run_ort(out, {"x": x})
+    g2 = load_onnx(out)  # the merged file imports with the module names kept
+    assert g2.param_map["layers.0.fc.weight"]["module"] == "layers.0.fc"
+    assert g2.param_map["layers.0.fc.weight"]["transposed"]
+    ref = np.maximum(x @ W.T, 0) @ dequantized_weight(g, next(
+        n for n in quant_nodes(g) if n is not fc), np.float64).T
+    np.testing.assert_allclose(q_out, ref, rtol=1e-4, atol=1e-5)
+    # re-quantized
+    info = merge_adapters(tmp_path / "q.onnx", tmp_path / "ad", tmp_path / "mq.onnx", bits=4)
+    assert info["requantized"] == ["layers.0.fc"] and not info["dequantized"]
+    mq = onnx.load(tmp_path / "mq.onnx")
+    gq = load_onnx(mq)
+    assert len(quant_nodes(gq)) == 2
+    if kind == dict(bits=4):
+        packed, scales, zp = quantize_nbits(W.astype(np.float32), 4, 64)
+        t = inits_of(mq)
+        np.testing.assert_array_equal(t["layers.0.fc.weight_Q4"], packed)
+        np.testing.assert_array_equal(t["layers.0.fc.weight_scales"], scales)
+    assert float(np.linalg.norm(run_ort(mq, {"x": x}) - ref) / np.linalg.norm(ref)) < 0.15
+
+
+def test_merge_cli_says_what_it_wrote(tmp_path, capsys):
+    from pyedge.cli import main
+    m, _ = linear_model(form="transpose")
+    onnx.save(quantize_model(m, bits=4)[0], tmp_path / "q.onnx")
+    _adapters(tmp_path / "ad", {"layers.0.fc": (64, 48)})
+    assert main(["merge", str(tmp_path / "q.onnx"), "--adapters", str(tmp_path / "ad"),
+                 "-o", str(tmp_path / "m.onnx")]) == 0
+    assert "written as float weights (dequantized + LoRA delta)" in capsys.readouterr().out
+    assert main(["merge", str(tmp_path / "q.onnx"), "--adapters", str(tmp_path / "ad"),
+                 "-o", str(tmp_path / "m8.onnx"), "--bits", "8"]) == 0
+    assert "re-quantized (int 8-bit, blocks of 64)" in capsys.readouterr().out

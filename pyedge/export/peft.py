@@ -277,6 +277,9 @@ def _linear_dims(graph, module) -> tuple[int, int] | None:
     """(in, out) of a linear/Conv1D module from its weight in the graph."""
     for name, arr in graph.initializers.items():
         e = graph.param_map.get(name)
+        q = (e or {}).get("quantized")
+        if e and e.get("module") == module and q and "K" in q:  # packed: from its attributes
+            return int(q["K"]), int(q["N"])
         if e and e.get("module") == module and e.get("param") == "weight" and arr.ndim == 2:
             w = arr.T if e.get("transposed") else arr  # PyTorch layout
             if e.get("kind") == "conv1d_fan_in_fan_out":
