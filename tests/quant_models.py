@@ -97,3 +97,20 @@ def run_ort(model, feeds):
 
 def inits_of(model):
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def tiny_llama(seed=0):
+    """transformers Llama, 2 layers, hidden 64, returning logits (names kept for PEFT)."""
+    import torch
+    import transformers
+
+    class TinyLlama(transformers.LlamaForCausalLM):
+        def forward(self, input_ids):
+            return super().forward(input_ids=input_ids, use_cache=False).logits
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False, attn_implementation="eager")
+    return TinyLlama(cfg).eval()

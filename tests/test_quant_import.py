@@ -359,3 +359,189 @@ def test_merge_cli_says_what_it_wrote(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "q.onnx"), "--adapters", str(tmp_path / "ad"),
                  "-o", str(tmp_path / "m8.onnx"), "--bits", "8"]) == 0
     assert "re-quantized (int 8-bit, blocks of 64)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- end to end (needs the core ops)
+def _core_has(*ops):
+    return set(ops) <= set(pyedge._core.registered_ops())
+
+
+needs_quant_core = pytest.mark.skipif(
+    not _core_has("com.microsoft.MatMulNBits", "com.microsoft.MatMulBnb4",
+                  "pyedge.LoraQuantMatMul"),
+    reason="the core has no quantized kernels (branch qcore)")
+
+
+def _ort_files():
+    """(id, model) for every file kind: pyedge's quantizer, ORT's quantizers, QDQ."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    out = []
+    m, _ = linear_model(form="transpose", final_relu=False)
+    for kind in (dict(bits=4), dict(bits=4, symmetric=True), dict(bits=8),
+                 dict(bits=8, group_size=32), dict(scheme="nf4"), dict(scheme="fp4")):
+        out.append(("pyedge-" + "-".join(f"{k}{v}" for k, v in kind.items()),
+                    quantize_model(m, include=("lm_head",), **kind)[0]))
+    mm, _ = linear_model(form="matmul", final_relu=False)
+    for bits, sym, fmt in ((4, False, QuantFormat.QOperator), (4, True, QuantFormat.QOperator),
+                           (8, False, QuantFormat.QOperator), (4, False, QuantFormat.QDQ),
+                           (4, True, QuantFormat.QDQ)):
+        q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(mm.SerializeToString()), bits=bits,
+                                 block_size=32, is_symmetric=sym, quant_format=fmt)
+        q.process()
+        out.append((f"ort-nbits{bits}-{'sym' if sym else 'zp'}-{fmt.name}", q.model.model))
+    q = MatMulBnb4Quantizer(onnx.ModelProto.FromString(mm.SerializeToString()), 1, 64)
+    q.process()
+    out.append(("ort-bnb4-nf4", q.model.model))
+    for qtype in ("int8", "uint8", "int4", "uint4"):
+        for gran in ("tensor", "axis", "block"):
+            out.append((f"qdq-{qtype}-{gran}", qdq_model(qtype, gran, "transpose", K=64)))
+    return out
+
+
+@needs_quant_core
+def test_pyedge_forward_equals_onnxruntime_for_every_file_kind():
+    x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
+    worst = {}
+    for name, m in _ort_files():
+        ref = run_ort(m, {"x": x})
+        sess = pyedge.TrainingSession(m, loss=None)
+        out = next(iter(sess.run({"x": x}).values()))
+        worst[name] = float(np.abs(out - ref).max() / np.abs(ref).max())
+        assert quant_nodes(sess.graph), name
+    assert max(worst.values()) <= 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+
+
+@needs_quant_core
+def test_plan_weight_bytes_are_the_packed_sizes():
+    m, _ = linear_model(form="transpose", final_relu=False)
+    x = np.zeros((2, 5, 64), np.float32)
+    f = pyedge.TrainingSession(m, lora=pyedge.LoraConfig(r=4, target_modules=["fc"]), loss="mse")
+    q = pyedge.TrainingSession(quantize_model(m, bits=4, include=("lm_head",))[0],
+                               lora=pyedge.LoraConfig(r=4, target_modules=["fc"]), loss="mse")
+    sf = f.plan_stats({"x": x})
+    sq = q.plan_stats({"x": x})
+    lora = sum(a.nbytes for a in q.trainable_parameters().values())
+    # packed 4-bit (1/8 of float32) + one float scale and a 4-bit zero point per 64 values
+    want = (48 * 64 + 40 * 48) // 2 + (48 + 40) * (4 + 1)
+    assert sq["quantized_weight_bytes"] == want
+    assert sq["weight_bytes"] == want + lora
+    assert sf["weight_bytes"] == (48 * 64 + 40 * 48) * 4 + lora
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def llama_files(tmp_path_factory):
+    """(float ONNX, 4-bit ONNX, torch model) of a tiny Llama exported by pyedge.torch.export."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import pyedge.torch as pt
+    from quant_models import tiny_llama
+    d = tmp_path_factory.mktemp("llama")
+    model = tiny_llama()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    pt.export(model, {"input_ids": ids}, str(d / "f.onnx"),
+              dynamic_axes={"input_ids": {0: "b", 1: "s"}}, task_type="CAUSAL_LM")
+    rep = pyedge.quantize(d / "f.onnx", d / "q4.onnx", bits=4, group_size=32)
+    assert len(rep.layers) == 14  # 7 projections x 2 layers; lm_head and embeddings float
+    return d / "f.onnx", d / "q4.onnx", model
+
+
+def _dequantized_torch_model(model, qgraph):
+    """A copy of `model` carrying the quantized file's dequantized weights."""
+    import copy
+
+    import torch
+    m = copy.deepcopy(model)
+    params = dict(m.named_parameters())
+    n = 0
+    for node in quant_nodes(qgraph):
+        mod = qgraph.param_map[node.inputs[1]]["module"]
+        with torch.no_grad():
+            params[mod + ".weight"].copy_(torch.from_numpy(dequantized_weight(qgraph, node)))
+        n += 1
+    assert n == 14
+    return m
+
+
+@pytest.mark.slow
+@needs_quant_core
+def test_qlora_llama_matches_peft_on_dequantized_weights(llama_files, tmp_path):
+    """llm.c check on a 4-bit Llama: step-0 gradients and 20 AdamW losses equal PyTorch+PEFT
+    on the dequantized weights; the saved adapters load into PEFT on the float model with no
+    missing or unexpected keys and reproduce pyedge's outputs on the dequantized one."""
+    import warnings
+
+    import torch
+    peft = pytest.importorskip("peft")
+    fpath, qpath, model = llama_files
+    sess = pyedge.TrainingSession(str(qpath), lora=pyedge.LoraConfig(
+        r=8, alpha=16, target_modules=LLAMA_TARGETS), loss="causal_lm",
+        optimizer=pyedge.AdamW(lr=1e-3))
+    assert sum(n.op_type == "LoraQuantMatMul" for n in sess.graph.nodes) == 14
+    tm = _dequantized_torch_model(model, sess.base_graph)
+    pm = peft.get_peft_model(tm, peft.LoraConfig(r=8, lora_alpha=16,
+                                                 target_modules=LLAMA_TARGETS))
+    pm.eval()
+    tparams = dict(pm.named_parameters())
+    rng = np.random.default_rng(0)
+    name_map = {}
+    for onnx_name, arr in sess.trainable_parameters().items():
+        module, which = onnx_name.split(".lora_")
+        t = tparams[f"base_model.model.{module}.lora_{which.split('.')[0]}.default.weight"]
+        if ".lora_B" in onnx_name:  # B nonzero so that A has a gradient at step 0
+            with torch.no_grad():
+                t.copy_(torch.tensor(rng.standard_normal(t.shape) * 0.02, dtype=torch.float32))
+        else:  # pyedge's draw (the float model's, see the LoRA rule's test), copied to torch
+            with torch.no_grad():
+                t.copy_(torch.from_numpy(np.array(arr)))
+        arr[...] = t.detach().numpy()
+        name_map[onnx_name] = t
+    assert len(name_map) == 28
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-3,
+                            weight_decay=0.01)
+    batches = [rng.integers(0, 256, (2, 16)).astype(np.int64) for _ in range(4)]
+    loss_err, grad_err = [], {}
+    for step in range(20):
+        ids = batches[step % 4]
+        ours = sess.step({"input_ids": ids}, ids, update=(step > 0))
+        opt.zero_grad()
+        logits = pm(torch.from_numpy(ids))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256),
+                                                 torch.from_numpy(ids[:, 1:]).reshape(-1))
+        loss.backward()
+        if step == 0:
+            grads = sess.gradients()
+            for k, t in name_map.items():
+                g = t.grad.numpy()
+                grad_err[k] = float(np.abs(grads[k] - g).max() / max(np.abs(g).max(), 1e-12))
+            sess.apply_update()
+        opt.step()
+        loss_err.append(abs(ours - loss.item()) / abs(loss.item()))
+    assert max(grad_err.values()) <= 1e-4, sorted(grad_err.items(), key=lambda kv: -kv[1])[:3]
+    assert max(loss_err) <= 1e-3, loss_err
+
+    # adapters out: PEFT loads them onto the float model (no missing/unexpected keys) ...
+    sess.save_adapters(tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert sorted({m.rsplit(".", 1)[-1] for m in cfg["target_modules"]}) == sorted(LLAMA_TARGETS)
+    from quant_models import tiny_llama
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ad"))
+    bad = [str(w.message) for w in caught if "missing" in str(w.message).lower()
+           or "unexpected" in str(w.message).lower()]
+    assert not bad, bad
+    # ... and exactly reproduce pyedge on the dequantized weights
+    deq = peft.PeftModel.from_pretrained(_dequantized_torch_model(model, sess.base_graph),
+                                         str(tmp_path / "ad")).eval()
+    ids = batches[0]
+    ours = sess.run({"input_ids": ids})[sess.output_name]
+    with torch.no_grad():
+        theirs = deq(torch.from_numpy(ids)).numpy()
+        float_out = loaded.eval()(torch.from_numpy(ids)).numpy()
+    assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
+    assert np.abs(float_out - theirs).max() / np.abs(theirs).max() < 0.2  # 4-bit vs float
