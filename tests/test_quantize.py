@@ -267,3 +267,44 @@ def test_cli_quantize(tmp_path, capsys):
     assert rel(run_ort(q, {"x": x}), run_ort(m, {"x": x})) < 0.15
     assert main(["quantize", str(src), "-o", str(dst), "--bits", "8", "--scheme", "nf4"]) == 2
     assert quantize(src, tmp_path / "q8.onnx", bits=8).layers[0].format == "DequantizeLinear"
+
+
+def test_inspect_shows_bits_and_resident_bytes(tmp_path, capsys):
+    from pyedge.cli import inspect_report, main
+    m, _ = linear_model(final_relu=False)
+    onnx.save(quantize_model(m, bits=4, group_size=32)[0], tmp_path / "q.onnx")
+    assert main(["inspect", str(tmp_path / "q.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0.fc  MatMulNBits [48, 64]  4-bit, blocks of 32, 1.9 KB resident" in out
+    assert "quantized: 1 layers, 1.9 KB resident (float32: 12.0 KB)" in out
+    rep = inspect_report(str(tmp_path / "q.onnx"))
+    # parameters count the quantized weight's values, not its scales and zero points
+    assert rep["parameters"] == 48 * 64 + 40 * 48
+    assert rep["quantized"]["resident_bytes"] == 48 * 32 + 48 * 2 * 4 + 48
+
+
+def _core_has_quant():
+    import pyedge
+    return {"com.microsoft.MatMulNBits", "pyedge.LoraQuantMatMul"} <= \
+        set(pyedge._core.registered_ops())
+
+
+@pytest.mark.skipif(not _core_has_quant(), reason="the core has no quantized kernels (qcore)")
+def test_train_quantize_on_load_and_eval(tmp_path):
+    import subprocess
+    import sys
+    m, _ = linear_model(final_relu=False)
+    onnx.save(m, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 5, 64)).astype(np.float32),
+             labels=rng.standard_normal((16, 5, 40)).astype(np.float32))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pyedge", *a], capture_output=True,  # noqa
+                                    text=True, cwd=tmp_path)
+    r = run("train", "m.onnx", "--data", "d.npz", "--target", "fc", "--quantize", "4",
+            "--loss", "mse", "--max-steps", "3", "--batch-size", "4", "--out", "run", "-q")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["quantize"] == "4"
+    r = run("eval", "m.onnx", "--adapters", "run/adapters", "--data", "d.npz", "--loss", "mse",
+            "--json")
+    assert r.returncode == 0, r.stderr
