@@ -20,6 +20,7 @@ name (``/model/layers.0/self_attn/q_proj/MatMul_Q4``) or dynamo's name scopes.
 """
 from __future__ import annotations
 
+import json
 import re
 import warnings
 
@@ -29,6 +30,7 @@ from pyedge.graph import Graph, Node
 from pyedge.quant_formats import QuantFormatError, check_bnb4, check_nbits, pack_codes
 
 MS = "com.microsoft"
+FOLDED_KEY = "pyedge.folded_dequantize"  # set at import, never read from a file
 QUANT_OPS = ("MatMulNBits", "MatMulBnb4")
 _SUFFIX_RE = re.compile(r"^(?P<base>.+?)(?:_DQ)?(?:_Q[248]|_Bnb4)(?:_\d+)?$")
 _PARAM_RE = re.compile(r"^[\w.]+\.weight$")
@@ -113,34 +115,41 @@ def check_quant_nodes(graph: Graph) -> None:
 # --------------------------------------------------------------------------------------------
 # DequantizeLinear -> MatMulNBits
 # --------------------------------------------------------------------------------------------
-def _linear_readers(graph, cons, value):
-    """[(reader node, weight is [N, K] as read, Transpose node or None)], or None when some
-    reader is not a plain MatMul/Gemm weight input."""
-    out = []
+def _split_readers(graph, cons, value, outputs):
+    """(linear, other): linear = [(reader, weight is [N, K] as read, Transpose or None)] for
+    plain MatMul/Gemm weight inputs, directly or through one Transpose; other = every other
+    reader (they get a float copy)."""
+    linear, other = [], []
     for r in cons.get(value, []):
         if r.domain == "" and r.op_type == "Transpose" and \
                 list(r.attrs.get("perm", [1, 0])) == [1, 0]:
-            sub = _linear_readers(graph, cons, r.outputs[0])
-            if not sub or any(t is not None for _, _, t in sub):
-                return None
-            out += [(n, not nk, r) for n, nk, _ in sub]
+            sub, sub_other = _split_readers(graph, cons, r.outputs[0], outputs)
+            if sub and not sub_other and r.outputs[0] not in outputs and \
+                    all(t is None for _, _, t in sub):
+                linear += [(n, not nk, r) for n, nk, _ in sub]
+            else:
+                other.append(r)
             continue
         if r.domain != "" or len(r.inputs) < 2 or r.inputs[1] != value or r.inputs[0] == value:
-            return None
-        if r.op_type == "MatMul":
-            out.append((r, False, None))
-        elif r.op_type == "Gemm":
-            a = r.attrs
-            if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0:
-                return None
-            if len(r.inputs) > 2 and r.inputs[2]:
-                c = graph.initializers.get(r.inputs[2])
-                if c is None or c.ndim != 1 or a.get("beta", 1.0) != 1.0:
-                    return None
-            out.append((r, bool(a.get("transB", 0)), None))
+            other.append(r)
+        elif r.op_type == "MatMul":
+            linear.append((r, False, None))
+        elif r.op_type == "Gemm" and _plain_gemm(graph, r):
+            linear.append((r, bool(r.attrs.get("transB", 0)), None))
         else:
-            return None
-    return out
+            other.append(r)
+    return linear, other
+
+
+def _plain_gemm(graph, r) -> bool:
+    """Gemm = x·W (+ 1-D constant bias): no transA, alpha = beta = 1."""
+    a = r.attrs
+    if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0:
+        return False
+    if len(r.inputs) > 2 and r.inputs[2]:
+        c = graph.initializers.get(r.inputs[2])
+        return c is not None and c.ndim == 1 and a.get("beta", 1.0) == 1.0
+    return True
 
 
 def _scales_nk(q, scale, zp, axis, block, n_axis):
@@ -188,8 +197,11 @@ def rewrite_dequantize(graph: Graph, int4_names: set[str] = frozenset()) -> dict
     """DequantizeLinear of constants -> MatMulNBits / folded constants, in place.
     `int4_names`: initializers that were INT4/UINT4 in the file (unpacked to int8/uint8).
     Returns {"matmulnbits": [DQ node names], "folded": [...]}."""
+    graph.metadata.pop(FOLDED_KEY, None)
     cons = graph.consumer_map()
+    outputs = {o.name for o in graph.outputs}
     done = {"matmulnbits": [], "folded": []}
+    folded: dict[str, str] = {}  # float constant -> the int tensor it was dequantized from
     drop_nodes: set[int] = set()
     replace: dict[int, Node] = {}
     used_elsewhere = lambda name: len(cons.get(name, [])) > 1  # noqa: E731
@@ -207,7 +219,9 @@ def rewrite_dequantize(graph: Graph, int4_names: set[str] = frozenset()) -> dict
         zp = graph.initializers[ins[2]] if ins[2] else None
         axis, block = int(dq.attrs.get("axis", 1)), int(dq.attrs.get("block_size", 0))
         out = dq.outputs[0]
-        readers = _linear_readers(graph, cons, out) if q.ndim == 2 else None
+        readers, others = _split_readers(graph, cons, out, outputs) if q.ndim == 2 else ([], [1])
+        if out in outputs:
+            others.append(out)
         layout = None
         if readers:
             layouts = {nk for _, nk, _ in readers}
@@ -257,8 +271,11 @@ def rewrite_dequantize(graph: Graph, int4_names: set[str] = frozenset()) -> dict
                     drop_nodes.add(id(t))
             drop_nodes.add(id(dq))
             done["matmulnbits"].append(dq.name)
-            continue
+            if not others:
+                continue
+        # other readers (an embedding Gather, a tied head's lookup): one float copy at load
         graph.initializers[out] = _fold_dequantize(q, scale, zp, axis, block)
+        folded[out] = ins[0]
         drop_nodes.add(id(dq))
         done["folded"].append(dq.name)
     if drop_nodes or replace:
@@ -269,6 +286,8 @@ def rewrite_dequantize(graph: Graph, int4_names: set[str] = frozenset()) -> dict
         read = {i for n in graph.nodes for i in n.inputs} | {o.name for o in graph.outputs}
         for name in dq_inputs - read:  # the file's int weights, scales, zero points
             graph.initializers.pop(name, None)
+    if folded:  # recover_param_map gives them the int tensor's module (quantized_param_entries)
+        graph.metadata[FOLDED_KEY] = json.dumps(folded)
     return done
 
 
@@ -287,6 +306,14 @@ def quantized_param_entries(graph: Graph, param_map: dict) -> dict[str, dict]:
     """{packed initializer: param map entry} for quantized nodes the map does not cover."""
     from pyedge.param_names import _module_from_scope
     out = {}
+    try:
+        folded = json.loads(graph.metadata.get(FOLDED_KEY, "{}"))
+    except ValueError:
+        folded = {}
+    for value, int_name in folded.items():
+        if value not in param_map and int_name in param_map:
+            e = {k: v for k, v in param_map[int_name].items() if k != "quantized"}
+            out[value] = {**e, "transposed": False}
     for n in graph.nodes:
         if not is_quant_node(n) or len(n.inputs) < 2:
             continue

@@ -314,7 +314,7 @@ class _Rewriter:
         mod = self.module(w)
         if mod == "lm_head" or mod.endswith(".lm_head"):
             return True
-        if others.get(w):
+        if any(n.op_type == "Gather" for n in others.get(w, [])):
             return True  # tied with an embedding Gather
         return any(set(n.output) & self.outputs for n, _, _ in readers)
 
@@ -328,6 +328,10 @@ class _Rewriter:
                 continue
             if self.excluded(w):
                 self.report.skipped.append((w, "excluded"))
+                continue
+            odd = sorted({n.op_type for n in others.get(w, []) if n.op_type != "Gather"})
+            if odd:
+                self.report.skipped.append((w, f"also read by {', '.join(odd)}"))
                 continue
             if self.is_head(w, readers, others) and "lm_head" not in self.include:
                 self.report.skipped.append((w, "LM head / output layer (include 'lm_head' to "
@@ -370,11 +374,10 @@ class _Rewriter:
                     out.add(n.input[0])
         return out
 
-    def _record(self, w, fmt, bits, bs, shape, before, after_arrays, extra):
+    def _record(self, w, fmt, bits, bs, shape, before, after_arrays):
         after = int(sum(a.nbytes for a in after_arrays if a is not None))
         self.report.layers.append(QuantizedLayer(self.module(w), w, fmt, bits, bs,
                                                  [int(s) for s in shape], int(before), after))
-        return extra
 
     def _map_entry(self, w, qname, info):
         e = dict(self.param_map.get(w) or {})
@@ -409,7 +412,7 @@ class _Rewriter:
             suffix, arrays = f"_Q{st['bits']}", [packed, scales.astype(dtype), zp]
         info = {"op": st["format"], **attrs, "symmetric": st["symmetric"]}
         self._map_entry(w, qn, info)
-        self._record(w, st["format"], st["bits"], st["block_size"], (N, K), before, arrays, None)
+        self._record(w, st["format"], st["bits"], st["block_size"], (N, K), before, arrays)
         for node, _, tnode in readers:
             inputs = [node.input[0]] + q_inputs
             if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
@@ -454,7 +457,7 @@ class _Rewriter:
         self._map_entry(w, qn, {"op": "DequantizeLinear", "bits": 8, "axis": 0 if nk else 1,
                                 "K": int(K), "N": int(N), "symmetric": True})
         self._record(w, "DequantizeLinear", 8, 0, (N, K), w_nk.size * np.dtype(dtype).itemsize,
-                     [stored, s.astype(dtype)], None)
+                     [stored, s.astype(dtype)])
 
     def embedding(self, w, new_nodes_before):
         from onnx import helper
@@ -469,8 +472,7 @@ class _Rewriter:
         self._map_entry(w, qn, {"op": "DequantizeLinear", "bits": 8, "axis": 0,
                                 "K": int(table.shape[1]), "N": int(table.shape[0]),
                                 "symmetric": True, "embedding": True})
-        self._record(w, "DequantizeLinear", 8, 0, table.shape, table.nbytes, [q, s.astype(dtype)],
-                     None)
+        self._record(w, "DequantizeLinear", 8, 0, table.shape, table.nbytes, [q, s.astype(dtype)])
 
     def finish(self, remove_inits, remove_nodes, new_nodes_before):
         import onnx

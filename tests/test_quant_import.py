@@ -148,7 +148,23 @@ def test_dequantizelinear_read_by_gather_is_folded_to_float():
     t = inits_of(m)
     np.testing.assert_allclose(table, t["embed.weight_Q8"] * t["embed.weight_scales"][:, None],
                                rtol=1e-6)
-    assert "embed.weight_Q8" not in g.initializers
+    # the tied head read the same int8 table in the file: it runs from it, packed
+    (head,) = [n for n in quant_nodes(g) if n.inputs[1] == "embed.weight_Q8"]
+    assert head.name == "/lm_head/MatMul" and head.attrs["bits"] == 8
+
+
+def test_tied_int8_table_packs_the_head_and_folds_the_lookup():
+    from quant_models import tied_lm
+    m = tied_lm()
+    q, _ = quantize_model(m, bits=8, include=("lm_head", "embeddings"))
+    g = load_onnx(q)
+    nodes = {g.param_map[n.inputs[1]]["module"]: n for n in quant_nodes(g)}
+    assert sorted(nodes) == ["embed", "fc"]                      # the head reads the table
+    assert nodes["embed"].attrs == {"K": 64, "N": 96, "bits": 8, "block_size": 64}
+    table = g.initializers["embed.weight"]                       # the Gather's float copy
+    np.testing.assert_allclose(dequantized_weight(g, nodes["embed"]), table, rtol=1e-6)
+    assert g.param_map["embed.weight"]["module"] == "embed"
+    assert not any(n.op_type in ("DequantizeLinear", "Transpose") for n in g.nodes)
 
 
 def test_scales_along_k_are_refused_for_packing_and_folded_with_a_warning():
