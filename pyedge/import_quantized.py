@@ -57,7 +57,11 @@ def dequantized_weight(graph: Graph, node: Node, dtype=np.float32) -> np.ndarray
     q = quant_weight_inputs(node)
     get = graph.initializers.get
     if node.op_type == "MatMulBnb4":
-        return dequantize_bnb4(get(q[0]), get(q[1]), K, N, bs, int(a.get("quant_type", 1)), dtype)
+        if int(a.get("transB", 1)):  # ORT's default: the flattened weight is [N, K]
+            return dequantize_bnb4(get(q[0]), get(q[1]), K, N, bs, int(a.get("quant_type", 1)),
+                                   dtype)
+        return dequantize_bnb4(get(q[0]), get(q[1]), N, K, bs, int(a.get("quant_type", 1)),
+                               dtype).T  # transB=0: flattened [K, N]
     return dequantize_nbits(get(q[0]), get(q[1]), get(q[2]) if q[2] else None, K, N,
                             int(a.get("bits", 4)), bs, dtype)
 

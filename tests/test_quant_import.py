@@ -439,8 +439,9 @@ def test_plan_weight_bytes_are_the_packed_sizes():
     sf = f.plan_stats({"x": x})
     sq = q.plan_stats({"x": x})
     lora = sum(a.nbytes for a in q.trainable_parameters().values())
-    # packed 4-bit (1/8 of float32) + one float scale and a 4-bit zero point per 64 values
-    want = (48 * 64 + 40 * 48) // 2 + (48 + 40) * (4 + 1)
+    # packed 4-bit (1/8 of float32; out's K = 48 padded to one block of 64) + one float
+    # scale and a 4-bit zero point (a byte, the odd tail padded) per block
+    want = (48 * 64 + 40 * 64) // 2 + (48 + 40) * (4 + 1)
     assert sq["quantized_weight_bytes"] == want
     assert sq["weight_bytes"] == want + lora
     assert sf["weight_bytes"] == (48 * 64 + 40 * 48) * 4 + lora
