@@ -105,8 +105,9 @@ def tiny_llama(seed=0):
     import transformers
 
     class TinyLlama(transformers.LlamaForCausalLM):
-        def forward(self, input_ids):
-            return super().forward(input_ids=input_ids, use_cache=False).logits
+        def forward(self, input_ids, attention_mask=None, **_):  # PEFT's CAUSAL_LM passes more
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).logits
 
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
