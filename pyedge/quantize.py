@@ -197,15 +197,13 @@ def quantize_model(proto, bits: int = 4, group_size: int | None = None, scheme: 
     st = _settings(bits, group_size, scheme, symmetric)
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    rw = _Rewriter(out, st, set(include), list(exclude))
-    rw.only = None if only is None else set(only)
-    return out, rw.run()
+    return out, _Rewriter(out, st, set(include), list(exclude), only).run()
 
 
 class _Rewriter:
     """One pass over a ModelProto's graph (edited in place)."""
 
-    def __init__(self, proto, st, include, exclude):
+    def __init__(self, proto, st, include, exclude, only=None):
         from onnx import numpy_helper
         self.np_helper = numpy_helper
         self.proto, self.g, self.st = proto, proto.graph, st
@@ -220,7 +218,7 @@ class _Rewriter:
         self.report = QuantizeReport(settings={k: v for k, v in st.items()})
         self.outputs = {o.name for o in self.g.output}
         self._extra_after = {}  # node name -> nodes to insert right after it
-        self.only = None
+        self.only = None if only is None else set(only)
         self.taken = set(self.inits) | {o for n in self.g.node for o in n.output} | \
             {i.name for i in self.g.input}
 
@@ -259,8 +257,8 @@ class _Rewriter:
 
     # --- linear sites ---------------------------------------------------------------------
     def linear_sites(self):
-        """{weight: [(node, w_is_nk, transpose node or None)]} for eligible readers, plus
-        {weight: reason} for weights with a reader that is not an eligible linear one."""
+        """({weight: [(reader, weight read as [N, K], Transpose node or None)]} for eligible
+        MatMul/Gemm readers, {weight: [other reader nodes]}), for 2-D float initializers."""
         cons = self.consumers()
         sites, other = {}, {}
         for name, t in self.inits.items():
