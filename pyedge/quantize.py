@@ -132,7 +132,8 @@ def load_quantized(path, spec, **kw):
     import onnx
 
     from pyedge.onnx_import import load_onnx
-    proto, report = quantize_model(onnx.load(os.fspath(path)), **{**parse_spec(spec), **kw})
+    proto, report = quantize_model(onnx.load(os.fspath(path)), copy=False,
+                                   **{**parse_spec(spec), **kw})
     return load_onnx(proto), report
 
 
@@ -178,16 +179,19 @@ def quantize(in_path, out_path, bits: int = 4, group_size: int | None = None,
 
     from pyedge.export.merge import _save_atomic
     proto = onnx.load(os.fspath(in_path))
-    proto, report = quantize_model(proto, bits, group_size, scheme, include, symmetric, exclude)
+    proto, report = quantize_model(proto, bits, group_size, scheme, include, symmetric, exclude,
+                                   copy=False)
     _save_atomic(proto, os.fspath(out_path), external=proto.ByteSize() > 1_800_000_000)
     return report
 
 
 def quantize_model(proto, bits: int = 4, group_size: int | None = None, scheme: str = "int",
-                   include=(), symmetric: bool | None = None, exclude=(), only=None):
-    """(quantized copy of the ModelProto, QuantizeReport); see the module docstring.
+                   include=(), symmetric: bool | None = None, exclude=(), only=None,
+                   copy: bool = True):
+    """(quantized ModelProto, QuantizeReport); see the module docstring.
     `exclude`: module/weight name patterns left float; `only`: if given, the set of weight
-    initializers to quantize (merge re-quantizes the merged ones only)."""
+    initializers to quantize (merge re-quantizes the merged ones only); copy=False edits
+    `proto` itself (no second copy of a large model's weights in memory)."""
     import onnx
 
     unknown = set(include) - set(INCLUDES)
@@ -195,8 +199,10 @@ def quantize_model(proto, bits: int = 4, group_size: int | None = None, scheme: 
         raise ValueError(f"include: unknown {sorted(unknown)}; choose from {list(INCLUDES)}")
     _check_group_size(group_size)
     st = _settings(bits, group_size, scheme, symmetric)
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    out = proto
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(proto)
     return out, _Rewriter(out, st, set(include), list(exclude), only).run()
 
 
