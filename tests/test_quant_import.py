@@ -562,3 +562,32 @@ def test_qlora_llama_matches_peft_on_dequantized_weights(llama_files, tmp_path):
         float_out = loaded.eval()(torch.from_numpy(ids)).numpy()
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() <= 1e-4
     assert np.abs(float_out - theirs).max() / np.abs(theirs).max() < 0.2  # 4-bit vs float
+
+
+@needs_quant_core
+@pytest.mark.parametrize("lora", [False, True])
+def test_cls_row_pruning_moves_through_quantized_linears(lora):
+    """Gather(MatMulNBits(x), 0, axis=1) -> MatMulNBits(Gather(x)): the [CLS] read of a
+    quantized classifier computes B rows, not B·L; same outputs as the unfused graph."""
+    m, _ = linear_model(form="transpose", final_relu=False)
+    q, _ = quantize_model(m, bits=4, include=("lm_head",))
+    q.graph.initializer.append(numpy_helper.from_array(np.array(0, np.int64), "cls"))
+    y = q.graph.output[0]
+    for n in q.graph.node:
+        n.output[:] = ["z" if o == "y" else o for o in n.output]
+    q.graph.node.append(helper.make_node("Gather", ["z", "cls"], ["y"], axis=1, name="/pool"))
+    y.CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 40]))
+    x = np.random.default_rng(0).standard_normal((3, 5, 64)).astype(np.float32)
+    cfg = pyedge.LoraConfig(r=4, target_modules=["fc", "out"]) if lora else None
+    kw = dict(lora=cfg, loss="mse" if lora else None)
+    fused = pyedge.TrainingSession(q, **kw)
+    plain = pyedge.TrainingSession(q, fuse=False, **kw)
+    assert fused.fusions["gathered_rows"] == 3  # the two linears and the Relu between them
+    if lora:
+        for s in (fused, plain):
+            for k, v in s.trainable_parameters().items():
+                v[...] = np.random.default_rng(1).standard_normal(v.shape) * 0.1
+    a, b = fused.run({"x": x})["y"], plain.run({"x": x})["y"]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    if not lora:
+        np.testing.assert_allclose(a, run_ort(q, {"x": x}), rtol=1e-4, atol=1e-5)
