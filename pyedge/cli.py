@@ -412,6 +412,14 @@ def cmd_merge(args) -> int:
         info = merge.merge_adapters(args.model, args.adapters, args.output, **qargs)
     changed = len(info.get("lora", [])) + len(info.get("whole", [])) if isinstance(info, dict) else "?"
     _out(f"wrote {args.output} ({changed} weight tensors changed)")
+    meta_file = Path(args.adapters) / "pyedge_adapters.json"
+    try:
+        trained_q = json.loads(meta_file.read_text()).get("quantize") if meta_file.is_file() else None
+    except (OSError, ValueError):
+        trained_q = None
+    if trained_q and not info.get("dequantized") and not info.get("requantized"):
+        _out(f"note: the adapters were trained on the model quantized on load (--quantize "
+             f"{trained_q}); they are merged into {args.model}'s float weights")
     if info.get("dequantized"):
         _out(f"quantized base: {len(info['dequantized'])} adapted layers written as float "
              "weights (dequantized + LoRA delta); the others stay quantized")

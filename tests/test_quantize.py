@@ -308,3 +308,5 @@ def test_train_quantize_on_load_and_eval(tmp_path):
     r = run("eval", "m.onnx", "--adapters", "run/adapters", "--data", "d.npz", "--loss", "mse",
             "--json")
     assert r.returncode == 0, r.stderr
+    r = run("merge", "m.onnx", "--adapters", "run/adapters", "-o", "merged.onnx")
+    assert r.returncode == 0 and "trained on the model quantized on load" in r.stdout, r.stderr
