@@ -16,7 +16,9 @@ The quantizers reproduce ORT's own (MLAS ``BlockwiseQuantizer`` and the bnb4 ker
 bit: float32 arithmetic in the same order, ``roundf`` (half away from zero), asymmetric
 ranges widened to include 0, symmetric scale = -(signed value of largest magnitude)/2^(bits-1)
 (so the largest magnitude maps to code 0 and scales may be negative), NF4/FP4 codes chosen by
-comparing against midpoints of the code table.
+comparing against midpoints of the code table. Codes past K are written 0 as ORT does, except
+that for an odd K ORT's kernel leaves a stale nibble after the last value of a column: that
+nibble (never read) may differ.
 """
 from __future__ import annotations
 
