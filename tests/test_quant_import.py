@@ -591,3 +591,29 @@ def test_cls_row_pruning_moves_through_quantized_linears(lora):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     if not lora:
         np.testing.assert_allclose(a, run_ort(q, {"x": x}), rtol=1e-4, atol=1e-5)
+
+
+def test_float_zero_points_dequantize_like_onnxruntime():
+    """MatMulNBits with float zero points (HQQ-style files): W = (code - zp)·scale."""
+    from pyedge.quant_formats import quantize_nbits
+    rng = np.random.default_rng(5)
+    K, N, bs = 64, 24, 32
+    packed, scales, _ = quantize_nbits(rng.standard_normal((N, K)).astype(np.float32), 4, bs)
+    zp = (rng.random((N, K // bs)) * 15).astype(np.float32)
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "s"),
+             numpy_helper.from_array(zp.reshape(-1), "zp")]
+    node = helper.make_node("MatMulNBits", ["x", "B", "s", "zp"], ["y"], domain="com.microsoft",
+                            name="q", K=K, N=N, bits=4, block_size=bs)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                      [3, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, N])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                            helper.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 8
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    graph = load_onnx(m)
+    W = dequantized_weight(graph, graph.nodes[0])
+    np.testing.assert_allclose(x @ W.T, run_ort(m, {"x": x}), rtol=1e-4, atol=1e-5)
+    if _core_has("com.microsoft.MatMulNBits"):
+        out = pyedge.TrainingSession(m, loss=None).run({"x": x})["y"]
+        np.testing.assert_allclose(out, run_ort(m, {"x": x}), rtol=1e-4, atol=1e-5)
