@@ -201,8 +201,8 @@ def quantize_bnb4(w: np.ndarray, block_size: int = 64, quant_type: int = 1):
         mids = ((NF4_TABLE[:-1].astype(np.float64) + NF4_TABLE[1:]) / 2).astype(np.float32)
         codes = np.searchsorted(mids, x, side="left").astype(np.uint8)
     else:
-        pos = np.array([0.0, 0.005208333333, 0.16666667, 0.25, 0.33333333, 0.5, 0.66666667,
-                        1.0])  # magnitudes in increasing order; their codes:
+        # FP4 magnitudes 0, 1/192, 1/6, 1/4, 1/3, 1/2, 2/3, 1 have these codes; ORT's
+        # pivots between them (its binary search) pick one, the sign adds 8
         pos_codes = np.array([0, 1, 6, 7, 4, 5, 2, 3], np.uint8)
         pivots = np.array([0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667,
                            0.583333, 0.8333333], np.float32)

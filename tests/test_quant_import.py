@@ -312,8 +312,9 @@ def _adapters(folder, modules, K=64, N=48, r=4, seed=0):
     rng = np.random.default_rng(seed)
     tensors = {}
     for mod, (k, n) in modules.items():
-        tensors[f"base_model.model.{mod}.lora_A.weight"] = rng.standard_normal((r, k)).astype(np.float32) * 0.1
-        tensors[f"base_model.model.{mod}.lora_B.weight"] = rng.standard_normal((n, r)).astype(np.float32) * 0.1
+        for ab, shape in (("A", (r, k)), ("B", (n, r))):
+            tensors[f"base_model.model.{mod}.lora_{ab}.weight"] = \
+                (rng.standard_normal(shape) * 0.1).astype(np.float32)
     cfg = {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": list(modules),
            "fan_in_fan_out": False, "bias": "none", "use_rslora": False}
     write_adapters(folder, cfg, tensors)

@@ -119,7 +119,8 @@ def _dequantized(q, lay):
         return dequantize_nbits(t[f"{w}_Q{lay.bits}"], t[w + "_scales"],
                                 t.get(w + "_zero_points"), K, N, lay.bits, lay.block_size)
     qi, s = t[w + "_Q8"].astype(np.float32), t[w + "_scales"]
-    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == w + "_Q8")
+    dq = next(n for n in q.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0] == w + "_Q8")
     axis = dq.attribute[0].i
     W = qi * (s[:, None] if axis == 0 else s[None, :])
     return W if axis == 0 else W.T
@@ -182,8 +183,9 @@ def test_int8_per_channel_is_a_dequantizelinear_keeping_the_weight_name():
     assert [n.output[0] for n in dq] == ["layers.0.fc.weight"]
     assert {a.name: a.i for a in dq[0].attribute} == {"axis": 0}
     t = inits_of(q)
-    assert t["layers.0.fc.weight_Q8"].dtype == np.int8 and t["layers.0.fc.weight_Q8"].shape == (48, 64)
-    assert np.abs(t["layers.0.fc.weight_Q8"]).max() == 127
+    q8 = t["layers.0.fc.weight_Q8"]
+    assert q8.dtype == np.int8 and q8.shape == (48, 64)
+    assert np.abs(q8).max() == 127
     W = weights["layers.0.fc"]
     np.testing.assert_allclose(t["layers.0.fc.weight_scales"], np.abs(W).max(1) / 127, rtol=1e-6)
     assert rep.layers[0].format == "DequantizeLinear" and rep.layers[0].block_size == 0
@@ -298,8 +300,9 @@ def test_train_quantize_on_load_and_eval(tmp_path):
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 5, 64)).astype(np.float32),
              labels=rng.standard_normal((16, 5, 40)).astype(np.float32))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "pyedge", *a], capture_output=True,  # noqa
-                                    text=True, cwd=tmp_path)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "pyedge", *a], capture_output=True,
+                              text=True, cwd=tmp_path)
     r = run("train", "m.onnx", "--data", "d.npz", "--target", "fc", "--quantize", "4",
             "--loss", "mse", "--max-steps", "3", "--batch-size", "4", "--out", "run", "-q")
     assert r.returncode == 0, r.stderr
