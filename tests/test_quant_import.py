@@ -618,3 +618,41 @@ def test_float_zero_points_dequantize_like_onnxruntime():
     if _core_has("com.microsoft.MatMulNBits"):
         out = pyedge.TrainingSession(m, loss=None).run({"x": x})["y"]
         np.testing.assert_allclose(out, run_ort(m, {"x": x}), rtol=1e-4, atol=1e-5)
+
+
+@needs_quant_core
+@pytest.mark.parametrize("lora", [False, True])
+def test_bias_add_after_a_quantized_linear_becomes_its_bias_input(lora):
+    """MatMulNBits(x) + b (how exports write a Linear's bias) -> MatMulNBits(x, ..., bias=b),
+    also under LoRA; same outputs and gradients as the graph run op by op."""
+    m, _ = linear_model(form="transpose", final_relu=False)
+    rng = np.random.default_rng(4)
+    m.graph.initializer.append(numpy_helper.from_array(
+        (rng.standard_normal(48) * 0.1).astype(np.float32), "layers.0.fc.bias"))
+    for n in m.graph.node:
+        n.output[:] = ["h0" if o == "h" else o for o in n.output]  # the fc MatMul's
+    m.graph.node.insert(2, helper.make_node("Add", ["h0", "layers.0.fc.bias"], ["h"],
+                                            name="/layers.0/fc/Add"))
+    q, _ = quantize_model(m, bits=4, include=("lm_head",))
+    cfg = pyedge.LoraConfig(r=4, target_modules=["fc"]) if lora else None
+    kw = dict(lora=cfg, loss="mse" if lora else None)
+    fused, plain = pyedge.TrainingSession(q, **kw), pyedge.TrainingSession(q, fuse=False, **kw)
+    assert fused.fusions["matmul_bias"] == 1
+    (fc,) = [n for n in fused.graph.nodes if n.name.startswith("/layers.0.fc/")
+             or n.name.startswith("/layers/0/fc/")]
+    assert fc.inputs[-1] == "layers.0.fc.bias" and not any(n.op_type == "Add"
+                                                           for n in fused.graph.nodes)
+    x = rng.standard_normal((2, 5, 64)).astype(np.float32)
+    if not lora:
+        np.testing.assert_allclose(fused.run({"x": x})["y"], run_ort(q, {"x": x}), rtol=1e-4,
+                                   atol=1e-5)
+        return
+    for s in (fused, plain):
+        for v in s.trainable_parameters().values():
+            v[...] = np.random.default_rng(1).standard_normal(v.shape) * 0.1
+    y = rng.standard_normal((2, 5, 40)).astype(np.float32)
+    la, lb = fused.step({"x": x}, y, update=False), plain.step({"x": x}, y, update=False)
+    assert abs(la - lb) <= 1e-5 * abs(lb)
+    ga, gb = fused.gradients(), plain.gradients()
+    for k in gb:
+        np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6)
