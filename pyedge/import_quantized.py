@@ -2,7 +2,10 @@
 
 * ``com.microsoft.MatMulNBits`` / ``MatMulBnb4`` (ORT's quantizers, pyedge.quantize) are run
   as they are; their tensors are checked against K, N, bits and block size here, so a broken
-  file is a clear error naming the node instead of a read past a buffer.
+  file is a clear error naming the node instead of a read past a buffer. pyedge computes
+  x·W with W dequantized exactly, in float32, whatever ``accuracy_level`` says (ORT with
+  accuracy_level=4 quantizes the activations to int8 too: its outputs then differ from the
+  exact product by ~1e-2 relative; pyedge's do not).
 * ``DequantizeLinear(q, scale[, zero_point])`` of a constant (int8/uint8/int4/uint4; per
   tensor, per axis or blocked) read by ``MatMul``/``Gemm`` -- directly or through
   ``Transpose`` -- becomes ``MatMulNBits`` (bits 8 for int8/uint8, 4 for int4/uint4): the

@@ -656,3 +656,20 @@ def test_bias_add_after_a_quantized_linear_becomes_its_bias_input(lora):
     ga, gb = fused.gradients(), plain.gradients()
     for k in gb:
         np.testing.assert_allclose(ga[k], gb[k], rtol=1e-4, atol=1e-6)
+
+
+@needs_quant_core
+def test_accuracy_level_files_compute_the_exact_dequantized_product():
+    """ORT's accuracy_level=4 also quantizes activations; pyedge keeps them float32."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    m, _ = linear_model(form="matmul", final_relu=False)
+    q = MatMulNBitsQuantizer(onnx.ModelProto.FromString(m.SerializeToString()), bits=4,
+                             block_size=32, accuracy_level=4)
+    q.process()
+    qm = q.model.model
+    g = load_onnx(qm)
+    w0, w1 = (dequantized_weight(g, n) for n in quant_nodes(g))
+    x = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
+    exact = np.maximum(x @ w0.T, 0) @ w1.T
+    out = pyedge.TrainingSession(qm, loss=None).run({"x": x})["y"]
+    np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
