@@ -673,3 +673,19 @@ def test_accuracy_level_files_compute_the_exact_dequantized_product():
     exact = np.maximum(x @ w0.T, 0) @ w1.T
     out = pyedge.TrainingSession(qm, loss=None).run({"x": x})["y"]
     np.testing.assert_allclose(out, exact, rtol=1e-5, atol=1e-5)
+
+
+@needs_quant_core
+def test_whole_tensor_training_on_a_quantized_model_saves_a_peft_folder(tmp_path):
+    """PEFT needs a LoRA target: the exact no-op adapter goes on a quantized linear."""
+    m, _ = linear_model(form="transpose", final_relu=False)
+    sess = pyedge.TrainingSession(quantize_model(m, bits=4)[0], train=["layers.1.out.*"],
+                                  loss="mse")
+    sess.save_adapters(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ["layers.0.fc"] and cfg["modules_to_save"] == ["layers.1.out"]
+    from safetensors.numpy import load_file
+    t = load_file(tmp_path / "adapter_model.safetensors")
+    assert t["base_model.model.layers.0.fc.lora_A.weight"].shape == (1, 64)
+    assert t["base_model.model.layers.0.fc.lora_B.weight"].shape == (48, 1)
+    assert not t["base_model.model.layers.0.fc.lora_B.weight"].any()
