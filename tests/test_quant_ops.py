@@ -275,8 +275,9 @@ def test_lora_quant_matches_lora_matmul(base, dropout, M):
 
 
 @pytest.mark.parametrize("base", ["MatMulNBits", "MatMulBnb4"])
-def test_lora_quant_backward_matches_torch(base):
-    x, A, B, w, q = _lora_case(base, M=30, seed=3)
+@pytest.mark.parametrize("r,M", [(4, 30), (12, 200)])  # r > 8: the adapter pass's BLAS path
+def test_lora_quant_backward_matches_torch(base, r, M):
+    x, A, B, w, q = _lora_case(base, M=M, r=r, seed=3)
     attrs = dict(w.attrs(), base=base, scale=2.0)
     W = _t(w.weight())
 
@@ -400,3 +401,90 @@ def test_nbits_forward_matches_numpy_torch_free(bits, zp):
     ours = run("MatMulNBits", [a] + w.inputs(), w.attrs())[0][0]
     ref = a.astype(np.float64) @ w.weight().T.astype(np.float64) + w.bias
     assert rel_err(ours, ref) <= 1e-6
+
+
+def test_neon_path_equals_scalar_under_qemu(tmp_path):
+    """The NEON inner loops, checked on x86 machines: tests/native/quant_kernels_check.cpp
+    built with the aarch64 cross compiler and run under qemu (each path vs the scalar
+    reference, bit for bit). Needs g++-aarch64-linux-gnu and qemu-user-static."""
+    import os
+    import shutil
+    import subprocess
+    cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64-static")
+    if not (cxx and qemu):
+        pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64-static")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = str(tmp_path / "quant_kernels_check")
+    subprocess.run([cxx, "-std=c++17", "-O2", "-static", "-march=armv8-a",
+                    "-I", os.path.join(root, "csrc"),
+                    os.path.join(root, "tests", "native", "quant_kernels_check.cpp"), "-o", exe],
+                   check=True, capture_output=True)
+    res = subprocess.run([qemu, exe], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ok neon" in res.stdout
+
+
+# ---------------------------------------------------------------- in a training plan
+def _session_pair(quant_nodes, float_nodes, inits_q, inits_f, train, N):
+    """Two one-input graphs (x [8, 40] -> y [8, N]) trained 3 SGD steps on MSE; returns the
+    losses and final trainable tensors of each."""
+    import pyedge
+    from onnx import TensorProto, helper, numpy_helper
+    x = rng(11).standard_normal((8, 40)).astype(np.float32)
+    labels = rng(12).standard_normal((8, N)).astype(np.float32)
+    res = []
+    for nodes, inits in ((quant_nodes, inits_q), (float_nodes, inits_f)):
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 40])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, N])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                                helper.make_opsetid(MS, 1),
+                                                helper.make_opsetid("pyedge", 1)])
+        sess = pyedge.TrainingSession(m, train=train, loss="mse",
+                                      optimizer=pyedge.SGD(lr=0.05), fuse=False)
+        losses = [sess.step({"x": x}, labels) for _ in range(3)]
+        res.append((losses, {k: sess.parameters()[k] for k in train}))
+    return res
+
+
+def test_matmul_nbits_trains_upstream_weight_in_a_plan():
+    """A frozen MatMulNBits between a trainable MatMul and the loss: the plan's gradient
+    flows through dA exactly as through a float MatMul on the dequantized weight."""
+    from onnx import helper
+    w = NBits(N=16, K=40, bits=4, block=16, zp="packed", bias=True, seed=1)
+    packed, scales, zp, _, bias = w.inputs()
+    W0 = (rng(2).standard_normal((40, 40)) * 0.2).astype(np.float32)
+    q = [helper.make_node("MatMul", ["x", "W0"], ["h"]),
+         helper.make_node("MatMulNBits", ["h", "B", "S", "Z", "", "bias"], ["y"], domain=MS,
+                          **w.attrs())]
+    f = [helper.make_node("MatMul", ["x", "W0"], ["h"]),
+         helper.make_node("MatMul", ["h", "Wt"], ["hw"]), helper.make_node("Add", ["hw", "bias"], ["y"])]
+    (lq, pq), (lf, pf) = _session_pair(
+        q, f, dict(W0=W0, B=packed, S=scales, Z=zp, bias=bias),
+        dict(W0=W0, Wt=np.ascontiguousarray(w.weight().T), bias=bias), ["W0"], 16)
+    np.testing.assert_allclose(lq, lf, rtol=1e-5)
+    assert lq[2] < lq[0]
+    assert rel_err(pq["W0"], pf["W0"].astype(np.float64)) <= 1e-5
+
+
+@pytest.mark.parametrize("base", ["MatMulNBits", "MatMulBnb4"])
+def test_lora_quant_trains_like_lora_matmul_in_a_plan(base):
+    """QLoRA in a plan: LoraQuantMatMul's adapters train exactly as LoraMatMul's on the
+    dequantized weight (same losses, same A and B after 3 steps)."""
+    from onnx import helper
+    x, A, B, w, q = _lora_case(base, M=8, K=40, N=24, r=4, seed=5)
+    names = ["B_q", "S_q", "Z_q", "bias"][:len(q)] if base == "MatMulNBits" else ["B_q", "S_q"]
+    attrs = dict(w.attrs(), base=base, scale=0.5)
+    qn = [helper.make_node("LoraQuantMatMul", ["x", "lora_A", "lora_B"] + names, ["y"],
+                           domain="pyedge", **attrs)]
+    fin = ["x", "W", "lora_A", "lora_B"] + (["bias"] if base == "MatMulNBits" else [])
+    fn = [helper.make_node("LoraMatMul", fin, ["y"], domain="pyedge", scale=0.5, trans_w=1)]
+    inits_q = dict(lora_A=A, lora_B=B, **dict(zip(names, q)))
+    inits_f = dict(lora_A=A, lora_B=B, W=w.weight())
+    if base == "MatMulNBits":
+        inits_f["bias"] = w.bias
+    (lq, pq), (lf, pf) = _session_pair(qn, fn, inits_q, inits_f, ["lora_A", "lora_B"], 24)
+    np.testing.assert_allclose(lq, lf, rtol=1e-5)
+    assert lq[2] < lq[0]
+    for k in ("lora_A", "lora_B"):
+        assert rel_err(pq[k], pf[k].astype(np.float64)) <= 1e-5, k

@@ -98,10 +98,20 @@ py::dict gemm_time(const std::string& format, int64_t M, int64_t K, int64_t N, i
   if (out_tile > 0) t.out_tile = out_tile;
   if (red_tile > 0) t.red_tile = red_tile;
   std::vector<float> scratch(t.scratch_floats());
-  std::vector<double> tq, tf;
+  std::vector<double> tq, tf, td;
   {
     py::gil_scoped_release nogil;
     for (int r = 0; r < reps; ++r) {
+      // The dequantization alone: every panel of W once, on this thread, into one buffer.
+      auto td0 = std::chrono::steady_clock::now();
+      const int64_t od = backward ? K : N, rd = backward ? N : K;
+      for (int64_t o0 = 0; o0 < od; o0 += t.out_tile)
+        for (int64_t r0 = 0; r0 < rd; r0 += t.red_tile) {
+          const int64_t o1 = std::min(od, o0 + t.out_tile), r1 = std::min(rd, r0 + t.red_tile);
+          if (backward) dequantize_panel(w, r0, r1, o0, o1, scratch.data(), o1 - o0);
+          else dequantize_panel(w, o0, o1, r0, r1, scratch.data(), r1 - r0);
+        }
+      td.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - td0).count());
       auto t0 = std::chrono::steady_clock::now();
       if (backward) quant_gemm_xw(w, M, x.data(), 0.f, y.data(), t, scratch.data());
       else quant_gemm_xwt(w, M, x.data(), 0.f, y.data(), N, t, scratch.data());
@@ -116,6 +126,7 @@ py::dict gemm_time(const std::string& format, int64_t M, int64_t K, int64_t N, i
   py::dict d;
   d["quant_s"] = median(tq);
   d["float_s"] = median(tf);
+  d["dequant_1thread_s"] = median(td);
   d["parts"] = t.parts;
   d["out_tile"] = t.out_tile;
   d["red_tile"] = t.red_tile;
@@ -140,8 +151,8 @@ void bind_quant(py::module_& m) {
         py::arg("N"), py::arg("bits") = 4, py::arg("block_size") = 32, py::arg("reps") = 5,
         py::arg("backward") = false, py::arg("out_tile") = 0, py::arg("red_tile") = 0,
         "Median seconds of the quantized GEMM (Y = X·Wᵀ, or dX = dY·W with backward) and of "
-        "float sgemm on the same shapes: {'quant_s', 'float_s', 'parts', 'out_tile', "
-        "'red_tile'}. out_tile/red_tile > 0 override the panel sizes.");
+        "float sgemm on the same shapes, and of dequantizing all of W once on one thread: "
+        "{'quant_s', 'float_s', 'dequant_1thread_s', 'parts', 'out_tile', 'red_tile'}. out_tile/red_tile > 0 override the panel sizes.");
 }
 
 }  // namespace pyedge
