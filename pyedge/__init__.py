@@ -12,11 +12,12 @@ from pyedge._core import PyedgeError, UnsupportedOpError  # noqa: E402
 from pyedge.adapters import LoraConfig
 from pyedge.onnx_import import ModelLoadError, load_onnx
 from pyedge.optim import SGD, AdamW
+from pyedge.quantize import quantize  # the function; the module stays importable by `from`
 from pyedge.session import TrainingSession
 
 __version__ = "0.1.0"
 __all__ = ["TrainingSession", "LoraConfig", "AdamW", "SGD", "load_onnx", "PyedgeError",
-           "UnsupportedOpError", "ModelLoadError"]
+           "UnsupportedOpError", "ModelLoadError", "quantize"]
 
 
 def __getattr__(name):

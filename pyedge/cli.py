@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", help="LoRA target modules, comma-separated ('query,value', "
                                     "'encoder.layer.*.value', 're:...', 'all-linear')")
     g.add_argument("--train", help="whole tensors to train, comma-separated patterns ('classifier.*')")
+    g.add_argument("--quantize", choices=("4", "8", "nf4", "fp4"),
+                   help="quantize the frozen linear weights on load (QLoRA; see pyedge quantize)")
     g = t.add_argument_group("objective")
     g.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"))
     g.add_argument("--output", help="graph output the loss reads (default: the first)")
@@ -170,7 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("model")
     m.add_argument("--adapters", required=True)
     m.add_argument("-o", "--output", required=True)
+    m.add_argument("--bits", type=int, choices=(4, 8),
+                   help="quantized base: re-quantize the merged weights (default: write them "
+                        "float, dequantized + delta)")
+    m.add_argument("--group-size", type=int, help="with --bits: block size (default: the base's)")
     m.set_defaults(func=cmd_merge)
+
+    # quantize -------------------------------------------------------------------------------
+    q = sub.add_parser("quantize", parents=[common], help="4/8-bit frozen weights (ONNX out)",
+                       description="Quantize the linear weights of an ONNX model to 4 or 8 bits "
+                                   "(MatMulNBits / MatMulBnb4 / int8 DequantizeLinear: runs in "
+                                   "onnxruntime, trains LoRA in pyedge).")
+    q.add_argument("model")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    q.add_argument("--group-size", type=int, help="values per block along K (default 64; "
+                   "8-bit default: one scale per output channel)")
+    q.add_argument("--scheme", choices=("int", "nf4", "fp4"), default="int")
+    q.add_argument("--symmetric", action="store_true", default=None,
+                   help="no zero points (int scheme)")
+    q.add_argument("--include", help="also quantize: embeddings, lm_head (comma-separated)")
+    q.add_argument("--exclude", help="module patterns to leave float (comma-separated)")
+    q.set_defaults(func=cmd_quantize)
 
     # demo -----------------------------------------------------------------------------------
     d = sub.add_parser("demo", parents=[common], help="end-to-end fine-tuning on a bundled model",
@@ -372,6 +395,9 @@ def cmd_merge(args) -> int:
             raise FileNotFoundError(f"{p}: no such {what}")
     merge = _export_module("merge")
     from pyedge.checkpoint import ADAPTERS
+    qargs = {"bits": args.bits, "group_size": args.group_size} if args.bits else {}
+    if args.group_size and not args.bits:
+        raise UsageError("--group-size goes with --bits (re-quantize the merged layers)")
     src = Path(args.adapters)
     if not (src / "adapter_config.json").is_file() and (src / ADAPTERS).is_file():
         # a checkpoint (pyedge format only): write its PEFT form to a temp dir and merge that
@@ -381,11 +407,42 @@ def cmd_merge(args) -> int:
         sess, _ = session_from_adapters(args.model, src)
         with tempfile.TemporaryDirectory(prefix="pyedge-merge-") as tmp:
             sess.save_adapters(tmp)
-            info = merge.merge_adapters(args.model, tmp, args.output)
+            info = merge.merge_adapters(args.model, tmp, args.output, **qargs)
     else:
-        info = merge.merge_adapters(args.model, args.adapters, args.output)
+        info = merge.merge_adapters(args.model, args.adapters, args.output, **qargs)
     changed = len(info.get("lora", [])) + len(info.get("whole", [])) if isinstance(info, dict) else "?"
     _out(f"wrote {args.output} ({changed} weight tensors changed)")
+    meta_file = Path(args.adapters) / "pyedge_adapters.json"
+    try:
+        trained_q = json.loads(meta_file.read_text()).get("quantize") if meta_file.is_file() else None
+    except (OSError, ValueError):
+        trained_q = None
+    if trained_q and not info.get("dequantized") and not info.get("requantized"):
+        _out(f"note: the adapters were trained on the model quantized on load (--quantize "
+             f"{trained_q}); they are merged into {args.model}'s float weights")
+    if info.get("dequantized"):
+        _out(f"quantized base: {len(info['dequantized'])} adapted layers written as float "
+             "weights (dequantized + LoRA delta); the others stay quantized")
+    if info.get("requantized"):
+        st = info.get("settings") or {}
+        _out(f"quantized base: {len(info['requantized'])} adapted layers re-quantized "
+             f"({st.get('scheme', 'int')} {st.get('bits')}-bit, "
+             f"{'blocks of ' + str(st['group_size']) if st.get('group_size') else 'per channel'})"
+             " after adding the LoRA delta")
+    return EXIT_OK
+
+
+def cmd_quantize(args) -> int:
+    from pyedge.quantize import quantize
+    from pyedge.train import split_list
+    if not Path(args.model).is_file():
+        raise FileNotFoundError(f"{args.model}: no such model file")
+    rep = quantize(args.model, args.output, bits=args.bits, group_size=args.group_size,
+                   scheme=args.scheme, include=split_list(args.include),
+                   symmetric=args.symmetric, exclude=split_list(args.exclude))
+    for line in rep.lines():
+        _out(line)
+    _out(f"wrote {args.output}")
     return EXIT_OK
 
 
@@ -467,7 +524,10 @@ def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
         hist[key] += 1
         if key not in registered:
             unsupported.setdefault(key, []).append(n.name)
-    float_inits = {k: v for k, v in graph.initializers.items() if v.dtype.kind == "f"}
+    from pyedge.import_quantized import is_quant_node, quant_weight_inputs
+    quant_tensors = {x for n in graph.nodes if is_quant_node(n) for x in quant_weight_inputs(n)}
+    float_inits = {k: v for k, v in graph.initializers.items() if v.dtype.kind == "f"
+                   and k not in quant_tensors}  # scales and zero points are no parameters
     rep = {
         "model": str(model), "file_bytes": os.path.getsize(model), "opsets": graph.opsets,
         "inputs": [{"name": v.name, "dtype": v.dtype, "shape": v.shape} for v in graph.inputs],
@@ -476,9 +536,18 @@ def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
         "unsupported": unsupported,
         "parameters": int(sum(a.size for a in float_inits.values())),
         "parameter_tensors": len(float_inits),
-        "weight_bytes": int(sum(a.nbytes for a in graph.initializers.values())),
         "modules": weight_modules(graph),
     }
+    quant = [m for m in rep["modules"] if "bits" in m]
+    rep["parameters"] += int(sum(m["shape"][0] * m["shape"][1] for m in quant))
+    rep["parameter_tensors"] += len(quant)
+    rep.update({
+        "weight_bytes": int(sum(a.nbytes for a in graph.initializers.values())),
+        "quantized": {"layers": len(quant),
+                      "resident_bytes": int(sum(m["resident_bytes"] for m in quant)),
+                      "float32_bytes": int(sum(4 * m["shape"][0] * m["shape"][1]
+                                               for m in quant))},
+    })
     targets, patterns = split_list(target), split_list(train)
     if targets or patterns:
         lora = pyedge.LoraConfig(r=lora_r, alpha=lora_alpha,
@@ -547,7 +616,14 @@ def cmd_inspect(args) -> int:
     _out(f"modules with weights ({len(mods)}; LoRA targets are the linear ones):")
     for m in mods:
         tag = "" if m["lora"] else "  (no LoRA yet)"
+        if "bits" in m:  # quantized: bits, block and what it occupies
+            tag = (f"  {m['bits']}-bit, blocks of {m['block_size']}, "
+                   f"{_fmt_bytes(m['resident_bytes'])} resident") + tag
         _out(f"  {m['module']}  {m['op']} {_fmt_shape(m['shape'])}{tag}")
+    qi = rep["quantized"]
+    if qi["layers"]:
+        _out(f"quantized: {qi['layers']} layers, {_fmt_bytes(qi['resident_bytes'])} resident "
+             f"(float32: {_fmt_bytes(qi['float32_bytes'])})")
     tr = rep.get("trainable")
     if tr:
         _out(f"trainable: {tr['parameters']:,} parameters in {tr['tensors']} tensors "

@@ -284,7 +284,8 @@ def fuse_transposed_matmul(graph: Graph) -> int:
 
 def fuse_matmul_bias(graph: Graph, trainable: set[str] = frozenset()) -> int:
     """MatMul(x, W) + b, a Linear's bias added in a second op, becomes pyedge.MatMul(x, W, b)
-    (and a LoRA-adapted pyedge.LoraMatMul(x, W, A, B) + b the same op with its bias input)
+    (and a LoRA-adapted pyedge.LoraMatMul(x, W, A, B) + b the same op with its bias input;
+    a quantized MatMulNBits or LoraQuantMatMul on one takes b as its bias input)
     when W and b are initializers, b is [N] (W's output columns) and not trained, and nothing
     else reads the product: the GEMM adds onto rows pre-filled with b instead of a separate
     pass over the output."""
@@ -296,6 +297,21 @@ def fuse_matmul_bias(graph: Graph, trainable: set[str] = frozenset()) -> int:
             mm.domain in ("", "ai.onnx") or (mm.domain == "pyedge" and not mm.attrs.get("trans_a")))
         # LoraMatMul(x, W, A, B) has an optional bias input after B
         is_lora = mm.op_type == "LoraMatMul" and mm.domain == "pyedge" and len(mm.inputs) == 4
+        bias_at = _quant_bias_slot(mm)
+        if bias_at is not None:
+            n_out = int(mm.attrs["N"])
+            add = m.private(mm.outputs[0])
+            bias = m.other_input(add, mm.outputs[0]) if add is not None and \
+                add.op_type == "Add" and add.domain in ("", "ai.onnx") else None
+            b = graph.initializers.get(bias) if bias else None
+            if b is None or np.shape(b) != (n_out,) or np.asarray(b).dtype != np.float32 \
+                    or bias in trainable:
+                continue
+            mm.inputs = (mm.inputs + [""] * bias_at)[:bias_at] + [bias]
+            mm.outputs = list(add.outputs)
+            remove.add(id(add))
+            count += 1
+            continue
         w = graph.initializers.get(mm.inputs[1]) if is_mm or is_lora else None
         if w is None or np.ndim(w) < 2:
             continue
@@ -315,6 +331,18 @@ def fuse_matmul_bias(graph: Graph, trainable: set[str] = frozenset()) -> int:
     if remove:
         graph.nodes = [n for n in graph.nodes if id(n) not in remove]
     return count
+
+
+def _quant_bias_slot(node: Node) -> int | None:
+    """Index of the empty bias input of a MatMulNBits (5) or LoraQuantMatMul on one (6)."""
+    if node.domain == "com.microsoft" and node.op_type == "MatMulNBits":
+        at = 5
+    elif node.domain == "pyedge" and node.op_type == "LoraQuantMatMul" and \
+            node.attrs.get("base") == "MatMulNBits":
+        at = 6
+    else:
+        return None
+    return at if len(node.inputs) <= at or not node.inputs[at] else None
 
 
 def _made_by_transpose(m: _Matcher, value: str, perm: list[int]) -> str | None:

@@ -97,7 +97,40 @@ def _np_dtype(elem_type: int, what: str) -> str:
                              f"{onnx.TensorProto.DataType.Name(elem_type) if elem_type in onnx.TensorProto.DataType.values() else elem_type}") from None
 
 
+_INT4 = {onnx.TensorProto.INT4: np.int8, onnx.TensorProto.UINT4: np.uint8}
+
+
+def _int4_array(t: onnx.TensorProto, base_dir, max_bytes: int) -> np.ndarray:
+    """INT4/UINT4 (two values a byte, low nibble first) -> int8/uint8, one value a byte; only
+    DequantizeLinear reads these, and import_quantized re-packs them for MatMulNBits."""
+    dims = [int(d) for d in t.dims]
+    if any(d < 0 for d in dims):
+        raise ModelLoadError(f"initializer '{t.name}' has a negative dimension {dims}")
+    count = math.prod(dims)
+    nbytes = (count + 1) // 2
+    if count > max_bytes:
+        raise ModelLoadError(f"initializer '{t.name}' declares {count} values, over the limit")
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        raw = _external_array(t, np.dtype(np.uint8), [nbytes], nbytes, base_dir)
+    elif t.raw_data:
+        if len(t.raw_data) != nbytes:
+            raise ModelLoadError(f"initializer '{t.name}' holds {len(t.raw_data)} bytes, its "
+                                 f"shape {dims} needs {nbytes}")
+        raw = np.frombuffer(t.raw_data, np.uint8)
+    else:
+        raw = np.asarray(list(t.int32_data), np.int64).astype(np.uint8)
+        if raw.size != nbytes:
+            raise ModelLoadError(f"initializer '{t.name}' holds {raw.size} packed bytes, its "
+                                 f"shape {dims} needs {nbytes}")
+    vals = np.stack([raw & 0xF, raw >> 4], -1).reshape(-1)[:count]
+    if t.data_type == onnx.TensorProto.INT4:
+        return (vals.astype(np.int8) - ((vals >= 8) * 16).astype(np.int8)).reshape(dims)
+    return vals.astype(np.uint8).reshape(dims)
+
+
 def _tensor_array(t: onnx.TensorProto, base_dir, max_bytes: int) -> np.ndarray:
+    if t.data_type in _INT4:
+        return _int4_array(t, base_dir, max_bytes)
     dtype = np.dtype(_np_dtype(t.data_type, f"initializer '{t.name}'"))
     dims = [int(d) for d in t.dims]
     if any(d < 0 for d in dims):
@@ -261,11 +294,14 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     if "ai.onnx" in opsets and "" not in opsets:
         opsets[""] = opsets["ai.onnx"]
     inits: dict[str, np.ndarray] = {}
+    int4_names = set()
     for t in g.initializer:
         arr = _tensor_array(t, base_dir, max_bytes)
-        if arr.dtype in (np.float16, np.int8, np.int16):
-            arr = arr.astype(np.float32 if arr.dtype == np.float16 else np.int64)
-        inits[t.name] = arr
+        if arr.dtype == np.float16:
+            arr = arr.astype(np.float32)
+        if t.data_type in _INT4:
+            int4_names.add(t.name)
+        inits[t.name] = arr  # int8/int16 widen after the quantized-weight rewrite
     nodes: list[Node] = []
     node_scopes: dict[str, str] = {}
     names_seen: set[str] = set()
@@ -297,8 +333,14 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     metadata = {p.key: p.value for p in proto.metadata_props}
     graph = Graph(nodes, inits, inputs, outputs, opsets, metadata=metadata,
                   node_scopes=node_scopes, value_shapes=_value_shapes(proto))
+    from pyedge.import_quantized import check_quant_nodes, rewrite_dequantize
     from pyedge.import_rewrites import rewrite_sequences
     from pyedge.param_names import recover_param_map
     rewrite_sequences(graph)
+    rewrite_dequantize(graph, int4_names)
+    for name, arr in graph.initializers.items():
+        if arr.dtype in (np.int8, np.int16):
+            graph.initializers[name] = arr.astype(np.int64)
+    check_quant_nodes(graph)
     graph.param_map = recover_param_map(graph)
     return graph

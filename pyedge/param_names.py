@@ -23,6 +23,15 @@ def _kind_of(op_type: str) -> str:
 
 
 def recover_param_map(graph) -> dict[str, dict]:
+    """The file's map or the recovered one, plus entries for quantized weights
+    (pyedge/import_quantized.py) that it does not name."""
+    from pyedge.import_quantized import quantized_param_entries
+    result = _float_param_map(graph)
+    result.update(quantized_param_entries(graph, result))
+    return result
+
+
+def _float_param_map(graph) -> dict[str, dict]:
     if PARAM_MAP_KEY in graph.metadata:
         try:
             return json.loads(graph.metadata[PARAM_MAP_KEY])

@@ -15,7 +15,8 @@ Moves made (x the Gather's data, read by nothing else and not a graph output):
     Gather(x ∘ y)           -> Gather(x) ∘ Gather(y)     Add/Sub/Mul/Div, numpy broadcasting
     Gather(LayerNorm(x))    -> LayerNorm(Gather(x))      gathered axis outside the normalised ones
     Gather(MatMul(x, W))    -> MatMul(Gather(x), W)      W 2-D, gathered axis a row/batch axis of x
-    (and pyedge.LoraMatMul(x, W, A, B[, b]) without dropout, the same way)
+    (and pyedge.LoraMatMul(x, W, A, B[, b]) without dropout, the same way; likewise the
+    quantized MatMulNBits/MatMulBnb4(x, ...) and pyedge.LoraQuantMatMul without dropout)
 Identical Gathers of one value are merged, so a value read twice on the way (the residual
 stream feeding both the feed-forward block and the Add after it) moves on as one.
 
@@ -35,6 +36,7 @@ _UNARY = {"Identity", "Relu", "Tanh", "Sigmoid", "Erf", "Sqrt", "Neg", "Abs", "E
           "HardSwish", "Reciprocal", "Sin", "Cos", "Cast", "Clip"}
 _BINARY = {"Add", "Sub", "Mul", "Div", "Pow"}
 # reductions that keep their axes (keepdims=1): LayerNorm as older exporters spell it out
+_QUANT_LINEAR = {"MatMulNBits", "MatMulBnb4"}  # x [..., K] times a packed constant [N, K]
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceSumSquare", "ReduceL2"}
 _SAME_RANK = _UNARY | {"LayerNormalization", "Softmax", "LogSoftmax", "Transpose", "Dropout",
                        "Where", "Max", "Min"} | _BINARY
@@ -51,7 +53,9 @@ def value_ranks(graph: Graph) -> dict[str, int]:
         r = [ranks.get(i) for i in n.inputs if i]
         out = None
         t = n.op_type
-        if n.domain == "pyedge" and t in ("LoraMatMul", "Gelu", "MaskedSoftmax"):
+        if n.domain == "pyedge" and t in ("LoraMatMul", "Gelu", "MaskedSoftmax",
+                                          "LoraQuantMatMul") or \
+                n.domain == "com.microsoft" and t in _QUANT_LINEAR:
             out = r[0]  # the shape of x
         elif n.domain == "pyedge" and t == "MatMul" and None not in r[:2]:
             out = max(r[:2])
@@ -221,6 +225,13 @@ class _Pusher:
                 and not float(p.attrs.get("dropout", 0.0))):
             rx, rw = self.ranks.get(inputs[0]), self.ranks.get(inputs[1])
             if rx is None or rw != 2 or rx < 2 or axis > rx - 2 or rx != R:
+                return None
+            targets = [(0, axis)]
+        elif (p.domain == "com.microsoft" and t in _QUANT_LINEAR) or (
+                p.domain == "pyedge" and t == "LoraQuantMatMul"
+                and not float(p.attrs.get("dropout", 0.0))):
+            rx = self.ranks.get(inputs[0])  # the weight is 2-D by construction
+            if rx is None or rx < 2 or axis > rx - 2 or rx != R:
                 return None
             targets = [(0, axis)]
         else:

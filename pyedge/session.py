@@ -217,7 +217,10 @@ class TrainingSession:
         stats["parameter_gradient_bytes"] = int(sum(p.nbytes for p in params.values()))
         n_state = len(next(iter(self._sess.optimizer_state().values()), {}))
         stats["optimizer_state_bytes"] = stats["parameter_gradient_bytes"] * n_state
+        # resident weights: quantized ones at their packed size (+ scales, zero points)
         stats["weight_bytes"] = int(sum(a.nbytes for a in self.graph.initializers.values()))
+        from pyedge.import_quantized import quantized_bytes
+        stats["quantized_weight_bytes"] = quantized_bytes(self.graph)
         return stats
 
     @property

@@ -63,6 +63,7 @@ class TrainConfig:
     rslora: bool = False
     target: list = dataclasses.field(default_factory=list)   # LoRA target modules
     train: list = dataclasses.field(default_factory=list)    # whole tensors to train
+    quantize: str | None = None         # "4" | "8" | "nf4" | "fp4": quantize frozen weights on load
     # objective
     loss: str = "cross_entropy"
     output: str | None = None
@@ -178,13 +179,27 @@ def _weight_of(graph, producers, name):
 
 
 def weight_modules(graph) -> list[dict]:
-    """Modules with a weight initializer consumed by MatMul/Gemm/Conv, in graph order:
-    [{"module", "op", "weight", "shape", "lora": bool (LoRA can wrap it today)}]."""
+    """Modules with a weight initializer consumed by MatMul/Gemm/Conv or a quantized
+    MatMulNBits/MatMulBnb4, in graph order: [{"module", "op", "weight", "shape", "lora": bool
+    (LoRA can wrap it today), "feeds_output"}], quantized ones with "bits" and
+    "resident_bytes" (packed weight + scales + zero points + bias)."""
+    from pyedge.import_quantized import is_quant_node, quant_resident_bytes
     from pyedge.param_names import module_of
     producers = graph.producer_map()
     outputs = {o.name for o in graph.outputs}
     seen, out = set(), []
     for n in graph.nodes:
+        if is_quant_node(n) and len(n.inputs) > 1 and n.inputs[1] in graph.initializers:
+            mod = module_of(graph, n.inputs[1])
+            if mod not in seen:
+                seen.add(mod)
+                out.append({"module": mod, "op": n.op_type, "weight": n.inputs[1],
+                            "shape": [int(n.attrs["N"]), int(n.attrs["K"])], "lora": True,
+                            "feeds_output": bool(set(n.outputs) & outputs),
+                            "bits": int(n.attrs.get("bits", 4)),
+                            "block_size": int(n.attrs["block_size"]),
+                            "resident_bytes": quant_resident_bytes(graph, n)})
+            continue
         if n.op_type not in ("MatMul", "Gemm", "Conv") or len(n.inputs) < 2:
             continue
         w = _weight_of(graph, producers, n.inputs[1])
@@ -227,6 +242,9 @@ def split_list(v) -> list[str]:
 def build_session(cfg: TrainConfig, graph=None, loss: str | None = "__cfg__"):
     """The TrainingSession for `cfg`."""
     import pyedge
+    if graph is None and cfg.quantize:
+        from pyedge.quantize import load_quantized
+        graph, _ = load_quantized(cfg.model, cfg.quantize)
     graph = graph if graph is not None else pyedge.load_onnx(cfg.model)
     targets = expand_targets(graph, split_list(cfg.target))
     lora = (pyedge.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets,
@@ -259,6 +277,7 @@ def adapter_meta(cfg: TrainConfig, session, model_sha: str, step: int | None = N
         "train": split_list(cfg.train), "loss": cfg.loss, "output": session.output_name,
         "label_smoothing": cfg.label_smoothing, "ignore_index": cfg.ignore_index,
         "tensors": sorted(session.trainable_parameters()), "step": step,
+        **({"quantize": str(cfg.quantize)} if cfg.quantize else {}),
     }
 
 
@@ -283,6 +302,9 @@ def session_from_adapters(model, adapters, loss: str | None = None, threads: int
                               target_modules=list(lm["target_modules"]),
                               dropout=float(lm.get("dropout", 0.0)),
                               use_rslora=bool(lm.get("use_rslora", False))) if lm else None)
+    if meta.get("quantize"):  # trained with --quantize: the same quantized base
+        from pyedge.quantize import load_quantized
+        model, _ = load_quantized(model, meta["quantize"])
     sess = pyedge.TrainingSession(model, lora=lora, train=meta.get("train", []), loss=loss,
                                   output=output or meta.get("output"), threads=threads,
                                   label_smoothing=float(meta.get("label_smoothing", 0.0)),
@@ -518,6 +540,8 @@ def _hashes(cfg: TrainConfig, session, model_sha: str, total_steps: int):
         "train": split_list(cfg.train), "loss": cfg.loss, "output": session.output_name,
         "optimizer": cfg.optimizer, "tensors": sorted(session.trainable_parameters()),
     }
+    if cfg.quantize:  # only when set: older runs' hashes stay valid
+        structure["quantize"] = str(cfg.quantize)
     trajectory = {
         "lr": cfg.lr, "schedule": cfg.schedule, "warmup_steps": cfg.warmup_steps,
         "total_steps": total_steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,

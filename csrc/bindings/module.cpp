@@ -11,6 +11,7 @@
 
 namespace pyedge {
 void bind_op_testing(py::module_& m);
+void bind_quant(py::module_& m);
 void bind_session(py::module_& m);
 void bind_simd(py::module_& m);
 }  // namespace pyedge
@@ -54,6 +55,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("heap_allocation_count", &pyedge::heap_allocation_count,
         "Heap allocations made by the core's own code since import.");
   pyedge::bind_op_testing(m);
+  pyedge::bind_quant(m);
   pyedge::bind_session(m);
   pyedge::bind_simd(m);
 }

@@ -1,7 +1,10 @@
 """LoRA as a graph rewrite: each targeted MatMul/Gemm whose weight is an initializer becomes a
 fused `pyedge.LoraMatMul(x, W, A, B[, bias])` computing x·W + s·(x·Aᵀ)·Bᵀ, with PEFT's layout
 (A [r, in], B [out, r]), initialisation (A kaiming-uniform(a=√5), B = 0) and scaling
-(alpha/r, or alpha/√r with rsLoRA)."""
+(alpha/r, or alpha/√r with rsLoRA).
+
+Which base ops can carry LoRA is one table (`_rules`): MatMul/Gemm here, Conv in lora_conv.py,
+the quantized MatMulNBits/MatMulBnb4 in lora_quant.py (-> pyedge.LoraQuantMatMul)."""
 from __future__ import annotations
 
 import dataclasses
@@ -52,36 +55,60 @@ def _weight_source(graph: Graph, producers, name: str):
     return None, False
 
 
+def _linear_weight(graph: Graph, producers, node: Node) -> str | None:
+    if len(node.inputs) < 2:
+        return None
+    w, _ = _weight_source(graph, producers, node.inputs[1])
+    return w if w is not None and graph.initializers[w].ndim == 2 else None
+
+
+def _conv_weight(graph: Graph, producers, node: Node) -> str | None:
+    return node.inputs[1] if len(node.inputs) >= 2 and node.inputs[1] in graph.initializers \
+        else None
+
+
+def _rewrite_linear(graph, node, w, module, cfg, rng, sites):
+    fused = _rewrite(graph, node, w, node.inputs[1] != w, module, cfg, rng, sites)
+    return [fused] if fused else None
+
+
+def _rules() -> dict:
+    """(domain, op type) -> (weight of the node or None, rewrite into LoRA nodes or None).
+    One entry per base op; a new base op is one more entry."""
+    from pyedge.adapters.lora_conv import rewrite_conv  # they build on this module
+    from pyedge.adapters.lora_quant import quant_weight, rewrite_quant
+    conv = (_conv_weight, lambda g, n, w, m, c, r, s: rewrite_conv(g, n, m, c, r, s))
+    quant = (quant_weight, rewrite_quant)
+    return {("", "MatMul"): (_linear_weight, _rewrite_linear),
+            ("", "Gemm"): (_linear_weight, _rewrite_linear),
+            ("", "Conv"): conv,
+            ("com.microsoft", "MatMulNBits"): quant,
+            ("com.microsoft", "MatMulBnb4"): quant}
+
+
 def inject_lora(graph: Graph, cfg: LoraConfig) -> list[LoraSite]:
     """Rewrites `graph` in place; returns the adapted sites (in graph order)."""
-    from pyedge.adapters.lora_conv import rewrite_conv  # it builds on this module
     if cfg.r <= 0:
         raise ValueError(f"LoRA rank must be positive, got {cfg.r}")
     rng = np.random.default_rng(cfg.seed)
+    rules = _rules()
     producers = graph.producer_map()
     sites: list[LoraSite] = []
     new_nodes: list[Node] = []
-    seen_modules: set[str] = set()
+    with_weight: list[str] = []
     for node in graph.nodes:
         replacement = None
-        if node.op_type in ("MatMul", "Gemm") and len(node.inputs) >= 2:
-            w, via_transpose = _weight_source(graph, producers, node.inputs[1])
-            if w is not None and graph.initializers[w].ndim == 2:
-                module = module_of(graph, w)
-                if any_match(module, cfg.target_modules):
-                    fused = _rewrite(graph, node, w, via_transpose, module, cfg, rng, sites)
-                    replacement = [fused] if fused else None
-                    seen_modules.add(module)
-        elif node.op_type == "Conv" and len(node.inputs) >= 2 and node.inputs[1] in graph.initializers:
-            module = module_of(graph, node.inputs[1])
+        rule = rules.get((node.domain, node.op_type))
+        w = rule[0](graph, producers, node) if rule else None
+        if w is not None:
+            module = module_of(graph, w)
+            with_weight.append(module)
             if any_match(module, cfg.target_modules):
-                replacement = rewrite_conv(graph, node, module, cfg, rng, sites)
+                replacement = rule[1](graph, node, w, module, cfg, rng, sites)
         new_nodes.extend(replacement or [node])
     graph.nodes = new_nodes
     if not sites:
-        mods = sorted({module_of(graph, n.inputs[1]) for n in graph.nodes
-                       if n.op_type in ("MatMul", "Gemm", "Conv") and len(n.inputs) > 1
-                       and n.inputs[1] in graph.initializers})
+        mods = sorted(set(with_weight))
         raise ValueError(f"no module matches LoRA targets {list(cfg.target_modules)}; "
                          f"modules with a weight: {', '.join(mods[:20]) or 'none'}")
     return sites

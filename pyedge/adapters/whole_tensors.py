@@ -11,9 +11,12 @@ BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", "positi
 
 
 def _statistics_inputs(graph: Graph) -> set[str]:
-    """Tensors a BatchNormalization reads as mean/variance."""
+    """Tensors a BatchNormalization reads as mean/variance, and a quantized weight's scales,
+    zero points and bias (frozen with it)."""
+    from pyedge.import_quantized import is_quant_node, quant_weight_inputs
     return {n.inputs[i] for n in graph.nodes if n.op_type == "BatchNormalization"
-            for i in (3, 4) if len(n.inputs) > i}
+            for i in (3, 4) if len(n.inputs) > i} | \
+        {x for n in graph.nodes if is_quant_node(n) for x in quant_weight_inputs(n)}
 
 
 def select_trainable_tensors(graph: Graph, patterns) -> list[str]:

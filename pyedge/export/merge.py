@@ -73,6 +73,9 @@ def lora_deltas(graph, config: dict, lora: dict[str, dict[str, np.ndarray]]
                                f"({e})") from e
         trans = {n.inputs[2]: bool(n.attrs.get("trans_w", 0)) for n in g.nodes
                  if n.op_type == "LoraMatMul" and n.domain == "pyedge"}
+        # quantized bases (merge_quantized.py): the delta stays [out, in] like their weight
+        trans.update({n.inputs[1]: True for n in g.nodes
+                      if n.op_type == "LoraQuantMatMul" and n.domain == "pyedge"})
         for site in sites:
             A = np.asarray(lora[site.module]["A"], np.float64)
             B = np.asarray(lora[site.module]["B"], np.float64)
@@ -121,12 +124,15 @@ def _save_atomic(proto, out_path, external: bool):
     atomic_write(out_path, proto.SerializeToString())
 
 
-def merge_adapters(model_path, adapters_dir, out_path) -> dict:
+def merge_adapters(model_path, adapters_dir, out_path, bits: int | None = None,
+                   group_size: int | None = None) -> dict:
     """Writes `out_path`: `model_path` with the adapters in `adapters_dir` folded in.
 
     Returns {"lora": [initializers changed by LoRA], "whole": [initializers replaced by a
     different value],
-    "skipped": [adapter tensors with no counterpart in the graph]}.
+    "skipped": [adapter tensors with no counterpart in the graph]}, and for adapted quantized
+    layers (merge_quantized.py) "dequantized": [modules written float] or "requantized":
+    [modules quantized again with `bits`/`group_size`].
     """
     import onnx
     from onnx import numpy_helper
@@ -139,6 +145,12 @@ def merge_adapters(model_path, adapters_dir, out_path) -> dict:
     lora, whole = split_keys(tensors)
     graph = load_onnx(model_path)
     deltas = lora_deltas(graph, config, lora) if lora else {}
+    from pyedge.export.merge_quantized import fold_quantized, quantized_sites
+    qsites = quantized_sites(graph)
+    qdeltas = {k: deltas.pop(k) for k in list(deltas) if k in qsites}
+    if bits is not None and not qdeltas:
+        raise AdapterError("--bits re-quantizes merged quantized layers; this model has no "
+                           "adapted quantized layer")
 
     new_values: dict[str, np.ndarray] = {}
     name_map = torch_names_to_onnx(graph.param_map, graph.initializers)
@@ -191,5 +203,10 @@ def merge_adapters(model_path, adapters_dir, out_path) -> dict:
             for a in consts[name].attribute:
                 if a.name == "value":
                     a.t.CopyFrom(t)
+    quant = {}
+    if qdeltas:
+        quant = fold_quantized(proto, graph, qdeltas, bits, group_size)
+        proto = quant.pop("proto")
     _save_atomic(proto, out_path, external)
-    return {"lora": sorted(deltas), "whole": sorted(new_values), "skipped": sorted(skipped)}
+    return {"lora": sorted(deltas) + sorted(qdeltas), "whole": sorted(new_values),
+            "skipped": sorted(skipped), **quant}

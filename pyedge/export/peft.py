@@ -277,6 +277,9 @@ def _linear_dims(graph, module) -> tuple[int, int] | None:
     """(in, out) of a linear/Conv1D module from its weight in the graph."""
     for name, arr in graph.initializers.items():
         e = graph.param_map.get(name)
+        q = (e or {}).get("quantized")
+        if e and e.get("module") == module and q and "K" in q:  # packed: from its attributes
+            return int(q["K"]), int(q["N"])
         if e and e.get("module") == module and e.get("param") == "weight" and arr.ndim == 2:
             w = arr.T if e.get("transposed") else arr  # PyTorch layout
             if e.get("kind") == "conv1d_fan_in_fan_out":
@@ -302,16 +305,20 @@ def _noop_lora(graph, wrapped, tensors):
     """A zero rank-1 LoRA on one linear module outside modules_to_save (see module doc)."""
     for name, arr in graph.initializers.items():
         e = graph.param_map.get(name)
-        if not e or e.get("param") != "weight" or arr.ndim != 2 or \
+        q = (e or {}).get("quantized") or {}
+        if not e or e.get("param") != "weight" or (arr.ndim != 2 and "K" not in q) or \
                 e.get("kind") not in ("linear", "conv1d_fan_in_fan_out"):
             continue
         mod = e["module"]
         if any(mod == m or mod.startswith(m + ".") or m.startswith(mod + ".")
                for m in wrapped):
             continue
-        w = arr.T if e.get("transposed") else arr  # PyTorch layout
         fifo = e["kind"] == "conv1d_fan_in_fan_out"
-        n_in, n_out = (w.shape[0], w.shape[1]) if fifo else (w.shape[1], w.shape[0])
+        if "K" in q:  # a packed weight: its sizes are attributes
+            n_in, n_out = int(q["K"]), int(q["N"])
+        else:
+            w = arr.T if e.get("transposed") else arr  # PyTorch layout
+            n_in, n_out = (w.shape[0], w.shape[1]) if fifo else (w.shape[1], w.shape[0])
         tensors[f"{PREFIX}{mod}.lora_A.weight"] = np.zeros((1, n_in), np.float32)
         tensors[f"{PREFIX}{mod}.lora_B.weight"] = np.zeros((n_out, 1), np.float32)
         return [mod], fifo
