@@ -359,3 +359,85 @@ def test_fused_training_plan_drops_the_logits(exported):
     # the inference plan still computes the logits
     inf = fused.plan_stats(shapes={"input_ids": [B, T]}, training=False)
     assert inf["activation_bytes"] >= B * T * V * 4
+
+
+# ------------------------------------------------------------------ head forms (hand-made)
+def head_model(form, D=8, V=13):
+    """x [2, 5, D] -> MatMul(w1) -> a head of the given form -> logits (the graph output)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+
+    def init(name, shape):
+        return helper.make_tensor(name, TensorProto.FLOAT, shape,
+                                  (rng.standard_normal(shape) * 0.5).ravel().tolist())
+    inits = [init("w1", [D, D]), init("W", [D, V]), init("Wt", [V, D]), init("b", [V])]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["hid"])]
+    lead = [2, 5]
+    if form == "matmul":
+        nodes.append(helper.make_node("MatMul", ["hid", "W"], ["logits"]))
+    elif form == "matmul_transpose":
+        nodes += [helper.make_node("Transpose", ["Wt"], ["WtT"], perm=[1, 0]),
+                  helper.make_node("MatMul", ["hid", "WtT"], ["logits"])]
+    elif form in ("matmul_add", "add_first"):
+        nodes.append(helper.make_node("MatMul", ["hid", "W"], ["mm"]))
+        nodes.append(helper.make_node("Add", ["mm", "b"] if form == "matmul_add" else ["b", "mm"],
+                                      ["logits"]))
+    elif form.startswith("gemm"):
+        lead = [10]
+        inits.append(helper.make_tensor("shape2", TensorProto.INT64, [2], [-1, D]))
+        nodes.append(helper.make_node("Reshape", ["hid", "shape2"], ["h2"]))
+        if form == "gemm_transB":
+            nodes.append(helper.make_node("Gemm", ["h2", "Wt", "b"], ["logits"], transB=1))
+        else:
+            nodes.append(helper.make_node("Gemm", ["h2", "W", "b"], ["logits"]))
+    elif form == "scaled":  # a softcap-like Mul after the head: not a linear head's output
+        inits.append(helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]))
+        nodes += [helper.make_node("MatMul", ["hid", "W"], ["mm"]),
+                  helper.make_node("Mul", ["mm", "half"], ["logits"])]
+    elif form == "product_is_output":  # the pre-bias product is read elsewhere too
+        nodes += [helper.make_node("MatMul", ["hid", "W"], ["mm"]),
+                  helper.make_node("Add", ["mm", "b"], ["logits"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, lead + [V])]
+    if form == "product_is_output":
+        outputs.append(helper.make_tensor_value_info("mm", TensorProto.FLOAT, lead + [V]))
+    g = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                        [2, 5, D])],
+                          outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("form,train", [
+    ("matmul", ["w1"]), ("matmul", ["w1", "W"]), ("matmul_transpose", ["w1", "Wt"]),
+    ("matmul_add", ["w1"]), ("matmul_add", ["w1", "b"]), ("add_first", ["w1", "b", "W"]),
+    ("gemm_transB", ["w1"]), ("gemm_transB", ["w1", "Wt", "b"]), ("gemm", ["w1", "b"])])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_head_forms_fuse_and_train_the_same(form, train, fuse):
+    model = head_model(form)
+    kw = dict(train=train, loss="cross_entropy", label_smoothing=0.05, fuse=fuse,
+              optimizer=pyedge.SGD(lr=0.1))
+    fused = pyedge.TrainingSession(model, chunked_loss=True, loss_chunk_rows=3, **kw)
+    plain = pyedge.TrainingSession(model, chunked_loss=False, **kw)
+    assert fused.fusions.get("linear_cross_entropy") == 1
+    assert "pyedge.LinearCrossEntropy" in _ops(fused)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    y = rng.integers(0, 13, (10,) if form.startswith("gemm") else (2, 5)).astype(np.int64)
+    y.reshape(-1)[[1, 6]] = -100
+    for _ in range(2):
+        lf, lp = (s.step({"x": x}, y, update=False) for s in (fused, plain))
+        assert abs(lf - lp) <= 1e-6 * abs(lp)
+        gf, gp = fused.gradients(), plain.gradients()
+        assert sorted(gf) == sorted(train)
+        for k in gp:
+            np.testing.assert_allclose(gf[k], gp[k], rtol=1e-5,
+                                       atol=1e-6 * float(np.abs(gp[k]).max()), err_msg=k)
+        fused.apply_update()
+        plain.apply_update()
+
+
+@pytest.mark.parametrize("form", ["scaled", "product_is_output"])
+def test_heads_it_cannot_take_over_keep_the_plain_loss(form):
+    sess = pyedge.TrainingSession(head_model(form), train=["w1"], loss="cross_entropy")
+    assert "linear_cross_entropy" not in sess.fusions
+    assert "pyedge.CrossEntropyLoss" in _ops(sess)
