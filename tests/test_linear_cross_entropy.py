@@ -61,18 +61,22 @@ def trim(inputs):
     return inputs
 
 
-def check_op(inputs, attrs):
-    """Loss vs torch float64; every gradient (three buffer modes) vs torch autograd."""
+def check_op(inputs, attrs, frozen_w=False):
+    """Loss vs torch float64; every gradient (three buffer modes) vs torch autograd.
+    frozen_w: W a plan-time constant (a frozen head), so the op takes the gradients in the
+    forward; otherwise it recomputes each chunk in the backward."""
     inputs = trim(inputs)
-    (loss,), _ = run(inputs, attrs)
+    kw = dict(const_inputs=[1]) if frozen_w else {}
+    (loss,), _ = run(inputs, attrs, **kw)
     t_in = [torch.tensor(np.asarray(x), dtype=torch.float64 if x.dtype == np.float32 else None)
             if x is not None else None for x in inputs]
     ref = float(torch_loss(attrs)(*t_in))
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5, atol=1e-6)
     grads = check_backward(OP, inputs, torch_loss(attrs), attrs, domain="pyedge", rtol=1e-5,
-                           atol=1e-5)
+                           atol=1e-5, **kw)
     assert [g is not None for g in grads] == [x is not None and x.dtype == np.float32
-                                              for x in inputs]
+                                              and not (frozen_w and i == 1)
+                                              for i, x in enumerate(inputs)]
     return grads
 
 
@@ -104,10 +108,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("frozen_w", [False, True], ids=["recompute", "grads_in_forward"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_op_matches_torch(name):
+def test_op_matches_torch(name, frozen_w):
     case, attrs = CASES[name]
-    check_op(make_case(**case), attrs)
+    check_op(make_case(**case), attrs, frozen_w)
 
 
 def test_op_int32_labels_equal_int64():
@@ -123,9 +128,11 @@ def test_op_int32_labels_equal_int64():
             np.testing.assert_array_equal(a, b)
 
 
-def test_op_all_ignored_gives_what_cross_entropy_loss_gives():
+@pytest.mark.parametrize("frozen_w", [False, True], ids=["recompute", "grads_in_forward"])
+def test_op_all_ignored_gives_what_cross_entropy_loss_gives(frozen_w):
     """Mean over zero rows: CrossEntropyLoss's 0 and zero gradients (torch: NaN), including
     into fresh (NaN-filled) buffers; ignored rows leave an accumulating dh untouched."""
+    kw = dict(const_inputs=[1]) if frozen_w else {}
     for attrs in (dict(), dict(shift=1), dict(reduction="sum", lora_scale=0.5)):
         inputs = trim(make_case(r=2 if "lora_scale" in attrs else 0, bias=True,
                                 ignored=range(14)))
@@ -136,19 +143,23 @@ def test_op_all_ignored_gives_what_cross_entropy_loss_gives():
         (ce,), _ = _core.run_op("CrossEntropyLoss", [logits, inputs[2]], ce_attrs,
                                 domain="pyedge")
         for init, base in (("zeros", 0.0), ("ones", 1.0), ("fresh", 0.0)):
-            (loss,), grads = run(inputs, attrs, grad_outputs=[np.float32(1.0)], grad_init=init)
+            (loss,), grads = run(inputs, attrs, grad_outputs=[np.float32(1.0)], grad_init=init,
+                                 **kw)
             assert float(loss) == float(ce) == 0.0
+            assert (grads[1] is None) == frozen_w
             for i, g in enumerate(grads):
-                if i != 2:
+                if g is not None:
                     np.testing.assert_array_equal(g, np.full_like(g, base), err_msg=f"{init} {i}")
 
 
-def test_op_partly_ignored_fresh_dh_rows_are_zero_and_live_rows_exact():
+@pytest.mark.parametrize("frozen_w", [False, True], ids=["recompute", "grads_in_forward"])
+def test_op_partly_ignored_fresh_dh_rows_are_zero_and_live_rows_exact(frozen_w):
     # shifted, ignored rows and each sequence's last position: their dh rows must be 0
     inputs = trim(make_case(ignored=(2, 3, 9)))
     attrs = dict(shift=1, chunk=2)
-    _, fresh = run(inputs, attrs, grad_outputs=[np.float32(1.0)], grad_init="fresh")
-    _, zeros = run(inputs, attrs, grad_outputs=[np.float32(1.0)], grad_init="zeros")
+    kw = dict(const_inputs=[1]) if frozen_w else {}
+    _, fresh = run(inputs, attrs, grad_outputs=[np.float32(1.0)], grad_init="fresh", **kw)
+    _, zeros = run(inputs, attrs, grad_outputs=[np.float32(1.0)], grad_init="zeros", **kw)
     dh = fresh[0].reshape(-1, inputs[0].shape[-1])
     np.testing.assert_array_equal(fresh[0], zeros[0])
     # row t is counted when label t+1 is not ignored and t is not a sequence's last position
@@ -159,7 +170,8 @@ def test_op_partly_ignored_fresh_dh_rows_are_zero_and_live_rows_exact():
 
 
 def test_op_frozen_head_skips_weight_gradients():
-    """Only dh wanted (the frozen-head case: W and bias constants): same dh as with all."""
+    """Only dh wanted (the frozen-head case: W and bias constants, gradients taken in the
+    forward): the same dh as the recompute path gives, bit for bit, at dloss = 1."""
     inputs = trim(make_case(bias=True, r=2))
     attrs = dict(shift=1, lora_scale=0.5, chunk=4)
     _, all_grads = run(inputs, attrs, grad_outputs=[np.float32(1.0)])
@@ -168,15 +180,17 @@ def test_op_frozen_head_skips_weight_gradients():
     np.testing.assert_array_equal(only_h[0], all_grads[0])
 
 
-def test_op_result_independent_of_thread_count_and_chunking_close():
+@pytest.mark.parametrize("frozen_w", [False, True], ids=["recompute", "grads_in_forward"])
+def test_op_result_independent_of_thread_count_and_chunking_close(frozen_w):
     inputs = trim(make_case(lead=(4, 40), D=16, V=300, r=4, bias=True, ignored=(5, 6, 7, 90)))
     attrs = dict(shift=1, label_smoothing=0.1, lora_scale=0.5, chunk=48)
+    kw = dict(const_inputs=[1]) if frozen_w else {}
     n0 = _core.num_threads()
     try:
         res = []
         for nt in (1, 2):
             _core.set_num_threads(nt)
-            res.append(run(inputs, attrs, grad_outputs=[np.float32(1.0)]))
+            res.append(run(inputs, attrs, grad_outputs=[np.float32(1.0)], **kw))
     finally:
         _core.set_num_threads(n0)
     (l1,), g1 = res[0]
@@ -186,7 +200,7 @@ def test_op_result_independent_of_thread_count_and_chunking_close():
         if a is not None:
             np.testing.assert_array_equal(a, b)
     # another chunking: the same up to rounding of the per-chunk weight-gradient sums
-    (l3,), g3 = run(inputs, {**attrs, "chunk": 7}, grad_outputs=[np.float32(1.0)])
+    (l3,), g3 = run(inputs, {**attrs, "chunk": 7}, grad_outputs=[np.float32(1.0)], **kw)
     np.testing.assert_allclose(l3, l1, rtol=1e-6)
     for a, b in zip(g3, g1):
         if a is not None:

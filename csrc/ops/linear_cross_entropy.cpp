@@ -24,6 +24,13 @@
 //   dbias (+)= column sums of dZ;  dA (+)= (s·dZ·B)ᵀ·h_c;  dB (+)= s·dZᵀ·(h_c·Aᵀ)
 // Chunks run in order and the GEMMs split their work over the threads without changing any
 // element's order of summation, so results do not depend on the thread count.
+//
+// A frozen head (W a plan-time constant: no dW can be wanted) whose backward is planned
+// takes the gradients in the forward instead: each chunk's dZ is made right after its loss
+// terms and multiplied out there, into hidden outputs dh [rows of h, D], dbias [V], dA [r, D]
+// and dB [V, r] computed for dloss = 1; the backward only scales them by dloss. That saves
+// the recompute (one of the three head GEMMs), and h is not kept for the backward. A trained
+// W would need a [V, D] hidden output: it takes the recompute path.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
@@ -115,13 +122,22 @@ class LinearCrossEntropy : public Op {
     if (chunk == 0)
       chunk = std::clamp<int64_t>(kChunkBytes / (4 * V_) / 16 * 16, kMinChunk, kMaxChunk);
     chunk_ = std::max<int64_t>(1, std::min(chunk, rows_));
+    // W given at plan time = frozen: the gradients can be taken in the forward
+    early_ = w.data != nullptr;
     outputs = {make_output(DType::f32, {}), make_output(DType::f32, {rows_, 2})};
+    if (early_) {
+      outputs.push_back(make_output(DType::f32, h.shape));                     // dh
+      outputs.push_back(make_output(DType::f32, {has_bias_ ? V_ : 0}));        // dbias
+      outputs.push_back(make_output(DType::f32, {has_lora_ ? r_ : 0, D_}));    // dA
+      outputs.push_back(make_output(DType::f32, {has_lora_ ? V_ : 0, r_}));    // dB
+    }
     n_visible = 1;
   }
 
-  // live list, per-row loss, then one chunk's gathered h, logits and h·Aᵀ
+  // live list, per-row loss, then one chunk's gathered h, logits and h·Aᵀ (and what the
+  // gradients need when they are taken here)
   size_t forward_scratch_bytes() const override {
-    return live_bytes() + align64(size_t(rows_) * 4) + chunk_bytes(false);
+    return live_bytes() + align64(size_t(rows_) * 4) + chunk_bytes(early_);
   }
   // live list, then one chunk's h, logits/dlogits, dh, h·Aᵀ and s·dZ·B
   size_t backward_scratch_bytes(const std::vector<bool>&) const override {
@@ -137,11 +153,24 @@ class LinearCrossEntropy : public Op {
     p += live_bytes();
     float* row_loss = reinterpret_cast<float*>(p);  // [nlive]
     p += align64(size_t(rows_) * 4);
-    Chunk c = carve(p, false);
+    const bool grads_here = early_ && backward_planned;
+    Chunk c = carve(p, grads_here);
     float* lse = out[1].ptr<float>();
     std::fill(lse, lse + 2 * rows_, 0.f);
     const int64_t V = V_;
     const float eps = eps_, invV = 1.f / float(V);
+    const int64_t count = mean_ ? nlive : 1;
+    Targets saved;
+    if (grads_here) {  // for dloss = 1; all assigned by the first chunk
+      saved = Targets{out[2].ptr<float>(), true, nullptr, false,
+                      has_bias_ ? out[3].ptr<float>() : nullptr, true,
+                      has_lora_ ? out[4].ptr<float>() : nullptr, true,
+                      has_lora_ ? out[5].ptr<float>() : nullptr, true};
+      zero_dead_rows(saved.dh, live, nlive);
+      if (nlive == 0)
+        for (size_t k = 3; k < out.size(); ++k)
+          std::fill(out[k].ptr<float>(), out[k].ptr<float>() + out[k].numel(), 0.f);
+    }
     for (int64_t j0 = 0; j0 < nlive; j0 += chunk_) {
       const int64_t cn = std::min(chunk_, nlive - j0);
       const int64_t* lc = live + 2 * j0;
@@ -161,29 +190,52 @@ class LinearCrossEntropy : public Op {
           row_loss[j0 + j] = v;
         }
       });
+      if (grads_here) {
+        to_dlogits(c.z, lc, cn, lse, 1.f / float(count));
+        chunk_grads(in, lc, cn, c, saved, j0 == 0);
+      }
     }
     double s = 0.0;
     for (int64_t j = 0; j < nlive; ++j) s += row_loss[j];
-    const int64_t count = mean_ ? nlive : 1;
     out[0].ptr<float>()[0] = count > 0 ? float(s / double(count)) : 0.f;
   }
 
   bool has_backward() const override { return true; }
   bool differentiable_input(size_t i) const override { return i != kLabels; }
   bool assigns_fresh_grads() const override { return true; }
-  // Every input: the chunk's logits are recomputed from h, W, bias, A and B whatever gradient
-  // is wanted. The saved log-sum-exp, not the visible loss.
+  // Recompute path: every input (the chunk's logits are recomputed from h, W, bias, A and B
+  // whatever gradient is wanted) and the saved log-sum-exp. Gradients taken in the forward:
+  // those alone.
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
-    return std::vector<bool>(ng.size(), true);
+    return std::vector<bool>(ng.size(), !early_);
   }
   std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override {
-    return {false, true};
+    std::vector<bool> r(outputs.size(), early_);
+    r[0] = false;
+    r[1] = !early_;
+    return r;
   }
 
   void backward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext& ctx) override {
     auto want = [&](size_t k) { return k < din.size() && din[k].data != nullptr; };
+    const float dl = dout.empty() || dout[0].data == nullptr ? 0.f : dout[0].ptr<float>()[0];
+    if (early_) {
+      PYEDGE_CHECK(!want(kW), where_, ": internal: a gradient for a plan-time constant W");
+      // din (+)= dloss · (the gradient the forward took for dloss = 1)
+      const size_t from[] = {kH, kBias, kA, kB}, saved[] = {2, 3, 4, 5};
+      for (int i = 0; i < 4; ++i) {
+        if (!want(from[i])) continue;
+        float* d = din[from[i]].ptr<float>();
+        const float* g = out[saved[i]].ptr<float>();
+        const bool assign = ctx.fresh(from[i]);
+        parallel_for(din[from[i]].numel(), 1 << 14, [&](int64_t b, int64_t e) {
+          for (int64_t j = b; j < e; ++j) d[j] = assign ? dl * g[j] : d[j] + dl * g[j];
+        });
+      }
+      return;
+    }
     char* p = static_cast<char*>(ctx.scratch);
     int64_t* live = reinterpret_cast<int64_t*>(p);
     const int64_t nlive = in[kLabels].dtype == DType::i64 ? gather_live<int64_t>(in[kLabels], live)
@@ -199,48 +251,16 @@ class LinearCrossEntropy : public Op {
         if (want(k) && ctx.fresh(k)) std::fill(din[k].ptr<float>(), din[k].ptr<float>() + din[k].numel(), 0.f);
       return;
     }
-    const int64_t V = V_, D = D_, r = r_;
-    const float g = dout[0].ptr<float>()[0] / float(count);
-    const float off = g * eps_ / float(V), hit = g * (1.f - eps_);
+    auto ptr = [&](size_t k) { return want(k) ? din[k].ptr<float>() : nullptr; };
+    const Targets t{ptr(kH), ctx.fresh(kH), ptr(kW), ctx.fresh(kW), ptr(kBias), ctx.fresh(kBias),
+                    ptr(kA), ctx.fresh(kA), ptr(kB), ctx.fresh(kB)};
     const float* lse = out[1].ptr<float>();
-    const float* W = in[kW].ptr<float>();
-    const int64_t ldw = in[kW].shape[1];
     for (int64_t j0 = 0; j0 < nlive; j0 += chunk_) {
       const int64_t cn = std::min(chunk_, nlive - j0);
       const int64_t* lc = live + 2 * j0;
-      const bool first = j0 == 0;
       chunk_logits(in, lc, cn, c);
-      // Z -> dZ in place
-      parallel_for(cn, std::max<int64_t>(1, 16384 / V), [&](int64_t b, int64_t e) {
-        for (int64_t j = b; j < e; ++j) {
-          float* z = c.z + j * V;
-          const int64_t rr = lc[2 * j], y = lc[2 * j + 1];
-          const float m = lse[2 * rr], ls = lse[2 * rr + 1];
-          for (int64_t k = 0; k < V; ++k) z[k] = g * exp_f((z[k] - m) - ls) - off;
-          z[y] -= hit;
-        }
-      });
-      const float* dz = c.z;
-      auto beta = [&](size_t k) { return first && ctx.fresh(k) ? 0.f : 1.f; };
-      if (has_lora_ && (want(kH) || want(kA)))  // dt [c, r] = s·dZ·B
-        sgemm(false, false, cn, r, V, scale_, dz, V, in[kB].ptr<float>(), r, 0.f, c.dt, r);
-      if (want(kW)) {
-        if (trans_w_)  // dW [V, D] (+)= dZᵀ·h_c
-          sgemm(true, false, V, D, cn, 1.f, dz, V, c.h, D, beta(kW), din[kW].ptr<float>(), D);
-        else  // dW [D, V] (+)= h_cᵀ·dZ
-          sgemm(true, false, D, V, cn, 1.f, c.h, D, dz, V, beta(kW), din[kW].ptr<float>(), V);
-      }
-      if (want(kBias)) column_sums(dz, cn, din[kBias].ptr<float>(), beta(kBias) == 0.f);
-      if (want(kA))  // dA [r, D] (+)= dtᵀ·h_c
-        sgemm(true, false, r, D, cn, 1.f, c.dt, r, c.h, D, beta(kA), din[kA].ptr<float>(), D);
-      if (want(kB))  // dB [V, r] (+)= s·dZᵀ·t
-        sgemm(true, false, V, r, cn, scale_, dz, V, c.t, r, beta(kB), din[kB].ptr<float>(), r);
-      if (want(kH)) {  // dh_c = dZ·op(W)ᵀ (+ dt·A), then into the live rows
-        sgemm(false, !trans_w_, cn, D, V, 1.f, dz, V, W, ldw, 0.f, c.dh, D);
-        if (has_lora_)
-          sgemm(false, false, cn, D, r, 1.f, c.dt, r, in[kA].ptr<float>(), D, 1.f, c.dh, D);
-        scatter_rows(c.dh, lc, cn, din[kH].ptr<float>(), ctx.fresh(kH));
-      }
+      to_dlogits(c.z, lc, cn, lse, dl / float(count));
+      chunk_grads(in, lc, cn, c, t, j0 == 0);
     }
   }
 
@@ -320,6 +340,64 @@ class LinearCrossEntropy : public Op {
     sgemm(false, true, cn, V, r_, scale_, c.t, r_, in[kB].ptr<float>(), r_, 1.f, c.z, V);
   }
 
+  // Where a chunk's gradients go; nullptr: not wanted. *_assign: the first chunk assigns
+  // (dh rows are each written once, so its flag holds for every chunk).
+  struct Targets {
+    float* dh = nullptr;
+    bool dh_assign = false;
+    float* dW = nullptr;
+    bool dW_assign = false;
+    float* db = nullptr;
+    bool db_assign = false;
+    float* dA = nullptr;
+    bool dA_assign = false;
+    float* dB = nullptr;
+    bool dB_assign = false;
+  };
+
+  // Z [cn, V] -> dZ = g·(softmax(Z) − eps/V) − g·(1−eps)·onehot(y), in place; g = dloss/count
+  void to_dlogits(float* z, const int64_t* lc, int64_t cn, const float* lse, float g) const {
+    const int64_t V = V_;
+    const float off = g * eps_ / float(V), hit = g * (1.f - eps_);
+    parallel_for(cn, std::max<int64_t>(1, 16384 / V), [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        float* zr = z + j * V;
+        const int64_t r = lc[2 * j], y = lc[2 * j + 1];
+        const float m = lse[2 * r], ls = lse[2 * r + 1];
+        for (int64_t k = 0; k < V; ++k) zr[k] = g * exp_f((zr[k] - m) - ls) - off;
+        zr[y] -= hit;
+      }
+    });
+  }
+
+  // The chunk's shares of every wanted gradient from dZ (c.z), h_c (c.h) and t = h_c·Aᵀ (c.t).
+  void chunk_grads(const std::vector<Tensor>& in, const int64_t* lc, int64_t cn, const Chunk& c,
+                   const Targets& t, bool first) const {
+    const int64_t V = V_, D = D_, r = r_;
+    const float* dz = c.z;
+    auto beta = [&](bool assign) { return first && assign ? 0.f : 1.f; };
+    if (has_lora_ && (t.dh || t.dA))  // dt [c, r] = s·dZ·B
+      sgemm(false, false, cn, r, V, scale_, dz, V, in[kB].ptr<float>(), r, 0.f, c.dt, r);
+    if (t.dW) {
+      if (trans_w_)  // dW [V, D] (+)= dZᵀ·h_c
+        sgemm(true, false, V, D, cn, 1.f, dz, V, c.h, D, beta(t.dW_assign), t.dW, D);
+      else  // dW [D, V] (+)= h_cᵀ·dZ
+        sgemm(true, false, D, V, cn, 1.f, c.h, D, dz, V, beta(t.dW_assign), t.dW, V);
+    }
+    if (t.db) column_sums(dz, cn, t.db, beta(t.db_assign) == 0.f);
+    if (t.dA)  // dA [r, D] (+)= dtᵀ·h_c
+      sgemm(true, false, r, D, cn, 1.f, c.dt, r, c.h, D, beta(t.dA_assign), t.dA, D);
+    if (t.dB)  // dB [V, r] (+)= s·dZᵀ·t
+      sgemm(true, false, V, r, cn, scale_, dz, V, c.t, r, beta(t.dB_assign), t.dB, r);
+    if (t.dh) {  // dh_c = dZ·op(W)ᵀ (+ dt·A), then into the live rows
+      sgemm(false, !trans_w_, cn, D, V, 1.f, dz, V, in[kW].ptr<float>(), in[kW].shape[1], 0.f,
+            c.dh, D);
+      if (has_lora_)
+        sgemm(false, false, cn, D, r, 1.f, c.dt, r, in[kA].ptr<float>(), D, 1.f, c.dh, D);
+      scatter_rows(c.dh, lc, cn, t.dh, t.dh_assign);
+    }
+  }
+
   // db[v] (+)= Σ_j dz[j, v], rows summed in order (the same result for any thread count)
   void column_sums(const float* dz, int64_t cn, float* db, bool assign) const {
     const int64_t V = V_;
@@ -362,6 +440,7 @@ class LinearCrossEntropy : public Op {
   int64_t D_ = 0, M_ = 0, V_ = 0, r_ = 0, T_ = 0, rows_ = 0, chunk_ = 1, ignore_ = -100;
   float eps_ = 0.f, scale_ = 1.f;
   bool trans_w_ = true, has_bias_ = false, has_lora_ = false, shift_ = false, mean_ = true;
+  bool early_ = false;  // frozen W: gradients taken in the forward when a backward is planned
 };
 PYEDGE_REGISTER_OP("pyedge.LinearCrossEntropy", LinearCrossEntropy);
 
