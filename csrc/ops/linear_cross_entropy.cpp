@@ -1,7 +1,8 @@
 // pyedge.LinearCrossEntropy: an LM head fused with its cross-entropy loss, over row chunks,
 // so the [rows, V] logits (and their gradient) never exist whole. For a 151,936-word
 // vocabulary at 4 x 256 tokens those are 622 MB each; here one chunk of chunk x V floats is
-// computed at a time, in the forward and again (recomputed) in the backward.
+// computed at a time (a trained head recomputes it in the backward; a frozen one takes its
+// gradients in the forward, see the end of this comment).
 //
 // pyedge.LinearCrossEntropy(h [..., D], W, labels [...] int64/int32, bias [V]?, A [r, D]?,
 //                           B [V, r]?) -> loss []
@@ -14,8 +15,9 @@
 //   chunk: rows per chunk (0 = automatic: chunk·V·4 bytes near kChunkBytes).
 // Only live rows are computed: rows whose label is ignore_index, and under shift the last
 // position of each sequence, are dropped before the GEMMs (their h rows are gathered).
-// Hidden output: per counted row (max, log(sum(exp(x - max)))) [rows, 2], as
-// CrossEntropyLoss saves, so the backward's recomputed chunk needs no second reduction.
+// Hidden outputs: per counted row (max, log(sum(exp(x - max)))) [rows, 2], as
+// CrossEntropyLoss saves, so the backward's recomputed chunk needs no second reduction; with
+// a frozen W also the gradients taken in the forward (below).
 //
 // Backward per chunk: recompute the chunk's logits Z [c, V], turn them into
 // dZ = g·(softmax(Z) − (1−eps)·onehot(y) − eps/V) with g = dloss / count, then
