@@ -289,7 +289,7 @@ def _ops(sess):
 SESSION_CASES = {
     # (model, lora targets, train patterns, session kwargs)
     "gpt2_frozen_tied_head": ("gpt2", ["c_attn", "c_proj"], [], {}),
-    "gpt2_lora_head_ignored": ("gpt2", ["c_attn", "lm_head"], [], dict(ignore_index=-100)),
+    "gpt2_frozen_head_chunked": ("gpt2", ["c_attn"], [], dict(loss_chunk_rows=2)),
     "gpt2_trained_tied_embedding_smoothing": ("gpt2", ["c_attn"], ["transformer.wte.*"],
                                               dict(label_smoothing=0.1)),
     "llama_frozen_head_smoothing": ("llama", ["q_proj", "v_proj"], [],
@@ -309,6 +309,10 @@ def test_session_chunked_loss_equals_plain(models, name):
                              train=train, loss="causal_lm", **kw)
     assert fused.fusions["linear_cross_entropy"] == 1
     assert "linear_cross_entropy" not in plain.fusions
+    loss_node = next(n for n in fused.graph.nodes if n.op_type == "LinearCrossEntropy")
+    lora_head = "lm_head" in targets
+    assert ("lm_head" in [site.module for site in fused.lora_sites]) == lora_head
+    assert (loss_node.inputs[4:] == ["lm_head.lora_A.weight", "lm_head.lora_B.weight"]) == lora_head
     assert "pyedge.LinearCrossEntropy" in _ops(fused) and "pyedge.CrossEntropyLoss" in _ops(plain)
     vocab = 384 if model == "gpt2" else 320
     rng = np.random.default_rng(1)
@@ -350,9 +354,13 @@ def test_session_finds_head_forms(models):
     ids = np.random.default_rng(3).integers(0, 384, (2, 12)).astype(np.int64)
     la, lb, lc = (s.step({"input_ids": ids}, ids) for s in (a, b, c))
     np.testing.assert_allclose([la, lb], lc, rtol=1e-6)
-    # mse and a non-linear last op are left alone
+    # mse, and a LoRA head with dropout (the fused op has none), are left alone
     mse = pyedge.TrainingSession(path, lora=lora, loss="mse")
     assert "linear_cross_entropy" not in mse.fusions
+    drop = pyedge.TrainingSession(models["llama"], loss="causal_lm", lora=pyedge.LoraConfig(
+        r=2, target_modules=["q_proj", "lm_head"], dropout=0.1))
+    assert "lm_head" in [site.module for site in drop.lora_sites]
+    assert "linear_cross_entropy" not in drop.fusions and "pyedge.CrossEntropyLoss" in _ops(drop)
 
 
 def test_fused_training_plan_drops_the_logits(exported):
