@@ -65,7 +65,7 @@ def _through_transpose(graph: Graph, producers, name: str) -> tuple[str, bool] |
 
 def _head(graph: Graph, producers, node: Node) -> _Head | None:
     """The projection `node` computes, when it is one the fused op can take over."""
-    ins = [i for i in node.inputs]
+    ins = node.inputs
     if node.op_type == "MatMul" and _is_onnx(node) and len(ins) == 2:
         w = _through_transpose(graph, producers, ins[1])
         return _Head(ins[0], w[0], int(w[1])) if w else None
