@@ -214,7 +214,7 @@ def test_op_errors_name_the_node():
         bad[0, 3] = 11
         run([h, W, bad], {})
     with pytest.raises(_core.PyedgeError, match=r"LinearCrossEntropy node 'test'.*does not match W"):
-        run([h, W.T.copy()], {}) if False else run([h, W, labels], {"trans_w": 0})
+        run([h, W, labels], {"trans_w": 0})  # [V, D] = [11, 6] read as [D, V]: D 11 is not h's 6
     with pytest.raises(_core.PyedgeError, match=r"labels shape"):
         run([h, W, labels[:, :3].copy()], {})
     with pytest.raises(_core.PyedgeError, match=r"bias must have 11"):
