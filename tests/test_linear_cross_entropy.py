@@ -464,3 +464,12 @@ def test_heads_it_cannot_take_over_keep_the_plain_loss(form):
     sess = pyedge.TrainingSession(head_model(form), train=["w1"], loss="cross_entropy")
     assert "linear_cross_entropy" not in sess.fusions
     assert "pyedge.CrossEntropyLoss" in _ops(sess)
+
+
+def test_data_spec_reads_ignore_index_from_the_fused_loss():
+    from pyedge.data import DataSpec
+    sess = pyedge.TrainingSession(head_model("matmul"), train=["w1"], loss="cross_entropy",
+                                  ignore_index=7)
+    assert "pyedge.LinearCrossEntropy" in _ops(sess)
+    spec = DataSpec.from_session(sess)
+    assert spec.ignore_index == 7 and spec.num_classes == 13
