@@ -98,18 +98,17 @@ def _head(graph: Graph, producers, node: Node) -> _Head | None:
 
 def _find_head(graph: Graph, logits: str) -> _Head | None:
     producers = graph.producer_map()
-    consumers = graph.consumer_map()
-    outputs = {v.name for v in graph.outputs}
     node = producers.get(logits)
     if node is None:
         return None
     head = _head(graph, producers, node)
     if head is not None or node.op_type != "Add" or not _is_onnx(node) or len(node.inputs) != 2:
         return head
-    # Add(product, b): the head's bias added in a second op
+    # Add(product, b): the head's bias added in a second op. The product may have other
+    # readers (a graph output): its node stays, and training plans need none of them.
     for prod, bias in (node.inputs, node.inputs[::-1]):
         inner = producers.get(prod)
-        if inner is None or prod in outputs or len(consumers.get(prod, [])) != 1:
+        if inner is None:
             continue
         head = _head(graph, producers, inner)
         if head is None or head.bias:
