@@ -80,7 +80,7 @@ class DataSpec:
             num_classes = int(out.shape[-1])
         ignore = -100 if ignore_index is None else int(ignore_index)
         for n in g.nodes:
-            if n.op_type == "CrossEntropyLoss" and n.domain == "pyedge":
+            if n.op_type in ("CrossEntropyLoss", "LinearCrossEntropy") and n.domain == "pyedge":
                 ignore = int(n.attrs.get("ignore_index", -100))
         return cls(inputs, labels, loss, num_classes, session.output_name, ignore)
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from pyedge import _core
 from pyedge.adapters import LoraConfig, inject_lora, select_trainable_tensors
+from pyedge.fused_loss import fuse_linear_cross_entropy
 from pyedge.fusions import fuse as fuse_graph
 from pyedge.graph import Graph, Node, ValueInfo, to_core
 from pyedge.onnx_import import load_onnx
@@ -30,13 +31,19 @@ class TrainingSession:
     fuse: replace exported elementwise chains (GELU, attention's scaled masked softmax) by
           single ops (pyedge/fusions.py);
           False runs the graph op by op, as exported.
+    chunked_loss: a cross-entropy loss whose logits come from a linear head (the LM head)
+          reads the head's input instead and computes logits and loss over row chunks
+          (pyedge.LinearCrossEntropy, pyedge/fused_loss.py): the B·T·V logits and their
+          gradient never exist in training. None: as `fuse`. loss_chunk_rows: rows per
+          chunk (0: the op's default, ~32 MiB of logits).
     """
 
     def __init__(self, model, lora: LoraConfig | None = None, train: Sequence[str] = (),
                  loss: str | None = "cross_entropy", optimizer: AdamW | SGD | None = None,
                  output: str | None = None, seed: int = 0, threads: int | None = None,
                  max_grad_norm: float = 0.0, label_smoothing: float = 0.0,
-                 ignore_index: int = -100, fuse: bool = True):
+                 ignore_index: int = -100, fuse: bool = True,
+                 chunked_loss: bool | None = None, loss_chunk_rows: int = 0):
         self.graph = model.copy() if isinstance(model, Graph) else load_onnx(model)
         self.base_graph = self.graph.copy()
         self.lora_config = lora
@@ -60,6 +67,10 @@ class TrainingSession:
         # Exported elementwise chains (GELU, scaled masked softmax) become single ops; base_graph
         # keeps the original.
         self.fusions = fuse_graph(self.graph, set(trainable)) if fuse else {}
+        # after fuse(): it may have rewritten the head (trans_b, bias) that this pass reads
+        if loss in ("cross_entropy", "causal_lm") and (fuse if chunked_loss is None else chunked_loss):
+            if fuse_linear_cross_entropy(self.graph, LOSS, loss_chunk_rows):
+                self.fusions["linear_cross_entropy"] = 1
         self._model = to_core(self.graph)
         self._sess = _core.Session(self._model, trainable, LOSS if loss else "",
                                    self.optimizer.to_core(), seed)
@@ -221,6 +232,7 @@ class TrainingSession:
         stats["weight_bytes"] = int(sum(a.nbytes for a in self.graph.initializers.values()))
         from pyedge.import_quantized import quantized_bytes
         stats["quantized_weight_bytes"] = quantized_bytes(self.graph)
+        stats["fusions"] = {k: v for k, v in self.fusions.items() if v}
         return stats
 
     @property

@@ -104,9 +104,10 @@ def test_inspect(model):
     assert rep["trainable"]["parameters"] == 2 * (8 + 64) + 2 * (64 + 64) + 64 * 4 + 4
     if has_loss():
         assert rep["plan"]["total_bytes"] > rep["plan"]["weight_bytes"] > 0
-    assert rep["trainable"]["fusions"] == {}  # Gemm layers: no exported chain to fuse
+    # Gemm layers: no exported chain to fuse; the head's Gemm reads into the loss
+    assert rep["trainable"]["fusions"] == {"linear_cross_entropy": 1}
     r = run("inspect", model, "--target", "all-linear", "--lora-r", "2")
-    assert "fused chains: none; GEMM kernels: OpenBLAS " in r.stdout, r.stdout
+    assert "fused chains: linear_cross_entropy x1; GEMM kernels: OpenBLAS " in r.stdout, r.stdout
     import pyedge
     info = pyedge._core.simd_info()
     assert f"; core build: {info['target']} ({info['backend']}, " in r.stdout, r.stdout
