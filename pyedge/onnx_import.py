@@ -1,7 +1,8 @@
 """ONNX file -> pyedge Graph: parse, inline functions, confine external data, read weights.
 
-Weights are numpy views: on the protobuf's bytes, or memory-mapped from external data files
-(never outside the model's folder).
+Weights are read-only numpy views on memory maps: of the model file itself (onnx_wire.py finds
+each initializer's raw_data in it, so a single-file model's weights are never copied), or of
+external data files (never outside the model's folder).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class ModelLoadError(ValueError):
 def load_onnx(path_or_model, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> Graph:
     """Reads an ONNX model (path, bytes or ModelProto) into a Graph."""
     base_dir = None
+    mapped = None  # a file's initializers: views on its memory map (onnx_wire.py)
     if isinstance(path_or_model, onnx.ModelProto):
         proto = path_or_model
     elif isinstance(path_or_model, (bytes, bytearray)):
@@ -43,14 +45,28 @@ def load_onnx(path_or_model, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such model file")
         base_dir = path.resolve().parent
-        proto = _parse(path.read_bytes(), str(path))
+        proto, mapped = _parse_mapped(path)
     if proto.functions:
         try:
             from onnx import inliner
             proto = inliner.inline_local_functions(proto)
         except Exception as e:  # noqa: BLE001 - any failure here is a bad model
             raise ModelLoadError(f"cannot inline the model's local functions: {e}") from e
-    return _to_graph(proto, base_dir, max_tensor_bytes)
+    return _to_graph(proto, base_dir, max_tensor_bytes, mapped)
+
+
+def _parse_mapped(path: Path):
+    """(ModelProto without the initializers' raw_data, MappedWeights) from a memory map of
+    the file, so weights are used in place; a file the wire walk does not understand is
+    parsed whole by protobuf instead (same errors as before), with mapped None."""
+    from pyedge.onnx_wire import WireError, map_model
+    try:
+        proto, mapped = map_model(path)
+    except (WireError, Exception):  # noqa: BLE001 - incl. protobuf's DecodeError: _parse reports
+        return _parse(path.read_bytes(), str(path)), None
+    if not proto.HasField("graph"):
+        raise ModelLoadError(f"{path}: not a valid ONNX file (no graph)")
+    return proto, mapped
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -122,6 +138,19 @@ def _tensor_array(t: onnx.TensorProto, base_dir, max_bytes: int) -> np.ndarray:
         raise ModelLoadError(f"initializer '{t.name}' holds {arr.size} values, its shape {dims} "
                              f"needs {count}")
     return arr
+
+
+def _mapped_array(mapped, index: int, t: onnx.TensorProto, max_bytes: int) -> np.ndarray:
+    """Initializer `index` as a read-only view on the model file's memory map."""
+    dtype = np.dtype(_np_dtype(t.data_type, f"initializer '{t.name}'"))
+    dims = [int(d) for d in t.dims]
+    if any(d < 0 for d in dims):
+        raise ModelLoadError(f"initializer '{t.name}' has a negative dimension {dims}")
+    nbytes = math.prod(dims) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise ModelLoadError(f"initializer '{t.name}' declares {nbytes} bytes, over the limit of "
+                             f"{max_bytes} bytes")
+    return mapped.array(index, t.name, dtype, dims)
 
 
 def _external_array(t, dtype, dims, nbytes, base_dir) -> np.ndarray:
@@ -248,7 +277,7 @@ def _value_shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
     return out
 
 
-def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
+def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph:
     g = proto.graph
     _check_names(g)
     for p in proto.metadata_props:
@@ -261,8 +290,11 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
     if "ai.onnx" in opsets and "" not in opsets:
         opsets[""] = opsets["ai.onnx"]
     inits: dict[str, np.ndarray] = {}
-    for t in g.initializer:
-        arr = _tensor_array(t, base_dir, max_bytes)
+    for i, t in enumerate(g.initializer):
+        if mapped is not None and mapped.has(i) and t.data_location != onnx.TensorProto.EXTERNAL:
+            arr = _mapped_array(mapped, i, t, max_bytes)
+        else:
+            arr = _tensor_array(t, base_dir, max_bytes)
         if arr.dtype in (np.float16, np.int8, np.int16):
             arr = arr.astype(np.float32 if arr.dtype == np.float16 else np.int64)
         inits[t.name] = arr
