@@ -136,7 +136,7 @@ LLM_SHAPES = {
           dict(arch="qwen2", layers=28, hidden=1536, heads=12, kv_heads=2, intermediate=8960,
                vocab=151936, tie=True)),
     # issue "Modern decoders at full speed": GPT-2 W4's size, Llama blocks
-    "llama-w4": ("Llama 6L d512 8h ff1376 V8192, LoRA r=8 q/v",
+    "llama-w4": ("Llama 6L d512 8h ff1376 V8192",
                  dict(arch="llama", layers=6, hidden=512, heads=8, kv_heads=8,
                       intermediate=1376, vocab=8192, tie=False)),
 }
@@ -264,9 +264,14 @@ def _export_decoder(w: Workload, exporter: str, opset, path: str, log) -> str:
     torch.set_num_threads(2)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     t0 = time.time()
+    import warnings
     model, inputs, in_names, out_names = build_torch(w)
-    export_module(model, inputs, path, input_names=in_names, output_names=out_names,
-                  exporter="dynamo", opset=opset, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        # rotary_emb.inv_freq and its original_inv_freq copy are equal buffers: recorded as
+        # aliases of one initializer, which is what they are
+        warnings.filterwarnings("ignore", message="the exporter merged identical-valued")
+        export_module(model, inputs, path, input_names=in_names, output_names=out_names,
+                      exporter="dynamo", opset=opset, task_type="CAUSAL_LM")
     extra = " + .data" if os.path.exists(path + ".data") else ""
     log(f"exported {w.factory} {w.kwargs.get('arch')} (pyedge export{extra}) -> "
         f"{os.path.relpath(path, ROOT)} in {time.time() - t0:.1f}s")

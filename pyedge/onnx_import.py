@@ -33,7 +33,16 @@ class ModelLoadError(ValueError):
 
 
 def load_onnx(path_or_model, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> Graph:
-    """Reads an ONNX model (path, bytes or ModelProto) into a Graph."""
+    """Reads an ONNX model (path, bytes or ModelProto) into a Graph (a progress line on
+    stderr if that takes over 2 s: large models)."""
+    from pyedge.progress import Phase
+    what = f"importing {Path(path_or_model).name}" if isinstance(path_or_model, (str, os.PathLike)) \
+        else "importing the model"
+    with Phase(what):
+        return _load_onnx(path_or_model, max_tensor_bytes)
+
+
+def _load_onnx(path_or_model, max_tensor_bytes: int) -> Graph:
     base_dir = None
     mapped = None  # a file's initializers: views on its memory map (onnx_wire.py)
     if isinstance(path_or_model, onnx.ModelProto):
