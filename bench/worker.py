@@ -76,6 +76,14 @@ class Skipped(Exception):
     """The run cannot happen with this pyedge (a feature of another branch is missing)."""
 
 
+def skip_reason(w) -> str | None:
+    """Why this pyedge cannot run workload w (a variant needs another branch's feature)."""
+    import pyedge
+    if w.quantize and getattr(pyedge, "quantize", None) is None:
+        return "needs pyedge.quantize"
+    return None
+
+
 def pyedge_model_and_options(w, onnx_path):
     """(model for TrainingSession, extra keyword arguments) for the workload's variants:
     w.quantize goes through pyedge.quantize(onnx_path, **w.quantize) (its result is what the
@@ -86,11 +94,11 @@ def pyedge_model_and_options(w, onnx_path):
     import pyedge
 
     model, kwargs = onnx_path, {}
+    reason = skip_reason(w)
+    if reason:
+        raise Skipped(reason)
     if w.quantize:
-        quantize = getattr(pyedge, "quantize", None)
-        if quantize is None:
-            raise Skipped("needs pyedge.quantize")
-        model = quantize(onnx_path, **w.quantize)
+        model = pyedge.quantize(onnx_path, **w.quantize)
     if w.max_memory is not None:
         params = inspect.signature(pyedge.TrainingSession.__init__).parameters
         if "max_memory" in params:
