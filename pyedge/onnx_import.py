@@ -187,7 +187,9 @@ def _external_array(t, dtype, dims, nbytes, base_dir) -> np.ndarray:
                              f"needs {nbytes}")
     if nbytes == 0:
         return np.zeros(dims, dtype)
-    return np.memmap(real, dtype=dtype, mode="r", offset=offset, shape=tuple(dims))
+    arr = np.memmap(real, dtype=dtype, mode="r", offset=offset, shape=tuple(dims))
+    # the core takes typed pointers: a misaligned tensor (another writer's layout) is copied
+    return arr if offset % dtype.itemsize == 0 else np.array(arr)
 
 
 def _attr_value(a: onnx.AttributeProto, node_desc: str):
