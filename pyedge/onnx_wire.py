@@ -269,6 +269,9 @@ def save_aligned(proto, path, align: int = ALIGN) -> None:
         width = max(width, need)
     else:
         heads, glen = layout(width)  # overlong varint of the widest size seen: consistent
+    if len(head_model) + 1 + width + glen >= 2 ** 31:
+        raise ValueError(f"the model needs {(len(head_model) + glen) / 2**30:.2f} GiB, over "
+                         "protobuf's 2 GiB limit for one file: save it with external data")
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")

@@ -1,4 +1,5 @@
-"""PyTorch module -> one ONNX file that carries its own parameter map (workstation only).
+"""PyTorch module -> one ONNX file that carries its own parameter map (workstation only;
+weights above 1.8 GB go to ``<file>.data`` beside it).
 
     from pyedge.torch import export
     export(model, {"input_ids": ids}, "model.onnx", dynamic_axes={"input_ids": {0: "b", 1: "s"}})
