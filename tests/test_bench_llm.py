@@ -83,3 +83,19 @@ def test_max_memory_passed_only_when_the_session_takes_it(monkeypatch):
     q = dataclasses.replace(w, quantize={"bits": 4})
     assert worker.pyedge_model_and_options(q, "m.onnx")[0] == "q"
     assert calls == [("m.onnx", {"bits": 4})]
+
+
+def test_external_data_export_path_as_w7(tmp_path, monkeypatch):
+    """W7/W8 are over the 1.8 GB threshold: the bench caches model.onnx + model.onnx.data.
+    The same path with the threshold lowered, on the tiny W7: first losses still equal."""
+    import os
+
+    from pyedge.export import torch_export
+    monkeypatch.setattr(torch_export, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    w = tiny(WORKLOADS["7"])
+    path = ensure_export(w, "dynamo", None, log=lambda *_: None, cache=str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(path),
+                                                   os.path.basename(path) + ".data"])
+    _, pe, _, _, _, _ = worker.run_pyedge(w, _args(path))
+    _, th, _, _, _, _ = worker.run_torch(w, _args(path))
+    assert pe[0] == pytest.approx(th[0], rel=2e-5)

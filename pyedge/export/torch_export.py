@@ -96,12 +96,13 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
                   opset: int | None = None, task_type: str | None = None,
                   base_model_name_or_path: str | None = None,
                   external_data: bool | None = None,
-                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> str:
+                  external_data_threshold: int | None = None) -> str:
     """Exports `model` to the ONNX file `path` with pyedge's metadata; returns `path`.
 
     Weights go into the file itself (each aligned to 64 bytes, so pyedge uses them in place
     from a memory map), or, when `external_data` is True or None and they exceed
-    `external_data_threshold` bytes (protobuf files cannot pass 2 GB), into `path` + ".data"
+    `external_data_threshold` bytes (default EXTERNAL_DATA_THRESHOLD, 1.8 GB; protobuf files
+    cannot pass 2 GB), into `path` + ".data"
     beside it. Nothing but those two files is left in the folder, also when the export fails.
 
     example_inputs: a tensor, a tuple of tensors (positional forward arguments) or a dict
@@ -181,7 +182,9 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
             proto.metadata_props.add(key=k, value=v)
     if external_data is None:
         from pyedge.onnx_wire import initializer_bytes
-        external_data = initializer_bytes(proto) > external_data_threshold
+        limit = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None \
+            else external_data_threshold
+        external_data = initializer_bytes(proto) > limit
     _save_atomic(proto, path, external_data)
     return path
 
