@@ -61,7 +61,11 @@ def _load_onnx(path_or_model, max_tensor_bytes: int) -> Graph:
             proto = inliner.inline_local_functions(proto)
         except Exception as e:  # noqa: BLE001 - any failure here is a bad model
             raise ModelLoadError(f"cannot inline the model's local functions: {e}") from e
-    return _to_graph(proto, base_dir, max_tensor_bytes, mapped)
+    graph = _to_graph(proto, base_dir, max_tensor_bytes, mapped)
+    if mapped is not None:
+        from pyedge.onnx_wire import warn_if_copied
+        warn_if_copied(mapped, path_or_model)
+    return graph
 
 
 def _parse_mapped(path: Path):

@@ -330,10 +330,7 @@ def save_external(proto, path, align: int = ALIGN, size_threshold: int = 1024) -
                 offset += n
             f.flush()
             os.fsync(f.fileno())
-        with open(tmp_model, "wb") as f:
-            f.write(proto.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
+        save_aligned(proto, tmp_model, align)  # the small tensors left inline: aligned too
         placed = os.path.join(folder, location)
         os.replace(tmp_data, placed)
         tmp_data = placed  # a data file without its model file is of no use: goes too
@@ -357,3 +354,62 @@ def initializer_bytes(proto) -> int:
         else:
             total += t.ByteSize()
     return total
+
+
+# ------------------------------------------------------------------------------ realign
+COPY_WARNING_BYTES = 64 << 20
+
+
+def warn_if_copied(mapped: MappedWeights, path) -> None:
+    """A warning when a file's misaligned weights cost a lot of anonymous memory."""
+    if mapped is not None and mapped.copied_bytes >= COPY_WARNING_BYTES:
+        import warnings
+        warnings.warn(
+            f"{path}: {mapped.copied_bytes / 2**20:.0f} MiB of weights are not aligned in the "
+            "file and were copied into memory; `python -m pyedge.onnx_wire realign "
+            f"{os.path.basename(os.fspath(path))} aligned.onnx` writes a copy pyedge maps in "
+            "place", stacklevel=3)
+
+
+def realign(src, dst, external: bool | None = None, threshold: int = int(1.8e9)) -> str:
+    """Rewrites the model `src` as `dst` with every initializer's data 64-byte aligned: one
+    file, or `dst` + ".data" when `external` (None: above `threshold` bytes of weights).
+    Loads the whole model (a workstation job for big files)."""
+    import onnx
+
+    proto = onnx.load(os.fspath(src))  # with its external data, if any
+    if external is None:
+        external = initializer_bytes(proto) > threshold
+    if external:
+        save_external(proto, dst)
+    else:
+        save_aligned(proto, dst)
+    return os.fspath(dst)
+
+
+def main(argv=None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m pyedge.onnx_wire",
+                                 description="ONNX initializers: check or fix their alignment")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("realign", help="write a copy whose weights pyedge maps in place")
+    r.add_argument("src")
+    r.add_argument("dst")
+    r.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto")
+    c = sub.add_parser("check", help="how many weight bytes would be mapped / copied")
+    c.add_argument("model")
+    a = ap.parse_args(argv)
+    if a.cmd == "realign":
+        ext = {"auto": None, "yes": True, "no": False}[a.external_data]
+        print(realign(a.src, a.dst, external=ext))
+        return 0
+    _, mapped = map_model(a.model)
+    aligned = sum(n for r in mapped.ranges if r for o, n in [r] if o % 4 == 0)
+    total = sum(r[1] for r in mapped.ranges if r)
+    print(f"{a.model}: {total / 2**20:.1f} MiB of weights in the file, "
+          f"{aligned / 2**20:.1f} MiB at 4-byte aligned offsets")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

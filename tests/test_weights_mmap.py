@@ -265,3 +265,22 @@ def test_external_data_misaligned_tensor_copied(tmp_path):
     a = load_onnx(tmp_path / "m.onnx").initializers["w"]
     np.testing.assert_array_equal(a, w)
     assert a.ctypes.data % 4 == 0
+
+
+def test_realign_makes_a_foreign_file_mappable(tmp_path, monkeypatch):
+    from pyedge import onnx_wire
+    m, ws = _chain_model(sizes=tuple(range(30, 45)))
+    src = tmp_path / "plain.onnx"
+    onnx.save(m, str(src))
+    monkeypatch.setattr(onnx_wire, "COPY_WARNING_BYTES", 1)
+    with pytest.warns(UserWarning, match="realign"):
+        load_onnx(src)
+    assert onnx_wire.main(["realign", str(src), str(tmp_path / "a.onnx")]) == 0
+    g = load_onnx(tmp_path / "a.onnx")  # no warning: nothing copied
+    for i, w in enumerate(ws):
+        assert _base_is_mmap(g.initializers[f"w{i}"])
+        np.testing.assert_array_equal(g.initializers[f"w{i}"], w)
+    (tmp_path / "e").mkdir()
+    onnx_wire.realign(src, tmp_path / "e" / "m.onnx", external=True)
+    assert sorted(os.listdir(tmp_path / "e")) == ["m.onnx", "m.onnx.data"]
+    np.testing.assert_array_equal(load_onnx(tmp_path / "e" / "m.onnx").initializers["w3"], ws[3])
