@@ -357,7 +357,7 @@ def initializer_bytes(proto) -> int:
 
 
 # ------------------------------------------------------------------------------ realign
-COPY_WARNING_BYTES = 64 << 20
+COPY_WARNING_BYTES = 256 << 20  # small models: not worth a warning
 
 
 def warn_if_copied(mapped: MappedWeights, path) -> None:
