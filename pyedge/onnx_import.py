@@ -153,8 +153,19 @@ def _tensor_array(t: onnx.TensorProto, base_dir, max_bytes: int) -> np.ndarray:
     return arr
 
 
-def _mapped_array(mapped, index: int, t: onnx.TensorProto, max_bytes: int) -> np.ndarray:
+# Element types whose raw_data is one plain array of whole elements (views work); anything
+# else (packed 4-bit types, ...) is read by _tensor_array from a copy of its bytes.
+_MAPPABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,
+             onnx.TensorProto.INT32, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL,
+             onnx.TensorProto.INT8, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT16}
+
+
+def _mapped_array(mapped, index: int, t: onnx.TensorProto, base_dir,
+                  max_bytes: int) -> np.ndarray:
     """Initializer `index` as a read-only view on the model file's memory map."""
+    if t.data_type not in _MAPPABLE:
+        t.raw_data = mapped.raw(index)
+        return _tensor_array(t, base_dir, max_bytes)
     dtype = np.dtype(_np_dtype(t.data_type, f"initializer '{t.name}'"))
     dims = [int(d) for d in t.dims]
     if any(d < 0 for d in dims):
@@ -307,7 +318,7 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph
     inits: dict[str, np.ndarray] = {}
     for i, t in enumerate(g.initializer):
         if mapped is not None and mapped.has(i) and t.data_location != onnx.TensorProto.EXTERNAL:
-            arr = _mapped_array(mapped, i, t, max_bytes)
+            arr = _mapped_array(mapped, i, t, base_dir, max_bytes)
         else:
             arr = _tensor_array(t, base_dir, max_bytes)
         if arr.dtype in (np.float16, np.int8, np.int16):

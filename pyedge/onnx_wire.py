@@ -114,6 +114,12 @@ class MappedWeights:
         return index < len(self.ranges) and self.ranges[index] is not None \
             and self.ranges[index][1] > 0
 
+    def raw(self, index: int) -> bytes:
+        """A copy of initializer `index`'s raw_data bytes."""
+        offset, length = self.ranges[index]
+        self.copied_bytes += length
+        return self.mm[offset:offset + length]
+
     def array(self, index: int, name: str, dtype: np.dtype, dims: list[int]) -> np.ndarray:
         """Read-only view (or, if misaligned, a copy) of initializer `index`, checked against
         its declared dtype and shape."""

@@ -284,3 +284,16 @@ def test_realign_makes_a_foreign_file_mappable(tmp_path, monkeypatch):
     onnx_wire.realign(src, tmp_path / "e" / "m.onnx", external=True)
     assert sorted(os.listdir(tmp_path / "e")) == ["m.onnx", "m.onnx.data"]
     np.testing.assert_array_equal(load_onnx(tmp_path / "e" / "m.onnx").initializers["w3"], ws[3])
+
+
+def test_other_element_types_read_from_a_copy(tmp_path):
+    """A type outside the plainly mappable ones goes through the ordinary tensor reader with
+    its bytes (unsupported ones keep their error)."""
+    m, _ = _chain_model()
+    t = m.graph.initializer.add()
+    t.CopyFrom(TensorProto(name="u16", data_type=TensorProto.UINT16, dims=[3],
+                           raw_data=np.array([1, 2, 3], np.uint16).tobytes()))
+    path = tmp_path / "a.onnx"
+    save_aligned(m, path)
+    with pytest.raises(ModelLoadError, match="u16.*unsupported element type"):
+        load_onnx(path)
