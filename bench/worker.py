@@ -78,19 +78,22 @@ class Skipped(Exception):
 
 def skip_reason(w) -> str | None:
     """Why this pyedge cannot run workload w (a variant needs another branch's feature)."""
+    import inspect
+
     import pyedge
     if w.quantize and getattr(pyedge, "quantize", None) is None:
         return "needs pyedge.quantize"
+    if w.max_memory is not None and \
+            "max_memory" not in inspect.signature(pyedge.TrainingSession.__init__).parameters:
+        return "needs TrainingSession(max_memory=...)"
     return None
 
 
 def pyedge_model_and_options(w, onnx_path):
     """(model for TrainingSession, extra keyword arguments) for the workload's variants:
     w.quantize goes through pyedge.quantize(onnx_path, **w.quantize) (its result is what the
-    session loads), w.max_memory becomes TrainingSession(max_memory=...) when the session
-    takes that argument; raises Skipped when pyedge has no quantize."""
-    import inspect
-
+    session loads), w.max_memory becomes TrainingSession(max_memory=...); raises Skipped
+    when this pyedge lacks either (a variant that silently ran as its base would mislead).""" 
     import pyedge
 
     model, kwargs = onnx_path, {}
@@ -99,10 +102,8 @@ def pyedge_model_and_options(w, onnx_path):
         raise Skipped(reason)
     if w.quantize:
         model = pyedge.quantize(onnx_path, **w.quantize)
-    if w.max_memory is not None:
-        params = inspect.signature(pyedge.TrainingSession.__init__).parameters
-        if "max_memory" in params:
-            kwargs["max_memory"] = int(w.max_memory)
+    if w.max_memory is not None:  # skip_reason made sure the session takes it
+        kwargs["max_memory"] = int(w.max_memory)
     return model, kwargs
 
 

@@ -143,8 +143,9 @@ LLM_SHAPES = {
 W8_QUANTIZE = {"bits": 4, "block_size": 32}
 
 
-def _decoder(id, batch=4, seq=256, **over):
-    title, shape = LLM_SHAPES[id]
+def _decoder(shape_id, batch=4, seq=256, **over):
+    title, shape = LLM_SHAPES[shape_id]
+    id = shape_id
     targets = ["q_proj", "v_proj"] if id == "llama-w4" else list(LLM_PROJECTIONS)
     w = Workload(id, f"{title}, LoRA r=8 {'q/v' if id == 'llama-w4' else 'all 7 proj.'}, "
                      f"{batch}x{seq}, causal LM",
@@ -176,6 +177,11 @@ def tiny(w: Workload) -> Workload:
 
 for _id in LLM_SHAPES:
     WORKLOADS[_id] = _decoder(_id)
+# pyedge-only variants (reported as skipped by a pyedge without the feature)
+WORKLOADS["6m"] = _decoder("6", id="6m", engines=("pyedge",), max_memory=int(1.5 * 2**30))
+WORKLOADS["6m"].title += ", max_memory 1.5 GiB"
+WORKLOADS["7q4"] = _decoder("7", id="7q4", engines=("pyedge",), quantize=dict(W8_QUANTIZE))
+WORKLOADS["7q4"].title += ", 4-bit base"
 
 for _k in range(1, MINILM_LAYERS + 1):
     _w = _minilm(f"5k{_k}", f"MiniLM, LoRA q/v on the last {_k} of 6 layers + head",
@@ -194,7 +200,7 @@ def expand(spec: str) -> list[str]:
             ids.append(part)
         else:
             raise SystemExit(f"unknown workload '{part}'; choose from 1,2,3,4,5, 5k1..5k6, "
-                             f"{','.join(LLM_SHAPES)}")
+                             f"{','.join(LLM_SHAPES)}, 6m, 7q4")
     return ids
 
 

@@ -69,14 +69,26 @@ def test_qwen2_export_has_qkv_biases(cache):
     assert len(vocab) == 1 and g.param_map[vocab[0]]["module"] == "model.embed_tokens"
 
 
-def test_max_memory_passed_only_when_the_session_takes_it(monkeypatch):
+def test_variants_pass_their_options_or_are_skipped(monkeypatch):
     import inspect
 
     import pyedge
+    assert WORKLOADS["6m"].max_memory and WORKLOADS["6m"].kwargs == WORKLOADS["6"].kwargs
+    assert WORKLOADS["7q4"].quantize and WORKLOADS["7q4"].engines == ("pyedge",)
     w = dataclasses.replace(tiny(WORKLOADS["6"]), max_memory=1 << 30)
-    model, options = worker.pyedge_model_and_options(w, "m.onnx")
     takes = "max_memory" in inspect.signature(pyedge.TrainingSession.__init__).parameters
-    assert model == "m.onnx" and options == ({"max_memory": 1 << 30} if takes else {})
+    if takes:
+        assert worker.pyedge_model_and_options(w, "m.onnx") == ("m.onnx", {"max_memory": 1 << 30})
+    else:
+        with pytest.raises(worker.Skipped, match="max_memory"):
+            worker.pyedge_model_and_options(w, "m.onnx")
+
+    class Session:  # a session that takes the budget, as on branch recompute
+        def __init__(self, model, max_memory=None):
+            pass
+    monkeypatch.setattr(pyedge, "TrainingSession", Session)
+    assert worker.pyedge_model_and_options(w, "m.onnx") == ("m.onnx", {"max_memory": 1 << 30})
+    w = dataclasses.replace(w, max_memory=None)
     calls = []
     monkeypatch.setattr(pyedge, "quantize", lambda path, **kw: calls.append((path, kw)) or "q",
                         raising=False)
