@@ -36,8 +36,8 @@ def load_onnx(path_or_model, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -
     """Reads an ONNX model (path, bytes or ModelProto) into a Graph (a progress line on
     stderr if that takes over 2 s: large models)."""
     from pyedge.progress import Phase
-    what = f"importing {Path(path_or_model).name}" if isinstance(path_or_model, (str, os.PathLike)) \
-        else "importing the model"
+    named = isinstance(path_or_model, (str, os.PathLike))
+    what = f"importing {Path(path_or_model).name}" if named else "importing the model"
     with Phase(what):
         return _load_onnx(path_or_model, max_tensor_bytes)
 

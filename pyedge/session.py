@@ -167,8 +167,8 @@ class TrainingSession:
         from pyedge.progress import Phase
         shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in zip(self._input_names, arrays)
                            if a is not None and n != LABELS)
-        return Phase(f"planning and running the first {'training step' if training else 'forward pass'}"
-                     f" for {shapes}")
+        what = "training step" if training else "forward pass"
+        return Phase(f"planning and running the first {what} for {shapes}")
 
     @property
     def lr(self) -> float:

@@ -41,7 +41,6 @@ def test_quiet(monkeypatch):
 
 def test_session_announces_planning_once_per_shape(tmp_path, monkeypatch, capsys):
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     import pyedge
