@@ -216,7 +216,8 @@ def markdown(res, plot_dir=None) -> str:
                 ratio = s[wid].get(f"pyedge/{eng}", {})
                 if st.get("median_ms") is None:
                     err = (st.get("errors") or ["no result"])[0]
-                    L.append(f"| {title} | {NAMES[eng]} | failed: {err[:120]} | | | | | | | | |")
+                    what = err[:120] if err.startswith("skipped:") else f"failed: {err[:120]}"
+                    L.append(f"| {title} | {NAMES[eng]} | {what} | | | | | | | | |")
                 else:
                     L.append(
                         f"| {title} | {NAMES[eng]} | {_ms(st['median_ms'])} | "

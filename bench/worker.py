@@ -72,14 +72,51 @@ def time_steps(step, batches, steps, warmup):
 
 
 # --------------------------------------------------------------------------------- pyedge
+class Skipped(Exception):
+    """The run cannot happen with this pyedge (a feature of another branch is missing)."""
+
+
+def skip_reason(w) -> str | None:
+    """Why this pyedge cannot run workload w (a variant needs another branch's feature)."""
+    import inspect
+
+    import pyedge
+    if w.quantize and getattr(pyedge, "quantize", None) is None:
+        return "needs pyedge.quantize"
+    if w.max_memory is not None and \
+            "max_memory" not in inspect.signature(pyedge.TrainingSession.__init__).parameters:
+        return "needs TrainingSession(max_memory=...)"
+    return None
+
+
+def pyedge_model_and_options(w, onnx_path):
+    """(model for TrainingSession, extra keyword arguments) for the workload's variants:
+    w.quantize goes through pyedge.quantize(onnx_path, **w.quantize) (its result is what the
+    session loads), w.max_memory becomes TrainingSession(max_memory=...); raises Skipped
+    when this pyedge lacks either (a variant that silently ran as its base would mislead).""" 
+    import pyedge
+
+    model, kwargs = onnx_path, {}
+    reason = skip_reason(w)
+    if reason:
+        raise Skipped(reason)
+    if w.quantize:
+        model = pyedge.quantize(onnx_path, **w.quantize)
+    if w.max_memory is not None:  # skip_reason made sure the session takes it
+        kwargs["max_memory"] = int(w.max_memory)
+    return model, kwargs
+
+
 def run_pyedge(w, a):
     import pyedge
 
     lora = pyedge.LoraConfig(r=w.lora_r, alpha=w.lora_alpha, target_modules=list(w.lora_targets)) \
         if w.lora_targets else None
     t0 = time.perf_counter()
-    sess = pyedge.TrainingSession(a.onnx, lora=lora, train=list(w.train), loss=w.loss,
-                                  optimizer=pyedge.AdamW(lr=w.lr), threads=a.threads)
+    model, options = pyedge_model_and_options(w, a.onnx)
+    sess = pyedge.TrainingSession(model, lora=lora, train=list(w.train), loss=w.loss,
+                                  optimizer=pyedge.AdamW(lr=w.lr), threads=a.threads,
+                                  **options)
     batches = w.batches(a.seed)
     stats = sess.plan_stats(batches[0][0])
     build = time.perf_counter() - t0
@@ -92,6 +129,8 @@ def run_pyedge(w, a):
     extra["core_threads"] = pyedge._core.num_threads()
     extra["blas_core"] = pyedge._core.blas_core()
     extra["core_target"] = pyedge._core.simd_info()["target"]
+    extra.update({k: v for k, v in (("quantize", w.quantize),
+                                    ("max_memory", options.get("max_memory"))) if v})
     return times, losses, build, rss_built, extra, {"pyedge": pyedge.__version__}
 
 
@@ -107,7 +146,7 @@ def run_torch(w, a):
 
     t0 = time.perf_counter()
     torch.manual_seed(a.seed)
-    model, _inputs, in_names, _out = build_torch(w)
+    model, _inputs, in_names, _out = build_torch(w, for_torch_engine=True)
     model.eval()  # dropout off (all dropout probabilities are 0 as well), BN uses running stats
     for p in model.parameters():
         p.requires_grad_(False)
@@ -280,6 +319,10 @@ def main(argv=None):
         res["peak_rss"] = peak_rss()
         res["ru_maxrss"] = ru_maxrss()
         res["ok"] = True
+    except Skipped as e:
+        res["ok"] = False
+        res["skipped"] = True
+        res["error"] = f"skipped: {e}"
     except Exception as e:
         res["ok"] = False
         res["error"] = f"{type(e).__name__}: {str(e)[:800]}"

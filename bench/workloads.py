@@ -39,6 +39,13 @@ class Workload:
     engines: tuple = ("pyedge", "torch", "ort")
     steps: int = 10              # default timed steps (sub-millisecond workloads take more,
     warmup: int = 3              # so that a median is not three samples of scheduler noise)
+    # pyedge-only variants. quantize: arguments of pyedge.quantize(onnx_path, **quantize)
+    # (branch qpy), applied to the base model before the session is built; a pyedge without
+    # that function reports the run as "skipped: needs pyedge.quantize". max_memory: bytes,
+    # passed as TrainingSession(max_memory=...) when the session takes it (branch recompute).
+    quantize: dict | None = None
+    max_memory: int | None = None
+    torch_kwargs: dict = dataclasses.field(default_factory=dict)  # factory overrides, torch only
 
     def default_steps(self, quick: bool) -> tuple[int, int]:
         """(steps, warmup) when the command line gives none; --quick keeps a few seconds."""
@@ -48,7 +55,7 @@ class Workload:
 
     @property
     def input_names(self) -> list[str]:
-        return {"mlp": ["x"], "cnn": ["x"], "gpt2": ["input_ids"],
+        return {"mlp": ["x"], "cnn": ["x"], "gpt2": ["input_ids"], "decoder": ["input_ids"],
                 "minilm": ["input_ids", "attention_mask"]}[self.factory]
 
     def key(self, exporter: str, opset: int | None) -> str:
@@ -70,7 +77,7 @@ class Workload:
             elif self.factory == "cnn":
                 x = rng.standard_normal((kw["batch"], 3, 32, 32), dtype=np.float32)
                 out.append(({"x": x}, rng.integers(0, 10, kw["batch"]).astype(np.int64)))
-            elif self.factory == "gpt2":
+            elif self.factory in ("gpt2", "decoder"):
                 ids = rng.integers(0, kw["vocab"], (kw["batch"], kw["seq"])).astype(np.int64)
                 out.append(({"input_ids": ids}, ids.copy()))  # causal LM: labels = ids
             elif self.factory == "minilm":
@@ -111,6 +118,71 @@ WORKLOADS: dict[str, Workload] = {
                   dict(n_layer=6, n_embd=512, n_head=8, vocab=8192, seq=256, batch=4),
                   loss="causal_lm", lora_targets=["c_attn"], fan_in_fan_out=True, steps=20),
 }
+# Decoder LLM shapes with random weights (a config, no download), LoRA r=8 alpha 16, causal LM
+# on 4 x 256 tokens. pyedge and PyTorch+PEFT only: onnxruntime-training's exporter path
+# (TorchScript, opset 14) and its 2 GB protobuf limit do not reach these models.
+LLM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLM_SHAPES = {
+    # SmolLM2-135M
+    "6": ("SmolLM2-135M shape (Llama 30L d576 9/3h ff1536 V49152, tied)",
+          dict(arch="llama", layers=30, hidden=576, heads=9, kv_heads=3, intermediate=1536,
+               vocab=49152, tie=True)),
+    # Qwen2.5-0.5B (q/k/v biases)
+    "7": ("Qwen2.5-0.5B shape (Qwen2 24L d896 14/2h ff4864 V151936, tied)",
+          dict(arch="qwen2", layers=24, hidden=896, heads=14, kv_heads=2, intermediate=4864,
+               vocab=151936, tie=True)),
+    # Qwen2.5-1.5B, meant for a 4-bit base
+    "8": ("Qwen2.5-1.5B shape (Qwen2 28L d1536 12/2h ff8960 V151936, tied), 4-bit base",
+          dict(arch="qwen2", layers=28, hidden=1536, heads=12, kv_heads=2, intermediate=8960,
+               vocab=151936, tie=True)),
+    # issue "Modern decoders at full speed": GPT-2 W4's size, Llama blocks
+    "llama-w4": ("Llama 6L d512 8h ff1376 V8192",
+                 dict(arch="llama", layers=6, hidden=512, heads=8, kv_heads=8,
+                      intermediate=1376, vocab=8192, tie=False)),
+}
+W8_QUANTIZE = {"bits": 4, "block_size": 32}
+
+
+def _decoder(shape_id, batch=4, seq=256, **over):
+    title, shape = LLM_SHAPES[shape_id]
+    id = shape_id
+    targets = ["q_proj", "v_proj"] if id == "llama-w4" else list(LLM_PROJECTIONS)
+    w = Workload(id, f"{title}, LoRA r=8 {'q/v' if id == 'llama-w4' else 'all 7 proj.'}, "
+                     f"{batch}x{seq}, causal LM",
+                 "decoder", dict(shape, seq=seq, batch=batch), loss="causal_lm",
+                 lora_targets=targets, engines=("pyedge", "torch"), steps=5, warmup=1,
+                 torch_kwargs={"attn": "sdpa"})
+    if id == "llama-w4":
+        w.steps, w.warmup = 20, 3
+    if id == "8":
+        # PyTorch+PEFT has no 4-bit CPU path (bitsandbytes' 4-bit is CUDA), and a float
+        # 1.5B run needs ~25 GB: pyedge only.
+        w.quantize = dict(W8_QUANTIZE)
+        w.engines = ("pyedge",)
+    for k, v in over.items():
+        setattr(w, k, v)
+    return w
+
+
+def tiny(w: Workload) -> Workload:
+    """The same workload (factory, architecture, targets, loss, variants) at a test size."""
+    if w.factory != "decoder":
+        raise ValueError("tiny() is for the decoder workloads")
+    kw = dict(w.kwargs)
+    kv = 1 if kw["kv_heads"] < kw["heads"] else 4
+    kw.update(layers=2, hidden=64, heads=4, kv_heads=kv, intermediate=96, vocab=512, seq=16,
+              batch=2)
+    return dataclasses.replace(w, id=w.id + "-tiny", kwargs=kw, steps=1, warmup=0)
+
+
+for _id in LLM_SHAPES:
+    WORKLOADS[_id] = _decoder(_id)
+# pyedge-only variants (reported as skipped by a pyedge without the feature)
+WORKLOADS["6m"] = _decoder("6", id="6m", engines=("pyedge",), max_memory=int(1.5 * 2**30))
+WORKLOADS["6m"].title += ", max_memory 1.5 GiB"
+WORKLOADS["7q4"] = _decoder("7", id="7q4", engines=("pyedge",), quantize=dict(W8_QUANTIZE))
+WORKLOADS["7q4"].title += ", 4-bit base"
+
 for _k in range(1, MINILM_LAYERS + 1):
     _w = _minilm(f"5k{_k}", f"MiniLM, LoRA q/v on the last {_k} of 6 layers + head",
                  layers=range(MINILM_LAYERS - _k, MINILM_LAYERS))
@@ -127,35 +199,45 @@ def expand(spec: str) -> list[str]:
         elif part in WORKLOADS:
             ids.append(part)
         else:
-            raise SystemExit(f"unknown workload '{part}'; choose from 1,2,3,4,5 or 5k1..5k6")
+            raise SystemExit(f"unknown workload '{part}'; choose from 1,2,3,4,5, 5k1..5k6, "
+                             f"{','.join(LLM_SHAPES)}, 6m, 7q4")
     return ids
 
 
 # ------------------------------------------------------------------------- ONNX exports
-def build_torch(w: Workload, seed: int = 0):
-    """(module in eval mode, example inputs) from models.reference — needs torch."""
+def build_torch(w: Workload, seed: int = 0, for_torch_engine: bool = False):
+    """(module in eval mode, example inputs) from models.reference — needs torch.
+    for_torch_engine applies w.torch_kwargs (e.g. PyTorch's own SDPA attention; the ONNX
+    export keeps the eager spelling, the same function)."""
     import sys
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from models.reference import FACTORIES
-    model, inputs, in_names, out_names, _dyn = FACTORIES[w.factory](seed=seed, **w.kwargs)
+    kwargs = dict(w.kwargs, **(w.torch_kwargs if for_torch_engine else {}))
+    model, inputs, in_names, out_names, _dyn = FACTORIES[w.factory](seed=seed, **kwargs)
     return model, inputs, in_names, out_names
 
 
-def export_path(w: Workload, exporter: str, opset: int | None = None) -> str:
-    return os.path.join(CACHE, w.key(exporter, opset) + ".onnx")
+def export_path(w: Workload, exporter: str, opset: int | None = None, cache: str = CACHE) -> str:
+    return os.path.join(cache, w.key(exporter, opset) + ".onnx")
 
 
-def ensure_export(w: Workload, exporter: str, opset: int | None = None, log=print) -> str:
+def ensure_export(w: Workload, exporter: str, opset: int | None = None, log=print,
+                  cache: str = CACHE) -> str:
     """Exports the workload's base model once (static shapes) into bench/.cache; returns path.
 
     exporter "dynamo" (opset 18) feeds pyedge; "torchscript" at opset 14 feeds
     onnxruntime-training (LayerNormalization decomposed, which its gradient builder needs).
+    The decoder workloads go through pyedge's own exporter (pyedge.export.torch_export):
+    weights 64-byte aligned in the file, so pyedge maps them in place, and in
+    `<file>.onnx.data` beside it above 1.8 GB (W7, W8).
     """
-    path = export_path(w, exporter, opset)
-    if os.path.exists(path):
+    path = export_path(w, exporter, opset, cache)
+    if os.path.exists(path):  # written last (after its .data), so it is complete
         return path
+    if w.factory == "decoder":
+        return _export_decoder(w, exporter, opset, path, log)
     import time
     import sys
     import torch
@@ -163,7 +245,7 @@ def ensure_export(w: Workload, exporter: str, opset: int | None = None, log=prin
         sys.path.insert(0, ROOT)
     from models.export_reference import export
     torch.set_num_threads(2)
-    os.makedirs(CACHE, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     t0 = time.time()
     model, inputs, in_names, out_names = build_torch(w)
     tmp = path + f".tmp{os.getpid()}.onnx"
@@ -171,5 +253,32 @@ def ensure_export(w: Workload, exporter: str, opset: int | None = None, log=prin
            output_names=out_names, dynamic_axes=None)
     os.replace(tmp, path)
     log(f"exported {w.factory} ({exporter}, opset {opset or 'default'}) -> "
+        f"{os.path.relpath(path, ROOT)} in {time.time() - t0:.1f}s")
+    return path
+
+
+def _export_decoder(w: Workload, exporter: str, opset, path: str, log) -> str:
+    import sys
+    import time
+
+    import torch
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from pyedge.export.torch_export import export_module
+    if exporter != "dynamo":
+        raise ValueError(f"workload {w.id}: only the dynamo export is made for decoders")
+    torch.set_num_threads(2)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    t0 = time.time()
+    import warnings
+    model, inputs, in_names, out_names = build_torch(w)
+    with warnings.catch_warnings():
+        # rotary_emb.inv_freq and its original_inv_freq copy are equal buffers: recorded as
+        # aliases of one initializer, which is what they are
+        warnings.filterwarnings("ignore", message="the exporter merged identical-valued")
+        export_module(model, inputs, path, input_names=in_names, output_names=out_names,
+                      exporter="dynamo", opset=opset, task_type="CAUSAL_LM")
+    extra = " + .data" if os.path.exists(path + ".data") else ""
+    log(f"exported {w.factory} {w.kwargs.get('arch')} (pyedge export{extra}) -> "
         f"{os.path.relpath(path, ROOT)} in {time.time() - t0:.1f}s")
     return path

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["mlp", "cnn", "gpt2", "minilm_classifier", "minilm_path",
+__all__ = ["mlp", "cnn", "gpt2", "decoder", "minilm_classifier", "minilm_path",
            "tokenizer_path", "FACTORIES", "unseen_inputs"]
 
 
@@ -225,7 +225,55 @@ def minilm_classifier(seed=0, num_labels=3, seq=16, batch=2):
             ["logits"], {"input_ids": dyn, "attention_mask": dyn, "logits": {0: "batch"}})
 
 
-FACTORIES = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "minilm": minilm_classifier}
+# --------------------------------------------------------------------------- decoders (Llama, Qwen2)
+def _decoder_class(arch):
+    """LlamaForCausalLM / Qwen2ForCausalLM whose forward(input_ids) returns the logits only
+    (all-ones attention_mask passed for the same reason as GPT2Logits)."""
+    import transformers
+
+    base = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[arch]
+
+    class DecoderLogits(base):
+        def forward(self, input_ids):  # noqa: D401
+            return super().forward(input_ids=input_ids,
+                                   attention_mask=torch.ones_like(input_ids),
+                                   use_cache=False, return_dict=True).logits
+
+    DecoderLogits.__name__ = DecoderLogits.__qualname__ = base.__name__.replace(
+        "ForCausalLM", "Logits")
+    return DecoderLogits
+
+
+def decoder(seed=0, arch="llama", layers=2, hidden=64, heads=4, kv_heads=2,
+            intermediate=128, vocab=256, tie=True, seq=32, batch=2, attn="eager"):
+    """A Llama- or Qwen2-shaped causal LM with random weights (built from a config, no
+    download). Qwen2 has biases on q/k/v, as the released models do. Every 1-D parameter
+    (RMSNorm weights, the biases) is randomised like gpt2()'s, so no two tensors are equal."""
+    import transformers
+
+    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
+    cfg = cfg_cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  intermediate_size=intermediate, max_position_embeddings=max(128, seq),
+                  tie_word_embeddings=tie, use_cache=False, attention_dropout=0.0,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    m = _decoder_class(arch)(cfg)
+    g = _gen(seed + 2)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                base = 1.0 if name.endswith("norm.weight") else 0.0
+                p.copy_(base + 0.05 * torch.randn(p.shape, generator=g))
+    m.eval()
+    ids = torch.randint(0, vocab, (batch, seq), generator=_gen(seed + 1))
+    dyn = {0: "batch", 1: "seq"}
+    return m, {"input_ids": ids}, ["input_ids"], ["logits"], {"input_ids": dyn, "logits": dyn}
+
+
+FACTORIES = {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "minilm": minilm_classifier,
+             "decoder": decoder}
 
 
 def unseen_inputs(name, inputs, rng):
@@ -237,7 +285,7 @@ def unseen_inputs(name, inputs, rng):
         v = v.numpy()
         shape = list(v.shape)
         shape[0] += 1
-        if name in ("gpt2", "minilm"):
+        if name in ("gpt2", "minilm", "decoder"):
             shape[1] = max(4, shape[1] - 3)
         if k == "input_ids":
             out[k] = rng.integers(0, 200, size=shape).astype(v.dtype)

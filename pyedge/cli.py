@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
     e.add_argument("--opset", type=int)
     e.add_argument("--task-type", help="PEFT task type recorded for the adapters (SEQ_CLS, CAUSAL_LM, ...)")
+    e.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                   help="weights in OUTPUT.data beside the file: auto = above 1.8 GB")
     e.set_defaults(func=cmd_export)
 
     # inspect --------------------------------------------------------------------------------
@@ -501,8 +503,12 @@ def cmd_export(args) -> int:
                 raise UsageError(f"--dynamic '{d}': expected NAME:AXIS=LABEL") from None
     path = tx.export_module(spec.module, examples, args.output, input_names=input_names,
                             output_names=output_names, dynamic_axes=dynamic,
-                            exporter=args.exporter, opset=args.opset, task_type=args.task_type)
+                            exporter=args.exporter, opset=args.opset, task_type=args.task_type,
+                            external_data={"auto": None, "yes": True, "no": False}[
+                                getattr(args, "external_data", "auto")])
     size = os.path.getsize(path) if os.path.exists(path) else 0
+    if os.path.exists(path + ".data"):
+        size += os.path.getsize(path + ".data")
     _out(f"wrote {path} ({_fmt_bytes(size)})")
     return EXIT_OK
 

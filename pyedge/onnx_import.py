@@ -1,7 +1,8 @@
 """ONNX file -> pyedge Graph: parse, inline functions, confine external data, read weights.
 
-Weights are numpy views: on the protobuf's bytes, or memory-mapped from external data files
-(never outside the model's folder).
+Weights are read-only numpy views on memory maps: of the model file itself (onnx_wire.py finds
+each initializer's raw_data in it, so a single-file model's weights are never copied), or of
+external data files (never outside the model's folder).
 """
 from __future__ import annotations
 
@@ -32,8 +33,18 @@ class ModelLoadError(ValueError):
 
 
 def load_onnx(path_or_model, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> Graph:
-    """Reads an ONNX model (path, bytes or ModelProto) into a Graph."""
+    """Reads an ONNX model (path, bytes or ModelProto) into a Graph (a progress line on
+    stderr if that takes over 2 s: large models)."""
+    from pyedge.progress import Phase
+    named = isinstance(path_or_model, (str, os.PathLike))
+    what = f"importing {Path(path_or_model).name}" if named else "importing the model"
+    with Phase(what):
+        return _load_onnx(path_or_model, max_tensor_bytes)
+
+
+def _load_onnx(path_or_model, max_tensor_bytes: int) -> Graph:
     base_dir = None
+    mapped = None  # a file's initializers: views on its memory map (onnx_wire.py)
     if isinstance(path_or_model, onnx.ModelProto):
         proto = path_or_model
     elif isinstance(path_or_model, (bytes, bytearray)):
@@ -43,14 +54,32 @@ def load_onnx(path_or_model, max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -
         if not path.is_file():
             raise ModelLoadError(f"{path}: no such model file")
         base_dir = path.resolve().parent
-        proto = _parse(path.read_bytes(), str(path))
+        proto, mapped = _parse_mapped(path)
     if proto.functions:
         try:
             from onnx import inliner
             proto = inliner.inline_local_functions(proto)
         except Exception as e:  # noqa: BLE001 - any failure here is a bad model
             raise ModelLoadError(f"cannot inline the model's local functions: {e}") from e
-    return _to_graph(proto, base_dir, max_tensor_bytes)
+    graph = _to_graph(proto, base_dir, max_tensor_bytes, mapped)
+    if mapped is not None:
+        from pyedge.onnx_wire import warn_if_copied
+        warn_if_copied(mapped, path_or_model)
+    return graph
+
+
+def _parse_mapped(path: Path):
+    """(ModelProto without the initializers' raw_data, MappedWeights) from a memory map of
+    the file, so weights are used in place; a file the wire walk does not understand is
+    parsed whole by protobuf instead (same errors as before), with mapped None."""
+    from pyedge.onnx_wire import WireError, map_model
+    try:
+        proto, mapped = map_model(path)
+    except (WireError, Exception):  # noqa: BLE001 - incl. protobuf's DecodeError: _parse reports
+        return _parse(path.read_bytes(), str(path)), None
+    if not proto.HasField("graph"):
+        raise ModelLoadError(f"{path}: not a valid ONNX file (no graph)")
+    return proto, mapped
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -157,6 +186,30 @@ def _tensor_array(t: onnx.TensorProto, base_dir, max_bytes: int) -> np.ndarray:
     return arr
 
 
+# Element types whose raw_data is one plain array of whole elements (views work); anything
+# else (packed 4-bit types, ...) is read by _tensor_array from a copy of its bytes.
+_MAPPABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT64,
+             onnx.TensorProto.INT32, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL,
+             onnx.TensorProto.INT8, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT16}
+
+
+def _mapped_array(mapped, index: int, t: onnx.TensorProto, base_dir,
+                  max_bytes: int) -> np.ndarray:
+    """Initializer `index` as a read-only view on the model file's memory map."""
+    if t.data_type not in _MAPPABLE:
+        t.raw_data = mapped.raw(index)
+        return _tensor_array(t, base_dir, max_bytes)
+    dtype = np.dtype(_np_dtype(t.data_type, f"initializer '{t.name}'"))
+    dims = [int(d) for d in t.dims]
+    if any(d < 0 for d in dims):
+        raise ModelLoadError(f"initializer '{t.name}' has a negative dimension {dims}")
+    nbytes = math.prod(dims) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise ModelLoadError(f"initializer '{t.name}' declares {nbytes} bytes, over the limit of "
+                             f"{max_bytes} bytes")
+    return mapped.array(index, t.name, dtype, dims)
+
+
 def _external_array(t, dtype, dims, nbytes, base_dir) -> np.ndarray:
     info = {e.key: e.value for e in t.external_data}
     loc = info.get("location", "")
@@ -182,7 +235,9 @@ def _external_array(t, dtype, dims, nbytes, base_dir) -> np.ndarray:
                              f"needs {nbytes}")
     if nbytes == 0:
         return np.zeros(dims, dtype)
-    return np.memmap(real, dtype=dtype, mode="r", offset=offset, shape=tuple(dims))
+    arr = np.memmap(real, dtype=dtype, mode="r", offset=offset, shape=tuple(dims))
+    # the core takes typed pointers: a misaligned tensor (another writer's layout) is copied
+    return arr if offset % dtype.itemsize == 0 else np.array(arr)
 
 
 def _attr_value(a: onnx.AttributeProto, node_desc: str):
@@ -281,7 +336,7 @@ def _value_shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
     return out
 
 
-def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
+def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph:
     g = proto.graph
     _check_names(g)
     for p in proto.metadata_props:
@@ -295,8 +350,11 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes) -> Graph:
         opsets[""] = opsets["ai.onnx"]
     inits: dict[str, np.ndarray] = {}
     int4_names = set()
-    for t in g.initializer:
-        arr = _tensor_array(t, base_dir, max_bytes)
+    for i, t in enumerate(g.initializer):
+        if mapped is not None and mapped.has(i) and t.data_location != onnx.TensorProto.EXTERNAL:
+            arr = _mapped_array(mapped, i, t, base_dir, max_bytes)
+        else:
+            arr = _tensor_array(t, base_dir, max_bytes)
         if arr.dtype == np.float16:
             arr = arr.astype(np.float32)
         if t.data_type in _INT4:

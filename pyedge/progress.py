@@ -114,3 +114,48 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self._drawn = False
+
+
+class Phase:
+    """One slow-maybe step before training (importing, adapting, planning a large model):
+
+        with Phase("planning the training step"):
+            ...
+
+    prints "<what> ..." on stderr once the step has run `after` seconds, and
+    "<what>: done in 12.3 s" when it ends, so a long plan of a large model does not look like
+    a hang; a step that ends sooner prints nothing. A timer thread prints the first line (in
+    a call that holds the GIL it appears when the call returns). PYEDGE_QUIET=1 silences it.
+    """
+
+    def __init__(self, what: str, stream=None, after: float = 2.0):
+        self.what = what
+        self.stream = stream if stream is not None else sys.stderr
+        self.after = after
+        self.enabled = os.environ.get("PYEDGE_QUIET", "") in ("", "0")
+        self._timer = None
+        self._announced = False
+
+    def _announce(self) -> None:
+        self._announced = True
+        self.stream.write(f"{self.what} ...\n")
+        self.stream.flush()
+
+    def __enter__(self) -> "Phase":
+        import threading
+        self.t0 = time.perf_counter()
+        if self.enabled:
+            self._timer = threading.Timer(self.after, self._announce)
+            self._timer.daemon = True
+            self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+        dt = time.perf_counter() - self.t0
+        if self.enabled and (self._announced or dt >= self.after):
+            state = "failed after" if exc[0] is not None else "done in"
+            self.stream.write(f"{self.what}: {state} {dt:.1f} s\n")
+            self.stream.flush()

@@ -1,6 +1,7 @@
 """TrainingSession: an ONNX model + adapters + loss + optimizer, run by the C++ core."""
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Mapping, Sequence
 
@@ -137,8 +138,10 @@ class TrainingSession:
         grad_scale=1/k on that call to update with the mean of k micro-batches.
         Raises FloatingPointError on a NaN/inf loss or gradient; parameters stay untouched.
         """
-        loss, norm, applied = self._sess.train_step(self._input_list(inputs, labels), update,
-                                                    float(self.max_grad_norm), float(grad_scale))
+        arrays = self._input_list(inputs, labels)
+        with self._planning(arrays, True):
+            loss, norm, applied = self._sess.train_step(arrays, update, float(self.max_grad_norm),
+                                                        float(grad_scale))
         self.last_grad_norm = norm
         if not np.isfinite(loss) or (update and not applied):
             raise FloatingPointError(
@@ -159,8 +162,24 @@ class TrainingSession:
     def run(self, inputs, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Inference with the current adapters; returns {output name: array}."""
         names = list(outputs or [o.name for o in self.graph.outputs])
-        arrays = self._sess.run(self._input_list(inputs), names)
+        feed = self._input_list(inputs)
+        with self._planning(feed, False):
+            arrays = self._sess.run(feed, names)
         return dict(zip(names, arrays))
+
+    def _planning(self, arrays, training: bool):
+        """A progress line (progress.Phase) around the first call with new input shapes: the
+        core plans then, which takes seconds for a large model; later calls get nothing."""
+        key = (training, tuple(None if a is None else a.shape for a in arrays))
+        seen = self.__dict__.setdefault("_planned_shapes", set())
+        if key in seen:
+            return contextlib.nullcontext()
+        seen.add(key)
+        from pyedge.progress import Phase
+        shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in zip(self._input_names, arrays)
+                           if a is not None and n != LABELS)
+        what = "training step" if training else "forward pass"
+        return Phase(f"planning and running the first {what} for {shapes}")
 
     @property
     def lr(self) -> float:

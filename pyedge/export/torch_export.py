@@ -1,4 +1,5 @@
-"""PyTorch module -> one ONNX file that carries its own parameter map (workstation only).
+"""PyTorch module -> one ONNX file that carries its own parameter map (workstation only;
+weights above 1.8 GB go to ``<file>.data`` beside it).
 
     from pyedge.torch import export
     export(model, {"input_ids": ids}, "model.onnx", dynamic_axes={"input_ids": {0: "b", 1: "s"}})
@@ -45,6 +46,9 @@ PARAM_MAP_KEY = "pyedge.param_map"
 EXTRA_STATE_KEY = "pyedge.extra_state"
 EXTRA_STATE_MAX_VALUES = 4096
 DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
+# Above this many bytes of weights an export writes external data (protobuf's hard limit is
+# 2 GiB for the whole file; the graph itself needs some room too).
+EXTERNAL_DATA_THRESHOLD = int(1.8e9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,8 +94,16 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
                   output_names: Sequence[str] | None = None,
                   dynamic_axes: Mapping | None = None, exporter: str = "dynamo",
                   opset: int | None = None, task_type: str | None = None,
-                  base_model_name_or_path: str | None = None) -> str:
-    """Exports `model` to the single ONNX file `path` with pyedge's metadata; returns `path`.
+                  base_model_name_or_path: str | None = None,
+                  external_data: bool | None = None,
+                  external_data_threshold: int | None = None) -> str:
+    """Exports `model` to the ONNX file `path` with pyedge's metadata; returns `path`.
+
+    Weights go into the file itself (each aligned to 64 bytes, so pyedge uses them in place
+    from a memory map), or, when `external_data` is True or None and they exceed
+    `external_data_threshold` bytes (default EXTERNAL_DATA_THRESHOLD, 1.8 GB; protobuf files
+    cannot pass 2 GB), into `path` + ".data"
+    beside it. Nothing but those two files is left in the folder, also when the export fails.
 
     example_inputs: a tensor, a tuple of tensors (positional forward arguments) or a dict
     {input name: tensor} in forward-argument order (its keys become the input names).
@@ -116,8 +128,10 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
     os.makedirs(folder, exist_ok=True)
     was_training = model.training
     model.eval()
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=folder, prefix=".pyedge-export-")
-    os.close(fd)
+    # The exporter writes its file (and, for large models, its own external data files)
+    # into a private folder that goes away whatever happens.
+    tmp_dir = tempfile.mkdtemp(dir=folder, prefix=".pyedge-export-")
+    tmp = os.path.join(tmp_dir, "model.onnx")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -127,7 +141,7 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
                 torch.onnx.export(model, args, tmp, input_names=names,
                                   output_names=list(output_names) if output_names else None,
                                   opset_version=opset, dynamo=True, optimize=False,
-                                  external_data=False, dynamic_shapes=dyn,
+                                  external_data=True, dynamic_shapes=dyn,
                                   verbose=False)
             else:
                 torch.onnx.export(model, args, tmp, input_names=names,
@@ -135,10 +149,10 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
                                   opset_version=opset, dynamo=False, do_constant_folding=False,
                                   keep_initializers_as_inputs=True,
                                   dynamic_axes=dict(dynamic_axes) if dynamic_axes else None)
-        proto = onnx.load(tmp)
+        proto = onnx.load(tmp)  # with its external data, if the exporter wrote any
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        import shutil
+        shutil.rmtree(tmp_dir, ignore_errors=True)
         model.train(was_training)
     if len(proto.functions):
         from onnx import inliner
@@ -166,7 +180,12 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
             existing[k].value = v
         else:
             proto.metadata_props.add(key=k, value=v)
-    _save_atomic(proto, path)
+    if external_data is None:
+        from pyedge.onnx_wire import initializer_bytes
+        limit = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None \
+            else external_data_threshold
+        external_data = initializer_bytes(proto) > limit
+    _save_atomic(proto, path, external_data)
     return path
 
 
@@ -190,11 +209,14 @@ def _name_or_path(model) -> str | None:
     return None
 
 
-def _save_atomic(proto, path):
+def _save_atomic(proto, path, external_data: bool = False):
     import onnx
 
-    from pyedge.checkpoint import atomic_write
-    atomic_write(path, proto.SerializeToString())
+    from pyedge.onnx_wire import save_aligned, save_external
+    if external_data:
+        save_external(proto, path)
+    else:
+        save_aligned(proto, path)
     onnx.checker.check_model(path)
 
 
