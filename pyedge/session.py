@@ -218,6 +218,9 @@ class TrainingSession:
         n_state = len(next(iter(self._sess.optimizer_state().values()), {}))
         stats["optimizer_state_bytes"] = stats["parameter_gradient_bytes"] * n_state
         stats["weight_bytes"] = int(sum(a.nbytes for a in self.graph.initializers.values()))
+        # chains rewritten per kind (attention, rmsnorm, gated_mlp, gelu, ...): a kind a model
+        # has but that is missing here ran op by op
+        stats["fusions"] = {k: v for k, v in self.fusions.items() if v}
         return stats
 
     @property

@@ -145,3 +145,115 @@ def test_gated_mlp_becomes_one_op_and_trains_the_same(act):
 def test_gated_mlp_not_fused_when_a_guard_fails(kw):
     g = load_onnx(gated_model(**kw))
     assert fuse(g)["gated_mlp"] == 0
+
+
+# ----------------------------------------------------------- exported Llama-family decoders
+N_LAYERS = 2
+
+
+def _export_decoder(path, family="llama", with_mask=False, seq=16, batch=2):
+    """A config-built decoder (2 layers, hidden 64, 4 heads, 2 kv heads) exported by the
+    dynamo exporter with pyedge.torch.export; returns the example input_ids."""
+    import torch
+    import transformers as tf
+    import pyedge.torch as pt
+    torch.manual_seed(0)
+    kw = dict(num_hidden_layers=N_LAYERS, hidden_size=64, num_attention_heads=4,
+              num_key_value_heads=2, intermediate_size=96, vocab_size=128,
+              max_position_embeddings=64)
+    if family == "llama":
+        cfg, base = tf.LlamaConfig(**kw), tf.LlamaForCausalLM
+    else:
+        cfg, base = tf.Qwen2Config(**kw), tf.Qwen2ForCausalLM
+
+    class LM(base):  # a subclass keeps the parameter names PEFT expects
+        def forward(self, input_ids, attention_mask=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).logits
+    model = LM(cfg).eval()
+    ids = torch.randint(0, 128, (batch, seq))
+    args = (ids, torch.ones(batch, seq, dtype=torch.long)) if with_mask else (ids,)
+    names = ["input_ids", "attention_mask"] if with_mask else ["input_ids"]
+    pt.export(model, args, str(path), input_names=names)
+    return ids.numpy()
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    cache = {}
+    root = tmp_path_factory.mktemp("decoders")
+
+    def get(family="llama", with_mask=False):
+        key = (family, with_mask)
+        if key not in cache:
+            path = root / f"{family}_{int(with_mask)}.onnx"
+            cache[key] = (str(path), _export_decoder(path, family, with_mask))
+        return cache[key]
+    return get
+
+
+def _decoder_parity(path, feeds, targets, rtol=1e-5):
+    lora = pyedge.LoraConfig(r=4, target_modules=targets)
+    # SGD: AdamW's first steps are ±lr per element whatever the gradient's size, which turns
+    # float32 noise in a near-zero gradient into a visible weight difference
+    kw = dict(lora=lora, loss="causal_lm", optimizer=pyedge.SGD(lr=0.5))
+    fused = pyedge.TrainingSession(path, **kw)
+    plain = pyedge.TrainingSession(path, fuse=False, **kw)
+    for sess in (fused, plain):  # the same nonzero B, so every adapter gets a gradient
+        for i, (k, v) in enumerate(sorted(sess.trainable_parameters().items())):
+            if ".lora_B" in k:
+                v[...] = np.random.default_rng(i).standard_normal(v.shape) * 0.05
+    logits_f = fused.run(feeds)[fused.output_name]
+    logits_p = plain.run(feeds)[plain.output_name]
+    np.testing.assert_allclose(logits_f, logits_p, rtol=0, atol=rtol * np.abs(logits_p).max())
+    labels = feeds["input_ids"].astype(np.int64)
+    for _ in range(2):  # gradients before the update (which clears them), then the update
+        lf = fused.step(feeds, labels, update=False)
+        lp = plain.step(feeds, labels, update=False)
+        np.testing.assert_allclose(lf, lp, rtol=rtol)
+        gf, gp = fused.gradients(), plain.gradients()
+        assert gf.keys() == gp.keys() and len(gp) == 2 * len(targets) * N_LAYERS
+        for k in gp:
+            assert np.abs(gp[k]).max() > 0, k
+            err = np.abs(gf[k] - gp[k]).max() / np.abs(gp[k]).max()
+            assert err <= rtol, (k, err)
+        fused.apply_update()
+        plain.apply_update()
+    return fused, plain
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["causal", "padding_mask"])
+def test_llama_fuses_every_layer_and_trains_the_same(decoders, with_mask):
+    path, ids = decoders("llama", with_mask)
+    feeds = {"input_ids": ids}
+    if with_mask:
+        am = np.ones(ids.shape, np.int64)
+        am[1, -5:] = 0  # right padding in the second sequence
+        feeds["attention_mask"] = am
+    fused, plain = _decoder_parity(path, feeds, ["q_proj", "v_proj", "gate_proj", "up_proj"])
+    f = fused.fusions
+    assert f["attention"] == N_LAYERS
+    assert f["rmsnorm"] == 2 * N_LAYERS + 1  # two per layer and the final norm
+    assert f["gated_mlp"] == N_LAYERS
+    ops = {(n.domain, n.op_type) for n in fused.graph.nodes}
+    for gone in ("Softmax", "IsNaN", "Sigmoid", "ReduceMean", "Pow"):
+        assert ("", gone) not in ops, gone
+    att = [n for n in fused.graph.nodes if n.op_type == "Attention"]
+    # the constant causal mask becomes the flag; a mask built from attention_mask stays
+    assert all((n.attrs.get("causal") == 1) != with_mask for n in att)
+    assert all(len(n.inputs) == (4 if with_mask else 3) for n in att)
+    assert all(n.attrs["out_layout"] == "blhd" for n in att)
+    # the LoRA-adapted projections stay fused GEMMs
+    assert sum(n.op_type == "LoraMatMul" for n in fused.graph.nodes) == 4 * N_LAYERS
+    stats = fused.plan_stats(feeds)
+    assert stats["fusions"] == {k: v for k, v in f.items() if v}
+    assert stats["arena_bytes"] < plain.plan_stats(feeds)["arena_bytes"]
+
+
+@pytest.mark.slow
+def test_qwen2_fuses_every_layer_and_trains_the_same(decoders):
+    path, ids = decoders("qwen2")
+    fused, _ = _decoder_parity(path, {"input_ids": ids}, ["q_proj", "v_proj"])
+    assert fused.fusions["attention"] == N_LAYERS
+    assert fused.fusions["rmsnorm"] == 2 * N_LAYERS + 1
+    assert fused.fusions["gated_mlp"] == N_LAYERS
