@@ -257,3 +257,45 @@ def test_qwen2_fuses_every_layer_and_trains_the_same(decoders):
     assert fused.fusions["attention"] == N_LAYERS
     assert fused.fusions["rmsnorm"] == 2 * N_LAYERS + 1
     assert fused.fusions["gated_mlp"] == N_LAYERS
+
+
+def _softmax_sites(g):
+    return [n for n in g.nodes if n.op_type == "Softmax"]
+
+
+def test_sdpa_guards(decoders):
+    """Each guard of the attention rewrite, by mutating the exported graph: a NaN guard that
+    writes something else than 0, a probability read outside the chain, and a constant mask
+    that is not the causal one (kept as the mask input; the result unchanged)."""
+    path, ids = decoders("llama")
+    base = load_onnx(path)
+    assert fuse(base.copy())["attention"] == N_LAYERS
+
+    g = base.copy()  # Where(IsNaN(P), 1, P): not softmax's guard
+    for n in g.nodes:
+        if n.op_type == "Where" and n.inputs[0] in {o for x in g.nodes if x.op_type == "IsNaN"
+                                                    for o in x.outputs}:
+            g.initializers["pyedge_test_one"] = np.ones((), np.float32)
+            n.inputs[1] = "pyedge_test_one"
+            break
+    assert fuse(g)["attention"] == N_LAYERS - 1
+
+    g = base.copy()  # P is also a graph output
+    from pyedge.graph import ValueInfo
+    g.outputs.append(ValueInfo(_softmax_sites(g)[0].outputs[0], "float32", []))
+    assert fuse(g)["attention"] == N_LAYERS - 1
+
+    g = base.copy()  # the mask's "minus infinity" is -1: a constant mask, not causal
+    for n in g.nodes:
+        if n.op_type == "Where" and len(n.inputs) == 3:
+            v = g.initializers.get(n.inputs[2])
+            if v is not None and np.size(v) == 1 and float(np.ravel(v)[0]) < -1e37:
+                g.initializers[n.inputs[2]] = np.full(np.shape(v), -1.0, np.float32)
+    fused = pyedge.TrainingSession(g, loss=None)
+    plain = pyedge.TrainingSession(g, loss=None, fuse=False)
+    att = [n for n in fused.graph.nodes if n.op_type == "Attention"]
+    assert len(att) == N_LAYERS and all(len(n.inputs) == 4 and "causal" not in n.attrs
+                                        for n in att)
+    yf = fused.run({"input_ids": ids})[fused.output_name]
+    yp = plain.run({"input_ids": ids})[plain.output_name]
+    np.testing.assert_allclose(yf, yp, rtol=0, atol=1e-5 * np.abs(yp).max())
