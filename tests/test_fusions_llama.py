@@ -163,14 +163,20 @@ def _export_decoder(path, family="llama", with_mask=False, seq=16, batch=2):
               max_position_embeddings=64)
     if family == "llama":
         cfg, base = tf.LlamaConfig(**kw), tf.LlamaForCausalLM
-    else:
+    elif family == "qwen2":
         cfg, base = tf.Qwen2Config(**kw), tf.Qwen2ForCausalLM
+    else:  # Gemma: RMSNorm times 1 + w, GeGLU (gelu_pytorch_tanh)
+        cfg, base = tf.GemmaConfig(head_dim=16, **kw), tf.GemmaForCausalLM
 
     class LM(base):  # a subclass keeps the parameter names PEFT expects
         def forward(self, input_ids, attention_mask=None):
             return super().forward(input_ids=input_ids, attention_mask=attention_mask,
                                    use_cache=False).logits
     model = LM(cfg).eval()
+    with torch.no_grad():  # norm weights away from their init (1, or 0 in 1 + w)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
     ids = torch.randint(0, 128, (batch, seq))
     args = (ids, torch.ones(batch, seq, dtype=torch.long)) if with_mask else (ids,)
     names = ["input_ids", "attention_mask"] if with_mask else ["input_ids"]
@@ -299,3 +305,16 @@ def test_sdpa_guards(decoders):
     yf = fused.run({"input_ids": ids})[fused.output_name]
     yp = plain.run({"input_ids": ids})[plain.output_name]
     np.testing.assert_allclose(yf, yp, rtol=0, atol=1e-5 * np.abs(yp).max())
+
+
+@pytest.mark.slow
+def test_gemma_fuses_every_layer_and_trains_the_same(decoders):
+    path, ids = decoders("gemma")
+    fused, _ = _decoder_parity(path, {"input_ids": ids}, ["q_proj", "v_proj"])
+    assert fused.fusions["attention"] == N_LAYERS
+    assert fused.fusions["rmsnorm"] == 2 * N_LAYERS + 1
+    assert fused.fusions["gated_mlp"] == N_LAYERS
+    rms = [n for n in fused.graph.nodes if n.op_type == "RMSNorm"]
+    assert all(n.attrs.get("add_one") == 1 for n in rms)
+    glu = [n for n in fused.graph.nodes if n.op_type == "SwiGLU"]
+    assert all(n.attrs["act"] == "gelu_tanh" for n in glu)
