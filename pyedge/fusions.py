@@ -412,9 +412,10 @@ def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
     done["gelu"] += fuse_gelu(graph)
     done["rmsnorm"] += dec.fuse_rmsnorm(graph)
     done["gated_mlp"] += dec.fuse_gated_mlp(graph)  # after fuse_gelu: GeGLU reads a Gelu
-    done["attention"] += dec.fuse_sdpa_attention(graph, set(trainable))
     done["masked_softmax"] += fuse_masked_softmax(graph, set(trainable))
     done["transposed_matmul"] += fuse_transposed_matmul(graph)
     done["attention"] += fuse_attention(graph)
+    # the softmaxes the rules above left: torch SDPA as the dynamo exporter decomposes it
+    done["attention"] += dec.fuse_sdpa_attention(graph, set(trainable))
     done["matmul_bias"] += fuse_matmul_bias(graph, set(trainable))
     return dict(done)
