@@ -222,7 +222,8 @@ def fuse_gated_mlp(graph: Graph) -> int:
                 continue
             g, act, nodes = found
             nodes = nodes + [mul]
-            if g == up or not _same_shape(m, g, up) or not _same_shape(m, a, up) \
+            # act(g) has g's shape (Sigmoid and Mul of g with it, Gelu): g and up decide
+            if g == up or not _same_shape(m, g, up) \
                     or not _chain_is_private(m, nodes, mul.outputs[0]) \
                     or any(id(n) in remove for n in nodes):
                 continue

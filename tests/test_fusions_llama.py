@@ -108,7 +108,7 @@ def test_rmsnorm_not_fused_when_a_guard_fails(kw):
 
 
 # ---------------------------------------------------------------------------- gated MLP
-def gated_model(act="silu", extra_output=None, up_shape=(2, 6, 12)):
+def gated_model(act="silu", extra_output=None, up_shape=(2, 6, 12), batch=2):
     """x [2, 6, 8] -> gate, up projections -> act(gate) * up -> down -> y [2, 6, 8]."""
     rng = np.random.default_rng(4)
     inits = [helper.make_tensor(n, TensorProto.FLOAT, s, rng.standard_normal(int(np.prod(s))).tolist())
@@ -123,13 +123,14 @@ def gated_model(act="silu", extra_output=None, up_shape=(2, 6, 12)):
                                       else "none"))
     nodes += [helper.make_node("Mul", ["a", "u"], ["m"]),
               helper.make_node("MatMul", ["m", "wd"], ["y"])]
-    outs = [_f("y", [2, 6, 8])] + ([_f(extra_output, None)] if extra_output else [])
-    return _model(nodes, inits, [_f("x", [2, 6, 8])], outs, opset=20)
+    outs = [_f("y", [batch, 6, 8])] + ([_f(extra_output, None)] if extra_output else [])
+    return _model(nodes, inits, [_f("x", [batch, 6, 8])], outs, opset=20)
 
 
+@pytest.mark.parametrize("batch", [2, "b"], ids=["static", "symbolic_batch"])
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
-def test_gated_mlp_becomes_one_op_and_trains_the_same(act):
-    model = gated_model(act)
+def test_gated_mlp_becomes_one_op_and_trains_the_same(act, batch):
+    model = gated_model(act, batch=batch)
     g = load_onnx(model)
     assert fuse(g)["gated_mlp"] == 1
     (glu,) = [n for n in g.nodes if n.op_type == "SwiGLU"]
