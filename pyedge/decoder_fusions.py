@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pyedge.fusions import _Matcher
-from pyedge.graph import Graph, Node
+from pyedge import _core
+from pyedge.fusions import _depends_on, _Matcher
+from pyedge.graph import Graph, Node, ValueInfo, to_core
 from pyedge.row_pruning import constant_value
 
 
@@ -412,7 +413,7 @@ def _causal_constant(m: _Matcher, mask: str, L: int, Lk: int) -> bool | None:
     j <= i + Lk − L, below -1e37 elsewhere, every batch alike). None when the mask depends on
     a graph input (or cannot be evaluated)."""
     inputs = {v.name for v in m.graph.inputs}
-    nodes, seen, stack = [], set(), [mask]
+    nodes, taken, seen, stack = [], set(), set(), [mask]
     while stack:
         v = stack.pop()
         if v in seen or v in m.graph.initializers:
@@ -423,17 +424,15 @@ def _causal_constant(m: _Matcher, mask: str, L: int, Lk: int) -> bool | None:
         n = m.producer.get(v)
         if n is None:
             return None
-        if id(n) not in {id(x) for x in nodes}:
+        if id(n) not in taken:
+            taken.add(id(n))
             nodes.append(n)
             stack.extend(i for i in n.inputs if i)
         if len(nodes) > 400:
             return None
-    from pyedge import _core
-    from pyedge.graph import to_core
     order = {id(n): k for k, n in enumerate(m.graph.nodes)}
     sub = Graph(nodes=sorted(nodes, key=lambda n: order[id(n)]),
                 initializers=m.graph.initializers, inputs=[], outputs=[], opsets=m.graph.opsets)
-    from pyedge.graph import ValueInfo
     sub.outputs = [ValueInfo(mask, "float32", [])]
     try:
         (val,) = _core.Session(to_core(sub), [], "", {}, 0).run([], [mask])
@@ -590,7 +589,6 @@ def fuse_sdpa_attention(graph: Graph, trainable: set[str] = frozenset()) -> int:
     remove: set[int] = set()
     replace: dict[int, Node] = {}
     causal_cache: dict[tuple, bool | None] = {}
-    from pyedge.fusions import _depends_on
     for sm in graph.nodes:
         if sm.op_type != "Softmax" or not _default(sm):
             continue
