@@ -431,12 +431,19 @@ def fuse_attention(graph: Graph) -> int:
 def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
     """Applies every fusion in place; returns how many sites each one rewrote. `trainable`:
     names of the tensors being trained (a fusion that drops a gradient path checks them)."""
+    # Llama-family fusions live in their own module (it imports this one's matcher)
+    from pyedge import decoder_fusions as dec
+
     done = Counter()
     # first, so the fusions below see the ops that now run on gathered rows
     done["gathered_rows"] += push_gathers_up(graph)
     done["gelu"] += fuse_gelu(graph)
+    done["rmsnorm"] += dec.fuse_rmsnorm(graph)
+    done["gated_mlp"] += dec.fuse_gated_mlp(graph)  # after fuse_gelu: GeGLU reads a Gelu
     done["masked_softmax"] += fuse_masked_softmax(graph, set(trainable))
     done["transposed_matmul"] += fuse_transposed_matmul(graph)
     done["attention"] += fuse_attention(graph)
+    # the softmaxes the rules above left: torch SDPA as the dynamo exporter decomposes it
+    done["attention"] += dec.fuse_sdpa_attention(graph, set(trainable))
     done["matmul_bias"] += fuse_matmul_bias(graph, set(trainable))
     return dict(done)

@@ -251,6 +251,8 @@ class TrainingSession:
         stats["weight_bytes"] = int(sum(a.nbytes for a in self.graph.initializers.values()))
         from pyedge.import_quantized import quantized_bytes
         stats["quantized_weight_bytes"] = quantized_bytes(self.graph)
+        # chains rewritten per kind (attention, rmsnorm, gated_mlp, gelu, ...): a kind a model
+        # has but that is missing here ran op by op
         stats["fusions"] = {k: v for k, v in self.fusions.items() if v}
         return stats
 

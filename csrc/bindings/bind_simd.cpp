@@ -6,9 +6,12 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common/simd.h"
+#include "ops/gated_mlp_kernels.h"
+#include "ops/rmsnorm_kernels.h"
 #include "ops/softmax_kernels.h"
 
 namespace py = pybind11;
@@ -101,6 +104,54 @@ py::array run(const std::string& name, F32 a, F32 b, F32 c) {
       for (int64_t r = 0; r < rows; ++r)
         rowk::softmax_row<S>(x + r * D, y + r * D, D, name == "logsoftmax");
     }
+  } else if (name == "rmsnorm" || name == "rmsnorm_1p" || name == "rmsnorm_bwd" || name == "rmsnorm_1p_bwd") {
+    // a = X [rows, D], b = W [D] (or empty: no weight); rmsnorm_1p: w' = 1 + W;
+    // rmsnorm_bwd: c = dY [rows, D], returns [rows + 1, D]: dX rows, then dW
+    if (a.ndim() != 2) throw std::invalid_argument(name + ": a must be 2-D [rows, D]");
+    const int64_t rows = a.shape(0), D = a.shape(1);
+    const bool has_w = b.size() != 0, bwd = name.size() > 4 && name.compare(name.size() - 4, 4, "_bwd") == 0;
+    if (has_w && int64_t(b.size()) != D) throw std::invalid_argument(name + ": b must be [D]");
+    if (bwd) need(c, "c");
+    const int form = !has_w ? rmsk::kNone : name.rfind("rmsnorm_1p", 0) == 0 ? rmsk::kOnePlus : rmsk::kWeight;
+    py::array_t<float> res(std::vector<py::ssize_t>{bwd ? rows + 1 : rows, D});
+    float* o = res.mutable_data();
+    std::fill(o, o + res.size(), 0.f);
+    const float* w = has_w ? b.data() : nullptr;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = x + r * D;
+      const float rs = 1.f / std::sqrt(rmsk::sum_sq<S>(xr, D) / float(D) + 1e-6f);
+      auto go = [&](auto form_tag) {
+        constexpr int kW = decltype(form_tag)::value;
+        if (!bwd) return rmsk::apply_row<S, kW>(xr, w, rs, o + r * D, D);
+        const float* dy = c.data() + r * D;
+        const float cc = -rs * rs * rs * rmsk::dot_row<S, kW>(xr, w, dy, D) / float(D);
+        rmsk::bwd_row<S, kW, true>(xr, w, dy, rs, cc, o + r * D, has_w ? o + rows * D : nullptr, D);
+      };
+      if (form == rmsk::kNone) go(std::integral_constant<int, rmsk::kNone>{});
+      else if (form == rmsk::kWeight) go(std::integral_constant<int, rmsk::kWeight>{});
+      else go(std::integral_constant<int, rmsk::kOnePlus>{});
+    }
+    return std::move(res);
+  } else if (name.rfind("gated_", 0) == 0) {
+    // gated_<act>: y = act(a) * b; gated_<act>_bwd: c = dY, returns [2, n]: dGate, dUp
+    need(b, "b");
+    const bool bwd = name.size() > 4 && name.compare(name.size() - 4, 4, "_bwd") == 0;
+    const std::string act = name.substr(6, name.size() - 6 - (bwd ? 4 : 0));
+    const int a_ = act == "silu" ? gmk::kSilu : act == "gelu" ? gmk::kGelu
+                 : act == "gelu_tanh" ? gmk::kGeluTanh : -1;
+    if (a_ < 0) throw std::invalid_argument("simd_kernel: unknown gated activation '" + act + "'");
+    if (bwd) need(c, "c");
+    py::array_t<float> res(std::vector<py::ssize_t>{bwd ? 2 : 1, n});
+    float* o = res.mutable_data();
+    auto go = [&](auto act_tag) {
+      constexpr int kA = decltype(act_tag)::value;
+      if (bwd) gmk::backward<S, kA, true>(x, b.data(), c.data(), o, o + n, n);
+      else gmk::forward<S, kA>(x, b.data(), o, n);
+    };
+    if (a_ == gmk::kSilu) go(std::integral_constant<int, gmk::kSilu>{});
+    else if (a_ == gmk::kGelu) go(std::integral_constant<int, gmk::kGelu>{});
+    else go(std::integral_constant<int, gmk::kGeluTanh>{});
+    return std::move(res);
   } else {
     throw std::invalid_argument("simd_kernel: unknown kernel '" + name + "'");
   }
@@ -131,7 +182,8 @@ void bind_simd(py::module_& m) {
       py::arg("name"), py::arg("a"), py::arg("b") = py::none(), py::arg("c") = py::none(),
       py::arg("scalar") = false,
       "Run a SIMD kernel (add sub mul div max min fma exp tanh erf sigmoid row_max row_sum "
-      "row_dot exp_sum softmax logsoftmax layernorm) on the native SIMD path or, with "
+      "row_dot exp_sum softmax logsoftmax layernorm rmsnorm rmsnorm_1p rmsnorm_bwd "
+      "gated_<silu|gelu|gelu_tanh>[_bwd]) on the native SIMD path or, with "
       "scalar=True, on the scalar reference.");
 }
 

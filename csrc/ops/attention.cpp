@@ -2,8 +2,15 @@
 //   O = softmax(scale * Q·Kᵀ + mask) · V   (softmax over the keys)
 // layout "bhld": Q [B,H,L,D], K [B,H,Lk,D], V [B,H,Lk,Dv], O [B,H,L,Dv]; layout "blhd": the
 // same with L and H swapped in every tensor (the exporters' layout before their head-split
-// Transpose), read with row strides. mask (optional, no gradient) is additive and broadcasts
+// Transpose), read with row strides; out_layout (default: layout) picks O's layout alone (the
+// Llama exports split heads before the rotary embedding, so Q, K, V arrive as "bhld" while
+// the output projection reads "blhd"). mask (optional, no gradient) is additive and broadcasts
 // to the scores [B,H,L,Lk] whatever the layout.
+// Grouped-query attention: K and V may have Hkv heads with H % Hkv == 0; query head h reads
+// key/value head h / (H / Hkv), never expanded. Their gradients sum over the group's query
+// heads: the backward takes one (b, kv head) at a time and adds the group's slices in order.
+// causal = 1: row i keeps keys j <= i + Lk − L (needs Lk >= L; the last row sees every key),
+// applied inside the kernels, so no mask tensor exists; it combines with a mask input.
 // Why: the chain MatMul → MaskedSoftmax → MatMul keeps the probabilities P [B,H,L,Lk] for its
 // backward (12 MiB per MiniLM layer). This op keeps only LSE [B,H,L] (hidden output, the
 // log-sum-exp of each score row) and recomputes P per (b, h) slice in the backward, with the
@@ -103,9 +110,12 @@ class Attention : public Op {
     }
     scale_ = float(n.attrs.get_float("scale", 1.0));
     const std::string layout = n.attrs.get_string("layout", "bhld");
-    PYEDGE_CHECK(layout == "bhld" || layout == "blhd", n.where(), ": layout must be 'bhld' or ",
-                 "'blhd', got '", layout, "'");
-    const bool blhd = layout == "blhd";
+    const std::string out_layout = n.attrs.get_string("out_layout", layout);
+    for (const std::string& l : {layout, out_layout})
+      PYEDGE_CHECK(l == "bhld" || l == "blhd", n.where(), ": layout and out_layout must be ",
+                   "'bhld' or 'blhd', got '", l, "'");
+    const bool blhd = layout == "blhd", out_blhd = out_layout == "blhd";
+    causal_ = n.attrs.get_int("causal", 0) != 0;
     const Shape &qs = in[0].shape, &ks = in[1].shape, &vs = in[2].shape;
     // Logical dims: [B, H, rows, cols] from either layout.
     auto dims = [&](const Shape& s) {
@@ -114,8 +124,9 @@ class Attention : public Op {
     const Shape q = dims(qs), k = dims(ks), v = dims(vs);
     const std::string shapes = str_cat("Q ", shape_str(qs), ", K ", shape_str(ks), ", V ",
                                        shape_str(vs), " (layout ", layout, ")");
-    PYEDGE_CHECK(q[0] == k[0] && q[0] == v[0] && q[1] == k[1] && q[1] == v[1], n.where(),
-                 ": batch and head dims of Q, K and V must match: ", shapes);
+    PYEDGE_CHECK(q[0] == k[0] && q[0] == v[0] && k[1] == v[1] && k[1] >= 1 && q[1] % k[1] == 0,
+                 n.where(), ": batch and head dims of Q, K and V must match (K and V may have ",
+                 "fewer heads than Q, a divisor of Q's: grouped-query attention): ", shapes);
     PYEDGE_CHECK(q[3] == k[3], n.where(), ": Q and K must have the same head size D: ", shapes);
     PYEDGE_CHECK(k[2] == v[2], n.where(), ": K and V must have the same number of keys: ",
                  shapes);
@@ -125,16 +136,20 @@ class Attention : public Op {
     D_ = q[3];
     Lk_ = k[2];
     Dv_ = v[3];
-    auto strides = [&](int64_t rows, int64_t cols) {
+    Hkv_ = k[1];
+    G_ = H_ / Hkv_;
+    PYEDGE_CHECK(!causal_ || Lk_ >= L_, n.where(), ": causal attention needs at least as many ",
+                 "keys as queries: ", shapes);
+    auto strides = [&](bool bl, int64_t heads, int64_t rows, int64_t cols) {
       Strides s;
-      if (blhd) s = {rows * H_ * cols, cols, H_ * cols};
-      else s = {H_ * rows * cols, rows * cols, cols};
+      if (bl) s = {rows * heads * cols, cols, heads * cols};
+      else s = {heads * rows * cols, rows * cols, cols};
       return s;
     };
-    sq_ = strides(L_, D_);
-    sk_ = strides(Lk_, D_);
-    sv_ = strides(Lk_, Dv_);
-    so_ = strides(L_, Dv_);
+    sq_ = strides(blhd, H_, L_, D_);
+    sk_ = strides(blhd, Hkv_, Lk_, D_);
+    sv_ = strides(blhd, Hkv_, Lk_, Dv_);
+    so_ = strides(out_blhd, H_, L_, Dv_);
 
     has_mask_ = in.size() > 3 && n.has_input(3);
     if (has_mask_) {
@@ -163,7 +178,7 @@ class Attention : public Op {
     fused_ = attn::fits<simd::Native>(L_, Lk_, D_, Dv_);
     const int64_t slices = B_ * H_;
     slots_ = std::max<int64_t>(1, std::min<int64_t>(num_threads(), slices));
-    Shape os = blhd ? Shape{B_, L_, H_, Dv_} : Shape{B_, H_, L_, Dv_};
+    Shape os = out_blhd ? Shape{B_, L_, H_, Dv_} : Shape{B_, H_, L_, Dv_};
     outputs = {make_output(DType::f32, os), make_output(DType::f32, {B_, H_, L_})};
     n_visible = 1;
   }
@@ -205,8 +220,8 @@ class Attention : public Op {
           int na = 0;
           if (s + 1 < s1) {
             const int64_t b1 = (s + 1) / H_, h1 = (s + 1) % H_;
-            ahead[na++] = {K + sk_.at(b1, h1), sk_.r, Lk, D_};
-            ahead[na++] = {V + sv_.at(b1, h1), sv_.r, Lk, Dv};
+            ahead[na++] = {K + sk_.at(b1, h1 / G_), sk_.r, Lk, D_};
+            ahead[na++] = {V + sv_.at(b1, h1 / G_), sv_.r, Lk, Dv};
             ahead[na++] = {Q + sq_.at(b1, h1), sq_.r, L, D_};
             ahead[na++] = {O + so_.at(b1, h1), so_.r, L, Dv, true};
           }
@@ -224,7 +239,8 @@ class Attention : public Op {
         const int64_t b = s / H_, h = s % H_;
         const float* m = mask_at(M, b, h);
         float* lse = LSE + s * L;
-        scores(Q + sq_.at(b, h), K + sk_.at(b, h), S, pan);
+        scores(Q + sq_.at(b, h), K + sk_.at(b, h / G_), S, pan);
+        remove_future(S);
         for (int64_t i = 0; i < L; ++i) {  // lse = row max, inv_l = row sum for now
           float* r = S + i * Lk;
           lse[i] = m ? add_mask_max(r, m + i * ml_, mk_ == 0, Lk) : rowk::row_max(r, Lk);
@@ -236,7 +252,7 @@ class Attention : public Op {
         }
         // O = (P · V) / l
         float* o = O + so_.at(b, h);
-        mm(false, L, Dv, Lk, S, Lk, V + sv_.at(b, h), sv_.r, 0.f, o, so_.r);
+        mm(false, L, Dv, Lk, S, Lk, V + sv_.at(b, h / G_), sv_.r, 0.f, o, so_.r);
         for (int64_t i = 0; i < L; ++i) rowk::row_scale(o + i * so_.r, inv_l[i], o + i * so_.r, Dv);
       }
     });
@@ -259,10 +275,12 @@ class Attention : public Op {
     float* dK = din[1].data ? din[1].ptr<float>() : nullptr;
     float* dV = din[2].data ? din[2].ptr<float>() : nullptr;
     if (!dQ && !dK && !dV) return;
-    // beta 0 assigns a fresh gradient (small_gemm and BLAS then do not read it), 1 adds.
-    const float bq = ctx.fresh(0) ? 0.f : 1.f, bk = ctx.fresh(1) ? 0.f : 1.f,
-                bv = ctx.fresh(2) ? 0.f : 1.f;
-    const int64_t L = L_, Lk = Lk_, D = D_, Dv = Dv_;
+    // beta 0 assigns a fresh gradient (small_gemm and BLAS then do not read it), 1 adds. dK
+    // and dV of a key/value head sum its group's query heads: the first assigns (when fresh),
+    // the others add.
+    const float bq = ctx.fresh(0) ? 0.f : 1.f, bk0 = ctx.fresh(1) ? 0.f : 1.f,
+                bv0 = ctx.fresh(2) ? 0.f : 1.f;
+    const int64_t L = L_, Lk = Lk_, D = D_, Dv = Dv_, G = G_;
     if (Lk == 0) {  // O did not depend on Q: dQ = 0; dK, dV are empty
       if (dQ && bq == 0.f)
         for (int64_t s = 0; s < B_ * H_; ++s)
@@ -274,73 +292,88 @@ class Attention : public Op {
     const int64_t per_slot = bwd_slot(ds_wanted, dV != nullptr);
     const float sc = scale_;
     float* scratch = static_cast<float*>(ctx.scratch);
+    // Units of work are (b, key/value head): a thread owns the dK, dV rows of its units.
+    const int64_t units = B_ * Hkv_;
     if (fused_) {
-      over_slices([&](int64_t s0, int64_t s1, int64_t slot) {
-        for (int64_t s = s0; s < s1; ++s) {
-          const int64_t b = s / H_, h = s % H_;
-          const attn::Out oq{dQ ? dQ + sq_.at(b, h) : nullptr, sq_.r, nullptr, bq != 0.f},
-              ok{dK ? dK + sk_.at(b, h) : nullptr, sk_.r, nullptr, bk != 0.f},
-              ov{dV ? dV + sv_.at(b, h) : nullptr, sv_.r, nullptr, bv != 0.f};
-          attn::Ahead ahead[7];  // as in the forward
-          int na = 0;
-          if (s + 1 < s1) {
-            const int64_t b1 = (s + 1) / H_, h1 = (s + 1) % H_;
-            ahead[na++] = {K + sk_.at(b1, h1), sk_.r, Lk, D};
-            ahead[na++] = {Q + sq_.at(b1, h1), sq_.r, L, D};
-            ahead[na++] = {dO + so_.at(b1, h1), so_.r, L, Dv};
-            if (dQ || dK) ahead[na++] = {V + sv_.at(b1, h1), sv_.r, Lk, Dv};
-            if (dQ) ahead[na++] = {dQ + sq_.at(b1, h1), sq_.r, L, D, true};
-            if (dK) ahead[na++] = {dK + sk_.at(b1, h1), sk_.r, Lk, D, true};
-            if (dV) ahead[na++] = {dV + sv_.at(b1, h1), sv_.r, Lk, Dv, true};
+      over_units(units, [&](int64_t u0, int64_t u1, int64_t slot) {
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t b = u / Hkv_, kh = u % Hkv_;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t h = kh * G + g, s = b * H_ + h;
+            const bool first = g == 0;
+            const attn::Out oq{dQ ? dQ + sq_.at(b, h) : nullptr, sq_.r, nullptr, bq != 0.f},
+                ok{dK ? dK + sk_.at(b, kh) : nullptr, sk_.r, nullptr, !first || bk0 != 0.f},
+                ov{dV ? dV + sv_.at(b, kh) : nullptr, sv_.r, nullptr, !first || bv0 != 0.f};
+            // the next slice's operands on their way to L2, as in the forward
+            attn::Ahead ahead[7];
+            int na = 0;
+            int64_t b1 = b, h1 = h + 1;
+            if (g + 1 == G) {
+              b1 = (u + 1) / Hkv_;
+              h1 = ((u + 1) % Hkv_) * G;
+            }
+            if (g + 1 < G || u + 1 < u1) {
+              const int64_t k1 = h1 / G;
+              ahead[na++] = {K + sk_.at(b1, k1), sk_.r, Lk, D};
+              ahead[na++] = {Q + sq_.at(b1, h1), sq_.r, L, D};
+              ahead[na++] = {dO + so_.at(b1, h1), so_.r, L, Dv};
+              if (dQ || dK) ahead[na++] = {V + sv_.at(b1, k1), sv_.r, Lk, Dv};
+              if (dQ) ahead[na++] = {dQ + sq_.at(b1, h1), sq_.r, L, D, true};
+              if (dK && g + 1 == G) ahead[na++] = {dK + sk_.at(b1, k1), sk_.r, Lk, D, true};
+              if (dV && g + 1 == G) ahead[na++] = {dV + sv_.at(b1, k1), sv_.r, Lk, Dv, true};
+            }
+            attn::backward_slice<simd::Native>(slice(Q, K, V, M, b, h), LSE + s * L,
+                                               dO + so_.at(b, h), so_.r, dQ ? &oq : nullptr,
+                                               dK ? &ok : nullptr, dV ? &ov : nullptr,
+                                               scratch + slot * per_slot, ahead, na);
           }
-          attn::backward_slice<simd::Native>(slice(Q, K, V, M, b, h), LSE + s * L,
-                                             dO + so_.at(b, h), so_.r, dQ ? &oq : nullptr,
-                                             dK ? &ok : nullptr, dV ? &ov : nullptr,
-                                             scratch + slot * per_slot, ahead, na);
         }
       });
       return;
     }
-    over_slices([&](int64_t s0, int64_t s1, int64_t slot) {
+    over_units(units, [&](int64_t u0, int64_t u1, int64_t slot) {
       // E [L, Lk] = exp(S − LSE), dS [L, Lk], the panel, 1/rowsum(E) [L], dO/rowsum(E) [L, Dv]
       float* E = scratch + slot * per_slot;
       float* dS = E + tile();
       float* pan = dS + (ds_wanted ? tile() : 0);
       float* inv = pan + panel();
       float* dOs = inv + L;
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t b = s / H_, h = s % H_;
-        const float* q = Q + sq_.at(b, h);
-        const float* k = K + sk_.at(b, h);
-        const float* m = mask_at(M, b, h);
-        const float* dov = dO + so_.at(b, h);
-        const float* lse = LSE + s * L;
-        // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
-        // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
-        // 1/rowsum goes into dO (for dV) and into dS instead of a pass over E.
-        scores(q, k, E, pan);
-        for (int64_t i = 0; i < L; ++i)
-          inv[i] = 1.f / add_mask_exp_sum(E + i * Lk, m ? m + i * ml_ : nullptr, mk_ == 0,
-                                          lse[i], Lk);
-        if (dV) {  // dV [Lk, Dv] = Pᵀ · dO = Eᵀ · (dO / rowsum(E))
-          for (int64_t i = 0; i < L; ++i) rowk::row_scale(dov + i * so_.r, inv[i], dOs + i * Dv, Dv);
-          mm(true, Lk, Dv, L, E, Lk, dOs, Dv, bv, dV + sv_.at(b, h), sv_.r);
+      for (int64_t u = u0; u < u1; ++u)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t b = u / Hkv_, kh = u % Hkv_, h = kh * G + g, s = b * H_ + h;
+          const float bk = g > 0 ? 1.f : bk0, bv = g > 0 ? 1.f : bv0;
+          const float* q = Q + sq_.at(b, h);
+          const float* k = K + sk_.at(b, kh);
+          const float* m = mask_at(M, b, h);
+          const float* dov = dO + so_.at(b, h);
+          const float* lse = LSE + s * L;
+          // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
+          // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
+          // 1/rowsum goes into dO (for dV) and into dS instead of a pass over E.
+          scores(q, k, E, pan);
+          remove_future(E);
+          for (int64_t i = 0; i < L; ++i)
+            inv[i] = 1.f / add_mask_exp_sum(E + i * Lk, m ? m + i * ml_ : nullptr, mk_ == 0,
+                                            lse[i], Lk);
+          if (dV) {  // dV [Lk, Dv] = Pᵀ · dO = Eᵀ · (dO / rowsum(E))
+            for (int64_t i = 0; i < L; ++i) rowk::row_scale(dov + i * so_.r, inv[i], dOs + i * Dv, Dv);
+            mm(true, Lk, Dv, L, E, Lk, dOs, Dv, bv, dV + sv_.at(b, kh), sv_.r);
+          }
+          if (!ds_wanted) continue;
+          // dP [L, Lk] = dO · Vᵀ, then dS = scale · P ∘ (dP − rowsum(P ∘ dP)) in place
+          transpose(V + sv_.at(b, kh), sv_.r, Lk, Dv, pan);
+          mm(false, L, Lk, Dv, dov, so_.r, pan, Lk, 0.f, dS, Lk);
+          for (int64_t i = 0; i < L; ++i) {
+            const float* e = E + i * Lk;
+            float* gr = dS + i * Lk;
+            const float di = inv[i] * rowk::row_dot(e, gr, Lk), c = sc * inv[i];
+            for (int64_t j = 0; j < Lk; ++j) gr[j] = c * (e[j] * (gr[j] - di));
+          }
+          if (dQ)  // dQ [L, D] = dS · K
+            mm(false, L, D, Lk, dS, Lk, k, sk_.r, bq, dQ + sq_.at(b, h), sq_.r);
+          if (dK)  // dK [Lk, D] = dSᵀ · Q
+            mm(true, Lk, D, L, dS, Lk, q, sq_.r, bk, dK + sk_.at(b, kh), sk_.r);
         }
-        if (!ds_wanted) continue;
-        // dP [L, Lk] = dO · Vᵀ, then dS = scale · P ∘ (dP − rowsum(P ∘ dP)) in place
-        transpose(V + sv_.at(b, h), sv_.r, Lk, Dv, pan);
-        mm(false, L, Lk, Dv, dov, so_.r, pan, Lk, 0.f, dS, Lk);
-        for (int64_t i = 0; i < L; ++i) {
-          const float* e = E + i * Lk;
-          float* g = dS + i * Lk;
-          const float di = inv[i] * rowk::row_dot(e, g, Lk), c = sc * inv[i];
-          for (int64_t j = 0; j < Lk; ++j) g[j] = c * (e[j] * (g[j] - di));
-        }
-        if (dQ)  // dQ [L, D] = dS · K
-          mm(false, L, D, Lk, dS, Lk, k, sk_.r, bq, dQ + sq_.at(b, h), sq_.r);
-        if (dK)  // dK [Lk, D] = dSᵀ · Q
-          mm(true, Lk, D, L, dS, Lk, q, sq_.r, bk, dK + sk_.at(b, h), sk_.r);
-      }
     });
   }
 
@@ -359,6 +392,16 @@ class Attention : public Op {
 
  private:
   int64_t tile() const { return L_ * Lk_; }
+
+  // Scores [L, Lk] of keys the causal limit removes set to -inf (exp 0): the general path's
+  // causal mask.
+  void remove_future(float* S) const {
+    if (!causal_) return;
+    for (int64_t i = 0; i < L_; ++i) {
+      const int64_t keep = std::min(Lk_, i + Lk_ - L_ + 1);
+      std::fill(S + i * Lk_ + keep, S + (i + 1) * Lk_, -std::numeric_limits<float>::infinity());
+    }
+  }
   // K [Lk, D] or V [Lk, Dv] transposed, the row-major B of small_gemm (which would otherwise
   // transpose into a buffer of its own).
   int64_t panel() const { return std::max(D_, Dv_) * Lk_; }
@@ -386,8 +429,8 @@ class Attention : public Op {
     x.D = D_;
     x.Dv = Dv_;
     x.q = Q + sq_.at(b, h);
-    x.k = K + sk_.at(b, h);
-    x.v = V + sv_.at(b, h);
+    x.k = K + sk_.at(b, h / G_);
+    x.v = V + sv_.at(b, h / G_);
     x.ldq = sq_.r;
     x.ldk = sk_.r;
     x.ldv = sv_.r;
@@ -395,6 +438,8 @@ class Attention : public Op {
     x.ldm = ml_;
     x.one = mk_ == 0;
     x.scale = scale_;
+    x.causal = causal_;
+    x.coff = Lk_ - L_;
     return x;
   }
 
@@ -433,8 +478,11 @@ class Attention : public Op {
 
   // body(first slice, end slice, slot): slot s owns scratch block s and runs on one thread.
   template <typename F>
-  void over_slices(F&& body) const {
-    const int64_t S = slots_, n = B_ * H_;
+  void over_slices(F&& body) const { over_units(B_ * H_, body); }
+  // The same over n units (slices, or (b, kv head) groups of slices in the backward).
+  template <typename F>
+  void over_units(int64_t n, F&& body) const {
+    const int64_t S = std::min(slots_, std::max<int64_t>(n, 1));
     if (S == 1) return body(int64_t(0), n, int64_t(0));
     parallel_for(S, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t s = lo; s < hi; ++s) body(n * s / S, n * (s + 1) / S, s);
@@ -443,6 +491,8 @@ class Attention : public Op {
 
   float scale_ = 1.f;
   int64_t B_ = 0, H_ = 0, L_ = 0, Lk_ = 0, D_ = 0, Dv_ = 0;
+  int64_t Hkv_ = 0, G_ = 1;  // key/value heads, query heads per key/value head
+  bool causal_ = false;
   Strides sq_, sk_, sv_, so_;
   bool has_mask_ = false;
   bool fused_ = false;  // attention_kernels.h's per-slice path

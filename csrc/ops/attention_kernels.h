@@ -225,7 +225,17 @@ struct Slice {
   int64_t ldq = 0, ldk = 0, ldv = 0, ldm = 0;
   bool one = false;
   float scale = 1.f;
+  // causal: row i keeps keys j <= i + coff (coff = Lk − L: the last query row sees every key)
+  bool causal = false;
+  int64_t coff = 0;
 };
+
+// No causal limit (strip_rows' climit when the slice is not causal).
+constexpr int64_t kNoLimit = int64_t(1) << 40;
+
+// The causal limit of row 0 of the block starting at query row i0: keys j > climit + r are
+// removed from row r.
+inline int64_t causal_limit(const Slice& s, int64_t i0) { return s.causal ? i0 + s.coff : kNoLimit; }
 
 // An operand of the next slice to bring towards L2 while this slice computes: [rows, cols]
 // at p with row stride ld, to be read (or written: prefetchw, so the stores find the lines
@@ -289,7 +299,24 @@ inline int64_t row_key_end(const float* m, int64_t Lk) {
 // The keys [0, ke[b]) each block b of MR query rows needs (ke: (L + MR - 1) / MR entries),
 // returns their maximum: the rows of V (and, in whole vectors, of K) the slice reads.
 template <class S>
+inline int64_t key_ends_mask(const Slice& s, int MR, int64_t* ke);
+
+// key_ends_mask's ends, cut where the causal limit removes every later key of the block.
+template <class S>
 inline int64_t key_ends(const Slice& s, int MR, int64_t* ke) {
+  int64_t mx = key_ends_mask<S>(s, MR, ke);
+  if (!s.causal) return mx;
+  mx = 0;
+  for (int64_t b = 0, nb = (s.L + MR - 1) / MR; b < nb; ++b) {
+    const int64_t last = std::min<int64_t>(s.L, (b + 1) * MR) - 1;  // the block's last row
+    ke[b] = std::min(ke[b], std::min(s.Lk, last + s.coff + 1));
+    mx = std::max(mx, ke[b]);
+  }
+  return mx;
+}
+
+template <class S>
+inline int64_t key_ends_mask(const Slice& s, int MR, int64_t* ke) {
   const int64_t nb = (s.L + MR - 1) / MR;
   if (!s.mask || s.one) {  // one value per row removes every key of a row or none
     std::fill(ke, ke + nb, s.Lk);
@@ -352,13 +379,18 @@ enum class Fin {
 // stride ldb, x rows at x + r * ldx; finished as F says (the mask rows as in mask_vec). The
 // running reductions go through memory, lanes [R, W] from the caller: kept in registers
 // across the k loops, GCC spilled the loop's B vectors instead (forward 1.5x slower).
+// climit: keys j > climit + r are removed from row r (-inf: exp 0), the causal mask without a
+// mask tensor (kNoLimit: none); only the vectors crossing the diagonal pay for it.
 template <class S, int R, Fin F>
 __attribute__((noinline)) void strip_rows(int64_t n, int64_t K, const float* a, int64_t lda,
                                           const float* b, int64_t ldb, const float* m,
                                           int64_t ldm, bool one, const float* aux, float* x,
-                                          int64_t ldx, float* lanes, float* red) {
+                                          int64_t ldx, float* lanes, float* red,
+                                          int64_t climit = kNoLimit) {
   using V = typename S::V;
   constexpr int W = S::W;
+  alignas(64) static const float kIota[16] = {0, 1, 2,  3,  4,  5,  6,  7,
+                                              8, 9, 10, 11, 12, 13, 14, 15};
   float* rd[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
@@ -366,8 +398,12 @@ __attribute__((noinline)) void strip_rows(int64_t n, int64_t K, const float* a, 
     S::store(rd[r], S::set1(F == Fin::Max ? -std::numeric_limits<float>::infinity() : 0.f));
   }
   auto finish = [&](int r, int64_t j, V v) {
-    if constexpr (F != Fin::Dot)
+    if constexpr (F != Fin::Dot) {
       if (m) v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
+      if (j + W - 1 > climit + r)  // lanes j + l > climit + r: removed
+        v = S::select(S::gt(S::add(S::load(kIota), S::set1(float(j - climit - r))), S::set1(0.f)),
+                      S::set1(-std::numeric_limits<float>::infinity()), v);
+    }
     if constexpr (F == Fin::Max) {
       S::store(rd[r], S::max(v, S::load(rd[r])));
     } else if constexpr (F == Fin::Exp) {
@@ -390,15 +426,17 @@ __attribute__((noinline)) void strip_rows(int64_t n, int64_t K, const float* a, 
 template <class S, Fin F>
 inline void strip_block(int64_t rows, int64_t n, int64_t K, const float* a, int64_t lda,
                         const float* b, int64_t ldb, const float* m, int64_t ldm, bool one,
-                        const float* aux, float* x, int64_t ldx, float* red) {
+                        const float* aux, float* x, int64_t ldx, float* red,
+                        int64_t climit = kNoLimit) {
   constexpr int MR = Blk<S>::MR;
   alignas(64) float lanes[MR * S::W];
   if (rows == MR)
-    return strip_rows<S, MR, F>(n, K, a, lda, b, ldb, m, ldm, one, aux, x, ldx, lanes, red);
+    return strip_rows<S, MR, F>(n, K, a, lda, b, ldb, m, ldm, one, aux, x, ldx, lanes, red,
+                                climit);
   for (int64_t r = 0; r < rows; ++r)
     strip_rows<S, 1, F>(n, K, a + r * lda, lda, b, ldb, m ? m + r * ldm : nullptr, ldm, one,
                         F == Fin::Exp ? aux + r : F == Fin::Dot ? aux + r * ldx : nullptr,
-                        x + r * ldx, ldx, lanes, red + r);
+                        x + r * ldx, ldx, lanes, red + r, climit == kNoLimit ? climit : climit + r);
 }
 
 // x = exp(x − c_r) in place, sum[r] = Σ x: the forward's exp after strip_rows' max.
@@ -469,7 +507,8 @@ void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scr
     const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
     strip_block<S, Fin::Max>(rows, nv, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
-                             nullptr, strip, Lk, lse + i0);  // lse = row max for now
+                             nullptr, strip, Lk, lse + i0,  // lse = row max for now
+                             causal_limit(s, i0));
     if (rows == MR) {
       exp_rows<S, MR>(strip, Lk, nv, lse + i0, sum + i0);
     } else {
@@ -562,7 +601,7 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
     // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
     strip_block<S, Fin::Exp>(rows, nv, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
-                             lse + i0, e, Lk, inv + i0);
+                             lse + i0, e, Lk, inv + i0, causal_limit(s, i0));
     // keys [nv, kn) that other blocks keep: E and dS 0 there for the dV and dK products
     for (int64_t r = 0; r < rows && nv < kn; ++r) {
       std::fill(e + r * Lk + nv, e + r * Lk + kn, 0.f);
