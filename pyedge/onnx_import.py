@@ -160,7 +160,7 @@ def _external_range(name, loc, info, nbytes, dims, dtype, size) -> int:
     if offset < 0 or length < 0:
         raise ModelLoadError(f"{where}: negative offset {offset} or length {length}")
     if offset + length > size:
-        what = f"declares length {length}" if "length" in info else "needs"
+        what = "declares length" if "length" in info else "needs"
         raise ModelLoadError(f"{where} holds {size} bytes; the tensor {what} {length} bytes "
                              f"from offset {offset} (to byte {offset + length}), "
                              f"{offset + length - size} bytes past the end of the file")
