@@ -12,8 +12,11 @@ A checkpoint directory holds
 Writing is crash-safe: files go into ``.tmp-step-N-<pid>`` inside out/checkpoints, each is
 fsynced, the directory is fsynced and renamed to ``step-N`` (atomic), the parent fsynced, and
 only then the ``latest`` pointer is replaced (write temp + fsync + os.replace + fsync parent).
-A crash at any point leaves the previous ``latest`` loadable. Only safetensors and JSON are
-read back: nothing is ever unpickled.
+A crash at any point leaves the previous ``latest`` loadable. Pruning old checkpoints renames
+each to ``.trash-step-N-<pid>`` (atomic, fsynced) before deleting it, so a kill mid-delete
+never leaves a listed step-N half-deleted. A training run holds a flock on out/checkpoints
+(`RunLock`) and, at its start, removes the temp and trash dirs a killed run left
+(`cleanup_temp`). Only safetensors and JSON are read back: nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -186,6 +189,22 @@ def cleanup_temp(root) -> None:
                     p.unlink()
                 except OSError:
                     pass
+
+
+_ATOMIC_TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
+
+
+def cleanup_temp_files(folder) -> None:
+    """Removes atomic_write's temp files (``.<name>.tmp-<pid>``) a kill left in `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if _ATOMIC_TMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
 
 def save_checkpoint(root, step: int, tensors: dict[str, np.ndarray],

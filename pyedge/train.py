@@ -550,6 +550,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     ck_root = Path(cfg.out) / "checkpoints"
     with ckpt.RunLock(ck_root):
         ckpt.cleanup_temp(ck_root)
+        for folder in (ck_root.parent, ck_root.parent / "adapters"):  # config.json, adapters
+            ckpt.cleanup_temp_files(folder)
         return _train(cfg, log, progress_stream)
 
 
