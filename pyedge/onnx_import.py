@@ -157,8 +157,9 @@ def _external_range(name, loc, info, nbytes, dims, dtype, size) -> int:
     except ValueError:
         raise ModelLoadError(f"{where}: offset {info.get('offset')!r} / length "
                              f"{info.get('length')!r} are not integers") from None
-    if offset < 0 or length < 0:
-        raise ModelLoadError(f"{where}: negative offset {offset} or length {length}")
+    for what, v in (("offset", offset), ("length", length)):
+        if v < 0:
+            raise ModelLoadError(f"{where}: negative {what} {v}")
     if offset + length > size:
         what = "declares length" if "length" in info else "needs"
         raise ModelLoadError(f"{where} holds {size} bytes; the tensor {what} {length} bytes "

@@ -61,7 +61,8 @@ def ext_model(dims=(4, 4), **kv):
     (128, {"length": 32}, "declares length 32 bytes, the tensor's shape [4, 4] of float32 "
                           "needs 64"),
     (128, {"offset": "x"}, "offset 'x' / length None are not integers"),
-    (128, {"length": -4}, "negative offset 0 or length -4"),
+    (128, {"length": -4}, "negative length -4"),
+    (128, {"offset": -8}, "negative offset -8"),
 ])
 def test_external_data_range_messages(tmp_path, size, kv, msg):
     (tmp_path / "w.bin").write_bytes(b"\0" * size)
