@@ -343,12 +343,16 @@ class RunLock:
     def __init__(self, root):
         self.root = Path(root)
         self.fd = None
+        self.created: list[Path] = []
 
     def __enter__(self):
         try:
             import fcntl
         except ImportError:  # pragma: no cover - not POSIX
             return self
+        # folders made here are removed again if the run leaves them empty (a run refused
+        # for its options or data leaves nothing behind)
+        self.created = [p for p in (self.root, self.root.parent) if not p.exists()]
         self.root.mkdir(parents=True, exist_ok=True)
         self.fd = os.open(str(self.root), os.O_RDONLY)
         try:
@@ -362,6 +366,11 @@ class RunLock:
 
     def __exit__(self, *exc):
         if self.fd is not None:
+            for p in self.created:  # innermost first; rmdir refuses a non-empty folder
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
             os.close(self.fd)  # closing the last fd releases the flock
             self.fd = None
         return False

@@ -237,3 +237,7 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path):
                 pass
     with ck.RunLock(root):  # released
         pass
+    new = tmp_path / "fresh" / "checkpoints"
+    with ck.RunLock(new):   # folders it made stay only if the run wrote something
+        assert new.is_dir()
+    assert not (tmp_path / "fresh").exists()
