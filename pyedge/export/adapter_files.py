@@ -229,9 +229,20 @@ def _alpha(v, what: str, where: str) -> float:
     return float(v)
 
 
+# A quantified group that itself holds a quantifier, e.g. (a+)+ or (.*x)*: Python's regex
+# engine can take exponential time on such patterns (catastrophic backtracking). A heuristic:
+# overlapping alternations like (a|aa)* still pass.
+_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)[+*{]")
+MAX_PATTERN_CHARS = 1000
+
+
 def _pattern(p, what: str, where: str) -> None:
     if not isinstance(p, str) or not p:
         raise AdapterError(f"{where}: {what} pattern {p!r} is not a non-empty string")
+    if len(p) > MAX_PATTERN_CHARS or _NESTED_QUANTIFIER.search(p):
+        raise AdapterError(f"{where}: {what} pattern {p[:80]!r} is refused (longer than "
+                           f"{MAX_PATTERN_CHARS} characters or a quantified group holding a "
+                           "quantifier: catastrophic backtracking)")
     try:
         re.compile(p)
     except re.error as e:
