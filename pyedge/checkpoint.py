@@ -12,8 +12,11 @@ A checkpoint directory holds
 Writing is crash-safe: files go into ``.tmp-step-N-<pid>`` inside out/checkpoints, each is
 fsynced, the directory is fsynced and renamed to ``step-N`` (atomic), the parent fsynced, and
 only then the ``latest`` pointer is replaced (write temp + fsync + os.replace + fsync parent).
-A crash at any point leaves the previous ``latest`` loadable. Only safetensors and JSON are
-read back: nothing is ever unpickled.
+A crash at any point leaves the previous ``latest`` loadable. Pruning old checkpoints renames
+each to ``.trash-step-N-<pid>`` (atomic, fsynced) before deleting it, so a kill mid-delete
+never leaves a listed step-N half-deleted. A training run holds a flock on out/checkpoints
+(`RunLock`) and, at its start, removes the temp and trash dirs a killed run left
+(`cleanup_temp`). Only safetensors and JSON are read back: nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -36,8 +39,10 @@ FORMAT = "pyedge-checkpoint"
 VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
-# Test hook: called with each file name after it is written into the temp directory.
+# Test hooks: called with each file name after it is written into the temp directory, and
+# after it is deleted from a pruned checkpoint.
 _after_file_write = None
+_after_unlink = None
 
 
 class CheckpointError(ValueError):
@@ -169,7 +174,9 @@ def list_checkpoints(root) -> list[tuple[int, Path]]:
 
 
 def cleanup_temp(root) -> None:
-    """Removes half-written temp dirs left by a crash (never a complete step-N)."""
+    """Removes half-written temp dirs and half-deleted trash dirs left by a crash (never a
+    complete step-N). Call it with the run's lock held (lock_run) so no live writer's temp
+    dir is touched."""
     root = Path(root)
     if not root.is_dir():
         return
@@ -182,6 +189,22 @@ def cleanup_temp(root) -> None:
                     p.unlink()
                 except OSError:
                     pass
+
+
+_ATOMIC_TMP_RE = re.compile(r"^\..+\.tmp-\d+$")
+
+
+def cleanup_temp_files(folder) -> None:
+    """Removes atomic_write's temp files (``.<name>.tmp-<pid>``) a kill left in `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if _ATOMIC_TMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
 
 def save_checkpoint(root, step: int, tensors: dict[str, np.ndarray],
@@ -208,14 +231,36 @@ def save_checkpoint(root, step: int, tensors: dict[str, np.ndarray],
 
 
 def prune(root, keep: int) -> None:
+    """Removes all but the newest `keep` checkpoints (never the one `latest` names).
+
+    Crash-safe: each one is first renamed to a trash name (one atomic rename; listings ignore
+    trash names) and the rename made durable, then deleted. A kill at any moment leaves every
+    listed step-N whole; a half-deleted trash dir is removed by the next cleanup_temp."""
     if keep <= 0:
         return
+    root = Path(root)
     cur = read_latest_pointer(root)
     cks = list_checkpoints(root)
     for _, p in cks[:-keep]:
         if cur is not None and p.name == cur:
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        trash = root / f".trash-{p.name}-{os.getpid()}"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.rename(p, trash)
+        fsync_dir(root)
+        _remove_tree(trash)
+
+
+def _remove_tree(path: Path) -> None:
+    """shutil.rmtree, file by file so that a test can widen the kill window (_after_unlink)."""
+    if _after_unlink is None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for f in sorted(path.iterdir()):
+        f.unlink()
+        _after_unlink(f.name)
+    path.rmdir()
 
 
 def read_latest_pointer(root) -> str | None:
@@ -289,6 +334,48 @@ def load_latest(root, warn=None) -> Checkpoint | None:
     raise CheckpointError(f"{root}: no loadable checkpoint ({'; '.join(errors)})")
 
 
+class RunLock:
+    """An exclusive advisory lock (flock) on the checkpoint folder for one training run: a
+    second run on the same --out fails at once instead of interleaving checkpoints, and
+    cleanup_temp may remove every temp dir it finds. The kernel drops the lock when the
+    process dies, also on SIGKILL. A no-op where fcntl is missing."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.fd = None
+        self.created: list[Path] = []
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            return self
+        # folders made here are removed again if the run leaves them empty (a run refused
+        # for its options or data leaves nothing behind)
+        self.created = [p for p in (self.root, self.root.parent) if not p.exists()]
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(str(self.root), os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            raise CheckpointError(f"{self.root}: another pyedge run is using this folder "
+                                  "(choose another --out or wait for it to finish)") from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            for p in self.created:  # innermost first; rmdir refuses a non-empty folder
+                try:
+                    p.rmdir()
+                except OSError:
+                    break
+            os.close(self.fd)  # closing the last fd releases the flock
+            self.fd = None
+        return False
+
+
 def has_checkpoints(root) -> bool:
     return bool(list_checkpoints(root)) or (Path(root) / LATEST).exists()
 
@@ -308,6 +395,12 @@ def read_adapters_dir(path) -> tuple[dict[str, np.ndarray], dict] | None:
     path = Path(path)
     if not (path / ADAPTERS).is_file() or not (path / ADAPTERS_META).is_file():
         return None
+    root = os.path.realpath(path)
+    for name in (ADAPTERS, ADAPTERS_META):
+        real = os.path.realpath(path / name)
+        if os.path.commonpath([root, real]) != root:
+            raise CheckpointError(f"{path / name}: resolves to {real}, outside the adapters "
+                                  "folder (a symlink out of it); refused")
     try:
         meta = json.loads((path / ADAPTERS_META).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

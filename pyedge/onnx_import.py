@@ -226,18 +226,49 @@ def _external_array(t, dtype, dims, nbytes, base_dir) -> np.ndarray:
                              "the model's folder (symlink?)")
     if not real.is_file():
         raise ModelLoadError(f"initializer '{t.name}': external data file '{loc}' is missing")
-    offset = int(info.get("offset", 0) or 0)
-    length = int(info.get("length", nbytes) or nbytes)
-    size = real.stat().st_size
-    if length != nbytes or offset < 0 or offset + nbytes > size:
-        raise ModelLoadError(f"initializer '{t.name}': external data '{loc}' holds "
-                             f"{max(size - offset, 0)} bytes from offset {offset}, the tensor "
-                             f"needs {nbytes}")
+    offset = _external_range(t.name, loc, info, nbytes, dims, dtype, real.stat().st_size)
     if nbytes == 0:
         return np.zeros(dims, dtype)
     arr = np.memmap(real, dtype=dtype, mode="r", offset=offset, shape=tuple(dims))
     # the core takes typed pointers: a misaligned tensor (another writer's layout) is copied
     return arr if offset % dtype.itemsize == 0 else np.array(arr)
+
+
+def _external_range(name, loc, info, nbytes, dims, dtype, size) -> int:
+    """The offset of a tensor's external data, after checking its declared offset/length
+    against the file (`size` bytes) and the tensor's shape; each message gives the numbers
+    that disagree."""
+    where = f"initializer '{name}': external data '{loc}'"
+    try:
+        offset = int(info.get("offset") or 0)
+        length = int(info["length"]) if info.get("length") else nbytes
+    except ValueError:
+        raise ModelLoadError(f"{where}: offset {info.get('offset')!r} / length "
+                             f"{info.get('length')!r} are not integers") from None
+    for what, v in (("offset", offset), ("length", length)):
+        if v < 0:
+            raise ModelLoadError(f"{where}: negative {what} {v}")
+    if offset + length > size:
+        what = "declares length" if "length" in info else "needs"
+        raise ModelLoadError(f"{where} holds {size} bytes; the tensor {what} {length} bytes "
+                             f"from offset {offset} (to byte {offset + length}), "
+                             f"{offset + length - size} bytes past the end of the file")
+    if length != nbytes:
+        raise ModelLoadError(f"{where} declares length {length} bytes, the tensor's shape "
+                             f"{dims} of {dtype} needs {nbytes}")
+    return offset
+
+
+def check_opset_known(opsets: dict[str, int]) -> None:
+    """An ai.onnx opset newer than the installed onnx package knows is refused: the schemas
+    (and so the op semantics pyedge checks against) of that opset are unknown here."""
+    known = onnx.defs.onnx_opset_version()
+    v = opsets.get("", opsets.get("ai.onnx"))
+    if v is not None and v > known:
+        raise ModelLoadError(f"the model uses ONNX opset {v} (ai.onnx), newer than the "
+                             f"installed onnx {onnx.__version__} knows (up to opset {known}); "
+                             "upgrade onnx or re-export the model with opset <= "
+                             f"{known}")
 
 
 def _attr_value(a: onnx.AttributeProto, node_desc: str):
@@ -386,6 +417,7 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph
     bad = {d: v for d, v in opsets.items() if v < 1}
     if bad:
         raise ModelLoadError(f"invalid opset version(s) {bad}")
+    check_opset_known(opsets)
     for n in nodes:
         _check_inputs_against_schema(n, opsets.get(n.domain, opsets.get("", 17)))
     metadata = {p.key: p.value for p in proto.metadata_props}

@@ -54,8 +54,15 @@ def load_adapters(model, adapters_dir, merge: bool = False, use_peft: bool | Non
     fan_in_fan_out; the einsum of PEFT for Conv2d), modules_to_save tensors copied -- and
     returns `model` itself, modified in place (merge=False is then impossible: a warning says
     so).
+
+    The folder is validated first (pyedge.export.adapter_files) and checked against `model`'s
+    modules and shapes; PEFT then reads a copy of the validated tensors, never the folder
+    itself. A refused folder leaves `model` untouched.
     """
     _torch()
+    from pyedge.export.adapter_files import read_adapter_folder
+    ad = read_adapter_folder(adapters_dir)
+    check_fits_module(model, ad)
     auto = use_peft is None
     if auto:
         try:
@@ -68,80 +75,119 @@ def load_adapters(model, adapters_dir, merge: bool = False, use_peft: bool | Non
 
         from peft import PeftModel
         with tempfile.TemporaryDirectory(prefix="pyedge-adapters-") as tmp:
-            folder = _complete_for_peft(model, str(adapters_dir), tmp)
-            pm = PeftModel.from_pretrained(model, folder, is_trainable=is_trainable)
+            _complete_for_peft(model, ad, tmp)
+            pm = PeftModel.from_pretrained(model, tmp, is_trainable=is_trainable)
         return pm.merge_and_unload() if merge else pm
     if not merge and auto:
         warnings.warn("peft is not installed: the adapters are merged into the weights",
                       stacklevel=2)
-    return merge_into(model, adapters_dir)
+    return _merge_files(model, ad)
 
 
-def _complete_for_peft(model, folder, tmp):
-    """PEFT needs every state_dict key of each modules_to_save module. A file exported by
-    someone else may lack some (e.g. an all-zero bias the exporter's optimizer dropped, so
-    pyedge never saw it); those tensors were not trained, so their values are the base
-    model's: a completed copy of the folder is written to `tmp` and returned (else `folder`)."""
-    from pyedge.export.peft import PREFIX, read_adapters, write_adapters
+def _lora_delta_shape(mod, A, B) -> tuple[int, ...]:
+    """Shape of the weight a LoRA pair updates: [out, in] for nn.Linear, [in, out] for
+    transformers' Conv1D, [out, in, *k] for ConvNd (B is [out, r, 1...])."""
+    if A.ndim == 2:
+        shape = (B.shape[0], A.shape[1])
+        return shape[::-1] if type(mod).__name__ == "Conv1D" else shape
+    return (B.shape[0], *A.shape[1:])
 
-    config, tensors = read_adapters(folder)
-    suffixes = list(config.get("modules_to_save") or [])
-    if config.get("task_type") in ("SEQ_CLS", "TOKEN_CLS"):
-        suffixes += ["classifier", "score"]
-    if not suffixes:
-        return folder
+
+def check_fits_module(model, ad) -> None:
+    """AdapterError (one line, naming the tensor) unless every LoRA pair fits its module's
+    weight and every whole tensor a parameter/buffer of `model` of the same shape."""
+    from pyedge.export.adapter_files import AdapterError, q
+    shown = ad.weights_path
+    for module, ab in ad.lora.items():
+        key_a, key_b = q(ad.key_of(module, "A")), q(ad.key_of(module, "B"))
+        try:
+            mod = model.get_submodule(module)
+        except AttributeError:
+            raise AdapterError(f"{shown}: tensor {key_a} adapts module {q(module)}, which the "
+                               "model does not have") from None
+        W = getattr(mod, "weight", None)
+        if W is None or not hasattr(W, "dim") or W.dim() not in (2, 3, 4, 5):
+            raise AdapterError(f"{shown}: tensor {key_a} adapts module {q(module)} "
+                               f"({type(mod).__name__}), which has no weight LoRA can update")
+        want = _lora_delta_shape(mod, ab["A"], ab["B"])
+        if want != tuple(W.shape):
+            raise AdapterError(f"{shown}: tensors {key_a} {list(ab['A'].shape)} and {key_b} "
+                               f"{list(ab['B'].shape)} make a delta of shape {list(want)}, the "
+                               f"weight of {q(module)} is {list(W.shape)}")
     state = model.state_dict()
-    modules = {n.rpartition(".")[0] for n in state}
-    wrapped = {m for m in modules if any(m.endswith(t) for t in suffixes)}
-    missing = {n: t for n, t in state.items() if n.rpartition(".")[0] in wrapped
-               and PREFIX + n not in tensors}
-    if not missing:
-        return folder
-    warnings.warn(f"the adapters lack {sorted(missing)[:6]} (not in the ONNX file); "
-                  "using the base model's values", stacklevel=3)
-    for n, t in missing.items():
-        tensors[PREFIX + n] = t.detach().cpu().numpy()
-    write_adapters(tmp, config, tensors)
+    for name, arr in ad.whole.items():
+        key = q(ad.key_of(name))
+        t = state.get(name)
+        if t is None:
+            raise AdapterError(f"{shown}: tensor {key} matches no parameter or buffer of the "
+                               "model")
+        if tuple(arr.shape) != tuple(t.shape):
+            raise AdapterError(f"{shown}: tensor {key} has shape {list(arr.shape)}, the "
+                               f"model's is {list(t.shape)}")
+        if t.is_floating_point() and arr.dtype.kind != "f":
+            raise AdapterError(f"{shown}: tensor {key} is {arr.dtype}, the model's is {t.dtype}")
+
+
+def _complete_for_peft(model, ad, tmp) -> str:
+    """Writes the validated adapters to `tmp` for PEFT to read. PEFT needs every state_dict
+    key of each modules_to_save module. A file exported by someone else may lack some (e.g. an
+    all-zero bias the exporter's optimizer dropped, so pyedge never saw it); those tensors were
+    not trained, so their values are the base model's (with a warning)."""
+    from pyedge.export.adapter_files import PREFIX, saved_module_suffixes
+    from pyedge.export.peft import write_adapters
+
+    tensors = dict(ad.tensors)
+    suffixes = saved_module_suffixes(ad.config)
+    if suffixes:
+        state = model.state_dict()
+        modules = {n.rpartition(".")[0] for n in state}
+        wrapped = {m for m in modules if any(m.endswith(t) for t in suffixes)}
+        missing = {n: t for n, t in state.items() if n.rpartition(".")[0] in wrapped
+                   and PREFIX + n not in tensors}
+        if missing:
+            warnings.warn(f"the adapters lack {sorted(missing)[:6]} (not in the ONNX file); "
+                          "using the base model's values", stacklevel=3)
+            for n, t in missing.items():
+                tensors[PREFIX + n] = t.detach().cpu().numpy()
+    write_adapters(tmp, ad.config, tensors)
     return tmp
 
 
 def merge_into(model, adapters_dir):
     """W += s·B·A for every LoRA module and modules_to_save copied, without peft."""
-    torch = _torch()
-    from pyedge.export.peft import check_config, module_scaling, read_adapters, split_keys
+    _torch()
+    from pyedge.export.adapter_files import read_adapter_folder
+    ad = read_adapter_folder(adapters_dir)
+    check_fits_module(model, ad)
+    return _merge_files(model, ad)
 
-    config, tensors = read_adapters(adapters_dir)
-    check_config(config, str(adapters_dir))
-    lora, whole = split_keys(tensors)
+
+def _merge_files(model, ad):
+    """merge_into for a validated folder: every delta is computed before any weight changes."""
+    torch = _torch()
+    from pyedge.export.adapter_files import module_scaling
     state = model.state_dict(keep_vars=True)
+    updates = []
     with torch.no_grad():
-        for module_name, ab in lora.items():
-            try:
-                mod = model.get_submodule(module_name)
-            except AttributeError as e:
-                raise KeyError(f"the model has no module '{module_name}'") from e
+        for module_name, ab in ad.lora.items():
+            mod = model.get_submodule(module_name)
             A = torch.from_numpy(ab["A"]).to(torch.float64)
             B = torch.from_numpy(ab["B"]).to(torch.float64)
-            _, scale = module_scaling(config, module_name)
+            _, scale = module_scaling(ad.config, module_name)
             W = mod.weight
             if W.dim() == 2:
                 delta = B @ A
                 if type(mod).__name__ == "Conv1D":  # transformers: weight [in, out]
                     delta = delta.T
-            elif W.dim() in (3, 4, 5):  # ConvNd: A [r, in, *k], B [out, r, 1...]
+            else:  # ConvNd: A [r, in, *k], B [out, r, 1...]
                 delta = torch.einsum("or,ri...->oi...", B.flatten(1), A)
-            else:
-                raise ValueError(f"cannot merge LoRA into '{module_name}' ({type(mod).__name__})")
-            if tuple(delta.shape) != tuple(W.shape):
-                raise ValueError(f"'{module_name}': LoRA delta {list(delta.shape)} does not fit "
-                                 f"the weight {list(W.shape)}")
-            W.add_((scale * delta).to(W.dtype))
-        for name, arr in whole.items():
-            if name not in state:
-                raise KeyError(f"the model has no parameter or buffer '{name}'")
+            updates.append((W, (scale * delta).to(W.dtype), True))
+        for name, arr in ad.whole.items():
             t = state[name]
-            src = torch.from_numpy(arr)
-            if tuple(src.shape) != tuple(t.shape):
-                raise ValueError(f"'{name}': {list(src.shape)} vs the model's {list(t.shape)}")
-            t.data.copy_(src.to(t.dtype))
+            updates.append((t, torch.from_numpy(arr).to(t.dtype), False))
+        for t, value, add in updates:
+            if add:
+                t.add_(value)
+            else:
+                t.data.copy_(value)
     return model

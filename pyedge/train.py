@@ -316,13 +316,17 @@ def session_from_adapters(model, adapters, loss: str | None = None, threads: int
 def _session_from_peft(model, path: Path, loss, threads, output):
     import pyedge
     cfg_file = path / "adapter_config.json"
-    if not cfg_file.is_file():
+    if not os.path.lexists(cfg_file):
         raise ckpt.CheckpointError(f"{path}: no adapters found (neither {ckpt.ADAPTERS} nor "
                                    "adapter_config.json)")
     try:
-        pc = json.loads(cfg_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{cfg_file}: unreadable ({e})") from None
+        from pyedge.export.adapter_files import read_adapter_folder
+        from pyedge.export.peft import load_adapter_files
+    except ImportError:
+        raise ckpt.CheckpointError(f"{path}: PEFT adapters need pyedge.export (not installed in "
+                                   "this build); use a pyedge adapters directory") from None
+    ad = read_adapter_folder(path)  # the whole folder validated before a session exists
+    pc = ad.config
     targets = pc.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     lora = pyedge.LoraConfig(r=int(pc.get("r", 8)), alpha=float(pc.get("lora_alpha", 8)),
@@ -330,10 +334,7 @@ def _session_from_peft(model, path: Path, loss, threads, output):
     train = [f"{m}.*" for m in (pc.get("modules_to_save") or [])]
     sess = pyedge.TrainingSession(model, lora=lora, train=train, loss=loss, output=output,
                                   threads=threads)
-    if not hasattr(sess, "load_adapters"):
-        raise ckpt.CheckpointError(f"{path}: PEFT adapters need pyedge.export (not installed in "
-                                   "this build); use a pyedge adapters directory")
-    sess.load_adapters(str(path))
+    load_adapter_files(sess, ad)
     meta = {"lora": {"r": lora.r, "alpha": lora.alpha, "target_modules": targets},
             "train": train, "loss": loss, "output": sess.output_name,
             "label_smoothing": 0.0, "ignore_index": -100}
@@ -348,10 +349,14 @@ def _assign_tensors(session, tensors: dict, where: str) -> None:
         raise ckpt.CheckpointError(
             f"{where}: the saved tensors do not match this model/adapter config "
             f"(missing: {', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(extra[:5]) or 'none'})")
-    for name, arr in tensors.items():
+    for name, arr in tensors.items():  # all checked before the first write
         if params[name].shape != arr.shape:
             raise ckpt.CheckpointError(f"{where}: tensor '{name}' has shape {arr.shape}, the "
                                        f"session's is {params[name].shape}")
+        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)):
+            raise ckpt.CheckpointError(f"{where}: tensor {name!r} is not all finite floating "
+                                       f"point values ({arr.dtype})")
+    for name, arr in tensors.items():
         params[name][...] = arr
 
 
@@ -558,8 +563,23 @@ def _hashes(cfg: TrainConfig, session, model_sha: str, total_steps: int):
 def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
           progress_stream=None) -> TrainResult:
     """Runs training as configured; returns a TrainResult. Raises ConfigError (bad options),
-    DataError, ModelLoadError / PyedgeError (model), CheckpointError, TrainingError."""
+    DataError, ModelLoadError / PyedgeError (model), CheckpointError, TrainingError.
+
+    The run holds a lock on out/checkpoints (a second run on the same --out is refused) and
+    first removes what a killed run left half-written or half-deleted there (temp and trash
+    dirs, also from a kill during the very first checkpoint)."""
     cfg.validate()
+    if not Path(cfg.model).is_file():
+        raise FileNotFoundError(f"{cfg.model}: no such model file")
+    ck_root = Path(cfg.out) / "checkpoints"
+    with ckpt.RunLock(ck_root):
+        ckpt.cleanup_temp(ck_root)
+        for folder in (ck_root.parent, ck_root.parent / "adapters"):  # config.json, adapters
+            ckpt.cleanup_temp_files(folder)
+        return _train(cfg, log, progress_stream)
+
+
+def _train(cfg: TrainConfig, log, progress_stream) -> TrainResult:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     ck_root = out / "checkpoints"
@@ -567,8 +587,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     bar = Progress(0, stream=stream, every=cfg.log_every, enabled=cfg.progress)
     say = log or bar.write
 
-    if not Path(cfg.model).is_file():
-        raise FileNotFoundError(f"{cfg.model}: no such model file")
     if cfg.resume:
         if not ckpt.has_checkpoints(ck_root):
             say(f"no checkpoint in {ck_root}: starting from scratch")
@@ -599,7 +617,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     step, skipped, resumed_from = 0, 0, None
     last_ck: Path | None = None
     if cfg.resume and ckpt.has_checkpoints(ck_root):
-        ckpt.cleanup_temp(ck_root)
         ck = ckpt.load_latest(ck_root, warn=say)
         if ck is not None:
             st = ck.state

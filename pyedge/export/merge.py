@@ -24,8 +24,9 @@ import numpy as np
 
 from pyedge.checkpoint import atomic_write
 
-from pyedge.export.peft import (AdapterError, check_config, module_scaling, read_adapters,
-                                split_keys, to_onnx_layout, torch_names_to_onnx)
+from pyedge.export.adapter_files import read_adapter_folder
+from pyedge.export.peft import (AdapterError, module_scaling, q, to_onnx_layout,
+                                torch_names_to_onnx)
 
 
 def lora_deltas(graph, config: dict, lora: dict[str, dict[str, np.ndarray]]
@@ -140,11 +141,15 @@ def merge_adapters(model_path, adapters_dir, out_path, bits: int | None = None,
     from pyedge.onnx_import import load_onnx
 
     model_path, out_path = os.fspath(model_path), os.fspath(out_path)
-    config, tensors = read_adapters(adapters_dir)
-    check_config(config, os.fspath(adapters_dir))
-    lora, whole = split_keys(tensors)
+    # The whole folder is checked (files, values, config) before the model is even read, and
+    # everything below raises before _save_atomic: a refused merge writes nothing.
+    ad = read_adapter_folder(adapters_dir)
+    config, lora, whole, shown = ad.config, ad.lora, ad.whole, ad.weights_path
     graph = load_onnx(model_path)
-    deltas = lora_deltas(graph, config, lora) if lora else {}
+    try:
+        deltas = lora_deltas(graph, config, lora) if lora else {}
+    except AdapterError as e:
+        raise AdapterError(f"{shown}: {e}") from None
     from pyedge.export.merge_quantized import fold_quantized, quantized_sites
     qsites = quantized_sites(graph)
     qdeltas = {k: deltas.pop(k) for k in list(deltas) if k in qsites}
@@ -163,8 +168,12 @@ def merge_adapters(model_path, adapters_dir, out_path, bits: int | None = None,
         init, entry = hit
         value = to_onnx_layout(np.asarray(arr), entry)
         if tuple(value.shape) != tuple(graph.initializers[init].shape):
-            raise AdapterError(f"'{tname}' has shape {list(arr.shape)}, the model's tensor "
-                               f"'{init}' is {list(graph.initializers[init].shape)}")
+            raise AdapterError(f"{shown}: tensor {q(ad.key_of(tname))} has shape "
+                               f"{list(arr.shape)}, the model's tensor {q(init)} is "
+                               f"{list(graph.initializers[init].shape)}")
+        if graph.initializers[init].dtype.kind == "f" and value.dtype.kind != "f":
+            raise AdapterError(f"{shown}: tensor {q(ad.key_of(tname))} is {value.dtype}, the "
+                               f"model's tensor {q(init)} is {graph.initializers[init].dtype}")
         if not np.array_equal(value.astype(graph.initializers[init].dtype),
                               graph.initializers[init]):
             new_values[init] = value  # unchanged tensors (e.g. running statistics) stay as is
@@ -196,7 +205,13 @@ def merge_adapters(model_path, adapters_dir, out_path, bits: int | None = None,
                 raise AdapterError(f"'{name}' is both trained whole and LoRA-adapted")
         else:
             value = orig.astype(np.float64) + deltas[name]
-        t = numpy_helper.from_array(value.astype(orig.dtype), name)
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = value.astype(orig.dtype)
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value) | ~np.isfinite(orig)):
+            # finite A, B and alpha can still overflow float32 in W + s*B*A
+            raise AdapterError(f"{shown}: merging into {q(name)} gives non-finite weights "
+                               "(the adapter values are too large for the model's dtype)")
+        t = numpy_helper.from_array(value, name)
         if name in inits:
             inits[name].CopyFrom(t)
         else:

@@ -27,20 +27,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 
 import numpy as np
 
 from pyedge.checkpoint import atomic_write
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-
-
-class AdapterError(ValueError):
-    """The adapter folder does not fit the model/session (missing, extra or mis-shaped)."""
+# Reading and checking a folder lives in adapter_files (one place for every reader); these
+# names stay importable from here.
+from pyedge.export.adapter_files import (CONFIG_NAME, PREFIX, WEIGHTS_NAME,  # noqa: F401
+                                         AdapterError, AdapterFiles, check_config, module_scaling,
+                                         q, read_adapter_folder, split_keys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,62 +58,14 @@ def write_adapters(folder, config: dict, tensors: dict[str, np.ndarray]) -> str:
 
 
 def read_adapters(folder) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config, {key: array}) from a PEFT adapter folder; safetensors and JSON only."""
-    from safetensors.numpy import load_file
-
-    folder = os.fspath(folder)
-    cfg_path = os.path.join(folder, CONFIG_NAME)
-    w_path = os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.isfile(cfg_path):
-        raise AdapterError(f"{folder}: no {CONFIG_NAME}")
-    if not os.path.isfile(w_path):
-        other = [f for f in ("adapter_model.bin", "adapter_model.pt") if
-                 os.path.exists(os.path.join(folder, f))]
-        hint = f" ({other[0]} is a pickle file and is never loaded; re-save with " \
-               "safe_serialization=True)" if other else ""
-        raise AdapterError(f"{folder}: no {WEIGHTS_NAME}{hint}")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except ValueError as e:
-        raise AdapterError(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise AdapterError(f"{cfg_path}: expected a JSON object")
-    try:
-        tensors = load_file(w_path)
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types
-        raise AdapterError(f"{w_path}: not a valid safetensors file ({e})") from e
-    return config, tensors
+    """(config, {key: array}) from a PEFT adapter folder, validated (adapter_files)."""
+    ad = read_adapter_folder(folder)
+    return ad.config, ad.tensors
 
 
 # --------------------------------------------------------------------------------------------
 # key helpers
 # --------------------------------------------------------------------------------------------
-_LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight$")
-
-
-def split_keys(tensors: dict[str, np.ndarray], adapter_name: str = "default"):
-    """PEFT keys -> ({module: {"A": arr, "B": arr}}, {torch param name: arr}).
-
-    Accepts both the saved form (``base_model.model.m.lora_A.weight``) and the in-memory one
-    (``...lora_A.default.weight``, ``...modules_to_save.default.weight``)."""
-    lora: dict[str, dict[str, np.ndarray]] = {}
-    whole: dict[str, np.ndarray] = {}
-    for key, arr in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        m = _LORA_RE.match(name)
-        if m and m.group("adapter") in (None, adapter_name):
-            lora.setdefault(m.group("module"), {})[m.group("ab")] = arr
-            continue
-        if ".lora_" in name:
-            raise AdapterError(f"unsupported LoRA tensor '{key}' (DoRA, LoRA bias or embedding "
-                               "LoRA are not supported)")
-        name = name.replace(f".modules_to_save.{adapter_name}.", ".")
-        name = name.replace(".original_module.", ".")
-        whole[name] = arr
-    return lora, whole
-
-
 def torch_name(entry: dict | None, onnx_name: str) -> str:
     if not entry:
         return onnx_name
@@ -335,38 +283,6 @@ def save_adapters(session, folder) -> str:
 # --------------------------------------------------------------------------------------------
 # load
 # --------------------------------------------------------------------------------------------
-def _scaling(r, alpha, rslora):
-    return alpha / np.sqrt(r) if rslora else alpha / r
-
-
-def check_config(config: dict, where: str = "adapters"):
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{where}: peft_type is {config.get('peft_type')!r}; pyedge reads "
-                           "LORA adapters only")
-    if config.get("use_dora"):
-        raise AdapterError(f"{where}: DoRA adapters are not supported")
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"{where}: bias={config['bias']!r} is not supported (use 'none')")
-    for k in ("layer_replication",):
-        if config.get(k):
-            raise AdapterError(f"{where}: {k} is not supported")
-
-
-def module_scaling(config: dict, module: str) -> tuple[int, float]:
-    """(r, scaling) for a module, honouring rank_pattern/alpha_pattern like PEFT."""
-    r = int(config.get("r", 8))
-    alpha = float(config.get("lora_alpha", 8))
-    for pat, v in (config.get("rank_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pat})$", module):
-            r = int(v)
-            break
-    for pat, v in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pat})$", module):
-            alpha = float(v)
-            break
-    return r, float(_scaling(r, alpha, bool(config.get("use_rslora", False))))
-
-
 def load_adapters(session, folder, strict: bool = True) -> dict:
     """Copies adapters from a PEFT folder into the session's trainable tensors.
 
@@ -378,12 +294,31 @@ def load_adapters(session, folder, strict: bool = True) -> dict:
     the session. With strict=False, missing entries keep their current values and unknown
     ones are skipped (shape and scaling checks stay). Returns {"loaded": [...], "skipped":
     [...]} (ONNX initializer names / adapter keys).
+
+    The folder is checked whole (adapter_files.read_adapter_folder), then against the session
+    (plan_session_load), and only then written: a failed load leaves the session as it was.
     """
-    config, tensors = read_adapters(folder)
-    check_config(config, os.fspath(folder))
-    lora, whole = split_keys(tensors)
+    return load_adapter_files(session, read_adapter_folder(folder), strict)
+
+
+def load_adapter_files(session, ad: AdapterFiles, strict: bool = True) -> dict:
+    """load_adapters for an already read folder."""
+    writes, loaded, skipped = plan_session_load(session, ad, strict)
+    params = session.trainable_parameters()
+    for init, value in writes.items():
+        params[init][...] = value
+    return {"loaded": loaded, "skipped": skipped}
+
+
+def plan_session_load(session, ad: AdapterFiles, strict: bool = True
+                      ) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    """({trainable tensor: new value}, loaded, skipped) for loading `ad` into `session`;
+    AdapterError (one line naming the file and tensors) when the folder does not fit. Nothing
+    is written here."""
+    config, lora, whole, shown = ad.config, ad.lora, ad.whole, ad.weights_path
     params = session.trainable_parameters()
     graph = session.base_graph
+    writes: dict[str, np.ndarray] = {}
     loaded: list[str] = []
     skipped: list[str] = []
     problems: list[str] = []
@@ -399,37 +334,33 @@ def load_adapters(session, folder, strict: bool = True) -> dict:
                 skipped.append(module)  # an exact no-op (see _zero_lora_for_suffix_matches)
                 continue
             if site is None:
-                msg = f"LoRA for module '{module}' which the session does not adapt " \
+                msg = f"LoRA for module {q(module)} which the session does not adapt " \
                       f"(session targets: {', '.join(sorted(sites)[:8])})"
                 (problems if strict else skipped).append(msg if strict else module)
                 continue
             r, scale = module_scaling(config, module)
             if r != cfg.r:
-                raise AdapterError(f"{folder}: module '{module}' has LoRA rank r={r}, the "
+                raise AdapterError(f"{shown}: module {q(module)} has LoRA rank r={r}, the "
                                    f"session uses r={cfg.r}; create the session with "
                                    f"LoraConfig(r={r}, ...)")
             if not np.isclose(scale, want_scale, rtol=1e-6, atol=0):
                 raise AdapterError(
-                    f"{folder}: LoRA scaling of '{module}' is {scale:g} (lora_alpha="
+                    f"{shown}: LoRA scaling of {q(module)} is {scale:g} (lora_alpha="
                     f"{config.get('lora_alpha')}, r={r}, use_rslora="
                     f"{config.get('use_rslora', False)}), the session's is {want_scale:g} "
                     f"(alpha={cfg.alpha}, r={cfg.r}, use_rslora={cfg.use_rslora})")
-            for ab_key, init, shape in (("A", site.lora_a, (cfg.r, site.in_features)),
-                                        ("B", site.lora_b, (site.out_features, cfg.r))):
-                arr = ab.get(ab_key)
-                if arr is None:
-                    problems.append(f"'{module}.lora_{ab_key}.weight' is missing")
-                    continue
+            for ab_key, init in (("A", site.lora_a), ("B", site.lora_b)):
+                arr = ab[ab_key]  # adapter_files made sure both are there
                 if tuple(arr.shape) != tuple(params[init].shape):
-                    problems.append(f"'{module}.lora_{ab_key}.weight' has shape "
+                    problems.append(f"{q(ad.key_of(module, ab_key))} has shape "
                                     f"{list(arr.shape)}, expected {list(params[init].shape)}")
                     continue
-                params[init][...] = arr.astype(np.float32, copy=False)
+                writes[init] = arr
                 loaded.append(init)
         for module in sites:
             if module not in lora:
                 if strict:
-                    problems.append(f"no LoRA tensors for module '{module}' (the adapters "
+                    problems.append(f"no LoRA tensors for module {q(module)} (the adapters "
                                     f"adapt {', '.join(sorted(lora)[:8]) or 'nothing'})")
                 else:
                     skipped.append(module)
@@ -445,12 +376,13 @@ def load_adapters(session, folder, strict: bool = True) -> dict:
     trained = set(session.whole_tensors)
     seen: set[str] = set()
     for tname, arr in whole.items():
+        key = q(ad.key_of(tname))
         hit = name_map.get(tname)
         if hit is None:
             if arr.dtype.kind != "f" or arr.ndim == 0:
                 skipped.append(tname)  # e.g. BatchNorm's num_batches_tracked
             elif strict:
-                problems.append(f"'{tname}' matches no tensor of the model")
+                problems.append(f"{key} matches no tensor of the model")
             else:
                 skipped.append(tname)
             continue
@@ -458,22 +390,26 @@ def load_adapters(session, folder, strict: bool = True) -> dict:
         value = to_onnx_layout(arr, entry)
         base = graph.initializers[init]
         if tuple(value.shape) != tuple(base.shape):
-            problems.append(f"'{tname}' has shape {list(arr.shape)}, the model's "
+            problems.append(f"{key} has shape {list(arr.shape)}, the model's "
                             f"{'(transposed) ' if entry.get('transposed') else ''}tensor "
-                            f"'{init}' is {list(base.shape)}")
+                            f"{q(init)} is {list(base.shape)}")
+            continue
+        if base.dtype.kind == "f" and value.dtype.kind != "f":
+            problems.append(f"{key} is {value.dtype}, the model's tensor {q(init)} is "
+                            f"{base.dtype}")
             continue
         if init in trained:
-            params[init][...] = value.astype(np.float32, copy=False)
+            writes[init] = value
             loaded.append(init)
             seen.add(init)
         elif not np.array_equal(value.astype(base.dtype), base):
             is_buffer = entry.get("buffer") or tname.endswith(("running_mean", "running_var"))
             if strict and is_buffer:
-                problems.append(f"'{tname}' is a buffer (running statistics) that changed in "
+                problems.append(f"{key} is a buffer (running statistics) that changed in "
                                 "training; pyedge keeps buffers frozen: fine-tune with the "
                                 "module in eval mode, or merge the adapters in PyTorch")
             elif strict:
-                problems.append(f"'{tname}' differs from the model's tensor but the session "
+                problems.append(f"{key} differs from the model's tensor but the session "
                                 "does not train it (add it to train=[...])")
             else:
                 skipped.append(tname)
@@ -484,6 +420,7 @@ def load_adapters(session, folder, strict: bool = True) -> dict:
         problems.append("trained tensors missing from the adapters: " + ", ".join(
             torch_name(graph.param_map.get(n), n) for n in missing[:10]))
     if problems:
-        raise AdapterError(f"{os.fspath(folder)} does not fit the session:\n  - " +
-                           "\n  - ".join(problems))
-    return {"loaded": loaded, "skipped": skipped}
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise AdapterError(f"{shown} does not fit the session: " + "; ".join(problems[:3]) +
+                           more)
+    return writes, loaded, skipped
