@@ -51,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", parents=[common], help="export a PyTorch model to ONNX (needs torch)",
                        description="Export a PyTorch nn.Module to ONNX with pyedge's parameter "
                                    "map (workstation; needs torch).")
-    e.add_argument("factory", help="'package.module:factory' or a model.py file (defining build() "
-                                   "or model)")
-    e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    e.add_argument("factory", nargs="?", help="'package.module:factory' or a model.py file "
+                                              "(defining build() or model)")
+    e.add_argument("-o", "--output", required=True,
+                   help="the .onnx file to write (with --hf: the output folder)")
+    e.add_argument("--hf", metavar="DIR", help="a Hugging Face model folder (save_pretrained): "
+                   "writes OUTPUT/model.onnx + tokenizer and config files")
+    e.add_argument("--task", choices=("causal-lm", "seq-cls"), help="with --hf: the model head")
     e.add_argument("--example", action="append", default=[], metavar="[NAME=]DTYPE[SHAPE]",
                    help="an example input, e.g. x=float32[1,784] or input_ids=int64[1,16]; "
                         "repeat per input (not needed if the factory returns examples)")
@@ -130,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("data")
     g.add_argument("--pad-id", type=int, help="padding token id for .jsonl inputs (default 0)")
     g.add_argument("--seq-len", type=int, help="pad .jsonl sequences to this fixed length")
+    g.add_argument("--tokenizer", help="text data: tokenizer.json or its folder (default: next "
+                                       "to the model)")
+    g.add_argument("--pack", action="store_true", default=argparse.SUPPRESS,
+                   help="text data: pack {\"text\"} records into --seq-len rows (.txt always is)")
     g.add_argument("--drop-last", action="store_true", help="drop the last partial batch of an epoch")
     g.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     g.add_argument("--skip-nonfinite-data", action="store_true",
@@ -159,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--pad-id", type=int, default=0)
     v.add_argument("--seq-len", type=int)
+    v.add_argument("--tokenizer", help="text data: tokenizer.json or its folder")
+    v.add_argument("--pack", action="store_true", default=None,
+                   help="text data: pack {\"text\"} records into --seq-len rows")
     v.add_argument("--threads", type=int)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
@@ -316,7 +327,8 @@ def cmd_train(args) -> int:
             parts.append(f"train loss {res.train_loss:.4f} (moving average)")
         if ev:
             parts.append(f"eval loss {ev['loss']:.4f}" + (
-                f", accuracy {ev['accuracy']:.4f}" if ev.get("accuracy") is not None else ""))
+                f", accuracy {ev['accuracy']:.4f}" if ev.get("accuracy") is not None else "") + (
+                f", perplexity {ev['perplexity']:.4f}" if "perplexity" in ev else ""))
         if res.skipped_nonfinite:
             parts.append(f"{res.skipped_nonfinite} non-finite steps skipped")
         _out("; ".join(parts))
@@ -338,17 +350,24 @@ def cmd_eval(args) -> int:
         sess = pyedge.TrainingSession(args.model, loss=None, output=args.output,
                                       threads=args.threads)
         meta = {}
-    loss = args.loss or meta.get("loss") or "cross_entropy"
+    causal = "causal_lm" if sess.graph.metadata.get("pyedge.task") == "causal-lm" else None
+    loss = args.loss or meta.get("loss") or causal or "cross_entropy"
     ignore = int(meta.get("ignore_index", -100))
     smoothing = float(meta.get("label_smoothing", 0.0)) if not args.loss else 0.0
-    opts = argparse.Namespace(pad_id=args.pad_id, seq_len=args.seq_len, skip_nonfinite_data=False)
+    opts = argparse.Namespace(pad_id=args.pad_id, seq_len=args.seq_len, skip_nonfinite_data=False,
+                              model=args.model, tokenizer=args.tokenizer, pack=args.pack,
+                              batch_size=args.batch_size)
     ds = load_data(sess, args.data, opts, loss=loss, ignore_index=ignore)
+    if getattr(ds, "summary", None):
+        sys.stderr.write(ds.summary + "\n")
     res = evaluate(sess, ds, args.batch_size, loss, ignore, smoothing)
     if args.json:
         _out(json.dumps(res))
     else:
         acc = f"  accuracy {res['accuracy']:.4f}" if res["accuracy"] is not None else ""
-        _out(f"{args.data}: {res['records']} records  loss {res['loss']:.4f}{acc}")
+        ppl = (f"  perplexity {res['perplexity']:.4f} ({res['tokens']} tokens)"
+               if "perplexity" in res else "")
+        _out(f"{args.data}: {res['records']} records  loss {res['loss']:.4f}{acc}{ppl}")
     return EXIT_OK
 
 
@@ -403,7 +422,29 @@ def _parse_example(spec: str):
     return name, dtype, shape
 
 
+def cmd_export_hf(args) -> int:
+    if args.factory:
+        raise UsageError("give either a factory or --hf DIR, not both")
+    if not args.task:
+        raise UsageError("--hf needs --task causal-lm or --task seq-cls")
+    hx = _export_module("hf_export")
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"'{e.name}' is not installed: pyedge export --hf runs on a "
+                           "workstation with torch and transformers") from None
+    res = hx.export_hf(args.hf, args.task, args.output, exporter=args.exporter, opset=args.opset)
+    size = os.path.getsize(res["model"])
+    _out(f"wrote {res['model']} ({_fmt_bytes(size)}) and {', '.join(res['files']) or 'no other files'}")
+    return EXIT_OK
+
+
 def cmd_export(args) -> int:
+    if args.hf:
+        return cmd_export_hf(args)
+    if not args.factory:
+        raise UsageError("give a factory ('package.module:factory' or model.py) or --hf DIR")
     tx = _export_module("torch_export")
     try:
         import torch
@@ -445,6 +486,7 @@ def cmd_export(args) -> int:
     path = tx.export_module(spec.module, examples, args.output, input_names=input_names,
                             output_names=output_names, dynamic_axes=dynamic,
                             exporter=args.exporter, opset=args.opset, task_type=args.task_type)
+    _export_module("hf_export").unwrap_exported(path, spec.module)  # `self.m = model` wrappers
     size = os.path.getsize(path) if os.path.exists(path) else 0
     _out(f"wrote {path} ({_fmt_bytes(size)})")
     return EXIT_OK

@@ -86,6 +86,8 @@ class TrainConfig:
     # data
     pad_id: int = 0
     seq_len: int | None = None
+    tokenizer: str | None = None        # text data: tokenizer.json (default: next to the model)
+    pack: bool | None = None            # text data: pack into seq_len rows (default: .txt only)
     drop_last: bool = False
     shuffle: bool = True
     skip_nonfinite_data: bool = False
@@ -386,7 +388,7 @@ def evaluate(session, dataset: Dataset, batch_size: int = 64, loss: str | None =
     fixed = fixed_batch_size(session)
     if fixed:
         batch_size = fixed
-    total, count, correct = 0.0, 0, 0
+    total, count, correct, nll_total = 0.0, 0, 0, 0.0
     for inputs, labels in iterate(dataset, batch_size):
         if labels is None:
             raise DataError(f"{dataset.path}: no labels to evaluate against")
@@ -397,10 +399,18 @@ def evaluate(session, dataset: Dataset, batch_size: int = 64, loss: str | None =
         out = np.array(session.run(inputs, [output])[output])[:n]
         s, c_n, c = loss_sums(out, labels, loss, ignore_index, label_smoothing)
         total, count = total + s, count + c_n
+        if loss == "causal_lm" and label_smoothing:
+            nll_total += loss_sums(out, labels, loss, ignore_index)[0]
         correct = None if c is None or correct is None else correct + c
     res = {"loss": total / count if count else float("nan"),
            "accuracy": (correct / count if count else float("nan")) if correct is not None else None,
            "records": len(dataset)}
+    if loss == "causal_lm":
+        # perplexity: exp of the token-weighted mean NLL over non-ignored labels (no smoothing)
+        nll = nll_total if label_smoothing else total
+        res["tokens"] = count
+        mean = nll / count if count else float("nan")
+        res["perplexity"] = math.exp(mean) if mean < 700 else float("inf")
     return res
 
 
@@ -418,10 +428,17 @@ def load_data(session, path, cfg=None, require_labels: bool = True, loss: str | 
               ignore_index: int | None = None) -> Dataset:
     """Loads and validates `path` for `session` (options from `cfg`: pad_id, seq_len,
     skip_nonfinite_data). `loss` gives the labels' spec for a session without a loss."""
+    from pyedge.text_data import load_text
     spec = DataSpec.from_session(session, loss=loss, ignore_index=ignore_index)
-    ds = load_dataset(path, spec, require_labels=require_labels,
-                      pad_id=getattr(cfg, "pad_id", 0), seq_len=getattr(cfg, "seq_len", None),
-                      skip_nonfinite=getattr(cfg, "skip_nonfinite_data", False))
+    # text (.txt, jsonl text/prompt/messages, csv text,label) is tokenized; token ids are read
+    ds = load_text(session, path, model=getattr(cfg, "model", None),
+                   tokenizer=getattr(cfg, "tokenizer", None), seq_len=getattr(cfg, "seq_len", None),
+                   pack=getattr(cfg, "pack", None), require_labels=require_labels,
+                   batch_size=getattr(cfg, "batch_size", 1), spec=spec)
+    if ds is None:
+        ds = load_dataset(path, spec, require_labels=require_labels,
+                          pad_id=getattr(cfg, "pad_id", 0), seq_len=getattr(cfg, "seq_len", None),
+                          skip_nonfinite=getattr(cfg, "skip_nonfinite_data", False))
     if spec.num_classes is None and ds.has_labels and spec.loss in ("cross_entropy", "causal_lm"):
         spec.num_classes = infer_num_classes(session, ds, spec)
         labels = ds.fields["labels"]
@@ -557,6 +574,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     train_ds = load_data(session, cfg.data, cfg)
     eval_ds = load_data(session, cfg.eval_data, cfg) if cfg.eval_data else None
     for ds in (train_ds, eval_ds):
+        if ds is not None and getattr(ds, "summary", None):
+            say(ds.summary)  # what the text became
         if ds is not None and ds.skipped:
             say(f"{ds.path}: skipped {ds.skipped} record(s) with NaN/inf values")
     fixed_batch = fixed_batch_size(session)
@@ -634,6 +653,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
         metrics.write({"type": "eval", "step": step_now, "epoch": round(loader.position, 4),
                        **res})
         acc = f", accuracy {res['accuracy']:.4f}" if res["accuracy"] is not None else ""
+        if "perplexity" in res:
+            acc += f", perplexity {res['perplexity']:.4f}"
         say(f"eval @ step {step_now}: loss {res['loss']:.4f}{acc} ({res['records']} records)")
         return res
 
