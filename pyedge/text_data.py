@@ -108,6 +108,11 @@ class TextTokenizer:
         pad = self.token_id("pad_token")
         if pad is None and self.tok.padding is not None:
             pad = self.tok.padding.get("pad_id")
+        # Like transformers: the file's own padding/truncation settings are not applied to
+        # single encodings (MiniLM's tokenizer.json pads everything to 128); pyedge pads per
+        # batch and truncates with a report.
+        self.tok.no_padding()
+        self.tok.no_truncation()
         self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
 
     @staticmethod
@@ -456,7 +461,8 @@ def load_text_dataset(path, spec: DataSpec, tokenizer: TextTokenizer, *, kind: s
         limit = min(limit, DEFAULT_PACK_LEN)
     ignore = spec.ignore_index
     rep = TextReport(kind=kind, limit=limit, batch_size=batch_size)
-    seqs = _build(p, shown, kind, tokenizer, ignore, label2id, require_labels, spec, rep)
+    seqs = _build(p, shown, kind, tokenizer, ignore, label2id, require_labels, spec, rep,
+                  limit if kind == "classify" else None)
     if not seqs:
         raise DataError(f"{shown}: no records" + "".join(f"; {n} skipped ({r})"
                                                         for r, n in rep.dropped))
@@ -479,7 +485,8 @@ def load_text_dataset(path, spec: DataSpec, tokenizer: TextTokenizer, *, kind: s
                     rep, kind)
 
 
-def _build(p, shown, kind, tok: TextTokenizer, ignore, label2id, require_labels, spec, rep):
+def _build(p, shown, kind, tok: TextTokenizer, ignore, label2id, require_labels, spec, rep,
+           cls_limit=None):
     import jinja2
     seqs: list[_Seq] = []
     if kind == "txt":
@@ -501,7 +508,19 @@ def _build(p, shown, kind, tok: TextTokenizer, ignore, label2id, require_labels,
                 raise DataError(f"{shown}:{lineno}: record has no 'text' (keys: {', '.join(rec)})")
             texts.append(_need_str(shown, lineno, rec, "text"))
         encs = tok.encode_batch(texts)
-        for (lineno, rec), enc in zip(rows, encs):
+        cuts = [0] * len(encs)
+        long = [i for i, e in enumerate(encs) if cls_limit and len(e.ids) > cls_limit]
+        if kind == "classify" and long:
+            # the tokenizer's own truncation keeps [CLS] ... [SEP] whole
+            tok.tok.enable_truncation(max_length=cls_limit)
+            try:
+                short = tok.encode_batch([texts[i] for i in long])
+            finally:
+                tok.tok.no_truncation()
+            for i, e in zip(long, short):
+                cuts[i] = len(encs[i].ids) - len(e.ids)
+                encs[i] = e
+        for (lineno, rec), enc, cut in zip(rows, encs, cuts):
             if kind == "text":
                 ids = _with_eos(list(enc.ids), tok)
                 seqs.append(_Seq(ids, list(ids), list(enc.type_ids) + [0] * (len(ids) - len(enc.ids))))
@@ -514,7 +533,7 @@ def _build(p, shown, kind, tok: TextTokenizer, ignore, label2id, require_labels,
                 lab = 0
             else:
                 lab = _label_id(shown, lineno, rec[lk], label2id)
-            seqs.append(_Seq(list(enc.ids), lab, list(enc.type_ids)))
+            seqs.append(_Seq(list(enc.ids), lab, list(enc.type_ids), cut))
         return seqs
     for lineno, rec in rows:
         if kind == "prompt":
