@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="training data: .npz, .jsonl, .csv or a directory of .npy")
     t.add_argument("--eval-data", help="evaluation data (same formats)")
     t.add_argument("--out", "-o", help="run directory (default: pyedge-run)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out, with the options saved "
+                        "there (flags given now override them)")
     g = t.add_argument_group("adapters")
     g.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int)
     g = t.add_argument_group("logging and checkpoints")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
+    g.add_argument("--early-stop", type=int, metavar="N",
+                   help="stop after N evaluations (--eval-every) without a lower eval loss")
     g.add_argument("--eval-at-start", action="store_true", help="also evaluate before training")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (default 100, 0: end only)")
     g.add_argument("--keep-checkpoints", type=int, help="keep the last K checkpoints (default 3, 0: all)")
@@ -273,6 +277,22 @@ def _coerce(path, key, val, field):
                          f"{type(val).__name__} {val!r}") from None
 
 
+def saved_run_options(out) -> dict:
+    """The options a run in `out` was started with (its config.json), as TrainConfig fields;
+    {} when there is none. Lets `pyedge train --out DIR --resume` repeat nothing."""
+    p = Path(out) / "config.json"
+    if not p.is_file():
+        return {}
+    try:
+        saved = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{p}: unreadable ({_one_line(e)}); give the options again") from None
+    fields = _train_fields()
+    # progress display follows this invocation's -q, not the first one's
+    keep = {k: v for k, v in saved.items() if k in fields and k not in ("resume", "progress")}
+    return keep
+
+
 def train_config_from_args(args) -> "object":
     from pyedge.train import TrainConfig, split_list
     values = {}
@@ -281,6 +301,9 @@ def train_config_from_args(args) -> "object":
     flags = {k: v for k, v in vars(args).items()
              if k not in ("func", "command", "config", "debug", "quiet")}
     values.update(flags)
+    if values.get("resume"):
+        # the run's saved options first; the config file and the flags given now win
+        values = {**saved_run_options(values.get("out") or "pyedge-run"), **values}
     for k in ("target", "train"):
         if k in values:
             values[k] = split_list(values[k])

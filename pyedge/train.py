@@ -94,6 +94,7 @@ class TrainConfig:
     eval_batch_size: int | None = None
     # bookkeeping
     eval_every: int = 0                 # 0: evaluate at the end only
+    early_stop: int = 0                 # stop after N evaluations without a lower eval loss
     eval_at_start: bool = False
     save_every: int = 100               # 0: checkpoint at the end only
     keep_checkpoints: int = 3           # 0: keep all
@@ -136,6 +137,9 @@ class TrainConfig:
         for k in ("eval_every", "save_every", "keep_checkpoints"):
             need(getattr(self, k) >= 0, f"--{k.replace('_', '-')} must be >= 0")
         need(self.log_every > 0, f"--log-every must be positive, got {self.log_every}")
+        need(self.early_stop >= 0, f"--early-stop must be >= 0, got {self.early_stop}")
+        need(not self.early_stop or (self.eval_data and self.eval_every),
+             "--early-stop N needs --eval-data and --eval-every (it counts evaluations)")
         need(self.seq_len is None or self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}")
         need(self.eval_batch_size is None or self.eval_batch_size > 0, "--eval-batch-size must be positive")
         need(self.loss != "mse" or self.label_smoothing == 0, "--label-smoothing needs a cross-entropy loss")
@@ -486,6 +490,30 @@ class MetricsLog:
         return out
 
 
+def write_metrics_csv(metrics_path: Path, csv_path: Path) -> None:
+    """metrics.jsonl -> metrics.csv (one row per record, the union of their keys as columns,
+    `type` and `step` first), for spreadsheets."""
+    import csv
+    recs = []
+    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            recs.append(rec)
+    cols = ["type", "step"]
+    for r in recs:
+        cols += [k for k in r if k not in cols]
+    tmp = Path(csv_path).with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, restval="")
+        w.writeheader()
+        for r in recs:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    os.replace(tmp, csv_path)
+
+
 def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
     """Loss/accuracy curves as a PNG when matplotlib is installed; False otherwise."""
     try:
@@ -665,6 +693,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     bar.total, bar.start_step, bar.step = total_steps, step, step
     bar.t0 = time.perf_counter()
     last_eval = None
+    best = (math.inf, 0, 0)  # early stopping: (lowest eval loss, its step, evaluations since)
     window: list[float] = []
     last_loss = float("nan")
     ema = None  # moving average of the loss, for the progress display and the result
@@ -711,14 +740,27 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
             if eval_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                     and step < total_steps:
                 last_eval = run_eval(step)
+                if cfg.early_stop:
+                    best = ((last_eval["loss"], step, 0) if last_eval["loss"] < best[0] else
+                            (best[0], best[1], best[2] + 1))
+                    if best[2] >= cfg.early_stop:
+                        say(f"early stop at step {step}: eval loss has not improved for "
+                            f"{best[2]} evaluations (best {best[0]:.4f} at step {best[1]})")
+                        metrics.write({"type": "early_stop", "step": step,
+                                       "best_step": best[1], "best_loss": best[0]})
+                        break
         bar.close()
         if last_ck is None or last_ck.name != f"step-{step}":
             last_ck = save(step)
-        if eval_ds is not None:
+        if eval_ds is not None and not (last_eval is not None and best[2] >= cfg.early_stop > 0):
             last_eval = run_eval(step)
     finally:
         bar.close()
         metrics.close()
+        try:
+            write_metrics_csv(out / "metrics.jsonl", out / "metrics.csv")
+        except OSError:
+            pass  # the jsonl stays the record
     if skipped:
         say(f"skipped {skipped} step(s) with a non-finite loss or gradient")
     adapters_dir = out / "adapters"
