@@ -461,8 +461,11 @@ def load_text_dataset(path, spec: DataSpec, tokenizer: TextTokenizer, *, kind: s
         limit = min(limit, DEFAULT_PACK_LEN)
     ignore = spec.ignore_index
     rep = TextReport(kind=kind, limit=limit, batch_size=batch_size)
-    seqs = _build(p, shown, kind, tokenizer, ignore, label2id, require_labels, spec, rep,
-                  limit if kind == "classify" else None)
+    try:
+        seqs = _build(p, shown, kind, tokenizer, ignore, label2id, require_labels, spec, rep,
+                      limit if kind == "classify" else None)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{shown}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not seqs:
         raise DataError(f"{shown}: no records" + "".join(f"; {n} skipped ({r})"
                                                         for r, n in rep.dropped))

@@ -210,6 +210,40 @@ def test_wrapped_model_adapters_load_into_unwrapped(tmp_path):
         np.testing.assert_allclose(merged(ids).numpy(), got, atol=1e-4)
 
 
+def test_only_pure_wrappers_are_unwrapped():
+    """`self.m = model` is unwrapped; a custom head around a PreTrainedModel is not (its
+    adapters belong to the whole model, which is what load_adapters then gets)."""
+    from transformers import BertConfig, BertModel
+
+    from pyedge.export.hf_export import adapter_target, find_base_model, strip_param_map
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=16))
+
+    class Pure(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Module()
+            self.inner.m = bert
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+            self.head = torch.nn.Linear(8, 2)
+
+    assert find_base_model(bert) == ("", bert)
+    assert find_base_model(Pure()) == ("inner.m", bert)
+    assert adapter_target(Pure()) == (bert, "inner.m")
+    assert find_base_model(Head()) is None
+    h = Head()
+    assert adapter_target(h) == (h, "")
+    pm, ex, outside = strip_param_map(
+        {"a": {"module": "inner.m.encoder.x", "param": "weight", "aliases": ["inner.m.e.weight"]},
+         "b": {"module": "other", "param": "bias"}}, {"inner.m.n": {}}, "inner.m")
+    assert pm["a"]["module"] == "encoder.x" and pm["a"]["aliases"] == ["e.weight"]
+    assert pm["b"]["module"] == "other" and outside == ["other.bias"] and list(ex) == ["n"]
+
+
 def test_seq_cls_export_trains_on_text_label(tmp_path, capsys):
     """export --hf --task seq-cls of a config-built BERT with the MiniLM tokenizer; csv
     text,label; PEFT (SEQ_CLS: classifier saved whole) gives the same logits."""

@@ -278,7 +278,10 @@ def test_errors_are_one_line(tmp_path, folder, capsys):
     tf.save_tokenizer_folder(str(broken), "{% for m in messages %}{{ m['content'] }")
     _one_line_error(*_cli(capsys, train[0], model, "--data", folder / "chat.jsonl", "--tokenizer", broken,
                           *train[1:], "--out", tmp_path / "r4"), "chat template does not parse")
-    # chat data on a classifier; prompt data with a non-causal loss
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    _one_line_error(*_cli(capsys, train[0], model, "--data", tmp_path / "latin1.txt", *train[1:],
+                          "--out", tmp_path / "r6"), "latin1.txt: not UTF-8 text")
+    # chat data with a non-causal loss
     _one_line_error(*_cli(capsys, train[0], model, "--data", folder / "chat.jsonl", "--target", "proj",
                           "--loss", "cross_entropy", "--max-steps", "1", "-q",
                           "--out", tmp_path / "r5"), "--loss causal_lm")

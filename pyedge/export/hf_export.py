@@ -13,8 +13,10 @@ Why unwrapping: exporting needs a module whose forward returns the logits tensor
 natural way to get one is a wrapper (``self.m = model``). Every recorded parameter name then
 starts with ``m.``, and PEFT cannot load the adapters onto the plain ``PreTrainedModel``.
 `unwrap_exported` rewrites the file's parameter map so that names are relative to the
-outermost ``PreTrainedModel`` inside the exported module; `pyedge.torch.export` applies it to
-every export, so a user's own wrapper behaves the same. The ONNX tensors keep their names: only
+``PreTrainedModel`` a pure wrapper holds (every parameter and buffer lies inside it);
+`pyedge.torch.export` and `pyedge export` apply it to every export, so a user's own wrapper
+behaves the same. A model with parameters of its own (a custom head around a PreTrainedModel)
+keeps its names: its adapters belong to the whole model. The ONNX tensors keep their names: only
 the map (``pyedge.param_map``, ``pyedge.extra_state``) and the class/base-path metadata change,
 and ``pyedge.module_prefix`` records what was stripped.
 
@@ -55,13 +57,20 @@ def _is_pretrained(mod) -> bool:
 
 
 def find_base_model(module) -> tuple[str, object] | None:
-    """(attribute prefix, module) of the outermost transformers PreTrainedModel inside
-    `module`; ("", module) when `module` is one; None when there is none."""
+    """(attribute prefix, module) of the PreTrainedModel that `module` merely wraps: `module`
+    itself ("", module) when it is one, else the outermost PreTrainedModel inside it that holds
+    every parameter and buffer (a pure wrapper such as ``self.m = model``). None otherwise: a
+    model with parameters of its own around a PreTrainedModel (a custom head) keeps its names,
+    since the adapters then belong to the whole model."""
     if _is_pretrained(module):
         return "", module
     for name, sub in module.named_modules():
         if name and _is_pretrained(sub):
-            return name, sub
+            owned = [n for n, _ in module.named_parameters()] + \
+                [n for n, _ in module.named_buffers()]
+            if all(n.startswith(name + ".") for n in owned):
+                return name, sub
+            return None
     return None
 
 
@@ -110,10 +119,9 @@ def unwrap_exported(path, module, extra_meta: dict | None = None) -> str:
     if prefix:
         pm, ex, outside = strip_param_map(json.loads(meta.get(PARAM_MAP_KEY, "{}")),
                                           json.loads(meta.get(EXTRA_STATE_KEY, "{}")), prefix)
-        if outside:
-            warnings.warn(f"the wrapper around '{prefix}' has parameters of its own "
-                          f"({', '.join(outside[:4])}); they keep their names, and PEFT can load "
-                          "adapters touching them only onto the wrapper", stacklevel=3)
+        if outside:  # not expected: find_base_model saw every parameter under the prefix
+            warnings.warn(f"names outside '{prefix}' kept as they are: {', '.join(outside[:4])}",
+                          stacklevel=3)
         base = found[1]
         new[PARAM_MAP_KEY] = json.dumps(pm, sort_keys=True)
         new[EXTRA_STATE_KEY] = json.dumps(ex, sort_keys=True)
