@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "'encoder.layer.*.value', 're:...', 'all-linear')")
     g.add_argument("--train", help="whole tensors to train, comma-separated patterns ('classifier.*')")
     g = t.add_argument_group("objective")
-    g.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"))
+    g.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"),
+                   help="default cross_entropy; causal_lm when config.json beside the model "
+                        "names a *ForCausalLM")
     g.add_argument("--output", help="graph output the loss reads (default: the first)")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--ignore-index", type=int, help="label ignored by cross-entropy (default -100)")
@@ -277,6 +279,16 @@ def _coerce(path, key, val, field):
                          f"{type(val).__name__} {val!r}") from None
 
 
+def _is_causal_lm_folder(model) -> bool:
+    """config.json next to the model (pyedge export --hf copies it) names a *ForCausalLM."""
+    p = Path(model).parent / "config.json"
+    try:
+        arch = json.loads(p.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(isinstance(a, str) and a.endswith("ForCausalLM") for a in arch)
+
+
 def saved_run_options(out) -> dict:
     """The options a run in `out` was started with (its config.json), as TrainConfig fields;
     {} when there is none. Lets `pyedge train --out DIR --resume` repeat nothing."""
@@ -307,6 +319,8 @@ def train_config_from_args(args) -> "object":
     for k in ("target", "train"):
         if k in values:
             values[k] = split_list(values[k])
+    if "loss" not in values and values.get("model") and _is_causal_lm_folder(values["model"]):
+        values["loss"] = "causal_lm"  # cross-entropy on unshifted LM logits is never meant
     if not values.get("model"):
         raise UsageError("no model given: pyedge train model.onnx --data train.npz ...")
     if not values.get("data"):

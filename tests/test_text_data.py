@@ -297,6 +297,21 @@ def test_long_text_truncation_reported_by_cli(tmp_path, folder, capsys):
     assert "1 truncated to 64 tokens" in out + err
 
 
+def test_causal_lm_loss_is_the_default_next_to_a_causal_lm_config(tmp_path, folder, capsys):
+    import shutil
+    for f in ("model.onnx", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / f, tmp_path / f)
+    args = ("train", tmp_path / "model.onnx", "--data", folder / "pc.jsonl", "--target", "proj",
+            "--max-steps", "1", "-q")
+    rc, out, err = _cli(capsys, *args, "--out", tmp_path / "a")
+    assert rc == 1 and "--loss causal_lm" in err  # no config.json: cross_entropy, refused
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    rc, out, err = _cli(capsys, *args, "--out", tmp_path / "b")
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "b" / "adapters" / "pyedge_adapters.json").read_text())
+    assert meta["loss"] == "causal_lm"
+
+
 # --------------------------------------------------------------------------- device path
 def test_device_path_needs_no_torch(tmp_path, folder):
     """train + eval on chat, prompt/completion and .txt with torch/transformers/peft blocked."""
