@@ -287,3 +287,18 @@ def test_seq_cls_export_trains_on_text_label(tmp_path, capsys):
     with torch.no_grad():
         want = pm(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_export_hf_bad_input_is_one_line(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    rc, out, err = _cli(capsys, "export", "--hf", tmp_path / "nowhere", "--task", "causal-lm",
+                        "-o", tmp_path / "o")
+    assert rc == 1 and err.startswith("pyedge: error: ") and "no such model folder" in err
+    (tmp_path / "empty").mkdir()
+    rc, out, err = _cli(capsys, "export", "--hf", tmp_path / "empty", "--task", "causal-lm",
+                        "-o", tmp_path / "o")
+    assert rc == 1 and "no config.json" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = _cli(capsys, "export", "--hf", tmp_path / "empty", "-o", tmp_path / "o")
+    assert rc == 2 and "--task" in err
+    rc, out, err = _cli(capsys, "export", "-o", tmp_path / "o")
+    assert rc == 2 and "--hf DIR" in err
