@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -456,7 +455,8 @@ def load_text_dataset(path, spec: DataSpec, tokenizer: TextTokenizer, *, kind: s
                         f"not {kind} records (their loss masks would mix)")
     limit = seq_len or max_positions
     if pack and limit is None:
-        raise DataError(f"{shown}: packing text needs --seq-len (the model's positions are unknown)")
+        raise DataError(f"{shown}: packing text needs --seq-len (the model's positions are "
+                        "unknown)")
     if pack and not seq_len:
         limit = min(limit, DEFAULT_PACK_LEN)
     ignore = spec.ignore_index
@@ -526,7 +526,8 @@ def _build(p, shown, kind, tok: TextTokenizer, ignore, label2id, require_labels,
         for (lineno, rec), enc, cut in zip(rows, encs, cuts):
             if kind == "text":
                 ids = _with_eos(list(enc.ids), tok)
-                seqs.append(_Seq(ids, list(ids), list(enc.type_ids) + [0] * (len(ids) - len(enc.ids))))
+                types = list(enc.type_ids) + [0] * (len(ids) - len(enc.ids))  # + the EOS
+                seqs.append(_Seq(ids, list(ids), types))
                 continue
             lk = "label" if "label" in rec else ("labels" if "labels" in rec else None)
             if lk is None or rec.get(lk) in (None, ""):

@@ -33,21 +33,25 @@ def _save(graph, path, meta=None):
     return str(path)
 
 
+def _weight(rng, shape, scale, name):
+    from onnx import numpy_helper
+    return numpy_helper.from_array((scale * rng.standard_normal(shape)).astype(np.float32), name)
+
+
 def tiny_lm(path, vocab=300, hidden=16, positions=None, seed=0):
     """input_ids [B, T] -> Gather(embed) -> MatMul(proj) -> Tanh -> MatMul(head) -> logits."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array((0.5 * rng.standard_normal((vocab, hidden))).astype(np.float32), "embed.weight"),
-             numpy_helper.from_array((0.3 * rng.standard_normal((hidden, hidden))).astype(np.float32), "proj.weight"),
-             numpy_helper.from_array((0.3 * rng.standard_normal((hidden, vocab))).astype(np.float32), "head.weight")]
+    inits = [_weight(rng, (vocab, hidden), 0.5, "embed.weight"),
+             _weight(rng, (hidden, hidden), 0.3, "proj.weight"),
+             _weight(rng, (hidden, vocab), 0.3, "head.weight")]
     nodes = [helper.make_node("Gather", ["embed.weight", "input_ids"], ["h0"], name="embed"),
              helper.make_node("MatMul", ["h0", "proj.weight"], ["h1"], name="proj"),
              helper.make_node("Tanh", ["h1"], ["h2"], name="act"),
              helper.make_node("MatMul", ["h2", "head.weight"], ["logits"], name="head")]
-    g = helper.make_graph(nodes, "tiny_lm",
-                          [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", vocab])],
-                          inits)
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "t", vocab])
+    g = helper.make_graph(nodes, "tiny_lm", [ids], [logits], inits)
     meta = {"pyedge.task": "causal-lm"}
     if positions:
         meta["pyedge.max_positions"] = positions
@@ -56,18 +60,17 @@ def tiny_lm(path, vocab=300, hidden=16, positions=None, seed=0):
 
 def tiny_classifier(path, vocab, classes=3, hidden=16, seed=0):
     """input_ids, attention_mask [B, T] -> mean of embeddings -> MatMul(head) -> logits [B, C]."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array((0.5 * rng.standard_normal((vocab, hidden))).astype(np.float32), "embed.weight"),
-             numpy_helper.from_array((0.3 * rng.standard_normal((hidden, classes))).astype(np.float32), "head.weight")]
+    inits = [_weight(rng, (vocab, hidden), 0.5, "embed.weight"),
+             _weight(rng, (hidden, classes), 0.3, "head.weight")]
     nodes = [helper.make_node("Gather", ["embed.weight", "input_ids"], ["h0"]),
              helper.make_node("ReduceMean", ["h0"], ["h1"], axes=[1], keepdims=0),
              helper.make_node("MatMul", ["h1", "head.weight"], ["logits"], name="head")]
-    g = helper.make_graph(nodes, "tiny_cls",
-                          [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"]),
-                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "t"])],
-                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", classes])],
-                          inits)
+    ins = [helper.make_tensor_value_info(n, TensorProto.INT64, ["b", "t"])
+           for n in ("input_ids", "attention_mask")]
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", classes])
+    g = helper.make_graph(nodes, "tiny_cls", ins, [out], inits)
     return _save(g, path)
 
 
