@@ -183,6 +183,12 @@ def test_txt_is_packed_and_jsonl_text_padded(folder):
     lab = ds.fields["labels"].reshape(-1)
     np.testing.assert_array_equal(lab[:len(stream)], stream)
     assert np.all(lab[len(stream):] == IGNORE) and np.all(ids.reshape(-1)[len(stream):] == tok.pad_id)
+    packed = _load(folder, "text.jsonl", seq_len=16, pack=True)
+    stream6 = [t for x in tf.CORPUS[:6] for t in tok.encode(x) + [tok.eos_id]]
+    assert packed.fields["input_ids"].shape == (-(-len(stream6) // 16), 16)
+    np.testing.assert_array_equal(packed.fields["input_ids"].reshape(-1)[:len(stream6)], stream6)
+    with pytest.raises(DataError, match="--pack applies to plain text"):
+        _load(folder, "pc.jsonl", seq_len=16, pack=True)
     padded = _load(folder, "text.jsonl", batch_size=2)
     assert len(padded) == 6 and isinstance(padded.fields["input_ids"], list)
     inputs, labels = padded.batch([0, 1])
