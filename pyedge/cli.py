@@ -244,7 +244,7 @@ def read_toml_config(path) -> dict:
         if name not in fields:
             raise UsageError(f"{path}: unknown option '{key}'")
         out[name] = _coerce(path, key, val, fields[name])
-    for k in ("model", "data", "eval_data", "out"):
+    for k in ("model", "data", "eval_data", "out", "tokenizer"):
         if isinstance(out.get(k), str) and not os.path.isabs(out[k]):
             out[k] = str(p.parent / out[k])
     return out
