@@ -694,6 +694,12 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
     bar.t0 = time.perf_counter()
     last_eval = None
     best = (math.inf, 0, 0)  # early stopping: (lowest eval loss, its step, evaluations since)
+    if cfg.early_stop and resumed_from is not None:
+        # the evaluations before the checkpoint count, as in an uninterrupted run
+        for r in metrics.records():
+            if r.get("type") == "eval" and r.get("loss") is not None and r.get("step", 0) > 0:
+                best = ((r["loss"], r["step"], 0) if r["loss"] < best[0] else
+                        (best[0], best[1], best[2] + 1))
     window: list[float] = []
     last_loss = float("nan")
     ema = None  # moving average of the loss, for the progress display and the result

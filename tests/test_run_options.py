@@ -80,3 +80,18 @@ def test_early_stop_needs_periodic_eval(run, capsys):
     rc, out, err = _main(capsys, "train", model, "--data", d / "pc.jsonl", "--target", "proj",
                          "--loss", "causal_lm", "--early-stop", "2", "--out", d / "x")
     assert rc == 2 and "--early-stop N needs --eval-data and --eval-every" in err
+
+
+def test_early_stop_counts_evaluations_before_a_resume(run, capsys):
+    d, model = run
+    args = ["train", model, "--data", d / "pc.jsonl", "--eval-data", d / "pc.jsonl", "--loss",
+            "causal_lm", "--target", "proj", "--lr", "0", "--batch-size", "2", "--max-steps",
+            "20", "--eval-every", "1", "--early-stop", "3", "--save-every", "1",
+            "--out", d / "es", "-q"]
+    assert _main(capsys, *args)[0] == 0
+    ck = d / "es" / "checkpoints"
+    assert (ck / "step-4").is_dir() and not (ck / "step-5").exists()  # evals 1..4: stop at 4
+    shutil.rmtree(ck / "step-4")
+    shutil.rmtree(ck / "step-3")
+    rc, out, err = _main(capsys, "train", "--out", d / "es", "--resume")
+    assert rc == 0 and "trained steps 3-4 (resumed at 2)" in out, out + err
