@@ -51,9 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", parents=[common], help="export a PyTorch model to ONNX (needs torch)",
                        description="Export a PyTorch nn.Module to ONNX with pyedge's parameter "
                                    "map (workstation; needs torch).")
-    e.add_argument("factory", help="'package.module:factory' or a model.py file (defining build() "
-                                   "or model)")
-    e.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    e.add_argument("factory", nargs="?", help="'package.module:factory' or a model.py file "
+                                              "(defining build() or model)")
+    e.add_argument("-o", "--output", required=True,
+                   help="the .onnx file to write (with --hf: the output folder)")
+    e.add_argument("--hf", metavar="DIR", help="a Hugging Face model folder (save_pretrained): "
+                   "writes OUTPUT/model.onnx + tokenizer and config files")
+    e.add_argument("--task", choices=("causal-lm", "seq-cls"), help="with --hf: the model head")
     e.add_argument("--example", action="append", default=[], metavar="[NAME=]DTYPE[SHAPE]",
                    help="an example input, e.g. x=float32[1,784] or input_ids=int64[1,16]; "
                         "repeat per input (not needed if the factory returns examples)")
@@ -97,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="training data: .npz, .jsonl, .csv or a directory of .npy")
     t.add_argument("--eval-data", help="evaluation data (same formats)")
     t.add_argument("--out", "-o", help="run directory (default: pyedge-run)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out, with the options saved "
+                        "there (flags given now override them)")
     g = t.add_argument_group("adapters")
     g.add_argument("--lora-r", type=int, help="LoRA rank (default 8)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
@@ -109,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantize", choices=("4", "8", "nf4", "fp4"),
                    help="quantize the frozen linear weights on load (QLoRA; see pyedge quantize)")
     g = t.add_argument_group("objective")
-    g.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"))
+    g.add_argument("--loss", choices=("cross_entropy", "mse", "causal_lm"),
+                   help="default cross_entropy; causal_lm when config.json beside the model "
+                        "names a *ForCausalLM")
     g.add_argument("--output", help="graph output the loss reads (default: the first)")
     g.add_argument("--label-smoothing", type=float)
     g.add_argument("--ignore-index", type=int, help="label ignored by cross-entropy (default -100)")
@@ -134,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("data")
     g.add_argument("--pad-id", type=int, help="padding token id for .jsonl inputs (default 0)")
     g.add_argument("--seq-len", type=int, help="pad .jsonl sequences to this fixed length")
+    g.add_argument("--tokenizer", help="text data: tokenizer.json or its folder (default: next "
+                                       "to the model)")
+    g.add_argument("--pack", action="store_true", default=argparse.SUPPRESS,
+                   help="text data: pack {\"text\"} records into --seq-len rows (.txt always is)")
     g.add_argument("--drop-last", action="store_true", help="drop the last partial batch of an epoch")
     g.add_argument("--no-shuffle", dest="shuffle", action="store_false")
     g.add_argument("--skip-nonfinite-data", action="store_true",
@@ -141,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int)
     g = t.add_argument_group("logging and checkpoints")
     g.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
+    g.add_argument("--early-stop", type=int, metavar="N",
+                   help="stop after N evaluations (--eval-every) without a lower eval loss")
     g.add_argument("--eval-at-start", action="store_true", help="also evaluate before training")
     g.add_argument("--save-every", type=int, help="checkpoint every N steps (default 100, 0: end only)")
     g.add_argument("--keep-checkpoints", type=int, help="keep the last K checkpoints (default 3, 0: all)")
@@ -163,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=64)
     v.add_argument("--pad-id", type=int, default=0)
     v.add_argument("--seq-len", type=int)
+    v.add_argument("--tokenizer", help="text data: tokenizer.json or its folder")
+    v.add_argument("--pack", action="store_true", default=None,
+                   help="text data: pack {\"text\"} records into --seq-len rows")
     v.add_argument("--threads", type=int)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
@@ -252,7 +269,7 @@ def read_toml_config(path) -> dict:
         if name not in fields:
             raise UsageError(f"{path}: unknown option '{key}'")
         out[name] = _coerce(path, key, val, fields[name])
-    for k in ("model", "data", "eval_data", "out"):
+    for k in ("model", "data", "eval_data", "out", "tokenizer"):
         if isinstance(out.get(k), str) and not os.path.isabs(out[k]):
             out[k] = str(p.parent / out[k])
     return out
@@ -287,6 +304,32 @@ def _coerce(path, key, val, field):
                          f"{type(val).__name__} {val!r}") from None
 
 
+def _is_causal_lm_folder(model) -> bool:
+    """config.json next to the model (pyedge export --hf copies it) names a *ForCausalLM."""
+    p = Path(model).parent / "config.json"
+    try:
+        arch = json.loads(p.read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(isinstance(a, str) and a.endswith("ForCausalLM") for a in arch)
+
+
+def saved_run_options(out) -> dict:
+    """The options a run in `out` was started with (its config.json), as TrainConfig fields;
+    {} when there is none. Lets `pyedge train --out DIR --resume` repeat nothing."""
+    p = Path(out) / "config.json"
+    if not p.is_file():
+        return {}
+    try:
+        saved = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{p}: unreadable ({_one_line(e)}); give the options again") from None
+    fields = _train_fields()
+    # progress display follows this invocation's -q, not the first one's
+    keep = {k: v for k, v in saved.items() if k in fields and k not in ("resume", "progress")}
+    return keep
+
+
 def train_config_from_args(args) -> "object":
     from pyedge.train import TrainConfig, split_list
     values = {}
@@ -295,9 +338,14 @@ def train_config_from_args(args) -> "object":
     flags = {k: v for k, v in vars(args).items()
              if k not in ("func", "command", "config", "debug", "quiet")}
     values.update(flags)
+    if values.get("resume"):
+        # the run's saved options first; the config file and the flags given now win
+        values = {**saved_run_options(values.get("out") or "pyedge-run"), **values}
     for k in ("target", "train"):
         if k in values:
             values[k] = split_list(values[k])
+    if "loss" not in values and values.get("model") and _is_causal_lm_folder(values["model"]):
+        values["loss"] = "causal_lm"  # cross-entropy on unshifted LM logits is never meant
     if not values.get("model"):
         raise UsageError("no model given: pyedge train model.onnx --data train.npz ...")
     if not values.get("data"):
@@ -341,7 +389,8 @@ def cmd_train(args) -> int:
             parts.append(f"train loss {res.train_loss:.4f} (moving average)")
         if ev:
             parts.append(f"eval loss {ev['loss']:.4f}" + (
-                f", accuracy {ev['accuracy']:.4f}" if ev.get("accuracy") is not None else ""))
+                f", accuracy {ev['accuracy']:.4f}" if ev.get("accuracy") is not None else "") + (
+                f", perplexity {ev['perplexity']:.4f}" if "perplexity" in ev else ""))
         if res.skipped_nonfinite:
             parts.append(f"{res.skipped_nonfinite} non-finite steps skipped")
         _out("; ".join(parts))
@@ -363,17 +412,24 @@ def cmd_eval(args) -> int:
         sess = pyedge.TrainingSession(args.model, loss=None, output=args.output,
                                       threads=args.threads)
         meta = {}
-    loss = args.loss or meta.get("loss") or "cross_entropy"
+    causal = "causal_lm" if sess.graph.metadata.get("pyedge.task") == "causal-lm" else None
+    loss = args.loss or meta.get("loss") or causal or "cross_entropy"
     ignore = int(meta.get("ignore_index", -100))
     smoothing = float(meta.get("label_smoothing", 0.0)) if not args.loss else 0.0
-    opts = argparse.Namespace(pad_id=args.pad_id, seq_len=args.seq_len, skip_nonfinite_data=False)
+    opts = argparse.Namespace(pad_id=args.pad_id, seq_len=args.seq_len, skip_nonfinite_data=False,
+                              model=args.model, tokenizer=args.tokenizer, pack=args.pack,
+                              batch_size=args.batch_size)
     ds = load_data(sess, args.data, opts, loss=loss, ignore_index=ignore)
+    if getattr(ds, "summary", None):
+        sys.stderr.write(ds.summary + "\n")
     res = evaluate(sess, ds, args.batch_size, loss, ignore, smoothing)
     if args.json:
         _out(json.dumps(res))
     else:
         acc = f"  accuracy {res['accuracy']:.4f}" if res["accuracy"] is not None else ""
-        _out(f"{args.data}: {res['records']} records  loss {res['loss']:.4f}{acc}")
+        ppl = (f"  perplexity {res['perplexity']:.4f} ({res['tokens']} tokens)"
+               if "perplexity" in res else "")
+        _out(f"{args.data}: {res['records']} records  loss {res['loss']:.4f}{acc}{ppl}")
     return EXIT_OK
 
 
@@ -462,7 +518,29 @@ def _parse_example(spec: str):
     return name, dtype, shape
 
 
+def cmd_export_hf(args) -> int:
+    if args.factory:
+        raise UsageError("give either a factory or --hf DIR, not both")
+    if not args.task:
+        raise UsageError("--hf needs --task causal-lm or --task seq-cls")
+    hx = _export_module("hf_export")
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"'{e.name}' is not installed: pyedge export --hf runs on a "
+                           "workstation with torch and transformers") from None
+    res = hx.export_hf(args.hf, args.task, args.output, exporter=args.exporter, opset=args.opset)
+    size = os.path.getsize(res["model"])
+    _out(f"wrote {res['model']} ({_fmt_bytes(size)}) and {', '.join(res['files']) or 'no other files'}")
+    return EXIT_OK
+
+
 def cmd_export(args) -> int:
+    if args.hf:
+        return cmd_export_hf(args)
+    if not args.factory:
+        raise UsageError("give a factory ('package.module:factory' or model.py) or --hf DIR")
     tx = _export_module("torch_export")
     try:
         import torch
@@ -506,6 +584,7 @@ def cmd_export(args) -> int:
                             exporter=args.exporter, opset=args.opset, task_type=args.task_type,
                             external_data={"auto": None, "yes": True, "no": False}[
                                 getattr(args, "external_data", "auto")])
+    _export_module("hf_export").unwrap_exported(path, spec.module)  # `self.m = model` wrappers
     size = os.path.getsize(path) if os.path.exists(path) else 0
     if os.path.exists(path + ".data"):
         size += os.path.getsize(path + ".data")

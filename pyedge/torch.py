@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 
-__all__ = ["export", "load_adapters", "load_factory", "merge_into"]
+__all__ = ["export", "export_hf", "load_adapters", "load_factory", "merge_into"]
 
 
 def _torch():
@@ -27,12 +27,25 @@ def _torch():
 def export(model, example_inputs, path, input_names=None, output_names=None,
            dynamic_axes=None, exporter="dynamo", opset=None, **kwargs):
     """nn.Module -> one ONNX file with pyedge's parameter map (see
-    pyedge.export.torch_export.export_module)."""
+    pyedge.export.torch_export.export_module). A wrapper around a transformers
+    PreTrainedModel (``self.m = model``) is unwrapped: the map's names are relative to the
+    PreTrainedModel, so PEFT loads the adapters onto it (pyedge/export/hf_export.py)."""
     _torch()
+    from pyedge.export.hf_export import unwrap_exported
     from pyedge.export.torch_export import export_module
-    return export_module(model, example_inputs, path, input_names=input_names,
-                         output_names=output_names, dynamic_axes=dynamic_axes,
-                         exporter=exporter, opset=opset, **kwargs)
+    out = export_module(model, example_inputs, path, input_names=input_names,
+                        output_names=output_names, dynamic_axes=dynamic_axes,
+                        exporter=exporter, opset=opset, **kwargs)
+    unwrap_exported(out, model)
+    return out
+
+
+def export_hf(model_dir, task, out_dir, **kwargs):
+    """A save_pretrained folder -> out_dir/model.onnx + tokenizer and config files
+    (task "causal-lm" or "seq-cls"; see pyedge.export.hf_export.export_hf)."""
+    _torch()
+    from pyedge.export.hf_export import export_hf as ex
+    return ex(model_dir, task, out_dir, **kwargs)
 
 
 def load_factory(spec, **kwargs):
@@ -61,6 +74,10 @@ def load_adapters(model, adapters_dir, merge: bool = False, use_peft: bool | Non
     """
     _torch()
     from pyedge.export.adapter_files import read_adapter_folder
+    from pyedge.export.hf_export import adapter_target
+    # Adapters of an exported wrapper are relative to the PreTrainedModel inside it.
+    outer = model
+    model, prefix = adapter_target(model, adapters_dir)
     ad = read_adapter_folder(adapters_dir)
     check_fits_module(model, ad)
     auto = use_peft is None
@@ -77,11 +94,19 @@ def load_adapters(model, adapters_dir, merge: bool = False, use_peft: bool | Non
         with tempfile.TemporaryDirectory(prefix="pyedge-adapters-") as tmp:
             _complete_for_peft(model, ad, tmp)
             pm = PeftModel.from_pretrained(model, tmp, is_trainable=is_trainable)
-        return pm.merge_and_unload() if merge else pm
+        if merge:
+            merged = pm.merge_and_unload()
+            if prefix:  # merged in place into the wrapper's inner model
+                parent, _, attr = prefix.rpartition(".")
+                setattr(outer.get_submodule(parent), attr, merged)
+                return outer
+            return merged
+        return pm
     if not merge and auto:
         warnings.warn("peft is not installed: the adapters are merged into the weights",
                       stacklevel=2)
-    return _merge_files(model, ad)
+    _merge_files(model, ad)
+    return outer
 
 
 def _lora_delta_shape(mod, A, B) -> tuple[int, ...]:

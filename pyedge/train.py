@@ -87,12 +87,15 @@ class TrainConfig:
     # data
     pad_id: int = 0
     seq_len: int | None = None
+    tokenizer: str | None = None        # text data: tokenizer.json (default: next to the model)
+    pack: bool | None = None            # text data: pack into seq_len rows (default: .txt only)
     drop_last: bool = False
     shuffle: bool = True
     skip_nonfinite_data: bool = False
     eval_batch_size: int | None = None
     # bookkeeping
     eval_every: int = 0                 # 0: evaluate at the end only
+    early_stop: int = 0                 # stop after N evaluations without a lower eval loss
     eval_at_start: bool = False
     save_every: int = 100               # 0: checkpoint at the end only
     keep_checkpoints: int = 3           # 0: keep all
@@ -135,6 +138,9 @@ class TrainConfig:
         for k in ("eval_every", "save_every", "keep_checkpoints"):
             need(getattr(self, k) >= 0, f"--{k.replace('_', '-')} must be >= 0")
         need(self.log_every > 0, f"--log-every must be positive, got {self.log_every}")
+        need(self.early_stop >= 0, f"--early-stop must be >= 0, got {self.early_stop}")
+        need(not self.early_stop or (self.eval_data and self.eval_every),
+             "--early-stop N needs --eval-data and --eval-every (it counts evaluations)")
         need(self.seq_len is None or self.seq_len > 0, f"--seq-len must be positive, got {self.seq_len}")
         need(self.eval_batch_size is None or self.eval_batch_size > 0, "--eval-batch-size must be positive")
         need(self.loss != "mse" or self.label_smoothing == 0, "--label-smoothing needs a cross-entropy loss")
@@ -413,7 +419,7 @@ def evaluate(session, dataset: Dataset, batch_size: int = 64, loss: str | None =
     fixed = fixed_batch_size(session)
     if fixed:
         batch_size = fixed
-    total, count, correct = 0.0, 0, 0
+    total, count, correct, nll_total = 0.0, 0, 0, 0.0
     for inputs, labels in iterate(dataset, batch_size):
         if labels is None:
             raise DataError(f"{dataset.path}: no labels to evaluate against")
@@ -424,10 +430,18 @@ def evaluate(session, dataset: Dataset, batch_size: int = 64, loss: str | None =
         out = np.array(session.run(inputs, [output])[output])[:n]
         s, c_n, c = loss_sums(out, labels, loss, ignore_index, label_smoothing)
         total, count = total + s, count + c_n
+        if loss == "causal_lm" and label_smoothing:
+            nll_total += loss_sums(out, labels, loss, ignore_index)[0]
         correct = None if c is None or correct is None else correct + c
     res = {"loss": total / count if count else float("nan"),
            "accuracy": (correct / count if count else float("nan")) if correct is not None else None,
            "records": len(dataset)}
+    if loss == "causal_lm":
+        # perplexity: exp of the token-weighted mean NLL over non-ignored labels (no smoothing)
+        nll = nll_total if label_smoothing else total
+        res["tokens"] = count
+        mean = nll / count if count else float("nan")
+        res["perplexity"] = math.exp(mean) if mean < 700 else float("inf")
     return res
 
 
@@ -445,10 +459,17 @@ def load_data(session, path, cfg=None, require_labels: bool = True, loss: str | 
               ignore_index: int | None = None) -> Dataset:
     """Loads and validates `path` for `session` (options from `cfg`: pad_id, seq_len,
     skip_nonfinite_data). `loss` gives the labels' spec for a session without a loss."""
+    from pyedge.text_data import load_text
     spec = DataSpec.from_session(session, loss=loss, ignore_index=ignore_index)
-    ds = load_dataset(path, spec, require_labels=require_labels,
-                      pad_id=getattr(cfg, "pad_id", 0), seq_len=getattr(cfg, "seq_len", None),
-                      skip_nonfinite=getattr(cfg, "skip_nonfinite_data", False))
+    # text (.txt, jsonl text/prompt/messages, csv text,label) is tokenized; token ids are read
+    ds = load_text(session, path, model=getattr(cfg, "model", None),
+                   tokenizer=getattr(cfg, "tokenizer", None), seq_len=getattr(cfg, "seq_len", None),
+                   pack=getattr(cfg, "pack", None), require_labels=require_labels,
+                   batch_size=getattr(cfg, "batch_size", 1), spec=spec)
+    if ds is None:
+        ds = load_dataset(path, spec, require_labels=require_labels,
+                          pad_id=getattr(cfg, "pad_id", 0), seq_len=getattr(cfg, "seq_len", None),
+                          skip_nonfinite=getattr(cfg, "skip_nonfinite_data", False))
     if spec.num_classes is None and ds.has_labels and spec.loss in ("cross_entropy", "causal_lm"):
         spec.num_classes = infer_num_classes(session, ds, spec)
         labels = ds.fields["labels"]
@@ -494,6 +515,30 @@ class MetricsLog:
             except ValueError:
                 pass
         return out
+
+
+def write_metrics_csv(metrics_path: Path, csv_path: Path) -> None:
+    """metrics.jsonl -> metrics.csv (one row per record, the union of their keys as columns,
+    `type` and `step` first), for spreadsheets."""
+    import csv
+    recs = []
+    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            recs.append(rec)
+    cols = ["type", "step"]
+    for r in recs:
+        cols += [k for k in r if k not in cols]
+    tmp = Path(csv_path).with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, restval="")
+        w.writeheader()
+        for r in recs:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    os.replace(tmp, csv_path)
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> bool:
@@ -599,6 +644,8 @@ def _train(cfg: TrainConfig, log, progress_stream) -> TrainResult:
     train_ds = load_data(session, cfg.data, cfg)
     eval_ds = load_data(session, cfg.eval_data, cfg) if cfg.eval_data else None
     for ds in (train_ds, eval_ds):
+        if ds is not None and getattr(ds, "summary", None):
+            say(ds.summary)  # what the text became
         if ds is not None and ds.skipped:
             say(f"{ds.path}: skipped {ds.skipped} record(s) with NaN/inf values")
     fixed_batch = fixed_batch_size(session)
@@ -675,6 +722,8 @@ def _train(cfg: TrainConfig, log, progress_stream) -> TrainResult:
         metrics.write({"type": "eval", "step": step_now, "epoch": round(loader.position, 4),
                        **res})
         acc = f", accuracy {res['accuracy']:.4f}" if res["accuracy"] is not None else ""
+        if "perplexity" in res:
+            acc += f", perplexity {res['perplexity']:.4f}"
         say(f"eval @ step {step_now}: loss {res['loss']:.4f}{acc} ({res['records']} records)")
         return res
 
@@ -685,6 +734,13 @@ def _train(cfg: TrainConfig, log, progress_stream) -> TrainResult:
     bar.total, bar.start_step, bar.step = total_steps, step, step
     bar.t0 = time.perf_counter()
     last_eval = None
+    best = (math.inf, 0, 0)  # early stopping: (lowest eval loss, its step, evaluations since)
+    if cfg.early_stop and resumed_from is not None:
+        # the evaluations before the checkpoint count, as in an uninterrupted run
+        for r in metrics.records():
+            if r.get("type") == "eval" and r.get("loss") is not None and r.get("step", 0) > 0:
+                best = ((r["loss"], r["step"], 0) if r["loss"] < best[0] else
+                        (best[0], best[1], best[2] + 1))
     window: list[float] = []
     last_loss = float("nan")
     ema = None  # moving average of the loss, for the progress display and the result
@@ -731,14 +787,27 @@ def _train(cfg: TrainConfig, log, progress_stream) -> TrainResult:
             if eval_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 \
                     and step < total_steps:
                 last_eval = run_eval(step)
+                if cfg.early_stop:
+                    best = ((last_eval["loss"], step, 0) if last_eval["loss"] < best[0] else
+                            (best[0], best[1], best[2] + 1))
+                    if best[2] >= cfg.early_stop:
+                        say(f"early stop at step {step}: eval loss has not improved for "
+                            f"{best[2]} evaluations (best {best[0]:.4f} at step {best[1]})")
+                        metrics.write({"type": "early_stop", "step": step,
+                                       "best_step": best[1], "best_loss": best[0]})
+                        break
         bar.close()
         if last_ck is None or last_ck.name != f"step-{step}":
             last_ck = save(step)
-        if eval_ds is not None:
+        if eval_ds is not None and not (last_eval is not None and best[2] >= cfg.early_stop > 0):
             last_eval = run_eval(step)
     finally:
         bar.close()
         metrics.close()
+        try:
+            write_metrics_csv(out / "metrics.jsonl", out / "metrics.csv")
+        except OSError:
+            pass  # the jsonl stays the record
     if skipped:
         say(f"skipped {skipped} step(s) with a non-finite loss or gradient")
     adapters_dir = out / "adapters"
