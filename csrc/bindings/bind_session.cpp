@@ -58,6 +58,17 @@ py::dict stats_dict(const PlanStats& s) {
   d["scratch_bytes"] = s.scratch_bytes;
   d["constant_bytes"] = s.constant_bytes;
   d["backward_nodes"] = s.backward_nodes;
+  d["recompute_ops"] = s.recompute_ops;
+  d["recompute_op_types"] = s.recompute_op_types;
+  d["recompute_nodes"] = s.recompute_nodes;
+  d["recompute_flops"] = s.recompute_flops;
+  d["forward_flops"] = s.forward_flops;
+  d["recompute_choice"] = s.recompute_choice;
+  d["arena_bytes_no_recompute"] = s.arena_bytes_no_recompute;
+  d["arena_bytes_min"] = s.arena_bytes_min;
+  d["arena_budget"] = s.arena_budget;
+  d["fixed_bytes"] = s.fixed_bytes;
+  d["planned_peak_bytes"] = s.planned_peak_bytes;
   return d;
 }
 
@@ -187,6 +198,19 @@ void bind_session(py::module_& m) {
         }
         return d;
       })
+      .def("set_memory_budget", [](Session& self, int64_t budget, int64_t resident,
+                                   const std::string& recompute) {
+        using R = PlanRequest::Recompute;
+        R policy = recompute == "auto" ? R::kAuto : recompute == "none" ? R::kNone
+                 : recompute == "cheap" ? R::kCheap : recompute == "full" ? R::kFull : R::kAuto;
+        PYEDGE_CHECK(recompute == "auto" || recompute == "none" || recompute == "cheap" ||
+                     recompute == "full", "recompute must be 'auto', 'none', 'cheap' or "
+                     "'full', got '", recompute, "'");
+        self.set_memory_budget(budget, resident, policy);
+      }, py::arg("budget_bytes"), py::arg("resident_bytes"), py::arg("recompute") = "auto",
+      "Memory budget (whole process, bytes; < 0: none) and recomputation policy for plans "
+      "built from now on (drops cached plans).")
+      .def_property_readonly("fixed_bytes", &Session::fixed_bytes)
       .def("zero_grads", &Session::zero_grads)
       .def_readwrite("step_count", &Session::step_count)
       .def_readwrite("lr", &Session::lr)
