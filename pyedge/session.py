@@ -30,13 +30,21 @@ class TrainingSession:
     fuse: replace exported elementwise chains (GELU, attention's scaled masked softmax) by
           single ops (pyedge/fusions.py);
           False runs the graph op by op, as exported.
+    max_memory: budget for the whole process, bytes or a size ("2.5GB", "800M"): the planner
+          recomputes activations in the backward (bitwise the same results) as little as
+          keeps weights + parameters, gradients, optimizer state + activations under it, and
+          raises at plan time, naming the minimum, when it cannot. None: fit into what the
+          system has (MemAvailable, a cgroup limit), with a margin.
+    recompute: "auto" (as the budget requires), "none", "cheap" (norms, activations,
+          elementwise ops) or "full" (also whole blocks between checkpoints).
     """
 
     def __init__(self, model, lora: LoraConfig | None = None, train: Sequence[str] = (),
                  loss: str | None = "cross_entropy", optimizer: AdamW | SGD | None = None,
                  output: str | None = None, seed: int = 0, threads: int | None = None,
                  max_grad_norm: float = 0.0, label_smoothing: float = 0.0,
-                 ignore_index: int = -100, fuse: bool = True):
+                 ignore_index: int = -100, fuse: bool = True, max_memory: int | str | None = None,
+                 recompute: str = "auto"):
         self.graph = model.copy() if isinstance(model, Graph) else load_onnx(model)
         self.base_graph = self.graph.copy()
         self.lora_config = lora
@@ -61,10 +69,17 @@ class TrainingSession:
         # keeps the original.
         self.fusions = fuse_graph(self.graph, set(trainable)) if fuse else {}
         self._model = to_core(self.graph)
+        # What the process holds before the session's own buffers: the weights, or more (the
+        # interpreter, numpy, onnx). Measured once, so a budget means the same on each replan.
+        from pyedge.memory_budget import resident_bytes
+        self._resident_bytes = resident_bytes(
+            sum(a.nbytes for a in self.graph.initializers.values()))
         self._sess = _core.Session(self._model, trainable, LOSS if loss else "",
                                    self.optimizer.to_core(), seed)
         self._input_names = [v.name for v in self.graph.inputs]
         self._input_dtypes = {v.name: v.dtype for v in self.graph.inputs}
+        self._recompute = recompute
+        self.max_memory = max_memory
 
     # --- graph -----------------------------------------------------------------------------
     def _append_loss(self, kind, label_smoothing, ignore_index):
@@ -152,6 +167,27 @@ class TrainingSession:
         return dict(zip(names, arrays))
 
     @property
+    def max_memory(self) -> int | None:
+        """The memory budget in bytes (None: what the system has). Setting it replans."""
+        return self._max_memory
+
+    @max_memory.setter
+    def max_memory(self, value):
+        self.set_memory_budget(value, self._recompute)
+
+    def set_memory_budget(self, max_memory=None, recompute: str = "auto"):
+        """Budget (see the class doc) and recomputation policy for the plans built from now
+        on; cached plans are dropped."""
+        from pyedge.memory_budget import parse_memory_size
+        if recompute not in ("auto", "none", "cheap", "full"):
+            raise ValueError(f"recompute must be 'auto', 'none', 'cheap' or 'full', got "
+                             f"{recompute!r}")
+        budget = None if max_memory is None else parse_memory_size(max_memory)
+        self._sess.set_memory_budget(-1 if budget is None else budget, self._resident_bytes,
+                                     recompute)
+        self._max_memory, self._recompute = budget, recompute
+
+    @property
     def lr(self) -> float:
         return self._sess.lr
 
@@ -219,6 +255,22 @@ class TrainingSession:
         stats["optimizer_state_bytes"] = stats["parameter_gradient_bytes"] * n_state
         stats["weight_bytes"] = int(sum(a.nbytes for a in self.graph.initializers.values()))
         return stats
+
+    def memory_plan_summary(self, inputs, labels=None) -> str:
+        """One line on the training plan for this batch's shapes: its planned peak, the budget
+        it was made under and what is recomputed."""
+        from pyedge.memory_budget import format_bytes
+        arrays = self._input_list(inputs, labels)
+        st = self._sess.plan_stats([list(a.shape) if a is not None else []
+                                    for a in arrays], True)
+        line = (f"memory plan: peak {format_bytes(st['planned_peak_bytes'])} (arena "
+                f"{format_bytes(st['arena_bytes'])}); recompute: {st['recompute_choice']}")
+        if st["recompute_ops"]:
+            types = ", ".join(f"{k} x{v}" for k, v in sorted(st["recompute_op_types"].items()))
+            line += (f"; {st['recompute_ops']} ops ({types}), "
+                     f"+{100.0 * st['recompute_flops'] / max(st['forward_flops'], 1.0):.0f}% "
+                     f"of the forward's FLOPs")
+        return line
 
     @property
     def last_step_allocations(self) -> int:

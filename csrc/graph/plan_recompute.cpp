@@ -125,21 +125,10 @@ void Plan::choose_recompute(const Model& model, const PlanRequest& req, PlanBuil
     candidate[f] = ok && read;
     cost[f] = s.op->flops();
   }
-  // Checkpoints: the cheapest cuts of the forward among the residual Adds (z = x + y, both
-  // inputs needing a gradient as wide as z). live_across[t]: bytes produced at or before step
-  // t and read by a forward step after it.
-  std::vector<int> last_fwd_read(nv, -1);
-  for (size_t t = 0; t < F; ++t)
-    for (int v : fwd_[t].in_ids)
-      if (v >= 0 && b.in_arena[size_t(v)]) last_fwd_read[size_t(b.root[size_t(v)])] = int(t);
-  std::vector<double> delta(F + 1, 0.0), live_across(F, 0.0);
-  for (size_t v = 0; v < nv; ++v)
-    if (b.in_arena[v] && b.root[v] == int(v) && b.producer[v] >= 0 &&
-        last_fwd_read[v] > b.producer[v]) {
-      delta[size_t(b.producer[v])] += double(values_[v].nbytes());
-      delta[size_t(last_fwd_read[v])] -= double(values_[v].nbytes());
-    }
-  for (size_t t = 0; t < F; ++t) live_across[t] = (t ? live_across[t - 1] : 0.0) + delta[t];
+  // Checkpoints: residual Adds (z = x + y, both inputs needing a gradient as wide as z) where
+  // the forward is cut down to z and what all blocks share (values made before the first
+  // residual Add: the attention mask, rotary tables). live_across[t]: bytes made at or before
+  // step t that a later forward step reads; shared[t]: the part made before the first Add.
   std::vector<size_t> residual;
   for (size_t t = 0; t < F; ++t) {
     const Step& s = fwd_[t];
@@ -148,11 +137,32 @@ void Plan::choose_recompute(const Model& model, const PlanRequest& req, PlanBuil
         s.op->both_grads_are_dy({true, true}))
       residual.push_back(t);
   }
-  double cut = INFINITY;
-  for (size_t t : residual) cut = std::min(cut, live_across[t]);
+  std::vector<int> last_fwd_read(nv, -1);
+  for (size_t t = 0; t < F; ++t)
+    for (int v : fwd_[t].in_ids)
+      if (v >= 0 && b.in_arena[size_t(v)]) last_fwd_read[size_t(b.root[size_t(v)])] = int(t);
+  std::vector<double> delta(F + 1, 0.0), delta_shared(F + 1, 0.0);
+  for (size_t v = 0; v < nv; ++v)
+    if (b.in_arena[v] && b.root[v] == int(v) && b.producer[v] >= 0 &&
+        last_fwd_read[v] > b.producer[v]) {
+      const double bytes = double(values_[v].nbytes());
+      delta[size_t(b.producer[v])] += bytes;
+      delta[size_t(last_fwd_read[v])] -= bytes;
+      if (!residual.empty() && size_t(b.producer[v]) < residual[0]) {
+        delta_shared[size_t(b.producer[v])] += bytes;
+        delta_shared[size_t(last_fwd_read[v])] -= bytes;
+      }
+    }
+  std::vector<double> live_across(F, 0.0), shared(F, 0.0);
+  for (size_t t = 0; t < F; ++t) {
+    live_across[t] = (t ? live_across[t - 1] : 0.0) + delta[t];
+    shared[t] = (t ? shared[t - 1] : 0.0) + delta_shared[t];
+  }
   std::vector<size_t> boundaries;
-  for (size_t t : residual)
-    if (live_across[t] <= cut * 1.25) boundaries.push_back(t);
+  for (size_t t : residual) {
+    const double z = double(values_[size_t(fwd_[t].out_ids[0])].nbytes());
+    if (live_across[t] - shared[t] <= 1.25 * z) boundaries.push_back(t);
+  }
   std::vector<bool> pinned(F, false);  // producers of checkpoints
   for (size_t t : boundaries)
     for (size_t v = 0; v < nv; ++v)
