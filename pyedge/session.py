@@ -256,13 +256,16 @@ class TrainingSession:
         stats["weight_bytes"] = int(sum(a.nbytes for a in self.graph.initializers.values()))
         return stats
 
-    def memory_plan_summary(self, inputs, labels=None) -> str:
+    def memory_plan_summary(self, inputs, labels=None, notable_only: bool = False) -> str | None:
         """One line on the training plan for this batch's shapes: its planned peak, the budget
-        it was made under and what is recomputed."""
+        it was made under and what is recomputed. notable_only: None unless a budget was given
+        or something is recomputed."""
         from pyedge.memory_budget import format_bytes
         arrays = self._input_list(inputs, labels)
         st = self._sess.plan_stats([list(a.shape) if a is not None else []
                                     for a in arrays], True)
+        if notable_only and self._max_memory is None and not st["recompute_ops"]:
+            return None
         line = (f"memory plan: peak {format_bytes(st['planned_peak_bytes'])} (arena "
                 f"{format_bytes(st['arena_bytes'])}); recompute: {st['recompute_choice']}")
         if st["recompute_ops"]:

@@ -673,7 +673,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None,
                 except FloatingPointError as e:
                     failure = e
                 if not memory_said:  # the first plan: what the memory budget made of it
-                    say(session.memory_plan_summary(inputs, labels))
+                    line = session.memory_plan_summary(inputs, labels, notable_only=True)
+                    if line:
+                        say(line)
                     memory_said = True
             step += 1
             if failure is not None:
