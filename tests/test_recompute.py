@@ -281,3 +281,26 @@ def test_cli_and_toml_reach_the_session(tmp_path, exported):
     cfg.max_memory = "two gigs"
     with pytest.raises(ConfigError, match="max-memory"):
         cfg.validate()
+
+
+def test_plan_memory_limit_is_met_by_recomputing(exported, monkeypatch):
+    """PYEDGE_MAX_MEMORY caps a plan's arena + constants: with no budget the planner now
+    recomputes to fit under it instead of refusing the plan (and still refuses below the
+    smallest plan, with the old message)."""
+    path = exported("minilm", "torchscript")[0]
+    shapes = {"input_ids": [8, 64], "attention_mask": [8, 64], "labels": [8]}
+    kw = dict(lora=pyedge.LoraConfig(r=8, alpha=16, target_modules=["query", "value"]),
+              train=["classifier.*"])
+    sess = pyedge.TrainingSession(path, **kw)
+    free = sess.plan_stats(shapes=dict(shapes))
+    full = pyedge.TrainingSession(path, recompute="full", **kw).plan_stats(shapes=dict(shapes))
+    limit = (free["arena_bytes"] + full["arena_bytes"]) // 2 + free["constant_bytes"]
+    monkeypatch.setenv("PYEDGE_MAX_MEMORY", str(limit))
+    sess.set_memory_budget(None, "auto")
+    st = sess.plan_stats(shapes=dict(shapes))
+    assert st["recompute_ops"] > 0 and "PYEDGE_MAX_MEMORY" in st["recompute_choice"]
+    assert st["arena_bytes"] + st["constant_bytes"] <= limit
+    monkeypatch.setenv("PYEDGE_MAX_MEMORY", str(full["arena_bytes"] // 2))
+    sess.set_memory_budget(None, "auto")
+    with pytest.raises(Exception, match="over the memory limit"):
+        sess.plan_stats(shapes=dict(shapes))

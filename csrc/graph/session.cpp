@@ -99,14 +99,24 @@ Plan& Session::plan_for(const std::vector<Shape>& shapes, bool training,
     req.arena_budget = std::max<int64_t>(memory_budget_ - req.fixed_bytes, 0);
     req.budget_is_hard = true;
     req.budget_source = str_cat("the memory budget (max_memory) of ", memory_budget_, " bytes");
+    if (limit < req.arena_budget) {  // the plan limit binds first: recompute to meet it too
+      req.arena_budget = limit;
+      req.budget_source = str_cat("the plan memory limit of ", limit, " bytes (PYEDGE_MAX_MEMORY "
+                                  "or 75% of RAM; under max_memory=", memory_budget_, ")");
+    }
   } else {
     // No budget: what the system still has (the arena this session holds counts as free
     // for its next plan), with a margin, and never over the plan limit.
     std::string src;
     const int64_t avail = available_memory_bytes(&src);
     if (avail >= 0) {
-      req.arena_budget = std::min<int64_t>(limit, int64_t(double(avail) * 0.9) + int64_t(arena_->size()));
+      req.arena_budget = int64_t(double(avail) * 0.9) + int64_t(arena_->size());
       req.budget_source = str_cat("90% of ", src, " (", avail, " bytes)");
+      if (limit < req.arena_budget) {
+        req.arena_budget = limit;
+        req.budget_source = str_cat("the plan memory limit of ", limit,
+                                    " bytes (PYEDGE_MAX_MEMORY or 75% of RAM)");
+      }
     } else {
       req.arena_budget = limit;
       req.budget_source = "the plan memory limit (PYEDGE_MAX_MEMORY or 75% of RAM)";
