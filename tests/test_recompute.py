@@ -118,7 +118,11 @@ def test_recompute_is_bitwise(case):
     st_full = full.plan_stats(shapes=dict(shapes))
     assert st_full["recompute_ops"] > 0 and st_full["recompute_flops"] > 0
     assert st_full["arena_bytes"] < st_none["arena_bytes"]
+    # LoRA's dropout masks (MiniLM's adapters) are drawn again in the backward: same seed
+    # and node index, so the same mask.
+    assert "pyedge.LoraMatMul" in st_full["recompute_op_types"]
     assert_bitwise(train(full, batches), ref)
+    assert full.last_step_allocations == 0  # recompute steps run in the planned arena
 
     # A budget half way between the smallest plan and the one without recomputation: some
     # steps are recomputed, not all, and the planned peak meets the budget.

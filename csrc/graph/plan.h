@@ -75,8 +75,9 @@ class Arena {
   Buffer buf_;
 };
 
-// A plan refuses to be built when its arena + folded constants exceed memory_limit_bytes()
-// (common/memory_limit.h): PYEDGE_MAX_MEMORY or 75% of physical RAM.
+// A plan recomputes activations to fit its arena + folded constants under the request's
+// budget (plan_recompute.cpp), and refuses to be built when they still exceed
+// memory_limit_bytes() (common/memory_limit.h): PYEDGE_MAX_MEMORY or 75% of physical RAM.
 struct PlanBuild;    // plan_passes.h: what the passes hand each other
 struct MemoryLayout;
 

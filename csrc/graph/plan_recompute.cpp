@@ -9,15 +9,17 @@
 //      Op::flops() within kCheapFlopsPerElement per output element), by cost per byte saved,
 //      each only once its inputs are live in the backward anyway (else recomputing it would
 //      keep its inputs alive instead and save nothing);
-//   2. whole blocks: every other step between two checkpoints. Checkpoints are the
-//      values alive across a transformer block boundary (the residual-stream Adds and what
-//      the blocks share, e.g. the attention mask), which are always kept.
+//   2. whole blocks, also by cost per byte saved: every other step between two checkpoints.
+//      Checkpoints are the values alive across a transformer block boundary (the
+//      residual-stream Adds and what the blocks share, e.g. the attention mask), which are
+//      always kept.
 // Level "cheap" is the first part, "full" both; under a budget the shortest prefix whose
 // arena fits is taken (binary search: the arena shrinks, up to placement noise, as the
 // prefix grows; the search keeps a prefix known to fit).
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdio>
 
 #include "graph/plan_passes.h"
 
@@ -231,6 +233,15 @@ void Plan::choose_recompute(const Model& model, const PlanRequest& req, PlanBuil
     if (!block.empty()) units.push_back(std::move(block));
     seg_begin = seg_end;
   }
+  // Blocks by cost per byte too: the transformer blocks alike, a block that ends in a large
+  // projection of few bytes (the LM head before the loss) last.
+  auto per_byte = [&](const std::vector<size_t>& u) {
+    double c = 0, by = 0;
+    for (size_t f : u) c += cost[f], by += saved[f];
+    return c / std::max(by, 1.0);
+  };
+  std::stable_sort(units.begin() + std::ptrdiff_t(n_cheap), units.end(),
+                   [&](const auto& x, const auto& y) { return per_byte(x) < per_byte(y); });
 
   auto chosen_for = [&](size_t n_units) {
     std::vector<bool> c(F, false);
