@@ -104,8 +104,10 @@ void Plan::choose_recompute(const Model& model, const PlanRequest& req, PlanBuil
                           stats_.constant_bytes), " without recomputation, over ",
                           req.budget_source, " (recompute='none' was asked)"));
     finish(std::move(base), none,
-           req.arena_budget < 0 || loss_ < 0 ? "none (no budget)"
-                                             : str_cat("none (fits ", req.budget_source, ")"));
+           loss_ < 0                                  ? "none (no backward)"
+           : req.recompute == PlanRequest::Recompute::kNone ? "none (asked)"
+           : req.arena_budget < 0                           ? "none (no budget)"
+                                       : str_cat("none (fits ", req.budget_source, ")"));
     return;
   }
 
@@ -124,7 +126,7 @@ void Plan::choose_recompute(const Model& model, const PlanRequest& req, PlanBuil
         saved[f] += double(values_[size_t(v)].nbytes());
       }
     }
-    candidate[f] = ok && read;
+    candidate[f] = ok && read && s.op->recomputable();
     cost[f] = s.op->flops();
   }
   // Checkpoints: residual Adds (z = x + y, both inputs needing a gradient as wide as z) where
@@ -210,7 +212,7 @@ void Plan::choose_recompute(const Model& model, const PlanRequest& req, PlanBuil
   // before its bias Add, say), which the backward itself never reads.
   std::vector<bool> eligible(F, false);
   for (size_t f = 0; f < F; ++f) {
-    bool ok = !pinned[f] && !in_units[f];
+    bool ok = !pinned[f] && !in_units[f] && fwd_[f].op->recomputable();
     for (int v : fwd_[f].out_ids) ok = ok && b.root[size_t(v)] == v && !b.kept[size_t(v)];
     eligible[f] = ok;
   }

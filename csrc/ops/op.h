@@ -108,6 +108,11 @@ class Op {
   // floating-point operations where the op knows them (MatMul, Gemm, LoraMatMul, Conv,
   // Attention), else a proxy of one per output element.
   virtual double flops() const;
+  // Whether the planner may run forward again inside the backward to remake the outputs
+  // instead of keeping them. Forward must then be a function of the inputs and RunContext
+  // (training, seed, node_index) alone and write every output in full, so the second run
+  // gives the same bytes. Ops with state that forward changes opt out.
+  virtual bool recomputable() const { return true; }
 
   // False for ops whose result may not be computed once at plan time (random ones).
   virtual bool foldable() const { return true; }
