@@ -308,3 +308,13 @@ def test_plan_memory_limit_is_met_by_recomputing(exported, monkeypatch):
     sess.set_memory_budget(None, "auto")
     with pytest.raises(Exception, match="over the memory limit"):
         sess.plan_stats(shapes=dict(shapes))
+
+
+def test_available_memory_reads_the_system():
+    avail, source = pyedge._core.available_memory()
+    meminfo = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in open("/proc/meminfo")}
+    assert 0 < avail <= meminfo["MemTotal"]
+    assert source == "MemAvailable" or "cgroup" in source
+    if source == "MemAvailable":  # it moves with other processes: within 10%
+        assert abs(avail - meminfo["MemAvailable"]) < 0.1 * meminfo["MemAvailable"]
+    assert pyedge._core.memory_limit() > 0

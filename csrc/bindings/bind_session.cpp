@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings/numpy_convert.h"
+#include "common/memory_limit.h"
 #include "graph/session.h"
 
 namespace pyedge {
@@ -75,6 +76,14 @@ py::dict stats_dict(const PlanStats& s) {
 }  // namespace
 
 void bind_session(py::module_& m) {
+  m.def("available_memory", [] {
+    std::string source;
+    const int64_t bytes = available_memory_bytes(&source);
+    return py::make_tuple(bytes, source);
+  }, "(bytes, source): what plans without a budget aim at (MemAvailable or a cgroup limit's "
+     "headroom; -1 when unknown).");
+  m.def("memory_limit", &memory_limit_bytes,
+        "The plan/allocation limit: PYEDGE_MAX_MEMORY or 75% of RAM.");
   py::class_<Model, std::shared_ptr<Model>>(m, "Model")
       .def(py::init<>())
       .def("add_input", [](Model& self, const std::string& name, const std::string& dtype,
