@@ -318,3 +318,22 @@ def test_available_memory_reads_the_system():
     if source == "MemAvailable":  # it moves with other processes: within 10%
         assert abs(avail - meminfo["MemAvailable"]) < 0.1 * meminfo["MemAvailable"]
     assert pyedge._core.memory_limit() > 0
+
+
+def test_train_logs_the_memory_plan_under_a_budget(tmp_path):
+    """`pyedge train --max-memory` (here through train()) says what the budget made of the
+    plan; without a budget and with nothing recomputed it says nothing."""
+    from pyedge.demo import make_sensor_data, model_path
+    from pyedge.train import TrainConfig, train as run_training
+    x, y = make_sensor_data(64, seed=1, target=True)
+    np.savez(tmp_path / "train.npz", x=x, labels=y)
+    for budget, expect in (("6G", True), (None, False)):
+        lines = []
+        cfg = TrainConfig(model=str(model_path()), data=str(tmp_path / "train.npz"),
+                          target=["layers.0"], max_steps=2, batch_size=16, out=str(tmp_path / str(budget)),
+                          max_memory=budget, progress=False, plot=False)
+        run_training(cfg, log=lines.append)
+        said = [l for l in lines if l.startswith("memory plan:")]
+        assert bool(said) == expect, lines
+        if expect:
+            assert "recompute: none (fits" in said[0] and "max_memory" in said[0], said
