@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--output", help="graph output the loss reads")
     i.add_argument("--batch-size", type=int, default=1, help="batch for the planned memory (default 1)")
     i.add_argument("--seq-len", type=int, default=16, help="size of symbolic non-batch dims (default 16)")
+    i.add_argument("--max-memory", help="memory budget for the planned step ('2.5G', bytes)")
+    i.add_argument("--recompute", choices=("auto", "none", "cheap", "full"), default="auto")
     i.add_argument("--json", action="store_true", help="print a JSON report")
     i.set_defaults(func=cmd_inspect)
 
@@ -137,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int)
     g.add_argument("--deterministic", action="store_true",
                    help="bit-reproducible runs, also across --resume (one thread unless --threads)")
+    g.add_argument("--max-memory", help="memory budget of the whole run ('2.5G', '800M', bytes): "
+                                        "activations are recomputed in the backward to meet it "
+                                        "(default: what the system has)")
+    g.add_argument("--recompute", choices=("auto", "none", "cheap", "full"),
+                   help="recomputation: as the budget needs (auto, default), or forced")
     g.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps with a NaN/inf loss instead of stopping")
     g = t.add_argument_group("data")
@@ -296,6 +303,8 @@ def _coerce(path, key, val, field):
             if isinstance(val, bool) or not isinstance(val, (int, float)):
                 raise TypeError
             return float(val)
+        if t.startswith("str | int") and isinstance(val, int) and not isinstance(val, bool):
+            return val  # a size: "2.5G" or bytes
         if val is not None and not isinstance(val, str):
             raise TypeError
         return val
@@ -593,7 +602,8 @@ def cmd_export(args) -> int:
 
 
 def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
-                   loss="cross_entropy", output=None, batch_size=1, seq_len=16) -> dict:
+                   loss="cross_entropy", output=None, batch_size=1, seq_len=16,
+                   max_memory=None, recompute="auto") -> dict:
     """Everything `pyedge inspect` prints, as a dict."""
     import pyedge
     from pyedge import _core
@@ -637,7 +647,8 @@ def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
     if targets or patterns:
         lora = pyedge.LoraConfig(r=lora_r, alpha=lora_alpha,
                                  target_modules=expand_targets(graph, targets)) if targets else None
-        sess = pyedge.TrainingSession(graph, lora=lora, train=patterns, loss=loss, output=output)
+        sess = pyedge.TrainingSession(graph, lora=lora, train=patterns, loss=loss, output=output,
+                                      max_memory=max_memory, recompute=recompute)
         params = sess.trainable_parameters()
         ntrain = int(sum(p.size for p in params.values()))
         rep["trainable"] = {"parameters": ntrain, "tensors": len(params),
@@ -666,7 +677,15 @@ def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
                            "parameter_gradient_bytes": st["parameter_gradient_bytes"],
                            "optimizer_state_bytes": st["optimizer_state_bytes"],
                            "total_bytes": total, "forward_ops": st["forward_ops"],
-                           "backward_ops": st["backward_ops"], "pruned_nodes": st["pruned_nodes"]}
+                           "backward_ops": st["backward_ops"], "pruned_nodes": st["pruned_nodes"],
+                           "planned_peak_bytes": st["planned_peak_bytes"],
+                           "memory_budget_bytes": sess.max_memory,
+                           "arena_bytes_no_recompute": st["arena_bytes_no_recompute"],
+                           "recompute_choice": st["recompute_choice"],
+                           "recompute_ops": st["recompute_ops"],
+                           "recompute_op_types": st["recompute_op_types"],
+                           "recompute_flops": st["recompute_flops"],
+                           "forward_flops": st["forward_flops"]}
     return rep
 
 
@@ -675,7 +694,8 @@ def cmd_inspect(args) -> int:
     if not Path(args.model).is_file():
         raise FileNotFoundError(f"{args.model}: no such model file")
     rep = inspect_report(args.model, args.lora_r, args.lora_alpha, args.target, args.train,
-                         args.loss, args.output, args.batch_size, args.seq_len)
+                         args.loss, args.output, args.batch_size, args.seq_len,
+                         args.max_memory, args.recompute)
     if args.json:
         _out(json.dumps(rep, indent=1, default=str))
         return EXIT_OK
@@ -724,6 +744,16 @@ def cmd_inspect(args) -> int:
                  f"{_fmt_bytes(pl['optimizer_state_bytes'])}")
             _out(f"plan: {pl['forward_ops']} forward ops, {pl['backward_ops']} backward ops, "
                  f"{pl['pruned_nodes']} nodes pruned")
+            budget = pl["memory_budget_bytes"]
+            _out(f"planned peak: {_fmt_bytes(pl['planned_peak_bytes'])} (weights and what the "
+                 f"process holds + parameters, gradients, optimizer state + arena"
+                 + (f"; budget {_fmt_bytes(budget)}" if budget else "") + ")")
+            types = ", ".join(f"{k} x{v}" for k, v in sorted(pl["recompute_op_types"].items()))
+            extra = 100.0 * pl["recompute_flops"] / max(pl["forward_flops"], 1.0)
+            _out(f"recompute: {pl['recompute_choice']}"
+                 + (f"; {pl['recompute_ops']} ops ({types}), +{extra:.0f}% of the forward's "
+                    f"FLOPs, arena {_fmt_bytes(pl['arena_bytes_no_recompute'])} without"
+                    if pl["recompute_ops"] else ""))
         else:
             _out(f"planned memory: unavailable ({rep.get('plan_error', 'no plan')})")
         fused = tr.get("fusions") or {}

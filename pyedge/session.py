@@ -37,6 +37,13 @@ class TrainingSession:
           (pyedge.LinearCrossEntropy, pyedge/fused_loss.py): the B·T·V logits and their
           gradient never exist in training. None: as `fuse`. loss_chunk_rows: rows per
           chunk (0: the op's default, ~32 MiB of logits).
+    max_memory: budget for the whole process, bytes or a size ("2.5GB", "800M"): the planner
+          recomputes activations in the backward (bitwise the same results) as little as
+          keeps weights + parameters, gradients, optimizer state + activations under it, and
+          raises at plan time, naming the minimum, when it cannot. None: fit into what the
+          system has (MemAvailable, a cgroup limit), with a margin.
+    recompute: "auto" (as the budget requires), "none", "cheap" (norms, activations,
+          elementwise ops) or "full" (also whole blocks between checkpoints).
     """
 
     def __init__(self, model, lora: LoraConfig | None = None, train: Sequence[str] = (),
@@ -44,7 +51,8 @@ class TrainingSession:
                  output: str | None = None, seed: int = 0, threads: int | None = None,
                  max_grad_norm: float = 0.0, label_smoothing: float = 0.0,
                  ignore_index: int = -100, fuse: bool = True,
-                 chunked_loss: bool | None = None, loss_chunk_rows: int = 0):
+                 chunked_loss: bool | None = None, loss_chunk_rows: int = 0,
+                 max_memory: int | str | None = None, recompute: str = "auto"):
         self.graph = model.copy() if isinstance(model, Graph) else load_onnx(model)
         self.base_graph = self.graph.copy()
         self.lora_config = lora
@@ -73,10 +81,17 @@ class TrainingSession:
             if fuse_linear_cross_entropy(self.graph, LOSS, loss_chunk_rows):
                 self.fusions["linear_cross_entropy"] = 1
         self._model = to_core(self.graph)
+        # What the process holds before the session's own buffers: the weights, or more (the
+        # interpreter, numpy, onnx). Measured once, so a budget means the same on each replan.
+        from pyedge.memory_budget import resident_bytes
+        self._resident_bytes = resident_bytes(
+            sum(a.nbytes for a in self.graph.initializers.values()))
         self._sess = _core.Session(self._model, trainable, LOSS if loss else "",
                                    self.optimizer.to_core(), seed)
         self._input_names = [v.name for v in self.graph.inputs]
         self._input_dtypes = {v.name: v.dtype for v in self.graph.inputs}
+        self._recompute = recompute
+        self.max_memory = max_memory
 
     # --- graph -----------------------------------------------------------------------------
     def _append_loss(self, kind, label_smoothing, ignore_index):
@@ -182,6 +197,27 @@ class TrainingSession:
         return Phase(f"planning and running the first {what} for {shapes}")
 
     @property
+    def max_memory(self) -> int | None:
+        """The memory budget in bytes (None: what the system has). Setting it replans."""
+        return self._max_memory
+
+    @max_memory.setter
+    def max_memory(self, value):
+        self.set_memory_budget(value, self._recompute)
+
+    def set_memory_budget(self, max_memory=None, recompute: str = "auto"):
+        """Budget (see the class doc) and recomputation policy for the plans built from now
+        on; cached plans are dropped."""
+        from pyedge.memory_budget import parse_memory_size
+        if recompute not in ("auto", "none", "cheap", "full"):
+            raise ValueError(f"recompute must be 'auto', 'none', 'cheap' or 'full', got "
+                             f"{recompute!r}")
+        budget = None if max_memory is None else parse_memory_size(max_memory)
+        self._sess.set_memory_budget(-1 if budget is None else budget, self._resident_bytes,
+                                     recompute)
+        self._max_memory, self._recompute = budget, recompute
+
+    @property
     def lr(self) -> float:
         return self._sess.lr
 
@@ -255,6 +291,25 @@ class TrainingSession:
         # has but that is missing here ran op by op
         stats["fusions"] = {k: v for k, v in self.fusions.items() if v}
         return stats
+
+    def memory_plan_summary(self, inputs, labels=None, notable_only: bool = False) -> str | None:
+        """One line on the training plan for this batch's shapes: its planned peak, the budget
+        it was made under and what is recomputed. notable_only: None unless a budget was given
+        or something is recomputed."""
+        from pyedge.memory_budget import format_bytes
+        arrays = self._input_list(inputs, labels)
+        st = self._sess.plan_stats([list(a.shape) if a is not None else []
+                                    for a in arrays], True)
+        if notable_only and self._max_memory is None and not st["recompute_ops"]:
+            return None
+        line = (f"memory plan: peak {format_bytes(st['planned_peak_bytes'])} (arena "
+                f"{format_bytes(st['arena_bytes'])}); recompute: {st['recompute_choice']}")
+        if st["recompute_ops"]:
+            types = ", ".join(f"{k} x{v}" for k, v in sorted(st["recompute_op_types"].items()))
+            line += (f"; {st['recompute_ops']} ops ({types}), "
+                     f"+{100.0 * st['recompute_flops'] / max(st['forward_flops'], 1.0):.0f}% "
+                     f"of the forward's FLOPs")
+        return line
 
     @property
     def last_step_allocations(self) -> int:

@@ -84,6 +84,9 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     deterministic: bool = False
+    # memory: a budget for the whole process ("2.5G", bytes), met by recomputing activations
+    max_memory: str | int | None = None
+    recompute: str = "auto"             # auto (as the budget needs), none, cheap, full
     # data
     pad_id: int = 0
     seq_len: int | None = None
@@ -135,6 +138,14 @@ class TrainConfig:
         need(0 <= self.label_smoothing <= 1,
              f"--label-smoothing must be in [0, 1], got {self.label_smoothing}")
         need(self.threads is None or self.threads > 0, f"--threads must be positive, got {self.threads}")
+        need(self.recompute in ("auto", "none", "cheap", "full"),
+             f"--recompute must be auto, none, cheap or full, got {self.recompute!r}")
+        if self.max_memory is not None:
+            from pyedge.memory_budget import parse_memory_size
+            try:
+                parse_memory_size(self.max_memory)
+            except ValueError as e:
+                raise ConfigError(f"--max-memory: {e}") from None
         for k in ("eval_every", "save_every", "keep_checkpoints"):
             need(getattr(self, k) >= 0, f"--{k.replace('_', '-')} must be >= 0")
         need(self.log_every > 0, f"--log-every must be positive, got {self.log_every}")
@@ -267,7 +278,7 @@ def build_session(cfg: TrainConfig, graph=None, loss: str | None = "__cfg__"):
         graph, lora=lora, train=split_list(cfg.train), loss=cfg.loss if loss == "__cfg__" else loss,
         optimizer=opt, output=cfg.output, seed=cfg.seed, threads=threads,
         max_grad_norm=cfg.max_grad_norm, label_smoothing=cfg.label_smoothing,
-        ignore_index=cfg.ignore_index)
+        ignore_index=cfg.ignore_index, max_memory=cfg.max_memory, recompute=cfg.recompute)
     sess.resolved_targets = targets
     return sess
 
@@ -744,6 +755,7 @@ def _train(cfg: TrainConfig, log, progress_stream) -> TrainResult:
     window: list[float] = []
     last_loss = float("nan")
     ema = None  # moving average of the loss, for the progress display and the result
+    memory_said = False
     try:
         while step < total_steps:
             session.lr = schedule.lr_at(step)
@@ -757,6 +769,11 @@ def _train(cfg: TrainConfig, log, progress_stream) -> TrainResult:
                                                grad_scale=1.0 / k))
                 except FloatingPointError as e:
                     failure = e
+                if not memory_said:  # the first plan: what the memory budget made of it
+                    line = session.memory_plan_summary(inputs, labels, notable_only=True)
+                    if line:
+                        say(line)
+                    memory_said = True
             step += 1
             if failure is not None:
                 if not cfg.skip_nonfinite:

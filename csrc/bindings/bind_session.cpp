@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings/numpy_convert.h"
+#include "common/memory_limit.h"
 #include "graph/session.h"
 
 namespace pyedge {
@@ -58,12 +59,31 @@ py::dict stats_dict(const PlanStats& s) {
   d["scratch_bytes"] = s.scratch_bytes;
   d["constant_bytes"] = s.constant_bytes;
   d["backward_nodes"] = s.backward_nodes;
+  d["recompute_ops"] = s.recompute_ops;
+  d["recompute_op_types"] = s.recompute_op_types;
+  d["recompute_nodes"] = s.recompute_nodes;
+  d["recompute_flops"] = s.recompute_flops;
+  d["forward_flops"] = s.forward_flops;
+  d["recompute_choice"] = s.recompute_choice;
+  d["arena_bytes_no_recompute"] = s.arena_bytes_no_recompute;
+  d["arena_bytes_min"] = s.arena_bytes_min;
+  d["arena_budget"] = s.arena_budget;
+  d["fixed_bytes"] = s.fixed_bytes;
+  d["planned_peak_bytes"] = s.planned_peak_bytes;
   return d;
 }
 
 }  // namespace
 
 void bind_session(py::module_& m) {
+  m.def("available_memory", [] {
+    std::string source;
+    const int64_t bytes = available_memory_bytes(&source);
+    return py::make_tuple(bytes, source);
+  }, "(bytes, source): what plans without a budget aim at (MemAvailable or a cgroup limit's "
+     "headroom; -1 when unknown).");
+  m.def("memory_limit", &memory_limit_bytes,
+        "The plan/allocation limit: PYEDGE_MAX_MEMORY or 75% of RAM.");
   py::class_<Model, std::shared_ptr<Model>>(m, "Model")
       .def(py::init<>())
       .def("add_input", [](Model& self, const std::string& name, const std::string& dtype,
@@ -187,6 +207,19 @@ void bind_session(py::module_& m) {
         }
         return d;
       })
+      .def("set_memory_budget", [](Session& self, int64_t budget, int64_t resident,
+                                   const std::string& recompute) {
+        using R = PlanRequest::Recompute;
+        R policy = recompute == "auto" ? R::kAuto : recompute == "none" ? R::kNone
+                 : recompute == "cheap" ? R::kCheap : recompute == "full" ? R::kFull : R::kAuto;
+        PYEDGE_CHECK(recompute == "auto" || recompute == "none" || recompute == "cheap" ||
+                     recompute == "full", "recompute must be 'auto', 'none', 'cheap' or "
+                     "'full', got '", recompute, "'");
+        self.set_memory_budget(budget, resident, policy);
+      }, py::arg("budget_bytes"), py::arg("resident_bytes"), py::arg("recompute") = "auto",
+      "Memory budget (whole process, bytes; < 0: none) and recomputation policy for plans "
+      "built from now on (drops cached plans).")
+      .def_property_readonly("fixed_bytes", &Session::fixed_bytes)
       .def("zero_grads", &Session::zero_grads)
       .def_readwrite("step_count", &Session::step_count)
       .def_readwrite("lr", &Session::lr)

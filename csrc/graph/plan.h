@@ -1,6 +1,7 @@
-// A static execution plan for one input-shape signature: forward steps, the pruned backward,
-// and one arena whose offsets come from a liveness-based memory plan. Built once, then run
-// any number of times without allocating.
+// A static execution plan for one input-shape signature: forward steps, the pruned backward
+// (with forward steps re-run inside it where recomputation was chosen), and one arena whose
+// offsets come from a liveness-based memory plan. Built once by named passes (plan_passes.h),
+// then run any number of times without allocating.
 #pragma once
 #include <map>
 #include <memory>
@@ -18,6 +19,17 @@ struct PlanRequest {
   std::map<int, Tensor> trainable_grads;  // value id -> its gradient buffer (accumulated into)
   std::vector<int> targets;               // values to keep for the caller (outputs, loss)
   int loss = -1;                          // value id of the scalar loss; -1: forward only
+  // Recomputation (plan_recompute.cpp). kAuto recomputes as little as keeps arena + folded
+  // constants under arena_budget; the others force a level whatever the budget.
+  enum class Recompute { kAuto, kNone, kCheap, kFull };
+  Recompute recompute = Recompute::kAuto;
+  // Bytes the arena + folded constants may take; < 0: no budget (kAuto then recomputes
+  // nothing). budget_is_hard: a plan that cannot fit is an error naming the minimum;
+  // otherwise (a budget guessed from the system) the smallest plan is taken.
+  int64_t arena_budget = -1;
+  bool budget_is_hard = false;
+  std::string budget_source;             // for messages: "max_memory=2.5 GiB", "MemAvailable"
+  int64_t fixed_bytes = 0;               // weights, parameters, gradients, optimizer state
 };
 
 struct PlanStats {
@@ -33,6 +45,18 @@ struct PlanStats {
   int64_t scratch_bytes = 0;
   int64_t constant_bytes = 0;    // folded constants owned by the plan
   std::vector<std::string> backward_nodes;  // node names with a backward step, in order
+  // Recomputation: forward steps re-run in the backward, by op type; their cost (FLOPs where
+  // the op knows them, else a proxy, Op::flops) against the forward's.
+  int recompute_ops = 0;
+  std::map<std::string, int> recompute_op_types;
+  std::vector<std::string> recompute_nodes;
+  double recompute_flops = 0.0, forward_flops = 0.0;
+  std::string recompute_choice;          // what was chosen and why, one line
+  int64_t arena_bytes_no_recompute = 0;  // the arena without recomputation
+  int64_t arena_bytes_min = 0;           // the smallest arena recomputation reaches
+  int64_t arena_budget = -1;             // the budget the choice was made under (-1: none)
+  int64_t fixed_bytes = 0;               // weights, parameters, gradients, optimizer state
+  int64_t planned_peak_bytes = 0;        // fixed + arena + constants
 };
 
 // The memory a session's plans run in. Plans never run at the same time and keep nothing in
@@ -51,8 +75,12 @@ class Arena {
   Buffer buf_;
 };
 
-// A plan refuses to be built when its arena + folded constants exceed memory_limit_bytes()
-// (common/memory_limit.h): PYEDGE_MAX_MEMORY or 75% of physical RAM.
+// A plan recomputes activations to fit its arena + folded constants under the request's
+// budget (plan_recompute.cpp), and refuses to be built when they still exceed
+// memory_limit_bytes() (common/memory_limit.h): PYEDGE_MAX_MEMORY or 75% of physical RAM.
+struct PlanBuild;    // plan_passes.h: what the passes hand each other
+struct MemoryLayout;
+
 class Plan {
  public:
   // Runs in `arena` (shared with the session's other plans), or in its own when null.
@@ -68,6 +96,22 @@ class Plan {
   const Tensor& value(int id) const { return values_[size_t(id)]; }
   const PlanStats& stats() const { return stats_; }
 
+  // One scheduled op call (public for the planner's passes, plan_passes.h).
+  struct Step {
+    int node;
+    Op* op;
+    std::vector<Tensor> in, out, dout, din;
+    std::vector<bool> need_grad;  // backward: which inputs get a gradient (the pruned backward)
+    std::vector<int> in_ids, out_ids;
+    std::vector<int> zero_grads;  // value ids whose grad buffer this backward step zeroes first
+    uint64_t fresh_din = 0;       // dins this step writes first and assigns (RunContext)
+    bool skip = false;            // pass-through backward whose dX shares dY's buffer
+    bool recompute = false;       // in bwd_: re-runs the forward step `node` (plan_recompute)
+    int64_t scratch_offset = 0;
+    double seconds = 0.0;
+    int64_t calls = 0;
+  };
+
   // Per-step timing (off by default: two clock reads per op when on).
   struct StepTime {
     std::string node, op_type;
@@ -79,21 +123,17 @@ class Plan {
   std::vector<StepTime> profile() const;
 
  private:
-  struct Step {
-    int node;
-    Op* op;
-    std::vector<Tensor> in, out, dout, din;
-    std::vector<bool> need_grad;  // backward: which inputs get a gradient (the pruned backward)
-    std::vector<int> in_ids, out_ids;
-    std::vector<int> zero_grads;  // value ids whose grad buffer this backward step zeroes first
-    uint64_t fresh_din = 0;       // dins this step writes first and assigns (RunContext)
-    bool skip = false;            // pass-through backward whose dX shares dY's buffer
-    int64_t scratch_offset = 0;
-    double seconds = 0.0;
-    int64_t calls = 0;
-  };
-  void build(const Model& model, const PlanRequest& req);
-  void assign_memory(const Model& model, const PlanRequest& req);
+  // The passes, in the order the constructor runs them (one file each, plan_passes.h).
+  void init_values(const Model& model, const PlanRequest& req, PlanBuild& b);  // plan_schedule
+  void prune_unneeded(const Model& model, const PlanRequest& req, PlanBuild& b);
+  void schedule_forward(const Model& model, PlanBuild& b);
+  void mark_requires_grad(PlanBuild& b);                                       // plan_backward
+  void build_backward(const Model& model, const PlanRequest& req, PlanBuild& b);
+  void analyze_liveness(const PlanRequest& req, PlanBuild& b);                 // plan_liveness
+  void choose_recompute(const Model& model, const PlanRequest& req, PlanBuild& b);  // plan_recompute
+  MemoryLayout layout_memory(const PlanBuild& b, const std::vector<bool>& recompute) const;  // plan_memory
+  void commit_layout(const Model& model, const PlanBuild& b, MemoryLayout&& m);
+  void bind_steps(const Model& model);
   // Points the arena's values and gradients at `base` + their offsets.
   void point_values(char* base);
   // The same, and the steps' copies of those tensors (after the arena moved).
@@ -110,6 +150,9 @@ class Plan {
   std::shared_ptr<Arena> arena_;
   char* bound_ = nullptr;                // arena base the tensors point into
   std::vector<int64_t> value_off_, grad_off_;  // arena offset per value / gradient, -1: outside
+  // Arena offset of each value as bwd_'s steps see it: its recomputed copy where the value is
+  // recomputed, else value_off_.
+  std::vector<int64_t> bwd_value_off_;
   bool profiling_ = false;
   PlanStats stats_;
   const Model* model_ = nullptr;

@@ -1,9 +1,11 @@
 #include "graph/session.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
 #include "common/alloc_counter.h"
+#include "common/memory_limit.h"
 
 namespace pyedge {
 
@@ -48,6 +50,22 @@ std::vector<Plan::StepTime> Session::last_profile() const {
   return plans_[last_plan_].plan->profile();
 }
 
+void Session::set_memory_budget(int64_t budget_bytes, int64_t resident_bytes,
+                                PlanRequest::Recompute policy) {
+  memory_budget_ = budget_bytes;
+  resident_bytes_ = std::max<int64_t>(resident_bytes, 0);
+  recompute_ = policy;
+  plans_.clear();
+  last_plan_ = size_t(-1);
+  arena_ = std::make_shared<Arena>();  // the next plan sizes it afresh
+}
+
+int64_t Session::fixed_bytes() const {
+  int64_t n = resident_bytes_;
+  for (const Parameter& p : params_) n += int64_t(p.value.nbytes()) * int64_t(2 + p.state.size());
+  return n;
+}
+
 void Session::zero_grads() {
   for (Parameter& p : params_) std::memset(p.grad.data, 0, p.grad.nbytes());
 }
@@ -74,6 +92,37 @@ Plan& Session::plan_for(const std::vector<Shape>& shapes, bool training,
   }
   req.targets = targets;
   req.loss = training ? loss_ : -1;
+  req.recompute = recompute_;
+  req.fixed_bytes = fixed_bytes();
+  const int64_t limit = memory_limit_bytes();
+  if (memory_budget_ >= 0) {
+    req.arena_budget = std::max<int64_t>(memory_budget_ - req.fixed_bytes, 0);
+    req.budget_is_hard = true;
+    req.budget_source = str_cat("the memory budget (max_memory) of ", memory_budget_, " bytes");
+    if (limit < req.arena_budget) {  // the plan limit binds first: recompute to meet it too
+      req.arena_budget = limit;
+      req.budget_source = str_cat("the plan memory limit of ", limit, " bytes (PYEDGE_MAX_MEMORY "
+                                  "or 75% of RAM; under max_memory=", memory_budget_, ")");
+    }
+  } else {
+    // No budget: what the system still has (the arena this session holds counts as free
+    // for its next plan), with a margin, and never over the plan limit.
+    std::string src;
+    const int64_t avail = available_memory_bytes(&src);
+    if (avail >= 0) {
+      req.arena_budget = int64_t(double(avail) * 0.9) + int64_t(arena_->size());
+      req.budget_source = str_cat("90% of ", src, " (", avail, " bytes)");
+      if (limit < req.arena_budget) {
+        req.arena_budget = limit;
+        req.budget_source = str_cat("the plan memory limit of ", limit,
+                                    " bytes (PYEDGE_MAX_MEMORY or 75% of RAM)");
+      }
+    } else {
+      req.arena_budget = limit;
+      req.budget_source = "the plan memory limit (PYEDGE_MAX_MEMORY or 75% of RAM)";
+    }
+    req.budget_is_hard = false;
+  }
   auto plan = std::make_unique<Plan>(*model_, req, arena_);
   plans_.push_back({training, shapes, targets, std::move(plan)});
   last_plan_ = plans_.size() - 1;

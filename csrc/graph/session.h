@@ -48,6 +48,16 @@ class Session {
   int64_t last_step_allocations = 0;  // heap allocations inside the last train_step
   void zero_grads();
   bool profiling = false;  // time every op of every plan (see last_profile)
+
+  // Memory budget for plans built from now on (drops the cached plans and the arena).
+  // budget_bytes: the whole process (resident + parameters, gradients, optimizer state +
+  // arena + folded constants), < 0: none, then plans aim at what the system has
+  // (available_memory_bytes()). resident_bytes: what the caller already holds (the weights;
+  // the Python side passes max(initializer bytes, its resident set)).
+  void set_memory_budget(int64_t budget_bytes, int64_t resident_bytes,
+                         PlanRequest::Recompute policy);
+  // resident + parameters + their gradients + optimizer state.
+  int64_t fixed_bytes() const;
   std::vector<Plan::StepTime> last_profile() const;
 
  private:
@@ -66,6 +76,8 @@ class Session {
     std::unique_ptr<Plan> plan;
   };
   std::vector<CachedPlan> plans_;
+  int64_t memory_budget_ = -1, resident_bytes_ = 0;
+  PlanRequest::Recompute recompute_ = PlanRequest::Recompute::kAuto;
   std::shared_ptr<Arena> arena_ = std::make_shared<Arena>();  // shared by all plans_
   size_t last_plan_ = size_t(-1);
   std::vector<Shape> scratch_shapes_;  // reused so a steady-state step allocates nothing

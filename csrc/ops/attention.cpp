@@ -389,6 +389,10 @@ class Attention : public Op {
   std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override {
     return {false, true};
   }
+  // Q·Kᵀ and P·V per head, plus the softmax (a few operations per score).
+  double flops() const override {
+    return double(B_ * H_) * double(L_ * Lk_) * (2.0 * double(D_ + Dv_) + 5.0);
+  }
 
  private:
   int64_t tile() const { return L_ * Lk_; }

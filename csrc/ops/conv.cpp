@@ -365,6 +365,9 @@ class Conv : public Op {
     return std::vector<bool>(outputs.size(), false);
   }
 
+  // Every output element is a dot product over a group's channels times the kernel taps.
+  double flops() const override { return 2.0 * double(N_ * M_) * double(P_) * double(Kc_); }
+
  private:
   // Per-slot scratch: col [Kc, batch*P] (im2col, or dcol in backward), stage [Mg, batch*P]
   // (GEMM output in forward, gathered dY in backward; batch > 1 only), and a padded plane

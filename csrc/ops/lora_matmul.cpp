@@ -61,6 +61,10 @@ class LoraMatMul : public Op {
   }
 
   bool foldable() const override { return dropout_ == 0.f; }
+  // x·W plus the adapter path x·Aᵀ·Bᵀ.
+  double flops() const override {
+    return 2.0 * double(M_) * (double(K_) * double(N_) + double(r_) * double(K_ + N_));
+  }
 
   // The merged weight, or t = drop(x)·Aᵀ [M, r].
   size_t forward_scratch_bytes() const override {

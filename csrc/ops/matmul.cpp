@@ -232,6 +232,8 @@ class MatMul : public Op {
     return {false};
   }
 
+  double flops() const override { return 2.0 * double(batches_) * double(M_ * N_) * double(K_); }
+
  private:
   // Y [rows, N] = the bias in every row (the GEMM then adds the product, beta 1).
   void fill_rows(const float* bias, float* Y, int64_t rows) const {
@@ -332,6 +334,8 @@ class Gemm : public Op {
     return r;
   }
   std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override { return {false}; }
+
+  double flops() const override { return 2.0 * double(M_) * double(N_) * double(K_); }
 
  private:
   bool ta_ = false, tb_ = false, has_c_ = false;

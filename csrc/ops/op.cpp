@@ -58,6 +58,12 @@ void Op::backward(const std::vector<Tensor>&, const std::vector<Tensor>&,
   throw UnsupportedError("internal: backward called on an op without a backward rule");
 }
 
+double Op::flops() const {
+  double n = 0;
+  for (const Tensor& o : outputs) n += double(o.numel());
+  return n;
+}
+
 bool Op::differentiable_input(size_t i) const {
   return i < input_dtypes.size() && is_float(input_dtypes[i]);
 }

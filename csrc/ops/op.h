@@ -104,6 +104,16 @@ class Op {
   virtual size_t forward_scratch_bytes() const { return 0; }
   virtual size_t backward_scratch_bytes(const std::vector<bool>& /*need_grad*/) const { return 0; }
 
+  // Cost of one forward call, for choosing what to recompute (graph/plan_recompute.cpp):
+  // floating-point operations where the op knows them (MatMul, Gemm, LoraMatMul, Conv,
+  // Attention), else a proxy of one per output element.
+  virtual double flops() const;
+  // Whether the planner may run forward again inside the backward to remake the outputs
+  // instead of keeping them. Forward must then be a function of the inputs and RunContext
+  // (training, seed, node_index) alone and write every output in full, so the second run
+  // gives the same bytes. Ops with state that forward changes opt out.
+  virtual bool recomputable() const { return true; }
+
   // False for ops whose result may not be computed once at plan time (random ones).
   virtual bool foldable() const { return true; }
   // True when the output aliases input 0's memory (Reshape-like ops); the planner may then
