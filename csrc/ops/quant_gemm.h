@@ -6,8 +6,9 @@
 //   quant_gemm_xw:   dX [M, K] = dY [M, N] · W (+ dX)   their backward for the activation
 //
 // Formats (ONNX Runtime's contrib ops, see the op files for the input checks):
-//   nbits: packed [N, n_blocks, blob] uint8, n_blocks = ceil(K / block), blob = block·bits/8,
-//          4-bit codes low nibble first along K; scales [N·n_blocks]; zero points packed uint8
+//   nbits: packed [N, n_blocks, blob] uint8, n_blocks = ceil(K / block), blob =
+//          ceil(block·bits/8) (ORT's block·bits/8; an odd 4-bit block, which ORT never
+//          writes, leaves its last nibble unused), 4-bit codes low nibble first along K; scales [N·n_blocks]; zero points packed uint8
 //          [N · ceil(n_blocks·bits/8)] (4-bit: low nibble first) or float [N·n_blocks], or
 //          absent (2^(bits−1)). W[n, k] = (q[n, k] − zp[n, b]) · scale[n, b], b = k / block.
 //   bnb4:  packed [(N·K + 1) / 2] uint8, the [N, K] codes flattened row-major, high nibble
@@ -75,7 +76,7 @@ struct QuantGemmTiling {
   size_t scratch_floats() const { return size_t(parts * out_tile * red_tile); }
 };
 // forward: output dim N, reduction K; backward: output dim K, reduction N.
-QuantGemmTiling quant_gemm_tiling(int64_t M, int64_t out_dim, int64_t red_dim);
+QuantGemmTiling quant_gemm_tiling(int64_t out_dim, int64_t red_dim);
 
 // Y [M, N] (ldy) = X [M, K] · Wᵀ + beta·Y (beta 0 or 1). scratch: tiling.scratch_floats().
 void quant_gemm_xwt(const QuantWeight& w, int64_t M, const float* X, float beta, float* Y,
