@@ -118,6 +118,16 @@ int64_t part_grain(const QuantGemmTiling& t, int64_t M, int64_t N, int64_t K) {
   return (double(M) + 8.0) * double(N) * double(K) < double(1 << 21) ? t.parts : 1;
 }
 
+// Part p's rows [m0, m1) of X and output columns [lo, hi) of `out` columns.
+struct PartRange {
+  int64_t m0, m1, lo, hi;
+};
+PartRange part_range(const QuantGemmTiling& t, int64_t p, int64_t M, int64_t out) {
+  if (t.narrow && M >= 64 * t.parts)
+    return {M * p / t.parts, M * (p + 1) / t.parts, 0, out};
+  return {0, M, out * p / t.parts, out * (p + 1) / t.parts};
+}
+
 }  // namespace
 
 void dequantize_panel(const QuantWeight& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
@@ -139,7 +149,8 @@ QuantGemmTiling quant_gemm_tiling(int64_t out_dim, int64_t red_dim) {
   t.parts = std::max<int64_t>(
       1, std::min<int64_t>({int64_t(num_threads()), kMaxParts, (out_dim + 15) / 16}));
   const int64_t per_part = (out_dim + t.parts - 1) / t.parts;
-  t.out_tile = std::max<int64_t>(1, std::min(per_part, kMaxOutTile));
+  t.narrow = t.parts > 1 && per_part < 128;
+  t.out_tile = std::max<int64_t>(1, std::min(t.narrow ? out_dim : per_part, kMaxOutTile));
   t.red_tile = std::min(red_dim, std::max<int64_t>(16, kPanelFloats / t.out_tile / 16 * 16));
   t.red_tile = std::max<int64_t>(1, t.red_tile);
   return t;
@@ -154,12 +165,13 @@ void quant_gemm_xwt(const QuantWeight& w, int64_t M, const float* X, float beta,
   parallel_for(t.parts, part_grain(t, M, N, K), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       float* panel = scratch + p * t.out_tile * t.red_tile;  // W[n0:n1, k0:k1], ld k1 - k0
-      walk_part(t, N * p / t.parts, N * (p + 1) / t.parts, K, beta,
+      const PartRange r = part_range(t, p, M, N);
+      walk_part(t, r.lo, r.hi, K, beta,
                 [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1, float b) {
                   dequantize_panel(w, n0, n1, k0, k1, panel, k1 - k0);
-                  // Y[:, n0:n1] (+)= X[:, k0:k1] · panelᵀ
-                  sgemm(false, true, M, n1 - n0, k1 - k0, 1.f, X + k0, K, panel, k1 - k0, b,
-                        Y + n0, ldy);
+                  // Y[m0:m1, n0:n1] (+)= X[m0:m1, k0:k1] · panelᵀ
+                  sgemm(false, true, r.m1 - r.m0, n1 - n0, k1 - k0, 1.f, X + r.m0 * K + k0, K,
+                        panel, k1 - k0, b, Y + r.m0 * ldy + n0, ldy);
                 });
     }
   });
@@ -173,12 +185,13 @@ void quant_gemm_xw(const QuantWeight& w, int64_t M, const float* dY, float beta,
   parallel_for(t.parts, part_grain(t, M, N, K), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       float* panel = scratch + p * t.out_tile * t.red_tile;  // W[n0:n1, k0:k1], ld k1 - k0
-      walk_part(t, K * p / t.parts, K * (p + 1) / t.parts, N, beta,
+      const PartRange r = part_range(t, p, M, K);
+      walk_part(t, r.lo, r.hi, N, beta,
                 [&](int64_t k0, int64_t k1, int64_t n0, int64_t n1, float b) {
                   dequantize_panel(w, n0, n1, k0, k1, panel, k1 - k0);
-                  // dX[:, k0:k1] (+)= dY[:, n0:n1] · panel
-                  sgemm(false, false, M, k1 - k0, n1 - n0, 1.f, dY + n0, N, panel, k1 - k0, b,
-                        dX + k0, K);
+                  // dX[m0:m1, k0:k1] (+)= dY[m0:m1, n0:n1] · panel
+                  sgemm(false, false, r.m1 - r.m0, k1 - k0, n1 - n0, 1.f, dY + r.m0 * N + n0, N,
+                        panel, k1 - k0, b, dX + r.m0 * K + k0, K);
                 });
     }
   });

@@ -66,11 +66,14 @@ const float* bnb4_codebook(int quant_type);
 void dequantize_panel(const QuantWeight& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
                       float* out, int64_t ldo, qk::Path path = qk::native_path());
 
-// Panel sizes and the scratch they need. Panels tile W; the output columns owned by a part
-// (N for the forward, K for the backward) are split across parts, so parts never write the
-// same output element and the result does not depend on the thread count.
+// Panel sizes and the scratch they need. Panels tile W; the output columns (N for the forward,
+// K for the backward) or, for narrow outputs, the rows are split across parts, so parts never
+// write the same output element.
 struct QuantGemmTiling {
   int64_t parts = 1;     // independent workers (each with its own panel buffer)
+  // The output is too narrow to split (under 128 columns per part, a k/v projection): the
+  // parts split the rows of X instead when there are enough (each dequantizes every panel).
+  bool narrow = false;
   int64_t out_tile = 0;  // panel extent along the output dimension
   int64_t red_tile = 0;  // panel extent along the reduction dimension
   size_t scratch_floats() const { return size_t(parts * out_tile * red_tile); }
