@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "common/parallel.h"
+#include "common/simd.h"
 #include "ops/blas.h"
 
 namespace pyedge {
@@ -45,6 +46,17 @@ float nbits_zero_point(const QuantWeight& w, int64_t n, int64_t b) {
   return float((b & 1) ? byte >> 4 : byte & 15u);
 }
 
+// A block's 16-entry table, a whole vector at a time (one AVX-512 op): lut[q] = (q − zp)·scale
+// (a = 0..15, off = zp) or code[q]·absmax (a = code, off = 0); the same two IEEE operations
+// as the scalar formula, so every width gives the same table.
+void block_lut(const float* a, float off, float scale, float* lut) {
+  using S = simd::Native;
+  static_assert(16 % S::W == 0, "16 table entries in whole vectors");
+  for (int q = 0; q < 16; q += S::W)
+    S::store(lut + q, S::mul(S::sub(S::load(a + q), S::set1(off)), S::set1(scale)));
+}
+constexpr float kIota16[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
 // Row n of a MatMulNBits weight, columns [k0, k1), block by block.
 void nbits_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t k1, float* out,
                qk::Path path) {
@@ -59,7 +71,7 @@ void nbits_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t k1, float* o
       qk::u8(path, blob + j, cnt, zp, scale, o);
     } else {
       float lut[16];
-      for (int q = 0; q < 16; ++q) lut[q] = (float(q) - zp) * scale;
+      block_lut(kIota16, zp, scale, lut);
       if (j & 1) {  // the run starts at a high nibble
         *o++ = lut[blob[j >> 1] >> 4];
         ++j, --cnt;
@@ -81,7 +93,7 @@ void bnb4_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t k1, float* ou
     int64_t cnt = e - f;
     const float absmax = w.scales[blk];
     float lut[16];
-    for (int q = 0; q < 16; ++q) lut[q] = code[q] * absmax;
+    block_lut(code, 0.f, absmax, lut);  // code[q] − 0 is exact: code[q]·absmax
     float* o = out + (f - base - k0);
     const uint8_t* p = w.packed + (f >> 1);
     if (f & 1) {  // the run starts at a low (second) nibble
