@@ -488,3 +488,21 @@ def test_lora_quant_trains_like_lora_matmul_in_a_plan(base):
     assert lq[2] < lq[0]
     for k in ("lora_A", "lora_B"):
         assert rel_err(pq[k], pf[k].astype(np.float64)) <= 1e-5, k
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("N,K", [(96, 200), (530, 300)])  # narrow: parts split rows; wide: columns
+def test_quant_gemm_any_thread_count(threads, N, K):
+    """Forward and dA at M = 300 with 1-3 parts, narrow and wide outputs, against numpy."""
+    w = NBits(N, K, 4, 32, zp="packed", seed=threads)
+    a = rng(10).standard_normal((300, K)).astype(np.float32)
+    g = rng(11).standard_normal((300, N)).astype(np.float32)
+    before = _core.num_threads()
+    _core.set_num_threads(threads)
+    try:
+        (y,), grads = run("MatMulNBits", [a] + w.inputs(), w.attrs(), grad_outputs=[g])
+    finally:
+        _core.set_num_threads(before)
+    W = w.weight().astype(np.float64)
+    assert rel_err(y, a.astype(np.float64) @ W.T) <= 1e-6
+    assert rel_err(grads[0], g.astype(np.float64) @ W) <= 1e-6

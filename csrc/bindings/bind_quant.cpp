@@ -94,7 +94,7 @@ py::dict gemm_time(const std::string& format, int64_t M, int64_t K, int64_t N, i
   w.spec = &s;
   w.packed = packed.data();
   w.scales = scales.data();
-  QuantGemmTiling t = backward ? quant_gemm_tiling(M, K, N) : quant_gemm_tiling(M, N, K);
+  QuantGemmTiling t = backward ? quant_gemm_tiling(K, N) : quant_gemm_tiling(N, K);
   if (out_tile > 0) t.out_tile = out_tile;
   if (red_tile > 0) t.red_tile = red_tile;
   std::vector<float> scratch(t.scratch_floats());

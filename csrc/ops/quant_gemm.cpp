@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "common/parallel.h"
+#include "common/simd.h"
 #include "ops/blas.h"
 
 namespace pyedge {
@@ -45,6 +46,17 @@ float nbits_zero_point(const QuantWeight& w, int64_t n, int64_t b) {
   return float((b & 1) ? byte >> 4 : byte & 15u);
 }
 
+// A block's 16-entry table, a whole vector at a time (one AVX-512 op): lut[q] = (q − zp)·scale
+// (a = 0..15, off = zp) or code[q]·absmax (a = code, off = 0); the same two IEEE operations
+// as the scalar formula, so every width gives the same table.
+void block_lut(const float* a, float off, float scale, float* lut) {
+  using S = simd::Native;
+  static_assert(16 % S::W == 0, "16 table entries in whole vectors");
+  for (int q = 0; q < 16; q += S::W)
+    S::store(lut + q, S::mul(S::sub(S::load(a + q), S::set1(off)), S::set1(scale)));
+}
+constexpr float kIota16[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
 // Row n of a MatMulNBits weight, columns [k0, k1), block by block.
 void nbits_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t k1, float* out,
                qk::Path path) {
@@ -59,7 +71,7 @@ void nbits_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t k1, float* o
       qk::u8(path, blob + j, cnt, zp, scale, o);
     } else {
       float lut[16];
-      for (int q = 0; q < 16; ++q) lut[q] = (float(q) - zp) * scale;
+      block_lut(kIota16, zp, scale, lut);
       if (j & 1) {  // the run starts at a high nibble
         *o++ = lut[blob[j >> 1] >> 4];
         ++j, --cnt;
@@ -81,7 +93,7 @@ void bnb4_row(const QuantWeight& w, int64_t n, int64_t k0, int64_t k1, float* ou
     int64_t cnt = e - f;
     const float absmax = w.scales[blk];
     float lut[16];
-    for (int q = 0; q < 16; ++q) lut[q] = code[q] * absmax;
+    block_lut(code, 0.f, absmax, lut);  // code[q] − 0 is exact: code[q]·absmax
     float* o = out + (f - base - k0);
     const uint8_t* p = w.packed + (f >> 1);
     if (f & 1) {  // the run starts at a low (second) nibble
@@ -110,6 +122,24 @@ void walk_part(const QuantGemmTiling& t, int64_t lo, int64_t hi, int64_t red, fl
   }
 }
 
+// Parts in one chunk (on the calling thread) when the whole product is small: waking a second
+// thread costs more than it saves there (~0.5 ms on a busy 2-core machine against 0.02 ms of
+// work for Qwen2.5-0.5B's k/v projection at M = 1). Work counts the dequantization of each
+// weight as 8 multiply-adds.
+int64_t part_grain(const QuantGemmTiling& t, int64_t M, int64_t N, int64_t K) {
+  return (double(M) + 8.0) * double(N) * double(K) < double(1 << 21) ? t.parts : 1;
+}
+
+// Part p's rows [m0, m1) of X and output columns [lo, hi) of `out` columns.
+struct PartRange {
+  int64_t m0, m1, lo, hi;
+};
+PartRange part_range(const QuantGemmTiling& t, int64_t p, int64_t M, int64_t out) {
+  if (t.narrow && M >= 64 * t.parts)
+    return {M * p / t.parts, M * (p + 1) / t.parts, 0, out};
+  return {0, M, out * p / t.parts, out * (p + 1) / t.parts};
+}
+
 }  // namespace
 
 void dequantize_panel(const QuantWeight& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
@@ -121,18 +151,20 @@ void dequantize_panel(const QuantWeight& w, int64_t n0, int64_t n1, int64_t k0, 
   }
 }
 
-QuantGemmTiling quant_gemm_tiling(int64_t M, int64_t out_dim, int64_t red_dim) {
-  // Parts split the output dimension (whole 16-column groups each); within a part the output
+QuantGemmTiling quant_gemm_tiling(int64_t out_dim, int64_t red_dim) {
+  // Parts split the output dimension (at least 16 columns each); within a part the output
   // tile is as wide as allowed (the GEMM re-packs X's [M, red_tile] slice once per output
-  // tile: the wider the tile, the rarer), the reduction tile fills the panel budget.
+  // tile: the wider the tile, the rarer), the reduction tile fills the panel budget. The
+  // tiles do not depend on M: at M = 1024 dequantizing costs ~0.5% of the float GEMM
+  // (bench/quant_micro.py), and at M = 1 the panels are what streams from memory anyway.
   QuantGemmTiling t;
   t.parts = std::max<int64_t>(
       1, std::min<int64_t>({int64_t(num_threads()), kMaxParts, (out_dim + 15) / 16}));
   const int64_t per_part = (out_dim + t.parts - 1) / t.parts;
-  t.out_tile = std::max<int64_t>(1, std::min(per_part, kMaxOutTile));
+  t.narrow = t.parts > 1 && per_part < 128;
+  t.out_tile = std::max<int64_t>(1, std::min(t.narrow ? out_dim : per_part, kMaxOutTile));
   t.red_tile = std::min(red_dim, std::max<int64_t>(16, kPanelFloats / t.out_tile / 16 * 16));
   t.red_tile = std::max<int64_t>(1, t.red_tile);
-  (void)M;
   return t;
 }
 
@@ -142,15 +174,16 @@ void quant_gemm_xwt(const QuantWeight& w, int64_t M, const float* X, float beta,
   if (M == 0 || N == 0) return;
   if (K == 0 && beta == 0.f)
     for (int64_t i = 0; i < M; ++i) std::fill(Y + i * ldy, Y + i * ldy + N, 0.f);
-  parallel_for(t.parts, 1, [&](int64_t p0, int64_t p1) {
+  parallel_for(t.parts, part_grain(t, M, N, K), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       float* panel = scratch + p * t.out_tile * t.red_tile;  // W[n0:n1, k0:k1], ld k1 - k0
-      walk_part(t, N * p / t.parts, N * (p + 1) / t.parts, K, beta,
+      const PartRange r = part_range(t, p, M, N);
+      walk_part(t, r.lo, r.hi, K, beta,
                 [&](int64_t n0, int64_t n1, int64_t k0, int64_t k1, float b) {
                   dequantize_panel(w, n0, n1, k0, k1, panel, k1 - k0);
-                  // Y[:, n0:n1] (+)= X[:, k0:k1] · panelᵀ
-                  sgemm(false, true, M, n1 - n0, k1 - k0, 1.f, X + k0, K, panel, k1 - k0, b,
-                        Y + n0, ldy);
+                  // Y[m0:m1, n0:n1] (+)= X[m0:m1, k0:k1] · panelᵀ
+                  sgemm(false, true, r.m1 - r.m0, n1 - n0, k1 - k0, 1.f, X + r.m0 * K + k0, K,
+                        panel, k1 - k0, b, Y + r.m0 * ldy + n0, ldy);
                 });
     }
   });
@@ -161,15 +194,16 @@ void quant_gemm_xw(const QuantWeight& w, int64_t M, const float* dY, float beta,
   const int64_t K = w.spec->K, N = w.spec->N;
   if (M == 0 || K == 0) return;
   if (N == 0 && beta == 0.f) std::fill(dX, dX + M * K, 0.f);
-  parallel_for(t.parts, 1, [&](int64_t p0, int64_t p1) {
+  parallel_for(t.parts, part_grain(t, M, N, K), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       float* panel = scratch + p * t.out_tile * t.red_tile;  // W[n0:n1, k0:k1], ld k1 - k0
-      walk_part(t, K * p / t.parts, K * (p + 1) / t.parts, N, beta,
+      const PartRange r = part_range(t, p, M, K);
+      walk_part(t, r.lo, r.hi, N, beta,
                 [&](int64_t k0, int64_t k1, int64_t n0, int64_t n1, float b) {
                   dequantize_panel(w, n0, n1, k0, k1, panel, k1 - k0);
-                  // dX[:, k0:k1] (+)= dY[:, n0:n1] · panel
-                  sgemm(false, false, M, k1 - k0, n1 - n0, 1.f, dY + n0, N, panel, k1 - k0, b,
-                        dX + k0, K);
+                  // dX[m0:m1, k0:k1] (+)= dY[m0:m1, n0:n1] · panel
+                  sgemm(false, false, r.m1 - r.m0, k1 - k0, n1 - n0, 1.f, dY + r.m0 * N + n0, N,
+                        panel, k1 - k0, b, dX + r.m0 * K + k0, K);
                 });
     }
   });

@@ -6,8 +6,9 @@
 //   quant_gemm_xw:   dX [M, K] = dY [M, N] · W (+ dX)   their backward for the activation
 //
 // Formats (ONNX Runtime's contrib ops, see the op files for the input checks):
-//   nbits: packed [N, n_blocks, blob] uint8, n_blocks = ceil(K / block), blob = block·bits/8,
-//          4-bit codes low nibble first along K; scales [N·n_blocks]; zero points packed uint8
+//   nbits: packed [N, n_blocks, blob] uint8, n_blocks = ceil(K / block), blob =
+//          ceil(block·bits/8) (ORT's block·bits/8; an odd 4-bit block, which ORT never
+//          writes, leaves its last nibble unused), 4-bit codes low nibble first along K; scales [N·n_blocks]; zero points packed uint8
 //          [N · ceil(n_blocks·bits/8)] (4-bit: low nibble first) or float [N·n_blocks], or
 //          absent (2^(bits−1)). W[n, k] = (q[n, k] − zp[n, b]) · scale[n, b], b = k / block.
 //   bnb4:  packed [(N·K + 1) / 2] uint8, the [N, K] codes flattened row-major, high nibble
@@ -65,17 +66,20 @@ const float* bnb4_codebook(int quant_type);
 void dequantize_panel(const QuantWeight& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1,
                       float* out, int64_t ldo, qk::Path path = qk::native_path());
 
-// Panel sizes and the scratch they need. Panels tile W; the output columns owned by a part
-// (N for the forward, K for the backward) are split across parts, so parts never write the
-// same output element and the result does not depend on the thread count.
+// Panel sizes and the scratch they need. Panels tile W; the output columns (N for the forward,
+// K for the backward) or, for narrow outputs, the rows are split across parts, so parts never
+// write the same output element.
 struct QuantGemmTiling {
   int64_t parts = 1;     // independent workers (each with its own panel buffer)
+  // The output is too narrow to split (under 128 columns per part, a k/v projection): the
+  // parts split the rows of X instead when there are enough (each dequantizes every panel).
+  bool narrow = false;
   int64_t out_tile = 0;  // panel extent along the output dimension
   int64_t red_tile = 0;  // panel extent along the reduction dimension
   size_t scratch_floats() const { return size_t(parts * out_tile * red_tile); }
 };
 // forward: output dim N, reduction K; backward: output dim K, reduction N.
-QuantGemmTiling quant_gemm_tiling(int64_t M, int64_t out_dim, int64_t red_dim);
+QuantGemmTiling quant_gemm_tiling(int64_t out_dim, int64_t red_dim);
 
 // Y [M, N] (ldy) = X [M, K] · Wᵀ + beta·Y (beta 0 or 1). scratch: tiling.scratch_floats().
 void quant_gemm_xwt(const QuantWeight& w, int64_t M, const float* X, float beta, float* Y,

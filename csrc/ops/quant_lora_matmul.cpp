@@ -63,8 +63,8 @@ class LoraQuantMatMul : public Op {
     PYEDGE_CHECK(in[kB].rank() == 2 && in[kB].shape[0] == N_ && in[kB].shape[1] == r_,
                  n.where(), ": lora_B must be [", N_, ", ", r_, "], got ",
                  shape_str(in[kB].shape));
-    fwd_ = quant_gemm_tiling(M_, N_, K_);
-    bwd_ = quant_gemm_tiling(M_, K_, N_);
+    fwd_ = quant_gemm_tiling(N_, K_);
+    bwd_ = quant_gemm_tiling(K_, N_);
     grads_ = AdapterGrads(M_, K_, N_, r_);
     Shape y(x.begin(), x.end() - 1);
     y.push_back(N_);

@@ -56,8 +56,8 @@ class QuantMatMul : public Op {
     PYEDGE_CHECK(a.back() == in_dim, n.where(), ": A ", shape_str(a), " must end in ",
                  trans_b_ ? "K = " : "N = ", in_dim);
     M_ = numel(a) / in_dim;
-    fwd_ = quant_gemm_tiling(M_, out_dim, in_dim);
-    bwd_ = quant_gemm_tiling(M_, in_dim, out_dim);
+    fwd_ = quant_gemm_tiling(out_dim, in_dim);
+    bwd_ = quant_gemm_tiling(in_dim, out_dim);
     Shape y(a.begin(), a.end() - 1);
     y.push_back(out_dim);
     outputs = {make_output(DType::f32, y)};
