@@ -91,8 +91,8 @@ def skip_reason(w) -> str | None:
 
 def pyedge_model_and_options(w, onnx_path):
     """(model for TrainingSession, extra keyword arguments) for the workload's variants:
-    w.quantize goes through pyedge.quantize(onnx_path, **w.quantize) (its result is what the
-    session loads), w.max_memory becomes TrainingSession(max_memory=...); raises Skipped
+    w.quantize: the export quantized by pyedge.quantize(src, dst, **w.quantize), cached beside
+    it by bench.workloads.ensure_quantized (in its own process), w.max_memory becomes TrainingSession(max_memory=...); raises Skipped
     when this pyedge lacks either (a variant that silently ran as its base would mislead).""" 
     import pyedge
 
@@ -101,7 +101,8 @@ def pyedge_model_and_options(w, onnx_path):
     if reason:
         raise Skipped(reason)
     if w.quantize:
-        model = pyedge.quantize(onnx_path, **w.quantize)
+        from bench.workloads import ensure_quantized
+        model = ensure_quantized(onnx_path, w.quantize, log=lambda m: print(m, file=sys.stderr))
     if w.max_memory is not None:  # skip_reason made sure the session takes it
         kwargs["max_memory"] = int(w.max_memory)
     return model, kwargs

@@ -140,7 +140,7 @@ LLM_SHAPES = {
                  dict(arch="llama", layers=6, hidden=512, heads=8, kv_heads=8,
                       intermediate=1376, vocab=8192, tie=False)),
 }
-W8_QUANTIZE = {"bits": 4, "block_size": 32}
+W8_QUANTIZE = {"bits": 4, "group_size": 32}
 
 
 def _decoder(shape_id, batch=4, seq=256, **over):
@@ -221,6 +221,29 @@ def build_torch(w: Workload, seed: int = 0, for_torch_engine: bool = False):
 
 def export_path(w: Workload, exporter: str, opset: int | None = None, cache: str = CACHE) -> str:
     return os.path.join(cache, w.key(exporter, opset) + ".onnx")
+
+
+def ensure_quantized(onnx_path: str, quantize: dict, log=print) -> str:
+    """The workload's export quantized by pyedge.quantize(src, dst, **quantize), once, cached
+    beside it. It runs in its own process, so the timed worker's peak RSS is the training's,
+    not the quantizer's (which reads the float model whole)."""
+    import subprocess
+    import sys
+    import time
+    tag = "-".join(f"{k}{v}" for k, v in sorted(quantize.items()))
+    path = onnx_path[:-len(".onnx")] + f".q-{tag}.onnx"
+    if os.path.exists(path):
+        return path
+    t0 = time.time()
+    code = ("import json, sys, pyedge; "
+            "r = pyedge.quantize(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3])); print(r)")
+    r = subprocess.run([sys.executable, "-c", code, onnx_path, path, json.dumps(quantize)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"quantizing {onnx_path} failed: {r.stderr.strip()[-2000:]}")
+    log(f"quantized {os.path.relpath(onnx_path, ROOT)} ({tag}) -> "
+        f"{os.path.relpath(path, ROOT)} in {time.time() - t0:.1f}s")
+    return path
 
 
 def ensure_export(w: Workload, exporter: str, opset: int | None = None, log=print,

@@ -31,7 +31,7 @@ def test_workload_definitions():
     assert w6.kwargs == dict(arch="llama", layers=30, hidden=576, heads=9, kv_heads=3,
                              intermediate=1536, vocab=49152, tie=True, seq=256, batch=4)
     assert w7.kwargs["arch"] == "qwen2" and w7.kwargs["vocab"] == 151936
-    assert w8.kwargs["hidden"] == 1536 and w8.quantize == {"bits": 4, "block_size": 32}
+    assert w8.kwargs["hidden"] == 1536 and w8.quantize == {"bits": 4, "group_size": 32}
     assert w8.engines == ("pyedge",)
     for w in (w6, w7, w8):
         assert w.lora_targets == LLM_PROJECTIONS and w.lora_r == 8 and w.lora_alpha == 16
@@ -49,11 +49,10 @@ def test_tiny_workload_first_loss_equal(wid, cache):
     _, th_losses, _, _, textra, _ = worker.run_torch(float_w, _args(path))
     assert extra["trainable_parameters"] == textra["trainable_parameters"] > 0
     assert pe_losses[0] == pytest.approx(th_losses[0], rel=2e-5)
-    if w.quantize:
-        import pyedge
-        if not hasattr(pyedge, "quantize"):
-            with pytest.raises(worker.Skipped, match="needs pyedge.quantize"):
-                worker.run_pyedge(w, _args(path))
+    if w.quantize:  # W8: the same model on a 4-bit base (quantized once, in its own process)
+        _, q_losses, _, _, qextra, _ = worker.run_pyedge(w, _args(path))
+        assert qextra["quantize"] == w.quantize
+        assert q_losses[0] == pytest.approx(pe_losses[0], rel=5e-2) and q_losses[0] != pe_losses[0]
 
 
 def test_qwen2_export_has_qkv_biases(cache):
@@ -90,10 +89,11 @@ def test_variants_pass_their_options_or_are_skipped(monkeypatch):
     assert worker.pyedge_model_and_options(w, "m.onnx") == ("m.onnx", {"max_memory": 1 << 30})
     w = dataclasses.replace(w, max_memory=None)
     calls = []
-    monkeypatch.setattr(pyedge, "quantize", lambda path, **kw: calls.append((path, kw)) or "q",
-                        raising=False)
+    import bench.workloads as bw
+    monkeypatch.setattr(bw, "ensure_quantized",
+                        lambda path, q, log=None: calls.append((path, q)) or "m.q.onnx")
     q = dataclasses.replace(w, quantize={"bits": 4})
-    assert worker.pyedge_model_and_options(q, "m.onnx")[0] == "q"
+    assert worker.pyedge_model_and_options(q, "m.onnx")[0] == "m.q.onnx"
     assert calls == [("m.onnx", {"bits": 4})]
 
 

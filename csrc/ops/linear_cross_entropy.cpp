@@ -270,6 +270,13 @@ class LinearCrossEntropy : public Op {
     }
   }
 
+  // The head GEMM over the live rows (twice more when a frozen head takes its gradients in
+  // the forward): recomputing this op is never cheap, whatever its small outputs suggest.
+  double flops() const override {
+    const double gemm = 2.0 * double(rows_) * double(D_) * double(V_);
+    return early_ ? 3.0 * gemm : gemm;
+  }
+
  private:
   struct Chunk {
     float* h = nullptr;   // [chunk, D] gathered live rows of h

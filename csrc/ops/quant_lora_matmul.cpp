@@ -160,6 +160,11 @@ class LoraQuantMatMul : public Op {
     return r;
   }
 
+  // base GEMM + the adapter's two skinny products (recompute planning, graph/plan_recompute)
+  double flops() const override {
+    return 2.0 * double(M_) * (double(N_) * double(K_) + double(r_) * double(K_ + N_));
+  }
+
  private:
   QuantWeightSpec spec_;
   bool has_bias_ = false;

@@ -113,6 +113,8 @@ class QuantMatMul : public Op {
   std::vector<bool> backward_reads_outputs(const std::vector<bool>&) const override {
     return std::vector<bool>(outputs.size(), false);
   }
+  // A GEMM's cost: the recompute planner must not take it for a cheap elementwise op.
+  double flops() const override { return 2.0 * double(M_) * double(spec_.N) * double(spec_.K); }
 
  private:
   QuantWeightSpec spec_;
