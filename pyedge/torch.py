@@ -73,8 +73,13 @@ def load_adapters(model, adapters_dir, merge: bool = False, use_peft: bool | Non
     itself. A refused folder leaves `model` untouched.
     """
     _torch()
-    from pyedge.export.adapter_files import read_adapter_folder
+    from pyedge.export.adapter_files import AdapterError, read_adapter_folder
     from pyedge.export.hf_export import adapter_target
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        # Its modules carry LoRA layers already: loading again would apply the adapters twice.
+        raise AdapterError(
+            "load_adapters was given a PeftModel (adapters already loaded); pass the plain "
+            "model, or call .merge_and_unload() on the PeftModel to get merged weights")
     # Adapters of an exported wrapper are relative to the PreTrainedModel inside it.
     outer = model
     model, prefix = adapter_target(model, adapters_dir)

@@ -1,0 +1,96 @@
+"""The README's command and code blocks, run as written (in a temporary folder, on data made
+here): the MiniLM workflow, the Python API and the LLM-on-a-board commands. A README that no
+longer works fails here."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def blocks(heading: str) -> list[str]:
+    """The fenced blocks of the README section under `heading` (## level), in order."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    start = text.index(f"## {heading}")
+    end = text.find("\n## ", start + 3)
+    section = text[start:end if end > 0 else None]
+    return re.findall(r"```[a-z]*\n(.*?)```", section, flags=re.S)
+
+
+def run_shell(block: str, cwd) -> None:
+    """Runs a block with bash; `pyedge` is this checkout's CLI (python -m pyedge)."""
+    bindir = os.path.join(cwd, ".bin")
+    os.makedirs(bindir, exist_ok=True)
+    shim = os.path.join(bindir, "pyedge")
+    with open(shim, "w") as f:
+        f.write(f'#!/bin/sh\nexec "{sys.executable}" -m pyedge "$@"\n')
+    os.chmod(shim, 0o755)
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ["PATH"],
+               PYTHONPATH=os.pathsep.join([ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+               PYEDGE_QUIET="1")
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"README block failed:\n{block}\n--- stderr:\n{r.stderr[-3000:]}"
+
+
+def minilm_data(folder, n, seed):
+    rng = np.random.default_rng(seed)
+    L = 16
+    ids = rng.integers(1000, 30000, size=(n, L)).astype(np.int64)
+    ids[:, 0] = 101
+    ids[:, -1] = 102
+    mask = np.ones((n, L), np.int64)
+    labels = rng.integers(0, 3, size=n).astype(np.int64)
+    return ids, mask, labels
+
+
+def test_minilm_workflow_and_python_api(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    for name, n, seed in (("train.npz", 48, 0), ("val.npz", 16, 1)):
+        ids, mask, labels = minilm_data(tmp_path, n, seed)
+        np.savez(tmp_path / name, input_ids=ids, attention_mask=mask, labels=labels)
+    export, train, torch_side = blocks("The workflow, with all-MiniLM-L6-v2")[:3]
+    run_shell(export, tmp_path)
+    run_shell(train, tmp_path)
+    assert (tmp_path / "runs/minilm/adapters/adapter_config.json").exists()
+
+    from models.reference import minilm_classifier
+    ns = {"build_the_same_model": lambda: minilm_classifier()[0]}
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        exec(compile(torch_side, "README.md (load the adapters back)", "exec"), ns)
+        assert type(ns["peft_model"]).__name__ == "PeftModel"
+        assert not any("lora" in k for k in ns["merged"].state_dict())
+        import pyedge.torch
+        from pyedge.export.adapter_files import AdapterError
+        with pytest.raises(AdapterError, match="PeftModel"):  # loading twice is refused, clearly
+            pyedge.torch.load_adapters(ns["peft_model"], "runs/minilm/adapters")
+        ids, mask, labels = minilm_data(tmp_path, 4, 2)
+        api = {"ids": ids, "mask": mask, "labels": labels}
+        exec(compile(blocks("Python API")[0], "README.md (Python API)", "exec"), api)
+        assert np.isfinite(api["loss"]) and api["logits"].shape == (4, 3)
+        assert os.path.exists("adapters/adapter_model.safetensors")
+    finally:
+        os.chdir(cwd)
+
+
+def test_llm_on_a_small_board(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 256, size=(16, 32)).astype(np.int64)
+    np.savez(tmp_path / "tokens.npz", input_ids=ids, labels=ids)
+    (block,) = blocks("LLMs on a small board: a 4-bit base, a memory budget")
+    run_shell(block, tmp_path)
+    assert (tmp_path / "runs/qlora/adapters/adapter_model.safetensors").exists()
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "llama-q4.onnx")).graph.node}
+    assert "MatMulNBits" in ops
