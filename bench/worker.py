@@ -124,7 +124,9 @@ def run_pyedge(w, a):
     rss_built = rss_now()
     times, losses = time_steps(lambda x, y: sess.step(x, y), batches, a.steps, a.warmup)
     extra = {k: stats[k] for k in ("forward_ops", "backward_ops", "pruned_nodes", "arena_bytes",
-                                   "activation_bytes", "trainable_parameters")
+                                   "activation_bytes", "trainable_parameters", "weight_bytes",
+                                   "quantized_weight_bytes", "planned_peak_bytes",
+                                   "recompute_ops", "recompute_flops", "forward_flops", "fusions")
              if k in stats}
     extra["steady_state_allocations"] = sess.last_step_allocations
     extra["core_threads"] = pyedge._core.num_threads()

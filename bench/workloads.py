@@ -182,6 +182,16 @@ WORKLOADS["6m"] = _decoder("6", id="6m", engines=("pyedge",), max_memory=int(1.5
 WORKLOADS["6m"].title += ", max_memory 1.5 GiB"
 WORKLOADS["7q4"] = _decoder("7", id="7q4", engines=("pyedge",), quantize=dict(W8_QUANTIZE))
 WORKLOADS["7q4"].title += ", 4-bit base"
+# issue "LLMs on small boards" 1: W6 on 8-bit (int8 per output channel) and 4-bit (int, group
+# 32) bases beside its float base, and 2: W6 under budgets from 0.8 to 3 GB
+WORKLOADS["6q8"] = _decoder("6", id="6q8", engines=("pyedge",), quantize={"bits": 8})
+WORKLOADS["6q8"].title += ", 8-bit base"
+WORKLOADS["6q4"] = _decoder("6", id="6q4", engines=("pyedge",), quantize=dict(W8_QUANTIZE))
+WORKLOADS["6q4"].title += ", 4-bit base"
+for _gib in (0.8, 1.0, 2.0, 3.0):
+    _id = f"6m{_gib:g}"
+    WORKLOADS[_id] = _decoder("6", id=_id, engines=("pyedge",), max_memory=int(_gib * 2**30))
+    WORKLOADS[_id].title += f", max_memory {_gib:g} GiB"
 
 for _k in range(1, MINILM_LAYERS + 1):
     _w = _minilm(f"5k{_k}", f"MiniLM, LoRA q/v on the last {_k} of 6 layers + head",
