@@ -125,50 +125,59 @@ def fold_cast_chains(graph: Graph) -> int:
     initializer, computed in numpy in the chain's own dtypes (float64 stays float64 until the
     Cast, as onnxruntime computes it). Nodes left without a reader, and initializers only they
     read, are dropped. Returns the number of Casts folded. All-float32 chains are left to
-    the core, which folds them at plan time."""
+    the core, which folds them at plan time; so is a chain numpy refuses (an integer to a
+    negative integer power), which then fails there with the node's name."""
     from onnx import TensorProto
+    from pyedge.onnx_import import ONNX_TO_NP
     producers = graph.producer_map()
-    values: dict[str, np.ndarray | None] = {}  # value -> its constant, None: not constant
+    graph_outputs = {v.name for v in graph.outputs}
+    wide: dict[str, bool | None] = {}  # value -> some value of its chain is not float32;
+    #                                    None: not computed from initializers only
 
-    def const(name: str) -> np.ndarray | None:
+    def chain_wide(name: str) -> bool | None:
+        """Decided from the graph alone, before any arithmetic: in an elementwise chain a
+        value is not float32 only if a leaf is not or a Cast makes it not."""
         if name in graph.initializers:
-            return np.asarray(graph.initializers[name])
-        if name in values:
-            return values[name]
-        values[name] = None  # guards against a (malformed) cycle
+            return np.asarray(graph.initializers[name]).dtype != np.float32
+        if name in wide:
+            return wide[name]
+        wide[name] = None  # guards against a (malformed) cycle
         node = producers.get(name)
         if node is None or not _foldable(node):
             return None
-        args = [const(i) for i in node.inputs]
-        if any(a is None for a in args):
+        parts = [chain_wide(i) for i in node.inputs]
+        if any(p is None for p in parts):
             return None
-        values[name] = _eval_const(node, args)
-        return values[name]
+        cast_wide = (node.op_type == "Cast"
+                     and ONNX_TO_NP.get(int(node.attrs.get("to", 0))) != "float32")
+        wide[name] = any(parts) or cast_wide
+        return wide[name]
 
-    def chain_has_wide(name: str, seen: set[str]) -> bool:
-        """Some value of the chain computing `name` is not float32."""
-        if name in seen:
-            return False
-        seen.add(name)
-        v = graph.initializers.get(name, values.get(name))
-        if v is not None and np.asarray(v).dtype != np.float32:
-            return True
-        node = producers.get(name)
-        return node is not None and any(chain_has_wide(i, seen) for i in node.inputs)
+    values: dict[str, np.ndarray] = {}
+
+    def const(name: str) -> np.ndarray:
+        if name in graph.initializers:
+            return np.asarray(graph.initializers[name])
+        if name not in values:
+            node = producers[name]
+            values[name] = _eval_const(node, [const(i) for i in node.inputs])
+        return values[name]
 
     folded: dict[str, np.ndarray] = {}
     for node in graph.nodes:
-        if (node.op_type != "Cast" or not _foldable(node)
-                or int(node.attrs.get("to", 0)) != TensorProto.FLOAT):
+        if (node.op_type != "Cast" or not _foldable(node) or node.outputs[0] in graph_outputs
+                or int(node.attrs.get("to", 0)) != TensorProto.FLOAT
+                or not chain_wide(node.inputs[0])):
             continue
-        src = const(node.inputs[0])
-        if src is None or not chain_has_wide(node.inputs[0], set()):
+        try:
+            src = const(node.inputs[0])
+        except (ValueError, TypeError, ArithmeticError, ImportRewriteError):
             continue
         folded[node.outputs[0]] = np.array(src, np.float32, order="C")  # keeps 0-d shapes
     if not folded:
         return 0
     graph.initializers.update(folded)
-    _drop_dead(graph, candidates=set(folded) | {k for k, v in values.items() if v is not None})
+    _drop_dead(graph, candidates=set(folded) | set(values))
     return len(folded)
 
 

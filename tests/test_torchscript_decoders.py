@@ -89,6 +89,41 @@ def test_fold_rewrite_leaves_float32_chains_and_other_casts():
     assert fold_cast_chains(g) == 0
 
 
+def _chain_model(nodes, inits, out_name="y"):
+    """y = x + (the chain's float32 value named "k") over x [3]."""
+    nodes = nodes + [helper.make_node("Add", ["x", "k"], [out_name], name="add")]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info(out_name, TensorProto.FLOAT, [3])],
+        initializer=[numpy_helper.from_array(v, n) for n, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fold_rewrite_float64_tensor_and_refusals():
+    import onnxruntime as ort
+    x = np.array([1.0, -2.0, 3.5], np.float32)
+    # a float64 tensor read through a Cast (and a float64 Pow on the way): one float32 tensor
+    w = np.array([0.1, 1e-9, 3.0], np.float64)
+    m = _chain_model([helper.make_node("Pow", ["w", "two"], ["w2"], name="pow"),
+                      helper.make_node("Cast", ["w2"], ["k"], name="cast", to=TensorProto.FLOAT)],
+                     {"w": w, "two": np.array(2.0, np.float64)})
+    g = load_onnx(m)
+    assert [n.op_type for n in g.nodes] == ["Add"] and set(g.initializers) == {"k"}
+    ref = ort.InferenceSession(m.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(pyedge.TrainingSession(g, loss=None).run({"x": x})["y"], ref)
+    # an integer to a negative integer power: numpy refuses, the chain is left as it is
+    m = _chain_model([helper.make_node("Pow", ["i", "e"], ["p"], name="ipow"),
+                      helper.make_node("Cast", ["p"], ["k"], name="cast", to=TensorProto.FLOAT)],
+                     {"i": np.array(2, np.int64), "e": np.array(-1, np.int64)})
+    assert [n.op_type for n in load_onnx(m).nodes] == ["Pow", "Cast", "Add"]
+    # an op that is not elementwise (Shape) in the chain: not constant here, left to the core
+    m = _chain_model([helper.make_node("Shape", ["x"], ["s"], name="shape"),
+                      helper.make_node("Cast", ["s"], ["k"], name="cast", to=TensorProto.FLOAT)],
+                     {})
+    assert [n.op_type for n in load_onnx(m).nodes] == ["Shape", "Cast", "Add"]
+
+
 # ------------------------------------------------------------- exported decoders, end to end
 def _build(family, impl):
     import torch
@@ -147,14 +182,8 @@ def exported(tmp_path_factory):
     return get
 
 
-def _cases():
-    out = []
-    for fam in FAMILIES:
-        for impl in IMPLS:
-            fast = (fam, impl) in {("llama", "sdpa"), ("gemma", "eager")}
-            out.append(pytest.param(fam, impl, id=f"{fam}-{impl}",
-                                    marks=() if fast else pytest.mark.slow))
-    return out
+def _cases():  # about 1 s each (export included): none needs the slow mark
+    return [pytest.param(fam, impl, id=f"{fam}-{impl}") for fam in FAMILIES for impl in IMPLS]
 
 
 def _torch_logits(model, feeds):
