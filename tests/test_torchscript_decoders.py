@@ -153,9 +153,9 @@ def _build(family, impl):
     return model
 
 
-def _feeds(seed=0):
+def _feeds(seed=0, batch=BATCH, seq=SEQ):
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, VOCAB, (BATCH, SEQ)).astype(np.int64)
+    ids = rng.integers(0, VOCAB, (batch, seq)).astype(np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
@@ -196,16 +196,20 @@ def _torch_logits(model, feeds):
 @pytest.mark.parametrize("family,impl", _cases())
 def test_torchscript_decoder_loads_trains_and_goes_to_peft(exported, family, impl, tmp_path):
     import onnxruntime as ort
-    import peft
     import torch
     path, model = exported(family, impl)
-    if impl == "sdpa":  # the case this is about: the float64 scale is in the file
-        assert any(n.op_type == "Sqrt" and any(
-            a.name == "value" and a.t.data_type == TensorProto.DOUBLE
-            for p in onnx.load(path).graph.node if p.output and p.output[0] in n.input
-            for a in p.attribute) for n in onnx.load(path).graph.node)
-    feeds = _feeds(1)  # another batch than the export's example
-    ref_ort = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    if impl == "sdpa":  # the case this is about: Sqrt of a float64 Constant is in the file
+        nodes = onnx.load(path).graph.node
+        f64 = {n.output[0] for n in nodes if n.op_type == "Constant"
+               and any(a.name == "value" and a.t.data_type == TensorProto.DOUBLE
+                       for a in n.attribute)}
+        assert any(n.op_type == "Sqrt" and n.input[0] in f64 for n in nodes)
+    ort_sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    # another shape than the export's example (the axes are dynamic), right padding
+    other = _feeds(2, batch=3, seq=7)
+    other["attention_mask"][1, -3:] = 0
+    feeds = _feeds(1)
+    ref_ort = ort_sess.run(None, feeds)[0]
     ref_torch = _torch_logits(model, feeds)
     sess = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(
         r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
@@ -214,6 +218,10 @@ def test_torchscript_decoder_loads_trains_and_goes_to_peft(exported, family, imp
     got = sess.run(feeds)[sess.output_name]
     assert np.abs(got - ref_ort).max() <= TOL
     assert np.abs(got - ref_torch).max() <= TOL
+    got = sess.run(other)[sess.output_name]
+    assert got.shape == (3, 7, VOCAB)
+    assert np.abs(got - ort_sess.run(None, other)[0]).max() <= TOL
+    assert np.abs(got - _torch_logits(model, other)).max() <= TOL
 
     labels = feeds["input_ids"]
     losses = [sess.step(feeds, labels) for _ in range(5)]  # one batch: the loss must fall
@@ -230,3 +238,19 @@ def test_torchscript_decoder_loads_trains_and_goes_to_peft(exported, family, imp
                          torch.from_numpy(feeds["attention_mask"])).numpy()
     assert np.abs(after - ref_torch).max() > 10 * TOL  # the adapters changed the model
     assert np.abs(after - peft_logits).max() <= TOL
+
+
+def test_pyedge_torchscript_export_of_sdpa_decoder(tmp_path):
+    """The same file through pyedge.torch.export(exporter="torchscript") (parameter map in
+    the metadata, initializers first written as graph inputs then taken out again)."""
+    import torch
+    import pyedge.torch as pt
+    model = _build("qwen2", "sdpa")
+    f = _feeds()
+    path = str(tmp_path / "qwen2.onnx")
+    pt.export(model, (torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])),
+              path, input_names=["input_ids", "attention_mask"], exporter="torchscript")
+    sess = pyedge.TrainingSession(path, lora=pyedge.LoraConfig(r=4, target_modules=["q_proj"]),
+                                  loss="causal_lm")
+    assert np.abs(sess.run(f)[sess.output_name] - _torch_logits(model, f)).max() <= TOL
+    assert np.isfinite(sess.step(f, f["input_ids"]))
