@@ -73,7 +73,6 @@ def rewrite_sequences(graph: Graph) -> None:
     graph.nodes = new_nodes
 
 
-
 # ------------------------------------------------- constant chains ending in Cast(to=float)
 def _int_div(a, b):
     # ONNX integer Div truncates toward zero (C semantics); numpy's // floors
@@ -191,9 +190,8 @@ def _drop_dead(graph: Graph, candidates: set[str]) -> None:
     while True:
         read = {i for n in graph.nodes for i in n.inputs if i} | outputs
         dead = [n for n in graph.nodes
-                if n.outputs and all((o in candidates or o in graph.initializers)
-                                     and o not in read for o in n.outputs if o)]
-        # a node whose output became an initializer is replaced whether read or not
+                if n.outputs and all(o in candidates and o not in read for o in n.outputs if o)]
+        # a folded Cast is replaced by its initializer, read or not
         replaced = [n for n in graph.nodes if n.op_type == "Cast"
                     and n.outputs[0] in graph.initializers]
         gone = {id(n) for n in dead + replaced}
