@@ -2,6 +2,12 @@
 
 SplitToSequence + SequenceAt (the dynamo exporter's `torch.split`) become one Slice per
 element taken; sequences never reach the core.
+
+Constant chains in float64 or integers that end in a Cast to float32 (the TorchScript
+exporter's SDPA scale, `Cast(Sqrt(Constant 0.25 float64))`) are evaluated here with numpy
+and replaced by one float32 initializer: the core's kernels are float32 (and int64 for index
+math) only, and folding a handful of scalars in Python is smaller than float64 kernels for
+every elementwise op the core folds at plan time.
 """
 from __future__ import annotations
 
@@ -65,3 +71,133 @@ def rewrite_sequences(graph: Graph) -> None:
             continue
         new_nodes.append(node)
     graph.nodes = new_nodes
+
+
+# ------------------------------------------------- constant chains ending in Cast(to=float)
+def _int_div(a, b):
+    # ONNX integer Div truncates toward zero (C semantics); numpy's // floors
+    q = np.abs(a) // np.abs(b)
+    return np.where((a < 0) != (b < 0), -q, q)
+
+
+def _div(a, b):
+    return _int_div(a, b) if np.issubdtype(a.dtype, np.integer) else a / b
+
+
+# op -> numpy function of the input arrays; the result takes input 0's dtype (ONNX binary
+# ops need equal input types; Pow's result has the base's type)
+_UNARY = {"Sqrt": np.sqrt, "Neg": np.negative, "Reciprocal": np.reciprocal, "Exp": np.exp,
+          "Log": np.log, "Abs": np.abs, "Floor": np.floor, "Ceil": np.ceil, "Sin": np.sin,
+          "Cos": np.cos, "Tanh": np.tanh, "Identity": lambda a: a}
+_BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": _div,
+           "Pow": np.power, "Max": np.maximum, "Min": np.minimum}
+
+
+def _eval_const(node: Node, args: list[np.ndarray]) -> np.ndarray:
+    """One node of a constant chain in numpy (ONNX semantics, input dtypes kept)."""
+    from pyedge.onnx_import import ONNX_TO_NP
+    if node.op_type == "Cast":
+        to = int(node.attrs.get("to", 0))
+        if to not in ONNX_TO_NP:
+            raise ImportRewriteError(f"Cast node '{node.name}': target type {to} unsupported")
+        return np.asarray(args[0]).astype(ONNX_TO_NP[to])
+    a = np.asarray(args[0])
+    if node.op_type in _UNARY:
+        with np.errstate(all="ignore"):  # NaN/inf follow IEEE as onnxruntime's do
+            return np.asarray(_UNARY[node.op_type](a)).astype(a.dtype)
+    with np.errstate(all="ignore"):
+        out = _BINARY[node.op_type](a, np.asarray(args[1]))
+    return np.asarray(out).astype(a.dtype)
+
+
+def _foldable(node: Node) -> bool:
+    if node.domain not in ("", "ai.onnx") or len(node.outputs) != 1:
+        return False
+    if node.op_type in _UNARY or node.op_type == "Cast":
+        return len(node.inputs) == 1
+    return node.op_type in _BINARY and len(node.inputs) == 2
+
+
+def fold_cast_chains(graph: Graph) -> int:
+    """Replaces each Cast(to=float32) whose input is computed from initializers only by
+    elementwise ops (_UNARY/_BINARY/Cast) in which some value is not float32 by one float32
+    initializer, computed in numpy in the chain's own dtypes (float64 stays float64 until the
+    Cast, as onnxruntime computes it). Nodes left without a reader, and initializers only they
+    read, are dropped. Returns the number of Casts folded. All-float32 chains are left to
+    the core, which folds them at plan time; so is a chain numpy refuses (an integer to a
+    negative integer power), which then fails there with the node's name."""
+    from onnx import TensorProto
+    from pyedge.onnx_import import ONNX_TO_NP
+    producers = graph.producer_map()
+    graph_outputs = {v.name for v in graph.outputs}
+    wide: dict[str, bool | None] = {}  # value -> some value of its chain is not float32;
+    #                                    None: not computed from initializers only
+
+    def chain_wide(name: str) -> bool | None:
+        """Decided from the graph alone, before any arithmetic: in an elementwise chain a
+        value is not float32 only if a leaf is not or a Cast makes it not."""
+        if name in graph.initializers:
+            return np.asarray(graph.initializers[name]).dtype != np.float32
+        if name in wide:
+            return wide[name]
+        wide[name] = None  # guards against a (malformed) cycle
+        node = producers.get(name)
+        if node is None or not _foldable(node):
+            return None
+        parts = [chain_wide(i) for i in node.inputs]
+        if any(p is None for p in parts):
+            return None
+        cast_wide = (node.op_type == "Cast"
+                     and ONNX_TO_NP.get(int(node.attrs.get("to", 0))) != "float32")
+        wide[name] = any(parts) or cast_wide
+        return wide[name]
+
+    values: dict[str, np.ndarray] = {}
+
+    def const(name: str) -> np.ndarray:
+        if name in graph.initializers:
+            return np.asarray(graph.initializers[name])
+        if name not in values:
+            node = producers[name]
+            values[name] = _eval_const(node, [const(i) for i in node.inputs])
+        return values[name]
+
+    folded: dict[str, np.ndarray] = {}
+    for node in graph.nodes:
+        if (node.op_type != "Cast" or not _foldable(node) or node.outputs[0] in graph_outputs
+                or int(node.attrs.get("to", 0)) != TensorProto.FLOAT
+                or not chain_wide(node.inputs[0])):
+            continue
+        try:
+            src = const(node.inputs[0])
+        except (ValueError, TypeError, ArithmeticError, ImportRewriteError):
+            continue
+        folded[node.outputs[0]] = np.array(src, np.float32, order="C")  # keeps 0-d shapes
+    if not folded:
+        return 0
+    graph.initializers.update(folded)
+    _drop_dead(graph, candidates=set(folded) | set(values))
+    return len(folded)
+
+
+def _drop_dead(graph: Graph, candidates: set[str]) -> None:
+    """Removes nodes producing only unread `candidates` (repeatedly: a chain dies from its
+    end), and initializers among the chain's leaves that nothing reads any more."""
+    outputs = {v.name for v in graph.outputs}
+    producers = graph.producer_map()
+    leaves = {i for name in candidates if name in producers
+              for i in producers[name].inputs if i in graph.initializers}
+    while True:
+        read = {i for n in graph.nodes for i in n.inputs if i} | outputs
+        dead = [n for n in graph.nodes
+                if n.outputs and all(o in candidates and o not in read for o in n.outputs if o)]
+        # a folded Cast is replaced by its initializer, read or not
+        replaced = [n for n in graph.nodes if n.op_type == "Cast"
+                    and n.outputs[0] in graph.initializers]
+        gone = {id(n) for n in dead + replaced}
+        if not gone:
+            break
+        graph.nodes = [n for n in graph.nodes if id(n) not in gone]
+    read = {i for n in graph.nodes for i in n.inputs if i} | outputs
+    for name in leaves - read:
+        graph.initializers.pop(name, None)
