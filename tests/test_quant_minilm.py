@@ -5,8 +5,10 @@ quantized by pyedge.quantize to int8 per channel and to int4 blocks.
    normalise) from pyedge's forward on the quantized bare encoder vs the float model (torch):
    mean cosine >= 0.999 (8-bit) and >= 0.98 (4-bit) over a few hundred generated sentences.
 2. The MiniLM classifier (models.reference.minilm_classifier, the model of the benchmarks'
-   workload 1) fine-tuned with LoRA q/v + head on a small topic task reaches the float base's
-   accuracy within one point on a 4-bit and an 8-bit base (same steps, seed and data).
+   workload 1) fine-tuned with LoRA q/v + head on a small topic task (held-out sentences with
+   unseen words) reaches the float base's accuracy within one point on a 4-bit and an 8-bit
+   base (same steps, seed and data). The task saturates (all three reach 100% after 40 steps);
+   mid-training the trajectories differ by more than a point (see the test's note).
 3. The llm.c check on a 4-bit MiniLM: step-0 gradients and 20 AdamW losses equal PyTorch+PEFT
    on the float torch module carrying the dequantized weights.
 """
@@ -70,13 +72,14 @@ SHAPES = [
 ]
 
 
-def sentences(n, seed):
-    """n deterministic (sentence, topic label) pairs."""
+def sentences(n, seed, part=slice(None)):
+    """n deterministic (sentence, topic label) pairs; `part`: which of each topic's verbs and
+    objects to use (training and held-out sentences use different ones)."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         label = int(rng.integers(len(LABELS)))
-        verbs, objs = TOPICS[LABELS[label]]
+        verbs, objs = (x[part] for x in TOPICS[LABELS[label]])
         s = SUBJECTS[rng.integers(len(SUBJECTS))]
         text = SHAPES[rng.integers(len(SHAPES))].format(
             S=s, S_cap=s[0].upper() + s[1:], V=verbs[rng.integers(len(verbs))],
@@ -236,3 +239,79 @@ def test_quantized_minilm_keeps_sentence_embeddings(encoder_files, embedding_set
     agree = float(np.mean(sim.argmax(1) == sim_ref.argmax(1)))
     print(f"{base}: nearest-neighbour agreement with float {agree:.3f}")
     assert agree >= (0.99 if base == "float" else 0.8)
+
+
+# --------------------------------------------------------------------------- 2. fine-tuning
+CLS_BASES = ("float", "int8", "int4g32")
+CLS_TARGETS = ["query", "value"]
+
+
+@pytest.fixture(scope="module")
+def classifier_files(tmp_path_factory, tokenizer):
+    """({"float" | "int8" | "int4g32": ONNX path}, torch classifier): the benchmarks' MiniLM
+    classifier (3 labels, a freshly drawn head), exported by pyedge and quantized."""
+    import pyedge.torch as pt
+
+    from models.reference import minilm_classifier
+    d = tmp_path_factory.mktemp("minilm_cls")
+    model, _, names, outs, dyn = minilm_classifier(num_labels=len(LABELS))
+    ex = tokenize(tokenizer, ["A first example.", "And a second, longer example sentence."])
+    pt.export(model, {k: torch.from_numpy(ex[k]) for k in names}, str(d / "float.onnx"),
+              output_names=outs, dynamic_axes=dyn, exporter="torchscript",
+              task_type="SEQ_CLS")
+    model.eval()
+    paths = {"float": d / "float.onnx"}
+    for name, kw in (("int8", dict(bits=8)), ("int4g32", dict(bits=4, group_size=32))):
+        rep = pyedge.quantize(paths["float"], d / f"{name}.onnx", **kw)
+        # the encoder's 36 linears and the pooler; the classifier (the output layer) stays float
+        assert len(rep.layers) == 37 and [w for w, _ in rep.skipped] == ["classifier.weight"]
+        paths[name] = d / f"{name}.onnx"
+    return paths, model
+
+
+def accuracy(sess, feed, labels):
+    logits = np.concatenate([sess.run(b)[sess.output_name] for b in batched(feed, 100)])
+    return float(np.mean(logits.argmax(1) == labels))
+
+
+def fine_tune(path, train_feed, train_labels, steps, batch=16):
+    """LoRA r=8 on query/value + the classifier head, AdamW, seeded; the data cycled in order."""
+    sess = pyedge.TrainingSession(str(path), lora=pyedge.LoraConfig(
+        r=8, alpha=16, target_modules=CLS_TARGETS, seed=0), train=["classifier.*"],
+        optimizer=pyedge.AdamW(lr=2e-3), seed=0)
+    n = len(train_labels)
+    losses = []
+    for step in range(steps):
+        i = (step * batch) % n
+        b = {k: v[i:i + batch] for k, v in train_feed.items()}
+        losses.append(sess.step(b, train_labels[i:i + batch]))
+    return sess, losses
+
+
+@pytest.mark.slow
+def test_fine_tuned_accuracy_on_quantized_bases_matches_float(classifier_files, tokenizer):
+    """Measured (this test's settings): before 0.29 / 0.29 / 0.31, after 40 steps 1.000 on all
+    three bases. Not asserted, measured while writing it: after 16 steps the float base was at
+    0.930 and the int4 (blocks of 32) base at 0.837; they meet again by step 24."""
+    paths, _ = classifier_files
+    # held-out sentences use verbs and objects never seen in training ("a plate of sushi" is
+    # food): what the base model knows must survive quantization
+    train_set = sentences(320, seed=1, part=slice(0, 5))
+    eval_set = sentences(300, seed=2, part=slice(5, None))
+    tf = tokenize(tokenizer, [t for t, _ in train_set])
+    tl = np.array([y for _, y in train_set], np.int64)
+    ef = tokenize(tokenizer, [t for t, _ in eval_set])
+    el = np.array([y for _, y in eval_set], np.int64)
+    acc, before = {}, {}
+    for base in CLS_BASES:
+        before[base] = accuracy(pyedge.TrainingSession(str(paths[base]), loss=None), ef, el)
+        sess, losses = fine_tune(paths[base], tf, tl, steps=40)
+        if base != "float":
+            assert len(quant_nodes(sess.graph)) == 37 - 12  # q/v carry LoRA (LoraQuantMatMul)
+            assert sum(n.op_type == "LoraQuantMatMul" for n in sess.graph.nodes) == 12
+        acc[base] = accuracy(sess, ef, el)
+        print(f"\n{base}: accuracy {before[base]:.3f} -> {acc[base]:.3f} on {len(el)} held-out "
+              f"sentences; loss {losses[0]:.3f} -> {np.mean(losses[-5:]):.3f}")
+    assert acc["float"] >= before["float"] + 0.3  # the task is learnt, not given
+    for base in CLS_BASES[1:]:
+        assert abs(acc[base] - acc["float"]) <= 0.01, acc
