@@ -27,9 +27,10 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from pyedge.import_quantized import dequantized_weight, is_quant_node  # noqa: E402
 
-# int4 blocks along K. Measured mean cosines (int4 with zero points, ORT's rounding): blocks of
-# 64: 0.969, 32: 0.975, 16: 0.982; nf4 blocks of 32: 0.978. Only 16 holds the 0.98 target, so
-# the target is asserted at 16 and blocks of 32 (what the benchmarks use) at their own floor.
+# int4 blocks along K. Measured mean cosines vs float (int4 with zero points, ORT's rounding;
+# this test's 320 sentences): blocks of 16: 0.9826, 32: 0.9753; on the first 128 of them, blocks
+# of 64: 0.969, nf4 blocks of 32: 0.978, int4 symmetric blocks of 32: 0.970. Only 16 holds the
+# 0.98 target, so it is asserted at 16 and blocks of 32 (what the benchmarks use) at 0.97.
 Q4_GROUPS = {16: 0.98, 32: 0.97}
 SEQ = 32               # every batch is padded to this length: one plan per batch size
 DYN = {0: "b", 1: "s"}
@@ -229,6 +230,13 @@ def test_quantized_minilm_keeps_sentence_embeddings(encoder_files, embedding_set
         kernel_cos = float((emb[:64] * deq).sum(1).min())
         print(f"\n{base}: min cosine pyedge vs torch on the dequantized weights {kernel_cos:.7f}")
         assert kernel_cos >= 0.99999
+        # and the file is an onnxruntime inference model computing the same embeddings
+        ort = pytest.importorskip("onnxruntime")
+        o = ort.InferenceSession(str(paths[base]), providers=["CPUExecutionProvider"])
+        emb_ort = mean_pool(o.run(["last_hidden_state"], sub)[0], sub["attention_mask"])
+        ort_cos = float((emb[:64] * emb_ort).sum(1).min())
+        print(f"{base}: min cosine pyedge vs onnxruntime on the quantized file {ort_cos:.7f}")
+        assert ort_cos >= 0.99999
     cos = (emb * ref).sum(1)
     print(f"\n{base}: cosine vs float torch over {len(cos)} sentences: mean {cos.mean():.6f}, "
           f"min {cos.min():.6f}")
