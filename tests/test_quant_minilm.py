@@ -301,8 +301,9 @@ def fine_tune(path, train_feed, train_labels, steps, batch=16):
 @pytest.mark.slow
 def test_fine_tuned_accuracy_on_quantized_bases_matches_float(classifier_files, tokenizer):
     """Measured (this test's settings): held-out accuracy before 0.217 / 0.223 / 0.237 (float /
-    int8 / int4 blocks of 32), after 40 steps 1.000 on all three bases. Not asserted, measured while writing it: after 16 steps the float base was at
-    0.930 and the int4 (blocks of 32) base at 0.837; they meet again by step 24."""
+    int8 / int4 blocks of 32), after 40 steps 1.000 on all three bases. Not asserted, measured
+    while writing it, the trajectories: after 8 / 16 steps float 0.827 / 0.930, int8
+    0.823 / 0.923, int4 (blocks of 32) 0.817 / 0.837; all three reach 1.000 by step 24."""
     paths, _ = classifier_files
     # held-out sentences use verbs and objects never seen in training ("a plate of sushi" is
     # food): what the base model knows must survive quantization
