@@ -187,3 +187,24 @@ def test_device_imports_do_not_need_torch():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_export_restores_each_submodule_mode(tmp_path):
+    """An eval-mode module inside a training-mode wrapper stays in eval mode after export."""
+    import torch
+
+    from pyedge.torch import export
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+
+        def forward(self, x):
+            return self.inner(x)
+
+    m = Wrapper()
+    m.inner.eval()
+    assert m.training and not m.inner.training
+    export(m, (torch.zeros(2, 4),), str(tmp_path / "m.onnx"))
+    assert m.training and not m.inner.training and not m.inner[1].training

@@ -126,7 +126,9 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    was_training = model.training
+    # each submodule's own mode, restored after: model.train(flag) would set them all alike
+    # (an eval-mode encoder inside a training-mode wrapper would come back with dropout on)
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     # The exporter writes its file (and, for large models, its own external data files)
     # into a private folder that goes away whatever happens.
@@ -153,7 +155,8 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
     finally:
         import shutil
         shutil.rmtree(tmp_dir, ignore_errors=True)
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     if len(proto.functions):
         from onnx import inliner
         proto = inliner.inline_local_functions(proto)
