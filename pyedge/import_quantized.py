@@ -12,6 +12,10 @@
   integers are re-packed once into MatMulNBits' layout (signed values shifted to unsigned
   codes, zero points likewise), scales become [N, n_blocks]. Per-tensor and per-output-channel
   scales are one block of K (the core takes any block size). No float copy of the weight.
+* ``com.microsoft.GatherBlockQuantized`` (pyedge.quantize's embeddings, ORT's quantized
+  lookup) runs as it is: the core dequantizes only the gathered rows. When it reads a tied
+  head's MatMulNBits B through ``Reshape(B, [0, -1])`` (ORT wants the lookup's data 2-D), the
+  Reshape is dropped and the lookup reads B itself (`share_gather_tables`): one packed copy.
 * A ``DequantizeLinear`` of a constant with any other reader (an embedding ``Gather``, or
   scales that vary along K, which MatMulNBits cannot express) is folded into a float constant
   once at load: the core has no quantized Gather; a warning says so for linear weights.
@@ -35,6 +39,7 @@ from pyedge.quant_formats import QuantFormatError, check_bnb4, check_nbits, pack
 MS = "com.microsoft"
 FOLDED_KEY = "pyedge.folded_dequantize"  # set at import, never read from a file
 QUANT_OPS = ("MatMulNBits", "MatMulBnb4")
+GATHER_OP = "GatherBlockQuantized"
 _SUFFIX_RE = re.compile(r"^(?P<base>.+?)(?:_DQ)?(?:_Q[248]|_Bnb4)(?:_\d+)?$")
 _PARAM_RE = re.compile(r"^[\w.]+\.weight$")
 
@@ -83,6 +88,10 @@ def quantized_bytes(graph: Graph) -> int:
             names.update(quant_weight_inputs(n))
         elif n.op_type == "LoraQuantMatMul" and n.domain == "pyedge":
             names.update(n.inputs[3:])
+        elif n.op_type == GATHER_OP and n.domain == MS:
+            names.update([n.inputs[0]] + list(n.inputs[2:]))
+        elif n.op_type == "LinearCrossEntropy" and n.domain == "pyedge" and len(n.inputs) > 6:
+            names.update([n.inputs[1]] + list(n.inputs[6:]))  # a quantized head
     return int(sum(graph.initializers[x].nbytes for x in names if x in graph.initializers))
 
 
@@ -117,6 +126,31 @@ def check_quant_nodes(graph: Graph) -> None:
                            int(a.get("quant_type", 1)), inits.get(ins[1]), inits.get(ins[2]))
         except QuantFormatError as e:
             raise ModelLoadError(str(e)) from None
+
+
+def share_gather_tables(graph: Graph) -> int:
+    """GatherBlockQuantized(Reshape(B, shape), ...) with B a constant uint8 [V, n_blocks, blob]
+    (a tied head's MatMulNBits weight) -> GatherBlockQuantized(B, ...): the core's lookup takes
+    MatMulNBits' 3-D layout, so no reshaped copy of the table is made. Returns the count."""
+    producers = graph.producer_map()
+    done = 0
+    for n in graph.nodes:
+        if n.op_type != GATHER_OP or n.domain != MS or not n.inputs:
+            continue
+        r = producers.get(n.inputs[0])
+        if r is None or r.op_type != "Reshape" or r.domain != "" or \
+                r.inputs[0] not in graph.initializers:
+            continue
+        b = graph.initializers[r.inputs[0]]
+        if b.dtype != np.uint8 or b.ndim != 3:
+            continue
+        n.inputs[0] = r.inputs[0]
+        done += 1
+    if done:
+        read = {i for n in graph.nodes for i in n.inputs} | {o.name for o in graph.outputs}
+        graph.nodes = [n for n in graph.nodes if not (n.op_type == "Reshape" and n.domain == ""
+                                                      and not set(n.outputs) & read)]
+    return done
 
 
 # --------------------------------------------------------------------------------------------
