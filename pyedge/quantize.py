@@ -47,8 +47,9 @@ Embeddings and the LM head (opt-in, ``include=("embeddings", "lm_head")``)
   import drops so both ops read one buffer.
 * ``"embeddings"`` otherwise (nf4/fp4, 8-bit per channel, a group size that does not divide
   D, or a tied table whose head stays float): int8 per row (symmetric)
-  ``DequantizeLinear`` -> Gather. This shrinks the file only: pyedge's import dequantizes
-  such a table once at load.
+  ``DequantizeLinear`` -> Gather, which ONNX Runtime runs as it is and pyedge's import turns
+  into a packed 8-bit GatherBlockQuantized (one block per row; the tied head's MatMulNBits
+  bytes when the head reads the same int8 table). nf4/fp4 tables read by a Gather stay float.
 
 The parameter map (``pyedge.param_map`` in metadata_props) moves to the quantized tensors
 (``W_Q4`` -> the module of W, with ``"quantized": {...}``), so LoRA still targets ``q_proj``;

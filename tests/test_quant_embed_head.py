@@ -248,3 +248,22 @@ def test_tiny_llama_with_packed_embeddings_and_head_trains_at_a_fifth_of_the_byt
     assert ratio <= 0.2, ratio
     losses = [sq.step({"input_ids": ids}, ids) for _ in range(8)]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("kw", [dict(bits=8, include=("embeddings", "lm_head")),
+                                dict(bits=4, include=("embeddings",))],
+                         ids=["int8_per_row_tied", "int8_table_4bit_linears"])
+def test_int8_dequantizelinear_table_runs_packed_and_equals_onnxruntime(kw):
+    """The int8-per-row DequantizeLinear form (8-bit per channel, or a tied table whose head
+    stays float) is re-packed at import: lookup and head share one uint8 table."""
+    m = tied_lm()
+    ids = np.random.default_rng(3).integers(0, 96, (2, 7)).astype(np.int64)
+    q, _ = quantize_model(m, **kw)
+    sess = pyedge.TrainingSession(q, loss=None)
+    ops = [n.op_type for n in sess.graph.nodes]
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops
+    assert not any(a.dtype == np.float32 and a.size >= 96 * 64
+                   for a in sess.graph.initializers.values())
+    pytest.importorskip("onnxruntime")
+    np.testing.assert_allclose(sess.run({"ids": ids})["logits"], run_ort(q, {"ids": ids}),
+                               rtol=1e-4, atol=1e-6)

@@ -44,8 +44,9 @@ class GatherBlockQuantized : public Op {
     const int bits = int(n.attrs.get_int("bits", 4));
     const int64_t block = n.attrs.get_int("block_size", 128);
     PYEDGE_CHECK(bits == 4 || bits == 8, where_, ": bits must be 4 or 8, got ", bits);
-    PYEDGE_CHECK(block >= 2 && block % 2 == 0, where_, ": block_size must be even and >= 2, got ",
-                 block);
+    // (any block for 8 bits: pyedge's import turns per-row int8 tables into one block per row)
+    PYEDGE_CHECK(block >= 1 && (bits == 8 || block % 2 == 0), where_,
+                 ": block_size must be >= 1 (and even for 4 bits), got ", block);
     const int64_t V = data.shape[0];
     const int64_t row_bytes = data.rank() == 2 ? data.shape[1] : data.shape[1] * data.shape[2];
     const int64_t K = row_bytes * 8 / bits;
