@@ -18,7 +18,8 @@ exported and as rewritten:
 with W a 2-D float32 initializer (frozen, or trained: a trained head or tied embedding) and
 b a [V] initializer; or
     com.microsoft.MatMulNBits(h, B, scales[, zero_points][, , bias]) (a 4/8-bit head, or the
-    tied embedding table kept packed), likewise optionally followed by Add(·, b),
+    tied embedding table kept packed) | pyedge.LoraQuantMatMul on one (no dropout),
+    likewise optionally followed by Add(·, b),
 with B, scales and zero points constants: the fused op then reads the packed head (inputs 6
 and 7: scales, zero points; attributes K, N, bits, block_size) and dequantizes it a panel
 at a time, so neither the logits nor a float copy of the head exist.
@@ -96,7 +97,16 @@ def _head(graph: Graph, producers, node: Node) -> _Head | None:
         return _Head(ins[0], ins[1], int(bool(node.attrs.get("trans_b", 0))),
                      ins[2] if len(ins) > 2 else "")
     if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
-        return _quant_head(graph, node)
+        return _quant_head(graph, node, list(ins))
+    if node.op_type == "LoraQuantMatMul" and node.domain == "pyedge" and \
+            node.attrs.get("base") == "MatMulNBits" and len(ins) >= 5 and \
+            float(node.attrs.get("dropout", 0.0)) == 0.0:
+        # (x, A, B, packed, scales, zero points, bias): the MatMulNBits inputs with LoRA
+        head = _quant_head(graph, node, [ins[0]] + list(ins[3:6]) + [""] + list(ins[6:7]))
+        if head is None:
+            return None
+        return dataclasses.replace(head, lora_a=ins[1], lora_b=ins[2],
+                                   lora_scale=float(node.attrs.get("scale", 1.0)))
     if node.op_type == "LoraMatMul" and node.domain == "pyedge" and len(ins) in (4, 5):
         if float(node.attrs.get("dropout", 0.0)) > 0 or _matrix(graph, ins[1]) is None:
             return None
@@ -106,9 +116,10 @@ def _head(graph: Graph, producers, node: Node) -> _Head | None:
     return None
 
 
-def _quant_head(graph: Graph, node: Node) -> _Head | None:
-    """MatMulNBits(h, B, scales, zero_points?, g_idx (absent), bias?) on constants."""
-    ins = list(node.inputs) + [""] * 6
+def _quant_head(graph: Graph, node: Node, ins: list) -> _Head | None:
+    """MatMulNBits(h, B, scales, zero_points?, g_idx (absent), bias?) on constants (`ins`
+    in that order; `node` has the attributes)."""
+    ins = list(ins) + [""] * 6
     a = node.attrs
     if ins[4] or any(k not in a for k in ("K", "N", "block_size")) or \
             int(a.get("bits", 4)) not in (4, 8):

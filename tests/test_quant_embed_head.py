@@ -267,3 +267,28 @@ def test_int8_dequantizelinear_table_runs_packed_and_equals_onnxruntime(kw):
     pytest.importorskip("onnxruntime")
     np.testing.assert_allclose(sess.run({"ids": ids})["logits"], run_ort(q, {"ids": ids}),
                                rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_takes_a_lora_adapted_quantized_head():
+    """LoRA on the packed tied head (a LoraQuantMatMul): the fused op carries A, B and the
+    packed weight; loss and adapter gradients equal the unfused loss's."""
+    m = tied_lm()
+    q, _ = quantize_model(m, bits=4, group_size=32, include=("embeddings", "lm_head"))
+    ids = np.random.default_rng(4).integers(0, 96, (2, 7)).astype(np.int64)
+    # the tied head carries the embedding's module name
+    lora = pyedge.LoraConfig(r=2, target_modules=["fc", "embed"])
+    fused = pyedge.TrainingSession(q, lora=lora, loss="causal_lm")
+    plain = pyedge.TrainingSession(q, lora=lora, loss="causal_lm", chunked_loss=False)
+    (lce,) = [n for n in fused.graph.nodes if n.op_type == "LinearCrossEntropy"]
+    assert lce.inputs[4] == "embed.lora_A.weight" and lce.attrs["bits"] == 4
+    for s in (fused, plain):  # B nonzero, the same in both, so A has a gradient
+        for i, (k, a) in enumerate(sorted(s.trainable_parameters().items())):
+            if ".lora_B" in k:
+                a[...] = np.random.default_rng(i).standard_normal(a.shape) * 0.1
+    lf = fused.step({"ids": ids}, ids, update=False)
+    lp = plain.step({"ids": ids}, ids, update=False)
+    assert abs(lf - lp) <= 1e-5 * abs(lp)
+    gf, gp = fused.gradients(), plain.gradients()
+    assert len(gp) == 4
+    for k in gp:
+        np.testing.assert_allclose(gf[k], gp[k], rtol=1e-4, atol=1e-6, err_msg=k)
