@@ -235,7 +235,8 @@ class _Rewriter:
         self.outputs = {o.name for o in self.g.output}
         self._extra_after = {}  # node name -> nodes to insert right after it
         self.only = None if only is None else set(only)
-        self.packed_of = {}  # weight -> (packed, scales, zero points or "", attrs) of matmul_op
+        # weight read as [N, K] as stored -> (packed, scales, zero points or "") of matmul_op
+        self.packed_of = {}
         self.taken = set(self.inits) | {o for n in self.g.node for o in n.output} | \
             {i.name for i in self.g.input}
 
@@ -374,7 +375,7 @@ class _Rewriter:
                 if others.get(w) and any(n.op_type != "Gather" for n in others[w]):
                     self.report.skipped.append((w, "embedding table with other readers"))
                     continue
-                tied = w in self.packed_of            # its head became MatMulNBits above
+                tied = w in self.packed_of  # its head became MatMulNBits on the same rows
                 packed_ok = self.st["format"] == "MatMulNBits" and \
                     self.inits[w].dims[1] % self.st["block_size"] == 0
                 if packed_ok and (tied or not sites.get(w)):
@@ -435,8 +436,8 @@ class _Rewriter:
             attrs = {"K": K, "N": N, "bits": st["bits"], "block_size": st["block_size"]}
             suffix, arrays = f"_Q{st['bits']}", [packed, scales.astype(dtype), zp]
         info = {"op": st["format"], **attrs, "symmetric": st["symmetric"]}
-        if st["format"] == "MatMulNBits":
-            self.packed_of[w] = (qn, q_inputs[1], q_inputs[2] if len(q_inputs) > 2 else "", attrs)
+        if st["format"] == "MatMulNBits" and readers[0][1]:  # packed rows = the table's rows
+            self.packed_of[w] = (qn, q_inputs[1], q_inputs[2] if len(q_inputs) > 2 else "")
         self._map_entry(w, qn, info)
         self._record(w, st["format"], st["bits"], st["block_size"], (N, K), before, arrays)
         for node, _, tnode in readers:
@@ -495,7 +496,7 @@ class _Rewriter:
         before = table.size * table.dtype.itemsize
         front = []
         if tied:
-            qn, sn, zn, _ = self.packed_of[w]
+            qn, sn, zn = self.packed_of[w]
             shape = self.add_init(np.array([0, -1], np.int64), f"{w}_gather_shape")
             data = self.fresh(f"{qn}_rows")
             front.append(helper.make_node("Reshape", [qn, shape], [data],
