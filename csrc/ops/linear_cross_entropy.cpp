@@ -5,7 +5,7 @@
 // gradients in the forward, see the end of this comment).
 //
 // pyedge.LinearCrossEntropy(h [..., D], W, labels [...] int64/int32, bias [V]?, A [r, D]?,
-//                           B [V, r]?) -> loss []
+//                           B [V, r]?, scales?, zero_points?) -> loss []
 //   logits = h·op(W) (+ bias) (+ lora_scale·(h·Aᵀ)·Bᵀ)    (the LoRA of pyedge.LoraMatMul)
 //   W: [V, D] with trans_w=1 (nn.Linear / tied embedding layout, the default), [D, V] with 0.
 //   loss == pyedge.CrossEntropyLoss(logits, labels) with the same attributes: shift (causal
