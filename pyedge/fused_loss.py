@@ -16,7 +16,13 @@ exported and as rewritten:
     MatMul(h, W) | MatMul(h, Transpose(W)) | Gemm(h, W[, c]) | pyedge.MatMul(h, W[, b])
     | pyedge.LoraMatMul(h, W, A, B[, b]) (no dropout), each optionally followed by Add(·, b),
 with W a 2-D float32 initializer (frozen, or trained: a trained head or tied embedding) and
-b a [V] initializer.
+b a [V] initializer; or
+    com.microsoft.MatMulNBits(h, B, scales[, zero_points][, , bias]) (a 4/8-bit head, or the
+    tied embedding table kept packed) | pyedge.LoraQuantMatMul on one (no dropout),
+    likewise optionally followed by Add(·, b),
+with B, scales and zero points constants: the fused op then reads the packed head (inputs 6
+and 7: scales, zero points; attributes K, N, bits, block_size) and dequantizes it a panel
+at a time, so neither the logits nor a float copy of the head exist.
 """
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ class _Head:
     lora_a: str = ""
     lora_b: str = ""
     lora_scale: float = 1.0
+    scales: str = ""            # a packed MatMulNBits head: W is its uint8 B
+    zero_points: str = ""
+    quant: dict = dataclasses.field(default_factory=dict)  # K, N, bits, block_size
 
 
 def _is_onnx(node: Node) -> bool:
@@ -87,6 +96,17 @@ def _head(graph: Graph, producers, node: Node) -> _Head | None:
             return None
         return _Head(ins[0], ins[1], int(bool(node.attrs.get("trans_b", 0))),
                      ins[2] if len(ins) > 2 else "")
+    if node.op_type == "MatMulNBits" and node.domain == "com.microsoft":
+        return _quant_head(graph, node, list(ins))
+    if node.op_type == "LoraQuantMatMul" and node.domain == "pyedge" and \
+            node.attrs.get("base") == "MatMulNBits" and len(ins) >= 5 and \
+            float(node.attrs.get("dropout", 0.0)) == 0.0:
+        # (x, A, B, packed, scales, zero points, bias): the MatMulNBits inputs with LoRA
+        head = _quant_head(graph, node, [ins[0]] + list(ins[3:6]) + [""] + list(ins[6:7]))
+        if head is None:
+            return None
+        return dataclasses.replace(head, lora_a=ins[1], lora_b=ins[2],
+                                   lora_scale=float(node.attrs.get("scale", 1.0)))
     if node.op_type == "LoraMatMul" and node.domain == "pyedge" and len(ins) in (4, 5):
         if float(node.attrs.get("dropout", 0.0)) > 0 or _matrix(graph, ins[1]) is None:
             return None
@@ -94,6 +114,25 @@ def _head(graph: Graph, producers, node: Node) -> _Head | None:
                      ins[4] if len(ins) > 4 else "", ins[2], ins[3],
                      float(node.attrs.get("scale", 1.0)))
     return None
+
+
+def _quant_head(graph: Graph, node: Node, ins: list) -> _Head | None:
+    """MatMulNBits(h, B, scales, zero_points?, g_idx (absent), bias?) on constants (`ins`
+    in that order; `node` has the attributes)."""
+    ins = list(ins) + [""] * 6
+    a = node.attrs
+    if ins[4] or any(k not in a for k in ("K", "N", "block_size")) or \
+            int(a.get("bits", 4)) not in (4, 8):
+        return None
+    b = graph.initializers.get(ins[1])
+    if b is None or b.dtype != np.uint8 or ins[2] not in graph.initializers or \
+            (ins[3] and ins[3] not in graph.initializers):
+        return None
+    if ins[5] and not _vector(graph, ins[5], int(a["N"])):
+        return None
+    return _Head(ins[0], ins[1], 1, ins[5], scales=ins[2], zero_points=ins[3],
+                 quant={"K": int(a["K"]), "N": int(a["N"]), "bits": int(a.get("bits", 4)),
+                        "block_size": int(a["block_size"])})
 
 
 def _find_head(graph: Graph, logits: str) -> _Head | None:
@@ -138,7 +177,9 @@ def fuse_linear_cross_entropy(graph: Graph, loss: str, chunk: int = 0) -> int:
         attrs["lora_scale"] = head.lora_scale
     if chunk:
         attrs["chunk"] = int(chunk)
-    inputs = [head.h, head.weight, node.inputs[1], head.bias, head.lora_a, head.lora_b]
+    attrs.update(head.quant)
+    inputs = [head.h, head.weight, node.inputs[1], head.bias, head.lora_a, head.lora_b,
+              head.scales, head.zero_points]
     while not inputs[-1]:
         inputs.pop()
     graph.nodes[i] = Node("LinearCrossEntropy", inputs, [loss],

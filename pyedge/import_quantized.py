@@ -12,9 +12,17 @@
   integers are re-packed once into MatMulNBits' layout (signed values shifted to unsigned
   codes, zero points likewise), scales become [N, n_blocks]. Per-tensor and per-output-channel
   scales are one block of K (the core takes any block size). No float copy of the weight.
-* A ``DequantizeLinear`` of a constant with any other reader (an embedding ``Gather``, or
-  scales that vary along K, which MatMulNBits cannot express) is folded into a float constant
-  once at load: the core has no quantized Gather; a warning says so for linear weights.
+* ``com.microsoft.GatherBlockQuantized`` (pyedge.quantize's embeddings, ORT's quantized
+  lookup) runs as it is: the core dequantizes only the gathered rows. When it reads a tied
+  head's MatMulNBits B through ``Reshape(B, [0, -1])`` (ORT wants the lookup's data 2-D), the
+  Reshape is dropped and the lookup reads B itself (`share_gather_tables`): one packed copy.
+* A ``DequantizeLinear`` of a constant read only by embedding ``Gather``s (axis 0) besides
+  MatMul/Gemm readers, with scales per row or in blocks along the row, becomes
+  ``GatherBlockQuantized`` on the re-packed rows (the same B, scales and zero points as the
+  tied head's MatMulNBits when that reads the table as [V, D]): no float copy of the table.
+* A ``DequantizeLinear`` of a constant with any other reader (or scales that vary along K,
+  which MatMulNBits cannot express) is folded into a float constant once at load, with a
+  warning for linear weights.
 
 Module names for quantized tensors (`quantized_param_entries`): the file's parameter map entry
 of the weight the quantizer replaced (``W_Q4`` -> ``W``), else ORT-style names
@@ -35,6 +43,7 @@ from pyedge.quant_formats import QuantFormatError, check_bnb4, check_nbits, pack
 MS = "com.microsoft"
 FOLDED_KEY = "pyedge.folded_dequantize"  # set at import, never read from a file
 QUANT_OPS = ("MatMulNBits", "MatMulBnb4")
+GATHER_OP = "GatherBlockQuantized"
 _SUFFIX_RE = re.compile(r"^(?P<base>.+?)(?:_DQ)?(?:_Q[248]|_Bnb4)(?:_\d+)?$")
 _PARAM_RE = re.compile(r"^[\w.]+\.weight$")
 
@@ -83,6 +92,10 @@ def quantized_bytes(graph: Graph) -> int:
             names.update(quant_weight_inputs(n))
         elif n.op_type == "LoraQuantMatMul" and n.domain == "pyedge":
             names.update(n.inputs[3:])
+        elif n.op_type == GATHER_OP and n.domain == MS:
+            names.update([n.inputs[0]] + list(n.inputs[2:]))
+        elif n.op_type == "LinearCrossEntropy" and n.domain == "pyedge" and len(n.inputs) > 6:
+            names.update([n.inputs[1]] + list(n.inputs[6:]))  # a quantized head
     return int(sum(graph.initializers[x].nbytes for x in names if x in graph.initializers))
 
 
@@ -117,6 +130,31 @@ def check_quant_nodes(graph: Graph) -> None:
                            int(a.get("quant_type", 1)), inits.get(ins[1]), inits.get(ins[2]))
         except QuantFormatError as e:
             raise ModelLoadError(str(e)) from None
+
+
+def share_gather_tables(graph: Graph) -> int:
+    """GatherBlockQuantized(Reshape(B, shape), ...) with B a constant uint8 [V, n_blocks, blob]
+    (a tied head's MatMulNBits weight) -> GatherBlockQuantized(B, ...): the core's lookup takes
+    MatMulNBits' 3-D layout, so no reshaped copy of the table is made. Returns the count."""
+    producers = graph.producer_map()
+    done = 0
+    for n in graph.nodes:
+        if n.op_type != GATHER_OP or n.domain != MS or not n.inputs:
+            continue
+        r = producers.get(n.inputs[0])
+        if r is None or r.op_type != "Reshape" or r.domain != "" or \
+                r.inputs[0] not in graph.initializers:
+            continue
+        b = graph.initializers[r.inputs[0]]
+        if b.dtype != np.uint8 or b.ndim != 3:
+            continue
+        n.inputs[0] = r.inputs[0]
+        done += 1
+    if done:
+        read = {i for n in graph.nodes for i in n.inputs} | {o.name for o in graph.outputs}
+        graph.nodes = [n for n in graph.nodes if not (n.op_type == "Reshape" and n.domain == ""
+                                                      and not set(n.outputs) & read)]
+    return done
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,14 +238,46 @@ def _fold_dequantize(q, scale, zp, axis, block) -> np.ndarray:
     return (q - z.reshape(shape)) * s.reshape(shape)
 
 
+def _pack(graph, int_name, codes, qdtype, s_nk, z_nk, bs, bits, keep_name):
+    """Integer codes [N, K] (int8/uint8, 4-bit values for bits=4) with scales and zero points
+    [N, n_blocks] -> MatMulNBits' B, scales and packed zero points as new initializers;
+    returns (B, scales, zero points or "", K, N, block). keep_name: B takes `int_name` (the
+    file's parameter map, written for W_Q8, still applies)."""
+    N, K = codes.shape
+    offset = (1 << (bits - 1)) if qdtype == np.int8 else 0  # signed -> unsigned codes
+    nb = -(-K // bs)
+    padded = np.zeros((N, nb * bs), np.int16)
+    padded[:, :K] = codes.astype(np.int16) + offset
+    if z_nk is not None:
+        zpu = (z_nk.astype(np.int16) + offset).astype(np.uint8)
+    elif qdtype == np.uint8:
+        zpu = np.zeros(s_nk.shape, np.uint8)  # ONNX's default zero point is 0
+    else:
+        zpu = None                            # 2^(bits-1): MatMulNBits' default
+    if zpu is not None:
+        padded[:, K:] = np.repeat(zpu, bs, axis=1)[:, K:nb * bs]
+    else:
+        padded[:, K:] = offset
+    packed = pack_codes(padded.astype(np.uint8).reshape(N, nb, bs), bits)
+    pname = int_name if keep_name else graph.fresh_name(f"{int_name}_Q{bits}")
+    graph.initializers[pname] = packed
+    sname = graph.fresh_name(f"{int_name}_scales")
+    graph.initializers[sname] = np.ascontiguousarray(s_nk, np.float32).reshape(N, nb)
+    zname = ""
+    if zpu is not None:
+        zname = graph.fresh_name(f"{int_name}_zero_points")
+        graph.initializers[zname] = pack_codes(zpu, bits, pad=1 << (bits - 1))
+    return pname, sname, zname, K, N, bs
+
+
 def rewrite_dequantize(graph: Graph, int4_names: set[str] = frozenset()) -> dict:
     """DequantizeLinear of constants -> MatMulNBits / folded constants, in place.
     `int4_names`: initializers that were INT4/UINT4 in the file (unpacked to int8/uint8).
-    Returns {"matmulnbits": [DQ node names], "folded": [...]}."""
+    Returns {"matmulnbits": [DQ node names], "gather": [...], "folded": [...]}."""
     graph.metadata.pop(FOLDED_KEY, None)
     cons = graph.consumer_map()
     outputs = {o.name for o in graph.outputs}
-    done = {"matmulnbits": [], "folded": []}
+    done = {"matmulnbits": [], "gather": [], "folded": []}
     folded: dict[str, str] = {}  # float constant -> the int tensor it was dequantized from
     drop_nodes: set[int] = set()
     replace: dict[int, Node] = {}
@@ -238,37 +308,11 @@ def rewrite_dequantize(graph: Graph, int4_names: set[str] = frozenset()) -> dict
                 warnings.warn(f"DequantizeLinear node '{dq.name}': its scales vary along the "
                               "weight's K axis, which MatMulNBits cannot hold; the weight is "
                               "dequantized to float at load", stacklevel=3)
+        bits = 4 if ins[0] in int4_names else 8
         if readers and layout is not None:
-            bits = 4 if ins[0] in int4_names else 8
-            s_nk, z_nk, bs = layout
             nk = readers[0][1]
-            codes = q if nk else q.T                                 # [N, K]
-            N, K = codes.shape
-            offset = (1 << (bits - 1)) if q.dtype == np.int8 else 0  # signed -> unsigned codes
-            nb = -(-K // bs)
-            padded = np.zeros((N, nb * bs), np.int16)
-            padded[:, :K] = codes.astype(np.int16) + offset
-            if z_nk is not None:
-                zpu = (z_nk.astype(np.int16) + offset).astype(np.uint8)
-            elif q.dtype == np.uint8:
-                zpu = np.zeros(s_nk.shape, np.uint8)  # ONNX's default zero point is 0
-            else:
-                zpu = None                            # 2^(bits-1): MatMulNBits' default
-            if zpu is not None:
-                padded[:, K:] = np.repeat(zpu, bs, axis=1)[:, K:nb * bs]
-            else:
-                padded[:, K:] = offset
-            packed = pack_codes(padded.astype(np.uint8).reshape(N, nb, bs), bits)
-            # the packed weight keeps the int tensor's name when nothing else reads it, so the
-            # file's parameter map (pyedge.quantize writes it for W_Q8) still applies
-            pname = ins[0] if not used_elsewhere(ins[0]) else graph.fresh_name(f"{ins[0]}_Q{bits}")
-            graph.initializers[pname] = packed
-            sname = graph.fresh_name(f"{ins[0]}_scales")
-            graph.initializers[sname] = np.ascontiguousarray(s_nk, np.float32).reshape(N, nb)
-            zname = ""
-            if zpu is not None:
-                zname = graph.fresh_name(f"{ins[0]}_zero_points")
-                graph.initializers[zname] = pack_codes(zpu, bits, pad=1 << (bits - 1))
+            pname, sname, zname, K, N, bs = _pack(graph, ins[0], q if nk else q.T, q.dtype,
+                                                  *layout, bits, not used_elsewhere(ins[0]))
             attrs = {"K": int(K), "N": int(N), "bits": bits, "block_size": int(bs)}
             for r, _, t in readers:
                 bias = r.inputs[2] if r.op_type == "Gemm" and len(r.inputs) > 2 else ""
@@ -279,6 +323,28 @@ def rewrite_dequantize(graph: Graph, int4_names: set[str] = frozenset()) -> dict
             drop_nodes.add(id(dq))
             done["matmulnbits"].append(dq.name)
             if not others:
+                continue
+        # embedding lookups (axis 0) of a table quantized along its rows: GatherBlockQuantized
+        # on the packed rows, the tied head's own bytes when it reads the table as [V, D]
+        lookups = [r for r in others if isinstance(r, Node) and r.op_type == "Gather" and
+                   r.domain == "" and r.inputs[0] == out and int(r.attrs.get("axis", 0)) == 0]
+        if others and q.ndim == 2 and len(lookups) == len(others):
+            if readers and layout is not None and readers[0][1]:
+                g_pack = (pname, sname, zname, K, N, bs)
+            else:
+                g_layout = _scales_nk(q, scale, zp, axis, block, 0)
+                g_pack = None if g_layout is None else _pack(graph, ins[0], q, q.dtype,
+                                                             *g_layout, bits, False)
+            if g_pack is not None and g_pack[3] % g_pack[5] == 0 and \
+                    (bits == 8 or g_pack[5] % 2 == 0):
+                gname, gs, gz, _, _, gbs = g_pack
+                for r in lookups:
+                    replace[id(r)] = Node("GatherBlockQuantized",
+                                          [gname, r.inputs[1], gs] + ([gz] if gz else []),
+                                          list(r.outputs), r.name, MS,
+                                          {"bits": bits, "block_size": int(gbs)})
+                drop_nodes.add(id(dq))
+                done["gather"].append(dq.name)
                 continue
         # other readers (an embedding Gather, a tied head's lookup): one float copy at load
         graph.initializers[out] = _fold_dequantize(q, scale, zp, axis, block)

@@ -423,12 +423,14 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph
     metadata = {p.key: p.value for p in proto.metadata_props}
     graph = Graph(nodes, inits, inputs, outputs, opsets, metadata=metadata,
                   node_scopes=node_scopes, value_shapes=_value_shapes(proto))
-    from pyedge.import_quantized import check_quant_nodes, rewrite_dequantize
+    from pyedge.import_quantized import (check_quant_nodes, rewrite_dequantize,
+                                         share_gather_tables)
     from pyedge.import_rewrites import fold_cast_chains, rewrite_sequences
     from pyedge.param_names import recover_param_map
     rewrite_sequences(graph)
     fold_cast_chains(graph)
     rewrite_dequantize(graph, int4_names)
+    share_gather_tables(graph)
     for name, arr in graph.initializers.items():
         if arr.dtype in (np.int8, np.int16):
             graph.initializers[name] = arr.astype(np.int64)

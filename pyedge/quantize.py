@@ -35,11 +35,21 @@ Embeddings and the LM head (opt-in, ``include=("embeddings", "lm_head")``)
   QLoRA and PEFT's all-linear do. Included, it is quantized like the other layers; a *tied*
   head gets its own quantized copy (the float table stays for the embedding Gather unless
   "embeddings" is included too), and in 8-bit per-channel mode both share one int8 table.
-* ``"embeddings"``: tables read by ``Gather`` (axis 0) become int8 per row (symmetric)
-  ``DequantizeLinear`` -> Gather, whatever ``bits`` says (ORT's 4-bit GatherBlockQuantized is
-  a contrib op pyedge's core does not run). This shrinks the file; pyedge's import
-  dequantizes such a table once at load (the core has no quantized Gather yet), so it saves
-  no memory in pyedge.
+* ``"embeddings"`` with the ``MatMulNBits`` format (``bits=4``, or ``bits=8`` with a group
+  size) and a row length that the group size divides: tables read by ``Gather`` (axis 0)
+  become ``com.microsoft.GatherBlockQuantized`` (ORT's quantized embedding: data uint8
+  [V, D·bits/8], scales [V, n_blocks], zero points packed like MatMulNBits'), the same
+  bytes MatMulNBits would hold for the table; pyedge's core gathers and dequantizes only the
+  looked-up rows, so the table stays packed in memory. A *tied* table whose head is
+  quantized too (``include=("embeddings", "lm_head")``) is stored once: the head's
+  MatMulNBits B [V, n_blocks, blob] is read by the GatherBlockQuantized through
+  ``Reshape(B, [0, -1])`` (ORT wants its data 2-D, MatMulNBits its B 3-D), which pyedge's
+  import drops so both ops read one buffer.
+* ``"embeddings"`` otherwise (nf4/fp4, 8-bit per channel, a group size that does not divide
+  D, or a tied table whose head stays float): int8 per row (symmetric)
+  ``DequantizeLinear`` -> Gather, which ONNX Runtime runs as it is and pyedge's import turns
+  into a packed 8-bit GatherBlockQuantized (one block per row; the tied head's MatMulNBits
+  bytes when the head reads the same int8 table). nf4/fp4 tables read by a Gather stay float.
 
 The parameter map (``pyedge.param_map`` in metadata_props) moves to the quantized tensors
 (``W_Q4`` -> the module of W, with ``"quantized": {...}``), so LoRA still targets ``q_proj``;
@@ -225,6 +235,8 @@ class _Rewriter:
         self.outputs = {o.name for o in self.g.output}
         self._extra_after = {}  # node name -> nodes to insert right after it
         self.only = None if only is None else set(only)
+        # weight read as [N, K] as stored -> (packed, scales, zero points or "") of matmul_op
+        self.packed_of = {}
         self.taken = set(self.inits) | {o for n in self.g.node for o in n.output} | \
             {i.name for i in self.g.input}
 
@@ -358,11 +370,20 @@ class _Rewriter:
         # embedding tables not handled above
         if "embeddings" in self.include:
             for w in gathers:
-                if w in remove_inits or any(q.weight == w for q in self.report.layers):
+                if w in remove_inits:
                     continue
                 if others.get(w) and any(n.op_type != "Gather" for n in others[w]):
                     self.report.skipped.append((w, "embedding table with other readers"))
                     continue
+                tied = w in self.packed_of  # its head became MatMulNBits on the same rows
+                packed_ok = self.st["format"] == "MatMulNBits" and \
+                    self.inits[w].dims[1] % self.st["block_size"] == 0
+                if packed_ok and (tied or not sites.get(w)):
+                    self.gather_block_quantized(w, others[w], tied, new_nodes_before)
+                    remove_inits.add(w)
+                    continue
+                if tied or any(q.weight == w for q in self.report.layers):
+                    continue  # the quantized head has its own copy; the float table stays
                 self.embedding(w, new_nodes_before)
                 remove_inits.add(w)
         self.finish(remove_inits, remove_nodes, new_nodes_before)
@@ -415,6 +436,8 @@ class _Rewriter:
             attrs = {"K": K, "N": N, "bits": st["bits"], "block_size": st["block_size"]}
             suffix, arrays = f"_Q{st['bits']}", [packed, scales.astype(dtype), zp]
         info = {"op": st["format"], **attrs, "symmetric": st["symmetric"]}
+        if st["format"] == "MatMulNBits" and readers[0][1]:  # packed rows = the table's rows
+            self.packed_of[w] = (qn, q_inputs[1], q_inputs[2] if len(q_inputs) > 2 else "")
         self._map_entry(w, qn, info)
         self._record(w, st["format"], st["bits"], st["block_size"], (N, K), before, arrays)
         for node, _, tnode in readers:
@@ -462,6 +485,44 @@ class _Rewriter:
                                 "K": int(K), "N": int(N), "symmetric": True})
         self._record(w, "DequantizeLinear", 8, 0, (N, K), w_nk.size * np.dtype(dtype).itemsize,
                      [stored, s.astype(dtype)])
+
+    def gather_block_quantized(self, w, gathers, tied, new_nodes_before):
+        """Gather(table, ids) -> com.microsoft.GatherBlockQuantized on the packed table (the
+        tied head's own packed bytes when `tied`)."""
+        from onnx import helper
+        table = self.array(w)
+        V, D = table.shape
+        st = self.st
+        before = table.size * table.dtype.itemsize
+        front = []
+        if tied:
+            qn, sn, zn = self.packed_of[w]
+            shape = self.add_init(np.array([0, -1], np.int64), f"{w}_gather_shape")
+            data = self.fresh(f"{qn}_rows")
+            front.append(helper.make_node("Reshape", [qn, shape], [data],
+                                          name=self.fresh(f"{w}_gather_Reshape")))
+            arrays = []  # no bytes of its own
+        else:
+            packed, scales, zp = quantize_nbits(table, st["bits"], st["block_size"],
+                                                st["symmetric"])
+            dtype = table.dtype
+            data = self.add_init(packed.reshape(V, -1), f"{w}_Q{st['bits']}G")
+            sn = self.add_init(scales.reshape(V, -1).astype(dtype), f"{w}_scales")
+            zn = self.add_init(zp.reshape(V, -1), f"{w}_zero_points") if zp is not None else ""
+            arrays = [packed, scales.astype(dtype), zp]
+            self._map_entry(w, data, {"op": "GatherBlockQuantized", "bits": st["bits"],
+                                      "block_size": st["block_size"], "K": int(D), "N": int(V),
+                                      "symmetric": st["symmetric"], "embedding": True})
+        new_nodes_before.setdefault("__front__", []).extend(front)
+        for g in gathers:
+            ins = [data, g.input[1], sn] + ([zn] if zn else [])
+            g.CopyFrom(helper.make_node("GatherBlockQuantized", ins, list(g.output),
+                                        name=self.fresh((g.name or w) + f"_Q{st['bits']}"),
+                                        domain=MS, bits=st["bits"], block_size=st["block_size"],
+                                        gather_axis=0, quantize_axis=1))
+        # a tied table's bytes were counted with its head
+        self._record(w, "GatherBlockQuantized", st["bits"], st["block_size"], (V, D),
+                     0 if tied else before, arrays)
 
     def embedding(self, w, new_nodes_before):
         from onnx import helper

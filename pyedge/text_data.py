@@ -409,7 +409,8 @@ def model_facts(session, model_path=None) -> tuple[int | None, int | None, dict]
                 break
     if vocab is None:
         for n in g.nodes:
-            if n.op_type == "Gather" and len(n.inputs) > 1 and n.inputs[1] == "input_ids" \
+            if n.op_type in ("Gather", "GatherBlockQuantized") and len(n.inputs) > 1 \
+                    and n.inputs[1] == "input_ids" \
                     and n.inputs[0] in g.initializers:
                 vocab = int(g.initializers[n.inputs[0]].shape[0])
                 break

@@ -140,20 +140,34 @@ def test_ort_qdq_int4_file_imports():
                                                                        "layers.1.out"}
 
 
-def test_dequantizelinear_read_by_gather_is_folded_to_float():
+def _lookup_table(g, node):
+    """The float table a GatherBlockQuantized node reads, every row gathered by the core."""
+    V = g.initializers[node.inputs[0]].shape[0]
+    ins = [g.initializers[node.inputs[0]], np.arange(V, dtype=np.int64)] + \
+        [g.initializers[i] for i in node.inputs[2:]]
+    (y,), _ = pyedge._core.run_op("GatherBlockQuantized", ins, dict(node.attrs),
+                                  domain="com.microsoft")
+    return y
+
+
+def test_dequantizelinear_read_by_gather_becomes_a_packed_lookup_sharing_the_head():
     m, _ = quantize_model(__import__("quant_models").tied_lm(), bits=4, include=("embeddings",))
     g = load_onnx(m)
-    assert not any(n.op_type == "DequantizeLinear" for n in g.nodes)
-    table = g.initializers["embed.weight"]
+    assert not any(n.op_type in ("DequantizeLinear", "Gather") for n in g.nodes)
+    assert "embed.weight" not in g.initializers                  # no float copy
     t = inits_of(m)
-    np.testing.assert_allclose(table, t["embed.weight_Q8"] * t["embed.weight_scales"][:, None],
+    (lookup,) = [n for n in g.nodes if n.op_type == "GatherBlockQuantized"]
+    np.testing.assert_allclose(_lookup_table(g, lookup),
+                               t["embed.weight_Q8"] * t["embed.weight_scales"][:, None],
                                rtol=1e-6)
-    # the tied head read the same int8 table in the file: it runs from it, packed
+    # the tied head read the same int8 table in the file: it runs from it, packed, and the
+    # lookup reads the same bytes
     (head,) = [n for n in quant_nodes(g) if n.inputs[1] == "embed.weight_Q8"]
     assert head.name == "/lm_head/MatMul" and head.attrs["bits"] == 8
+    assert lookup.inputs[0] == head.inputs[1] and lookup.inputs[2] == head.inputs[2]
 
 
-def test_tied_int8_table_packs_the_head_and_folds_the_lookup():
+def test_tied_int8_table_packs_the_head_and_the_lookup_once():
     from quant_models import tied_lm
     m = tied_lm()
     q, _ = quantize_model(m, bits=8, include=("lm_head", "embeddings"))
@@ -161,9 +175,9 @@ def test_tied_int8_table_packs_the_head_and_folds_the_lookup():
     nodes = {g.param_map[n.inputs[1]]["module"]: n for n in quant_nodes(g)}
     assert sorted(nodes) == ["embed", "fc"]                      # the head reads the table
     assert nodes["embed"].attrs == {"K": 64, "N": 96, "bits": 8, "block_size": 64}
-    table = g.initializers["embed.weight"]                       # the Gather's float copy
-    np.testing.assert_allclose(dequantized_weight(g, nodes["embed"]), table, rtol=1e-6)
-    assert g.param_map["embed.weight"]["module"] == "embed"
+    (lookup,) = [n for n in g.nodes if n.op_type == "GatherBlockQuantized"]
+    assert lookup.inputs[0] == nodes["embed"].inputs[1] and "embed.weight" not in g.initializers
+    np.testing.assert_array_equal(dequantized_weight(g, nodes["embed"]), _lookup_table(g, lookup))
     assert not any(n.op_type in ("DequantizeLinear", "Transpose") for n in g.nodes)
 
 

@@ -5,7 +5,7 @@
 // gradients in the forward, see the end of this comment).
 //
 // pyedge.LinearCrossEntropy(h [..., D], W, labels [...] int64/int32, bias [V]?, A [r, D]?,
-//                           B [V, r]?) -> loss []
+//                           B [V, r]?, scales?, zero_points?) -> loss []
 //   logits = h·op(W) (+ bias) (+ lora_scale·(h·Aᵀ)·Bᵀ)    (the LoRA of pyedge.LoraMatMul)
 //   W: [V, D] with trans_w=1 (nn.Linear / tied embedding layout, the default), [D, V] with 0.
 //   loss == pyedge.CrossEntropyLoss(logits, labels) with the same attributes: shift (causal
@@ -33,6 +33,13 @@
 // and dB [V, r] computed for dloss = 1; the backward only scales them by dloss. That saves
 // the recompute (one of the three head GEMMs), and h is not kept for the backward. A trained
 // W would need a [V, D] hidden output: it takes the recompute path.
+//
+// A quantized head (W uint8: MatMulNBits' packed B [V, n_blocks, blob], a 4/8-bit LM head or
+// the tied embedding table kept packed) reads its scales and zero points as inputs 6 and 7
+// and its format from the attributes K (= D), N (= V), bits and block_size, as MatMulNBits
+// does; trans_w must be 1. Its chunk GEMMs dequantize W a panel at a time (ops/quant_gemm.h):
+// logits = h_c·Wᵀ with quant_gemm_xwt, dh_c = dZ·W with quant_gemm_xw. It is always frozen,
+// so it always takes its gradients in the forward.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
@@ -44,6 +51,7 @@
 #include "common/parallel.h"
 #include "ops/blas.h"
 #include "ops/op.h"
+#include "ops/quant_gemm.h"
 #include "ops/softmax_kernels.h"
 
 namespace pyedge {
@@ -60,16 +68,21 @@ constexpr int64_t kMinChunk = 128, kMaxChunk = 4096;
 size_t align64(size_t b) { return (b + 63) / 64 * 64; }
 
 // Input slots.
-enum : size_t { kH = 0, kW = 1, kLabels = 2, kBias = 3, kA = 4, kB = 5 };
+enum : size_t { kH = 0, kW = 1, kLabels = 2, kBias = 3, kA = 4, kB = 5, kScales = 6, kZp = 7 };
 
 class LinearCrossEntropy : public Op {
  public:
   LinearCrossEntropy(const NodeInfo& n, const std::vector<Tensor>& in) : where_(n.where()) {
-    check_num_inputs(n, in, 3, 6);
+    check_num_inputs(n, in, 3, 8);
     check_float(n, in[kH], "h");
-    check_float(n, in[kW], "W");
     const Tensor& h = in[kH];
     const Tensor& w = in[kW];
+    quant_ = w.dtype == DType::u8;
+    if (!quant_) {
+      check_float(n, w, "W");
+      PYEDGE_CHECK(in.size() <= kScales || !n.has_input(kScales), where_,
+                   ": scales (input 6) are for a quantized (uint8) W; W is float");
+    }
     const Tensor& lb = in[kLabels];
     PYEDGE_CHECK(lb.dtype == DType::i64 || lb.dtype == DType::i32, where_,
                  ": labels must be int64 or int32, got ", dtype_name(lb.dtype));
@@ -77,11 +90,26 @@ class LinearCrossEntropy : public Op {
     D_ = h.shape.back();
     M_ = h.numel() / std::max<int64_t>(D_, 1);
     trans_w_ = n.attrs.get_int("trans_w", 1) != 0;
-    PYEDGE_CHECK(w.rank() == 2, where_, ": W must be 2-D, got ", shape_str(w.shape));
-    V_ = trans_w_ ? w.shape[0] : w.shape[1];
-    const int64_t wd = trans_w_ ? w.shape[1] : w.shape[0];
-    PYEDGE_CHECK(wd == D_, where_, ": h ", shape_str(h.shape), " does not match W ",
-                 shape_str(w.shape), trans_w_ ? " ([V, D], trans_w=1)" : " ([D, V], trans_w=0)");
+    if (quant_) {
+      PYEDGE_CHECK(trans_w_, where_, ": a quantized W is [V, D] (MatMulNBits' layout): trans_w "
+                   "must be 1");
+      PYEDGE_CHECK(in.size() > kScales && n.has_input(kScales), where_,
+                   ": a quantized (uint8) W needs its scales as input 6");
+      PYEDGE_CHECK(n.attrs.has("K") && n.attrs.has("N") && n.attrs.has("block_size"), where_,
+                   ": a quantized W needs the attributes K, N and block_size (and bits)");
+      qspec_ = nbits_spec_at(n, in, n.attrs.get_int("K", 0), n.attrs.get_int("N", 0),
+                             int(n.attrs.get_int("bits", 4)), n.attrs.get_int("block_size", 0),
+                             kW, kScales, kZp);
+      V_ = qspec_.N;
+      PYEDGE_CHECK(qspec_.K == D_, where_, ": h ", shape_str(h.shape), " does not match the "
+                   "quantized W's K = ", qspec_.K);
+    } else {
+      PYEDGE_CHECK(w.rank() == 2, where_, ": W must be 2-D, got ", shape_str(w.shape));
+      V_ = trans_w_ ? w.shape[0] : w.shape[1];
+      const int64_t wd = trans_w_ ? w.shape[1] : w.shape[0];
+      PYEDGE_CHECK(wd == D_, where_, ": h ", shape_str(h.shape), " does not match W ",
+                   shape_str(w.shape), trans_w_ ? " ([V, D], trans_w=1)" : " ([D, V], trans_w=0)");
+    }
     PYEDGE_CHECK(V_ > 0, where_, ": W has 0 classes");
     Shape lead(h.shape.begin(), h.shape.end() - 1);
     PYEDGE_CHECK(lb.shape == lead, where_, ": labels shape ", shape_str(lb.shape),
@@ -127,8 +155,13 @@ class LinearCrossEntropy : public Op {
     if (chunk == 0)
       chunk = std::clamp<int64_t>(kChunkBytes / (4 * V_) / 16 * 16, kMinChunk, kMaxChunk);
     chunk_ = std::max<int64_t>(1, std::min(chunk, rows_));
-    // W given at plan time = frozen: the gradients can be taken in the forward
-    early_ = w.data != nullptr;
+    // W given at plan time = frozen: the gradients can be taken in the forward (a quantized
+    // W never takes a gradient)
+    early_ = w.data != nullptr || quant_;
+    if (quant_) {
+      qfwd_ = quant_gemm_tiling(V_, D_);
+      qbwd_ = quant_gemm_tiling(D_, V_);
+    }
     outputs = {make_output(DType::f32, {}), make_output(DType::f32, {rows_, 2})};
     if (early_) {
       outputs.push_back(make_output(DType::f32, h.shape));                     // dh
@@ -207,7 +240,9 @@ class LinearCrossEntropy : public Op {
   }
 
   bool has_backward() const override { return true; }
-  bool differentiable_input(size_t i) const override { return i != kLabels; }
+  bool differentiable_input(size_t i) const override {
+    return i != kLabels && i < kScales && !(quant_ && i == kW);
+  }
   bool assigns_fresh_grads() const override { return true; }
   // Recompute path: every input (the chunk's logits are recomputed from h, W, bias, A and B
   // whatever gradient is wanted) and the saved log-sum-exp. Gradients taken in the forward:
@@ -284,6 +319,7 @@ class LinearCrossEntropy : public Op {
     float* t = nullptr;   // [chunk, r] h·Aᵀ
     float* dt = nullptr;  // [chunk, r] s·dZ·B (backward)
     float* dh = nullptr;  // [chunk, D] (backward)
+    float* q = nullptr;   // quantized W: the panel buffers of quant_gemm
   };
 
   // [rows, 2] int64: (row index r, label) of each counted row
@@ -292,6 +328,7 @@ class LinearCrossEntropy : public Op {
     size_t b = align64(size_t(chunk_ * D_) * 4) + align64(size_t(chunk_ * V_) * 4) +
                align64(size_t(chunk_ * r_) * 4);
     if (backward) b += align64(size_t(chunk_ * r_) * 4) + align64(size_t(chunk_ * D_) * 4);
+    if (quant_) b += align64(std::max(qfwd_.scratch_floats(), qbwd_.scratch_floats()) * 4);
     return b;
   }
   Chunk carve(char* p, bool backward) const {
@@ -308,6 +345,8 @@ class LinearCrossEntropy : public Op {
       c.dt = take(chunk_ * r_);
       c.dh = take(chunk_ * D_);
     }
+    if (quant_)
+      c.q = take(int64_t(std::max(qfwd_.scratch_floats(), qbwd_.scratch_floats())));
     return c;
   }
 
@@ -346,8 +385,11 @@ class LinearCrossEntropy : public Op {
         if (bias) std::memcpy(c.z + j * V, bias, size_t(V) * 4);  // the GEMM adds onto it
       }
     });
-    sgemm(false, trans_w_, cn, V, D, 1.f, c.h, D, in[kW].ptr<float>(), in[kW].shape[1],
-          bias ? 1.f : 0.f, c.z, V);
+    if (quant_)  // Z = h_c·Wᵀ, W dequantized a panel at a time
+      quant_gemm_xwt(view(qspec_, in), cn, c.h, bias ? 1.f : 0.f, c.z, V, qfwd_, c.q);
+    else
+      sgemm(false, trans_w_, cn, V, D, 1.f, c.h, D, in[kW].ptr<float>(), in[kW].shape[1],
+            bias ? 1.f : 0.f, c.z, V);
     if (!has_lora_) return;
     sgemm(false, true, cn, r_, D, 1.f, c.h, D, in[kA].ptr<float>(), D, 0.f, c.t, r_);
     sgemm(false, true, cn, V, r_, scale_, c.t, r_, in[kB].ptr<float>(), r_, 1.f, c.z, V);
@@ -403,8 +445,11 @@ class LinearCrossEntropy : public Op {
     if (t.dB)  // dB [V, r] (+)= s·dZᵀ·t
       sgemm(true, false, V, r, cn, scale_, dz, V, c.t, r, beta(t.dB_assign), t.dB, r);
     if (t.dh) {  // dh_c = dZ·op(W)ᵀ (+ dt·A), then into the live rows
-      sgemm(false, !trans_w_, cn, D, V, 1.f, dz, V, in[kW].ptr<float>(), in[kW].shape[1], 0.f,
-            c.dh, D);
+      if (quant_)  // dh_c = dZ·W
+        quant_gemm_xw(view(qspec_, in), cn, dz, 0.f, c.dh, qbwd_, c.q);
+      else
+        sgemm(false, !trans_w_, cn, D, V, 1.f, dz, V, in[kW].ptr<float>(), in[kW].shape[1], 0.f,
+              c.dh, D);
       if (has_lora_)
         sgemm(false, false, cn, D, r, 1.f, c.dt, r, in[kA].ptr<float>(), D, 1.f, c.dh, D);
       scatter_rows(c.dh, lc, cn, t.dh, t.dh_assign);
@@ -454,6 +499,9 @@ class LinearCrossEntropy : public Op {
   float eps_ = 0.f, scale_ = 1.f;
   bool trans_w_ = true, has_bias_ = false, has_lora_ = false, shift_ = false, mean_ = true;
   bool early_ = false;  // frozen W: gradients taken in the forward when a backward is planned
+  bool quant_ = false;  // W is a packed 4/8-bit MatMulNBits weight (inputs 6, 7: its scales, zp)
+  QuantWeightSpec qspec_;
+  QuantGemmTiling qfwd_, qbwd_;
 };
 PYEDGE_REGISTER_OP("pyedge.LinearCrossEntropy", LinearCrossEntropy);
 

@@ -38,14 +38,28 @@ void read_dims(const NodeInfo& n, QuantWeightSpec& s) {
 }  // namespace
 
 QuantWeightSpec nbits_spec(const NodeInfo& n, const std::vector<Tensor>& in, size_t first) {
+  QuantWeightSpec d;
+  read_dims(n, d);
+  return nbits_spec_at(n, in, d.K, d.N, int(n.attrs.get_int("bits", 4)), d.block, first,
+                       first + 1, first + 2);
+}
+
+QuantWeightSpec nbits_spec_at(const NodeInfo& n, const std::vector<Tensor>& in, int64_t K,
+                              int64_t N, int bits, int64_t block, size_t i_packed,
+                              size_t i_scales, size_t i_zp) {
   QuantWeightSpec s;
   s.format = QuantFormat::nbits;
-  read_dims(n, s);
-  s.bits = int(n.attrs.get_int("bits", 4));
+  s.K = K;
+  s.N = N;
+  s.block = block;
+  PYEDGE_CHECK(s.K >= 1 && s.N >= 1, n.where(), ": K and N must be >= 1, got K=", s.K, " N=",
+               s.N);
+  PYEDGE_CHECK(s.block >= 1, n.where(), ": block_size must be >= 1, got ", s.block);
+  s.bits = bits;
   PYEDGE_CHECK(s.bits == 4 || s.bits == 8, n.where(), ": bits must be 4 or 8, got ", s.bits);
   s.n_blocks = (s.K + s.block - 1) / s.block;
   s.blob = (s.block * s.bits + 7) / 8;  // an odd 4-bit block leaves its last nibble unused
-  const Tensor& packed = required_input(n, in, first, "B");
+  const Tensor& packed = required_input(n, in, i_packed, "B");
   check_dtype(n, packed, DType::u8, "B (packed weight)");
   PYEDGE_CHECK(packed.numel() == s.N * s.n_blocks * s.blob &&
                    (packed.rank() != 3 || (packed.shape[0] == s.N &&
@@ -54,16 +68,16 @@ QuantWeightSpec nbits_spec(const NodeInfo& n, const std::vector<Tensor>& in, siz
                n.where(), ": B must be uint8 [N, ceil(K/block_size), block_size*bits/8] = [",
                s.N, ", ", s.n_blocks, ", ", s.blob, "] for K=", s.K, " N=", s.N,
                " block_size=", s.block, " bits=", s.bits, ", got ", shape_str(packed.shape));
-  const Tensor& scales = required_input(n, in, first + 1, "scales");
+  const Tensor& scales = required_input(n, in, i_scales, "scales");
   check_dtype(n, scales, DType::f32, "scales");
   PYEDGE_CHECK(scales.numel() == s.N * s.n_blocks, n.where(), ": scales must have N * n_blocks = ",
                s.N, " * ", s.n_blocks, " elements ([N * n_blocks] or [N, n_blocks]), got ",
                shape_str(scales.shape));
-  s.in_packed = int(first);
-  s.in_scales = int(first + 1);
-  if (first + 2 < in.size() && n.has_input(first + 2)) {
-    const Tensor& zp = in[first + 2];
-    s.in_zp = int(first + 2);
+  s.in_packed = int(i_packed);
+  s.in_scales = int(i_scales);
+  if (i_zp < in.size() && n.has_input(i_zp)) {
+    const Tensor& zp = in[i_zp];
+    s.in_zp = int(i_zp);
     if (zp.dtype == DType::f32) {
       s.zp_float = true;
       PYEDGE_CHECK(zp.numel() == s.N * s.n_blocks, n.where(),

@@ -55,6 +55,11 @@ QuantWeight view(const QuantWeightSpec& spec, const std::vector<Tensor>& in);
 // the node for every size, dtype and attribute mismatch. (g_idx is the caller's to refuse:
 // its slot differs between MatMulNBits and LoraQuantMatMul.) Defined in quant_formats.cpp.
 QuantWeightSpec nbits_spec(const NodeInfo& n, const std::vector<Tensor>& in, size_t first);
+// The same with the dimensions given and the inputs at any slots (i_zp past the inputs or
+// empty: no zero points): GatherBlockQuantized and a quantized LinearCrossEntropy head.
+QuantWeightSpec nbits_spec_at(const NodeInfo& n, const std::vector<Tensor>& in, int64_t K,
+                              int64_t N, int bits, int64_t block, size_t i_packed,
+                              size_t i_scales, size_t i_zp);
 // The same for MatMulBnb4: in[first] packed, in[first+1] absmax; attributes K, N, block_size,
 // quant_type (transB is the caller's). Defined in quant_formats.cpp.
 QuantWeightSpec bnb4_spec(const NodeInfo& n, const std::vector<Tensor>& in, size_t first);
