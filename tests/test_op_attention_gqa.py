@@ -5,6 +5,8 @@ general path and on the fused per-slice kernels (Lk, D, Dv whole SIMD vectors)."
 import numpy as np
 import pytest
 
+from pyedge import _core
+
 from opcheck import check_backward, pyedge_run
 
 MASKED = -3.4e38
@@ -68,6 +70,30 @@ def test_gqa_causal_attention_matches_torch(case, layout, out_layout, causal):
     check_backward("Attention", inputs, ref, attrs, domain="pyedge")
 
 
+@pytest.mark.arm64
+@pytest.mark.parametrize("causal", [0, 1])
+def test_gqa_equals_expanded_kv(causal):
+    """Grouped K/V heads give what the same op gives on K/V repeated per query head, forward
+    and backward (dK, dV summed over the group): torch-free, so it runs on ARM (NEON kernels)."""
+    rng = np.random.default_rng(3)
+    B, H, Hkv, L, D = 2, 4, 2, 24, 16
+    q = rng.standard_normal((B, H, L, D)).astype(np.float32)
+    k, v = (rng.standard_normal((B, Hkv, L, D)).astype(np.float32) for _ in range(2))
+    ke, ve = (np.repeat(t, H // Hkv, axis=1) for t in (k, v))
+    attrs = {"scale": 0.25, "causal": causal}
+    dy = [rng.standard_normal((B, H, L, D)).astype(np.float32)]
+    outs_g, grads_g = _core.run_op("Attention", [q, k, v], attrs, domain="pyedge",
+                                   grad_outputs=dy, grad_init="zeros")
+    outs_e, grads_e = _core.run_op("Attention", [q, ke, ve], attrs, domain="pyedge",
+                                   grad_outputs=dy, grad_init="zeros")
+    np.testing.assert_allclose(outs_g[0], outs_e[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grads_g[0], grads_e[0], rtol=1e-4, atol=1e-5)
+    for g, e in zip(grads_g[1:3], grads_e[1:3]):
+        np.testing.assert_allclose(g, e.reshape(B, Hkv, H // Hkv, L, D).sum(2), rtol=1e-4,
+                                   atol=1e-5)
+
+
+@pytest.mark.arm64
 def test_causal_equals_the_mask_it_replaces():
     """causal = 1 gives what an additive mask of -3.4e38 above the diagonal gives (and the
     exporters' mask form), on the fused path."""

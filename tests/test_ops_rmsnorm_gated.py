@@ -96,6 +96,7 @@ def pair(name, *args):
             _core.simd_kernel(name, *args, scalar=True))
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("D", [1, 5, 16, 37, 384])
 @pytest.mark.parametrize("kind", ["rmsnorm", "rmsnorm_1p", "noweight"])
 def test_rmsnorm_rows_simd_vs_scalar(D, kind):
@@ -119,6 +120,7 @@ def test_rmsnorm_rows_simd_vs_scalar(D, kind):
         np.testing.assert_allclose(v[4], (dy * x64 * r).sum(0), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("n", [1, 3, 8, 17, 64, 1027])
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
 def test_gated_simd_vs_scalar(act, n):
