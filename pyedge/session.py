@@ -83,9 +83,10 @@ class TrainingSession:
         self._model = to_core(self.graph)
         # What the process holds before the session's own buffers: the weights, or more (the
         # interpreter, numpy, onnx). Measured once, so a budget means the same on each replan.
-        from pyedge.memory_budget import resident_bytes
-        self._resident_bytes = resident_bytes(
-            sum(a.nbytes for a in self.graph.initializers.values()))
+        from pyedge.memory_budget import mapped_bytes, resident_bytes
+        weights = list(self.graph.initializers.values())
+        self._resident_bytes = resident_bytes(sum(a.nbytes for a in weights),
+                                              mapped_bytes(weights))
         self._sess = _core.Session(self._model, trainable, LOSS if loss else "",
                                    self.optimizer.to_core(), seed)
         self._input_names = [v.name for v in self.graph.inputs]
