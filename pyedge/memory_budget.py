@@ -25,8 +25,8 @@ def mapped_bytes(arrays) -> int:
     total = 0
     for a in arrays:
         base = a
-        while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
-            base = base.base
+        while isinstance(base, (np.ndarray, memoryview)) and not isinstance(base, np.memmap):
+            base = base.obj if isinstance(base, memoryview) else base.base
         if isinstance(base, (np.memmap, mmap.mmap)):
             total += int(a.nbytes)
     return total

@@ -337,3 +337,25 @@ def test_train_logs_the_memory_plan_under_a_budget(tmp_path):
         assert bool(said) == expect, lines
         if expect:
             assert "recompute: none (fits" in said[0] and "max_memory" in said[0], said
+
+
+def test_mapped_weights_count_as_held(tmp_path):
+    """A memory-mapped model's weights are not in the resident set when the session is made,
+    but page in during the first step: the budget counts them on top of it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from pyedge.memory_budget import mapped_bytes
+    from pyedge.onnx_import import load_onnx
+    from pyedge.onnx_wire import save_aligned
+
+    w = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+                          [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "m.onnx"
+    save_aligned(helper.make_model(g), str(path))
+    arrays = list(load_onnx(str(path)).initializers.values())
+    assert mapped_bytes(arrays) == w.nbytes
+    assert mapped_bytes([w, w.copy()]) == 0
