@@ -184,6 +184,8 @@ WORKLOADS["7q4"] = _decoder("7", id="7q4", engines=("pyedge",), quantize=dict(W8
 WORKLOADS["7q4"].title += ", 4-bit base"
 # issue "LLMs on small boards" 1: W6 on 8-bit (int8 per output channel) and 4-bit (int, group
 # 32) bases beside its float base, and 2: W6 under budgets from 0.8 to 3 GB
+WORKLOADS["7q8"] = _decoder("7", id="7q8", engines=("pyedge",), quantize={"bits": 8})
+WORKLOADS["7q8"].title += ", 8-bit base"
 WORKLOADS["6q8"] = _decoder("6", id="6q8", engines=("pyedge",), quantize={"bits": 8})
 WORKLOADS["6q8"].title += ", 8-bit base"
 WORKLOADS["6q4"] = _decoder("6", id="6q4", engines=("pyedge",), quantize=dict(W8_QUANTIZE))
