@@ -130,7 +130,8 @@ def run_demo(out="pyedge-demo", steps: int = 300, seed: int = 0, threads: int | 
              torch_check: bool = True, n_train: int = 2000, n_val: int = 1000) -> dict:
     """Runs the demo; returns a summary dict (also written to <out>/demo.json)."""
     import pyedge
-    from pyedge.train import TrainConfig, evaluate, load_data, train
+    from pyedge.evaluation import evaluate, load_data
+    from pyedge.train import TrainConfig, train
 
     t0 = time.perf_counter()
     out = Path(out)

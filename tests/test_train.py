@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pyedge.schedules import Schedule, lr_lambda
-from pyedge.train import ConfigError, TrainConfig, TrainingError, loss_sums, train
+from pyedge.evaluation import loss_sums
+from pyedge.train import ConfigError, TrainConfig, TrainingError, train
 
 
 def has_loss():
@@ -134,7 +135,8 @@ def test_train_end_to_end(task, tmp_path):
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg(task, out), log=lambda m: None)
     # eval through saved adapters reproduces the final accuracy
-    from pyedge.train import evaluate, load_data, session_from_adapters
+    from pyedge.evaluation import evaluate, load_data
+    from pyedge.train import session_from_adapters
     sess, meta = session_from_adapters(task["model"], out / "adapters")
     ds = load_data(sess, task["eval_data"], loss=meta["loss"])
     assert evaluate(sess, ds)["accuracy"] == pytest.approx(res.eval["accuracy"])
