@@ -95,6 +95,35 @@ def make_node_key(folder, name: str) -> tuple[Path, Path]:
     return priv, pub
 
 
+def descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def peak_rss_mib(pid: int) -> float:
+    """VmHWM of a running process, MiB (-1 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return -1.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -228,9 +257,26 @@ class LocalFleet:
         out = r.stdout[r.stdout.find("{"):]
         return str(json.loads(out).get("run-id", ""))
 
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink sees online (`flwr supernode ls`)."""
+        import json
+        r = self.flwr("supernode", "ls", self.CONNECTION, "--format", "json", check=False)
+        try:
+            nodes = json.loads(r.stdout[r.stdout.find("{"):]).get("nodes", [])
+        except ValueError:
+            return 0
+        return sum(1 for n in nodes if n.get("status") == "online")
+
     # --- stopping
     def kill(self, proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+        """Signals the process's group and every descendant (Flower starts the ClientApp /
+        ServerApp processes in sessions of their own)."""
         if proc.poll() is None:
+            for pid in descendants(proc.pid):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
             try:
                 os.killpg(proc.pid, sig)
             except ProcessLookupError:
