@@ -178,3 +178,75 @@ def test_one_node_fedavg_equals_plain_run_over_tls(tmp_path):
     worst = max(float(np.abs(fed[k] - plain[k]).max()) for k in plain)
     print(f"\none node + FedAvg vs plain pyedge run: max |diff| = {worst:.3g}")
     assert worst <= 1e-6
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if text in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_simulation_with_flwr_run(tmp_path):
+    """Flower's simulation runtime: `flwr run <app> local` (a SuperLink in simulation mode that
+    flwr starts itself), 3 virtual nodes with demo shards by partition-id."""
+    pytest.importorskip("ray", reason="Flower's simulation runtime needs ray (flwr[simulation])")
+    import signal
+
+    from pyedge.fleet import APP_DIR
+    from pyedge.fleet.deploy import descendants
+    home, out = tmp_path / "flwr-home", tmp_path / "out"
+    env = fleet_env()
+    env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0",
+               PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""))
+    args = [str(Path(sys.executable).parent / "flwr"), "run", str(APP_DIR), "local",
+            "--run-config", f'num-rounds=2 local-steps=10 client-eval=false out-dir="{out}"',
+            "--federation-config", "num-supernodes=3", "--stream"]
+    try:
+        r = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=400)
+    finally:
+        # the SuperLink flwr started for the simulation runs detached: stop it (and its children)
+        for pid in _processes_mentioning(str(home)):
+            for p in [*descendants(pid), pid]:
+                try:
+                    os.kill(p, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+    log = RoundStore(out).metrics()
+    assert [m["replies"] for m in log] == [3, 3], r.stdout[-3000:] + r.stderr[-3000:]
+    assert log[1]["train-loss"] < log[0]["train-loss"]
+
+
+def test_server_restart_resumes_after_the_last_written_round(tmp_path):
+    """The SuperLink (with its ServerApp) is SIGKILLed after round 1; restarted on the same
+    state file, the SuperNodes reconnect by themselves and `flwr run` again continues at
+    round 2."""
+    paths, _ = write_shards(tmp_path, 2)
+    out = tmp_path / "out"
+    rc = {"num-rounds": 3, "local-steps": 10, "batch-size": 16, "client-eval": False,
+          "min-available-nodes": 2, "round-timeout": 60.0, "out-dir": str(out)}
+    with LocalFleet(tmp_path / "fleet", env=fleet_env()) as fleet:
+        fleet.start_superlink()
+        for i, p in enumerate(paths):
+            cfg = {"data-path": p, **({"reply-delay": 3.0} if i == 0 else {})}
+            fleet.start_supernode(f"node{i}", cfg, fleet.node_key(f"node{i}"))
+        wait_for(lambda: fleet.online_nodes() == 2, 90, "2 SuperNodes online", fleet)
+        fleet.run(rc)
+        store = RoundStore(out)
+        wait_for(lambda: store.latest() is not None, 120, "round 1", fleet)
+        fleet.restart_superlink()
+        assert store.latest()[0] == 1
+        r1 = store.latest()[1]
+        wait_for(lambda: fleet.online_nodes() == 2, 120, "the nodes back after the restart", fleet)
+        fleet.run(rc)
+        wait_for(lambda: store.latest()[0] == 3, 180, "rounds 2 and 3", fleet)
+        assert "resuming from round 1" in fleet.log("superlink")
+    assert [m["round"] for m in store.metrics()] == [1, 2, 3]
+    assert all(np.array_equal(np.load(store.round_dir(1) / "global.npz")[k], v)
+               for k, v in r1.items())

@@ -186,8 +186,10 @@ class LocalFleet:
     # --- SuperLink
     def start_superlink(self, port: int | None = None) -> None:
         self.port = port or self.port or free_port()
+        # state in a file (registered keys, nodes, runs), so a restarted SuperLink knows them
         args = [_bin("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
-                "--disable-runtime-dependency-installation"]
+                "--disable-runtime-dependency-installation",
+                "--database", str(self.root / "superlink-state.db")]
         if self.tls:
             args += ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile",
                      str(self.certs["cert"]), "--ssl-keyfile", str(self.certs["key"])]
@@ -198,6 +200,11 @@ class LocalFleet:
         self.superlink = self._spawn("superlink", args)
         self._write_cli_config()
         self._wait_port(self.port, self.superlink, "superlink")
+
+    def restart_superlink(self) -> None:
+        """SIGKILLs the SuperLink (and the ServerApp it runs), starts it again on its port."""
+        self.kill(self.superlink)
+        self.start_superlink(self.port)
 
     def _wait_port(self, port: int, proc: subprocess.Popen, name: str, timeout=60.0) -> None:
         deadline = time.monotonic() + timeout
