@@ -106,6 +106,7 @@ def test_resume_after_a_server_restart_and_silent_nodes(tmp_path):
     grid3 = LoopbackGrid(cfgs, run3.to_config(), run_id=2)
     run_federation(grid3, run3)
     assert [m["round"] for m in store.metrics()] == [1, 2, 3]
+    assert [m["resumed-from"] for m in store.metrics()] == [0, 0, 2]
     first = grid3.sent[0]
     assert first.content["config"]["server-round"] == 3
     sent = {k: v.numpy() for k, v in first.content["arrays"].items()}

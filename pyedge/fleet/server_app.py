@@ -96,7 +96,8 @@ def run_federation(grid: Grid, run: RunSettings) -> RoundStore:
             ev, ev_late = _send(grid, live, MessageType.EVALUATE, arrays, rnd, run.round_timeout)
             dropped.update(ev_late)
         record = {
-            "round": rnd, "aggregation": run.aggregation, "nodes": len(nodes),
+            "round": rnd, "resumed-from": start, "aggregation": run.aggregation,
+            "nodes": len(nodes),
             "replies": len(replies), "dropped": sorted(dropped),
             "num-examples": sum(weights), "train-loss": _weighted(replies, "train-loss"),
             "eval-loss": _weighted(ev, "eval-loss"), "eval-accuracy": _weighted(ev, "eval-accuracy"),
