@@ -146,7 +146,9 @@ def test_three_nodes_tls_auth_non_iid_kill_and_unknown_key(tmp_path):
     figures["pyedge_only_vmhwm_mib"] = _vmhwm_of(
         "from pyedge.fleet.local import LocalTrainer; from pyedge.fleet.settings import RunSettings;"
         f"t = LocalTrainer(RunSettings(local_steps=15, batch_size=16), {paths[0]!r}); t.train(15)")
-    figures["flwr_only_vmhwm_mib"] = _vmhwm_of("import flwr.clientapp, flwr.app")
+    # what the flwr-clientapp process loads before it runs our app
+    figures["flwr_clientapp_only_vmhwm_mib"] = _vmhwm_of(
+        "from flwr.supernode.cli import flwr_clientapp")
     figures["python_numpy_vmhwm_mib"] = _vmhwm_of("import numpy")
     print("\nfleet figures:", json.dumps(figures, indent=1))
     (tmp_path / "fleet_figures.json").write_text(json.dumps(figures, indent=1))
