@@ -83,7 +83,7 @@ def test_three_nodes_tls_auth_non_iid_kill_and_unknown_key(tmp_path):
     out = tmp_path / "out"
     rc = {"num-rounds": 3, "local-steps": 15, "batch-size": 16, "client-eval": False,
           "eval-data": union, "min-available-nodes": 2, "min-train-nodes": 2,
-          "round-timeout": 30.0, "out-dir": str(out)}
+          "round-timeout": 40.0, "out-dir": str(out)}
     run = RunSettings.from_config(rc)
     figures = {}
     with LocalFleet(tmp_path / "fleet", env=fleet_env()) as fleet:
