@@ -26,24 +26,13 @@ import time
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from pyedge.fleet.deploy import peak_rss_mib
 from pyedge.fleet.records import from_array_record, to_array_record
 from pyedge.fleet.settings import RunSettings
 
 app = ClientApp()
 
 OPT_STATE = "pyedge-optimizer"
-
-
-def peak_rss_mib() -> float:
-    """VmHWM of this process (Linux), MiB; -1 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return -1.0
 
 
 def _node_data(context: Context, run: RunSettings, key: str):

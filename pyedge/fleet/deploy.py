@@ -113,8 +113,9 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def peak_rss_mib(pid: int) -> float:
-    """VmHWM of a running process, MiB (-1 when it is gone)."""
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """VmHWM (peak resident set) of a running process or of this one, MiB; -1 when it is gone
+    or there is no /proc."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
