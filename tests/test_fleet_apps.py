@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("flwr", reason="needs flwr (pip install pyedge[fleet])")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.app import Context, RecordDict  # noqa: E402
 
 from pyedge.fleet import client_app  # noqa: E402
 from pyedge.fleet.local import LocalTrainer, demo_shard, plain_run  # noqa: E402

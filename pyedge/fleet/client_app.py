@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 import time
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pyedge.fleet.deploy import peak_rss_mib
