@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-torch-check", dest="torch_check", action="store_false",
                    help="skip loading the adapters back into PyTorch")
     d.set_defaults(func=cmd_demo)
+
+    from pyedge.cli_fleet import add_fleet_parser  # fleet: its own module (pyedge/cli_fleet.py)
+    add_fleet_parser(sub, common)
     return p
 
 

@@ -94,3 +94,18 @@ def test_llm_on_a_small_board(tmp_path):
     import onnx
     ops = {n.op_type for n in onnx.load(str(tmp_path / "llama-q4.onnx")).graph.node}
     assert "MatMulNBits" in ops
+
+
+def test_fleet_local_federation(tmp_path):
+    """The fleet section's first block (a 3-node federation on this machine, TLS + node keys);
+    the real-board blocks need several machines and are not run here."""
+    pytest.importorskip("flwr", reason="needs flwr (pip install pyedge[fleet])")
+    import json
+    block = blocks("A fleet of devices: federated LoRA with Flower")[0]
+    run_shell(block, tmp_path)
+    rounds = tmp_path / "fleet-demo/results/rounds"
+    assert sorted(p.name for p in rounds.iterdir()) == ["round-0001", "round-0002", "round-0003"]
+    assert (rounds / "round-0003/adapter_model.safetensors").is_file()
+    log = [json.loads(line) for line in
+           (tmp_path / "fleet-demo/results/metrics.jsonl").read_text().splitlines()]
+    assert [m["replies"] for m in log] == [3, 3, 3]
