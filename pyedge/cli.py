@@ -5,7 +5,7 @@ Every expected failure prints one line ``pyedge: error: <message>`` to stderr an
 data that does not fit the model, non-finite loss, ...). ``--debug`` shows the traceback.
 
 Each group of subcommands lives in its own module with an ``add_commands(sub, common)`` that
-builds its parsers (cli_export, cli_inspect, cli_train); this file composes them and owns the
+builds its parsers (cli_export, cli_inspect, cli_train, cli_fleet); this file composes them and owns the
 error boundary.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from pyedge import cli_export, cli_inspect, cli_train
+from pyedge import cli_export, cli_fleet, cli_inspect, cli_train
 from pyedge.cli_common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE,  # noqa: F401
                                Parser, UsageError, fmt_bytes, one_line, out)
 
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_export.add_commands(sub, common)
     cli_inspect.add_commands(sub, common)
     cli_train.add_commands(sub, common)
+    cli_fleet.add_commands(sub, common)
 
     # demo -----------------------------------------------------------------------------------
     d = sub.add_parser("demo", parents=[common], help="end-to-end fine-tuning on a bundled model",
@@ -49,9 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-torch-check", dest="torch_check", action="store_false",
                    help="skip loading the adapters back into PyTorch")
     d.set_defaults(func=cmd_demo)
-
-    from pyedge.cli_fleet import add_fleet_parser  # fleet: its own module (pyedge/cli_fleet.py)
-    add_fleet_parser(sub, common)
     return p
 
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 
-def add_fleet_parser(sub, common) -> None:
+def add_commands(sub, common) -> None:
     f = sub.add_parser("fleet", parents=[common], help="federated LoRA on many devices (Flower)",
                        description=__doc__.split("\n\n")[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
