@@ -1,4 +1,4 @@
-"""The `pyedge` command line: export, inspect, train, eval, merge, demo.
+"""The `pyedge` command line: export, inspect, train, eval, generate, merge, demo.
 
 Every expected failure prints one line ``pyedge: error: <message>`` to stderr and exits with
 2 (usage: bad flags or options) or 1 (runtime: missing file, corrupt model, unsupported op,
@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=int)
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_eval)
+
+    from pyedge.cli_generate import add_generate_parser  # generate: its own module
+    add_generate_parser(sub, common)
 
     # merge ----------------------------------------------------------------------------------
     m = sub.add_parser("merge", parents=[common], help="fold adapters into the weights (ONNX out)",
