@@ -101,6 +101,67 @@ def _probe_feeds(graph: Graph, n: int) -> dict[str, np.ndarray]:
     return feeds
 
 
+def probe_values(graph: Graph, n: int = 7) -> dict[str, np.ndarray]:
+    """Every intermediate value for one probe input of n positions (batch 1, attention_mask
+    all ones), as the core computes it: one forward pass over tiny activations."""
+    from pyedge import _core
+    from pyedge.graph import to_core
+    feeds = _probe_feeds(graph, n)
+    missing = [v.name for v in graph.inputs if v.name not in feeds]
+    if missing:
+        raise NoCache(f"no probe value for input(s) {missing}")
+    names = [o for nd in graph.nodes for o in nd.outputs if o]
+    try:
+        sess = _core.Session(to_core(graph), [], "", {}, 0)
+        arrays = sess.run([feeds[v.name] for v in graph.inputs], names)
+    except Exception as e:  # noqa: BLE001 - a graph the probe cannot run: no cache
+        raise NoCache(f"the probe run failed ({str(e).splitlines()[0]})") from None
+    return dict(zip(names, arrays))
+
+
+def fuse_attention_with_probe_shapes(graph: Graph, values: dict[str, np.ndarray],
+                                     n: int = 7) -> int:
+    """Fuses the SDPA decomposition of an export with symbolic shapes (the importer keeps them
+    as -1, and decoder_fusions matches static shapes only) by matching against the concrete
+    shapes of a probe run of n positions (`values`). The fused pyedge.Attention itself takes
+    any shapes; what the match fixed (scale, head layout) does not depend on the sequence
+    length. Returns the number of attention nodes fused. (Redundant once the decoder fusions
+    handle symbolic shapes themselves.)"""
+    from pyedge import decoder_fusions as dec
+    saved_shapes, saved_inputs = graph.value_shapes, [list(v.shape) for v in graph.inputs]
+    graph.value_shapes = {**saved_shapes, **{k: list(a.shape) for k, a in values.items()}}
+    for v in graph.inputs:
+        if v.name in ("input_ids", "attention_mask", POSITIONS):
+            v.shape = [1, n]
+    try:
+        return dec.fuse_sdpa_attention(graph)
+    finally:
+        graph.value_shapes = saved_shapes
+        for v, s in zip(graph.inputs, saved_inputs):
+            v.shape = s
+
+
+def _unrepeated(producer, value: str, axis: int, values: dict[str, np.ndarray]) -> str:
+    """The key/value heads before transformers' repeat_kv (Unsqueeze → Expand → Reshape, with
+    Identity and whole-tensor Slices between, as exporters write it) when `value` is their
+    repetition along `axis`, checked on the probe's numbers; else `value`. The cache then
+    keeps Hkv heads, not H."""
+    b = values.get(value)
+    v, n = value, producer.get(value)
+    for _ in range(8):  # up the chain of shape-only ops
+        if n is None or n.op_type not in ("Reshape", "Identity", "Expand", "Slice", "Unsqueeze") \
+                or n.domain not in ("", "ai.onnx"):
+            return value
+        v = n.inputs[0]
+        a = values.get(v)
+        if b is not None and a is not None and a.ndim == 4 and b.ndim == 4 \
+                and a.shape[axis] < b.shape[axis] and b.shape[axis] % a.shape[axis] == 0 \
+                and np.array_equal(np.repeat(a, b.shape[axis] // a.shape[axis], axis=axis), b):
+            return v
+        n = producer.get(v)
+    return value
+
+
 def _check_causal_masks(graph: Graph, masks: list[str]) -> None:
     """Each mask, computed for a probe of n positions with attention_mask all ones, must be the
     causal one (0 where key j <= query i, below -1e30 elsewhere)."""
@@ -121,13 +182,15 @@ def _check_causal_masks(graph: Graph, masks: list[str]) -> None:
                           "prefix-LM or bidirectional attention)")
 
 
-def _kv_dims(graph: Graph, node: Node, config: dict | None) -> tuple[int, int, int]:
-    """(kv heads, head size of K, of V) of an Attention node: from the graph's shapes, else
-    from config.json."""
+def _kv_dims(graph: Graph, node: Node, config: dict | None,
+             values: dict | None = None) -> tuple[int, int, int]:
+    """(kv heads, head size of K, of V) of an Attention node: from the probe's or the graph's
+    shapes, else from config.json."""
     layout = node.attrs.get("layout", "bhld")
     dims = []
     for v in node.inputs[1:3]:
-        s = graph.value_shapes.get(v)
+        s = list(values[v].shape) if values is not None and v in values \
+            else graph.value_shapes.get(v)
         if s is not None and len(s) == 4:
             dims.append((s[2] if layout == "blhd" else s[1], s[3]))
         else:
@@ -154,8 +217,22 @@ def add_kv_cache(graph: Graph, max_len: int, batch: int = 1, config: dict | None
         raise NoCache("the model has no position_ids input (export it again with "
                       "pyedge export --hf, which adds one)")
     nodes = _attention_nodes(graph)
+    values = None
+    if not nodes:
+        values = probe_values(graph)
+        probe = graph.copy()
+        if fuse_attention_with_probe_shapes(probe, values):
+            graph.nodes, graph.initializers = probe.nodes, probe.initializers
+            nodes = _attention_nodes(graph)
     if not nodes:
         raise NoCache("no attention was fused into pyedge.Attention")
+    producer = graph.producer_map()
+    if any(producer.get(i) is not None and producer[i].op_type == "Reshape"
+           for n in nodes for i in n.inputs[1:3]):
+        values = values if values is not None else probe_values(graph)
+        for n in nodes:  # K, V before repeat_kv
+            axis = 2 if n.attrs.get("layout") == "blhd" else 1
+            n.inputs[1:3] = [_unrepeated(producer, i, axis, values) for i in n.inputs[1:3]]
     masks = []
     for n in nodes:
         mask = n.inputs[3] if len(n.inputs) > 3 else ""
@@ -168,7 +245,7 @@ def add_kv_cache(graph: Graph, max_len: int, batch: int = 1, config: dict | None
     spec = CacheSpec(PAST_INPUT, int(max_len), int(batch))
     replace = {}
     for i, n in enumerate(nodes):
-        hkv, d, dv = _kv_dims(graph, n, config)
+        hkv, d, dv = _kv_dims(graph, n, config, values)
         ck, cv = f"pyedge_cache_k_{i}", f"pyedge_cache_v_{i}"
         spec.layers.append((ck, cv, hkv, d, dv))
         attrs = {k: n.attrs[k] for k in ("scale", "layout", "out_layout") if k in n.attrs}
