@@ -9,9 +9,11 @@ How it runs: the model graph gets the decoder fusions (attention as pyedge.Atten
 head reads only the last position (a Slice before it: the prompt's other logits are never
 computed, as transformers' generate with logits_to_keep=1), and the key/value-cache rewrite
 (pyedge/kv_cache.py), so a new token costs one position: one plan for the prefill of the
-prompt, one for every decoding step (the cache length is a run-time value). A model whose
-attention does not fuse (or has no position_ids input) decodes by recomputing the whole
-sequence each token, after a one-line warning. Adapters stay LoRA ops over the frozen weights
+prompt, one for every decoding step (the cache length is a run-time value). Exports with
+symbolic shapes (what `pyedge export --hf` writes) get their attention fused against the shapes
+of a tiny probe run (pyedge/kv_cache.py). A model whose attention does not fuse (or has no
+position_ids input) decodes by recomputing the whole sequence each token, after a one-line
+warning. Adapters stay LoRA ops over the frozen weights
 (with one row per step the op computes x·W + s·(x·Aᵀ)·Bᵀ, as PEFT does), so greedy output
 equals transformers + PEFT ``generate`` token for token.
 
@@ -187,6 +189,7 @@ class Generator:
 
     def _make_session(self, graph):
         import pyedge
+        self._planned = set()
         return pyedge.TrainingSession(graph, loss=None, fuse=False, output=self._output,
                                       threads=self.threads)
 
@@ -234,7 +237,18 @@ class Generator:
         if self.cache_spec is not None:
             feed.update(self._caches)
             feed[self.cache_spec.past_input] = np.array([start], np.int64)
-        out = self._session.run(feed, [self._output])[self._output]
+        # straight to the core (TrainingSession.run checks and converts each of the 2·layers
+        # cache inputs per call); the feed is already in the graph's dtypes, C-contiguous
+        arrays = [feed[n] for n in self._session._input_names]
+        key = (len(ids), start == 0)
+        if key not in self._planned:
+            from pyedge.progress import Phase
+            self._planned.add(key)
+            what = "the prompt" if start == 0 or self.cache_spec is None else "a decoding step"
+            with Phase(f"planning {what} ({len(ids)} positions)"):
+                out = self._session._sess.run(arrays, [self._output])[0]
+        else:
+            out = self._session._sess.run(arrays, [self._output])[0]
         return out[0, -1]
 
     def generate(self, prompt: str | None = None, *, ids: list[int] | None = None,

@@ -161,8 +161,9 @@ def test_cli_streams_only_the_continuation(model, capsys):
     pieces = []
     again = Generator(out, adapters=peft_dir).generate(PROMPTS[1], max_new_tokens=NEW,
                                                        stream=pieces.append)
+    # (a random model's text holds lone bytes shown as U+FFFD; split characters are held
+    # back: test_streamer_holds_back_split_characters)
     assert "".join(pieces) == again.text == res.text and len(pieces) > 1
-    assert "\ufffd" not in "".join(pieces)
 
 
 @pytest.mark.slow
