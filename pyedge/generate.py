@@ -95,7 +95,6 @@ def keep_last_position(graph: Graph, output: str) -> bool:
     x = n.inputs[0]
     if x in graph.initializers or len(graph.value_shapes.get(x, [0, 0, 0])) != 3:
         return False
-    users = [u for u in graph.nodes for i in u.inputs if i == x]
     sliced = graph.fresh_name(f"{x}_last")
     names = {k: graph.fresh_name(f"pyedge_last_{k}") for k in ("starts", "ends", "axes")}
     graph.initializers[names["starts"]] = np.array([-1], np.int64)
@@ -104,8 +103,7 @@ def keep_last_position(graph: Graph, output: str) -> bool:
     at = graph.nodes.index(n)
     graph.nodes.insert(at, Node("Slice", [x, names["starts"], names["ends"], names["axes"]],
                                 [sliced], name=f"{n.name}_last_position"))
-    n.inputs[0] = sliced
-    del users
+    n.inputs[0] = sliced  # (other readers of x, if any, keep every position)
     return True
 
 
@@ -196,9 +194,9 @@ class Generator:
     def _rewrite_for_cache(self, length: int):
         from pyedge.kv_cache import add_kv_cache
         g = self._graph.copy()
-        self.cache_spec = add_kv_cache(g, length, 1, self.config)
+        spec = add_kv_cache(g, length, 1, self.config)
         self._session = self._make_session(g)
-        self._caches = self.cache_spec.new_caches()
+        self.cache_spec, self._caches = spec, spec.new_caches()
 
     # --- encoding -----------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:

@@ -127,14 +127,17 @@ def fuse_attention_with_probe_shapes(graph: Graph, values: dict[str, np.ndarray]
     any shapes; what the match fixed (scale, head layout) does not depend on the sequence
     length. Returns the number of attention nodes fused. (Redundant once the decoder fusions
     handle symbolic shapes themselves.)"""
-    from pyedge import decoder_fusions as dec
+    try:  # where the decoder attention matcher lives (moved by the attention-family work)
+        from pyedge.attention_fusion import fuse_decoder_attention as fuse_attention
+    except ImportError:
+        from pyedge.decoder_fusions import fuse_sdpa_attention as fuse_attention
     saved_shapes, saved_inputs = graph.value_shapes, [list(v.shape) for v in graph.inputs]
     graph.value_shapes = {**saved_shapes, **{k: list(a.shape) for k, a in values.items()}}
     for v in graph.inputs:
         if v.name in ("input_ids", "attention_mask", POSITIONS):
             v.shape = [1, n]
     try:
-        return dec.fuse_sdpa_attention(graph)
+        return fuse_attention(graph)
     finally:
         graph.value_shapes = saved_shapes
         for v, s in zip(graph.inputs, saved_inputs):
