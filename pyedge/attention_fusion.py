@@ -215,6 +215,21 @@ def _reshape_to(m: _Matcher, value: str, want: list[Dim], src: list[Dim] | None 
     return (n.inputs[0], n) if tgt == want and total == _prod(want) else None
 
 
+def _whole_slice(m: _Matcher, value: str) -> Node | None:
+    """The Slice making `value` when it copies its input whole (starts 0, ends past the end,
+    steps 1), else None."""
+    n = _op(m, value, "Slice")
+    if n is None or len(n.inputs) < 3:
+        return None
+    c = [constant_value(m.graph, m.producer, i) if i else None for i in n.inputs[1:5]]
+    if c[0] is None or c[1] is None or np.any(np.ravel(c[0]) != 0) \
+            or np.any(np.ravel(c[1]) < 2**31 - 1):
+        return None
+    if len(c) > 3 and c[3] is not None and np.any(np.ravel(c[3]) != 1):
+        return None
+    return n
+
+
 def _unrepeat_kv(m: _Matcher, value: str, dims: list[Dim], heads: int
                  ) -> tuple[str, list[Dim], list[Node]] | None:
     """For K or V as attention reads it (`dims` [B, heads, Lk, D]): the tensor before
@@ -232,7 +247,14 @@ def _unrepeat_kv(m: _Matcher, value: str, dims: list[Dim], heads: int
         nodes.append(idn)
         x = idn.inputs[0]
     exp = _op(m, x, "Expand")
-    unsq = _op(m, exp.inputs[0], "Unsqueeze") if exp is not None else None
+    if exp is None:
+        return None
+    x = exp.inputs[0]
+    whole = _whole_slice(m, x)  # dynamic exports: k[:, :, None, :, :] as Unsqueeze → Slice
+    if whole is not None:
+        nodes.append(whole)
+        x = whole.inputs[0]
+    unsq = _op(m, x, "Unsqueeze")
     if unsq is None:
         return None
     axes = constant_value(m.graph, m.producer, unsq.inputs[1]) if len(unsq.inputs) > 1 \
