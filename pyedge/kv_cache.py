@@ -125,8 +125,9 @@ def fuse_attention_with_probe_shapes(graph: Graph, values: dict[str, np.ndarray]
     as -1, and decoder_fusions matches static shapes only) by matching against the concrete
     shapes of a probe run of n positions (`values`). The fused pyedge.Attention itself takes
     any shapes; what the match fixed (scale, head layout) does not depend on the sequence
-    length. Returns the number of attention nodes fused. (Redundant once the decoder fusions
-    handle symbolic shapes themselves.)"""
+    length. Returns the number of attention nodes fused. A fallback: the decoder fusions
+    match symbolic shapes themselves (pyedge/attention_fusion.py); this catches what they
+    miss (and is how generation ran on dynamic exports before they did)."""
     try:  # where the decoder attention matcher lives (moved by the attention-family work)
         from pyedge.attention_fusion import fuse_decoder_attention as fuse_attention
     except ImportError:

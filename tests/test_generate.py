@@ -266,3 +266,31 @@ def test_streamer_holds_back_split_characters():
         s.add(t)
     s.flush()
     assert pieces == ["caf", "é", "!"]
+
+
+@pytest.mark.slow
+def test_probe_fusion_of_an_unfused_export(model):
+    """The fallback for exports the decoder fusions miss (pyedge/kv_cache.py): the attention
+    of the unfused graph fused against a probe run's shapes, repeat_kv undone (the cache keeps
+    the 2 kv heads), and prefill + steps equal the whole graph's logits."""
+    import pyedge
+    from pyedge.kv_cache import add_kv_cache
+    from pyedge.onnx_import import load_onnx
+    _, out, _ = model
+    g = load_onnx(str(out / "model.onnx"))
+    full = pyedge.TrainingSession(g, loss=None, fuse=False)
+    cg = g.copy()
+    spec = add_kv_cache(cg, 32)
+    assert [n.op_type for n in cg.nodes].count("CachedAttention") == 2
+    assert [layer[2] for layer in spec.layers] == [2, 2]
+    sess = pyedge.TrainingSession(cg, loss=None, fuse=False)
+    caches = spec.new_caches()
+    ids = np.array([[0, 5, 17, 42, 99, 7, 250, 3, 64, 12]], np.int64)
+    ref = full.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+
+    def run(a, b):
+        return sess.run({"input_ids": ids[:, a:b], "attention_mask": np.ones((1, b - a), np.int64),
+                         "position_ids": np.arange(a, b)[None], spec.past_input: np.array([a]),
+                         **caches})["logits"]
+    got = np.concatenate([run(0, 6)] + [run(p, p + 1) for p in range(6, 10)], axis=1)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
