@@ -10,6 +10,7 @@ with core_load_env():  # variables libgomp and OpenBLAS read when they load
     _core = _load_core(_os.environ, cpu_flags(), _platform.machine())
 from pyedge._core import PyedgeError, UnsupportedOpError  # noqa: E402
 from pyedge.adapters import LoraConfig
+from pyedge.generate import Generator, generate  # the function; the module stays importable
 from pyedge.onnx_import import ModelLoadError, load_onnx
 from pyedge.optim import SGD, AdamW
 from pyedge.quantize import quantize  # the function; the module stays importable by `from`
@@ -17,7 +18,7 @@ from pyedge.session import TrainingSession
 
 __version__ = "0.1.0"
 __all__ = ["TrainingSession", "LoraConfig", "AdamW", "SGD", "load_onnx", "PyedgeError",
-           "UnsupportedOpError", "ModelLoadError", "quantize"]
+           "UnsupportedOpError", "ModelLoadError", "quantize", "Generator", "generate"]
 
 
 def __getattr__(name):

@@ -1,11 +1,13 @@
-"""The `pyedge` command line: export, inspect, train, eval, merge, quantize, demo.
+"""The `pyedge` command line: export, inspect, train, eval, generate, merge, quantize,
+fleet, demo.
 
 Every expected failure prints one line ``pyedge: error: <message>`` to stderr and exits with
 2 (usage: bad flags or options) or 1 (runtime: missing file, corrupt model, unsupported op,
 data that does not fit the model, non-finite loss, ...). ``--debug`` shows the traceback.
 
 Each group of subcommands lives in its own module with an ``add_commands(sub, common)`` that
-builds its parsers (cli_export, cli_inspect, cli_train, cli_fleet); this file composes them and owns the
+builds its parsers (cli_export, cli_inspect, cli_train, cli_generate,
+cli_fleet); this file composes them and owns the
 error boundary.
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import os
 import sys
 
-from pyedge import cli_export, cli_fleet, cli_inspect, cli_train
+from pyedge import cli_export, cli_fleet, cli_generate, cli_inspect, cli_train
 from pyedge.cli_common import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE,  # noqa: F401
                                Parser, UsageError, fmt_bytes, one_line, out)
 
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_export.add_commands(sub, common)
     cli_inspect.add_commands(sub, common)
     cli_train.add_commands(sub, common)
+    cli_generate.add_commands(sub, common)
     cli_fleet.add_commands(sub, common)
 
     # demo -----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ Formats (chosen by extension):
   [...], "labels": ...}``. Sequences are padded to the longest in the batch, or to a fixed
   length (``seq_len``, or the graph's own fixed dimension). ``input_ids`` (and any other
   token input) are padded with ``pad_id``, masks and token types with 0, per-token labels with
-  ``ignore_index``. A missing ``attention_mask`` is all ones, missing ``token_type_ids`` zeros;
+  ``ignore_index``. A missing ``attention_mask`` is all ones, missing ``token_type_ids`` zeros,
+  missing ``position_ids`` 0..T-1 (also in .npz files beside ``input_ids``);
   for ``causal_lm`` missing labels are the input ids (padding ignored).
 * ``.csv``: a header row; a ``label``/``labels`` column, every other column numeric and fed
   as one float32 input ``[N, columns]`` (the model must take exactly one such input).
@@ -288,6 +289,15 @@ def _finish_arrays(shown, fields, spec: DataSpec, require_labels, skip_nonfinite
         fields[LABELS] = fields.pop("label")
     have = sorted(fields)
     out: dict[str, np.ndarray] = {}
+    ids = fields.get("input_ids")
+    if ids is not None and np.ndim(ids) == 2:  # as for jsonl records: masks default to
+        fields = dict(fields)                  # ones, positions to 0..T-1, types to 0
+        for s in spec.inputs:
+            if s.name in _MASK_NAMES and s.name not in fields:
+                n, t = np.shape(ids)
+                fields[s.name] = (np.ones((n, t), np.int64) if s.name == "attention_mask" else
+                                  np.broadcast_to(np.arange(t, dtype=np.int64), (n, t)).copy()
+                                  if s.name == "position_ids" else np.zeros((n, t), np.int64))
     for s in spec.inputs:
         if s.name not in fields:
             raise DataError(f"{shown}: no array '{s.name}' for model input '{s.name}' "

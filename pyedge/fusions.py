@@ -428,10 +428,19 @@ def fuse_attention(graph: Graph) -> int:
     return len(replace)
 
 
+def _fused_kinds(graph: Graph) -> Counter:
+    """How many nodes of the graph each earlier rule made (MaskedSoftmax, transposed MatMul)."""
+    return Counter("masked_softmax" if n.op_type == "MaskedSoftmax" else "transposed_matmul"
+                   for n in graph.nodes if n.domain == "pyedge" and (
+                       n.op_type == "MaskedSoftmax" or (n.op_type == "MatMul" and (
+                           n.attrs.get("trans_a") or n.attrs.get("trans_b")))))
+
+
 def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
     """Applies every fusion in place; returns how many sites each one rewrote. `trainable`:
     names of the tensors being trained (a fusion that drops a gradient path checks them)."""
-    # Llama-family fusions live in their own module (it imports this one's matcher)
+    # Llama-family fusions live in their own modules (they import this one's matcher)
+    from pyedge import attention_fusion
     from pyedge import decoder_fusions as dec
 
     done = Counter()
@@ -443,7 +452,10 @@ def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
     done["masked_softmax"] += fuse_masked_softmax(graph, set(trainable))
     done["transposed_matmul"] += fuse_transposed_matmul(graph)
     done["attention"] += fuse_attention(graph)
-    # the softmaxes the rules above left: torch SDPA as the dynamo exporter decomposes it
-    done["attention"] += dec.fuse_sdpa_attention(graph, set(trainable))
+    # the softmaxes the rules above left: decoder attention (SDPA, eager, TorchScript); what
+    # it absorbs of the rules above (eager's MaskedSoftmax, Q·Kᵀ) is no longer counted there
+    before = _fused_kinds(graph)
+    done["attention"] += attention_fusion.fuse_decoder_attention(graph, set(trainable))
+    done.subtract(before - _fused_kinds(graph))
     done["matmul_bias"] += fuse_matmul_bias(graph, set(trainable))
     return dict(done)

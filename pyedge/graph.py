@@ -45,6 +45,9 @@ class Graph:
     # intermediate value -> shape (-1 symbolic) as the file or ONNX shape inference gave it;
     # rewrites that add values do not update it (see row_pruning.value_ranks)
     value_shapes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    # value (intermediate, input or output) with a symbolic dim -> each dim's name ("" for
+    # a static or unnamed one), as the file gave them: equal names are equal sizes
+    dim_names: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     _counter: Any = dataclasses.field(default_factory=lambda: itertools.count(), repr=False)
 
@@ -83,6 +86,7 @@ class Graph:
             metadata=dict(self.metadata),
             node_scopes=dict(self.node_scopes),
             value_shapes={k: list(v) for k, v in self.value_shapes.items()},
+            dim_names={k: list(v) for k, v in self.dim_names.items()},
         )
 
 

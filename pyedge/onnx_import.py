@@ -348,23 +348,30 @@ def _check_inputs_against_schema(node: Node, opset: int) -> None:
                                  f"('{what}') is missing")
 
 
-def _value_shapes(proto: onnx.ModelProto) -> dict[str, list[int]]:
+def _value_shapes(proto: onnx.ModelProto) -> tuple[dict[str, list[int]], dict[str, list[str]]]:
     """Shapes of intermediate values (-1 for a symbolic dimension): the file's value_info
     (the dynamo exporter writes it), else ONNX shape inference; {} when neither tells.
-    Only rewrites use them (row_pruning.py), the core infers its own shapes."""
+    Only rewrites use them (row_pruning.py), the core infers its own shapes. Second: the
+    names of the symbolic dimensions ("" where unnamed, e.g. "batch", "seq") of every value,
+    graph inputs and outputs included, that has one (decoder_fusions matches dynamic shapes
+    with them: equal names are equal sizes)."""
     infos = proto.graph.value_info
     if not infos and proto.graph.node:
         try:
             infos = onnx.shape_inference.infer_shapes(proto).graph.value_info
         except Exception:  # noqa: BLE001 - inference is optional: no shapes then
-            return {}
-    out = {}
-    for v in infos:
+            infos = []
+    out, names = {}, {}
+    n_infos = len(infos)
+    for k, v in enumerate(list(infos) + list(proto.graph.input) + list(proto.graph.output)):
         tt = v.type.tensor_type
         if v.type.HasField("tensor_type") and tt.HasField("shape"):
-            out[v.name] = [int(d.dim_value) if d.HasField("dim_value") else -1
-                           for d in tt.shape.dim]
-    return out
+            dims = tt.shape.dim
+            if any(not d.HasField("dim_value") for d in dims):
+                names[v.name] = [d.dim_param if d.HasField("dim_param") else "" for d in dims]
+            if k < n_infos:
+                out[v.name] = [int(d.dim_value) if d.HasField("dim_value") else -1 for d in dims]
+    return out, names
 
 
 def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph:
@@ -421,8 +428,9 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph
     for n in nodes:
         _check_inputs_against_schema(n, opsets.get(n.domain, opsets.get("", 17)))
     metadata = {p.key: p.value for p in proto.metadata_props}
+    shapes, dim_names = _value_shapes(proto)
     graph = Graph(nodes, inits, inputs, outputs, opsets, metadata=metadata,
-                  node_scopes=node_scopes, value_shapes=_value_shapes(proto))
+                  node_scopes=node_scopes, value_shapes=shapes, dim_names=dim_names)
     from pyedge.import_quantized import (check_quant_nodes, rewrite_dequantize,
                                          share_gather_tables)
     from pyedge.import_rewrites import fold_cast_chains, rewrite_sequences

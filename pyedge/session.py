@@ -127,6 +127,10 @@ class TrainingSession:
             feed = dict(zip(model_inputs, inputs))
         if labels is not None:
             feed[LABELS] = labels
+        if "position_ids" in self._input_names and "position_ids" not in feed \
+                and np.ndim(feed.get("input_ids")) == 2:  # transformers' default: 0..T-1
+            n, t = np.shape(feed["input_ids"])
+            feed["position_ids"] = np.broadcast_to(np.arange(t, dtype=np.int64), (n, t))
         unknown = set(feed) - set(self._input_names)
         if unknown:
             raise ValueError(f"unknown input(s) {sorted(unknown)}; the model takes "

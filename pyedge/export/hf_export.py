@@ -4,8 +4,8 @@
     pyedge.torch.export_hf(DIR, "causal-lm", OUTDIR)
 
 DIR is what ``save_pretrained`` writes (config.json, model.safetensors, tokenizer files).
-OUTDIR receives ``model.onnx`` (inputs ``input_ids``, ``attention_mask`` [batch, seq];
-output ``logits``), the tokenizer files (tokenizer.json, tokenizer_config.json with its chat
+OUTDIR receives ``model.onnx`` (inputs ``input_ids``, ``attention_mask`` and, for
+causal-lm, ``position_ids`` [batch, seq]; output ``logits``), the tokenizer files (tokenizer.json, tokenizer_config.json with its chat
 template, chat_template.jinja, special_tokens_map.json, ...) and config.json, so the device
 finds the tokenizer next to the model (pyedge/text_data.py).
 
@@ -166,14 +166,17 @@ def _logits_module(model, task):
     import torch
 
     class Logits(torch.nn.Module):
-        """forward(input_ids, attention_mask) -> logits; unwrapped by `unwrap_exported`."""
+        """forward(input_ids, attention_mask[, position_ids]) -> logits; unwrapped by
+        `unwrap_exported`."""
 
         def __init__(self, m):
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids, attention_mask):
+        def forward(self, input_ids, attention_mask, position_ids=None):
             kw = {"use_cache": False} if task == "causal-lm" else {}
+            if position_ids is not None:
+                kw["position_ids"] = position_ids
             return self.m(input_ids=input_ids, attention_mask=attention_mask,
                           return_dict=True, **kw).logits
 
@@ -230,6 +233,12 @@ def export_hf(model_dir, task: str, out_dir, *, exporter: str = "dynamo", opset:
     mask = torch.ones_like(ids)
     mask[1, -2:] = 0  # a padded row, so the mask path is traced
     dyn = {0: "batch", 1: "seq"}
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if task == "causal-lm":
+        # positions as an input: generation with a key/value cache (pyedge/kv_cache.py) feeds
+        # the true positions of the new tokens, so the rotary angles follow them; training
+        # feeds 0..T-1 (pyedge/data.py, text_data.py), what transformers uses without them
+        inputs["position_ids"] = torch.arange(seq).expand(ids.shape[0], seq).clone()
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(os.fspath(out_dir), "model.onnx")
     from pyedge.export.torch_export import export_module
@@ -238,9 +247,8 @@ def export_hf(model_dir, task: str, out_dir, *, exporter: str = "dynamo", opset:
     with warnings.catch_warnings():
         # rotary embeddings keep inv_freq twice (two equal buffers): harmless, never trained
         warnings.filterwarnings("ignore", message=r".*inv_freq.*")
-        export_module(wrapper, {"input_ids": ids, "attention_mask": mask}, path,
-                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                      dynamic_axes={"input_ids": dyn, "attention_mask": dyn, "logits": dyn},
+        export_module(wrapper, inputs, path, input_names=list(inputs), output_names=["logits"],
+                      dynamic_axes={**{k: dyn for k in inputs}, "logits": dyn},
                       exporter=exporter, opset=opset, task_type=TASKS[task][1],
                       base_model_name_or_path=model_dir)
     extra = {"pyedge.task": task}
