@@ -253,3 +253,32 @@ def test_dora_merge_equals_session(tmp_path):
     with pytest.raises(AdapterError, match="dora"):
         pyedge.TrainingSession(model, adapter=pyedge.LoraConfig(
             r=2, alpha=4, target_modules=["fc1", "fc2"]), loss="mse").load_adapters(folder)
+
+
+@pytest.mark.parametrize("flags", [["--method", "dora"], ["--init-lora-weights", "pissa"],
+                                   ["--method", "dora", "--loraplus-lr-ratio", "4"]])
+def test_cli_train_eval_merge_with_method(tmp_path, flags):
+    """pyedge train --method / --init-lora-weights / --loraplus-lr-ratio, then eval (pyedge
+    adapters dir and the PEFT folder) and merge: the same outputs everywhere."""
+    pytest.importorskip("onnx")
+    from pyedge.cli import main
+    rng = np.random.default_rng(0)
+    model = graph_to_onnx_file(mlp_graph(), tmp_path / "m.onnx")
+    x = rng.standard_normal((64, 12)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, labels=rng.standard_normal((64, 4)).astype(np.float32))
+    out = tmp_path / "run"
+    assert main(["train", model, "--data", str(tmp_path / "d.npz"), "--target", "fc1,fc2",
+                 "--lora-r", "2", "--loss", "mse", "--max-steps", "5", "--batch-size", "16",
+                 "--out", str(out), "--no-progress", "--quiet"] + flags) == 0
+    peft_dir = out / "adapters"
+    cfg = json.load(open(peft_dir / "adapter_config.json"))
+    assert cfg["use_dora"] is ("dora" in flags)
+    assert cfg["init_lora_weights"] == ("pissa" if "pissa" in flags else True)
+    from pyedge.train import session_from_adapters
+    sess, _ = session_from_adapters(model, str(peft_dir))
+    assert sess.adapter_method.name == ("dora" if "dora" in flags else "lora")
+    ref = sess.run({"x": x[:5]})["y"]
+    assert main(["merge", model, "--adapters", str(peft_dir), "-o",
+                 str(tmp_path / "merged.onnx")]) == 0
+    merged = pyedge.TrainingSession(str(tmp_path / "merged.onnx"), loss=None)
+    np.testing.assert_allclose(merged.run({"x": x[:5]})["y"], ref, rtol=1e-5, atol=1e-5)

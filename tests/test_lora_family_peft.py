@@ -116,6 +116,23 @@ def torch_name(onnx_name):
     return f"base_model.model.{module}.lora_{ab}.default.{rest}"
 
 
+def align_residual(sess, pm, method):
+    """PiSSA/OLoRA: both regenerate the residual base from the original weights (PEFT does it
+    in get_peft_model and again in from_pretrained). They agree to the SVD's precision: where
+    σ_r ≈ σ_r+1 the rank-r subspace is ill-conditioned and torch's float32 SVD is itself off
+    from the exact one (MiniLM's query in layer 1: σ4 = 4.430, σ5 = 4.423, torch float32 differs
+    from the float64 SVD by 9e-5 of max|W|; numpy's float32 SVD matches float64). So: check the
+    residuals agree to 2e-4 of max|W|, then give pyedge PEFT's residual (the weights are views
+    into the core) so the 20 steps compare the methods, not two LAPACKs."""
+    tparams = dict(pm.named_parameters())
+    for s in sess.adapter_sites:
+        W = sess.graph.initializers[s.weight]
+        ref = tparams[f"base_model.model.{s.module}.base_layer.weight"].detach().numpy()
+        ref = ref if s.trans_w else ref.T
+        assert np.abs(W - ref).max() <= 2e-4 * np.abs(ref).max(), s.module
+        W[...] = ref
+
+
 def check_parity(exported, tmp_path, name, method):
     path, base, _ = exported(name, "torchscript")
     pm = peft_model(base, method)
@@ -128,6 +145,8 @@ def check_parity(exported, tmp_path, name, method):
     assert sorted(info["loaded"]) == sorted(params)
     for k, v in params.items():  # the folder's values, exactly
         np.testing.assert_array_equal(v, tparams[torch_name(k)].detach().numpy())
+    if method in ("pissa", "olora"):
+        align_residual(sess, pm, method)
     opt = torch_optimizer(pm, method)
     data = batches(name, base)
     grad_err, loss_err = {}, []
@@ -176,7 +195,11 @@ def check_save_and_merge(sess, name, method, base, path, data, tmp_path):
     run = ort.InferenceSession(merged, providers=["CPUExecutionProvider"])
     feeds = {i.name: inputs[i.name] for i in run.get_inputs()}
     out = run.run([sess.output_name], feeds)[0]
-    assert max_rel(out, ours) <= 1e-4
+    # the adapted model as pyedge builds it from the ONNX file and the folder (PiSSA/OLoRA:
+    # with its own residual, which `sess` traded for PEFT's in align_residual)
+    fresh = session(path, name, method)
+    fresh.load_adapters(folder)
+    assert max_rel(out, fresh.run(inputs)[sess.output_name]) <= 1e-4
 
 
 @pytest.mark.parametrize("method", list(METHODS))
