@@ -111,8 +111,8 @@ def pyedge_model_and_options(w, onnx_path):
 def run_pyedge(w, a):
     import pyedge
 
-    lora = pyedge.LoraConfig(r=w.lora_r, alpha=w.lora_alpha, target_modules=list(w.lora_targets)) \
-        if w.lora_targets else None
+    lora = pyedge.LoraConfig(r=w.lora_r, alpha=w.lora_alpha, target_modules=list(w.lora_targets),
+                             **w.lora_extra) if w.lora_targets else None
     t0 = time.perf_counter()
     model, options = pyedge_model_and_options(w, a.onnx)
     sess = pyedge.TrainingSession(model, lora=lora, train=list(w.train), loss=w.loss,
@@ -158,7 +158,7 @@ def run_torch(w, a):
         import peft
         cfg = peft.LoraConfig(r=w.lora_r, lora_alpha=w.lora_alpha,
                               target_modules=list(w.lora_targets), lora_dropout=0.0,
-                              fan_in_fan_out=w.fan_in_fan_out)
+                              fan_in_fan_out=w.fan_in_fan_out, **w.lora_extra)
         peft.get_peft_model(model, cfg)  # injects LoRA layers into `model` in place
         versions["peft"] = peft.__version__
     for name, p in model.named_parameters():

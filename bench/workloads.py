@@ -46,6 +46,8 @@ class Workload:
     quantize: dict | None = None
     max_memory: int | None = None
     torch_kwargs: dict = dataclasses.field(default_factory=dict)  # factory overrides, torch only
+    # LoraConfig fields both engines get (PEFT's names), e.g. {"use_dora": True}
+    lora_extra: dict = dataclasses.field(default_factory=dict)
 
     def default_steps(self, quick: bool) -> tuple[int, int]:
         """(steps, warmup) when the command line gives none; --quick keeps a few seconds."""
@@ -178,6 +180,11 @@ def tiny(w: Workload) -> Workload:
 for _id in LLM_SHAPES:
     WORKLOADS[_id] = _decoder(_id)
 # pyedge-only variants (reported as skipped by a pyedge without the feature)
+# W1 with DoRA (LoraConfig(use_dora=True) in both engines; onnxruntime-training has no DoRA)
+WORKLOADS["1dora"] = _minilm("1dora", "MiniLM-L6 + classifier, DoRA r=8 q/v + head, 16x128",
+                             steps=20)
+WORKLOADS["1dora"].lora_extra = {"use_dora": True}
+WORKLOADS["1dora"].engines = ("pyedge", "torch")
 WORKLOADS["6m"] = _decoder("6", id="6m", engines=("pyedge",), max_memory=int(1.5 * 2**30))
 WORKLOADS["6m"].title += ", max_memory 1.5 GiB"
 WORKLOADS["7q4"] = _decoder("7", id="7q4", engines=("pyedge",), quantize=dict(W8_QUANTIZE))

@@ -34,6 +34,14 @@ def add_commands(sub, common) -> None:
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
     g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rsLoRA)")
+    g.add_argument("--method", choices=("lora", "dora"),
+                   help="adapter method (pyedge/adapters/): lora (default) or dora (LoRA with a "
+                        "trained magnitude, PEFT's use_dora)")
+    g.add_argument("--init-lora-weights", choices=("gaussian", "pissa", "olora"),
+                   help="LoRA initialisation as PEFT's init_lora_weights (pissa/olora: A, B from "
+                        "the SVD/QR of the weight, which becomes the residual)")
+    g.add_argument("--loraplus-lr-ratio", type=float,
+                   help="LoRA+: lora_B trains with lr x this ratio")
     g.add_argument("--target", help="LoRA target modules, comma-separated ('query,value', "
                                     "'encoder.layer.*.value', 're:...', 'all-linear')")
     g.add_argument("--train", help="whole tensors to train, comma-separated patterns ('classifier.*')")

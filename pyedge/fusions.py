@@ -18,6 +18,7 @@ from collections import Counter
 
 import numpy as np
 
+from pyedge.adapters.base import op_rule
 from pyedge.graph import Graph, Node
 from pyedge.row_pruning import push_gathers_up
 
@@ -295,8 +296,11 @@ def fuse_matmul_bias(graph: Graph, trainable: set[str] = frozenset()) -> int:
     for mm in graph.nodes:
         is_mm = mm.op_type == "MatMul" and len(mm.inputs) == 2 and (
             mm.domain in ("", "ai.onnx") or (mm.domain == "pyedge" and not mm.attrs.get("trans_a")))
-        # LoraMatMul(x, W, A, B) has an optional bias input after B
-        is_lora = mm.op_type == "LoraMatMul" and mm.domain == "pyedge" and len(mm.inputs) == 4
+        # an adapter op with an optional bias input (LoraMatMul(x, W, A, B[, b])), by its
+        # method's rule (pyedge/adapters/base.py)
+        rule = op_rule(mm)
+        is_lora = rule is not None and rule.bias_input is not None and \
+            len(mm.inputs) == rule.bias_input
         bias_at = _quant_bias_slot(mm)
         if bias_at is not None:
             n_out = int(mm.attrs["N"])
@@ -312,10 +316,11 @@ def fuse_matmul_bias(graph: Graph, trainable: set[str] = frozenset()) -> int:
             remove.add(id(add))
             count += 1
             continue
-        w = graph.initializers.get(mm.inputs[1]) if is_mm or is_lora else None
+        w = graph.initializers.get(mm.inputs[rule.weight_input if is_lora else 1]) \
+            if is_mm or is_lora else None
         if w is None or np.ndim(w) < 2:
             continue
-        transposed = mm.attrs.get("trans_w" if is_lora else "trans_b")
+        transposed = mm.attrs.get(rule.trans_attr if is_lora else "trans_b")
         n_out = np.shape(w)[-2] if transposed else np.shape(w)[-1]
         add = m.private(mm.outputs[0])
         if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):

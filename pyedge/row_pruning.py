@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pyedge.adapters.base import op_rule
 from pyedge.graph import Graph, Node
 
 _UNARY = {"Identity", "Relu", "Tanh", "Sigmoid", "Erf", "Sqrt", "Neg", "Abs", "Exp", "Log",
@@ -53,8 +54,10 @@ def value_ranks(graph: Graph) -> dict[str, int]:
         r = [ranks.get(i) for i in n.inputs if i]
         out = None
         t = n.op_type
-        if n.domain == "pyedge" and t in ("LoraMatMul", "Gelu", "MaskedSoftmax",
-                                          "LoraQuantMatMul") or \
+        rule = op_rule(n)  # an adapter op: the rank of its row input
+        if rule is not None:
+            out = ranks.get(n.inputs[rule.row_input])
+        elif n.domain == "pyedge" and t in ("Gelu", "MaskedSoftmax") or \
                 n.domain == "com.microsoft" and t in _QUANT_LINEAR:
             out = r[0]  # the shape of x
         elif n.domain == "pyedge" and t == "MatMul" and None not in r[:2]:
@@ -220,16 +223,18 @@ class _Pusher:
                 return None
             targets = [(0, axis)]
         elif (plain and t == "MatMul") or (p.domain == "pyedge" and t == "MatMul"
-                                           and not p.attrs.get("trans_a")) or (
-                p.domain == "pyedge" and t == "LoraMatMul"
-                and not float(p.attrs.get("dropout", 0.0))):
+                                           and not p.attrs.get("trans_a")):
             rx, rw = self.ranks.get(inputs[0]), self.ranks.get(inputs[1])
             if rx is None or rw != 2 or rx < 2 or axis > rx - 2 or rx != R:
                 return None
             targets = [(0, axis)]
-        elif (p.domain == "com.microsoft" and t in _QUANT_LINEAR) or (
-                p.domain == "pyedge" and t == "LoraQuantMatMul"
-                and not float(p.attrs.get("dropout", 0.0))):
+        elif op_rule(p) is not None:  # an adapter op: its method says which input has the rows
+            rule = op_rule(p)
+            rx = self.ranks.get(inputs[rule.row_input])
+            if not rule.rows_movable(p) or rx is None or rx < 2 or axis > rx - 2 or rx != R:
+                return None
+            targets = [(rule.row_input, axis)]
+        elif p.domain == "com.microsoft" and t in _QUANT_LINEAR:
             rx = self.ranks.get(inputs[0])  # the weight is 2-D by construction
             if rx is None or rx < 2 or axis > rx - 2 or rx != R:
                 return None

@@ -8,7 +8,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from pyedge import _core
-from pyedge.adapters import LoraConfig, inject_lora, select_trainable_tensors
+from pyedge.adapters import LoraConfig, select_trainable_tensors
+from pyedge.adapters.base import method_for_config
 from pyedge.fused_loss import fuse_linear_cross_entropy
 from pyedge.fusions import fuse as fuse_graph
 from pyedge.graph import Graph, Node, ValueInfo, to_core
@@ -24,7 +25,9 @@ class TrainingSession:
     """Fine-tunes an ONNX model on the CPU.
 
     model: path to an .onnx file, its bytes, an onnx.ModelProto, or a pyedge Graph.
-    lora: LoRA on the modules named by lora.target_modules (PyTorch module names).
+    adapter: an adapter method's config (pyedge/adapters/: LoraConfig, with use_dora,
+          init_lora_weights, loraplus_lr_ratio, ...) on the modules named by its
+          target_modules (PyTorch module names). lora: the same (its older name).
     train: patterns of whole tensors to train (e.g. ["classifier.*"]).
     loss: "cross_entropy" (labels int64 [...]), "mse" (labels like the output) or
           "causal_lm" (cross-entropy of logits[:, :-1] against labels[:, 1:]).
@@ -52,16 +55,27 @@ class TrainingSession:
                  max_grad_norm: float = 0.0, label_smoothing: float = 0.0,
                  ignore_index: int = -100, fuse: bool = True,
                  chunked_loss: bool | None = None, loss_chunk_rows: int = 0,
-                 max_memory: int | str | None = None, recompute: str = "auto"):
+                 max_memory: int | str | None = None, recompute: str = "auto",
+                 adapter=None):
         self.graph = model.copy() if isinstance(model, Graph) else load_onnx(model)
         self.base_graph = self.graph.copy()
-        self.lora_config = lora
-        self.lora_sites = inject_lora(self.graph, lora) if lora is not None else []
+        if adapter is not None and lora is not None and adapter is not lora:
+            raise ValueError("give the adapter config as adapter= (lora= is its older name), "
+                             "not both")
+        cfg = adapter if adapter is not None else lora
+        # the method (pyedge/adapters/<method>.py) rewrites the graph and owns its tensors
+        self.adapter_config = cfg
+        self.adapter_method = method_for_config(cfg) if cfg is not None else None
+        self.adapter_sites = self.adapter_method.inject(self.graph, cfg) if cfg is not None \
+            else []
+        self.lora_config, self.lora_sites = cfg, self.adapter_sites  # older names
         self.train_patterns = list(train)
         self.whole_tensors = select_trainable_tensors(self.graph, train) if train else []
-        trainable = [n for s in self.lora_sites for n in (s.lora_a, s.lora_b)] + self.whole_tensors
+        adapter_tensors = self.adapter_method.trainable(self.adapter_sites) if cfg is not None \
+            else []
+        trainable = adapter_tensors + self.whole_tensors
         if loss is not None and not trainable:
-            raise ValueError("nothing to train: give a LoRA config and/or train patterns")
+            raise ValueError("nothing to train: give an adapter config and/or train patterns")
         self.output_name = output or self.graph.outputs[0].name
         if self.output_name not in {o.name for o in self.graph.outputs}:
             raise ValueError(f"'{self.output_name}' is not a graph output; outputs: "
@@ -87,8 +101,11 @@ class TrainingSession:
         weights = list(self.graph.initializers.values())
         self._resident_bytes = resident_bytes(sum(a.nbytes for a in weights),
                                               mapped_bytes(weights))
-        self._sess = _core.Session(self._model, trainable, LOSS if loss else "",
-                                   self.optimizer.to_core(), seed)
+        opt = self.optimizer.to_core()
+        scales = self.adapter_method.lr_scales(self.adapter_sites, cfg) if cfg is not None else {}
+        if scales:  # per-tensor learning-rate factors (LoRA+)
+            opt["lr_scales"] = scales
+        self._sess = _core.Session(self._model, trainable, LOSS if loss else "", opt, seed)
         self._input_names = [v.name for v in self.graph.inputs]
         self._input_dtypes = {v.name: v.dtype for v in self.graph.inputs}
         self._recompute = recompute

@@ -195,7 +195,12 @@ def merge_into(model, adapters_dir):
 def _merge_files(model, ad):
     """merge_into for a validated folder: every delta is computed before any weight changes."""
     torch = _torch()
-    from pyedge.export.adapter_files import module_scaling
+    from pyedge.export.adapter_files import AdapterError, module_scaling
+    init = ad.config.get("init_lora_weights", True)
+    if ad.config.get("use_dora") or init in ("pissa", "olora"):
+        raise AdapterError(f"{ad.config_path}: merging use_dora / init_lora_weights={init!r} "
+                           "adapters needs peft (use_peft=True) or `pyedge merge` on the ONNX "
+                           "file; the no-peft merge knows plain LoRA only")
     state = model.state_dict(keep_vars=True)
     updates = []
     with torch.no_grad():

@@ -63,6 +63,9 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     rslora: bool = False
+    method: str = "lora"                # adapter method (pyedge/adapters/): lora | dora
+    init_lora_weights: str | None = None   # "pissa" | "olora" | "gaussian" (None: PEFT's default)
+    loraplus_lr_ratio: float | None = None  # LoRA+: B (and DoRA's magnitude) at lr x ratio
     target: list = dataclasses.field(default_factory=list)   # LoRA target modules
     train: list = dataclasses.field(default_factory=list)    # whole tensors to train
     quantize: str | None = None         # "4" | "8" | "nf4" | "fp4": quantize frozen weights on load
@@ -266,8 +269,13 @@ def build_session(cfg: TrainConfig, graph=None, loss: str | None = "__cfg__"):
         graph, _ = load_quantized(cfg.model, cfg.quantize)
     graph = graph if graph is not None else pyedge.load_onnx(cfg.model)
     targets = expand_targets(graph, split_list(cfg.target))
+    if cfg.method not in ("lora", "dora"):
+        raise ValueError(f"--method {cfg.method!r}: pyedge has lora and dora")
     lora = (pyedge.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets,
-                              dropout=cfg.lora_dropout, use_rslora=cfg.rslora, seed=cfg.seed)
+                              dropout=cfg.lora_dropout, use_rslora=cfg.rslora, seed=cfg.seed,
+                              use_dora=cfg.method == "dora",
+                              init_lora_weights=cfg.init_lora_weights or True,
+                              loraplus_lr_ratio=cfg.loraplus_lr_ratio)
             if targets else None)
     if cfg.optimizer == "adamw":
         wd = 0.01 if cfg.weight_decay is None else cfg.weight_decay
@@ -292,7 +300,9 @@ def adapter_meta(cfg: TrainConfig, session, model_sha: str, step: int | None = N
         "model": os.path.basename(str(cfg.model)), "model_sha256": model_sha,
         "lora": None if lc is None else {
             "r": lc.r, "alpha": lc.alpha, "target_modules": list(lc.target_modules),
-            "dropout": lc.dropout, "use_rslora": lc.use_rslora},
+            "dropout": lc.dropout, "use_rslora": lc.use_rslora,
+            "use_dora": bool(getattr(lc, "use_dora", False)),
+            "init_lora_weights": getattr(lc, "init_lora_weights", True)},
         "train": split_list(cfg.train), "loss": cfg.loss, "output": session.output_name,
         "label_smoothing": cfg.label_smoothing, "ignore_index": cfg.ignore_index,
         "tensors": sorted(session.trainable_parameters()), "step": step,
@@ -320,7 +330,10 @@ def session_from_adapters(model, adapters, loss: str | None = None, threads: int
     lora = (pyedge.LoraConfig(r=int(lm["r"]), alpha=float(lm["alpha"]),
                               target_modules=list(lm["target_modules"]),
                               dropout=float(lm.get("dropout", 0.0)),
-                              use_rslora=bool(lm.get("use_rslora", False))) if lm else None)
+                              use_rslora=bool(lm.get("use_rslora", False)),
+                              use_dora=bool(lm.get("use_dora", False)),
+                              init_lora_weights=lm.get("init_lora_weights", True))
+            if lm else None)
     if meta.get("quantize"):  # trained with --quantize: the same quantized base
         from pyedge.quantize import load_quantized
         model, _ = load_quantized(model, meta["quantize"])
@@ -348,8 +361,8 @@ def _session_from_peft(model, path: Path, loss, threads, output):
     pc = ad.config
     targets = pc.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
-    lora = pyedge.LoraConfig(r=int(pc.get("r", 8)), alpha=float(pc.get("lora_alpha", 8)),
-                             target_modules=targets, use_rslora=bool(pc.get("use_rslora", False)))
+    from pyedge.adapters.base import method_for_peft
+    lora = method_for_peft(pc, str(cfg_file)).config_from_peft(pc, targets)
     train = [f"{m}.*" for m in (pc.get("modules_to_save") or [])]
     sess = pyedge.TrainingSession(model, lora=lora, train=train, loss=loss, output=output,
                                   threads=threads)

@@ -131,7 +131,21 @@ void bind_session(py::module_& m) {
              f("lr", c.lr); f("beta1", c.beta1); f("beta2", c.beta2); f("eps", c.eps);
              f("weight_decay", c.weight_decay); f("momentum", c.momentum); f("dampening", c.dampening);
              if (opt.contains("nesterov")) c.nesterov = opt["nesterov"].cast<bool>();
-             return new Session(std::move(model), trainable, loss, c, seed);
+             auto* s = new Session(std::move(model), trainable, loss, c, seed);
+             if (opt.contains("lr_scales")) {  // {trainable name: lr factor} (LoRA+)
+               py::dict scales = opt["lr_scales"].cast<py::dict>();
+               size_t found = 0;
+               for (Parameter& p : s->parameters())
+                 if (scales.contains(p.name)) {
+                   p.lr_scale = scales[py::str(p.name)].cast<double>();
+                   ++found;
+                 }
+               if (found != scales.size()) {
+                 delete s;
+                 throw py::value_error("optimizer lr_scales name a tensor that is not trainable");
+               }
+             }
+             return s;
            }),
            py::arg("model"), py::arg("trainable"), py::arg("loss"), py::arg("optimizer"),
            py::arg("seed") = 0, py::keep_alive<1, 2>())

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/simd.h"
+#include "ops/dora_kernels.h"
 #include "ops/gated_mlp_kernels.h"
 #include "ops/rmsnorm_kernels.h"
 #include "ops/softmax_kernels.h"
@@ -79,6 +80,32 @@ py::array run(const std::string& name, F32 a, F32 b, F32 c) {
   else if (name == "tanh") simd::tanh_array<S>(x, y, n);
   else if (name == "erf") simd::erf_array<S>(x, y, n);
   else if (name == "sigmoid") simd::sigmoid_array<S>(x, y, n);
+  else if (name == "dora_sum_sq") return scalar_out(dorak::sum_sq<S>(x, n));
+  else if (name == "dora_scale" || name == "dora_scale_bwd") {
+    // dora_scale: a = z [rows, N], b = c [N], c = bias [N] or empty -> y [rows, N];
+    // dora_scale_bwd: a = dy [rows, N], b = z [rows, N], c = c [N] -> [rows + 1, N]: dz rows
+    // (accumulated onto 0.5), then Σ dy∘z
+    if (a.ndim() != 2) throw std::invalid_argument(name + ": a must be 2-D [rows, N]");
+    const int64_t rows = a.shape(0), N = a.shape(1);
+    if (name == "dora_scale") {
+      if (int64_t(b.size()) != N) throw std::invalid_argument("dora_scale: b must be [N]");
+      if (c.size() != 0 && int64_t(c.size()) != N)
+        throw std::invalid_argument("dora_scale: c must be [N] or empty");
+      for (int64_t r = 0; r < rows; ++r)
+        dorak::scale_row<S>(x + r * N, b.data(), c.size() ? c.data() : nullptr, y + r * N, N);
+    } else {
+      need(b, "b");
+      if (int64_t(c.size()) != N) throw std::invalid_argument("dora_scale_bwd: c must be [N]");
+      py::array_t<float> res(std::vector<py::ssize_t>{rows + 1, N});
+      float* o = res.mutable_data();
+      std::fill(o, o + rows * N, 0.5f);
+      std::fill(o + rows * N, o + (rows + 1) * N, 0.f);
+      for (int64_t r = 0; r < rows; ++r)
+        dorak::scale_row_bwd<S>(x + r * N, b.data() + r * N, c.data(), o + r * N, r % 2 == 0,
+                                o + rows * N, N);
+      return std::move(res);
+    }
+  }
   else if (name == "row_max") return scalar_out(rowk::row_max<S>(x, n));
   else if (name == "row_sum") return scalar_out(rowk::row_sum<S>(x, n));
   else if (name == "row_dot") { need(b, "b"); return scalar_out(rowk::row_dot<S>(x, b.data(), n)); }

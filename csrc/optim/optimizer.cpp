@@ -17,9 +17,11 @@ class AdamW : public Optimizer {
     const float b1 = float(c_.beta1), b2 = float(c_.beta2), eps = float(c_.eps);
     const double bc1 = 1.0 - std::pow(c_.beta1, double(step));
     const double bc2 = 1.0 - std::pow(c_.beta2, double(step));
-    const float step_size = float(lr / bc1), bc2_sqrt = float(std::sqrt(bc2));
-    const float decay = float(1.0 - lr * c_.weight_decay);
+    const float bc2_sqrt = float(std::sqrt(bc2));
     for (Parameter& p : params) {
+      const double plr = lr * p.lr_scale;
+      const float step_size = float(plr / bc1);
+      const float decay = float(1.0 - plr * c_.weight_decay);
       float* w = p.value.ptr<float>();
       const float* g = p.grad.ptr<float>();
       float* m = p.state[0].ptr<float>();
@@ -46,8 +48,8 @@ class SGD : public Optimizer {
   std::vector<std::string> state_names() const override { return {"momentum_buffer"}; }
   void update(std::vector<Parameter>& params, int64_t step, double lr) override {
     const float mu = float(c_.momentum), damp = float(c_.dampening), wd = float(c_.weight_decay);
-    const float flr = float(lr);
     for (Parameter& p : params) {
+      const float flr = float(lr * p.lr_scale);
       float* w = p.value.ptr<float>();
       const float* g = p.grad.ptr<float>();
       float* buf = p.state[0].ptr<float>();

@@ -26,6 +26,9 @@ struct Parameter {
   Tensor value, grad;
   std::vector<Buffer> state_store;
   std::vector<Tensor> state;  // AdamW: exp_avg, exp_avg_sq; SGD: momentum_buffer
+  // This tensor's learning rate is lr · lr_scale (LoRA+ trains B faster than A: a torch
+  // parameter group per factor). AdamW's decoupled decay uses the scaled rate too, as torch.
+  double lr_scale = 1.0;
 };
 
 class Optimizer {

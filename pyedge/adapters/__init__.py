@@ -1,5 +1,9 @@
-"""Graph rewrites that decide what trains: LoRA, whole tensors; everything else frozen."""
+"""Graph rewrites that decide what trains: adapter methods (LoRA, DoRA, ...) on the protocol
+of pyedge/adapters/base.py, whole tensors; everything else frozen."""
+from pyedge.adapters.base import (AdapterMethod, OpRule, method_by_name, method_for_config,
+                                  method_for_peft, methods)
 from pyedge.adapters.lora import LoraConfig, LoraSite, inject_lora
 from pyedge.adapters.whole_tensors import select_trainable_tensors
 
-__all__ = ["LoraConfig", "LoraSite", "inject_lora", "select_trainable_tensors"]
+__all__ = ["LoraConfig", "LoraSite", "inject_lora", "select_trainable_tensors", "AdapterMethod",
+           "OpRule", "method_by_name", "method_for_config", "method_for_peft", "methods"]

@@ -13,19 +13,73 @@ from typing import Sequence
 
 import numpy as np
 
+from pyedge.adapters.base import AdapterMethod, OpRule, register
 from pyedge.adapters.patterns import any_match
 from pyedge.graph import Graph, Node
 from pyedge.param_names import module_of
 
 
-@dataclasses.dataclass
+# PEFT LoraConfig fields pyedge accepts and ignores: they describe the PyTorch side (task,
+# layout, inference flag) or equal pyedge's behaviour at these values.
+_PEFT_PASSIVE = {"task_type": None, "fan_in_fan_out": None, "inference_mode": None,
+                 "bias": "none", "modules_to_save": None, "base_model_name_or_path": None,
+                 "revision": None, "layers_to_transform": None, "layers_pattern": None,
+                 "rank_pattern": {}, "alpha_pattern": {}, "peft_type": "LORA"}
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora")
+
+
+@dataclasses.dataclass(init=False)
 class LoraConfig:
+    """LoRA settings, mirroring peft.LoraConfig: r, lora_alpha (or alpha), lora_dropout (or
+    dropout), target_modules, use_rslora (scale alpha/sqrt(r)), use_dora (DoRA: a trained
+    magnitude per output feature, pyedge/adapters/dora.py), init_lora_weights (True: A
+    kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r); "pissa" / "olora": A and B from the SVD / QR
+    of the base weight, which becomes the residual; pyedge/adapters/lora_init.py) and
+    loraplus_lr_ratio (LoRA+: B trains with lr x ratio, as peft.optimizers.
+    create_loraplus_optimizer). seed: pyedge's generator for A (PEFT uses torch's)."""
     r: int = 8
     alpha: float = 16.0
     target_modules: Sequence[str] = ("query", "value")
     dropout: float = 0.0
     use_rslora: bool = False
     seed: int = 0
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    loraplus_lr_ratio: float | None = None
+
+    def __init__(self, r: int = 8, alpha: float | None = None,
+                 target_modules: Sequence[str] | str = ("query", "value"),
+                 dropout: float | None = None, use_rslora: bool = False, seed: int = 0,
+                 use_dora: bool = False, init_lora_weights: bool | str = True,
+                 loraplus_lr_ratio: float | None = None, **peft_fields):
+        from pyedge.adapters.base import peft_field
+        self.r = r
+        self.alpha = peft_field(peft_fields, "alpha", "lora_alpha", alpha, 16.0)
+        self.dropout = peft_field(peft_fields, "dropout", "lora_dropout", dropout, 0.0)
+        self.target_modules = [target_modules] if isinstance(target_modules, str) \
+            else target_modules
+        self.use_rslora, self.seed, self.use_dora = use_rslora, seed, use_dora
+        self.init_lora_weights, self.loraplus_lr_ratio = init_lora_weights, loraplus_lr_ratio
+        for k, v in peft_fields.items():
+            if k not in _PEFT_PASSIVE:
+                raise TypeError(f"LoraConfig: unknown or unsupported field '{k}'")
+            if _PEFT_PASSIVE[k] is not None and v not in (_PEFT_PASSIVE[k], None):
+                raise ValueError(f"LoraConfig: {k}={v!r} is not supported (pyedge has "
+                                 f"{_PEFT_PASSIVE[k]!r})")
+        if init_lora_weights not in INIT_CHOICES:
+            raise ValueError(f"LoraConfig: init_lora_weights={init_lora_weights!r} is not one "
+                             f"of {INIT_CHOICES}")
+        if loraplus_lr_ratio is not None and not loraplus_lr_ratio > 0:
+            raise ValueError(f"LoraConfig: loraplus_lr_ratio must be positive, got "
+                             f"{loraplus_lr_ratio!r}")
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha
+
+    @property
+    def lora_dropout(self) -> float:
+        return self.dropout
 
     @property
     def scaling(self) -> float:
@@ -41,6 +95,8 @@ class LoraSite:
     in_features: int
     out_features: int
     fan_in_fan_out: bool  # the PyTorch weight is [in, out] (transformers Conv1D)
+    trans_w: bool = False  # the ONNX weight is [out, in] (what LoraMatMul's trans_w says)
+    magnitude: str = ""    # DoRA's magnitude vector [out] (pyedge/adapters/dora.py)
 
 
 def _weight_source(graph: Graph, producers, name: str):
@@ -138,7 +194,10 @@ def _rewrite(graph, node, w, via_transpose, module, cfg, rng, sites):
         graph.initializers[a_name] = rng.uniform(-bound, bound, size=(cfg.r, k)).astype(np.float32)
         graph.initializers[b_name] = np.zeros((n, cfg.r), np.float32)
         sites.append(LoraSite(module, w, a_name, b_name, int(k), int(n),
-                              fan_in_fan_out=torch_is_in_out))
+                              fan_in_fan_out=torch_is_in_out, trans_w=bool(trans_w)))
+        if cfg.init_lora_weights is not True:
+            from pyedge.adapters.lora_init import initialise
+            initialise(graph, sites[-1], cfg, rng)
     attrs = {"scale": float(cfg.scaling), "trans_w": int(trans_w)}
     if cfg.dropout > 0:
         attrs["dropout"] = float(cfg.dropout)
@@ -146,3 +205,83 @@ def _rewrite(graph, node, w, via_transpose, module, cfg, rng, sites):
     inputs = [node.inputs[0], w, a_name, b_name] + ([bias] if bias else [])
     return Node("LoraMatMul", inputs, list(node.outputs), name=node.name, domain="pyedge",
                 attrs=attrs)
+
+
+# --------------------------------------------------------------------------------------------
+# the method (pyedge/adapters/base.py)
+# --------------------------------------------------------------------------------------------
+def _no_dropout(node: Node) -> bool:
+    return not float(node.attrs.get("dropout", 0.0))
+
+
+class LoraMethod(AdapterMethod):
+    """LoRA (and rsLoRA, LoRA+, PiSSA/OLoRA/gaussian initialisation) on MatMul/Gemm, Conv and
+    quantized MatMulNBits/MatMulBnb4 bases. Ops: pyedge.LoraMatMul (csrc/ops/lora_matmul.cpp),
+    pyedge.LoraQuantMatMul (csrc/ops/quant_lora_matmul.cpp); Conv sites use standard ops."""
+    name = "lora"
+    peft_type = "LORA"
+    config_class = LoraConfig
+    op_rules = {
+        # x [..., K] -> y [..., N]: rows independent unless dropout draws a mask over x
+        ("pyedge", "LoraMatMul"): OpRule(row_input=0, rows_movable=_no_dropout, bias_input=4,
+                                         weight_input=1, trans_attr="trans_w"),
+        ("pyedge", "LoraQuantMatMul"): OpRule(row_input=0, rows_movable=_no_dropout),
+    }
+
+    def accepts(self, cfg) -> bool:
+        return isinstance(cfg, LoraConfig) and not cfg.use_dora
+
+    def accepts_peft(self, config: dict) -> bool:
+        return not config.get("use_dora")
+
+    def inject(self, graph, cfg) -> list[LoraSite]:
+        return inject_lora(graph, cfg)
+
+    def trainable(self, sites) -> list[str]:
+        return [n for s in sites for n in (s.lora_a, s.lora_b)]
+
+    def lr_scales(self, sites, cfg) -> dict[str, float]:
+        # LoRA+ (peft.optimizers.create_loraplus_optimizer): B at lr·ratio, A at lr
+        if not cfg.loraplus_lr_ratio:
+            return {}
+        return {s.lora_b: float(cfg.loraplus_lr_ratio) for s in sites}
+
+    def peft_config(self, cfg, sites) -> dict:
+        return {"r": int(cfg.r), "lora_alpha": _number(cfg.alpha),
+                "lora_dropout": float(cfg.dropout), "use_rslora": bool(cfg.use_rslora),
+                "use_dora": bool(cfg.use_dora), "init_lora_weights": cfg.init_lora_weights,
+                "fan_in_fan_out": any(s.fan_in_fan_out for s in sites), "bias": "none",
+                "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+                "alpha_pattern": {}}
+
+    def peft_tensors(self, sites, params) -> dict:
+        from pyedge.adapters.lora_peft import lora_tensors
+        return lora_tensors(sites, params)
+
+    def noop_tensors(self, graph, module: str, n_in: int, n_out: int, r: int) -> dict:
+        """Tensors of an exact no-op adapter on `module` (PEFT needs one for modules it
+        adapts by suffix, and for a session that trains whole tensors only)."""
+        return {f"{module}.lora_A.weight": np.zeros((r, n_in), np.float32),
+                f"{module}.lora_B.weight": np.zeros((n_out, r), np.float32)}
+
+    def config_from_peft(self, config: dict, target_modules) -> LoraConfig:
+        return LoraConfig(r=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
+                          target_modules=target_modules,
+                          use_rslora=bool(config.get("use_rslora", False)),
+                          use_dora=bool(config.get("use_dora", False)),
+                          init_lora_weights=config.get("init_lora_weights", True))
+
+    def plan_load(self, session, ad, strict: bool):
+        from pyedge.adapters.lora_peft import plan_lora_load
+        return plan_lora_load(session, ad, strict)
+
+    def merge_deltas(self, graph, config: dict, ad) -> dict:
+        from pyedge.adapters.lora_peft import lora_deltas
+        return lora_deltas(graph, config, ad.lora)
+
+
+def _number(x):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+register(LoraMethod())

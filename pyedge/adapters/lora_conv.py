@@ -49,6 +49,10 @@ def rewrite_conv(graph: Graph, node: Node, module: str, cfg: LoraConfig, rng,
     """The nodes replacing `node` (base Conv + LoRA branch), or None when not adaptable."""
     if not conv_is_adaptable(graph, node):
         return None
+    if cfg.init_lora_weights is not True or cfg.use_dora:
+        raise ValueError(f"'{module}': init_lora_weights={cfg.init_lora_weights!r} / use_dora="
+                         f"{cfg.use_dora} are supported on MatMul/Gemm (nn.Linear) sites only, "
+                         f"not on {node.op_type}; leave this module out of target_modules")
     if cfg.dropout > 0:
         raise ValueError(f"LoRA dropout is not supported on Conv ('{module}'); use dropout=0")
     w = node.inputs[1]

@@ -32,6 +32,10 @@ def quant_weight(graph: Graph, producers, node: Node) -> str | None:
 
 def rewrite_quant(graph: Graph, node: Node, w: str, module: str, cfg, rng, sites):
     from pyedge.adapters.lora import LoraSite
+    if cfg.init_lora_weights is not True or cfg.use_dora:
+        raise ValueError(f"'{module}': init_lora_weights={cfg.init_lora_weights!r} / use_dora="
+                         f"{cfg.use_dora} are supported on MatMul/Gemm (nn.Linear) sites only, "
+                         f"not on {node.op_type}; leave this module out of target_modules")
     k, n = int(node.attrs["K"]), int(node.attrs["N"])
     a_name, b_name = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
     if a_name not in graph.initializers:  # a module applied twice shares one adapter

@@ -62,6 +62,8 @@ class AdapterFiles:
     lora: dict[str, dict[str, np.ndarray]]
     whole: dict[str, np.ndarray]
     keys: dict
+    # per module, tensors a LoRA variant adds beside A/B: {module: {"lora_magnitude_vector": arr}}
+    extra: dict = dataclasses.field(default_factory=dict)
 
     def key_of(self, module: str, ab: str | None = None) -> str:
         return self.keys.get((module, ab) if ab else module, module)
@@ -251,18 +253,16 @@ def _pattern(p, what: str, where: str) -> None:
 
 def check_config(config: dict, where: str = "adapters") -> None:
     """Refuses what pyedge cannot load or what makes no sense; `where` names the file."""
-    pt = config.get("peft_type", "LORA")
-    if not isinstance(pt, str):
-        raise AdapterError(f"{where}: peft_type {pt!r} is not a string")
-    if pt.upper() != "LORA":
-        raise AdapterError(f"{where}: peft_type is {pt!r}, a PEFT method pyedge cannot load "
-                           "(it reads LORA adapters only)")
     for k in ("use_dora", "use_rslora", "fan_in_fan_out", "inference_mode"):
         v = config.get(k)
         if v is not None and not isinstance(v, bool):
             raise AdapterError(f"{where}: {k} must be true or false, got {v!r}")
-    if config.get("use_dora"):
-        raise AdapterError(f"{where}: DoRA adapters are not supported (use_dora is true)")
+    from pyedge.adapters.base import method_for_peft  # names a PEFT method pyedge lacks
+    method_for_peft(config, where)
+    init = config.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian", "pissa", "olora"):
+        raise AdapterError(f"{where}: init_lora_weights={init!r} is not supported (true, false, "
+                           "'gaussian', 'pissa', 'olora')")
     if config.get("bias", "none") not in ("none", None):
         raise AdapterError(f"{where}: bias={config['bias']!r} is not supported (use 'none')")
     for k in ("layer_replication",):
@@ -342,13 +342,18 @@ def saved_module_suffixes(config: dict) -> list[str]:
 _LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[\w-]+))?\.weight$")
 
 
+# tensors a LoRA variant saves per module beside lora_A/lora_B (DoRA: [out])
+LORA_EXTRA_SUFFIXES = ("lora_magnitude_vector",)
+
+
 def split_keys(tensors: dict[str, np.ndarray], adapter_name: str = "default", shown: str = "",
-               keys: dict | None = None):
+               keys: dict | None = None, extra: dict | None = None):
     """PEFT keys -> ({module: {"A": arr, "B": arr}}, {torch param name: arr}).
 
     Accepts both the saved form (``base_model.model.m.lora_A.weight``) and the in-memory one
     (``...lora_A.default.weight``, ``...modules_to_save.default.weight``). `keys`, when given,
-    receives (module, "A"/"B") / whole name -> file key."""
+    receives (module, "A"/"B") / whole name -> file key; `extra`, when given, receives
+    {module: {suffix: arr}} for LORA_EXTRA_SUFFIXES (refused as unsupported otherwise)."""
     lora: dict[str, dict[str, np.ndarray]] = {}
     whole: dict[str, np.ndarray] = {}
     keys = {} if keys is None else keys
@@ -363,6 +368,14 @@ def split_keys(tensors: dict[str, np.ndarray], adapter_name: str = "default", sh
                                    f"{q(mod)} (also {q(keys[(mod, ab)])})")
             lora.setdefault(mod, {})[ab] = arr
             keys[(mod, ab)] = key
+            continue
+        mod, dot, suffix = name.rpartition(".")
+        if extra is not None and suffix in LORA_EXTRA_SUFFIXES:
+            if suffix in extra.get(mod, {}):
+                raise AdapterError(f"{where}tensor {q(key)}: a second {suffix} for module "
+                                   f"{q(mod)}")
+            extra.setdefault(mod, {})[suffix] = arr
+            keys[(mod, suffix)] = key
             continue
         if ".lora_" in name:
             raise AdapterError(f"{where}tensor {q(key)}: unsupported LoRA tensor (DoRA, LoRA "
@@ -418,6 +431,27 @@ def _check_consistency(config, lora, whole, keys, shown, cfg_path):
                                f"{os.path.basename(cfg_path)} names")
 
 
+def _check_extra(config, lora, extra, keys, shown, cfg_path):
+    """DoRA's magnitude: present exactly for the LoRA modules when use_dora, shape [out]."""
+    for module, ts in extra.items():
+        for suffix, arr in ts.items():
+            key = keys[(module, suffix)]
+            check_values(shown, key, arr, float_only=True)
+            if not config.get("use_dora"):
+                raise AdapterError(f"{shown}: tensor {q(key)} is an unsupported LoRA tensor "
+                                   "here: it is DoRA's, but use_dora is not true in the config")
+            if module not in lora:
+                raise AdapterError(f"{shown}: tensor {q(key)} has no lora_A/lora_B beside it")
+            if arr.ndim != 1 or arr.shape[0] != lora[module]["B"].shape[0]:
+                raise AdapterError(f"{shown}: tensor {q(key)} has shape {list(arr.shape)}, "
+                                   f"expected [{lora[module]['B'].shape[0]}] (lora_B's rows)")
+    if config.get("use_dora"):
+        lacking = sorted(m for m in lora if "lora_magnitude_vector" not in extra.get(m, {}))
+        if lacking:
+            raise AdapterError(f"{cfg_path}: use_dora is true (DoRA) but {shown} has no "
+                               f"lora_magnitude_vector for module(s) {lacking[:5]}")
+
+
 # --------------------------------------------------------------------------------------------
 # the folder
 # --------------------------------------------------------------------------------------------
@@ -453,6 +487,8 @@ def read_adapter_folder(folder) -> AdapterFiles:
     check_config(config, cfg_shown)
     tensors = read_safetensors(w_real, w_shown)
     keys: dict = {}
-    lora, whole = split_keys(tensors, shown=w_shown, keys=keys)
+    extra: dict = {}
+    lora, whole = split_keys(tensors, shown=w_shown, keys=keys, extra=extra)
     _check_consistency(config, lora, whole, keys, w_shown, cfg_shown)
-    return AdapterFiles(folder, cfg_shown, w_shown, config, tensors, lora, whole, keys)
+    _check_extra(config, lora, extra, keys, w_shown, cfg_shown)
+    return AdapterFiles(folder, cfg_shown, w_shown, config, tensors, lora, whole, keys, extra)

@@ -2,7 +2,9 @@
 
     merge_adapters("model.onnx", "runs/x/adapters", "merged.onnx")
 
-For each adapted module the base initializer W becomes W + s·ΔW, in the layout the graph
+The adapter method of the folder (pyedge/adapters/base.py: method_for_peft, from peft_type
+and flags such as use_dora) gives the deltas (its ``merge_deltas``); for LoRA (lora_peft.py):
+for each adapted module the base initializer W becomes W + s·ΔW, in the layout the graph
 consumes it: the graph computes ``x @ W_eff`` with ``W_eff = Wᵀ`` when the MatMul/Gemm
 transposes it (Gemm transB=1 or a Transpose node: PyTorch's nn.Linear [out, in]) and ``W``
 otherwise (transformers' Conv1D [in, out]); LoRA adds ``x @ (s·B·A)ᵀ``, so the initializer gets
@@ -16,7 +18,6 @@ map says so. Nodes, their order, every other initializer and all metadata stay a
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import warnings
 
@@ -25,79 +26,10 @@ import numpy as np
 from pyedge.checkpoint import atomic_write
 
 from pyedge.export.adapter_files import read_adapter_folder
-from pyedge.export.peft import (AdapterError, module_scaling, q, to_onnx_layout,
+from pyedge.export.peft import (AdapterError, module_scaling, q, to_onnx_layout,  # noqa: F401
                                 torch_names_to_onnx)
-
-
-def lora_deltas(graph, config: dict, lora: dict[str, dict[str, np.ndarray]]
-                ) -> dict[str, np.ndarray]:
-    """{ONNX initializer: s·ΔW in the initializer's layout} for the LoRA modules."""
-    from pyedge.adapters.lora import LoraConfig, inject_lora
-
-    from pyedge.param_names import module_of
-
-    deltas: dict[str, np.ndarray] = {}
-    found: set[str] = set()
-    # Conv weights (PEFT's ConvNd LoRA: A = Conv(in, r, k), B = Conv(r, out, 1)):
-    # ΔW[o, i, ...] = Σ_r B[o, r] A[r, i, ...], same layout in ONNX and PyTorch.
-    conv_weights = {module_of(graph, n.inputs[1]): n.inputs[1] for n in graph.nodes
-                    if n.op_type == "Conv" and len(n.inputs) > 1
-                    and n.inputs[1] in graph.initializers}
-    by_rank: dict[int, list[str]] = {}
-    for module, ab in lora.items():
-        if "A" not in ab or "B" not in ab:
-            raise AdapterError(f"module '{module}' has only lora_{'A' if 'A' in ab else 'B'}")
-        if module in conv_weights:
-            w = conv_weights[module]
-            W = graph.initializers[w]
-            A = np.asarray(ab["A"], np.float64)
-            B = np.asarray(ab["B"], np.float64)
-            r = A.shape[0]
-            if A.shape[1:] != W.shape[1:] or B.shape[:2] != (W.shape[0], r) or \
-                    any(d != 1 for d in B.shape[2:]):
-                raise AdapterError(f"'{module}': lora_A {list(A.shape)} / lora_B "
-                                   f"{list(B.shape)} do not fit the conv weight {list(W.shape)}")
-            _, scale = module_scaling(config, module)
-            d = scale * np.einsum("or,ri...->oi...", B.reshape(B.shape[0], r), A)
-            deltas[w] = deltas[w] + d if w in deltas else d
-            found.add(module)
-            continue
-        by_rank.setdefault(int(ab["A"].shape[0]), []).append(module)
-    for r, modules in by_rank.items():
-        g = graph.copy()
-        cfg = LoraConfig(r=r, alpha=float(r), target_modules=[
-            "re:" + re.escape(m) for m in modules])
-        try:
-            sites = inject_lora(g, cfg)
-        except ValueError as e:
-            raise AdapterError(f"the adapted modules {modules[:5]} are not in the model "
-                               f"({e})") from e
-        trans = {n.inputs[2]: bool(n.attrs.get("trans_w", 0)) for n in g.nodes
-                 if n.op_type == "LoraMatMul" and n.domain == "pyedge"}
-        # quantized bases (merge_quantized.py): the delta stays [out, in] like their weight
-        trans.update({n.inputs[1]: True for n in g.nodes
-                      if n.op_type == "LoraQuantMatMul" and n.domain == "pyedge"})
-        for site in sites:
-            A = np.asarray(lora[site.module]["A"], np.float64)
-            B = np.asarray(lora[site.module]["B"], np.float64)
-            if A.shape != (r, site.in_features) or B.shape != (site.out_features, r):
-                raise AdapterError(
-                    f"'{site.module}': lora_A {list(A.shape)} / lora_B {list(B.shape)} do not "
-                    f"fit the weight (expected [{r}, {site.in_features}] / "
-                    f"[{site.out_features}, {r}])")
-            _, scale = module_scaling(config, site.module)
-            ba = scale * (B @ A)                       # [out, in]
-            d = ba if trans[site.lora_a] else ba.T     # initializer layout
-            if site.weight in deltas:
-                deltas[site.weight] = deltas[site.weight] + d
-            else:
-                deltas[site.weight] = d
-            found.add(site.module)
-    missing = sorted(set(lora) - found)
-    if missing:
-        raise AdapterError(f"adapted module(s) {missing[:8]} have no MatMul/Gemm weight in the "
-                           "model (different model, or a layer type pyedge cannot merge)")
-    return deltas
+# the LoRA family's merge delta lives with the method (pyedge/adapters/lora_peft.py)
+from pyedge.adapters.lora_peft import lora_deltas  # noqa: F401,E402
 
 
 def _save_atomic(proto, out_path, external: bool):
@@ -146,8 +78,10 @@ def merge_adapters(model_path, adapters_dir, out_path, bits: int | None = None,
     ad = read_adapter_folder(adapters_dir)
     config, lora, whole, shown = ad.config, ad.lora, ad.whole, ad.weights_path
     graph = load_onnx(model_path)
+    from pyedge.adapters.base import method_for_peft
+    method = method_for_peft(config, ad.config_path)
     try:
-        deltas = lora_deltas(graph, config, lora) if lora else {}
+        deltas = method.merge_deltas(graph, config, ad) if (lora or ad.extra) else {}
     except AdapterError as e:
         raise AdapterError(f"{shown}: {e}") from None
     from pyedge.export.merge_quantized import fold_quantized, quantized_sites

@@ -1,6 +1,8 @@
 """Adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-What `peft.PeftModel.from_pretrained(base_model, dir)` loads (checked against peft 0.21):
+What `peft.PeftModel.from_pretrained(base_model, dir)` loads (checked against peft 0.21). The
+adapter method's tensors and config fields come from its module (pyedge/adapters/<method>.py:
+peft_tensors, peft_config, plan_load); this module adds what every method shares:
 
 * ``base_model.model.<module>.lora_A.weight`` [r, in] and ``...lora_B.weight`` [out, r]
   (the same layout for nn.Linear and transformers' Conv1D; PEFT transposes the product for
@@ -101,20 +103,17 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
     """(adapter_config, tensors) for the session's current adapters (copies)."""
     graph = session.base_graph
     params = session.trainable_parameters()
-    cfg = session.lora_config
-    tensors: dict[str, np.ndarray] = {}
-    target_modules: list[str] = []
-    fan_in_fan_out = False
-    for site in session.lora_sites:
+    cfg, method = session.adapter_config, session.adapter_method
+    sites = session.adapter_sites
+    for site in sites:
         if site.weight not in graph.param_map:
             raise AdapterError(
-                f"the LoRA site on '{site.weight}' has no PyTorch module name (the file keeps "
-                "no parameter names there), so PEFT could not load it; export the model with "
-                "pyedge.torch.export")
-        tensors[f"{PREFIX}{site.module}.lora_A.weight"] = np.array(params[site.lora_a])
-        tensors[f"{PREFIX}{site.module}.lora_B.weight"] = np.array(params[site.lora_b])
-        target_modules.append(site.module)
-        fan_in_fan_out |= bool(site.fan_in_fan_out)
+                f"the {method.name} site on '{site.weight}' has no PyTorch module name (the "
+                "file keeps no parameter names there), so PEFT could not load it; export the "
+                "model with pyedge.torch.export")
+    tensors: dict[str, np.ndarray] = {
+        PREFIX + k: v for k, v in (method.peft_tensors(sites, params) if method else {}).items()}
+    target_modules: list[str] = [s.module for s in sites]
 
     # whole tensors -> modules_to_save (all tensors of those modules, in PyTorch layout)
     modules_to_save: list[str] = []
@@ -168,35 +167,27 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
                 "load with pyedge.torch.load_adapters, which fills it from the base model",
                 stacklevel=3)
 
-    r, alpha, dropout, rslora = (cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora) if cfg \
-        else (1, 1.0, 0.0, False)
     if not target_modules:
         if not modules_to_save:
             raise AdapterError("the session trains nothing that can be saved")
+        from pyedge.adapters.base import method_by_name
+        from pyedge.adapters.lora import LoraConfig
+        method, cfg = method_by_name("lora"), LoraConfig(r=1, alpha=1.0)
         target_modules, fan_in_fan_out = _noop_lora(graph, wrapped, tensors)
-        r, alpha, dropout, rslora = 1, 1.0, 0.0, False
-    _zero_lora_for_suffix_matches(graph, target_modules, int(r), tensors)
-    alpha_out = int(alpha) if float(alpha).is_integer() else float(alpha)
+    method_fields = method.peft_config(cfg, sites)
+    if method.peft_type == "LORA":
+        if not sites:
+            method_fields["fan_in_fan_out"] = bool(fan_in_fan_out)
+        _zero_lora_for_suffix_matches(graph, target_modules, int(cfg.r), tensors, method)
     config = {
-        "peft_type": "LORA",
+        "peft_type": method.peft_type,
         "task_type": task_type,
         "base_model_name_or_path": graph.metadata.get("pyedge.base_model_name_or_path") or None,
         "revision": None,
         "inference_mode": True,
-        "r": int(r),
-        "lora_alpha": alpha_out,
-        "lora_dropout": float(dropout),
-        "use_rslora": bool(rslora),
-        "use_dora": False,
-        "fan_in_fan_out": bool(fan_in_fan_out),
-        "bias": "none",
+        **method_fields,
         "target_modules": target_modules,
         "modules_to_save": modules_to_save or None,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
     }
     return config, tensors
 
@@ -236,7 +227,7 @@ def _linear_dims(graph, module) -> tuple[int, int] | None:
     return None
 
 
-def _zero_lora_for_suffix_matches(graph, target_modules, r, tensors):
+def _zero_lora_for_suffix_matches(graph, target_modules, r, tensors, method):
     """PEFT adapts every module equal to or ending in '.'+target; modules that match a saved
     full name by accident get an exact zero adapter so that no key is missing."""
     linear = {e["module"] for e in graph.param_map.values()
@@ -245,8 +236,8 @@ def _zero_lora_for_suffix_matches(graph, target_modules, r, tensors):
         if any(m.endswith("." + t) for t in target_modules):
             dims = _linear_dims(graph, m)
             if dims:
-                tensors[f"{PREFIX}{m}.lora_A.weight"] = np.zeros((r, dims[0]), np.float32)
-                tensors[f"{PREFIX}{m}.lora_B.weight"] = np.zeros((dims[1], r), np.float32)
+                tensors.update({PREFIX + k: v for k, v in
+                                method.noop_tensors(graph, m, dims[0], dims[1], r).items()})
 
 
 def _noop_lora(graph, wrapped, tensors):
@@ -315,61 +306,17 @@ def plan_session_load(session, ad: AdapterFiles, strict: bool = True
     """({trainable tensor: new value}, loaded, skipped) for loading `ad` into `session`;
     AdapterError (one line naming the file and tensors) when the folder does not fit. Nothing
     is written here."""
-    config, lora, whole, shown = ad.config, ad.lora, ad.whole, ad.weights_path
-    params = session.trainable_parameters()
+    config, whole, shown = ad.config, ad.whole, ad.weights_path
     graph = session.base_graph
-    writes: dict[str, np.ndarray] = {}
-    loaded: list[str] = []
-    skipped: list[str] = []
-    problems: list[str] = []
 
-    # ---- LoRA
-    sites = {s.module: s for s in session.lora_sites}
-    cfg = session.lora_config
-    if sites:
-        want_scale = float(cfg.scaling)
-        for module, ab in lora.items():
-            site = sites.get(module)
-            if site is None and not any(np.any(a) for a in ab.values()):
-                skipped.append(module)  # an exact no-op (see _zero_lora_for_suffix_matches)
-                continue
-            if site is None:
-                msg = f"LoRA for module {q(module)} which the session does not adapt " \
-                      f"(session targets: {', '.join(sorted(sites)[:8])})"
-                (problems if strict else skipped).append(msg if strict else module)
-                continue
-            r, scale = module_scaling(config, module)
-            if r != cfg.r:
-                raise AdapterError(f"{shown}: module {q(module)} has LoRA rank r={r}, the "
-                                   f"session uses r={cfg.r}; create the session with "
-                                   f"LoraConfig(r={r}, ...)")
-            if not np.isclose(scale, want_scale, rtol=1e-6, atol=0):
-                raise AdapterError(
-                    f"{shown}: LoRA scaling of {q(module)} is {scale:g} (lora_alpha="
-                    f"{config.get('lora_alpha')}, r={r}, use_rslora="
-                    f"{config.get('use_rslora', False)}), the session's is {want_scale:g} "
-                    f"(alpha={cfg.alpha}, r={cfg.r}, use_rslora={cfg.use_rslora})")
-            for ab_key, init in (("A", site.lora_a), ("B", site.lora_b)):
-                arr = ab[ab_key]  # adapter_files made sure both are there
-                if tuple(arr.shape) != tuple(params[init].shape):
-                    problems.append(f"{q(ad.key_of(module, ab_key))} has shape "
-                                    f"{list(arr.shape)}, expected {list(params[init].shape)}")
-                    continue
-                writes[init] = arr
-                loaded.append(init)
-        for module in sites:
-            if module not in lora:
-                if strict:
-                    problems.append(f"no LoRA tensors for module {q(module)} (the adapters "
-                                    f"adapt {', '.join(sorted(lora)[:8]) or 'nothing'})")
-                else:
-                    skipped.append(module)
-    else:
-        nonzero = [m for m, ab in lora.items() if any(np.any(a) for a in ab.values())]
-        if nonzero and strict:
-            problems.append(f"the adapters have LoRA for {', '.join(nonzero[:8])} but the "
-                            "session has no LoRA config")
-        skipped += sorted(lora)
+    # ---- the adapter method's tensors (pyedge/adapters/<method>.py)
+    from pyedge.adapters.base import method_for_peft
+    method = session.adapter_method
+    folder_method = method_for_peft(config, ad.config_path)
+    if method is not None and folder_method is not method:
+        raise AdapterError(f"{ad.config_path}: the adapters are {folder_method.name}, the session "
+                           f"trains {method.name}; create the session with the folder's config")
+    writes, loaded, skipped, problems = (method or folder_method).plan_load(session, ad, strict)
 
     # ---- whole tensors (modules_to_save)
     name_map = torch_names_to_onnx(graph.param_map, graph.initializers)
