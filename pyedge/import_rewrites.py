@@ -201,3 +201,75 @@ def _drop_dead(graph: Graph, candidates: set[str]) -> None:
     read = {i for n in graph.nodes for i in n.inputs if i} | outputs
     for name in leaves - read:
         graph.initializers.pop(name, None)
+
+
+# ------------------------------------------------------------- int8 / int16 tensors as int64
+# Ops whose integer result can leave the narrow range: it is wrapped back (two's complement,
+# as onnxruntime's int8/int16 kernels give) after the op. The core computes in int64.
+_WRAPPING = {"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Pow", "Sum", "ReduceSum", "ReduceProd",
+             "CumSum", "Cast"}
+# Ops whose output has the type of their data input(s) and stays in range (no wrap needed).
+_SAME_TYPE = {"Max", "Min", "Clip", "Mod", "Where", "Identity", "Reshape", "Transpose",
+              "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split", "Slice", "Gather",
+              "GatherElements", "GatherND", "Expand", "Tile", "Pad", "ReduceMax", "ReduceMin",
+              "Sign", "Relu", "Trilu", "ScatterND", "Dropout"}
+_NARROW_TO = {"int8": 3, "int16": 5}  # onnx.TensorProto.INT8 / INT16
+
+
+def widen_narrow_ints(graph: Graph, narrow_inits: dict[str, str]) -> int:
+    """int8 / int16 values become int64 for the core, with their narrow semantics kept:
+    graph inputs are declared int64 (the session widens what it is fed), Cast(to=int8/16)
+    casts to int64, and every op whose result can overflow the narrow type (_WRAPPING) gets
+    its result wrapped back into range by Add(2^(b-1)) -> Mod(2^b) -> Sub(2^(b-1)). Graph
+    outputs keep their declared narrow dtype (the session narrows its results). Initializers
+    in `narrow_inits` (name -> dtype) are already int64 arrays with in-range values.
+    Returns the number of wraps inserted."""
+    from onnx import TensorProto
+    narrow: dict[str, str] = dict(narrow_inits)
+    for v in graph.inputs:
+        if v.dtype in _NARROW_TO:
+            narrow[v.name] = v.dtype
+            v.dtype = "int64"
+    if not narrow and not any(n.op_type == "Cast" and int(n.attrs.get("to", 0)) in
+                              (TensorProto.INT8, TensorProto.INT16) for n in graph.nodes):
+        return 0
+    out_nodes: list[Node] = []
+    wraps = 0
+    for node in graph.nodes:
+        kind = None  # narrow dtype of this node's outputs
+        if node.op_type == "Cast":
+            to = int(node.attrs.get("to", 0))
+            for name, code in _NARROW_TO.items():
+                if to == code:
+                    kind = name
+                    node.attrs["to"] = TensorProto.INT64
+        elif node.op_type in _WRAPPING or node.op_type in _SAME_TYPE:
+            data = node.inputs[1:] if node.op_type == "Where" else node.inputs[:1]
+            if node.op_type in ("Max", "Min", "Sum", "Concat", "Add", "Sub", "Mul", "Div",
+                                "Pow", "Mod"):
+                data = node.inputs
+            kinds = {narrow[i] for i in data if i in narrow}
+            kind = max(kinds, key=lambda k: _NARROW_TO[k]) if kinds else None
+        out_nodes.append(node)
+        if kind is None:
+            continue
+        wrap = node.op_type in _WRAPPING
+        for k, out in enumerate(node.outputs):
+            if not out or (node.op_type == "Dropout" and k > 0):  # the mask is bool
+                continue
+            narrow[out] = kind
+            if not wrap:
+                continue
+            wide = graph.fresh_name(f"{out}_wide")
+            node.outputs[k] = wide
+            bits = 8 if kind == "int8" else 16
+            half, full = graph.fresh_name(f"{out}_half"), graph.fresh_name(f"{out}_mod")
+            graph.initializers[half] = np.array(1 << (bits - 1), np.int64)
+            graph.initializers[full] = np.array(1 << bits, np.int64)
+            a, m = graph.fresh_name(f"{out}_shifted"), graph.fresh_name(f"{out}_wrapped")
+            out_nodes += [Node("Add", [wide, half], [a], name=f"{node.name}_wrap_add"),
+                          Node("Mod", [a, full], [m], name=f"{node.name}_wrap_mod"),
+                          Node("Sub", [m, half], [out], name=f"{node.name}_wrap_sub")]
+            wraps += 1
+    graph.nodes = out_nodes
+    return wraps

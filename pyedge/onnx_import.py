@@ -425,15 +425,19 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph
                   node_scopes=node_scopes, value_shapes=_value_shapes(proto))
     from pyedge.import_quantized import (check_quant_nodes, rewrite_dequantize,
                                          share_gather_tables)
-    from pyedge.import_rewrites import fold_cast_chains, rewrite_sequences
+    from pyedge.import_rewrites import (fold_cast_chains, rewrite_sequences,
+                                        widen_narrow_ints)
     from pyedge.param_names import recover_param_map
     rewrite_sequences(graph)
     fold_cast_chains(graph)
     rewrite_dequantize(graph, int4_names)
     share_gather_tables(graph)
+    narrow_inits = {}
     for name, arr in graph.initializers.items():
         if arr.dtype in (np.int8, np.int16):
+            narrow_inits[name] = str(arr.dtype)
             graph.initializers[name] = arr.astype(np.int64)
+    widen_narrow_ints(graph, narrow_inits)
     check_quant_nodes(graph)
     graph.param_map = recover_param_map(graph)
     return graph
