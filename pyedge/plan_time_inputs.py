@@ -7,7 +7,7 @@ those as graph inputs instead of initializers; the session then keys its plans o
 values too (`_core.Session.set_value_keyed_inputs`): a new value is a new plan, a value seen
 before reuses its plan.
 
-A graph input is keyed when it reaches such a slot directly or through integer shape
+A graph input is keyed when it reaches such a slot directly or through shape
 arithmetic (Cast, Concat, Unsqueeze, Gather, Add, ...), the ops the core folds at plan time.
 """
 from __future__ import annotations
@@ -31,8 +31,10 @@ _SHAPE_ARITHMETIC = {"Cast", "CastLike", "Concat", "Unsqueeze", "Squeeze", "Gath
 
 
 def plan_time_inputs(graph: Graph) -> list[str]:
-    """Names of the integer graph inputs some op reads at plan time (see module doc)."""
-    int_inputs = {v.name for v in graph.inputs if v.dtype in ("int64", "int32")}
+    """Names of the numeric graph inputs some op reads at plan time (see module doc)."""
+    # float inputs too: Range's start/limit/delta, Resize's scales
+    int_inputs = {v.name for v in graph.inputs
+                  if v.dtype in ("int64", "int32", "float32", "float64")}
     if not int_inputs:
         return []
     producers = graph.producer_map()
