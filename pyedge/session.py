@@ -187,7 +187,7 @@ class TrainingSession:
             arrays = self._sess.run(feed, names)
         # int8/int16 outputs are computed in int64 (import_rewrites.widen_narrow_ints)
         declared = {o.name: o.dtype for o in self.graph.outputs}
-        arrays = [a.astype(declared[n]) if declared.get(n) in ("int8", "int16")
+        arrays = [a.astype(declared[n]) if declared.get(n) in ("int8", "int16", "uint8")
                   and a.dtype == np.int64 else a for n, a in zip(names, arrays)]
         return dict(zip(names, arrays))
 

@@ -108,3 +108,29 @@ def test_narrow_int_arithmetic_wraps_like_onnxruntime(dtype, onnx_t):
     for o, r in ref.items():
         assert got[o].dtype == r.dtype, o
         np.testing.assert_array_equal(got[o], r, err_msg=o)
+
+
+def test_uint8_inputs_arithmetic_wraps():
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (4, 5)).astype(np.uint8)
+    b = rng.integers(1, 256, (4, 5)).astype(np.uint8)
+    ops = ["Add", "Sub", "Mul", "Div", "Max", "Min", "Mod"]
+    m = _model([helper.make_node(op, ["a", "b"], [op.lower()]) for op in ops],
+               [vi("a", TensorProto.UINT8, [4, 5]), vi("b", TensorProto.UINT8, [4, 5])],
+               [vi(op.lower(), TensorProto.UINT8, [4, 5]) for op in ops], opset=17)
+    got = pyedge.TrainingSession(m, loss=None).run({"a": a, "b": b})
+    with np.errstate(all="ignore"):
+        ref = {"add": a + b, "sub": a - b, "mul": a * b, "div": a // b,
+               "max": np.maximum(a, b), "min": np.minimum(a, b), "mod": a % b}
+    for k, r in ref.items():
+        assert got[k].dtype == np.uint8, k
+        np.testing.assert_array_equal(got[k], r, err_msg=k)
+
+
+def test_uint8_input_read_by_a_quantized_op_stays_uint8():
+    m = _model([helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+               [vi("q", TensorProto.UINT8, [3])], [vi("y", TensorProto.FLOAT, [3])],
+               [onnx.numpy_helper.from_array(np.array(0.5, np.float32), "s"),
+                onnx.numpy_helper.from_array(np.array(3, np.uint8), "z")])
+    g = pyedge.load_onnx(m)
+    assert g.inputs[0].dtype == "uint8"
