@@ -27,6 +27,8 @@ def test_saved_input(name):
     # import_dims_overflow.onnx: dims whose product overflowed float64 -> OverflowError.
     # graph_invalid_opset_absent_input.onnx: opset -1 hid the schema check of Add('', b)
     # (SIGSEGV); invalid opsets are refused and unknown versions use the newest schema.
+    # graph_transpose_float_perm.onnx: a Transpose whose perm is a float (found by the CI
+    # fuzz run) -> TypeError in fusions._swaps_last_two; now the core's clean error.
     common.checked((DATA / name).read_bytes())
 
 
