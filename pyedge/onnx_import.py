@@ -334,6 +334,11 @@ def _check_inputs_against_schema(node: Node, opset: int) -> None:
         except Exception:  # noqa: BLE001 - unknown op: the core reports it with the node's name
             return
     formal = list(schema.inputs)
+    if len([o for o in node.outputs if o]) < schema.min_output:
+        # rewrites read a node's first output; a file without it is broken, not an edge case
+        raise ModelLoadError(f"{node.op_type} node '{node.name}' has "
+                             f"{len([o for o in node.outputs if o])} outputs, the op needs at "
+                             f"least {schema.min_output}")
     if len(node.inputs) < schema.min_input:
         raise ModelLoadError(f"{node.op_type} node '{node.name}' has {len(node.inputs)} inputs, "
                              f"the op needs at least {schema.min_input}")

@@ -29,6 +29,8 @@ def test_saved_input(name):
     # (SIGSEGV); invalid opsets are refused and unknown versions use the newest schema.
     # graph_transpose_float_perm.onnx: a Transpose whose perm is a float (found by the CI
     # fuzz run) -> TypeError in fusions._swaps_last_two; now the core's clean error.
+    # graph_matmul_without_outputs.onnx: a MatMul listing no output -> IndexError in the
+    # fusions; now a ModelLoadError at import (outputs checked against the schema's minimum).
     common.checked((DATA / name).read_bytes())
 
 
