@@ -321,6 +321,31 @@ def _constant_value(node: onnx.NodeProto, desc: str) -> np.ndarray:
     raise ModelLoadError(f"{desc}: Constant without a supported value attribute")
 
 
+def _check_attr_types(n: onnx.NodeProto, opset: int, desc: str) -> None:
+    """An attribute whose type differs from the one the ONNX schema declares (a float `perm`,
+    a list `axis`) is refused here: rewrites and kernels read attributes by their schema
+    type. Unknown ops and attributes are left to the core's own checks."""
+    if n.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(n.op_type, opset)
+    except Exception:  # noqa: BLE001 - no schema at that opset, or unknown op
+        try:
+            schema = onnx.defs.get_schema(n.op_type)
+        except Exception:  # noqa: BLE001
+            return
+    A = onnx.AttributeProto
+    for a in n.attribute:
+        decl = schema.attributes.get(a.name)
+        if decl is None or a.type == A.UNDEFINED:
+            continue
+        want = int(decl.type)
+        if want != int(a.type):
+            raise ModelLoadError(f"{desc}: attribute '{a.name}' is "
+                                 f"{A.AttributeType.Name(a.type)}, the op's schema declares "
+                                 f"{A.AttributeType.Name(want)}")
+
+
 def _check_inputs_against_schema(node: Node, opset: int) -> None:
     """An absent input ("") is allowed only where the ONNX schema marks it optional; kernels
     rely on this, so a broken file is refused here rather than read through a null tensor."""
@@ -408,6 +433,7 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
             inits[n.output[0]] = _constant_value(n, desc)
             continue
+        _check_attr_types(n, opsets.get(n.domain or "", opsets.get("", 17)), desc)
         attrs = {a.name: _attr_value(a, desc) for a in n.attribute}
         for p in n.metadata_props:
             if p.key == "pkg.torch.onnx.name_scopes":

@@ -31,6 +31,8 @@ def test_saved_input(name):
     # fuzz run) -> TypeError in fusions._swaps_last_two; now the core's clean error.
     # graph_matmul_without_outputs.onnx: a MatMul listing no output -> IndexError in the
     # fusions; now a ModelLoadError at import (outputs checked against the schema's minimum).
+    # graph_softmax_list_axis.onnx: Softmax with an INTS axis -> TypeError in the fusions;
+    # attribute types are now checked against the ONNX schema at import.
     common.checked((DATA / name).read_bytes())
 
 
