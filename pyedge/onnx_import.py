@@ -296,6 +296,10 @@ def _value_info(v: onnx.ValueInfoProto) -> ValueInfo:
     tt = v.type.tensor_type
     dtype = _np_dtype(tt.elem_type, f"graph input/output '{v.name}'") if tt.elem_type else "float32"
     shape = [int(d.dim_value) if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+    if any(d.HasField("dim_value") and d.dim_value < 0 for d in tt.shape.dim):
+        # invalid ONNX, and onnx's own shape inference aborts the process on it
+        raise ModelLoadError(f"graph input/output '{v.name}' has a negative dimension "
+                             f"{[int(d.dim_value) for d in tt.shape.dim]}")
     return ValueInfo(v.name, dtype, shape)
 
 
