@@ -217,3 +217,10 @@ def test_pool_3d_average_finite_differences():
     outs, grads = _core.run_op("AveragePool", [x], attrs, grad_outputs=[g])
     np.testing.assert_allclose(outs[0], ref(x), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grads[0], fd_grad(ref, [x], g, 0), rtol=1e-3, atol=1e-3)
+
+
+def test_tile_past_the_memory_limit_is_refused_before_allocating():
+    """Found by the CI fuzz run: Tile(64x64, repeats [2^20, 2^10]) allocated one int64 per
+    tile (8 GB) while planning, before any memory check: the process was killed."""
+    with pytest.raises(_core.PyedgeError, match="over the plan memory limit"):
+        _core.run_op("Tile", [randn(64, 64), ints(1 << 20, 1 << 10)])

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <string>
 
+#include "common/memory_limit.h"
 #include "ops/op.h"
 #include "ops/region_copy.h"
 
@@ -296,7 +297,13 @@ class Tile : public LayoutOp {
       PYEDGE_CHECK(reps[k] >= 0, n.where(), ": negative repeat ", reps[k]);
       os[k] = x.shape[k] * reps[k];
     }
-    numel(os);  // throws on an element count past int64 (a hostile repeats input)
+    // throws on an element count past int64 (a hostile repeats input); an output past the
+    // plan memory limit is refused here, before the per-tile offsets below (one int64 per
+    // tile: 8 GB for repeats [2^20, 2^10]) are allocated
+    const int64_t limit = memory_limit_bytes();
+    PYEDGE_CHECK(numel(os) <= limit / int64_t(dtype_size(x.dtype)), n.where(), ": output ",
+                 shape_str(os), " of ", dtype_name(x.dtype), " is over the plan memory limit of ",
+                 limit, " bytes (PYEDGE_MAX_MEMORY)");
     auto xst = contiguous_strides(x.shape), ost = contiguous_strides(os);
     std::vector<int64_t> ds, ss;
     for (size_t k = 0; k < r; ++k) {
