@@ -247,7 +247,7 @@ def _scalar_scale(m: _Matcher, value: str) -> tuple[str, float, Node] | None:
 
 def _swaps_last_two(node: Node) -> bool:
     perm = node.attrs.get("perm")
-    if perm is None or len(perm) < 2:
+    if not isinstance(perm, list) or len(perm) < 2:  # a malformed file may give a float
         return False
     r = len(perm)
     return list(perm) == list(range(r - 2)) + [r - 1, r - 2]

@@ -201,3 +201,93 @@ def _drop_dead(graph: Graph, candidates: set[str]) -> None:
     read = {i for n in graph.nodes for i in n.inputs if i} | outputs
     for name in leaves - read:
         graph.initializers.pop(name, None)
+
+
+# ----------------------------------------------- int8 / int16 (and uint8 inputs) as int64
+# Ops whose integer result can leave the narrow range: it is wrapped back (two's complement,
+# as onnxruntime's int8/int16 kernels give) after the op. The core computes in int64.
+_WRAPPING = {"Add", "Sub", "Mul", "Div", "Neg", "Abs", "Pow", "Sum", "ReduceSum", "ReduceProd",
+             "CumSum", "Cast"}
+# Ops whose output has the type of their data input(s) and stays in range (no wrap needed).
+_SAME_TYPE = {"Max", "Min", "Clip", "Mod", "Where", "Identity", "Reshape", "Transpose",
+              "Squeeze", "Unsqueeze", "Flatten", "Concat", "Split", "Slice", "Gather",
+              "GatherElements", "GatherND", "Expand", "Tile", "Pad", "ReduceMax", "ReduceMin",
+              "Sign", "Relu", "Trilu", "ScatterND", "Dropout"}
+_NARROW_TO = {"int8": 3, "int16": 5, "uint8": 2}  # onnx.TensorProto.INT8 / INT16 / UINT8
+_BITS = {"int8": (8, True), "int16": (16, True), "uint8": (8, False)}
+_COMPARE = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Cast", "CastLike"}
+
+
+def _uint8_inputs_to_widen(graph: Graph) -> set[str]:
+    """uint8 is a core dtype (quantized weights, masks) without arithmetic kernels: a uint8
+    graph input is widened only when every reader is an op the int64 path covers."""
+    names = {v.name for v in graph.inputs if v.dtype == "uint8"}
+    if not names:
+        return set()
+    ok = _WRAPPING | _SAME_TYPE | _COMPARE
+    for n in graph.nodes:
+        for i in n.inputs:
+            if i in names and (n.op_type not in ok or n.domain not in ("", "ai.onnx")):
+                names.discard(i)
+    return names
+
+
+def widen_narrow_ints(graph: Graph, narrow_inits: dict[str, str]) -> int:
+    """int8 / int16 values (and uint8 graph inputs whose readers all have an int64 path)
+    become int64 for the core, with their narrow semantics kept:
+    graph inputs are declared int64 (the session widens what it is fed), Cast(to=int8/16)
+    casts to int64, and every op whose result can overflow the narrow type (_WRAPPING) gets
+    its result wrapped back into range by Add(2^(b-1)) -> Mod(2^b) -> Sub(2^(b-1)). Graph
+    outputs keep their declared narrow dtype (the session narrows its results). Initializers
+    in `narrow_inits` (name -> dtype) are already int64 arrays with in-range values.
+    Returns the number of wraps inserted."""
+    from onnx import TensorProto
+    narrow: dict[str, str] = dict(narrow_inits)
+    wide_u8 = _uint8_inputs_to_widen(graph)
+    for v in graph.inputs:
+        if v.dtype in ("int8", "int16") or v.name in wide_u8:
+            narrow[v.name] = v.dtype
+            v.dtype = "int64"
+    if not narrow and not any(n.op_type == "Cast" and int(n.attrs.get("to", 0)) in
+                              (TensorProto.INT8, TensorProto.INT16) for n in graph.nodes):
+        return 0
+    out_nodes: list[Node] = []
+    wraps = 0
+    for node in graph.nodes:
+        kind = None  # narrow dtype of this node's outputs
+        if node.op_type == "Cast":
+            to = int(node.attrs.get("to", 0))
+            for name, code in _NARROW_TO.items():
+                if to == code and name != "uint8":  # uint8 is a core dtype: Cast makes it
+                    kind = name
+                    node.attrs["to"] = TensorProto.INT64
+        elif node.op_type in _WRAPPING or node.op_type in _SAME_TYPE:
+            data = node.inputs[1:] if node.op_type == "Where" else node.inputs[:1]
+            if node.op_type in ("Max", "Min", "Sum", "Concat", "Add", "Sub", "Mul", "Div",
+                                "Pow", "Mod"):
+                data = node.inputs
+            kinds = {narrow[i] for i in data if i in narrow}
+            kind = max(kinds, key=lambda k: _NARROW_TO[k]) if kinds else None
+        out_nodes.append(node)
+        if kind is None:
+            continue
+        wrap = node.op_type in _WRAPPING
+        for k, out in enumerate(node.outputs):
+            if not out or (node.op_type == "Dropout" and k > 0):  # the mask is bool
+                continue
+            narrow[out] = kind
+            if not wrap:
+                continue
+            wide = graph.fresh_name(f"{out}_wide")
+            node.outputs[k] = wide
+            bits, signed = _BITS[kind]
+            half, full = graph.fresh_name(f"{out}_half"), graph.fresh_name(f"{out}_mod")
+            graph.initializers[half] = np.array(1 << (bits - 1) if signed else 0, np.int64)
+            graph.initializers[full] = np.array(1 << bits, np.int64)
+            a, m = graph.fresh_name(f"{out}_shifted"), graph.fresh_name(f"{out}_wrapped")
+            out_nodes += [Node("Add", [wide, half], [a], name=f"{node.name}_wrap_add"),
+                          Node("Mod", [a, full], [m], name=f"{node.name}_wrap_mod"),
+                          Node("Sub", [m, half], [out], name=f"{node.name}_wrap_sub")]
+            wraps += 1
+    graph.nodes = out_nodes
+    return wraps

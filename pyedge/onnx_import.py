@@ -296,6 +296,10 @@ def _value_info(v: onnx.ValueInfoProto) -> ValueInfo:
     tt = v.type.tensor_type
     dtype = _np_dtype(tt.elem_type, f"graph input/output '{v.name}'") if tt.elem_type else "float32"
     shape = [int(d.dim_value) if d.HasField("dim_value") else -1 for d in tt.shape.dim]
+    if any(d.HasField("dim_value") and d.dim_value < 0 for d in tt.shape.dim):
+        # invalid ONNX, and onnx's own shape inference aborts the process on it
+        raise ModelLoadError(f"graph input/output '{v.name}' has a negative dimension "
+                             f"{[int(d.dim_value) for d in tt.shape.dim]}")
     return ValueInfo(v.name, dtype, shape)
 
 
@@ -321,6 +325,31 @@ def _constant_value(node: onnx.NodeProto, desc: str) -> np.ndarray:
     raise ModelLoadError(f"{desc}: Constant without a supported value attribute")
 
 
+def _check_attr_types(n: onnx.NodeProto, opset: int, desc: str) -> None:
+    """An attribute whose type differs from the one the ONNX schema declares (a float `perm`,
+    a list `axis`) is refused here: rewrites and kernels read attributes by their schema
+    type. Unknown ops and attributes are left to the core's own checks."""
+    if n.domain not in ("", "ai.onnx"):
+        return
+    try:
+        schema = onnx.defs.get_schema(n.op_type, opset)
+    except Exception:  # noqa: BLE001 - no schema at that opset, or unknown op
+        try:
+            schema = onnx.defs.get_schema(n.op_type)
+        except Exception:  # noqa: BLE001
+            return
+    A = onnx.AttributeProto
+    for a in n.attribute:
+        decl = schema.attributes.get(a.name)
+        if decl is None or a.type == A.UNDEFINED:
+            continue
+        want = int(decl.type)
+        if want != int(a.type):
+            raise ModelLoadError(f"{desc}: attribute '{a.name}' is "
+                                 f"{A.AttributeType.Name(a.type)}, the op's schema declares "
+                                 f"{A.AttributeType.Name(want)}")
+
+
 def _check_inputs_against_schema(node: Node, opset: int) -> None:
     """An absent input ("") is allowed only where the ONNX schema marks it optional; kernels
     rely on this, so a broken file is refused here rather than read through a null tensor."""
@@ -334,6 +363,11 @@ def _check_inputs_against_schema(node: Node, opset: int) -> None:
         except Exception:  # noqa: BLE001 - unknown op: the core reports it with the node's name
             return
     formal = list(schema.inputs)
+    if len([o for o in node.outputs if o]) < schema.min_output:
+        # rewrites read a node's first output; a file without it is broken, not an edge case
+        raise ModelLoadError(f"{node.op_type} node '{node.name}' has "
+                             f"{len([o for o in node.outputs if o])} outputs, the op needs at "
+                             f"least {schema.min_output}")
     if len(node.inputs) < schema.min_input:
         raise ModelLoadError(f"{node.op_type} node '{node.name}' has {len(node.inputs)} inputs, "
                              f"the op needs at least {schema.min_input}")
@@ -410,6 +444,7 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph
         if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1:
             inits[n.output[0]] = _constant_value(n, desc)
             continue
+        _check_attr_types(n, opsets.get(n.domain or "", opsets.get("", 17)), desc)
         attrs = {a.name: _attr_value(a, desc) for a in n.attribute}
         for p in n.metadata_props:
             if p.key == "pkg.torch.onnx.name_scopes":
@@ -433,15 +468,19 @@ def _to_graph(proto: onnx.ModelProto, base_dir, max_bytes, mapped=None) -> Graph
                   node_scopes=node_scopes, value_shapes=shapes, dim_names=dim_names)
     from pyedge.import_quantized import (check_quant_nodes, rewrite_dequantize,
                                          share_gather_tables)
-    from pyedge.import_rewrites import fold_cast_chains, rewrite_sequences
+    from pyedge.import_rewrites import (fold_cast_chains, rewrite_sequences,
+                                        widen_narrow_ints)
     from pyedge.param_names import recover_param_map
     rewrite_sequences(graph)
     fold_cast_chains(graph)
     rewrite_dequantize(graph, int4_names)
     share_gather_tables(graph)
+    narrow_inits = {}
     for name, arr in graph.initializers.items():
         if arr.dtype in (np.int8, np.int16):
+            narrow_inits[name] = str(arr.dtype)
             graph.initializers[name] = arr.astype(np.int64)
+    widen_narrow_ints(graph, narrow_inits)
     check_quant_nodes(graph)
     graph.param_map = recover_param_map(graph)
     return graph

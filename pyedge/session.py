@@ -106,6 +106,10 @@ class TrainingSession:
         if scales:  # per-tensor learning-rate factors (LoRA+)
             opt["lr_scales"] = scales
         self._sess = _core.Session(self._model, trainable, LOSS if loss else "", opt, seed)
+        from pyedge.plan_time_inputs import plan_time_inputs
+        keyed = plan_time_inputs(self.graph)
+        if keyed:  # parameters fed as graph inputs: plans keyed on their values too
+            self._sess.set_value_keyed_inputs(keyed)
         self._input_names = [v.name for v in self.graph.inputs]
         self._input_dtypes = {v.name: v.dtype for v in self.graph.inputs}
         self._recompute = recompute
@@ -202,6 +206,10 @@ class TrainingSession:
         feed = self._input_list(inputs)
         with self._planning(feed, False):
             arrays = self._sess.run(feed, names)
+        # int8/int16 outputs are computed in int64 (import_rewrites.widen_narrow_ints)
+        declared = {o.name: o.dtype for o in self.graph.outputs}
+        arrays = [a.astype(declared[n]) if declared.get(n) in ("int8", "int16", "uint8")
+                  and a.dtype == np.int64 else a for n, a in zip(names, arrays)]
         return dict(zip(names, arrays))
 
     def _planning(self, arrays, training: bool):

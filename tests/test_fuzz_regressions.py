@@ -27,6 +27,16 @@ def test_saved_input(name):
     # import_dims_overflow.onnx: dims whose product overflowed float64 -> OverflowError.
     # graph_invalid_opset_absent_input.onnx: opset -1 hid the schema check of Add('', b)
     # (SIGSEGV); invalid opsets are refused and unknown versions use the newest schema.
+    # graph_transpose_float_perm.onnx: a Transpose whose perm is a float (found by the CI
+    # fuzz run) -> TypeError in fusions._swaps_last_two; now the core's clean error.
+    # graph_matmul_without_outputs.onnx: a MatMul listing no output -> IndexError in the
+    # fusions; now a ModelLoadError at import (outputs checked against the schema's minimum).
+    # graph_softmax_list_axis.onnx: Softmax with an INTS axis -> TypeError in the fusions;
+    # attribute types are now checked against the ONNX schema at import.
+    # graph_negative_input_dim.onnx: a graph input of shape [1, -4]: onnx's shape inference
+    # aborted the process (SIGABRT); negative declared dimensions are refused first.
+    # graph_tile_huge_repeats.onnx: Tile(64x64, repeats [2^20, 2^10]) allocated 8 GB of
+    # per-tile offsets while planning (OOM kill); the output is checked against the limit.
     common.checked((DATA / name).read_bytes())
 
 

@@ -343,8 +343,9 @@ def test_pad():
                    lambda a, p: torch.nn.functional.pad(a, (2, 1, 1, 3, 0, 0)))
     check_backward("Pad", [x, ints(-1, 0, -2, 1, 1, 0)],
                    lambda a, p: torch.nn.functional.pad(a, (-2, 0, 0, 1, -1, 1)))
-    with pytest.raises(_core.PyedgeError, match="reflect"):
-        run("Pad", [x, ints(0, 1, 2, 0, 3, 1)], {"mode": "reflect"})
+    # edge / reflect / wrap: tests/test_ops_import_breadth.py
+    with pytest.raises(_core.PyedgeError, match="mode 'mirror' is not supported"):
+        run("Pad", [x, ints(0, 1, 2, 0, 3, 1)], {"mode": "mirror"})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -235,6 +235,8 @@ void bind_session(py::module_& m) {
       "built from now on (drops cached plans).")
       .def_property_readonly("fixed_bytes", &Session::fixed_bytes)
       .def("zero_grads", &Session::zero_grads)
+      .def("set_value_keyed_inputs", &Session::set_value_keyed_inputs, py::arg("names"),
+           "Model inputs whose fed value ops need at plan time; plans are cached per value.")
       .def_readwrite("step_count", &Session::step_count)
       .def_readwrite("lr", &Session::lr)
       .def_readwrite("training_mode", &Session::training_mode)

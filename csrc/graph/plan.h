@@ -15,6 +15,10 @@ namespace pyedge {
 
 struct PlanRequest {
   std::vector<Shape> input_shapes;        // one per model input, in model order
+  // model input index -> its value, known at plan time: a parameter an op reads while
+  // planning (Reshape's shape, Slice's starts, Pad's pads...) fed as a graph input. The
+  // plan keeps a copy, folds what depends on it, and is cached per value (Session).
+  std::map<int, Tensor> input_values;
   std::map<int, Tensor> trainable;        // value id -> parameter storage (float32)
   std::map<int, Tensor> trainable_grads;  // value id -> its gradient buffer (accumulated into)
   std::vector<int> targets;               // values to keep for the caller (outputs, loss)

@@ -1,5 +1,7 @@
 // Passes 1-3: every value's dtype and shape, which nodes the targets need, and the forward
 // schedule (shape inference per node, constant folding, one Step per node that runs).
+#include <cstring>
+
 #include "common/memory_limit.h"
 #include "graph/plan_passes.h"
 
@@ -27,6 +29,17 @@ void Plan::init_values(const Model& model, const PlanRequest& req, PlanBuild& b)
     int v = model.inputs[i];
     values_[size_t(v)] = make_output(model.input_dtypes[i], req.input_shapes[i]);
     b.external[size_t(v)] = true;
+    auto known = req.input_values.find(int(i));
+    if (known != req.input_values.end() && known->second.data) {
+      const Tensor& t = known->second;
+      PYEDGE_CHECK(t.dtype == model.input_dtypes[i] && t.shape == req.input_shapes[i],
+                   "internal: plan-time value of input ", i, " does not match its shape");
+      folded_.push_back(OwnedTensor::make(t.dtype, t.shape));
+      std::memcpy(folded_.back().t.data, t.data, t.nbytes());
+      stats_.constant_bytes += int64_t(t.nbytes());
+      values_[size_t(v)] = folded_.back().t;
+      is_const_[size_t(v)] = true;
+    }
   }
   loss_ = req.loss;
   b.mem_limit = memory_limit_bytes();

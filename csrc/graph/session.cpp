@@ -70,22 +70,52 @@ void Session::zero_grads() {
   for (Parameter& p : params_) std::memset(p.grad.data, 0, p.grad.nbytes());
 }
 
+void Session::set_value_keyed_inputs(const std::vector<std::string>& names) {
+  std::vector<bool> keyed(model_->inputs.size(), false);
+  for (const std::string& name : names) {
+    bool found = false;
+    for (size_t i = 0; i < model_->inputs.size(); ++i)
+      if (model_->value_name(model_->inputs[i]) == name) keyed[i] = found = true;
+    PYEDGE_CHECK(found, "'", name, "' is not an input of the model");
+  }
+  value_keyed_ = names.empty() ? std::vector<bool>{} : keyed;
+  plans_.clear();
+  last_plan_ = size_t(-1);
+}
+
 Plan& Session::plan_for(const std::vector<Shape>& shapes, bool training,
-                        const std::vector<int>& targets) {
+                        const std::vector<int>& targets, const std::vector<Tensor>* inputs) {
+  // The bytes of value-keyed inputs are part of the signature (none: no allocation here).
+  std::vector<std::vector<char>>& values = scratch_values_;
+  if (!value_keyed_.empty()) {
+    values.resize(value_keyed_.size());
+    for (size_t i = 0; i < value_keyed_.size(); ++i) {
+      values[i].clear();
+      if (!value_keyed_[i] || !inputs || !(*inputs)[i].data) continue;
+      const char* p = static_cast<const char*>((*inputs)[i].data);
+      values[i].assign(p, p + (*inputs)[i].nbytes());
+    }
+  }
+  auto same = [&](const CachedPlan& c) {
+    return c.training == training && c.shapes == shapes && c.targets == targets &&
+           (value_keyed_.empty() || c.values == values);
+  };
   // Fast path without allocating: the same signature as last time.
   if (last_plan_ < plans_.size()) {
     CachedPlan& c = plans_[last_plan_];
-    if (c.training == training && c.shapes == shapes && c.targets == targets) return *c.plan;
+    if (same(c)) return *c.plan;
   }
   for (size_t i = 0; i < plans_.size(); ++i) {
-    CachedPlan& c = plans_[i];
-    if (c.training == training && c.shapes == shapes && c.targets == targets) {
+    if (same(plans_[i])) {
       last_plan_ = i;
-      return *c.plan;
+      return *plans_[i].plan;
     }
   }
   PlanRequest req;
   req.input_shapes = shapes;
+  if (inputs)
+    for (size_t i = 0; i < value_keyed_.size(); ++i)
+      if (value_keyed_[i]) req.input_values[int(i)] = (*inputs)[i];
   for (Parameter& p : params_) {
     req.trainable[p.value_id] = p.value;
     req.trainable_grads[p.value_id] = p.grad;
@@ -124,7 +154,8 @@ Plan& Session::plan_for(const std::vector<Shape>& shapes, bool training,
     req.budget_is_hard = false;
   }
   auto plan = std::make_unique<Plan>(*model_, req, arena_);
-  plans_.push_back({training, shapes, targets, std::move(plan)});
+  plans_.push_back({training, shapes, targets, std::move(plan),
+                    value_keyed_.empty() ? std::vector<std::vector<char>>{} : values});
   last_plan_ = plans_.size() - 1;
   return *plans_.back().plan;
 }
@@ -155,7 +186,7 @@ StepResult Session::train_step(const std::vector<Tensor>& inputs, bool update,
   for (size_t i = 0; i < inputs.size(); ++i)
     if (shapes[i] != inputs[i].shape) shapes[i] = inputs[i].shape;
   check_inputs(inputs, nullptr, true);
-  Plan& plan = plan_for(shapes, true, no_targets_);
+  Plan& plan = plan_for(shapes, true, no_targets_, &inputs);
   plan.set_profiling(profiling);
   for (size_t i = 0; i < inputs.size(); ++i) {
     PYEDGE_CHECK(inputs[i].data || !plan.input_used(i), "input '",
@@ -198,7 +229,7 @@ std::vector<Tensor> Session::run(const std::vector<Tensor>& inputs, const std::v
   std::vector<Shape> shapes(inputs.size());
   for (size_t i = 0; i < inputs.size(); ++i) shapes[i] = inputs[i].shape;
   check_inputs(inputs, nullptr, false);
-  Plan& plan = plan_for(shapes, false, outputs);
+  Plan& plan = plan_for(shapes, false, outputs, &inputs);
   for (size_t i = 0; i < inputs.size(); ++i) {
     PYEDGE_CHECK(inputs[i].data || !plan.input_used(i), "input '",
                  model_->value_name(model_->inputs[i]), "' is required");

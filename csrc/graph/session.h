@@ -59,9 +59,14 @@ class Session {
   // resident + parameters + their gradients + optimizer state.
   int64_t fixed_bytes() const;
   std::vector<Plan::StepTime> last_profile() const;
+  // Model inputs (by name) whose value an op needs at plan time (a Reshape's shape, Slice's
+  // starts, ... fed as graph inputs): plans are then built with the fed value known and
+  // cached per value as well as per shape. Drops the cached plans.
+  void set_value_keyed_inputs(const std::vector<std::string>& names);
 
  private:
-  Plan& plan_for(const std::vector<Shape>& shapes, bool training, const std::vector<int>& targets);
+  Plan& plan_for(const std::vector<Shape>& shapes, bool training, const std::vector<int>& targets,
+                 const std::vector<Tensor>* inputs = nullptr);
   void check_inputs(const std::vector<Tensor>& inputs, Plan* plan, bool training);
 
   std::shared_ptr<Model> model_;
@@ -74,7 +79,10 @@ class Session {
     std::vector<Shape> shapes;
     std::vector<int> targets;
     std::unique_ptr<Plan> plan;
+    std::vector<std::vector<char>> values;  // bytes of the value-keyed inputs (else empty)
   };
+  std::vector<bool> value_keyed_;  // per model input (empty: none)
+  std::vector<std::vector<char>> scratch_values_;
   std::vector<CachedPlan> plans_;
   int64_t memory_budget_ = -1, resident_bytes_ = 0;
   PlanRequest::Recompute recompute_ = PlanRequest::Recompute::kAuto;

@@ -63,12 +63,15 @@ WindowGeom make_window_geom(const NodeInfo& n, const Shape& x, const std::vector
     } else {
       PYEDGE_CHECK(auto_pad == "NOTSET", n.where(), ": unknown auto_pad '", auto_pad, "'");
       int64_t span = in[a] + pb[a] + pe[a] - eff;
-      if (span < 0) {
-        out[a] = 0;
-      } else if (ceil_mode) {
-        out[a] = ceil_div(span, s[a]) + 1;
+      if (ceil_mode) {
+        // A window may reach past the padded input (EfficientNet's pooler: a 1280-wide
+        // window, stride 1280, over 7 columns gives one output), as in PyTorch and
+        // onnxruntime; the taps outside are skipped and not counted.
+        out[a] = std::max<int64_t>(0, ceil_div(span, s[a]) + 1);
         // The last window must start inside the input or its leading padding.
-        if ((out[a] - 1) * s[a] >= in[a] + pb[a]) --out[a];
+        if (out[a] > 0 && (out[a] - 1) * s[a] >= in[a] + pb[a]) --out[a];
+      } else if (span < 0) {
+        out[a] = 0;
       } else {
         out[a] = span / s[a] + 1;
       }

@@ -1,10 +1,11 @@
-// Layout ops: Transpose, Concat, Split, Slice, Tile, Pad (constant), Trilu. All of them move
+// Layout ops: Transpose, Concat, Split, Slice, Tile, Pad (constant, edge, reflect, wrap), Trilu. All of them move
 // bytes of any dtype; each is one or more strided Regions (ops/region_copy.h) built at plan
 // time. Backward (float32 data) runs the same Regions the other way round with +=.
 #include <algorithm>
 #include <cstring>
 #include <string>
 
+#include "common/memory_limit.h"
 #include "ops/op.h"
 #include "ops/region_copy.h"
 
@@ -296,7 +297,13 @@ class Tile : public LayoutOp {
       PYEDGE_CHECK(reps[k] >= 0, n.where(), ": negative repeat ", reps[k]);
       os[k] = x.shape[k] * reps[k];
     }
-    numel(os);  // throws on an element count past int64 (a hostile repeats input)
+    // throws on an element count past int64 (a hostile repeats input); an output past the
+    // plan memory limit is refused here, before the per-tile offsets below (one int64 per
+    // tile: 8 GB for repeats [2^20, 2^10]) are allocated
+    const int64_t limit = memory_limit_bytes();
+    PYEDGE_CHECK(numel(os) <= limit / int64_t(dtype_size(x.dtype)), n.where(), ": output ",
+                 shape_str(os), " of ", dtype_name(x.dtype), " is over the plan memory limit of ",
+                 limit, " bytes (PYEDGE_MAX_MEMORY)");
     auto xst = contiguous_strides(x.shape), ost = contiguous_strides(os);
     std::vector<int64_t> ds, ss;
     for (size_t k = 0; k < r; ++k) {
@@ -373,14 +380,102 @@ void fill_value(const Tensor& t, uint64_t bits) {
 }
 
 // Pad(x, pads[, constant_value[, axes]]) in constant mode; negative pads crop.
+// Pad's edge / reflect / wrap modes: every output element copies one input element.
+// Per axis a, src_[a][o] = stride_a · (input index that output index o reads), so an
+// output element's source is Σ_a src_[a][o_a]; rows along the last axis run as one loop.
+// Backward scatters dY back through the same map (+=: an edge element gets many rows).
+class PadGather {
+ public:
+  bool active() const { return !src_.empty(); }
+
+  void build(const NodeInfo& n, const std::string& mode, const Shape& xs, const Shape& os,
+             const std::vector<int64_t>& pb) {
+    const size_t r = xs.size();
+    auto xst = contiguous_strides(xs);
+    os_ = os;
+    src_.assign(r, {});
+    for (size_t a = 0; a < r; ++a) {
+      const int64_t len = xs[a];
+      PYEDGE_CHECK(len > 0 || os[a] == 0, n.where(), ": mode '", mode, "' cannot pad axis ",
+                   a, " of ", shape_str(xs), " (it is empty)");
+      src_[a].resize(size_t(os[a]));
+      for (int64_t o = 0; o < os[a]; ++o) {
+        int64_t i = o - pb[a];  // index into x, possibly outside [0, len)
+        if (mode == "edge") {
+          i = std::min<int64_t>(std::max<int64_t>(i, 0), len - 1);
+        } else if (mode == "wrap") {
+          i = ((i % len) + len) % len;
+        } else if (len == 1) {  // reflect: numpy's 'reflect' (edge not repeated)
+          i = 0;
+        } else {
+          const int64_t period = 2 * (len - 1);
+          i = ((i % period) + period) % period;
+          if (i >= len) i = period - i;
+        }
+        src_[a][size_t(o)] = i * xst[a];
+      }
+    }
+  }
+
+  void forward(size_t esize, const void* x, void* y) const {
+    switch (esize) {
+      case 1: run<uint8_t>(static_cast<const uint8_t*>(x), static_cast<uint8_t*>(y)); break;
+      case 2: run<uint16_t>(static_cast<const uint16_t*>(x), static_cast<uint16_t*>(y)); break;
+      case 4: run<uint32_t>(static_cast<const uint32_t*>(x), static_cast<uint32_t*>(y)); break;
+      default: run<uint64_t>(static_cast<const uint64_t*>(x), static_cast<uint64_t*>(y)); break;
+    }
+  }
+  // dx [x's shape] += scatter of dy [output shape]
+  void backward(const float* dy, float* dx) const {
+    rows([&](int64_t base, int64_t out_off) {
+      const std::vector<int64_t>& last = src_.back();
+      for (size_t j = 0; j < last.size(); ++j) dx[base + last[j]] += dy[out_off + int64_t(j)];
+    });
+  }
+
+ private:
+  template <typename T>
+  void run(const T* x, T* y) const {
+    rows([&](int64_t base, int64_t out_off) {
+      const std::vector<int64_t>& last = src_.back();
+      for (size_t j = 0; j < last.size(); ++j) y[out_off + int64_t(j)] = x[base + last[j]];
+    });
+  }
+  // Calls f(source offset of the row's axes but the last, output offset of the row) for each
+  // row along the last axis, in output order.
+  template <typename F>
+  void rows(F&& f) const {
+    const size_t r = src_.size();
+    if (r == 0 || numel(os_) == 0) return;
+    const int64_t W = os_.back();
+    std::vector<int64_t> idx(r, 0);
+    int64_t out_off = 0;
+    while (true) {
+      int64_t base = 0;
+      for (size_t a = 0; a + 1 < r; ++a) base += src_[a][size_t(idx[a])];
+      f(base, out_off);
+      out_off += W;
+      size_t a = r - 1;
+      while (a-- > 0) {
+        if (++idx[a] < os_[a]) break;
+        idx[a] = 0;
+      }
+      if (a == size_t(-1)) return;
+    }
+  }
+
+  Shape os_;
+  std::vector<std::vector<int64_t>> src_;
+};
+
 class Pad : public LayoutOp {
  public:
   Pad(const NodeInfo& n, const std::vector<Tensor>& in) {
     const Tensor& x = in.at(0);
     size_t r = x.shape.size();
     std::string mode = n.attrs.get_string("mode", "constant");
-    PYEDGE_CHECK(mode == "constant", n.where(), ": mode '", mode,
-                 "' is not supported (only 'constant')");
+    PYEDGE_CHECK(mode == "constant" || mode == "edge" || mode == "reflect" || mode == "wrap",
+                 n.where(), ": mode '", mode, "' is not supported (constant, edge, reflect, wrap)");
     std::vector<int64_t> pads, axes;
     double value = 0;
     const void* const_bits = nullptr;  // constant_value known at plan time
@@ -426,6 +521,11 @@ class Pad : public LayoutOp {
       doff += std::max<int64_t>(0, pb[a]) * ost[a];
     }
     if (numel(kept) == 0) soff = doff = 0;
+    if (mode != "constant" && r > 0) {  // a scalar has nothing to pad
+      gather_.build(n, mode, x.shape, os, pb);
+      outputs = {make_output(x.dtype, os)};
+      return;
+    }
     need_fill_ = numel(kept) != numel(os);
     bits_ = bits_of(x.dtype, value);
     if (const_bits) std::memcpy(&bits_, const_bits, dtype_size(x.dtype));
@@ -435,6 +535,10 @@ class Pad : public LayoutOp {
   }
   void forward(const std::vector<Tensor>& in, const std::vector<Tensor>& out,
                RunContext&) override {
+    if (gather_.active()) {
+      gather_.forward(dtype_size(in[0].dtype), in[0].data, out[0].data);
+      return;
+    }
     if (need_fill_) {
       uint64_t bits = bits_;
       if (runtime_value_) std::memcpy(&bits, in[2].data, dtype_size(in[2].dtype));
@@ -445,10 +549,13 @@ class Pad : public LayoutOp {
   void backward(const std::vector<Tensor>&, const std::vector<Tensor>&,
                 const std::vector<Tensor>& dout, const std::vector<Tensor>& din,
                 RunContext&) override {
-    if (din[0].data && dout[0].data) add_region(bwd_, din[0].ptr<float>(), dout[0].ptr<float>());
+    if (!din[0].data || !dout[0].data) return;
+    if (gather_.active()) gather_.backward(dout[0].ptr<float>(), din[0].ptr<float>());
+    else add_region(bwd_, din[0].ptr<float>(), dout[0].ptr<float>());
   }
 
  private:
+  PadGather gather_;  // edge / reflect / wrap
   Region fwd_, bwd_;
   bool need_fill_ = false, runtime_value_ = false;
   uint64_t bits_ = 0;

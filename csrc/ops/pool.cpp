@@ -1,4 +1,5 @@
-// Pooling: MaxPool, AveragePool (1D / 2D windows), GlobalAveragePool, GlobalMaxPool.
+// Pooling: MaxPool, AveragePool (1D / 2D windows; 3D in pool_nd.cpp), GlobalAveragePool,
+// GlobalMaxPool.
 //   x [N, C, (H,) W] -> y [N, C, (OH,) OW]
 // Kernels run one (n, c) plane per task and loop tap-major (for each kernel tap, the output
 // rows/columns whose input lies inside the image), so the inner loops have no bounds checks.
@@ -8,6 +9,7 @@
 
 #include "common/parallel.h"
 #include "ops/conv_im2col.h"
+#include "ops/pool_nd.h"
 
 namespace pyedge {
 namespace {
@@ -233,7 +235,11 @@ class MaxPool : public Op {
   DenseFn<int32_t> dense_i32_ = nullptr;
   DenseFn<int64_t> dense_i64_ = nullptr;
 };
-PYEDGE_REGISTER_OP("MaxPool", MaxPool);
+// 3-D windows go to pool_nd.cpp.
+bool is_3d(const std::vector<Tensor>& in) { return !in.empty() && in[0].rank() == 5; }
+OpRegistrar max_pool_registrar("MaxPool", [](const NodeInfo& n, const std::vector<Tensor>& in) {
+  return is_3d(in) ? make_pool_3d(n, in, true) : std::unique_ptr<Op>(new MaxPool(n, in));
+});
 
 // AveragePool. The divisor of a window is separable: (taps counted along H) x (along W),
 // counted inside the image (count_include_pad=0) or inside the padded image (=1).
@@ -343,7 +349,10 @@ class AveragePool : public Op {
   int64_t planes_ = 0;
   std::vector<float> inv_h_, inv_w_;
 };
-PYEDGE_REGISTER_OP("AveragePool", AveragePool);
+OpRegistrar avg_pool_registrar("AveragePool", [](const NodeInfo& n,
+                                                  const std::vector<Tensor>& in) {
+  return is_3d(in) ? make_pool_3d(n, in, false) : std::unique_ptr<Op>(new AveragePool(n, in));
+});
 
 // Global pools: x [N, C, spatial...] -> y [N, C, 1, ...].
 struct GlobalDims {
