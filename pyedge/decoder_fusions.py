@@ -176,15 +176,60 @@ def fuse_rmsnorm(graph: Graph) -> int:
 # ------------------------------------------------------------------------------- gated MLP
 def _same_shape(m: _Matcher, a: str, b: str) -> bool:
     """Whether a and b have the same shape: equal static shapes in the file, or (symbolic
-    dims) two projections of the same input with equal output widths."""
+    dims) two projections of the same input with equal output widths, or two equally wide
+    last-axis pieces of one tensor (Phi-3's gate_up_proj chunked into gate and up)."""
     sa, sb = m.graph.value_shapes.get(a), m.graph.value_shapes.get(b)
-    if sa is None or sb is None or list(sa) != list(sb):
+    if sa is not None and sb is not None and list(sa) == list(sb):
+        if all(int(d) >= 0 for d in sa):
+            return True
+        pa, pb = m.producer.get(a), m.producer.get(b)
+        if (pa is not None and pb is not None and pa.op_type in ("MatMul", "LoraMatMul")
+                and pb.op_type == pa.op_type and pa.inputs[0] == pb.inputs[0]):
+            return True
+    elif sa is not None and sb is not None:
         return False
-    if all(int(d) >= 0 for d in sa):
-        return True
-    pa, pb = m.producer.get(a), m.producer.get(b)
-    return (pa is not None and pb is not None and pa.op_type in ("MatMul", "LoraMatMul")
-            and pb.op_type == pa.op_type and pa.inputs[0] == pb.inputs[0])
+    # pieces of one tensor share every leading dim: equal widths make equal shapes
+    ka, kb = _last_axis_piece(m, a), _last_axis_piece(m, b)
+    return ka is not None and kb is not None and ka[0] == kb[0] and ka[1] == kb[1]
+
+
+def _last_axis_piece(m: _Matcher, value: str) -> tuple[str, int] | None:
+    """(x, width) when `value` is a last-axis piece of x of a known width:
+    SequenceAt(SplitToSequence(x, axis -1)) (the dynamo exporter's chunk), Split(x, axis -1)
+    or Slice(x, start, end, [-1]) (TorchScript's chunk, bounds from x's static last dim)."""
+    from pyedge.fusion_shapes import int_value
+    n = m.producer.get(value)
+    if not _default(n):
+        return None
+    vs = m.graph.value_shapes.get(value)
+    rank = len(vs) if vs else None
+    own = int(vs[-1]) if vs and int(vs[-1]) >= 0 else None
+
+    def last(axis) -> bool:
+        return axis == -1 or (rank is not None and axis == rank - 1)
+    if n.op_type == "SequenceAt":
+        seq = m.producer.get(n.inputs[0])
+        if _default(seq) and seq.op_type == "SplitToSequence" \
+                and last(int(seq.attrs.get("axis", 0))) and own is not None:
+            return seq.inputs[0], own
+        return None
+    if n.op_type == "Split" and last(int(n.attrs.get("axis", 0))) and own is not None:
+        return n.inputs[0], own
+    if n.op_type != "Slice" or len(n.inputs) < 4 or not n.inputs[3]:
+        return None
+    src = n.inputs[0]
+    ss = m.graph.value_shapes.get(src)
+    bounds = [int_value(m, i) for i in n.inputs[1:4]]
+    steps = int_value(m, n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4] else np.array([1])
+    if not ss or int(ss[-1]) < 0 or any(b is None or b.size != 1 for b in bounds) \
+            or steps is None or [int(x) for x in np.ravel(steps)] != [1]:
+        return None
+    D = int(ss[-1])
+    lo, hi, axis = (int(np.ravel(b)[0]) for b in bounds)
+    if not (axis == -1 or axis == len(ss) - 1):
+        return None
+    lo, hi = (min(max(v + D if v < 0 else v, 0), D) for v in (lo, hi))
+    return src, max(0, hi - lo)
 
 
 _GELU_ACT = {"none": "gelu", "tanh": "gelu_tanh"}
