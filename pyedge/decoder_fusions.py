@@ -119,7 +119,10 @@ def _rms_weight(m: _Matcher, y: str, D: int | None) -> tuple[str, bool, Node, li
     """The Mul(w, y) scaling the normalised y by an initializer [D], or by Add(w, 1) (Gemma):
     (w, add_one, the Mul, the nodes making 1 + w)."""
     mul = m.private(y)
-    if mul is None or not _default(mul) or mul.op_type != "Mul" or D is None:
+    if mul is None or not _default(mul) or mul.op_type != "Mul":
+        return None
+    D = D or _last_dim(m, mul.outputs[0])
+    if D is None:
         return None
     w = m.other_input(mul, y)
     if w is None:
@@ -128,14 +131,37 @@ def _rms_weight(m: _Matcher, y: str, D: int | None) -> tuple[str, bool, Node, li
     add = _op(m, w, "Add")
     if add is not None and m.private(w) is mul and len(add.inputs) == 2:
         for base, one in (add.inputs, add.inputs[::-1]):
-            if base in m.graph.initializers and m.is_const(one, 1.0, rtol=0.0):
-                w, extra, add_one = base, [add], True
+            init = _float32_init(m, base)
+            if init is not None and m.is_const(one, 1.0, rtol=0.0):
+                w, extra, add_one = init[0], [add] + init[1], True
                 break
+    else:
+        init = _float32_init(m, w)
+        if init is not None and (not init[1] or m.private(w) is mul):
+            w, extra = init
     a = m.graph.initializers.get(w)
     if a is None or np.asarray(a).dtype != np.float32 or np.size(a) != D \
             or np.shape(a)[-1:] != (D,) or np.ndim(a) > 1:
         return None
     return w, add_one, mul, extra
+
+
+def _float32_init(m: _Matcher, value: str) -> tuple[str, list[Node]] | None:
+    """A float32 initializer as read directly or through Cast(to float32) (TorchScript's
+    `weight.float()`, Gemma): (its name, the Cast when there is one)."""
+    nodes = []
+    cast = _op(m, value, "Cast")
+    if cast is not None and int(cast.attrs.get("to", 0)) == 1 and m.private(value) is not None:
+        nodes, value = [cast], cast.inputs[0]
+    # TorchScript aliases identical-valued parameters: Identity(the one it kept)
+    while value not in m.graph.initializers:
+        idn = _op(m, value, "Identity")
+        if idn is None:
+            return None
+        value = idn.inputs[0]
+    if np.asarray(m.graph.initializers[value]).dtype != np.float32:
+        return None
+    return value, nodes
 
 
 def fuse_rmsnorm(graph: Graph) -> int:
@@ -151,7 +177,9 @@ def fuse_rmsnorm(graph: Graph) -> int:
         if site is None:
             continue
         x, eps, nodes = site
-        D = _last_dim(m, x)
+        # x's last dim, or (TorchScript leaves it symbolic after a Reshape) the normalised
+        # value's: the same dim, as the chain is elementwise over it
+        D = _last_dim(m, x) or _last_dim(m, mul.outputs[0])
         out, inputs, attrs = mul.outputs[0], [x], {"epsilon": float(eps)}
         wsite = _rms_weight(m, out, D)
         if wsite is not None:

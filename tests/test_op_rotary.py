@@ -47,6 +47,7 @@ CASES = [  # (B, H, T, D, rd, Bc, layout)
 ]
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("B,H,T,D,rd,Bc,layout", CASES)
 def test_rotary_forward_matches_numpy(B, H, T, D, rd, Bc, layout):
     rng = np.random.default_rng(D + rd)
@@ -59,6 +60,7 @@ def test_rotary_forward_matches_numpy(B, H, T, D, rd, Bc, layout):
     np.testing.assert_array_equal(y[..., rd:], x[..., rd:])  # pass-through is a copy
 
 
+@pytest.mark.arm64
 def test_rotary_table_forms_agree():
     """[Bc, T, rd], [T, rd], [Bc, 1, T, rd] (bhtd) and [Bc, T, 1, rd] (bthd), T broadcast."""
     rng = np.random.default_rng(0)
@@ -107,6 +109,7 @@ def _exported_chain(shape, rd):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("shape,rd", [((2, 3, 7, 16), 16), ((1, 2, 5, 32), 8)])
 def test_rotary_forward_matches_onnxruntime(shape, rd):
     import onnxruntime as ort
@@ -156,6 +159,7 @@ def test_rotary_backward_matches_torch(B, H, T, D, rd, Bc, layout):
         np.testing.assert_allclose(g[0] - off, grads[0], rtol=1e-6, atol=1e-6, err_msg=init)
 
 
+@pytest.mark.arm64
 def test_rotary_backward_finite_differences():
     """dX against central differences of the forward (float64 sums of float32 outputs)."""
     rng = np.random.default_rng(3)
@@ -176,6 +180,7 @@ def test_rotary_backward_finite_differences():
     np.testing.assert_allclose(dx.ravel(), fd, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.arm64
 def test_rotary_refuses_a_gradient_for_cos_and_sin():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 2, 3, 8)).astype(np.float32)
@@ -185,6 +190,7 @@ def test_rotary_refuses_a_gradient_for_cos_and_sin():
                      grad_outputs=[np.ones_like(x)])
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("inputs,attrs,msg", [
     ((np.zeros((2, 3, 8), np.float32), np.zeros((3, 8), np.float32), np.zeros((3, 8), np.float32)),
      {}, "X must be 4-D"),
