@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pyedge.decoder_fusions import _chain_is_private, _default, _drop_dead, _op, _value
+from pyedge.decoder_fusions import _default, _drop_dead, _op, _value
 from pyedge.fusion_shapes import int_value
 from pyedge.fusions import _depends_on, _Matcher
 from pyedge.graph import Graph, Node
@@ -217,6 +217,42 @@ def _partial(m: _Matcher, site: dict) -> None:
     site["out"] = cat.outputs[0]
 
 
+_SHAPE_ARITH = {"Shape", "Gather", "Cast", "Unsqueeze", "Squeeze", "Reshape", "Concat", "Slice",
+                "Add", "Sub", "Mul", "Div"}
+
+
+def _feeds_only(m: _Matcher, node: Node, ids: set[int], depth: int = 0) -> bool:
+    """Whether what `node` (shape arithmetic) computes is read by the nodes `ids` alone."""
+    if depth > 10:
+        return False
+    for v in node.outputs:
+        if v in m.outputs:
+            return False
+        for u in m.consumers.get(v, []):
+            if id(u) in ids:
+                continue
+            if not (_default(u) and u.op_type in _SHAPE_ARITH and _feeds_only(m, u, ids, depth + 1)):
+                return False
+    return True
+
+
+def _private(m: _Matcher, nodes: list[Node], result: str) -> bool:
+    """Every value the chain makes, but `result`, is read by the chain alone, or by a Shape
+    whose arithmetic only bounds the chain's slices (TorchScript's `x.shape[-1] // 2`)."""
+    ids = {id(n) for n in nodes}
+    for n in nodes:
+        for v in n.outputs:
+            if v == result or not v:
+                continue
+            if v in m.outputs:
+                return False
+            for u in m.consumers.get(v, []):
+                if id(u) not in ids and not (_default(u) and u.op_type == "Shape"
+                                             and _feeds_only(m, u, ids)):
+                    return False
+    return True
+
+
 def fuse_rotary(graph: Graph, trainable: set[str] = frozenset()) -> int:
     """Replaces the exporters' rotary embedding chains (above) with one pyedge.Rotary each."""
     m = _Matcher(graph)
@@ -230,7 +266,7 @@ def fuse_rotary(graph: Graph, trainable: set[str] = frozenset()) -> int:
             continue
         _partial(m, site)
         nodes, out = site["nodes"], site["out"]
-        if not _chain_is_private(m, nodes, out) \
+        if not _private(m, nodes, out) \
                 or any(id(n) in remove or id(n) in replace for n in nodes):
             continue
         if _depends_on(m, site["cos"], set(trainable)) or _depends_on(m, site["sin"], set(trainable)):
