@@ -120,7 +120,10 @@ def _rms_weight(m: _Matcher, y: str, D: int | None) -> tuple[str, bool, Node, li
     """The Mul(w, y) scaling the normalised y by an initializer [D], or by Add(w, 1) (Gemma):
     (w, add_one, the Mul, the nodes making 1 + w)."""
     mul = m.private(y)
-    if mul is None or not _default(mul) or mul.op_type != "Mul" or D is None:
+    if mul is None or not _default(mul) or mul.op_type != "Mul":
+        return None
+    D = D or _last_dim(m, mul.outputs[0])
+    if D is None:
         return None
     w = m.other_input(mul, y)
     if w is None:
@@ -129,14 +132,37 @@ def _rms_weight(m: _Matcher, y: str, D: int | None) -> tuple[str, bool, Node, li
     add = _op(m, w, "Add")
     if add is not None and m.private(w) is mul and len(add.inputs) == 2:
         for base, one in (add.inputs, add.inputs[::-1]):
-            if base in m.graph.initializers and m.is_const(one, 1.0, rtol=0.0):
-                w, extra, add_one = base, [add], True
+            init = _float32_init(m, base)
+            if init is not None and m.is_const(one, 1.0, rtol=0.0):
+                w, extra, add_one = init[0], [add] + init[1], True
                 break
+    else:
+        init = _float32_init(m, w)
+        if init is not None and (not init[1] or m.private(w) is mul):
+            w, extra = init
     a = m.graph.initializers.get(w)
     if a is None or np.asarray(a).dtype != np.float32 or np.size(a) != D \
             or np.shape(a)[-1:] != (D,) or np.ndim(a) > 1:
         return None
     return w, add_one, mul, extra
+
+
+def _float32_init(m: _Matcher, value: str) -> tuple[str, list[Node]] | None:
+    """A float32 initializer as read directly or through Cast(to float32) (TorchScript's
+    `weight.float()`, Gemma): (its name, the Cast when there is one)."""
+    nodes = []
+    cast = _op(m, value, "Cast")
+    if cast is not None and int(cast.attrs.get("to", 0)) == 1 and m.private(value) is not None:
+        nodes, value = [cast], cast.inputs[0]
+    # TorchScript aliases identical-valued parameters: Identity(the one it kept)
+    while value not in m.graph.initializers:
+        idn = _op(m, value, "Identity")
+        if idn is None:
+            return None
+        value = idn.inputs[0]
+    if np.asarray(m.graph.initializers[value]).dtype != np.float32:
+        return None
+    return value, nodes
 
 
 def fuse_rmsnorm(graph: Graph) -> int:
@@ -152,7 +178,9 @@ def fuse_rmsnorm(graph: Graph) -> int:
         if site is None:
             continue
         x, eps, nodes = site
-        D = _last_dim(m, x)
+        # x's last dim, or (TorchScript leaves it symbolic after a Reshape) the normalised
+        # value's: the same dim, as the chain is elementwise over it
+        D = _last_dim(m, x) or _last_dim(m, mul.outputs[0])
         out, inputs, attrs = mul.outputs[0], [x], {"epsilon": float(eps)}
         wsite = _rms_weight(m, out, D)
         if wsite is not None:
@@ -177,15 +205,60 @@ def fuse_rmsnorm(graph: Graph) -> int:
 # ------------------------------------------------------------------------------- gated MLP
 def _same_shape(m: _Matcher, a: str, b: str) -> bool:
     """Whether a and b have the same shape: equal static shapes in the file, or (symbolic
-    dims) two projections of the same input with equal output widths."""
+    dims) two projections of the same input with equal output widths, or two equally wide
+    last-axis pieces of one tensor (Phi-3's gate_up_proj chunked into gate and up)."""
     sa, sb = m.graph.value_shapes.get(a), m.graph.value_shapes.get(b)
-    if sa is None or sb is None or list(sa) != list(sb):
+    if sa is not None and sb is not None and list(sa) == list(sb):
+        if all(int(d) >= 0 for d in sa):
+            return True
+        pa, pb = m.producer.get(a), m.producer.get(b)
+        if (pa is not None and pb is not None and pa.op_type in ("MatMul", "LoraMatMul")
+                and pb.op_type == pa.op_type and pa.inputs[0] == pb.inputs[0]):
+            return True
+    elif sa is not None and sb is not None:
         return False
-    if all(int(d) >= 0 for d in sa):
-        return True
-    pa, pb = m.producer.get(a), m.producer.get(b)
-    return (pa is not None and pb is not None and pa.op_type in ("MatMul", "LoraMatMul")
-            and pb.op_type == pa.op_type and pa.inputs[0] == pb.inputs[0])
+    # pieces of one tensor share every leading dim: equal widths make equal shapes
+    ka, kb = _last_axis_piece(m, a), _last_axis_piece(m, b)
+    return ka is not None and kb is not None and ka[0] == kb[0] and ka[1] == kb[1]
+
+
+def _last_axis_piece(m: _Matcher, value: str) -> tuple[str, int] | None:
+    """(x, width) when `value` is a last-axis piece of x of a known width:
+    SequenceAt(SplitToSequence(x, axis -1)) (the dynamo exporter's chunk), Split(x, axis -1)
+    or Slice(x, start, end, [-1]) (TorchScript's chunk, bounds from x's static last dim)."""
+    from pyedge.fusion_shapes import int_value
+    n = m.producer.get(value)
+    if not _default(n):
+        return None
+    vs = m.graph.value_shapes.get(value)
+    rank = len(vs) if vs else None
+    own = int(vs[-1]) if vs and int(vs[-1]) >= 0 else None
+
+    def last(axis) -> bool:
+        return axis == -1 or (rank is not None and axis == rank - 1)
+    if n.op_type == "SequenceAt":
+        seq = m.producer.get(n.inputs[0])
+        if _default(seq) and seq.op_type == "SplitToSequence" \
+                and last(int(seq.attrs.get("axis", 0))) and own is not None:
+            return seq.inputs[0], own
+        return None
+    if n.op_type == "Split" and last(int(n.attrs.get("axis", 0))) and own is not None:
+        return n.inputs[0], own
+    if n.op_type != "Slice" or len(n.inputs) < 4 or not n.inputs[3]:
+        return None
+    src = n.inputs[0]
+    ss = m.graph.value_shapes.get(src)
+    bounds = [int_value(m, i) for i in n.inputs[1:4]]
+    steps = int_value(m, n.inputs[4]) if len(n.inputs) > 4 and n.inputs[4] else np.array([1])
+    if not ss or int(ss[-1]) < 0 or any(b is None or b.size != 1 for b in bounds) \
+            or steps is None or [int(x) for x in np.ravel(steps)] != [1]:
+        return None
+    D = int(ss[-1])
+    lo, hi, axis = (int(np.ravel(b)[0]) for b in bounds)
+    if not (axis == -1 or axis == len(ss) - 1):
+        return None
+    lo, hi = (min(max(v + D if v < 0 else v, 0), D) for v in (lo, hi))
+    return src, max(0, hi - lo)
 
 
 _GELU_ACT = {"none": "gelu", "tanh": "gelu_tanh"}

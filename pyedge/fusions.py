@@ -100,8 +100,22 @@ def _gelu_inner(m: _Matcher, act: Node) -> tuple[str, str, list[Node]] | None:
             pw = m.made_by(cubed, "Pow")
             if pw is not None and pw.inputs[0] == x and m.is_const(pw.inputs[1], 3.0):
                 return x, "tanh", [pw, coef, add, scale, act]
+            cube = _cube_by_muls(m, cubed, x)  # TorchScript: x · (x · x)
+            if cube is not None:
+                return x, "tanh", cube + [coef, add, scale, act]
         return None
     return None
+
+
+def _cube_by_muls(m: _Matcher, value: str, x: str) -> list[Node] | None:
+    """value = x³ spelled Mul(x, Mul(x, x)) in either operand order: the two Mul nodes."""
+    outer = m.made_by(value, "Mul")
+    if outer is None or len(outer.inputs) != 2 or x not in outer.inputs:
+        return None
+    sq = m.made_by(m.other_input(outer, x) or "", "Mul")
+    if sq is None or list(sq.inputs) != [x, x]:
+        return None
+    return [sq, outer]
 
 
 def _gelu_outer(m: _Matcher, x: str, one_plus: str) -> tuple[str, list[Node]] | None:
@@ -447,6 +461,7 @@ def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
     # Llama-family fusions live in their own modules (they import this one's matcher)
     from pyedge import attention_fusion
     from pyedge import decoder_fusions as dec
+    from pyedge.rotary_fusion import fuse_rotary
 
     done = Counter()
     # first, so the fusions below see the ops that now run on gathered rows
@@ -454,6 +469,8 @@ def fuse(graph: Graph, trainable: set[str] = frozenset()) -> dict[str, int]:
     done["gelu"] += fuse_gelu(graph)
     done["rmsnorm"] += dec.fuse_rmsnorm(graph)
     done["gated_mlp"] += dec.fuse_gated_mlp(graph)  # after fuse_gelu: GeGLU reads a Gelu
+    # keeps the rotated Q/K value names, so the attention rules below match either way
+    done["rotary"] += fuse_rotary(graph, set(trainable))
     done["masked_softmax"] += fuse_masked_softmax(graph, set(trainable))
     done["transposed_matmul"] += fuse_transposed_matmul(graph)
     done["attention"] += fuse_attention(graph)

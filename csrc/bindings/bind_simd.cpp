@@ -13,6 +13,7 @@
 #include "ops/dora_kernels.h"
 #include "ops/gated_mlp_kernels.h"
 #include "ops/rmsnorm_kernels.h"
+#include "ops/rotary_kernels.h"
 #include "ops/softmax_kernels.h"
 
 namespace py = pybind11;
@@ -179,6 +180,21 @@ py::array run(const std::string& name, F32 a, F32 b, F32 c) {
     else if (a_ == gmk::kGelu) go(std::integral_constant<int, gmk::kGelu>{});
     else go(std::integral_constant<int, gmk::kGeluTanh>{});
     return std::move(res);
+  } else if (name == "rotary" || name == "rotary_bwd") {
+    // a = X [rows, D] (rotary_bwd: dY, as dX needs no X), b = cos, c = sin [rows, rd]
+    // (one table row per row of a); returns Y (dX) [rows, D]
+    if (a.ndim() != 2 || b.ndim() != 2 || c.ndim() != 2 || b.shape(0) != a.shape(0) ||
+        c.shape(0) != a.shape(0) || b.shape(1) != c.shape(1) || b.shape(1) % 2 ||
+        b.shape(1) > a.shape(1))
+      throw std::invalid_argument(name + ": a [rows, D], b and c [rows, rd] with rd even <= D");
+    const int64_t rows = a.shape(0), D = a.shape(1), rd = b.shape(1);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (name == "rotary")
+        rotk::fwd_row<S>(x + r * D, b.data() + r * rd, c.data() + r * rd, y + r * D, rd / 2, D);
+      else
+        rotk::bwd_row<S, true>(x + r * D, b.data() + r * rd, c.data() + r * rd, y + r * D,
+                               rd / 2, D);
+    }
   } else {
     throw std::invalid_argument("simd_kernel: unknown kernel '" + name + "'");
   }
@@ -210,7 +226,7 @@ void bind_simd(py::module_& m) {
       py::arg("scalar") = false,
       "Run a SIMD kernel (add sub mul div max min fma exp tanh erf sigmoid row_max row_sum "
       "row_dot exp_sum softmax logsoftmax layernorm rmsnorm rmsnorm_1p rmsnorm_bwd "
-      "gated_<silu|gelu|gelu_tanh>[_bwd]) on the native SIMD path or, with "
+      "gated_<silu|gelu|gelu_tanh>[_bwd] rotary rotary_bwd) on the native SIMD path or, with "
       "scalar=True, on the scalar reference.");
 }
 
