@@ -118,7 +118,8 @@ def register(method: AdapterMethod) -> AdapterMethod:
     return method
 
 
-_BUILTIN = ("pyedge.adapters.lora", "pyedge.adapters.dora", "pyedge.adapters.ia3")
+_BUILTIN = ("pyedge.adapters.lora", "pyedge.adapters.dora", "pyedge.adapters.ia3",
+            "pyedge.adapters.ln_tuning")
 
 
 def _load_builtin():

@@ -371,7 +371,13 @@ def split_keys(tensors: dict[str, np.ndarray], adapter_name: str = "default", sh
             keys[(mod, ab)] = key
             continue
         mod, dot, suffix = name.rpartition(".")
-        if extra is not None and suffix in extra_suffixes:
+        # a method's tensor may sit below its suffix (LN tuning: <module>.ln_tuning_layers.bias)
+        own = next((s for s in extra_suffixes[len(LORA_EXTRA_SUFFIXES):]
+                    if f".{s}." in name), None)
+        if own is not None:
+            mod, _, rest = name.partition(f".{own}.")
+            suffix = f"{own}.{rest}"
+        if extra is not None and (suffix in extra_suffixes or own is not None):
             if suffix in extra.get(mod, {}):
                 raise AdapterError(f"{where}tensor {q(key)}: a second {suffix} for module "
                                    f"{q(mod)}")
