@@ -222,7 +222,7 @@ CASES = [
      r"layers\.2\.lora_A\.weight' adapts module 'layers\.2', which target_modules"),
     ("targets_but_no_lora", dict(tensors=drop(A0, B0, A2, B2)), WTS,
      r"no LoRA tensors, but adapter_config\.json targets"),
-    ("method_ia3", dict(config=cfg_set(peft_type="IA3")), CFG, r"peft_type is 'IA3'"),
+    ("method_boft", dict(config=cfg_set(peft_type="BOFT")), CFG, r"peft_type is 'BOFT'"),
     ("method_vera", dict(config=cfg_set(peft_type="VERA")), CFG, r"peft_type is 'VERA'"),
     ("dora", dict(config=cfg_set(use_dora=True)), CFG, r"DoRA"),
     ("dora_tensor", dict(tensors=put(P + "layers.0.lora_magnitude_vector", np.ones(64))), WTS,

@@ -80,8 +80,8 @@ def test_registry():
     assert method_for_peft({"peft_type": "LORA"}).name == "lora"
     assert method_for_peft({"peft_type": "LORA", "use_dora": True}).name == "dora"
     assert method_by_name("DoRA").name == "dora"
-    with pytest.raises(AdapterError, match="'IA3'.*cannot load"):
-        method_for_peft({"peft_type": "IA3"}, "x/adapter_config.json")
+    with pytest.raises(AdapterError, match="'BOFT'.*cannot load"):
+        method_for_peft({"peft_type": "BOFT"}, "x/adapter_config.json")
     with pytest.raises(ValueError, match="unknown adapter method 'vera'"):
         method_by_name("vera")
     assert op_rule(Node("LoraMatMul", [], [], "", "pyedge", {})).bias_input == 4
