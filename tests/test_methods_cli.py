@@ -50,6 +50,21 @@ def test_train_ia3_eval_merge(demo, tmp_path):
     assert abs(json.loads(r.stdout)["loss"] - ours["loss"]) <= 1e-4 * abs(ours["loss"])
 
 
+@pytest.mark.parametrize("method", ["ln_tuning", "hra"])
+def test_train_other_methods(demo, tmp_path, method):
+    """LN tuning has no norm in the demo MLP, so it tunes a Linear's tensors (PEFT allows any
+    module); HRA reflects layers.2's input. The run's PEFT folder names the method."""
+    model, d = demo
+    out = tmp_path / "run"
+    r = run("train", model, "--data", d / "train.npz", "--method", method, "--target",
+            "layers.2", "--lora-r", "2", "--max-steps", "10", "--out", out)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(next(out.rglob("adapter_config.json")).read_text())
+    assert cfg["peft_type"] == method.upper()
+    r = run("eval", model, "--adapters", out / "adapters", "--data", d / "train.npz", "--json")
+    assert r.returncode == 0, r.stderr
+
+
 def test_unknown_method_is_a_usage_error(demo):
     model, d = demo
     r = run("train", model, "--data", d / "train.npz", "--method", "boft", "--target", "layers.0")

@@ -119,7 +119,7 @@ def register(method: AdapterMethod) -> AdapterMethod:
 
 
 _BUILTIN = ("pyedge.adapters.lora", "pyedge.adapters.dora", "pyedge.adapters.ia3",
-            "pyedge.adapters.ln_tuning")
+            "pyedge.adapters.ln_tuning", "pyedge.adapters.hra")
 
 
 def _load_builtin():
