@@ -119,7 +119,8 @@ def register(method: AdapterMethod) -> AdapterMethod:
 
 
 _BUILTIN = ("pyedge.adapters.lora", "pyedge.adapters.dora", "pyedge.adapters.ia3",
-            "pyedge.adapters.ln_tuning", "pyedge.adapters.hra")
+            "pyedge.adapters.ln_tuning", "pyedge.adapters.hra",
+            "pyedge.adapters.miss")
 
 
 def _load_builtin():
