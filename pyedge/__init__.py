@@ -9,14 +9,15 @@ with core_load_env():  # variables libgomp and OpenBLAS read when they load
     # pyedge._core: the build of the core for this CPU's instruction set (core_variant.py)
     _core = _load_core(_os.environ, cpu_flags(), _platform.machine())
 from pyedge._core import PyedgeError, UnsupportedOpError  # noqa: E402
-from pyedge.adapters import HRAConfig, IA3Config, LNTuningConfig, LoraConfig, MissConfig
+from pyedge.adapters import (HRAConfig, IA3Config, LNTuningConfig, LoraConfig, MissConfig,
+                             VeraConfig)
 from pyedge.onnx_import import ModelLoadError, load_onnx
 from pyedge.optim import SGD, AdamW
 from pyedge.quantize import quantize  # the function; the module stays importable by `from`
 from pyedge.session import TrainingSession
 
 __version__ = "0.1.0"
-__all__ = ["TrainingSession", "LoraConfig", "IA3Config", "HRAConfig", "MissConfig", "LNTuningConfig", "AdamW", "SGD", "load_onnx", "PyedgeError",
+__all__ = ["TrainingSession", "LoraConfig", "IA3Config", "HRAConfig", "MissConfig", "VeraConfig", "LNTuningConfig", "AdamW", "SGD", "load_onnx", "PyedgeError",
            "UnsupportedOpError", "ModelLoadError", "quantize"]
 
 

@@ -111,12 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
     g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rsLoRA)")
-    g.add_argument("--method", choices=("lora", "dora", "ia3", "ln_tuning", "hra", "miss"),
+    g.add_argument("--method", choices=("lora", "dora", "ia3", "ln_tuning", "hra", "miss", "vera"),
                    help="adapter method (pyedge/adapters/): lora (default), dora (LoRA with a "
                         "trained magnitude, PEFT's use_dora), ia3 (IA3Config: a learned scale per "
                         "feature of --target), ln_tuning (LNTuningConfig: --target's norm "
                         "tensors train), hra (HRAConfig: --lora-r Householder reflections), "
-                        "miss (MissConfig: a [--lora-r, out] block)")
+                        "miss (MissConfig: a [--lora-r, out] block), vera (VeraConfig: rank --lora-r, "
+                        "projections seeded by --seed)")
     g.add_argument("--feedforward-modules",
                    help="ia3: the targets whose input is scaled, comma-separated (PEFT's "
                         "feedforward_modules, e.g. down_proj)")

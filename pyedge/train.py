@@ -61,7 +61,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     rslora: bool = False
-    method: str = "lora"                # adapter method (pyedge/adapters/): lora | dora | ia3 | ln_tuning | hra | miss
+    method: str = "lora"                # adapter method (pyedge/adapters/): lora | dora | ia3 | ln_tuning | hra | miss | vera
     feedforward_modules: list = dataclasses.field(default_factory=list)  # ia3: input-scaled targets
     init_lora_weights: str | None = None   # "pissa" | "olora" | "gaussian" (None: PEFT's default)
     loraplus_lr_ratio: float | None = None  # LoRA+: B (and DoRA's magnitude) at lr x ratio
@@ -268,18 +268,21 @@ def build_session(cfg: TrainConfig, graph=None, loss: str | None = "__cfg__"):
         graph, _ = load_quantized(cfg.model, cfg.quantize)
     graph = graph if graph is not None else pyedge.load_onnx(cfg.model)
     targets = expand_targets(graph, split_list(cfg.target))
-    if cfg.method not in ("lora", "dora", "ia3", "ln_tuning", "hra", "miss"):
-        raise ValueError(f"--method {cfg.method!r}: pyedge has lora, dora, ia3, ln_tuning, hra, "
-                         "miss")
-    if cfg.method in ("ia3", "ln_tuning", "hra", "miss"):  # pyedge/adapters/<method>.py
-        lora = None if not targets else (
-            pyedge.IA3Config(target_modules=targets, seed=cfg.seed,
-                             feedforward_modules=split_list(cfg.feedforward_modules))
-            if cfg.method == "ia3" else pyedge.LNTuningConfig(target_modules=targets)
-            if cfg.method == "ln_tuning" else
-            pyedge.HRAConfig(r=cfg.lora_r, target_modules=targets, seed=cfg.seed)
-            if cfg.method == "hra" else
-            pyedge.MissConfig(r=cfg.lora_r, target_modules=targets, seed=cfg.seed))
+    # methods beside the LoRA family (pyedge/adapters/<method>.py): config from the flags
+    others = {
+        "ia3": lambda: pyedge.IA3Config(target_modules=targets, seed=cfg.seed,
+                                        feedforward_modules=split_list(cfg.feedforward_modules)),
+        "ln_tuning": lambda: pyedge.LNTuningConfig(target_modules=targets),
+        "hra": lambda: pyedge.HRAConfig(r=cfg.lora_r, target_modules=targets, seed=cfg.seed),
+        "miss": lambda: pyedge.MissConfig(r=cfg.lora_r, target_modules=targets, seed=cfg.seed),
+        "vera": lambda: pyedge.VeraConfig(r=cfg.lora_r, target_modules=targets,
+                                          projection_prng_key=cfg.seed),
+    }
+    if cfg.method not in ("lora", "dora", *others):
+        raise ValueError(f"--method {cfg.method!r}: pyedge has lora, dora, "
+                         f"{', '.join(others)}")
+    if cfg.method in others:
+        lora = others[cfg.method]() if targets else None
     else:
         lora = (pyedge.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets,
                               dropout=cfg.lora_dropout, use_rslora=cfg.rslora, seed=cfg.seed,

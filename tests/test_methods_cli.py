@@ -50,10 +50,11 @@ def test_train_ia3_eval_merge(demo, tmp_path):
     assert abs(json.loads(r.stdout)["loss"] - ours["loss"]) <= 1e-4 * abs(ours["loss"])
 
 
-@pytest.mark.parametrize("method", ["ln_tuning", "hra", "miss"])
+@pytest.mark.parametrize("method", ["ln_tuning", "hra", "miss", "vera"])
 def test_train_other_methods(demo, tmp_path, method):
     """LN tuning has no norm in the demo MLP, so it tunes a Linear's tensors (PEFT allows any
-    module); HRA reflects layers.2's input; MiSS adds a block. The run's PEFT folder names the method."""
+    module); HRA reflects layers.2's input; MiSS adds a block; VeRA
+    scales shared random projections. The run's PEFT folder names the method."""
     model, d = demo
     out = tmp_path / "run"
     r = run("train", model, "--data", d / "train.npz", "--method", method, "--target",

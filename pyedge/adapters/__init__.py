@@ -7,7 +7,8 @@ from pyedge.adapters.ia3 import IA3Config
 from pyedge.adapters.ln_tuning import LNTuningConfig
 from pyedge.adapters.lora import LoraConfig, LoraSite, inject_lora
 from pyedge.adapters.miss import MissConfig
+from pyedge.adapters.vera import VeraConfig
 from pyedge.adapters.whole_tensors import select_trainable_tensors
 
-__all__ = ["LoraConfig", "IA3Config", "HRAConfig", "MissConfig", "LNTuningConfig", "LoraSite", "inject_lora", "select_trainable_tensors", "AdapterMethod",
+__all__ = ["LoraConfig", "IA3Config", "HRAConfig", "MissConfig", "VeraConfig", "LNTuningConfig", "LoraSite", "inject_lora", "select_trainable_tensors", "AdapterMethod",
            "OpRule", "method_by_name", "method_for_config", "method_for_peft", "methods"]

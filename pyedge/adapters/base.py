@@ -120,7 +120,7 @@ def register(method: AdapterMethod) -> AdapterMethod:
 
 _BUILTIN = ("pyedge.adapters.lora", "pyedge.adapters.dora", "pyedge.adapters.ia3",
             "pyedge.adapters.ln_tuning", "pyedge.adapters.hra",
-            "pyedge.adapters.miss")
+            "pyedge.adapters.miss", "pyedge.adapters.vera")
 
 
 def _load_builtin():
