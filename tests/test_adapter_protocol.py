@@ -95,7 +95,7 @@ def test_peft_folder_of_unknown_method_is_named(tmp_path):
     folder = sess.save_adapters(tmp_path / "a")
     cfg_path = os.path.join(folder, "adapter_config.json")
     cfg = json.load(open(cfg_path))
-    for pt in ("OFT", "FOURIERFT"):
+    for pt in ("OFT", "BOFT"):
         json.dump({**cfg, "peft_type": pt}, open(cfg_path, "w"))
         with pytest.raises(AdapterError, match=f"peft_type is '{pt}', a PEFT method pyedge "
                                                "cannot load"):

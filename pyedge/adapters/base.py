@@ -120,7 +120,8 @@ def register(method: AdapterMethod) -> AdapterMethod:
 
 _BUILTIN = ("pyedge.adapters.lora", "pyedge.adapters.dora", "pyedge.adapters.ia3",
             "pyedge.adapters.ln_tuning", "pyedge.adapters.hra",
-            "pyedge.adapters.miss", "pyedge.adapters.vera")
+            "pyedge.adapters.miss", "pyedge.adapters.vera",
+            "pyedge.adapters.fourierft")
 
 
 def _load_builtin():
