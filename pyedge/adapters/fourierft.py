@@ -240,6 +240,10 @@ class FourierFTMethod(AdapterMethod):
                     f"FourierFT for module {q(module)} which the session does not adapt"
                     if strict else module)
                 continue
+            if tuple(arr.shape) != tuple(params[site.spectrum].shape):
+                problems.append(f"{q(ad.key_of(module, SUFFIX))} has shape {list(arr.shape)}, "
+                                f"expected {list(params[site.spectrum].shape)}")
+                continue
             writes[site.spectrum] = arr
             loaded.append(site.spectrum)
         for module in sites:
