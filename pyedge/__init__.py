@@ -9,7 +9,8 @@ with core_load_env():  # variables libgomp and OpenBLAS read when they load
     # pyedge._core: the build of the core for this CPU's instruction set (core_variant.py)
     _core = _load_core(_os.environ, cpu_flags(), _platform.machine())
 from pyedge._core import PyedgeError, UnsupportedOpError  # noqa: E402
-from pyedge.adapters import LoraConfig
+from pyedge.adapters import (FourierFTConfig, HRAConfig, IA3Config, LNTuningConfig, LoraConfig,
+                             MissConfig, VeraConfig)
 from pyedge.generate import Generator, generate  # the function; the module stays importable
 from pyedge.onnx_import import ModelLoadError, load_onnx
 from pyedge.optim import SGD, AdamW
@@ -17,7 +18,8 @@ from pyedge.quantize import quantize  # the function; the module stays importabl
 from pyedge.session import TrainingSession
 
 __version__ = "0.1.0"
-__all__ = ["TrainingSession", "LoraConfig", "AdamW", "SGD", "load_onnx", "PyedgeError",
+__all__ = ["TrainingSession", "LoraConfig", "IA3Config", "HRAConfig", "MissConfig", "VeraConfig",
+           "FourierFTConfig", "LNTuningConfig", "AdamW", "SGD", "load_onnx", "PyedgeError",
            "UnsupportedOpError", "ModelLoadError", "quantize", "Generator", "generate"]
 
 

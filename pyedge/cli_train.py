@@ -34,9 +34,16 @@ def add_commands(sub, common) -> None:
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 16)")
     g.add_argument("--lora-dropout", type=float, help="dropout on the LoRA input (default 0)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rsLoRA)")
-    g.add_argument("--method", choices=("lora", "dora"),
-                   help="adapter method (pyedge/adapters/): lora (default) or dora (LoRA with a "
-                        "trained magnitude, PEFT's use_dora)")
+    g.add_argument("--method", choices=("lora", "dora", "ia3", "ln_tuning", "hra", "miss", "vera"),
+                   help="adapter method (pyedge/adapters/): lora (default), dora (LoRA with a "
+                        "trained magnitude, PEFT's use_dora), ia3 (IA3Config: a learned scale per "
+                        "feature of --target), ln_tuning (LNTuningConfig: --target's norm "
+                        "tensors train), hra (HRAConfig: --lora-r Householder reflections), "
+                        "miss (MissConfig: a [--lora-r, out] block), vera (VeraConfig: rank --lora-r, "
+                        "projections seeded by --seed)")
+    g.add_argument("--feedforward-modules",
+                   help="ia3: the targets whose input is scaled, comma-separated (PEFT's "
+                        "feedforward_modules, e.g. down_proj)")
     g.add_argument("--init-lora-weights", choices=("gaussian", "pissa", "olora"),
                    help="LoRA initialisation as PEFT's init_lora_weights (pissa/olora: A, B from "
                         "the SVD/QR of the weight, which becomes the residual)")
@@ -237,7 +244,7 @@ def train_config_from_args(args) -> "object":
     if values.get("resume"):
         # the run's saved options first; the config file and the flags given now win
         values = {**saved_run_options(values.get("out") or "pyedge-run"), **values}
-    for k in ("target", "train"):
+    for k in ("target", "train", "feedforward_modules"):
         if k in values:
             values[k] = split_list(values[k])
     if "loss" not in values and values.get("model") and _is_causal_lm_folder(values["model"]):

@@ -63,7 +63,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     rslora: bool = False
-    method: str = "lora"                # adapter method (pyedge/adapters/): lora | dora
+    method: str = "lora"                # adapter method (pyedge/adapters/): lora | dora | ia3 | ln_tuning | hra | miss | vera
+    feedforward_modules: list = dataclasses.field(default_factory=list)  # ia3: input-scaled targets
     init_lora_weights: str | None = None   # "pissa" | "olora" | "gaussian" (None: PEFT's default)
     loraplus_lr_ratio: float | None = None  # LoRA+: B (and DoRA's magnitude) at lr x ratio
     target: list = dataclasses.field(default_factory=list)   # LoRA target modules
@@ -269,14 +270,28 @@ def build_session(cfg: TrainConfig, graph=None, loss: str | None = "__cfg__"):
         graph, _ = load_quantized(cfg.model, cfg.quantize)
     graph = graph if graph is not None else pyedge.load_onnx(cfg.model)
     targets = expand_targets(graph, split_list(cfg.target))
-    if cfg.method not in ("lora", "dora"):
-        raise ValueError(f"--method {cfg.method!r}: pyedge has lora and dora")
-    lora = (pyedge.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets,
+    # methods beside the LoRA family (pyedge/adapters/<method>.py): config from the flags
+    others = {
+        "ia3": lambda: pyedge.IA3Config(target_modules=targets, seed=cfg.seed,
+                                        feedforward_modules=split_list(cfg.feedforward_modules)),
+        "ln_tuning": lambda: pyedge.LNTuningConfig(target_modules=targets),
+        "hra": lambda: pyedge.HRAConfig(r=cfg.lora_r, target_modules=targets, seed=cfg.seed),
+        "miss": lambda: pyedge.MissConfig(r=cfg.lora_r, target_modules=targets, seed=cfg.seed),
+        "vera": lambda: pyedge.VeraConfig(r=cfg.lora_r, target_modules=targets,
+                                          projection_prng_key=cfg.seed),
+    }
+    if cfg.method not in ("lora", "dora", *others):
+        raise ValueError(f"--method {cfg.method!r}: pyedge has lora, dora, "
+                         f"{', '.join(others)}")
+    if cfg.method in others:
+        lora = others[cfg.method]() if targets else None
+    else:
+        lora = (pyedge.LoraConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets,
                               dropout=cfg.lora_dropout, use_rslora=cfg.rslora, seed=cfg.seed,
                               use_dora=cfg.method == "dora",
                               init_lora_weights=cfg.init_lora_weights or True,
                               loraplus_lr_ratio=cfg.loraplus_lr_ratio)
-            if targets else None)
+                if targets else None)
     if cfg.optimizer == "adamw":
         wd = 0.01 if cfg.weight_decay is None else cfg.weight_decay
         opt = pyedge.AdamW(lr=cfg.lr, weight_decay=wd)
@@ -293,12 +308,21 @@ def build_session(cfg: TrainConfig, graph=None, loss: str | None = "__cfg__"):
     return sess
 
 
+def pyedge_lora_config():
+    from pyedge.adapters.lora import LoraConfig
+    return LoraConfig
+
+
 def adapter_meta(cfg: TrainConfig, session, model_sha: str, step: int | None = None) -> dict:
     lc = session.lora_config
     return {
         "format": ADAPTERS_FORMAT, "version": 1,
         "model": os.path.basename(str(cfg.model)), "model_sha256": model_sha,
-        "lora": None if lc is None else {
+        # a method other than the LoRA family: its config's fields, rebuilt by method name
+        **({"adapter": {"method": session.adapter_method.name,
+                        "config": dataclasses.asdict(lc)}}
+           if lc is not None and not isinstance(lc, pyedge_lora_config()) else {}),
+        "lora": None if lc is None or not isinstance(lc, pyedge_lora_config()) else {
             "r": lc.r, "alpha": lc.alpha, "target_modules": list(lc.target_modules),
             "dropout": lc.dropout, "use_rslora": lc.use_rslora,
             "use_dora": bool(getattr(lc, "use_dora", False)),
@@ -334,6 +358,10 @@ def session_from_adapters(model, adapters, loss: str | None = None, threads: int
                               use_dora=bool(lm.get("use_dora", False)),
                               init_lora_weights=lm.get("init_lora_weights", True))
             if lm else None)
+    if meta.get("adapter"):  # IA3, LN tuning, ...: the config class of the named method
+        from pyedge.adapters.base import method_by_name
+        am = meta["adapter"]
+        lora = method_by_name(str(am["method"])).config_class(**dict(am["config"]))
     if meta.get("quantize"):  # trained with --quantize: the same quantized base
         from pyedge.quantize import load_quantized
         model, _ = load_quantized(model, meta["quantize"])

@@ -222,8 +222,8 @@ CASES = [
      r"layers\.2\.lora_A\.weight' adapts module 'layers\.2', which target_modules"),
     ("targets_but_no_lora", dict(tensors=drop(A0, B0, A2, B2)), WTS,
      r"no LoRA tensors, but adapter_config\.json targets"),
-    ("method_ia3", dict(config=cfg_set(peft_type="IA3")), CFG, r"peft_type is 'IA3'"),
-    ("method_vera", dict(config=cfg_set(peft_type="VERA")), CFG, r"peft_type is 'VERA'"),
+    ("method_boft", dict(config=cfg_set(peft_type="BOFT")), CFG, r"peft_type is 'BOFT'"),
+    ("method_oft", dict(config=cfg_set(peft_type="OFT")), CFG, r"peft_type is 'OFT'"),
     ("dora", dict(config=cfg_set(use_dora=True)), CFG, r"DoRA"),
     ("dora_tensor", dict(tensors=put(P + "layers.0.lora_magnitude_vector", np.ones(64))), WTS,
      r"layers\.0\.lora_magnitude_vector'.*unsupported LoRA tensor"),
@@ -326,7 +326,7 @@ def test_bf16_read_matches_torch(tmp_path):
 
 # ----------------------------------------------------------------------------- other readers
 SOME = ["nan_lora", "int_whole", "r_zero", "alpha_nan", "wrong_shape_whole", "rank_vs_config",
-        "method_vera", "symlink_weights_out", "truncated", "extra_lora_module"]
+        "method_oft", "symlink_weights_out", "truncated", "extra_lora_module"]
 
 
 def _case(name):

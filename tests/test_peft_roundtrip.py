@@ -377,8 +377,8 @@ def test_no_pickle_and_not_lora(mlp_adapters, tmp_path):
         session_for("mlp", path).load_adapters(folder)
     os.rename(os.path.join(folder, "adapter_model.bin"),
               os.path.join(folder, "adapter_model.safetensors"))
-    _rewrite(folder, config=lambda c: {**c, "peft_type": "IA3"})
-    with pytest.raises(AdapterError, match="IA3"):
+    _rewrite(folder, config=lambda c: {**c, "peft_type": "BOFT"})
+    with pytest.raises(AdapterError, match="BOFT"):
         session_for("mlp", path).load_adapters(folder)
 
 

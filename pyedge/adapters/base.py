@@ -70,6 +70,12 @@ class AdapterMethod:
     peft_type: str = ""
     config_class: type = object
     op_rules: dict = {}
+    # tensor suffixes (after "<module>.") a non-LoRA method saves, e.g. ("ia3_l",): the folder
+    # reader hands them to the method (AdapterFiles.extra, checked by `check_files`)
+    peft_suffixes: tuple = ()
+
+    def check_files(self, config: dict, own: dict, keys: dict, shown: str, cfg_path: str):
+        """Checks the method's own tensors ({module: {suffix: array}}) of a folder."""
 
     def accepts(self, cfg) -> bool:
         return isinstance(cfg, self.config_class)
@@ -112,7 +118,10 @@ def register(method: AdapterMethod) -> AdapterMethod:
     return method
 
 
-_BUILTIN = ("pyedge.adapters.lora", "pyedge.adapters.dora")
+_BUILTIN = ("pyedge.adapters.lora", "pyedge.adapters.dora", "pyedge.adapters.ia3",
+            "pyedge.adapters.ln_tuning", "pyedge.adapters.hra",
+            "pyedge.adapters.miss", "pyedge.adapters.vera",
+            "pyedge.adapters.fourierft")
 
 
 def _load_builtin():

@@ -347,7 +347,8 @@ LORA_EXTRA_SUFFIXES = ("lora_magnitude_vector",)
 
 
 def split_keys(tensors: dict[str, np.ndarray], adapter_name: str = "default", shown: str = "",
-               keys: dict | None = None, extra: dict | None = None):
+               keys: dict | None = None, extra: dict | None = None,
+               extra_suffixes: tuple = LORA_EXTRA_SUFFIXES):
     """PEFT keys -> ({module: {"A": arr, "B": arr}}, {torch param name: arr}).
 
     Accepts both the saved form (``base_model.model.m.lora_A.weight``) and the in-memory one
@@ -370,7 +371,13 @@ def split_keys(tensors: dict[str, np.ndarray], adapter_name: str = "default", sh
             keys[(mod, ab)] = key
             continue
         mod, dot, suffix = name.rpartition(".")
-        if extra is not None and suffix in LORA_EXTRA_SUFFIXES:
+        # a method's tensor may sit below its suffix (LN tuning: <module>.ln_tuning_layers.bias)
+        own = next((s for s in extra_suffixes[len(LORA_EXTRA_SUFFIXES):]
+                    if f".{s}." in name), None)
+        if own is not None:
+            mod, _, rest = name.partition(f".{own}.")
+            suffix = f"{own}.{rest}"
+        if extra is not None and (suffix in extra_suffixes or own is not None):
             if suffix in extra.get(mod, {}):
                 raise AdapterError(f"{where}tensor {q(key)}: a second {suffix} for module "
                                    f"{q(mod)}")
@@ -389,7 +396,7 @@ def split_keys(tensors: dict[str, np.ndarray], adapter_name: str = "default", sh
     return lora, whole
 
 
-def _check_consistency(config, lora, whole, keys, shown, cfg_path):
+def _check_consistency(config, lora, whole, keys, shown, cfg_path, is_lora=True):
     """LoRA pairs complete, ranks as the config says, modules that target_modules selects;
     whole tensors under modules_to_save."""
     for module, ab in lora.items():
@@ -417,7 +424,9 @@ def _check_consistency(config, lora, whole, keys, shown, cfg_path):
                                f"{q(module)}, which target_modules="
                                f"{config.get('target_modules')!r} in "
                                f"{os.path.basename(cfg_path)} does not select")
-    if not lora and config.get("target_modules"):
+    if lora and not is_lora:
+        raise AdapterError(f"{shown}: LoRA tensors in a {config.get('peft_type')} folder")
+    if not lora and config.get("target_modules") and is_lora:
         raise AdapterError(f"{shown}: no LoRA tensors, but {os.path.basename(cfg_path)} targets "
                            f"{config.get('target_modules')!r}")
     suffixes = saved_module_suffixes(config)
@@ -488,7 +497,17 @@ def read_adapter_folder(folder) -> AdapterFiles:
     tensors = read_safetensors(w_real, w_shown)
     keys: dict = {}
     extra: dict = {}
-    lora, whole = split_keys(tensors, shown=w_shown, keys=keys, extra=extra)
-    _check_consistency(config, lora, whole, keys, w_shown, cfg_shown)
-    _check_extra(config, lora, extra, keys, w_shown, cfg_shown)
+    from pyedge.adapters.base import method_for_peft
+    method = method_for_peft(config, cfg_shown)
+    is_lora = method.peft_type == "LORA"   # other methods check their own tensors
+    lora, whole = split_keys(tensors, shown=w_shown, keys=keys, extra=extra,
+                             extra_suffixes=LORA_EXTRA_SUFFIXES + tuple(method.peft_suffixes))
+    _check_consistency(config, lora, whole, keys, w_shown, cfg_shown, is_lora)
+    for module, ts in extra.items():
+        for suffix, arr in ts.items():
+            check_values(w_shown, keys[(module, suffix)], arr, float_only=True)
+    if is_lora:
+        _check_extra(config, lora, extra, keys, w_shown, cfg_shown)
+    else:
+        method.check_files(config, extra, keys, w_shown, cfg_shown)
     return AdapterFiles(folder, cfg_shown, w_shown, config, tensors, lora, whole, keys, extra)

@@ -111,8 +111,10 @@ def adapter_state(session) -> tuple[dict, dict[str, np.ndarray]]:
                 f"the {method.name} site on '{site.weight}' has no PyTorch module name (the "
                 "file keeps no parameter names there), so PEFT could not load it; export the "
                 "model with pyedge.torch.export")
+    # keys are below base_model.model., except a method's model-level ones (VeRA's base_model.vera_A)
     tensors: dict[str, np.ndarray] = {
-        PREFIX + k: v for k, v in (method.peft_tensors(sites, params) if method else {}).items()}
+        (k if k.startswith("base_model.") else PREFIX + k): v
+        for k, v in (method.peft_tensors(sites, params) if method else {}).items()}
     target_modules: list[str] = [s.module for s in sites]
 
     # whole tensors -> modules_to_save (all tensors of those modules, in PyTorch layout)

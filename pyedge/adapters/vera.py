@@ -1,0 +1,295 @@
+"""VeRA (PEFT's ``VeraConfig``): shared frozen random projections, trained scaling vectors.
+
+PEFT (peft/tuners/vera, 0.21), per targeted nn.Linear (in, out), with A [r, max_in] and
+B [max_out, r] shared by every targeted layer (max over them):
+
+    y = x·Wᵀ + b + λ_b ∘ ((λ_d ∘ (x·A[:, :in]ᵀ))·B[:out]ᵀ)        λ_b [out] = 0, λ_d [r] = d_initial
+
+A and B come from torch.Generator().manual_seed(projection_prng_key): A then B, each
+uniform(±√3·√2/√fan_in) (PEFT's _kaiming_init). pyedge regenerates them bit for bit without
+torch (`torch_uniform`: torch's CPU generator is the 32-bit MT19937 numpy also has; a float
+uniform takes the low 24 bits of one draw, scaled in double between float32 bounds), so a folder saved with save_projection=false
+loads too; a folder's stored projections must equal the regenerated ones.
+
+The rewrite: MatMul(x, A_sᵀ) → Mul λ_d → MatMul B_sᵀ → Mul λ_b → Add to the module's output,
+with A_s, B_s the module's slices as frozen initializers. Standard ops only.
+
+PEFT file: ``base_model.model.<module>.vera_lambda_b`` / ``vera_lambda_d`` and, with
+save_projection, ``base_model.vera_A`` / ``base_model.vera_B``. Merge: ΔW = λ_b ∘ B_s·diag(λ_d)·A_s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Sequence
+
+import numpy as np
+
+from pyedge.adapters.base import AdapterMethod, register
+from pyedge.adapters.patterns import any_match
+from pyedge.graph import Graph, Node
+from pyedge.param_names import module_of
+
+LB, LD = "vera_lambda_b", "vera_lambda_d"
+_PEFT_PASSIVE = {"task_type": None, "inference_mode": None, "modules_to_save": None,
+                 "base_model_name_or_path": None, "revision": None, "exclude_modules": None,
+                 "peft_type": "VERA", "bias": "none", "layers_to_transform": None,
+                 "layers_pattern": None, "fan_in_fan_out": None, "vera_dropout": 0.0,
+                 "init_weights": True}
+
+
+def torch_uniform(seed: int, shapes_bounds) -> list[np.ndarray]:
+    """What torch.Generator().manual_seed(seed) followed by tensor.uniform_(-b, b) per
+    (shape, b) gives on the CPU, in float32, without torch."""
+    bg = np.random.MT19937()
+    bg._legacy_seeding(int(seed))     # init_genrand(seed), as torch's mt19937
+    out = []
+    for shape, b in shapes_bounds:
+        raw = bg.random_raw(int(np.prod(shape))).astype(np.uint64)
+        # torch: the bounds are float32 scalars; the draw is scaled in double, then rounded
+        x = (raw & np.uint64((1 << 24) - 1)).astype(np.float64) * (1.0 / (1 << 24))
+        lo, hi = float(np.float32(-b)), float(np.float32(b))
+        out.append((x * (hi - lo) + lo).astype(np.float32).reshape(shape))
+    return out
+
+
+def projections(key: int, r: int, max_in: int, max_out: int):
+    """PEFT's shared vera_A [r, max_in] and vera_B [max_out, r]."""
+    bound = lambda fan_in: math.sqrt(3.0) * math.sqrt(2) / math.sqrt(fan_in)  # noqa: E731
+    return torch_uniform(key, [((r, max_in), bound(max_in)), ((max_out, r), bound(r))])
+
+
+@dataclasses.dataclass(init=False)
+class VeraConfig:
+    """VeRA settings, mirroring peft.VeraConfig: r, target_modules, projection_prng_key,
+    save_projection, d_initial. vera_dropout > 0 is not supported."""
+    r: int = 256
+    target_modules: Sequence[str] | str = ()
+    projection_prng_key: int = 0
+    save_projection: bool = True
+    d_initial: float = 0.1
+    seed: int = 0
+
+    def __init__(self, r: int = 256, target_modules: Sequence[str] | str = (),
+                 projection_prng_key: int = 0, save_projection: bool = True,
+                 d_initial: float = 0.1, seed: int = 0, **peft_fields):
+        for k, v in peft_fields.items():
+            if k not in _PEFT_PASSIVE:
+                raise TypeError(f"VeraConfig: unknown or unsupported field '{k}'")
+            if _PEFT_PASSIVE[k] is not None and v not in (_PEFT_PASSIVE[k], None):
+                raise ValueError(f"VeraConfig: {k}={v!r} is not supported")
+        if not target_modules:
+            raise ValueError("VeraConfig: target_modules is required")
+        if r <= 0:
+            raise ValueError(f"VeraConfig: r must be positive, got {r}")
+        self.r, self.target_modules = int(r), target_modules
+        self.projection_prng_key, self.save_projection = int(projection_prng_key), \
+            bool(save_projection)
+        self.d_initial, self.seed = float(d_initial), seed
+
+    def targets(self, module: str) -> bool:
+        tm = self.target_modules
+        if isinstance(tm, str):
+            return re.fullmatch(tm, module) is not None
+        return any_match(module, tm)
+
+
+@dataclasses.dataclass
+class VeraSite:
+    module: str
+    weight: str
+    lambda_b: str        # trained [out]
+    lambda_d: str        # trained [r]
+    in_features: int
+    out_features: int
+    trans_w: bool
+
+
+def _targets(graph, cfg):
+    """[(node, weight, module, k, n, trans_w)] of the targeted MatMul/Gemm nodes."""
+    from pyedge.adapters.lora import _linear_weight
+    producers = graph.producer_map()
+    out, with_weight = [], []
+    for node in graph.nodes:
+        if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
+            continue
+        w = _linear_weight(graph, producers, node)
+        if w is None:
+            continue
+        module = module_of(graph, w)
+        with_weight.append(module)
+        if not cfg.targets(module):
+            continue
+        if node.op_type == "Gemm" and (node.attrs.get("transA", 0) or
+                                       node.attrs.get("alpha", 1.0) != 1.0):
+            raise ValueError(f"VeRA on '{module}': Gemm node '{node.name}' with transA/alpha "
+                             "is not supported")
+        via_t = node.inputs[1] != w
+        trans_w = bool(node.attrs.get("transB", 0)) != via_t if node.op_type == "Gemm" \
+            else via_t
+        W = graph.initializers[w]
+        k, n = (W.shape[1], W.shape[0]) if trans_w else (W.shape[0], W.shape[1])
+        out.append((node, w, module, int(k), int(n), trans_w))
+    if not out:
+        mods = sorted(set(with_weight))
+        raise ValueError(f"no module matches VeRA targets {cfg.target_modules!r}; modules with "
+                         f"a weight: {', '.join(mods[:20]) or 'none'}")
+    return out
+
+
+def inject_vera(graph: Graph, cfg: VeraConfig) -> list[VeraSite]:
+    found = _targets(graph, cfg)
+    max_in = max(t[3] for t in found)
+    max_out = max(t[4] for t in found)
+    A, B = projections(cfg.projection_prng_key, cfg.r, max_in, max_out)
+    graph.vera_projections = (A, B)   # for saving (save_projection) and checks on load
+    sites: dict[str, VeraSite] = {}
+    after: dict[int, list[Node]] = {}
+    for node, w, module, k, n, trans_w in found:
+        site = sites.get(module)
+        if site is None:
+            lb, ld = f"{module}.{LB}", f"{module}.{LD}"
+            graph.initializers[lb] = np.zeros(n, np.float32)
+            graph.initializers[ld] = np.full(cfg.r, cfg.d_initial, np.float32)
+            site = sites[module] = VeraSite(module, w, lb, ld, k, n, trans_w)
+        tag = f"{node.name or module}/vera"
+        a_s, b_s = graph.fresh_name(f"{tag}/A_T"), graph.fresh_name(f"{tag}/B_T")
+        graph.initializers[a_s] = np.ascontiguousarray(A[:, :k].T)      # [in, r]
+        graph.initializers[b_s] = np.ascontiguousarray(B[:n].T)         # [r, out]
+        y = node.outputs[0]
+        z, t1, t2, t3, t4 = (graph.fresh_name(f"{tag}/{s}") for s in
+                             ("base", "xA", "xAd", "xAdB", "delta"))
+        node.outputs[0] = z
+        after[id(node)] = [Node("MatMul", [node.inputs[0], a_s], [t1], t1),   # [..., r]
+                           Node("Mul", [t1, site.lambda_d], [t2], t2),
+                           Node("MatMul", [t2, b_s], [t3], t3),               # [..., out]
+                           Node("Mul", [t3, site.lambda_b], [t4], t4),
+                           Node("Add", [z, t4], [y], tag)]
+    nodes: list[Node] = []
+    for node in graph.nodes:
+        nodes.append(node)
+        nodes.extend(after.get(id(node), []))
+    graph.nodes = nodes
+    return list(sites.values())
+
+
+class VeraMethod(AdapterMethod):
+    name = "vera"
+    peft_type = "VERA"
+    config_class = VeraConfig
+    op_rules = {}
+    peft_suffixes = (LB, LD, "vera_A", "vera_B")
+
+    def inject(self, graph, cfg) -> list[VeraSite]:
+        sites = inject_vera(graph, cfg)
+        for s in sites:
+            s.projections = graph.vera_projections
+            s.save_projection = cfg.save_projection
+        return sites
+
+    def trainable(self, sites) -> list[str]:
+        return [n for s in sites for n in (s.lambda_b, s.lambda_d)]
+
+    def peft_config(self, cfg, sites) -> dict:
+        return {"r": int(cfg.r), "projection_prng_key": int(cfg.projection_prng_key),
+                "save_projection": bool(cfg.save_projection), "d_initial": float(cfg.d_initial),
+                "vera_dropout": 0.0, "fan_in_fan_out": False, "bias": "none",
+                "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
+
+    def peft_tensors(self, sites, params) -> dict:
+        out = {}
+        for s in sites:
+            out[f"{s.module}.{LB}"] = np.array(params[s.lambda_b])
+            out[f"{s.module}.{LD}"] = np.array(params[s.lambda_d])
+        if sites and sites[0].save_projection:
+            A, B = sites[0].projections   # outside base_model.model. (adapter_state keeps it)
+            out["base_model.vera_A"], out["base_model.vera_B"] = A.copy(), B.copy()
+        return out
+
+    def config_from_peft(self, config: dict, target_modules) -> VeraConfig:
+        return VeraConfig(r=int(config.get("r", 256)), target_modules=target_modules,
+                          projection_prng_key=int(config.get("projection_prng_key", 0)),
+                          save_projection=bool(config.get("save_projection", True)),
+                          d_initial=float(config.get("d_initial", 0.1)))
+
+    def check_files(self, config, own, keys, shown, cfg_path):
+        from pyedge.export.adapter_files import AdapterError, q, targets_module
+        for module, ts in own.items():
+            if module == "base_model":
+                continue
+            if not targets_module(config, module):
+                raise AdapterError(f"{shown}: VeRA tensors for module {q(module)}, which "
+                                   "target_modules does not select")
+            for suffix, arr in ts.items():
+                if arr.ndim != 1:
+                    raise AdapterError(f"{shown}: tensor {q(keys[(module, suffix)])} has shape "
+                                       f"{list(arr.shape)}, expected a vector")
+
+    def _check_projections(self, ad, A, B):
+        from pyedge.export.adapter_files import AdapterError
+        stored = ad.extra.get("base_model", {})
+        for nm, ours in (("vera_A", A), ("vera_B", B)):
+            if nm in stored and (stored[nm].shape != ours.shape or
+                                 not np.array_equal(stored[nm], ours)):
+                raise AdapterError(f"{ad.weights_path}: base_model.{nm} differs from the "
+                                   "projection regenerated from projection_prng_key="
+                                   f"{ad.config.get('projection_prng_key', 0)} (shape "
+                                   f"{list(stored[nm].shape)} vs {list(ours.shape)}); pyedge "
+                                   "uses PEFT's seeded projections only")
+
+    def plan_load(self, session, ad, strict: bool):
+        from pyedge.export.adapter_files import q
+        params = session.trainable_parameters()
+        writes, loaded, skipped, problems = {}, [], [], []
+        sites = {s.module: s for s in session.adapter_sites}
+        if sites:
+            self._check_projections(ad, *next(iter(sites.values())).projections)
+        for module, ts in ad.extra.items():
+            if module == "base_model":
+                continue
+            site = sites.get(module)
+            if site is None:
+                (problems if strict else skipped).append(
+                    f"VeRA for module {q(module)} which the session does not adapt" if strict
+                    else module)
+                continue
+            for suffix, init in ((LB, site.lambda_b), (LD, site.lambda_d)):
+                arr = ts.get(suffix)
+                if arr is None:
+                    problems.append(f"no {suffix} for module {q(module)}")
+                elif tuple(arr.shape) != tuple(params[init].shape):
+                    problems.append(f"{q(ad.key_of(module, suffix))} has shape "
+                                    f"{list(arr.shape)}, expected {list(params[init].shape)}")
+                else:
+                    writes[init] = arr
+                    loaded.append(init)
+        for module in sites:
+            if module not in ad.extra:
+                (problems if strict else skipped).append(
+                    f"no VeRA tensors for module {q(module)}" if strict else module)
+        return writes, loaded, skipped, problems
+
+    def merge_deltas(self, graph, config: dict, ad) -> dict:
+        from pyedge.export.adapter_files import AdapterError
+        modules = [m for m in ad.extra if m != "base_model"]
+        g = graph.copy()
+        cfg = self.config_from_peft(config, ["re:" + re.escape(m) for m in modules])
+        try:
+            sites = inject_vera(g, cfg)
+        except ValueError as e:
+            raise AdapterError(f"the VeRA modules {modules[:5]} are not in the model ({e})") \
+                from e
+        A, B = g.vera_projections
+        self._check_projections(ad, A, B)
+        deltas = {}
+        for s in sites:
+            lb = np.asarray(ad.extra[s.module][LB], np.float64)
+            ld = np.asarray(ad.extra[s.module][LD], np.float64)
+            d = (lb[:, None] * B[:s.out_features].astype(np.float64)) @ \
+                (ld[:, None] * A[:, :s.in_features].astype(np.float64))     # [out, in]
+            deltas[s.weight] = d if s.trans_w else d.T
+        return deltas
+
+
+register(VeraMethod())
