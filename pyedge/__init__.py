@@ -11,12 +11,13 @@ with core_load_env():  # variables libgomp and OpenBLAS read when they load
 from pyedge._core import PyedgeError, UnsupportedOpError  # noqa: E402
 from pyedge.adapters import LoraConfig
 from pyedge.onnx_import import ModelLoadError, load_onnx
+from pyedge.mezo import MeZO
 from pyedge.optim import SGD, AdamW
 from pyedge.quantize import quantize  # the function; the module stays importable by `from`
 from pyedge.session import TrainingSession
 
 __version__ = "0.1.0"
-__all__ = ["TrainingSession", "LoraConfig", "AdamW", "SGD", "load_onnx", "PyedgeError",
+__all__ = ["TrainingSession", "LoraConfig", "AdamW", "SGD", "MeZO", "load_onnx", "PyedgeError",
            "UnsupportedOpError", "ModelLoadError", "quantize"]
 
 
