@@ -94,3 +94,16 @@ def test_llm_on_a_small_board(tmp_path):
     import onnx
     ops = {n.op_type for n in onnx.load(str(tmp_path / "llama-q4.onnx")).graph.node}
     assert "MatMulNBits" in ops
+
+
+def test_forward_only_training_mezo(tmp_path):
+    (block,) = blocks("Forward-only training (MeZO)")
+    from pyedge import demo
+    xv, yv = demo.make_sensor_data(1000, seed=2000, target=True)
+    ns: dict = {}
+    exec(compile(block, "README.md (MeZO)", "exec"), ns)
+    sess = ns["sess"]
+    acc = float((sess.run({"x": xv})[sess.output_name].argmax(1) == yv).mean())
+    assert acc > 0.6, acc  # the pretrained model gets ~0.39
+    st = ns["stats"]
+    assert st["parameter_gradient_bytes"] == st["optimizer_state_bytes"] == 0
