@@ -87,6 +87,10 @@ class TrainingSession:
         self.max_grad_norm = max_grad_norm
         self.optimizer = optimizer or AdamW()
         self.seed = int(seed)  # MeZO's perturbations derive from (seed, step_count)
+        if isinstance(self.optimizer, MeZO) and cfg is not None and \
+                float(getattr(cfg, "dropout", 0.0) or 0.0) > 0:
+            raise ValueError("MeZO compares two losses of the same network: it runs without "
+                             "dropout; set the adapter's dropout to 0")
         if threads or os.environ.get("PYEDGE_NUM_THREADS"):
             _core.set_num_threads(int(threads or os.environ["PYEDGE_NUM_THREADS"]))
         # Exported elementwise chains (GELU, scaled masked softmax) become single ops; base_graph

@@ -282,3 +282,29 @@ def test_cli_mezo_trains_and_resumes_bit_identically(tmp_path):
     for k in a:
         assert np.array_equal(a[k], b[k]), k
     assert any(not np.array_equal(a[k], start[k]) for k in a if k in start)
+
+
+def test_other_adapter_methods_and_dropout():
+    # DoRA (adapters/dora.py): its magnitude vector is one more trainable tensor to perturb
+    xt, yt = demo.make_sensor_data(1000, 1000, target=True)
+    s = pyedge.TrainingSession(
+        str(demo.model_path()), adapter=pyedge.LoraConfig(r=4, alpha=8, use_dora=True,
+                                                          target_modules=demo.TARGETS),
+        train=[f"{demo.HEAD}.*"], optimizer=pyedge.MeZO(lr=2e-3, eps=1e-3), threads=1)
+    start = {k: v.copy() for k, v in s.trainable_parameters().items()}
+    assert any("magnitude" in k for k in start)
+    first = s.run({"x": xt[:256]}, [s.output_name])[s.output_name]
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        i = rng.integers(0, len(xt), 64)
+        s.step({"x": xt[i]}, yt[i])
+    after = s.run({"x": xt[:256]}, [s.output_name])[s.output_name]
+    acc0 = float((first.argmax(1) == yt[:256]).mean())
+    acc1 = float((after.argmax(1) == yt[:256]).mean())
+    assert acc1 > acc0 + 0.2, (acc0, acc1)
+    assert all(not np.array_equal(v, start[k]) for k, v in s.trainable_parameters().items())
+    with pytest.raises(ValueError, match="dropout"):
+        pyedge.TrainingSession(str(demo.model_path()),
+                               lora=pyedge.LoraConfig(r=4, dropout=0.1,
+                                                      target_modules=demo.TARGETS),
+                               optimizer=pyedge.MeZO())
