@@ -12,6 +12,7 @@ from pyedge._core import PyedgeError, UnsupportedOpError  # noqa: E402
 from pyedge.adapters import (FourierFTConfig, HRAConfig, IA3Config, LNTuningConfig, LoraConfig,
                              MissConfig, VeraConfig)
 from pyedge.generate import Generator, generate  # the function; the module stays importable
+from pyedge.mezo import MeZO
 from pyedge.onnx_import import ModelLoadError, load_onnx
 from pyedge.optim import SGD, AdamW
 from pyedge.quantize import quantize  # the function; the module stays importable by `from`
@@ -19,7 +20,7 @@ from pyedge.session import TrainingSession
 
 __version__ = "0.1.0"
 __all__ = ["TrainingSession", "LoraConfig", "IA3Config", "HRAConfig", "MissConfig", "VeraConfig",
-           "FourierFTConfig", "LNTuningConfig", "AdamW", "SGD", "load_onnx", "PyedgeError",
+           "FourierFTConfig", "LNTuningConfig", "AdamW", "SGD", "MeZO", "load_onnx", "PyedgeError",
            "UnsupportedOpError", "ModelLoadError", "quantize", "Generator", "generate"]
 
 

@@ -66,8 +66,14 @@ def add_commands(sub, common) -> None:
     g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     g.add_argument("--batch-size", type=int, help="default 16")
     g.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    g.add_argument("--optimizer", choices=("adamw", "sgd"))
-    g.add_argument("--weight-decay", type=float, help="default: AdamW 0.01, SGD 0")
+    g.add_argument("--optimizer", choices=("adamw", "sgd", "mezo"),
+                   help="mezo: forward-only zeroth-order SGD, an inference's memory")
+    g.add_argument("--weight-decay", type=float, help="default: AdamW 0.01, SGD and MeZO 0")
+    g.add_argument("--mezo-eps", type=float, help="MeZO perturbation scale (default 1e-3)")
+    g.add_argument("--mezo-sparsity", type=float,
+                   help="Sparse MeZO: fraction of each tensor perturbed (default 1: all)")
+    g.add_argument("--mezo-mask", choices=("random", "magnitude"),
+                   help="Sparse MeZO entries: seeded random (default) or smallest |w|")
     g.add_argument("--momentum", type=float, help="SGD momentum (default 0)")
     g.add_argument("--schedule", choices=("constant", "linear", "cosine"), help="default linear")
     g.add_argument("--warmup-steps", type=int)

@@ -12,6 +12,7 @@ from pyedge.adapters import LoraConfig, select_trainable_tensors
 from pyedge.adapters.base import method_for_config
 from pyedge.fused_loss import fuse_linear_cross_entropy
 from pyedge.fusions import fuse as fuse_graph
+from pyedge.mezo import MeZO, mezo_step
 from pyedge.graph import Graph, Node, ValueInfo, to_core
 from pyedge.onnx_import import load_onnx
 from pyedge.optim import SGD, AdamW
@@ -50,7 +51,7 @@ class TrainingSession:
     """
 
     def __init__(self, model, lora: LoraConfig | None = None, train: Sequence[str] = (),
-                 loss: str | None = "cross_entropy", optimizer: AdamW | SGD | None = None,
+                 loss: str | None = "cross_entropy", optimizer: AdamW | SGD | MeZO | None = None,
                  output: str | None = None, seed: int = 0, threads: int | None = None,
                  max_grad_norm: float = 0.0, label_smoothing: float = 0.0,
                  ignore_index: int = -100, fuse: bool = True,
@@ -85,6 +86,11 @@ class TrainingSession:
             self._append_loss(loss, label_smoothing, ignore_index)
         self.max_grad_norm = max_grad_norm
         self.optimizer = optimizer or AdamW()
+        self.seed = int(seed)  # MeZO's perturbations derive from (seed, step_count)
+        if isinstance(self.optimizer, MeZO) and cfg is not None and \
+                float(getattr(cfg, "dropout", 0.0) or 0.0) > 0:
+            raise ValueError("MeZO compares two losses of the same network: it runs without "
+                             "dropout; set the adapter's dropout to 0")
         if threads or os.environ.get("PYEDGE_NUM_THREADS"):
             _core.set_num_threads(int(threads or os.environ["PYEDGE_NUM_THREADS"]))
         # Exported elementwise chains (GELU, scaled masked softmax) become single ops; base_graph
@@ -180,6 +186,12 @@ class TrainingSession:
         Raises FloatingPointError on a NaN/inf loss or gradient; parameters stay untouched.
         """
         arrays = self._input_list(inputs, labels)
+        if isinstance(self.optimizer, MeZO):  # forward only: two losses a step (pyedge/mezo.py)
+            if not update or grad_scale != 1.0:
+                raise ValueError("MeZO steps cannot accumulate micro-batches (update=False, "
+                                 "grad_scale): give the whole batch to one step")
+            self.last_grad_norm = None
+            return mezo_step(self, arrays, self.optimizer)
         with self._planning(arrays, True):
             loss, norm, applied = self._sess.train_step(arrays, update, float(self.max_grad_norm),
                                                         float(grad_scale))
@@ -190,6 +202,11 @@ class TrainingSession:
                 f"{self._sess.step_count + 1} (loss={loss}); the update was skipped and the "
                 "parameters are unchanged: lower the learning rate or check the data")
         return float(loss)
+
+    def _forward_loss(self, arrays) -> float:
+        """The loss of one batch (input arrays incl. labels) from the forward-only plan."""
+        with self._planning(arrays, True):
+            return float(self._sess.run(arrays, [LOSS])[0])
 
     def apply_update(self, grad_scale: float = 1.0) -> float:
         """Applies the gradients accumulated by step(update=False) calls (times grad_scale);
@@ -310,7 +327,8 @@ class TrainingSession:
         stats["frozen_parameters"] = int(sum(
             a.size for n, a in self.graph.initializers.items()
             if a.dtype.kind == "f" and n not in params))
-        stats["parameter_gradient_bytes"] = int(sum(p.nbytes for p in params.values()))
+        stats["parameter_gradient_bytes"] = int(sum(p.nbytes for p in params.values())) \
+            if not self._sess.forward_only else 0  # MeZO: no gradient buffers
         n_state = len(next(iter(self._sess.optimizer_state().values()), {}))
         stats["optimizer_state_bytes"] = stats["parameter_gradient_bytes"] * n_state
         # resident weights: quantized ones at their packed size (+ scales, zero points)

@@ -40,7 +40,7 @@ from pyedge.progress import Progress
 from pyedge.schedules import SCHEDULES, make_schedule
 
 LOSSES = ("cross_entropy", "mse", "causal_lm")
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd", "mezo")
 ADAPTERS_FORMAT = "pyedge-adapters"
 
 
@@ -83,6 +83,9 @@ class TrainConfig:
     optimizer: str = "adamw"
     weight_decay: float | None = None   # None: the optimizer's default (AdamW 0.01, SGD 0)
     momentum: float = 0.0
+    mezo_eps: float = 1e-3              # MeZO (pyedge/mezo.py): perturbation scale
+    mezo_sparsity: float = 1.0          # Sparse MeZO: fraction of each tensor perturbed
+    mezo_mask: str = "random"           # Sparse MeZO: "random" | "magnitude"
     warmup_steps: int = 0
     schedule: str = "linear"
     grad_accum: int = 1
@@ -123,6 +126,15 @@ class TrainConfig:
         need(self.loss in LOSSES, f"unknown loss '{self.loss}'; choose one of {', '.join(LOSSES)}")
         need(self.optimizer in OPTIMIZERS,
              f"unknown optimizer '{self.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "mezo":
+            need(self.grad_accum == 1, "--optimizer mezo takes one batch a step: use "
+                 "--batch-size instead of --grad-accum")
+            need(math.isfinite(self.mezo_eps) and self.mezo_eps > 0,
+                 f"--mezo-eps must be > 0, got {self.mezo_eps}")
+            need(0 < self.mezo_sparsity <= 1,
+                 f"--mezo-sparsity must be in (0, 1], got {self.mezo_sparsity}")
+            need(self.mezo_mask in ("random", "magnitude"),
+                 f"--mezo-mask must be random or magnitude, got {self.mezo_mask!r}")
         need(self.schedule in SCHEDULES,
              f"unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}")
         need(self.target or self.train,
@@ -295,6 +307,10 @@ def build_session(cfg: TrainConfig, graph=None, loss: str | None = "__cfg__"):
     if cfg.optimizer == "adamw":
         wd = 0.01 if cfg.weight_decay is None else cfg.weight_decay
         opt = pyedge.AdamW(lr=cfg.lr, weight_decay=wd)
+    elif cfg.optimizer == "mezo":  # forward only (pyedge/mezo.py)
+        wd = 0.0 if cfg.weight_decay is None else cfg.weight_decay
+        opt = pyedge.MeZO(lr=cfg.lr, eps=cfg.mezo_eps, weight_decay=wd,
+                          sparsity=cfg.mezo_sparsity, mask=cfg.mezo_mask)
     else:
         wd = 0.0 if cfg.weight_decay is None else cfg.weight_decay
         opt = pyedge.SGD(lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
@@ -449,6 +465,9 @@ def _hashes(cfg: TrainConfig, session, model_sha: str, total_steps: int):
         "momentum": cfg.momentum, "label_smoothing": cfg.label_smoothing,
         "ignore_index": cfg.ignore_index, "drop_last": cfg.drop_last, "shuffle": cfg.shuffle,
     }
+    if cfg.optimizer == "mezo":  # only then: other runs' hashes stay valid
+        trajectory.update(mezo_eps=cfg.mezo_eps, mezo_sparsity=cfg.mezo_sparsity,
+                          mezo_mask=cfg.mezo_mask)
 
     def h(d):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

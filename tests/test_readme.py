@@ -140,3 +140,16 @@ def test_chat_fine_tuning_and_generation_end_to_end(tmp_path):
         os.chdir(cwd)
     assert outs[0] == device          # Python API == CLI
     assert outs[1] == device          # PEFT's generate == pyedge's, token for token
+
+
+def test_forward_only_training_mezo(tmp_path):
+    (block,) = blocks("Forward-only training (MeZO)")
+    from pyedge import demo
+    xv, yv = demo.make_sensor_data(1000, seed=2000, target=True)
+    ns: dict = {}
+    exec(compile(block, "README.md (MeZO)", "exec"), ns)
+    sess = ns["sess"]
+    acc = float((sess.run({"x": xv})[sess.output_name].argmax(1) == yv).mean())
+    assert acc > 0.6, acc  # the pretrained model gets ~0.39
+    st = ns["stats"]
+    assert st["parameter_gradient_bytes"] == st["optimizer_state_bytes"] == 0

@@ -207,9 +207,12 @@ void bind_session(py::module_& m) {
       .def("gradients", [](py::object self_obj) {
         Session& self = self_obj.cast<Session&>();
         py::dict d;
-        for (auto& p : self.parameters()) d[py::str(p.name)] = numpy_view(p.grad, self_obj);
+        for (auto& p : self.parameters())
+          if (p.grad.data) d[py::str(p.name)] = numpy_view(p.grad, self_obj);
         return d;
-      }, "Accumulated gradients (zeroed after each update) as numpy views.")
+      }, "Accumulated gradients (zeroed after each update) as numpy views; empty when "
+         "forward-only.")
+      .def_property_readonly("forward_only", &Session::forward_only)
       .def("optimizer_state", [](py::object self_obj) {
         Session& self = self_obj.cast<Session&>();
         auto names = self.optimizer_state_names();

@@ -13,6 +13,7 @@ Session::Session(std::shared_ptr<Model> model, const std::vector<std::string>& t
                  const std::string& loss, const OptimizerConfig& optimizer, uint64_t seed)
     : model_(std::move(model)), optim_(make_optimizer(optimizer)), seed_(seed) {
   lr = optimizer.lr;
+  forward_only_ = optimizer.kind == "none";
   if (!loss.empty()) {
     loss_ = model_->find_value(loss);
     PYEDGE_CHECK(loss_ >= 0, "the loss value '", loss, "' is not in the graph");
@@ -34,9 +35,12 @@ Session::Session(std::shared_ptr<Model> model, const std::vector<std::string>& t
     std::memcpy(p.value_store.data(), init.data, init.nbytes());
     p.value = init;
     p.value.data = p.value_store.data();
-    p.grad_store = Buffer(init.nbytes());
     p.grad = init;
-    p.grad.data = p.grad_store.data();
+    p.grad.data = nullptr;  // forward-only: no gradient buffer
+    if (!forward_only_) {
+      p.grad_store = Buffer(init.nbytes());
+      p.grad.data = p.grad_store.data();
+    }
     for (size_t s = 0; s < names.size(); ++s) {
       p.state_store.emplace_back(init.nbytes());
       p.state.push_back(init);
@@ -62,12 +66,14 @@ void Session::set_memory_budget(int64_t budget_bytes, int64_t resident_bytes,
 
 int64_t Session::fixed_bytes() const {
   int64_t n = resident_bytes_;
-  for (const Parameter& p : params_) n += int64_t(p.value.nbytes()) * int64_t(2 + p.state.size());
+  const int64_t per = (forward_only_ ? 1 : 2);  // the value (+ its gradient)
+  for (const Parameter& p : params_) n += int64_t(p.value.nbytes()) * int64_t(per + p.state.size());
   return n;
 }
 
 void Session::zero_grads() {
-  for (Parameter& p : params_) std::memset(p.grad.data, 0, p.grad.nbytes());
+  for (Parameter& p : params_)
+    if (p.grad.data) std::memset(p.grad.data, 0, p.grad.nbytes());
 }
 
 void Session::set_value_keyed_inputs(const std::vector<std::string>& names) {
@@ -118,7 +124,7 @@ Plan& Session::plan_for(const std::vector<Shape>& shapes, bool training,
       if (value_keyed_[i]) req.input_values[int(i)] = (*inputs)[i];
   for (Parameter& p : params_) {
     req.trainable[p.value_id] = p.value;
-    req.trainable_grads[p.value_id] = p.grad;
+    if (!forward_only_) req.trainable_grads[p.value_id] = p.grad;
   }
   req.targets = targets;
   req.loss = training ? loss_ : -1;
@@ -180,6 +186,8 @@ StepResult Session::train_step(const std::vector<Tensor>& inputs, bool update,
                                double max_grad_norm, double grad_scale) {
   PYEDGE_CHECK(loss_ >= 0, "this session has no loss: it can only run inference");
   PYEDGE_CHECK(!params_.empty(), "nothing to train: no trainable tensors");
+  PYEDGE_CHECK(!forward_only_, "this session is forward-only (optimizer 'none', e.g. MeZO): it "
+               "plans no backward; compute the loss with run(inputs, {loss})");
   int64_t allocs_before = heap_allocation_count();
   std::vector<Shape>& shapes = scratch_shapes_;
   shapes.resize(inputs.size());
@@ -208,6 +216,8 @@ StepResult Session::train_step(const std::vector<Tensor>& inputs, bool update,
 }
 
 StepResult Session::apply_update(double max_grad_norm, float loss, double grad_scale) {
+  PYEDGE_CHECK(!forward_only_, "this session is forward-only (optimizer 'none'): it has no "
+               "gradients to apply");
   StepResult r;
   r.loss = loss;
   if (grad_scale != 1.0)
@@ -242,6 +252,10 @@ std::vector<Tensor> Session::run(const std::vector<Tensor>& inputs, const std::v
 }
 
 PlanStats Session::plan_stats(const std::vector<Shape>& input_shapes, bool training) {
+  if (training && forward_only_) {  // what a zeroth-order step runs: forward to the loss
+    PYEDGE_CHECK(loss_ >= 0, "this session has no loss: it can only run inference");
+    return plan_for(input_shapes, false, std::vector<int>{loss_}).stats();
+  }
   std::vector<int> targets = training ? std::vector<int>{} : model_->outputs;
   return plan_for(input_shapes, training, targets).stats();
 }

@@ -58,6 +58,9 @@ class Session {
                          PlanRequest::Recompute policy);
   // resident + parameters + their gradients + optimizer state.
   int64_t fixed_bytes() const;
+  // Optimizer "none": no gradient buffers; train_step/apply_update refuse; plan_stats of a
+  // "training" plan is the forward plan that outputs the loss (what run(..., {loss}) uses).
+  bool forward_only() const { return forward_only_; }
   std::vector<Plan::StepTime> last_profile() const;
   // Model inputs (by name) whose value an op needs at plan time (a Reshape's shape, Slice's
   // starts, ... fed as graph inputs): plans are then built with the fed value known and
@@ -73,6 +76,7 @@ class Session {
   std::vector<Parameter> params_;
   std::unique_ptr<Optimizer> optim_;
   int loss_ = -1;
+  bool forward_only_ = false;
   uint64_t seed_ = 0;
   struct CachedPlan {
     bool training;

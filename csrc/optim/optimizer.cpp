@@ -73,6 +73,16 @@ class SGD : public Optimizer {
 
 }  // namespace
 
+// Forward-only sessions (kind "none"): the caller updates the parameters (MeZO); there is no
+// gradient to apply, so an update is an error, never a silent no-op.
+class NoOptimizer final : public Optimizer {
+ public:
+  std::vector<std::string> state_names() const override { return {}; }
+  void update(std::vector<Parameter>&, int64_t, double) override {
+    throw Error("this session is forward-only (optimizer 'none'): it has no gradients to apply");
+  }
+};
+
 std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& cfg) {
   if (cfg.kind == "adamw" || cfg.kind == "adam") {
     OptimizerConfig c = cfg;
@@ -80,7 +90,8 @@ std::unique_ptr<Optimizer> make_optimizer(const OptimizerConfig& cfg) {
     return std::make_unique<AdamW>(c);
   }
   if (cfg.kind == "sgd") return std::make_unique<SGD>(cfg);
-  throw Error(str_cat("unknown optimizer '", cfg.kind, "' (use adamw or sgd)"));
+  if (cfg.kind == "none") return std::make_unique<NoOptimizer>();
+  throw Error(str_cat("unknown optimizer '", cfg.kind, "' (use adamw, sgd or none)"));
 }
 
 double clip_grad_norm(std::vector<Parameter>& params, double max_norm) {

@@ -10,7 +10,9 @@
 namespace pyedge {
 
 struct OptimizerConfig {
-  std::string kind = "adamw";  // "adamw" | "sgd"
+  // "adamw" | "sgd" | "none": forward-only (zeroth-order training, pyedge/mezo.py, updates
+  // the parameters itself): no gradient buffers, no optimizer state, no backward plans.
+  std::string kind = "adamw";
   double lr = 1e-3;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
   double weight_decay = 0.0;   // AdamW: decoupled; SGD: L2 added to the gradient (as torch)
