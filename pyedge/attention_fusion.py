@@ -85,8 +85,9 @@ def _static(d: Dim) -> int | None:
     return d[0] if not d[1] else None
 
 
-def _dims(m: _Matcher, value: str) -> list[Dim] | None:
-    """The shape of `value` from the file (value_info, inputs), symbolic dims by name."""
+def _file_dims(m: _Matcher, value: str) -> list[Dim] | None:
+    """The shape of `value` as the file gives it (value_info, inputs), symbolic dims by name;
+    ONNX shape inference's made-up names (unk__N) count as unnamed."""
     g = m.graph
     s = g.value_shapes.get(value)
     if s is None:
@@ -97,7 +98,169 @@ def _dims(m: _Matcher, value: str) -> list[Dim] | None:
     names = g.dim_names.get(value, [""] * len(s))
     if len(names) != len(s):
         names = [""] * len(s)
-    return [_dim_of(int(d), nm, f"?{value}:{k}") for k, (d, nm) in enumerate(zip(s, names))]
+    return [_dim_of(int(d), "" if nm.startswith("unk__") else nm, f"?{value}:{k}")
+            for k, (d, nm) in enumerate(zip(s, names))]
+
+
+def _known(d: Dim) -> bool:
+    return not any(f.startswith("?") for f in d[1])
+
+
+def _dims(m: _Matcher, value: str) -> list[Dim] | None:
+    """The shape of `value`: the file's, with the dims it does not know (TorchScript files
+    carry no value_info, and ONNX shape inference loses the sizes behind Shape-computed
+    Reshape targets) taken from _propagate's pass over the graph."""
+    table = getattr(m, "_attn_dims", None)
+    if table is None:
+        table = m._attn_dims = _propagate(m)
+    return table.get(value)
+
+
+def _broadcast(shapes: list[list[Dim]]) -> list[Dim] | None:
+    """Numpy broadcasting of Dims: per position the dims other than 1 must be one Dim; an
+    unnamed dim yields to a known one (the graph runs, so they are equal)."""
+    r = max(len(s) for s in shapes)
+    out = []
+    for k in range(r):
+        ds = {s[k - r + len(s)] for s in shapes if k - r + len(s) >= 0} - {(1, ())}
+        known = {d for d in ds if _known(d)}
+        if len(known) > 1:
+            return None
+        out.append(next(iter(known)) if known else (next(iter(ds)) if len(ds) == 1 else
+                                                    ((1, ()) if not ds else None)))
+        if out[-1] is None:
+            out[-1] = (1, (f"?bc{id(shapes)}:{k}",))
+    return out
+
+
+_SAME_SHAPE = {"Identity", "Cast", "CastLike", "Neg", "Sqrt", "Reciprocal", "Sigmoid", "Tanh",
+               "Softmax", "Erf", "Exp", "Log", "Relu", "Gelu", "IsNaN", "Not", "Abs",
+               "RMSNorm", "SwiGLU", "MaskedSoftmax"}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "And", "Or", "Equal", "Less",
+                "Greater", "LessOrEqual", "GreaterOrEqual", "Max", "Min"}
+
+
+def _propagate(m: _Matcher) -> dict[str, list[Dim]]:
+    """Shapes of every value, in graph order: the file's where it knows every dim, else
+    computed from the inputs' for the ops decoders are made of (Reshape with its target
+    evaluated by _ints, Transpose, Unsqueeze, Expand, MatMul, Concat, Slice, Gather,
+    elementwise broadcasting), merged dim by dim with the file's."""
+    g = m.graph
+    table: dict[str, list[Dim]] = {}
+    for v in g.inputs:
+        d = _file_dims(m, v.name)
+        if d is not None:
+            table[v.name] = d
+    for name, arr in g.initializers.items():
+        table[name] = [(int(x), ()) for x in np.shape(arr)]
+    m._attn_dims = table
+    for n in g.nodes:
+        if not n.outputs or not n.outputs[0]:
+            continue
+        out = n.outputs[0]
+        f = _file_dims(m, out)
+        if f is not None and all(_known(d) for d in f):
+            table[out] = f
+            continue
+        try:
+            got = _infer(m, n, table)
+        except (IndexError, ValueError, TypeError, KeyError):
+            got = None
+        if got is not None and f is not None and len(got) == len(f):
+            got = [a if _known(a) or not _known(b) else b for a, b in zip(f, got)]
+        elif got is None:
+            got = f
+        if got is not None:
+            table[out] = got
+    return table
+
+
+def _infer(m: _Matcher, n: Node, table: dict) -> list[Dim] | None:
+    if n.domain not in ("", "ai.onnx", "pyedge"):
+        return None
+    ins = [table.get(i) if i else None for i in n.inputs]
+    t = n.op_type
+    if t in _SAME_SHAPE:
+        return ins[0]
+    if t in _ELEMENTWISE:
+        return _broadcast([s for s in ins if s is not None]) if all(
+            s is not None for s in ins) else None
+    x = ins[0]
+    if x is None:
+        return None
+    if t == "Transpose":
+        perm = n.attrs.get("perm") or list(range(len(x)))[::-1]
+        return [x[p] for p in perm]
+    if t == "Reshape":
+        tgt = _ints(m, n.inputs[1])
+        if tgt is None or (0, ()) in tgt:
+            return None
+        if (-1, ()) in tgt:
+            rest = _div(_prod(x), _prod(d for d in tgt if d != (-1, ())))
+            if rest is None or tgt.count((-1, ())) > 1:
+                return None
+            tgt = [rest if d == (-1, ()) else d for d in tgt]
+        return tgt
+    if t == "Unsqueeze":
+        axes = constant_value(m.graph, m.producer, n.inputs[1]) if len(n.inputs) > 1 \
+            else n.attrs.get("axes")
+        if axes is None:
+            return None
+        r = len(x) + np.size(axes)
+        axes = sorted(int(a) % r for a in np.ravel(axes))
+        out = list(x)
+        for a in axes:
+            out.insert(a, (1, ()))
+        return out
+    if t == "Expand":
+        tgt = _ints(m, n.inputs[1])
+        return _broadcast([x, tgt]) if tgt is not None else None
+    if t == "MatMul" and len(ins) >= 2 and ins[1] is not None and len(x) >= 2:
+        a, b = list(x), list(ins[1])
+        if n.domain == "pyedge":
+            if n.attrs.get("trans_a"):
+                a[-2:] = a[-2:][::-1]
+            if n.attrs.get("trans_b"):
+                b[-2:] = b[-2:][::-1]
+        if len(b) < 2:
+            return None
+        batch = _broadcast([a[:-2], b[:-2]]) if len(a) > 2 or len(b) > 2 else []
+        return None if batch is None else batch + [a[-2], b[-1]]
+    if t == "Concat":
+        if any(s is None for s in ins):
+            return None
+        ax = int(n.attrs.get("axis", 0)) % len(x)
+        out = list(x)
+        out[ax] = _prod_sum([s[ax] for s in ins])
+        return out
+    if t == "Slice":
+        c = [constant_value(m.graph, m.producer, i) if i else None for i in n.inputs[1:5]]
+        if c[0] is None or c[1] is None:
+            return None
+        axes = np.ravel(c[2]) if len(c) > 2 and c[2] is not None else range(np.size(c[0]))
+        steps = np.ravel(c[3]) if len(c) > 3 and c[3] is not None else [1] * np.size(c[0])
+        out = list(x)
+        for a, lo, hi, st in zip(axes, np.ravel(c[0]), np.ravel(c[1]), steps):
+            a = int(a) % len(x)
+            if lo == 0 and hi >= 2**31 - 1 and st == 1:
+                continue
+            size = _static(x[a])
+            if size is None:
+                return None
+            out[a] = (len(range(size)[int(lo):int(min(hi, 2**62)):int(st)]), ())
+        return out
+    if t == "Gather" and len(ins) >= 2 and ins[1] is not None:
+        ax = int(n.attrs.get("axis", 0)) % len(x)
+        return x[:ax] + list(ins[1]) + x[ax + 1:]
+    return None
+
+
+def _prod_sum(ds: list[Dim]) -> Dim:
+    """The sum of Concat's parts: static sums, or one symbolic part plus zero-sized ones."""
+    if all(_static(d) is not None for d in ds):
+        return (sum(d[0] for d in ds), ())
+    rest = [d for d in ds if d != (0, ())]
+    return rest[0] if len(rest) == 1 else (1, (f"?cat{id(ds)}",))
 
 
 def _ints(m: _Matcher, name: str, depth: int = 0) -> list[Dim] | None:
@@ -119,13 +282,24 @@ def _ints(m: _Matcher, name: str, depth: int = 0) -> list[Dim] | None:
         r = len(s)
         start, end = int(n.attrs.get("start", 0)), n.attrs.get("end")
         return s[start:(r if end is None else int(end))]
+    if t == "Where" and len(n.inputs) == 3:
+        return _expand_keep(m, n, depth)
     args = [_ints(m, i, depth + 1) if i else None for i in n.inputs[:1]]
     x = args[0]
     if x is None:
         return None
-    if t in ("Squeeze", "Unsqueeze", "Identity") or (t == "Reshape" and len(x) == 1) or (
+    flat = t == "Reshape" and len(n.inputs) == 2 and (len(x) == 1 or [
+        int(a) for a in np.ravel(constant_value(m.graph, m.producer, n.inputs[1]) or [0, 0])]
+        in ([-1], [len(x)]))
+    if t in ("Squeeze", "Unsqueeze", "Identity") or flat or (
             t == "Cast" and int(n.attrs.get("to", 0)) in (6, 7)):
         return x
+    if t == "Mul" and len(n.inputs) == 2:  # TorchScript's heads · G for repeat_kv
+        y = _ints(m, n.inputs[1], depth + 1)
+        if y is None or (len(x) != len(y) and 1 not in (len(x), len(y))):
+            return None
+        r = max(len(x), len(y))
+        return [_mul(x[k % len(x)], y[k % len(y)]) for k in range(r)]
     if t == "Concat":
         parts = [_ints(m, i, depth + 1) for i in n.inputs]
         return None if any(p is None for p in parts) else [d for p in parts for d in p]
@@ -145,6 +319,29 @@ def _ints(m: _Matcher, name: str, depth: int = 0) -> list[Dim] | None:
         step = int(np.ravel(c[3])[0]) if len(c) > 3 and c[3] is not None else 1
         lo, hi = (int(np.clip(np.ravel(a)[0], -2**62, 2**62)) for a in c[:2])
         return x[lo:hi:step]
+    return None
+
+
+def _expand_keep(m: _Matcher, n: Node, depth: int) -> list[Dim] | None:
+    """TorchScript's Expand target Where(Equal(t, ConstantOfShape(Shape(t)) · -1), ones, t)
+    (a -1 keeps the input's dim): t itself when none of t's entries can be -1 (sizes)."""
+    cond, t = _op(m, n.inputs[0], "Equal"), n.inputs[2]
+    x = _ints(m, t, depth + 1)
+    if cond is None or x is None or (-1, ()) in x or t not in cond.inputs:
+        return None
+    other = cond.inputs[1] if cond.inputs[0] == t else cond.inputs[0]
+    mul = _op(m, other, "Mul")
+    if mul is None:
+        return None
+    for a, c in (mul.inputs, mul.inputs[::-1]):
+        cos = _op(m, a, "ConstantOfShape")
+        k = constant_value(m.graph, m.producer, c)
+        if cos is None or k is None or np.size(k) != 1:
+            continue
+        fill = cos.attrs.get("value")
+        fill = np.ravel(np.asarray(fill))[0] if fill is not None else 0
+        if float(fill) * float(np.ravel(k)[0]) == -1.0:
+            return x
     return None
 
 
@@ -294,6 +491,19 @@ def _keys_transposed(m: _Matcher, value: str) -> tuple[str, list[Node]] | None:
     return kx, [r2, t, r1]
 
 
+_GUARD = Node("IsNaNGuard", [], [], name="(marker: the chain had a NaN guard)")
+
+
+def _finite_mask(m: _Matcher, mask: str) -> bool:
+    """Whether `mask` is Where(cond, a, b) of finite scalar constants (the exporters' 0 and
+    -3.4e38): then no softmax row is NaN unless Q or K is, and the NaN guard is a no-op."""
+    w = _op(m, mask, "Where")
+    if w is None or len(w.inputs) != 3:
+        return False
+    vals = [_value(m, i) for i in w.inputs[1:]]
+    return all(v is not None and v.size == 1 and np.isfinite(v).all() for v in vals)
+
+
 def _probabilities_to_pv(m: _Matcher, p: str, nodes: list[Node]) -> Node | None:
     """From the softmax's output P: the NaN guard (SDPA), a float Cast and Identity (eager:
     softmax in float32, dropout off) appended to `nodes`, then the MatMul P · Vx."""
@@ -306,6 +516,7 @@ def _probabilities_to_pv(m: _Matcher, p: str, nodes: list[Node]) -> Node | None:
                 or len(users) != 2 or guard not in users:
             return None
         nodes += [isnan, guard]
+        nodes.append(_GUARD)
         p = guard.outputs[0]
     user = m.private(p)
     while user is not None and user.domain in ("", "ai.onnx") and (
@@ -411,7 +622,10 @@ def _site(m: _Matcher, sm: Node) -> dict | None:
     Lk = ks[2]
     # O, through a Reshape that keeps its shape, into the head-merge Transpose: O in blhd
     out, out_layout = pv.outputs[0], "bhld"
-    nxt = m.private(out)
+    # (Shape nodes reading O: TorchScript's Reshape target, checked by _private_but_shapes)
+    users = [u for u in m.consumers.get(out, [])
+             if not (u.op_type == "Shape" and u.domain in ("", "ai.onnx"))]
+    nxt = users[0] if len(users) == 1 and out not in m.outputs else None
     os_ = [B, H, L, vs[3]]
     if nxt is not None and _op(m, nxt.outputs[0], "Reshape") is nxt \
             and _reshape_to(m, nxt.outputs[0], os_, src=os_) is not None:
@@ -573,7 +787,8 @@ def fuse_decoder_attention(graph: Graph, trainable: set[str] = frozenset()) -> i
         site = _site(m, sm)
         if site is None:
             continue
-        nodes, out = site["nodes"], site["out"]
+        nodes, out = [n for n in site["nodes"] if n is not _GUARD], site["out"]
+        guarded = len(nodes) < len(site["nodes"])
         if any(id(n) in remove or id(n) in replace for n in nodes) \
                 or not _private_but_shapes(m, nodes, out):
             continue
@@ -589,6 +804,8 @@ def fuse_decoder_attention(graph: Graph, trainable: set[str] = frozenset()) -> i
                 causal_cache[key] = _causal_mask(m, mask, site["L"], site["Lk"])
             if causal_cache[key]:
                 attrs["causal"] = 1
+            elif guarded and not _finite_mask(m, mask):
+                continue  # -inf may mask a whole row: softmax NaN, the guard's 0, the op's NaN
             else:
                 inputs.append(mask)
         last = m.producer[out]
