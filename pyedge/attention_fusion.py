@@ -226,6 +226,8 @@ def _infer(m: _Matcher, n: Node, table: dict) -> list[Dim] | None:
             return None
         batch = _broadcast([a[:-2], b[:-2]]) if len(a) > 2 or len(b) > 2 else []
         return None if batch is None else batch + [a[-2], b[-1]]
+    if t == "LoraMatMul" and len(ins) >= 4 and ins[3] is not None:  # lora_B [N, r]
+        return list(x[:-1]) + [ins[3][0]]
     if t == "Concat":
         if any(s is None for s in ins):
             return None
