@@ -24,12 +24,11 @@ mask (-3.4e38) that takes a NaN or an infinity in Q or K, for which the fused op
 Dynamic shapes: batch and sequence may be symbolic. Shapes are compared as products of a
 count and named symbolic dims (the names the file gives, e.g. "batch", "seq"; equal names are
 equal sizes, an unnamed dim equals nothing but itself), and the exporters' Reshape targets
-(Shape → Slice / Gather / Squeeze → Concat) are evaluated over those. A mask built from shapes
-alone is evaluated at two assignments of the symbols to decide whether it is causal.
+(Shape → Slice / Gather / Squeeze → Concat) are evaluated over those (symbolic_shapes.py, which
+also fills in the shapes TorchScript files do not give). A mask built from shapes alone is
+evaluated at two assignments of the symbols to decide whether it is causal.
 """
 from __future__ import annotations
-
-from collections import Counter
 
 import numpy as np
 
@@ -37,116 +36,8 @@ from pyedge import _core
 from pyedge.fusions import _depends_on, _Matcher
 from pyedge.graph import Graph, Node, ValueInfo, to_core
 from pyedge.row_pruning import constant_value
-
-# A dimension: (count, sorted names of symbolic factors). 64 -> (64, ()), "seq" -> (1,
-# ("seq",)), the -1 of a Reshape target -> (-1, ()). Products multiply counts and join names.
-Dim = tuple
-
-
-def _dim_of(size: int, name: str, unique: str) -> Dim:
-    """One dim of a file's shape: static size, or its symbolic name (split at '*': the dynamo
-    exporter writes products so), or `unique` when it has no name."""
-    if size >= 0:
-        return (int(size), ())
-    if not name:
-        return (1, (unique,))
-    count, names = 1, []
-    for f in name.replace(" ", "").split("*"):
-        if f.lstrip("-").isdigit():
-            count *= int(f)
-        else:
-            names.append(f)
-    return (count, tuple(sorted(names)))
-
-
-def _mul(a: Dim, b: Dim) -> Dim:
-    return (a[0] * b[0], tuple(sorted(a[1] + b[1])))
-
-
-def _prod(dims) -> Dim:
-    out: Dim = (1, ())
-    for d in dims:
-        out = _mul(out, d)
-    return out
-
-
-def _div(a: Dim, b: Dim) -> Dim | None:
-    """a / b when it is a whole Dim, else None."""
-    if b[0] == 0 or a[0] % b[0]:
-        return None
-    rest = Counter(a[1])
-    rest.subtract(Counter(b[1]))
-    if any(v < 0 for v in rest.values()):
-        return None
-    return (a[0] // b[0], tuple(sorted(rest.elements())))
-
-
-def _static(d: Dim) -> int | None:
-    return d[0] if not d[1] else None
-
-
-def _dims(m: _Matcher, value: str) -> list[Dim] | None:
-    """The shape of `value` from the file (value_info, inputs), symbolic dims by name."""
-    g = m.graph
-    s = g.value_shapes.get(value)
-    if s is None:
-        v = next((i for i in g.inputs if i.name == value), None)
-        s = v.shape if v is not None else None
-    if s is None:
-        return None
-    names = g.dim_names.get(value, [""] * len(s))
-    if len(names) != len(s):
-        names = [""] * len(s)
-    return [_dim_of(int(d), nm, f"?{value}:{k}") for k, (d, nm) in enumerate(zip(s, names))]
-
-
-def _ints(m: _Matcher, name: str, depth: int = 0) -> list[Dim] | None:
-    """A small 1-D (or scalar) integer tensor the exporter computes for a Reshape or Expand
-    target, entry by entry as Dims: constants, Shape of a value with a known shape, and
-    Slice / Gather / Concat / Squeeze / Unsqueeze / Reshape / Cast / Identity of those."""
-    v = constant_value(m.graph, m.producer, name)
-    if v is not None:
-        return [(int(x), ()) for x in np.ravel(v)] if v.dtype.kind in "iu" and v.ndim <= 1 \
-            else None
-    n = m.producer.get(name)
-    if n is None or n.domain not in ("", "ai.onnx") or depth > 12:
-        return None
-    t = n.op_type
-    if t == "Shape":
-        s = _dims(m, n.inputs[0])
-        if s is None:
-            return None
-        r = len(s)
-        start, end = int(n.attrs.get("start", 0)), n.attrs.get("end")
-        return s[start:(r if end is None else int(end))]
-    args = [_ints(m, i, depth + 1) if i else None for i in n.inputs[:1]]
-    x = args[0]
-    if x is None:
-        return None
-    if t in ("Squeeze", "Unsqueeze", "Identity") or (t == "Reshape" and len(x) == 1) or (
-            t == "Cast" and int(n.attrs.get("to", 0)) in (6, 7)):
-        return x
-    if t == "Concat":
-        parts = [_ints(m, i, depth + 1) for i in n.inputs]
-        return None if any(p is None for p in parts) else [d for p in parts for d in p]
-    if t == "Gather" and int(n.attrs.get("axis", 0)) == 0:
-        idx = constant_value(m.graph, m.producer, n.inputs[1])
-        if idx is None or idx.ndim > 1:
-            return None
-        try:
-            return [x[int(i)] for i in np.ravel(idx)]
-        except IndexError:
-            return None
-    if t == "Slice" and len(n.inputs) >= 3:
-        c = [constant_value(m.graph, m.producer, i) if i else None for i in n.inputs[1:5]]
-        if c[0] is None or c[1] is None or (len(c) > 2 and c[2] is not None
-                                            and [int(a) for a in np.ravel(c[2])] != [0]):
-            return None
-        step = int(np.ravel(c[3])[0]) if len(c) > 3 and c[3] is not None else 1
-        lo, hi = (int(np.clip(np.ravel(a)[0], -2**62, 2**62)) for a in c[:2])
-        return x[lo:hi:step]
-    return None
-
+from pyedge.symbolic_shapes import (Dim, _dims, _div, _ints, _mul, _op, _prod,
+                                     _static)
 
 def _value(m: _Matcher, name: str, depth: int = 0) -> np.ndarray | None:
     """A float constant computed in the graph (the attention scale): constant_value's chains,
@@ -164,11 +55,6 @@ def _value(m: _Matcher, name: str, depth: int = 0) -> np.ndarray | None:
         c = _value(m, n.inputs[0], depth + 1)
         return np.sqrt(c) if c is not None and c.dtype == np.float32 else None
     return None
-
-
-def _op(m: _Matcher, value: str, *types: str) -> Node | None:
-    n = m.producer.get(value)
-    return n if n is not None and n.domain in ("", "ai.onnx") and n.op_type in types else None
 
 
 def _perm(n: Node | None, perm: list[int]) -> bool:
@@ -294,6 +180,19 @@ def _keys_transposed(m: _Matcher, value: str) -> tuple[str, list[Node]] | None:
     return kx, [r2, t, r1]
 
 
+_GUARD = Node("IsNaNGuard", [], [], name="(marker: the chain had a NaN guard)")
+
+
+def _finite_mask(m: _Matcher, mask: str) -> bool:
+    """Whether `mask` is Where(cond, a, b) of finite scalar constants (the exporters' 0 and
+    -3.4e38): then no softmax row is NaN unless Q or K is, and the NaN guard is a no-op."""
+    w = _op(m, mask, "Where")
+    if w is None or len(w.inputs) != 3:
+        return False
+    vals = [_value(m, i) for i in w.inputs[1:]]
+    return all(v is not None and v.size == 1 and np.isfinite(v).all() for v in vals)
+
+
 def _probabilities_to_pv(m: _Matcher, p: str, nodes: list[Node]) -> Node | None:
     """From the softmax's output P: the NaN guard (SDPA), a float Cast and Identity (eager:
     softmax in float32, dropout off) appended to `nodes`, then the MatMul P · Vx."""
@@ -306,6 +205,7 @@ def _probabilities_to_pv(m: _Matcher, p: str, nodes: list[Node]) -> Node | None:
                 or len(users) != 2 or guard not in users:
             return None
         nodes += [isnan, guard]
+        nodes.append(_GUARD)
         p = guard.outputs[0]
     user = m.private(p)
     while user is not None and user.domain in ("", "ai.onnx") and (
@@ -411,7 +311,10 @@ def _site(m: _Matcher, sm: Node) -> dict | None:
     Lk = ks[2]
     # O, through a Reshape that keeps its shape, into the head-merge Transpose: O in blhd
     out, out_layout = pv.outputs[0], "bhld"
-    nxt = m.private(out)
+    # (Shape nodes reading O: TorchScript's Reshape target, checked by _private_but_shapes)
+    users = [u for u in m.consumers.get(out, [])
+             if not (u.op_type == "Shape" and u.domain in ("", "ai.onnx"))]
+    nxt = users[0] if len(users) == 1 and out not in m.outputs else None
     os_ = [B, H, L, vs[3]]
     if nxt is not None and _op(m, nxt.outputs[0], "Reshape") is nxt \
             and _reshape_to(m, nxt.outputs[0], os_, src=os_) is not None:
@@ -573,7 +476,8 @@ def fuse_decoder_attention(graph: Graph, trainable: set[str] = frozenset()) -> i
         site = _site(m, sm)
         if site is None:
             continue
-        nodes, out = site["nodes"], site["out"]
+        nodes, out = [n for n in site["nodes"] if n is not _GUARD], site["out"]
+        guarded = len(nodes) < len(site["nodes"])
         if any(id(n) in remove or id(n) in replace for n in nodes) \
                 or not _private_but_shapes(m, nodes, out):
             continue
@@ -589,6 +493,8 @@ def fuse_decoder_attention(graph: Graph, trainable: set[str] = frozenset()) -> i
                 causal_cache[key] = _causal_mask(m, mask, site["L"], site["Lk"])
             if causal_cache[key]:
                 attrs["causal"] = 1
+            elif guarded and not _finite_mask(m, mask):
+                continue  # -inf may mask a whole row: softmax NaN, the guard's 0, the op's NaN
             else:
                 inputs.append(mask)
         last = m.producer[out]
