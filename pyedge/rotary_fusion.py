@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pyedge.decoder_fusions import _default, _drop_dead, _op, _value
+from pyedge.attention_fusion import _drop_dead, _value
+from pyedge.decoder_fusions import _default, _op
 from pyedge.fusion_shapes import int_value
 from pyedge.fusions import _depends_on, _Matcher
 from pyedge.graph import Graph, Node
