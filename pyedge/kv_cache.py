@@ -4,7 +4,7 @@
     caches = spec.new_caches()                  # numpy buffers the caller owns
     feed = {..., "position_ids": [[p .. p+L-1]], spec.past_input: [p], **caches}
 
-Why a graph rewrite: the decoder fusions (pyedge/decoder_fusions.py) turn each layer's
+Why a graph rewrite: the decoder fusions (pyedge/attention_fusion.py) turn each layer's
 attention into one ``pyedge.Attention(Q, K, V[, mask])`` whose K and V are the new positions'
 keys and values after the rotary embedding, with the head split done and GQA not expanded.
 Everything else in a Llama-family decoder is per position (embedding, norms, projections, MLP,
@@ -128,10 +128,7 @@ def fuse_attention_with_probe_shapes(graph: Graph, values: dict[str, np.ndarray]
     length. Returns the number of attention nodes fused. A fallback: the decoder fusions
     match symbolic shapes themselves (pyedge/attention_fusion.py); this catches what they
     miss (and is how generation ran on dynamic exports before they did)."""
-    try:  # where the decoder attention matcher lives (moved by the attention-family work)
-        from pyedge.attention_fusion import fuse_decoder_attention as fuse_attention
-    except ImportError:
-        from pyedge.decoder_fusions import fuse_sdpa_attention as fuse_attention
+    from pyedge.attention_fusion import fuse_decoder_attention as fuse_attention
     saved_shapes, saved_inputs = graph.value_shapes, [list(v.shape) for v in graph.inputs]
     graph.value_shapes = {**saved_shapes, **{k: list(a.shape) for k, a in values.items()}}
     for v in graph.inputs:

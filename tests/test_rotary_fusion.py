@@ -180,6 +180,7 @@ def test_llama_rotary_fuses_on_q_and_k_of_every_layer(exported, exporter, dynami
 def test_rotary_and_attention_fuse_in_either_order(exported):
     """Attention first, rotary second gives the same graph as the default order."""
     from pyedge import decoder_fusions as dec
+    from pyedge.attention_fusion import fuse_decoder_attention
     from pyedge.fusions import (fuse_masked_softmax, fuse_transposed_matmul)
     from pyedge.rotary_fusion import fuse_rotary
     path, ids, _ = exported("llama")
@@ -190,7 +191,7 @@ def test_rotary_and_attention_fuse_in_either_order(exported):
     dec.fuse_gated_mlp(b)
     fuse_masked_softmax(b)
     fuse_transposed_matmul(b)
-    assert dec.fuse_sdpa_attention(b) == N_LAYERS
+    assert fuse_decoder_attention(b) == N_LAYERS
     assert fuse_rotary(b) == 2 * N_LAYERS
     key = lambda g: sorted((n.op_type, tuple(n.inputs), tuple(n.outputs))  # noqa: E731
                            for n in g.nodes if n.domain == "pyedge")
