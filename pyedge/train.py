@@ -431,10 +431,32 @@ def evaluate(session, dataset: Dataset, batch_size: int = 64, loss: str | None =
     if fixed:
         batch_size = fixed
     total, count, correct, nll_total = 0.0, 0, 0, 0.0
+    # A causal LM whose session fuses the LM head into its loss is evaluated through that loss
+    # (a forward-only plan with the loss as its target): the B·T·V logits never exist, so
+    # evaluation stays under the session's memory budget. It gives the loss and perplexity,
+    # not the top-1 token accuracy (that needs the logits).
+    fused = (loss == "causal_lm" and getattr(session, "fused_loss", False)
+             and session.loss_kind == "causal_lm" and output == session.output_name
+             and session.ignore_index == ignore_index and label_smoothing == 0.0
+             and session.label_smoothing == 0.0)
+    if fused:
+        correct = None
     for inputs, labels in iterate(dataset, batch_size):
         if labels is None:
             raise DataError(f"{dataset.path}: no labels to evaluate against")
         n = len(labels)
+        if fused:
+            labels = np.asarray(labels, dtype=np.int64)
+            if fixed and n < fixed:  # padding records count for nothing: all labels ignored
+                pad = np.arange(fixed) % n
+                inputs = {k: v[pad] for k, v in inputs.items()}
+                labels = np.concatenate([labels, np.full((fixed - n,) + labels.shape[1:],
+                                                         ignore_index, np.int64)])
+            c_n = int(np.count_nonzero(labels[..., 1:] != ignore_index))
+            if c_n:  # the loss is the mean over those labels
+                total += session.evaluate_loss(inputs, labels) * c_n
+                count += c_n
+            continue
         if fixed and n < fixed:
             pad = np.arange(fixed) % n
             inputs = {k: v[pad] for k, v in inputs.items()}
