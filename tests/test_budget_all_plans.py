@@ -118,8 +118,9 @@ def test_forward_with_logits_is_budgeted(wide_vocab_llama):
 
 
 def test_evaluate_uses_the_fused_loss(wide_vocab_llama, monkeypatch):
-    """train.evaluate on a causal LM with the fused head never asks for logits; its loss is
-    the token-weighted mean of the plain computation."""
+    """train.evaluate on a causal LM with the fused head under a budget never asks for
+    logits; its loss is the token-weighted mean of the plain computation. Without a budget
+    (and small logits) it keeps the logits path, which also gives the top-1 accuracy."""
     from pyedge.train import evaluate, loss_sums
     sess = session(wide_vocab_llama)
     ids = ids_batch(16384, 5, 24, seed=1)
@@ -140,8 +141,13 @@ def test_evaluate_uses_the_fused_loss(wide_vocab_llama, monkeypatch):
         def batch(self, idx):
             return {"input_ids": ids[idx]}, labels[idx]
 
+    plain = evaluate(sess, Batches(), batch_size=2, loss="causal_lm")
+    assert plain["accuracy"] is not None
+    assert plain["loss"] == pytest.approx(ref_sum / ref_n, rel=1e-6)
+
     def no_logits(*a, **k):
         raise AssertionError("evaluate() ran the logits")
+    sess.max_memory = "4G"
     monkeypatch.setattr(sess, "run", no_logits)
     res = evaluate(sess, Batches(), batch_size=2, loss="causal_lm")
     assert res["tokens"] == ref_n
