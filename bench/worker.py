@@ -119,14 +119,18 @@ def run_pyedge(w, a):
                                   optimizer=pyedge.AdamW(lr=w.lr), threads=a.threads,
                                   **options)
     batches = w.batches(a.seed)
-    stats = sess.plan_stats(batches[0][0])
+    # with the labels: no forward run to find their shape (it would plan and hold the logits)
+    stats = sess.plan_stats(dict(batches[0][0], labels=batches[0][1]))
     build = time.perf_counter() - t0
     rss_built = rss_now()
     times, losses = time_steps(lambda x, y: sess.step(x, y), batches, a.steps, a.warmup)
     extra = {k: stats[k] for k in ("forward_ops", "backward_ops", "pruned_nodes", "arena_bytes",
                                    "activation_bytes", "trainable_parameters", "weight_bytes",
                                    "quantized_weight_bytes", "planned_peak_bytes",
-                                   "recompute_ops", "recompute_flops", "forward_flops", "fusions")
+                                   "recompute_ops", "recompute_flops", "forward_flops", "fusions",
+                                   "recompute_choice", "fixed_bytes", "constant_bytes",
+                                   "arena_bytes_no_recompute", "arena_bytes_min",
+                                   "scratch_reduced_ops")
              if k in stats}
     extra["steady_state_allocations"] = sess.last_step_allocations
     extra["core_threads"] = pyedge._core.num_threads()

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 
@@ -197,10 +198,21 @@ WORKLOADS["6q8"] = _decoder("6", id="6q8", engines=("pyedge",), quantize={"bits"
 WORKLOADS["6q8"].title += ", 8-bit base"
 WORKLOADS["6q4"] = _decoder("6", id="6q4", engines=("pyedge",), quantize=dict(W8_QUANTIZE))
 WORKLOADS["6q4"].title += ", 4-bit base"
-for _gib in (0.8, 1.0, 2.0, 3.0):
+for _gib in (0.8, 1.0, 1.5, 2.0, 2.5, 3.0):
     _id = f"6m{_gib:g}"
     WORKLOADS[_id] = _decoder("6", id=_id, engines=("pyedge",), max_memory=int(_gib * 2**30))
     WORKLOADS[_id].title += f", max_memory {_gib:g} GiB"
+# session 7 (issue 15): W7 under 2.5 GiB beside its unbudgeted run and PyTorch+PEFT; W7 and
+# W8 on a 4-bit base with the embedding table packed too, under 1 GiB and 2.5 GiB.
+W4_EMBED = dict(W8_QUANTIZE, include=["embeddings"])
+WORKLOADS["7m2.5"] = _decoder("7", id="7m2.5", engines=("pyedge",), max_memory=int(2.5 * 2**30))
+WORKLOADS["7m2.5"].title += ", max_memory 2.5 GiB"
+WORKLOADS["7q4e"] = _decoder("7", id="7q4e", engines=("pyedge",), quantize=dict(W4_EMBED),
+                             max_memory=int(1.0 * 2**30))
+WORKLOADS["7q4e"].title += ", 4-bit base and embedding, max_memory 1 GiB"
+WORKLOADS["8e"] = _decoder("8", id="8e", engines=("pyedge",), quantize=dict(W4_EMBED),
+                           max_memory=int(2.5 * 2**30))
+WORKLOADS["8e"].title += ", 4-bit embedding too, max_memory 2.5 GiB"
 
 for _k in range(1, MINILM_LAYERS + 1):
     _w = _minilm(f"5k{_k}", f"MiniLM, LoRA q/v on the last {_k} of 6 layers + head",
@@ -249,7 +261,7 @@ def ensure_quantized(onnx_path: str, quantize: dict, log=print) -> str:
     import subprocess
     import sys
     import time
-    tag = "-".join(f"{k}{v}" for k, v in sorted(quantize.items()))
+    tag = re.sub(r"[^A-Za-z0-9._-]+", "", "-".join(f"{k}{v}" for k, v in sorted(quantize.items())))
     path = onnx_path[:-len(".onnx")] + f".q-{tag}.onnx"
     if os.path.exists(path):
         return path

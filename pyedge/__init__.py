@@ -8,7 +8,7 @@ from pyedge.cpu_defaults import core_load_env, cpu_flags
 with core_load_env():  # variables libgomp and OpenBLAS read when they load
     # pyedge._core: the build of the core for this CPU's instruction set (core_variant.py)
     _core = _load_core(_os.environ, cpu_flags(), _platform.machine())
-from pyedge._core import PyedgeError, UnsupportedOpError  # noqa: E402
+from pyedge._core import OutOfMemoryError, PyedgeError, UnsupportedOpError  # noqa: E402
 from pyedge.adapters import (FourierFTConfig, HRAConfig, IA3Config, LNTuningConfig, LoraConfig,
                              MissConfig, VeraConfig)
 from pyedge.generate import Generator, generate  # the function; the module stays importable
@@ -21,7 +21,8 @@ from pyedge.session import TrainingSession
 __version__ = "0.1.0"
 __all__ = ["TrainingSession", "LoraConfig", "IA3Config", "HRAConfig", "MissConfig", "VeraConfig",
            "FourierFTConfig", "LNTuningConfig", "AdamW", "SGD", "MeZO", "load_onnx", "PyedgeError",
-           "UnsupportedOpError", "ModelLoadError", "quantize", "Generator", "generate"]
+           "UnsupportedOpError", "ModelLoadError", "OutOfMemoryError", "quantize", "Generator",
+           "generate"]
 
 
 def __getattr__(name):

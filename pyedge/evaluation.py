@@ -42,6 +42,11 @@ def fixed_batch_size(session) -> int | None:
     return min(dims) if dims else None
 
 
+# Logits per evaluation batch above which a causal LM with the fused head is evaluated
+# through its loss even without a memory budget (W7's 4 x 256 x 151,936 are 622 MB).
+FUSED_EVAL_BYTES = 256 << 20
+
+
 def evaluate(session, dataset: Dataset, batch_size: int = 64, loss: str | None = None,
              ignore_index: int = -100, label_smoothing: float = 0.0,
              output: str | None = None) -> dict:
@@ -53,10 +58,40 @@ def evaluate(session, dataset: Dataset, batch_size: int = 64, loss: str | None =
     if fixed:
         batch_size = fixed
     total, count, correct, nll_total = 0.0, 0, 0, 0.0
+    # A causal LM whose session fuses the LM head into its loss is evaluated through that loss
+    # (a forward-only plan with the loss as its target) when it has a memory budget or its
+    # logits would be large: the B·T·V logits never exist, so evaluation stays under the
+    # budget. That gives the loss and perplexity, not the top-1 token accuracy (which needs
+    # the logits, and is reported otherwise).
+    fused = (loss == "causal_lm" and getattr(session, "fused_loss", False)
+             and session.loss_kind == "causal_lm" and output == session.output_name
+             and session.ignore_index == ignore_index and label_smoothing == 0.0
+             and session.label_smoothing == 0.0)
+    decided = False
     for inputs, labels in iterate(dataset, batch_size):
+        if fused and not decided:  # on the first batch: budget, or logits over FUSED_EVAL_BYTES
+            decided = True
+            vocab = next(o for o in session.graph.outputs if o.name == output).shape[-1]
+            logits = np.asarray(labels).size * max(int(vocab), 1) * 4
+            fused = getattr(session, "max_memory", None) is not None or \
+                (int(vocab) > 0 and logits > FUSED_EVAL_BYTES)
+            if fused:
+                correct = None
         if labels is None:
             raise DataError(f"{dataset.path}: no labels to evaluate against")
         n = len(labels)
+        if fused:
+            labels = np.asarray(labels, dtype=np.int64)
+            if fixed and n < fixed:  # padding records count for nothing: all labels ignored
+                pad = np.arange(fixed) % n
+                inputs = {k: v[pad] for k, v in inputs.items()}
+                labels = np.concatenate([labels, np.full((fixed - n,) + labels.shape[1:],
+                                                         ignore_index, np.int64)])
+            c_n = int(np.count_nonzero(labels[..., 1:] != ignore_index))
+            if c_n:  # the loss is the mean over those labels
+                total += session.evaluate_loss(inputs, labels) * c_n
+                count += c_n
+            continue
         if fixed and n < fixed:
             pad = np.arange(fixed) % n
             inputs = {k: v[pad] for k, v in inputs.items()}

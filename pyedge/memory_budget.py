@@ -6,6 +6,16 @@ The planner (csrc/graph/plan_recompute.cpp) recomputes activations in the backwa
 is made (the interpreter, numpy, onnx, weights it copied) plus the memory-mapped weights, which
 page in during the first step and then count in the resident set too (at least the weights'
 size), plus RUNTIME_RESERVE.
+
+Every plan of a session is made under the budget: training plans recompute to fit;
+forward-only plans (run(), evaluation, plan_stats(training=False)) have nothing to recompute
+and must fit as they are, counting the outputs copied out to the caller (run()'s logits exist
+twice at its end), else the plan-time error names their minimum. A causal LM's evaluation
+under a budget (or with large logits) goes through the fused loss
+(TrainingSession.evaluate_loss), which never makes the logits.
+Before the shared arena grows, the core checks what the system still has (MemAvailable, a
+cgroup's headroom) and raises pyedge.OutOfMemoryError (a MemoryError) naming the bytes needed
+and available instead of being killed (PYEDGE_TEST_MEM_AVAILABLE fakes the reading in tests).
 """
 from __future__ import annotations
 

@@ -82,6 +82,7 @@ class TrainingSession:
             raise ValueError(f"'{self.output_name}' is not a graph output; outputs: "
                              f"{[o.name for o in self.graph.outputs]}")
         self.loss_kind = loss
+        self.ignore_index, self.label_smoothing = int(ignore_index), float(label_smoothing)
         if loss is not None:
             self._append_loss(loss, label_smoothing, ignore_index)
         self.max_grad_norm = max_grad_norm
@@ -229,6 +230,23 @@ class TrainingSession:
                   and a.dtype == np.int64 else a for n, a in zip(names, arrays)]
         return dict(zip(names, arrays))
 
+    @property
+    def fused_loss(self) -> bool:
+        """True when the loss reads the LM head's input (pyedge.LinearCrossEntropy): the loss
+        of a batch is then computed without the B·T·V logits (evaluate_loss)."""
+        return bool(self.fusions.get("linear_cross_entropy"))
+
+    def evaluate_loss(self, inputs, labels) -> float:
+        """The session's loss on a batch without training: a forward-only plan whose only
+        target is the loss, so with the fused LM head (fused_loss) no logits exist. Same value
+        as step() would return (mean over the labels the loss counts)."""
+        if self.loss_kind is None:
+            raise ValueError("evaluate_loss needs a session with a loss")
+        arrays = self._input_list(inputs, labels)
+        with self._planning(arrays, False):
+            (loss,) = self._sess.run(arrays, [LOSS])
+        return float(np.asarray(loss).reshape(()))
+
     def _planning(self, arrays, training: bool):
         """A progress line (progress.Phase) around the first call with new input shapes: the
         core plans then, which takes seconds for a large model; later calls get nothing."""
@@ -313,6 +331,15 @@ class TrainingSession:
             arrays = self._input_list(inputs, None)
             shapes = {n: list(a.shape) for n, a in zip(self._input_names, arrays)
                       if a is not None}
+        if training and LABELS in self._input_names and LABELS not in shapes:
+            out = next(o for o in self.graph.outputs if o.name == self.output_name)
+            # A graph with static shapes, fed those shapes, has the output shape it declares.
+            static = bool(out.shape) and all(isinstance(d, int) and d > 0 for d in out.shape) \
+                and all(list(v.shape) == list(shapes.get(v.name, v.shape))
+                        and all(isinstance(d, int) and d > 0 for d in v.shape)
+                        for v in self.graph.inputs if v.name != LABELS)
+            if static:  # no forward run (it would plan and hold the whole logits)
+                shapes[LABELS] = list(out.shape if self.loss_kind == "mse" else out.shape[:-1])
         if training and LABELS in self._input_names and LABELS not in shapes:
             if inputs is None:
                 raise ValueError(f"plan_stats(shapes=...) of a training plan needs the labels' "

@@ -70,6 +70,8 @@ py::dict stats_dict(const PlanStats& s) {
   d["arena_budget"] = s.arena_budget;
   d["fixed_bytes"] = s.fixed_bytes;
   d["planned_peak_bytes"] = s.planned_peak_bytes;
+  d["output_copy_bytes"] = s.output_copy_bytes;
+  d["scratch_reduced_ops"] = s.scratch_reduced_ops;
   return d;
 }
 

@@ -23,9 +23,16 @@ PYBIND11_MODULE(_core, m) {
   static py::exception<pyedge::Error> error(m, "PyedgeError", PyExc_ValueError);
   static py::exception<pyedge::UnsupportedError> unsupported(m, "UnsupportedOpError",
                                                              error.ptr());
+  // Both a PyedgeError and a MemoryError (raised before allocating what the system lacks).
+  static py::object oom = py::reinterpret_steal<py::object>(PyErr_NewException(
+      "pyedge._core.OutOfMemoryError", py::make_tuple(error, py::handle(PyExc_MemoryError)).ptr(),
+      nullptr));
+  m.attr("OutOfMemoryError") = oom;
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const pyedge::OutOfMemoryError& e) {
+      py::set_error(oom, e.what());
     } catch (const pyedge::UnsupportedError& e) {
       py::set_error(unsupported, e.what());
     } catch (const pyedge::Error& e) {

@@ -15,6 +15,13 @@ struct UnsupportedError : Error {
   using Error::Error;
 };
 
+// The system does not have the memory a plan needs (another process took it): raised before
+// allocating instead of being killed by the kernel. Mapped to pyedge.OutOfMemoryError, a
+// MemoryError.
+struct OutOfMemoryError : Error {
+  using Error::Error;
+};
+
 template <typename... Args>
 std::string str_cat(Args&&... args) {
   std::ostringstream os;

@@ -1,4 +1,5 @@
 // available_memory_bytes(): MemAvailable, or less under a cgroup memory limit.
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -67,6 +68,15 @@ int64_t headroom(const std::string& mount, const std::string& path, const char* 
 }  // namespace
 
 int64_t available_memory_bytes(std::string* source) {
+  // A fake reading for tests that play "another process took the memory" (bytes).
+  if (const char* fake = std::getenv("PYEDGE_TEST_MEM_AVAILABLE")) {
+    if (source) *source = "PYEDGE_TEST_MEM_AVAILABLE";
+    try {
+      return int64_t(std::stoll(fake));
+    } catch (...) {
+      return -1;
+    }
+  }
   int64_t avail = mem_available();
   if (source) *source = "MemAvailable";
   int64_t v2 = headroom("/sys/fs/cgroup", cgroup_path(true), "memory.max", "memory.current");

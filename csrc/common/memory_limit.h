@@ -15,6 +15,7 @@ int64_t memory_limit_bytes();
 // What this process may still allocate: MemAvailable (/proc/meminfo), lowered to the
 // headroom of a cgroup v2 (memory.max - memory.current) or v1 (limit_in_bytes -
 // usage_in_bytes) limit when one is set. -1 when none of them can be read. `source` names
-// what decided it ("MemAvailable", "cgroup v2 memory.max").
+// what decided it ("MemAvailable", "cgroup v2 memory.max"). PYEDGE_TEST_MEM_AVAILABLE (bytes)
+// replaces the reading, for tests.
 int64_t available_memory_bytes(std::string* source = nullptr);
 }

@@ -3,12 +3,25 @@
 #include <chrono>
 #include <cstring>
 
+#include "common/memory_limit.h"
 #include "graph/plan_passes.h"
 
 namespace pyedge {
 
 char* Arena::reserve(size_t bytes) {
   if (bytes > buf_.size()) {
+    // Before growing: does the system still have it? (Another process may have taken what
+    // the plan was sized for.) A clear error now instead of the kernel's OOM kill later; the
+    // old arena is freed first, so only the growth must be available.
+    std::string source;
+    const int64_t avail = available_memory_bytes(&source);
+    const int64_t growth = int64_t(bytes - buf_.size());
+    if (avail >= 0 && growth > avail)
+      throw OutOfMemoryError(str_cat(
+          "out of memory: the plan's arena needs ", growth, " bytes more (", buf_.size(),
+          " -> ", bytes, " bytes) but ", source, " reports only ", avail,
+          " bytes available (another process may hold the rest): free memory, or set a "
+          "smaller max_memory so that the planner recomputes activations instead"));
     buf_ = Buffer();  // free first: the old and the new arena are never held together
     buf_ = Buffer(bytes);
   }

@@ -34,6 +34,9 @@ struct PlanRequest {
   bool budget_is_hard = false;
   std::string budget_source;             // for messages: "max_memory=2.5 GiB", "MemAvailable"
   int64_t fixed_bytes = 0;               // weights, parameters, gradients, optimizer state
+  // The shared arena's size already held for the session's other plans: this plan's peak
+  // is fixed + max(its arena, the floor) + its constants.
+  int64_t arena_floor = 0;
 };
 
 struct PlanStats {
@@ -60,7 +63,11 @@ struct PlanStats {
   int64_t arena_bytes_min = 0;           // the smallest arena recomputation reaches
   int64_t arena_budget = -1;             // the budget the choice was made under (-1: none)
   int64_t fixed_bytes = 0;               // weights, parameters, gradients, optimizer state
-  int64_t planned_peak_bytes = 0;        // fixed + arena + constants
+  int64_t planned_peak_bytes = 0;        // fixed + arena + constants (+ output copies)
+  // A forward-only plan's targets as the caller gets them (copied out of the arena: the
+  // logits of run() exist twice at its end).
+  int64_t output_copy_bytes = 0;
+  int scratch_reduced_ops = 0;           // ops switched to a smaller-scratch path (Op::reduce_scratch)
 };
 
 // The memory a session's plans run in. Plans never run at the same time and keep nothing in

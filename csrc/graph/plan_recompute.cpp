@@ -81,6 +81,20 @@ void Plan::choose_recompute(const Model& model, const PlanRequest& req, PlanBuil
   std::vector<bool> none(F, false);
   MemoryLayout base = layout_memory(b, none);
   stats_.arena_bytes_no_recompute = stats_.arena_bytes_min = base.arena_bytes;
+  // What the caller gets is copied out of the arena (run()'s logits exist twice at its end).
+  for (int v : req.targets)
+    if (v >= 0 && v != loss_) stats_.output_copy_bytes += int64_t(values_[size_t(v)].nbytes());
+  // Under a budget the smallest plan does not meet: ops with a smaller-scratch path take it
+  // (LoraMatMul unmerged), and the layouts are made again.
+  auto reduce_scratch = [&]() {
+    for (const Step& s : fwd_) stats_.scratch_reduced_ops += s.op->reduce_scratch() ? 1 : 0;
+    return stats_.scratch_reduced_ops > 0;
+  };
+  auto scratch_note = [&]() {
+    return stats_.scratch_reduced_ops ? str_cat("; ", stats_.scratch_reduced_ops, " ops on their "
+                                                "smaller-scratch path (LoRA unmerged)")
+                                      : std::string();
+  };
   auto finish = [&](MemoryLayout&& m, const std::vector<bool>& chosen, std::string why) {
     for (size_t f = 0; f < F; ++f)
       if (chosen[f]) {
@@ -90,11 +104,46 @@ void Plan::choose_recompute(const Model& model, const PlanRequest& req, PlanBuil
         stats_.recompute_nodes.push_back(n.name);
         stats_.recompute_flops += fwd_[f].op->flops();
       }
-    stats_.recompute_choice = std::move(why);
+    stats_.recompute_choice = std::move(why) + scratch_note();
     commit_layout(model, b, std::move(m));
-    stats_.planned_peak_bytes = req.fixed_bytes + stats_.arena_bytes + stats_.constant_bytes;
+    stats_.planned_peak_bytes = req.fixed_bytes + std::max(stats_.arena_bytes, req.arena_floor) +
+                                stats_.constant_bytes + stats_.output_copy_bytes;
   };
-  if (loss_ < 0 || req.recompute == PlanRequest::Recompute::kNone ||
+  // Beside the session's other plans (their shared arena is held) this plan cannot fit,
+  // whatever it recomputes: the session drops them and plans again (session.cpp).
+  if (req.budget_is_hard && req.arena_budget >= 0 && req.arena_floor > 0 &&
+      req.arena_floor + stats_.constant_bytes + stats_.output_copy_bytes > req.arena_budget)
+    throw Error(str_cat(req.budget_source, " cannot hold this plan beside the session's other "
+                        "plans (their shared arena of ", mib(req.arena_floor), ")"));
+  if (loss_ < 0) {
+    // A forward-only plan (run(), evaluation): nothing to recompute, everything dies at its
+    // last forward reader already; under a budget it must fit as it is, outputs included.
+    const int64_t outs = stats_.output_copy_bytes;
+    auto need = [&](const MemoryLayout& m) { return m.arena_bytes + stats_.constant_bytes + outs; };
+    if (req.arena_budget >= 0 && need(base) > req.arena_budget && reduce_scratch())
+      base = layout_memory(b, none);
+    if (req.budget_is_hard && req.arena_budget >= 0 && need(base) > req.arena_budget) {
+      const int64_t min_total = req.fixed_bytes + need(base);
+      std::string what;
+      for (int v : req.targets) {
+        if (v < 0 || v == loss_) continue;
+        what += str_cat(what.empty() ? "" : ", ", "'", model.value_name(v), "' ",
+                        shape_str(values_[size_t(v)].shape));
+      }
+      throw Error(str_cat(
+          req.budget_source, " is below what a forward pass returning ",
+          what.empty() ? std::string("its outputs") : what, " needs at these input shapes: "
+          "the minimum is ", min_total, " bytes (", mib(min_total), ": ", mib(req.fixed_bytes),
+          " weights, parameters, gradients and optimizer state + ", mib(need(base) - outs),
+          " activations + ", mib(outs), " outputs copied to the caller; a forward pass has "
+          "nothing to recompute); run a smaller batch, ask for fewer outputs, evaluate a "
+          "causal LM through its loss (TrainingSession.evaluate_loss: no logits), or raise "
+          "the budget"));
+    }
+    finish(std::move(base), none, "none (no backward)");
+    return;
+  }
+  if (req.recompute == PlanRequest::Recompute::kNone ||
       (req.recompute == PlanRequest::Recompute::kAuto &&
        (req.arena_budget < 0 ||
         base.arena_bytes + stats_.constant_bytes <= req.arena_budget))) {
@@ -104,8 +153,7 @@ void Plan::choose_recompute(const Model& model, const PlanRequest& req, PlanBuil
                           stats_.constant_bytes), " without recomputation, over ",
                           req.budget_source, " (recompute='none' was asked)"));
     finish(std::move(base), none,
-           loss_ < 0                                  ? "none (no backward)"
-           : req.recompute == PlanRequest::Recompute::kNone ? "none (asked)"
+           req.recompute == PlanRequest::Recompute::kNone ? "none (asked)"
            : req.arena_budget < 0                           ? "none (no budget)"
                                        : str_cat("none (fits ", req.budget_source, ")"));
     return;
@@ -254,6 +302,16 @@ void Plan::choose_recompute(const Model& model, const PlanRequest& req, PlanBuil
   const int64_t consts = stats_.constant_bytes;
   std::vector<bool> all = chosen_for(units.size());
   MemoryLayout full = layout_memory(b, all);
+  if (req.arena_budget >= 0 && full.arena_bytes + consts > req.arena_budget && reduce_scratch()) {
+    full = layout_memory(b, all);
+    base = layout_memory(b, none);
+    if (req.recompute == PlanRequest::Recompute::kAuto &&
+        base.arena_bytes + consts <= req.arena_budget) {  // that was enough
+      stats_.arena_bytes_min = std::min(base.arena_bytes, full.arena_bytes);
+      finish(std::move(base), none, str_cat("none (fits ", req.budget_source, ")"));
+      return;
+    }
+  }
   stats_.arena_bytes_min = std::min(base.arena_bytes, full.arena_bytes);
   const std::string units_str = str_cat(n_cheap, " cheap steps, ", units.size() - n_cheap,
                                         " blocks between ", boundaries.size(), " checkpoints");

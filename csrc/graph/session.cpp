@@ -129,37 +129,71 @@ Plan& Session::plan_for(const std::vector<Shape>& shapes, bool training,
   req.targets = targets;
   req.loss = training ? loss_ : -1;
   req.recompute = recompute_;
-  req.fixed_bytes = fixed_bytes();
-  const int64_t limit = memory_limit_bytes();
-  if (memory_budget_ >= 0) {
-    req.arena_budget = std::max<int64_t>(memory_budget_ - req.fixed_bytes, 0);
-    req.budget_is_hard = true;
-    req.budget_source = str_cat("the memory budget (max_memory) of ", memory_budget_, " bytes");
-    if (limit < req.arena_budget) {  // the plan limit binds first: recompute to meet it too
-      req.arena_budget = limit;
-      req.budget_source = str_cat("the plan memory limit of ", limit, " bytes (PYEDGE_MAX_MEMORY "
-                                  "or 75% of RAM; under max_memory=", memory_budget_, ")");
-    }
-  } else {
-    // No budget: what the system still has (the arena this session holds counts as free
-    // for its next plan), with a margin, and never over the plan limit.
-    std::string src;
-    const int64_t avail = available_memory_bytes(&src);
-    if (avail >= 0) {
-      req.arena_budget = int64_t(double(avail) * 0.9) + int64_t(arena_->size());
-      req.budget_source = str_cat("90% of ", src, " (", avail, " bytes)");
-      if (limit < req.arena_budget) {
+  // Each cached plan holds its own folded constants, and the shared arena is as large as the
+  // largest: a new plan counts both as held. Under a budget that then does not fit, the other
+  // plans and their arena are dropped (rebuilt when next needed: a training loop that
+  // evaluates under a tight budget replans at each switch) and the plan is made again alone.
+  int64_t held = 0, most = 0;
+  for (const CachedPlan& c : plans_) {
+    held += c.plan->stats().constant_bytes;
+    most = std::max(most, c.plan->stats().constant_bytes);
+  }
+  auto drop_plans = [&]() {
+    plans_.clear();
+    last_plan_ = size_t(-1);
+    arena_ = std::make_shared<Arena>();  // freed: no plan points into it any more
+    held = 0;
+  };
+  // Folding the new plan's constants (about as large as the others': the same model) beside
+  // the held plans would already pass the budget: drop them first, not after folding.
+  if (memory_budget_ >= 0 && !plans_.empty() &&
+      fixed_bytes() + held + int64_t(arena_->size()) + most > memory_budget_)
+    drop_plans();
+  auto budget_request = [&](int64_t others) {
+    req.fixed_bytes = fixed_bytes() + others;
+    req.arena_floor = int64_t(arena_->size());
+    const int64_t limit = memory_limit_bytes();
+    if (memory_budget_ >= 0) {
+      req.arena_budget = std::max<int64_t>(memory_budget_ - req.fixed_bytes, 0);
+      req.budget_is_hard = true;
+      req.budget_source = str_cat("the memory budget (max_memory) of ", memory_budget_, " bytes");
+      if (limit < req.arena_budget) {  // the plan limit binds first: recompute to meet it too
         req.arena_budget = limit;
-        req.budget_source = str_cat("the plan memory limit of ", limit,
-                                    " bytes (PYEDGE_MAX_MEMORY or 75% of RAM)");
+        req.budget_source = str_cat("the plan memory limit of ", limit, " bytes (PYEDGE_MAX_MEMORY "
+                                    "or 75% of RAM; under max_memory=", memory_budget_, ")");
       }
     } else {
-      req.arena_budget = limit;
-      req.budget_source = "the plan memory limit (PYEDGE_MAX_MEMORY or 75% of RAM)";
+      // No budget: what the system still has (the arena this session holds counts as free
+      // for its next plan), with a margin, and never over the plan limit.
+      std::string src;
+      const int64_t avail = available_memory_bytes(&src);
+      if (avail >= 0) {
+        req.arena_budget = int64_t(double(avail) * 0.9) + int64_t(arena_->size());
+        req.budget_source = str_cat("90% of ", src, " (", avail, " bytes)");
+        if (limit < req.arena_budget) {
+          req.arena_budget = limit;
+          req.budget_source = str_cat("the plan memory limit of ", limit,
+                                      " bytes (PYEDGE_MAX_MEMORY or 75% of RAM)");
+        }
+      } else {
+        req.arena_budget = limit;
+        req.budget_source = "the plan memory limit (PYEDGE_MAX_MEMORY or 75% of RAM)";
+      }
+      req.budget_is_hard = false;
     }
-    req.budget_is_hard = false;
+  };
+  budget_request(held);
+  std::unique_ptr<Plan> plan;
+  try {
+    plan = std::make_unique<Plan>(*model_, req, arena_);
+  } catch (const OutOfMemoryError&) {
+    throw;
+  } catch (const Error&) {
+    if (plans_.empty() || memory_budget_ < 0) throw;
+    drop_plans();
+    budget_request(0);
+    plan = std::make_unique<Plan>(*model_, req, arena_);
   }
-  auto plan = std::make_unique<Plan>(*model_, req, arena_);
   plans_.push_back({training, shapes, targets, std::move(plan),
                     value_keyed_.empty() ? std::vector<std::vector<char>>{} : values});
   last_plan_ = plans_.size() - 1;

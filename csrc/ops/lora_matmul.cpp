@@ -6,6 +6,10 @@
 // layout (rebuilt each forward and backward: A and B change every step; 2·K·N·r FLOPs), so the
 // adapter costs no passes over the [M, N] output, and dx = dY·W'ᵀ gets its adapter share from
 // the same GEMM. PEFT's sum x·W + s·(x·Aᵀ)·Bᵀ differs from it only by rounding.
+// Under a memory budget that the planner cannot meet otherwise (reduce_scratch) the op takes
+// that unmerged path in forward and backward: scratch [M, r] instead of the K×N merged weight
+// (W8's down projection: 55 MB), 2·M·r·(K+N) FLOPs instead of 2·K·N·r; results differ from
+// the merged path by rounding only (as PEFT's do), and a plan never mixes the two.
 // Hidden outputs, with dropout only: the dropped input [M, K] and its keep mask.
 #include <algorithm>
 #include <cmath>
@@ -61,6 +65,12 @@ class LoraMatMul : public Op {
   }
 
   bool foldable() const override { return dropout_ == 0.f; }
+  bool reduce_scratch() override {
+    if (dropout_ > 0.f || unmerged_) return false;  // dropout: unmerged already
+    unmerged_ = true;
+    merged_fwd_ = false;
+    return true;
+  }
   // x·W plus the adapter path x·Aᵀ·Bᵀ.
   double flops() const override {
     return 2.0 * double(M_) * (double(K_) * double(N_) + double(r_) * double(K_ + N_));
@@ -106,7 +116,7 @@ class LoraMatMul : public Op {
   // The adapter-gradient pass, then for dx the merged weight (or dt [M, r] with dropout).
   size_t backward_scratch_bytes(const std::vector<bool>& ng) const override {
     if (ng.empty() || !ng[0]) return grads_.scratch_floats() * 4;
-    if (dropout_ > 0.f) return (grads_.scratch_floats() + M_ * r_) * 4;
+    if (dropout_ > 0.f || unmerged_) return (grads_.scratch_floats() + M_ * r_) * 4;
     return (grads_.scratch_floats() + K_ * N_) * 4 + skip_zero_rows_scratch_bytes(M_, K_, N_);
   }
   bool assigns_fresh_grads() const override { return true; }
@@ -138,7 +148,7 @@ class LoraMatMul : public Op {
     if (!din[0].data) return;
     float* dx = din[0].ptr<float>();
     const float bx = ctx.fresh(0) ? 0.f : 1.f;
-    if (dropout_ == 0.f) {  // dx (+)= dY · op(W + s·B·A)ᵀ: the adapter's share in the same GEMM
+    if (dropout_ == 0.f && !unmerged_) {  // dx (+)= dY · op(W + s·B·A)ᵀ: the adapter's share in the same GEMM
       // (rows of dY the loss never reads skipped, blas.h)
       sgemm_skip_zero_rows(!trans_w_, M_, K_, N_, dy, N_, merged_weight(in, dx_scratch),
                            in[1].shape[1], bx, dx, K_, dx_scratch + K_ * N_);
@@ -149,6 +159,10 @@ class LoraMatMul : public Op {
           K_);
     float* dt = dx_scratch;
     sgemm(false, false, M_, r_, N_, scale_, dy, N_, B, r_, 0.f, dt, r_);
+    if (dropout_ == 0.f) {  // unmerged: dx += dt [M, r] · A [r, K]
+      sgemm(false, false, M_, K_, r_, 1.f, dt, r_, A, K_, 1.f, dx, K_);
+      return;
+    }
     lora_dropout_dx(dt, A, out[2].ptr<uint8_t>(), dropout_, M_, K_, r_, dx);
   }
   std::vector<bool> backward_reads_inputs(const std::vector<bool>& ng) const override {
@@ -180,6 +194,7 @@ class LoraMatMul : public Op {
   }
 
   bool trans_w_ = false, has_bias_ = false, merged_fwd_ = false;
+  bool unmerged_ = false;  // reduce_scratch(): x·W + s·(x·Aᵀ)·Bᵀ, no merged weight
   float scale_ = 1.f, dropout_ = 0.f;
   uint64_t salt_ = 0;
   int64_t M_ = 0, K_ = 0, N_ = 0, r_ = 0;

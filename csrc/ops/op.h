@@ -104,6 +104,12 @@ class Op {
   virtual size_t forward_scratch_bytes() const { return 0; }
   virtual size_t backward_scratch_bytes(const std::vector<bool>& /*need_grad*/) const { return 0; }
 
+  // Switches to a path that needs less scratch, asked by the planner when even its smallest
+  // plan does not fit the memory budget (LoraMatMul: x·W + s·(x·Aᵀ)·Bᵀ instead of building
+  // the merged K×N weight). Results may then differ from the default path by rounding only;
+  // a plan stays on one path, so its recomputation is still bitwise. True when it changed.
+  virtual bool reduce_scratch() { return false; }
+
   // Cost of one forward call, for choosing what to recompute (graph/plan_recompute.cpp):
   // floating-point operations where the op knows them (MatMul, Gemm, LoraMatMul, Conv,
   // Attention), else a proxy of one per output element.
