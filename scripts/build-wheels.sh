@@ -10,11 +10,12 @@
 # x86_64:  `python -m build --wheel` of a clean copy of the tree (scikit-build-core; the core is
 #          compiled three times, baseline / x86-64-v3 / x86-64-v4, pyedge/core_variant.py picks
 #          one at import), then `auditwheel repair` to the lowest manylinux tag the binaries allow.
-# aarch64: the same build, cross-compiled on the host with Debian's aarch64-linux-gnu-g++
-#          against the arm64 root of scripts/arm64-check.sh (its Python headers, its
-#          scipy-openblas32), tagged linux_aarch64 through scikit-build-core's cross-compile
-#          variables, then repaired the same way (auditwheel reads foreign-architecture ELF
-#          files; the root's libgomp is the one it grafts).
+# aarch64: the core as scripts/arm64-check.sh cross-compiles it on the host (Debian's
+#          aarch64-linux-gnu-g++ against the arm64 root: its Python headers, its
+#          scipy-openblas32; the same CMakeLists.txt), packed with the package's Python files
+#          and scikit-build-core's metadata into a linux_aarch64 wheel, then repaired the same
+#          way (auditwheel reads foreign-architecture ELF files; it grafts the root's libgomp).
+#          PYEDGE_WHEEL_SKIP_CHECK=1 reuses the last arm64-check.sh build instead of running it.
 # Both:    OpenBLAS is not vendored (--exclude libscipy_openblas.so): the core finds it in the
 #          scipy-openblas32 package it depends on ($ORIGIN/../scipy_openblas32/lib). libgomp is
 #          grafted into pyedge.libs/. Each repaired wheel is installed (timed) into a fresh venv
@@ -139,53 +140,47 @@ if [ $DO_ARM = 1 ]; then
   inroot() { QEMU_CPU=$CPU chroot "$ROOT" /usr/bin/env -i QEMU_CPU=$CPU HOME=/root PATH=/usr/local/bin:/usr/bin:/bin \
                PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt LANG=C.UTF-8 \
                OMP_NUM_THREADS="$JOBS" "$@"; }
-  RPY=/opt/venv/bin/python  # the root's build venv (arm64-check.sh): headers, pybind11, scipy-openblas32
-  SOABI=$(inroot $RPY -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-  PYINC=$(inroot $RPY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
-  SOB_LIB=$(inroot $RPY -c 'import scipy_openblas32 as s; print(s.get_lib_dir())')
-  SOB_INC=$(inroot $RPY -c 'import scipy_openblas32 as s; print(s.get_include_dir())')
-  RPYV=$(inroot $RPY -c 'import sys; print("%d%d" % sys.version_info[:2])')
-  HPYV=$(python -c 'import sys; print("%d%d" % sys.version_info[:2])')
-  [ "$RPYV" = "$HPYV" ] || { echo "host Python 3.$HPYV != root Python 3.$RPYV: the wheel's cp tag would be wrong" >&2; exit 1; }
-  cat > "$LOG/python-aarch64" <<PYX
-#!/bin/sh
-exec chroot "$ROOT" /usr/bin/env -i PATH=/opt/venv/bin:/usr/bin:/bin $RPY "\$@"
-PYX
-  chmod +x "$LOG/python-aarch64"
-  cat > "$LOG/aarch64-toolchain.cmake" <<TC
-set(CMAKE_SYSTEM_NAME Linux)
-set(CMAKE_SYSTEM_PROCESSOR aarch64)
-set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
-set(CMAKE_SYSROOT "$ROOT")
-set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
-set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
-set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
-set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE BOTH)
-TC
-  SRC=$WORK/src-aarch64
-  say "aarch64: syncing a clean copy of the tree into $SRC"
-  sync_src "$SRC"
-  say "aarch64: cross build (aarch64-linux-gnu-g++, sysroot $ROOT; log .wheels/build-aarch64.log)"
+  # The core: the CMake build scripts/arm64-check.sh cross-compiles (Debian's aarch64-linux-gnu-g++,
+  # the root as sysroot, -march=armv8-a unless PYEDGE_ARM_TARGET, the same CMakeLists.txt and
+  # flags a wheel build uses); run it first (incremental when nothing changed). Its module
+  # carries the build's absolute OpenBLAS RPATH; the wheel's gets the installed layout's,
+  # $ORIGIN/../scipy_openblas32/lib (CMakeLists.txt's INSTALL_RPATH).
+  SO=$(ls "$ROOT"/src/pyedge/pyedge/_core.cpython-*-aarch64-linux-gnu.so 2>/dev/null | head -1)
+  if [ "${PYEDGE_WHEEL_SKIP_CHECK:-0}" != 1 ] || [ -z "$SO" ]; then
+    say "aarch64: cross build through scripts/arm64-check.sh (its tests and demo run too; log .wheels/arm64-check.log)"
+    bash "$REPO/scripts/arm64-check.sh" > "$LOG/arm64-check.log" 2>&1 || { tail -30 "$LOG/arm64-check.log"; exit 1; }
+    SO=$(ls "$ROOT"/src/pyedge/pyedge/_core.cpython-*-aarch64-linux-gnu.so | head -1)
+  fi
+  RPYV=$(inroot /opt/venv/bin/python -c 'import sys; print("%d%d" % sys.version_info[:2])')
   B0=$(date +%s)
+  # The wheel around it: the package's files as the x86_64 wheel has them (pyedge/, no compiled
+  # modules) and the dist-info scikit-build-core writes (PEP 517 prepare_metadata_for_build_wheel),
+  # tagged cp3X-cp3X-linux_aarch64; `wheel pack` writes RECORD.
+  SRC=$WORK/src-aarch64
+  sync_src "$SRC"
+  PK=$WORK/pack-aarch64
+  rm -rf "$PK"; mkdir -p "$PK/pyedge-meta"
+  VER=$(cd "$SRC" && python -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+  DIR=$PK/pyedge-$VER
+  mkdir -p "$DIR"
+  (cd "$SRC" && git -C "$REPO" ls-files -z --cached --others --exclude-standard -- pyedge \
+     | tar --null -T - -cf -) | tar -xf - -C "$DIR"
+  find "$DIR/pyedge" -name '_core*.so' -delete
+  cp "$SO" "$DIR/pyedge/"
+  patchelf --set-rpath '$ORIGIN/../scipy_openblas32/lib' "$DIR/pyedge/$(basename "$SO")"
+  (cd "$SRC" && python -c "import build, sys; print(build.ProjectBuilder('.').metadata_path(sys.argv[1]))" "$PK/pyedge-meta") \
+    > "$LOG/metadata-aarch64.log" 2>&1 || { tail -20 "$LOG/metadata-aarch64.log"; exit 1; }
+  mv "$PK"/pyedge-meta/pyedge-*.dist-info "$DIR/"
+  WHEELF=$(ls -d "$DIR"/pyedge-*.dist-info)/WHEEL
+  python - "$WHEELF" "cp$RPYV-cp$RPYV-linux_aarch64" <<'PYW'
+import sys
+path, tag = sys.argv[1:]
+lines = [l for l in open(path).read().splitlines() if not l.startswith(("Tag:", "Root-Is-Purelib:"))]
+lines += ["Root-Is-Purelib: false", f"Tag: {tag}"]
+open(path, "w").write("\n".join(lines) + "\n")
+PYW
   rm -f "$DIST"/raw/pyedge-*aarch64.whl
-  # scikit-build-core's cross-compile knobs: _PYTHON_HOST_PLATFORM names the wheel's platform,
-  # SETUPTOOLS_EXT_SUFFIX the module suffix; CMake gets the root's interpreter (run through
-  # chroot: FindPython and pybind11 ask it for the SOABI), headers and OpenBLAS.
-  (cd "$SRC" && _PYTHON_HOST_PLATFORM=linux-aarch64 SETUPTOOLS_EXT_SUFFIX="$SOABI" \
-     CMAKE_BUILD_PARALLEL_LEVEL=$JOBS python -m build --wheel --no-isolation -o "$DIST/raw" \
-     -C cmake.define.CMAKE_TOOLCHAIN_FILE="$LOG/aarch64-toolchain.cmake" \
-     -C cmake.define.PYEDGE_NATIVE=OFF \
-     -C cmake.define.Python_EXECUTABLE="$LOG/python-aarch64" \
-     -C cmake.define.Python3_EXECUTABLE="$LOG/python-aarch64" \
-     -C cmake.define.Python_INCLUDE_DIR="$ROOT$PYINC" \
-     -C cmake.define.Python3_INCLUDE_DIR="$ROOT$PYINC" \
-     -C cmake.define.Python_ROOT_DIR="$ROOT/usr" \
-     -C cmake.define.pybind11_DIR="$(python -m pybind11 --cmakedir)" \
-     -C cmake.define.OPENBLAS_INCLUDE_DIR="$ROOT$SOB_INC" \
-     -C cmake.define.OPENBLAS_LIB_DIR="$ROOT$SOB_LIB" \
-     -C cmake.define.PYEDGE_ARM_TARGET="${PYEDGE_ARM_TARGET:-}" \
-     -C build-dir=build/cross-aarch64 .) > "$LOG/build-aarch64.log" 2>&1 \
-    || { tail -30 "$LOG/build-aarch64.log"; exit 1; }
+  wheel pack "$DIR" -d "$DIST/raw" > "$LOG/build-aarch64.log" 2>&1 || { cat "$LOG/build-aarch64.log"; exit 1; }
   RAW=$(ls -t "$DIST"/raw/pyedge-*aarch64.whl | head -1)
   say "aarch64: built $(basename "$RAW") in $(($(date +%s) - B0))s; auditwheel repair"
   # auditwheel looks for libgomp of the wheel's architecture on the library path
