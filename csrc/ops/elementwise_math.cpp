@@ -5,6 +5,7 @@
 
 #include "ops/fast_math.h"
 #include "ops/unary.h"
+#include "ops/unary_kernels.h"
 
 namespace pyedge {
 namespace {
@@ -16,14 +17,16 @@ struct SqrtK : CheapUnaryKernel {
 };
 PYEDGE_REGISTER_OP("Sqrt", UnaryOp<SqrtK>);
 
-struct ExpK : UnaryKernel {
+struct ExpK : UnaryKernel, uk::Exp {
+  static constexpr bool kVector = true;  // vector path: ops/unary_kernels.h
   explicit ExpK(const NodeInfo&) { reads_x = false, reads_y = true; }
   float f(float x) const { return fm::exp(x); }
   float df(float, float y, float dy) const { return dy * y; }
 };
 PYEDGE_REGISTER_OP("Exp", UnaryOp<ExpK>);
 
-struct LogK : UnaryKernel {
+struct LogK : UnaryKernel, uk::Log {
+  static constexpr bool kVector = true;
   explicit LogK(const NodeInfo&) {}
   float f(float x) const { return fm::log(x); }
   float df(float x, float, float dy) const { return dy / x; }
