@@ -111,8 +111,12 @@ def pyedge_model_and_options(w, onnx_path):
 def run_pyedge(w, a):
     import pyedge
 
-    lora = pyedge.LoraConfig(r=w.lora_r, alpha=w.lora_alpha, target_modules=list(w.lora_targets),
-                             **w.lora_extra) if w.lora_targets else None
+    if w.method == "ia3":
+        lora = pyedge.IA3Config(target_modules=list(w.lora_targets))
+    else:
+        lora = pyedge.LoraConfig(r=w.lora_r, alpha=w.lora_alpha,
+                                 target_modules=list(w.lora_targets),
+                                 **w.lora_extra) if w.lora_targets else None
     t0 = time.perf_counter()
     model, options = pyedge_model_and_options(w, a.onnx)
     sess = pyedge.TrainingSession(model, lora=lora, train=list(w.train), loss=w.loss,
@@ -160,14 +164,17 @@ def run_torch(w, a):
     versions = {"torch": torch.__version__}
     if w.lora_targets:
         import peft
-        cfg = peft.LoraConfig(r=w.lora_r, lora_alpha=w.lora_alpha,
-                              target_modules=list(w.lora_targets), lora_dropout=0.0,
-                              fan_in_fan_out=w.fan_in_fan_out, **w.lora_extra)
+        if w.method == "ia3":
+            cfg = peft.IA3Config(target_modules=list(w.lora_targets), feedforward_modules=[])
+        else:
+            cfg = peft.LoraConfig(r=w.lora_r, lora_alpha=w.lora_alpha,
+                                  target_modules=list(w.lora_targets), lora_dropout=0.0,
+                                  fan_in_fan_out=w.fan_in_fan_out, **w.lora_extra)
         peft.get_peft_model(model, cfg)  # injects LoRA layers into `model` in place
         versions["peft"] = peft.__version__
     for name, p in model.named_parameters():
         clean = name.replace("base_model.model.", "")
-        if ".lora_" in clean or any(fnmatch.fnmatchcase(clean, pat) for pat in w.train):
+        if ".lora_" in clean or ".ia3_l" in clean or any(fnmatch.fnmatchcase(clean, pat) for pat in w.train):
             p.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=w.lr, weight_decay=0.01)

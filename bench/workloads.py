@@ -49,6 +49,9 @@ class Workload:
     torch_kwargs: dict = dataclasses.field(default_factory=dict)  # factory overrides, torch only
     # LoraConfig fields both engines get (PEFT's names), e.g. {"use_dora": True}
     lora_extra: dict = dataclasses.field(default_factory=dict)
+    # the adapter method on lora_targets: "lora" (LoraConfig + lora_extra) or "ia3" (IA3Config
+    # with those targets in both engines: a learned scale on each target's output)
+    method: str = "lora"
 
     def default_steps(self, quick: bool) -> tuple[int, int]:
         """(steps, warmup) when the command line gives none; --quick keeps a few seconds."""
@@ -186,6 +189,12 @@ WORKLOADS["1dora"] = _minilm("1dora", "MiniLM-L6 + classifier, DoRA r=8 q/v + he
                              steps=20)
 WORKLOADS["1dora"].lora_extra = {"use_dora": True}
 WORKLOADS["1dora"].engines = ("pyedge", "torch")
+# W1 with (IA)^3 on the key and value projections (+ the head) in both engines
+WORKLOADS["1ia3"] = _minilm("1ia3", "MiniLM-L6 + classifier, IA3 on key/value + head, 16x128",
+                            steps=20)
+WORKLOADS["1ia3"].lora_targets = ["key", "value"]
+WORKLOADS["1ia3"].method = "ia3"
+WORKLOADS["1ia3"].engines = ("pyedge", "torch")
 WORKLOADS["6m"] = _decoder("6", id="6m", engines=("pyedge",), max_memory=int(1.5 * 2**30))
 WORKLOADS["6m"].title += ", max_memory 1.5 GiB"
 WORKLOADS["7q4"] = _decoder("7", id="7q4", engines=("pyedge",), quantize=dict(W8_QUANTIZE))

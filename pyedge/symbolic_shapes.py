@@ -110,7 +110,7 @@ def _broadcast(shapes: list[list[Dim]]) -> list[Dim] | None:
 
 _SAME_SHAPE = {"Identity", "Cast", "CastLike", "Neg", "Sqrt", "Reciprocal", "Sigmoid", "Tanh",
                "Softmax", "Erf", "Exp", "Log", "Relu", "Gelu", "IsNaN", "Not", "Abs",
-               "RMSNorm", "SwiGLU", "MaskedSoftmax"}
+               "RMSNorm", "SwiGLU", "MaskedSoftmax", "Rotary"}
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "And", "Or", "Equal", "Less",
                 "Greater", "LessOrEqual", "GreaterOrEqual", "Max", "Min"}
 
