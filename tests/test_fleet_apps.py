@@ -4,6 +4,8 @@ after its last written round; a node that never replies is dropped and the run c
 written adapters are PEFT files. Real processes, TLS and keys: test_fleet_processes.py."""
 import json
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -97,7 +99,9 @@ def test_resume_after_a_server_restart_and_silent_nodes(tmp_path):
     assert [m["round"] for m in log] == [1, 2]
     assert log[0]["nodes"] == 3 and log[0]["replies"] == 2 and log[0]["dropped"] == [3]
     assert log[1]["nodes"] == 2                    # the silent node is not waited for again
-    assert log[0]["client-torch-imported"] == 0
+    # the ClientApp runs in this process here: it reports torch only if an earlier test in the
+    # same pytest process imported it (test_fleet_processes checks a real SuperNode's process)
+    assert log[0]["client-torch-imported"] == int("torch" in sys.modules)
     r2 = store.latest()[1]
 
     # the server restarts (a new run, new node contexts) with more rounds: it starts at round 3
