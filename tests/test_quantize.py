@@ -313,3 +313,21 @@ def test_train_quantize_on_load_and_eval(tmp_path):
     assert r.returncode == 0, r.stderr
     r = run("merge", "m.onnx", "--adapters", "run/adapters", "-o", "merged.onnx")
     assert r.returncode == 0 and "trained on the model quantized on load" in r.stdout, r.stderr
+
+
+def test_quantized_file_is_used_in_place(tmp_path):
+    """pyedge.quantize writes every packed weight 64-byte aligned, so a device memory-maps it
+    instead of copying it (onnx_wire); the file still runs in onnxruntime."""
+    import pyedge
+    from pyedge.memory_budget import mapped_bytes
+    m, _ = linear_model(K=256, H=192, M=160)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    dst = tmp_path / "q.onnx"
+    quantize(src, dst, bits=4, group_size=32, include=("lm_head",))
+    g = pyedge.load_onnx(str(dst))
+    packed = [a for k, a in g.initializers.items() if a.dtype == np.uint8]
+    assert packed and sum(a.nbytes for a in packed) > 16 * 1024
+    assert mapped_bytes(packed) == sum(a.nbytes for a in packed)
+    x = x_for("transpose", K=256)
+    assert rel(run_ort(onnx.load(dst), {"x": x}), run_ort(m, {"x": x})) < 0.15

@@ -18,12 +18,10 @@ map says so. Nodes, their order, every other initializer and all metadata stay a
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 
 import numpy as np
 
-from pyedge.checkpoint import atomic_write
 
 from pyedge.export.adapter_files import read_adapter_folder
 from pyedge.export.peft import (AdapterError, module_scaling, q, to_onnx_layout,  # noqa: F401
@@ -33,28 +31,16 @@ from pyedge.adapters.lora_peft import lora_deltas  # noqa: F401,E402
 
 
 def _save_atomic(proto, out_path, external: bool):
-    import onnx
+    """Writes `proto` atomically with every initializer's bytes 64-byte aligned, in the file
+    or (external) in `out_path.data`: a device then memory-maps the weights in place instead
+    of copying them (pyedge/onnx_wire.py). Nothing temporary is left behind on failure."""
+    from pyedge import onnx_wire
 
-    folder = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     if external:  # keep big models' weights next to the file, like the input had them
-        data_name = os.path.basename(out_path) + ".data"
-        tmp_dir = tempfile.mkdtemp(dir=folder, prefix=".pyedge-merge-")
-        try:
-            tmp_model = os.path.join(tmp_dir, os.path.basename(out_path))
-            onnx.save_model(proto, tmp_model, save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=data_name,
-                            size_threshold=1024)
-            for f in (data_name, os.path.basename(out_path)):
-                with open(os.path.join(tmp_dir, f), "rb+") as fh:
-                    os.fsync(fh.fileno())
-            os.replace(os.path.join(tmp_dir, data_name), os.path.join(folder, data_name))
-            os.replace(tmp_model, out_path)
-        finally:
-            import shutil
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        return
-    atomic_write(out_path, proto.SerializeToString())
+        onnx_wire.save_external(proto, out_path)
+    else:
+        onnx_wire.save_aligned(proto, out_path)
 
 
 def merge_adapters(model_path, adapters_dir, out_path, bits: int | None = None,
