@@ -43,7 +43,7 @@ class RoundStore:
             return None
         last = done[-1]
         info = json.loads((last / "round.json").read_text())
-        with np.load(last / "global.npz") as z:
+        with np.load(last / "global.npz", allow_pickle=False) as z:
             return int(info["round"]), {k: z[k] for k in z.files}
 
     def write_round(self, rnd: int, arrays: Mapping[str, np.ndarray], session, info: dict) -> Path:
