@@ -34,7 +34,8 @@ def lora_pairs(session) -> list[tuple[str, str]]:
 
 def load_npz(path) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(inputs by name, labels) of a .npz data file (arrays named after the graph inputs)."""
-    with np.load(Path(path).expanduser(), allow_pickle=False) as z:
+    file = Path(path).expanduser()
+    with np.load(file, allow_pickle=False) as z:
         if "labels" not in z.files:
             raise ValueError(f"{path}: no 'labels' array")
         inputs = {k: z[k] for k in z.files if k != "labels"}
