@@ -487,10 +487,11 @@ _MAX_PROBE_CELLS = 4160 * 4160
 
 def window_probe_length(graph: Graph, nodes: list[Node], longest: int) -> int | None:
     """The sequence length at which a mask built by `nodes` must be evaluated again so that a
-    sliding window hidden in it shows (it cut no key of sequences up to `longest`): 2 past the
-    largest integer constant of the subgraph above `longest` (a window w appears as w or −w;
-    a mask keeping w keys is told from the causal one at w + 1 keys), 0 when there is no such
-    constant, None when that length is too long to evaluate."""
+    sliding window hidden in it shows (it cut no key of sequences up to `longest`, so it is
+    at least `longest`): 2 past the largest integer constant c >= longest − 1 of the subgraph
+    (a window w is written as w, −w or w − 1 with a <=; a mask keeping w keys is told from the
+    causal one at w + 1 keys), 0 when there is no such constant, None when that length is too
+    long to evaluate."""
     consts = []
     for n in nodes:
         vals = [graph.initializers[i] for i in n.inputs if i in graph.initializers]
@@ -500,7 +501,7 @@ def window_probe_length(graph: Graph, nodes: list[Node], longest: int) -> int | 
             a = np.asarray(v)
             if a.size == 1 and a.dtype.kind in "iuf" and np.isfinite(a).all():
                 c = abs(float(a.reshape(())))
-                if c == int(c) and longest < c < 2**31 - 1:
+                if c == int(c) and longest - 1 <= c < 2**31 - 1:
                     consts.append(int(c))
     if not consts:
         return 0

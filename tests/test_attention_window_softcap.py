@@ -182,13 +182,14 @@ def test_dynamo_fuses_window_and_softcap(exported, family, attn, dynamic):
 
 
 @pytest.mark.slow
-def test_a_window_longer_than_the_probe_sizes_is_found(exported):
-    """A window of 20 keys cuts nothing in the two evaluations of a dynamic mask (sequences of
-    at most 13): it is found at a length past the mask subgraph's constants, so at 30
-    positions the fused graph still attends to 20 keys, as torch does."""
-    path, _, model, _ = exported("mistral", "eager", dynamic=True, window=20)
+@pytest.mark.parametrize("window", [7, 20])
+def test_a_window_longer_than_the_probe_sizes_is_found(exported, window):
+    """A window of 7 or 20 keys cuts nothing in the two evaluations of a dynamic mask
+    (sequences of 3 and 7): it is found at a length past the mask subgraph's constants, so at
+    30 positions the fused graph still attends to that many keys, as torch does."""
+    path, _, model, _ = exported("mistral", "eager", dynamic=True, window=window)
     sess = pyedge.TrainingSession(path, loss=None)
-    assert all(int(n.attrs.get("window", 0)) == 20 for n in attention_nodes(sess))
+    assert all(int(n.attrs.get("window", 0)) == window for n in attention_nodes(sess))
     ids = np.random.default_rng(3).integers(0, VOCAB, (1, 30))
     feeds = feeds_of(ids, False)
     plain = pyedge.TrainingSession(path, loss=None, fuse=False)
