@@ -729,12 +729,13 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
                              s.one, lse + i0, e + kb, Lk, inv + i0,
                              cut_of(s, i0, kb, dcap ? dcap + kb : nullptr));
     // keys [nv, kn) that other blocks keep: E and dS 0 there for the dV and dK products; with
-    // a window, also the keys [z0, kb) before the block's strip that band_t's key blocks read
-    // (those holding a key within MR − 1 of a row's window)
+    // a window, only the keys band_t's key blocks read: [z0, kb) before the block's strip and
+    // [nv, z1) after it (the key blocks holding a key within MR − 1 of a row's window)
     const int64_t z0 = std::max<int64_t>(0, i0 + s.coff - s.window - MR + 2);
+    const int64_t z1 = s.window > 0 ? std::min<int64_t>(kn, i0 + rows - 1 + s.coff + MR) : kn;
     for (int64_t r = 0; r < rows; ++r) {
-      if (nv < kn) std::fill(e + r * Lk + nv, e + r * Lk + kn, 0.f);
-      if (nv < kn && ds_wanted) std::fill(dS + (i0 + r) * Lk + nv, dS + (i0 + r) * Lk + kn, 0.f);
+      if (nv < z1) std::fill(e + r * Lk + nv, e + r * Lk + z1, 0.f);
+      if (nv < z1 && ds_wanted) std::fill(dS + (i0 + r) * Lk + nv, dS + (i0 + r) * Lk + z1, 0.f);
       if (s.window > 0 && z0 < kb) {
         std::fill(e + r * Lk + z0, e + r * Lk + kb, 0.f);
         if (ds_wanted) std::fill(dS + (i0 + r) * Lk + z0, dS + (i0 + r) * Lk + kb, 0.f);
