@@ -18,7 +18,12 @@ may already be a pyedge.MaskedSoftmax and Q·Kᵀ a pyedge.MatMul(trans_b) when 
 The result reads K and V unexpanded (grouped-query heads); a mask that is the causal one
 (0 on keys j <= i + Lk − L, below -1e37 after) becomes causal = 1 and no mask tensor;
 another mask stays an input; O is written in [B, L, H, D] when the head-merge Transpose
-follows. The IsNaN guard only changes rows whose softmax is NaN: with the exporters' finite
+follows. A mask that is the causal one with a sliding window (0 only on keys
+i + Lk − L − w < j <= i + Lk − L: Mistral, the local layers of Gemma 2/3) becomes causal = 1,
+window = w. Gemma 2's soft-capping of the scores before the mask,
+    S = Tanh(scores / c) · c       (or scores · (1/c); the "· c" may already be the scale of
+                                    a pyedge.MaskedSoftmax)
+becomes softcap = c. Each layer's attention fuses with its own flags. The IsNaN guard only changes rows whose softmax is NaN: with the exporters' finite
 mask (-3.4e38) that takes a NaN or an infinity in Q or K, for which the fused op gives NaN.
 
 Dynamic shapes: batch and sequence may be symbolic. Shapes are compared as products of a
@@ -222,14 +227,51 @@ def _probabilities_to_pv(m: _Matcher, p: str, nodes: list[Node]) -> Node | None:
     return user
 
 
+def _divided_by(m: _Matcher, value: str, c: float) -> tuple[str, Node] | None:
+    """value = x / c, or x · (1/c) with 1/c rounded to float32: (x, the node)."""
+    x, f, n = _scale_of(m, value)
+    return (x, n) if n is not None and abs(f * c - 1.0) <= 1e-6 else None
+
+
+def _softcapped(m: _Matcher, value: str) -> tuple[str, float, list[Node]] | None:
+    """value = Tanh(x / c) · c with a positive scalar float32 constant c (Gemma 2's
+    attn_logit_softcapping, before the mask): (x, c, the nodes); else None."""
+    mul = _op(m, value, "Mul")
+    if mul is None or len(mul.inputs) != 2:
+        return None
+    for t, c in (tuple(mul.inputs), tuple(mul.inputs[::-1])):
+        tanh, v = _op(m, t, "Tanh"), _value(m, c)
+        if tanh is None or v is None or v.dtype != np.float32 or v.size != 1:
+            continue
+        cap = float(v.reshape(()))
+        inner = _divided_by(m, tanh.inputs[0], cap) if cap > 0 and np.isfinite(cap) else None
+        if inner is not None:
+            return inner[0], cap, [mul, tanh, inner[1]]
+    return None
+
+
+def _uncapped(m: _Matcher, value: str) -> tuple[str, float, list[Node]]:
+    """_softcapped's (x, c, nodes), or (value, 0, []) when value is not soft-capped."""
+    return _softcapped(m, value) or (value, 0.0, [])
+
+
 def _scores_site(m: _Matcher, sm: Node) -> dict | None:
-    """The score side of a Softmax (or pyedge.MaskedSoftmax): Q, Kx, the mask, the scale."""
+    """The score side of a Softmax (or pyedge.MaskedSoftmax): Q, Kx, the mask, the scale, the
+    soft cap (0: none)."""
     nodes = [sm]
+    cap = 0.0
     if sm.domain == "pyedge":
         if sm.op_type != "MaskedSoftmax":
             return None
         scores, mask, scale = sm.inputs[0], (sm.inputs[1] if len(sm.inputs) > 1 and sm.inputs[1]
                                              else None), float(sm.attrs.get("scale", 1.0))
+        # soft-capped scores: MaskedSoftmax took the cap's "· c" as its scale
+        tanh = _op(m, scores, "Tanh")
+        inner = _divided_by(m, tanh.inputs[0], scale) if tanh is not None and scale > 0 else None
+        if inner is not None:
+            cap, nodes = scale, nodes + [tanh, inner[1]]
+            scores, scale, n_in = _scale_of(m, inner[0])
+            nodes += [n_in] if n_in else []
     else:
         if int(sm.attrs.get("axis", -1)) not in (-1, 3):
             return None
@@ -241,12 +283,14 @@ def _scores_site(m: _Matcher, sm: Node) -> dict | None:
         add = _op(m, scores, "Add")
         if add is not None and len(add.inputs) == 2:
             for sc, mk in (add.inputs, add.inputs[::-1]):
-                if _qk_matmul(m, _scale_of(m, sc)[0]) is not None:
+                if _qk_matmul(m, _scale_of(m, _uncapped(m, sc)[0])[0]) is not None:
                     scores, mask = sc, mk
                     nodes.append(add)
                     break
             else:
                 return None
+        scores, cap, cap_nodes = _uncapped(m, scores)
+        nodes += cap_nodes
         scores, scale, n_out = _scale_of(m, scores)
         nodes += [n_out] if n_out else []
     qk = _qk_matmul(m, scores)
@@ -265,7 +309,7 @@ def _scores_site(m: _Matcher, sm: Node) -> dict | None:
             return None
         kx, kt_nodes = found
         nodes += kt_nodes
-    return dict(q=q, kx=kx, mask=mask, scale=scale * s_q * s_k, nodes=nodes)
+    return dict(q=q, kx=kx, mask=mask, scale=scale * s_q * s_k, nodes=nodes, cap=cap)
 
 
 def _qk_matmul(m: _Matcher, value: str) -> Node | None:
@@ -326,7 +370,7 @@ def _site(m: _Matcher, sm: Node) -> dict | None:
         nodes.append(nxt)
         out, out_layout = nxt.outputs[0], "blhd"
     return dict(q=q, k=k, v=v, mask=found["mask"], scale=found["scale"], nodes=nodes, out=out,
-                out_layout=out_layout, L=L, Lk=Lk)
+                out_layout=out_layout, L=L, Lk=Lk, cap=found["cap"])
 
 
 # ----------------------------------------------------------------------- causal masks
@@ -334,12 +378,17 @@ _ONNX_TYPES = {"float32": 1, "int32": 6, "int64": 7, "bool": 9}
 _SHAPE_ASSIGNMENTS = ((2, 3, 5, 7, 11, 13), (3, 7, 2, 5, 13, 11))
 
 
-def _causal_mask(m: _Matcher, mask: str, L: Dim, Lk: Dim) -> bool | None:
-    """For a mask computed from constants and shapes alone: whether it is the causal mask
-    (0 where j <= i + Lk − L, below -1e37 elsewhere, every batch alike), evaluated with each
-    Shape node of a value the file gives the shape of replaced by its value under two assignments of sizes to the symbolic dims
-    (one when there are none). None when the mask reads a graph input's values (padding) or
-    cannot be evaluated; False when it is some other constant."""
+def _causal_mask(m: _Matcher, mask: str, L: Dim, Lk: Dim) -> int | None:
+    """For a mask computed from constants and shapes alone: 0 when it is the causal mask
+    (0 where j <= i + Lk − L, below -1e37 elsewhere, every batch alike), w > 0 when it is the
+    causal mask with a sliding window of w keys (0 only where i + Lk − L − w < j <= i + Lk − L:
+    transformers' sliding_window, kv > q − w), None otherwise (some other constant, a mask that
+    reads a graph input's values (padding), or one that cannot be evaluated). Evaluated with each
+    Shape node of a value the file gives the shape of replaced by its value under two
+    assignments of sizes to the symbolic dims (one when there are none). A window longer than
+    the sequences of those assignments does not show in them: then the mask is evaluated once
+    more at a length beyond every integer constant of its subgraph (where the window is
+    written), see window_probe_length."""
     inputs = {v.name for v in m.graph.inputs}
     input_dtypes = {v.name: v.dtype for v in m.graph.inputs}
     order = {id(n): k for k, n in enumerate(m.graph.nodes)}
@@ -383,9 +432,10 @@ def _causal_mask(m: _Matcher, mask: str, L: Dim, Lk: Dim) -> bool | None:
     if len(symbols) > len(_SHAPE_ASSIGNMENTS[0]) or any(s.startswith("?") for s in symbols):
         return None  # an unnamed dim: its size cannot be tied to the scores' L, Lk
     nodes = [n for _, n in sorted(nodes, key=lambda x: x[0])]
-    for sizes in _SHAPE_ASSIGNMENTS[:2 if symbols else 1]:
-        at = dict(zip(symbols, sizes))
 
+    def window_at(at: dict[str, int]) -> int | None:
+        """The keys the mask's last row keeps under the sizes `at` when the mask is the causal
+        band of that width there (Lk: no key cut off), else None."""
         def size(d: Dim) -> int:
             return int(d[0] * np.prod([at[s] for s in d[1]], dtype=np.int64))
         inits = dict(m.graph.initializers)
@@ -397,14 +447,85 @@ def _causal_mask(m: _Matcher, mask: str, L: Dim, Lk: Dim) -> bool | None:
             (val,) = _core.Session(to_core(sub), [], "", {}, 0).run([], [mask])
         except Exception:  # noqa: BLE001 -- an op the core cannot fold: keep the mask tensor
             return None
-        val = np.asarray(val)
-        l, lk = size(L), size(Lk)
-        if val.ndim < 2 or val.shape[-2:] != (l, lk) or val.dtype != np.float32:
-            return False
-        keep = np.tril(np.ones((l, lk), bool), k=lk - l)
-        if not (np.all(val[..., keep] == 0.0) and np.all(val[..., ~keep] < -1e37)):
-            return False
-    return True
+        return causal_band_width(np.asarray(val), size(L), size(Lk))
+
+    window, uncut = None, 0  # the window a cut showed; the longest sequence none did
+    for sizes in _SHAPE_ASSIGNMENTS[:2 if symbols else 1]:
+        at = dict(zip(symbols, sizes))
+        lk = int(Lk[0] * np.prod([at[s] for s in Lk[1]], dtype=np.int64))
+        w = window_at(at)
+        if w is None or (w < lk and window is not None and w != window):
+            return None
+        if w < lk:
+            window = w
+        else:
+            uncut = max(uncut, lk)
+    if window is not None:  # a window of w cuts no key of sequences up to w long
+        return window if window >= uncut else None
+    if not symbols:
+        return 0  # one size only: the causal mask there
+    n = window_probe_length(m.graph, nodes, uncut)
+    if n is None:
+        return None  # a window may hide beyond a length too long to evaluate: keep the mask
+    if n == 0:
+        return 0
+    at = {s: (n if any(s in d[1] for d in (L, Lk)) else v)
+          for s, v in zip(symbols, _SHAPE_ASSIGNMENTS[0])}
+    l = int(L[0] * np.prod([at[s] for s in L[1]], dtype=np.int64))
+    lk = int(Lk[0] * np.prod([at[s] for s in Lk[1]], dtype=np.int64))
+    if l * lk > _MAX_PROBE_CELLS:
+        return None
+    w = window_at(at)
+    return None if w is None else (0 if w >= lk else w)
+
+
+# A window is found by evaluating the mask at a length beyond it: at most this many scores
+# (4160² floats: 69 MB, the mask subgraph's intermediates a few times that), enough for the
+# 4096-key windows of Mistral and Gemma 2; a longer window's mask stays an input.
+_MAX_PROBE_CELLS = 4160 * 4160
+
+
+def window_probe_length(graph: Graph, nodes: list[Node], longest: int) -> int | None:
+    """The sequence length at which a mask built by `nodes` must be evaluated again so that a
+    sliding window hidden in it shows (it cut no key of sequences up to `longest`, so it is
+    at least `longest`): 2 past the largest integer constant c >= longest − 1 of the subgraph
+    (a window w is written as w, −w or w − 1 with a <=; a mask keeping w keys is told from the
+    causal one at w + 1 keys), 0 when there is no such constant, None when that length is too
+    long to evaluate."""
+    consts = []
+    for n in nodes:
+        vals = [graph.initializers[i] for i in n.inputs if i in graph.initializers]
+        if n.op_type == "Constant" and "value" in n.attrs:
+            vals.append(n.attrs["value"])
+        for v in vals:
+            a = np.asarray(v)
+            if a.size == 1 and a.dtype.kind in "iuf" and np.isfinite(a).all():
+                c = abs(float(a.reshape(())))
+                if c == int(c) and longest - 1 <= c < 2**31 - 1:
+                    consts.append(int(c))
+    if not consts:
+        return 0
+    n = max(consts) + 2
+    return n if n * n <= _MAX_PROBE_CELLS else None
+
+
+def causal_band_width(val: np.ndarray, l: int, lk: int) -> int | None:
+    """For an additive mask `val` [..., l, lk]: the number of keys w (1..lk) its last row keeps
+    when every row i keeps exactly keys (i + lk − l − w, i + lk − l] (0 there, below -1e37
+    elsewhere): lk for the causal mask whose window (if any) cut no key at this size, less for
+    a sliding window of w keys. None for any other mask."""
+    if val.ndim < 2 or val.shape[-2:] != (l, lk) or val.dtype != np.float32 or lk == 0:
+        return None
+    last = val.reshape(-1, l, lk)[0, -1]
+    w = int(np.count_nonzero(last == 0.0))
+    if w == 0:
+        return None
+    i = np.arange(l)[:, None] + (lk - l)
+    j = np.arange(lk)[None, :]
+    keep = (j <= i) & (j > i - w)
+    if not (np.all(val[..., keep] == 0.0) and np.all(val[..., ~keep] < -1e37)):
+        return None
+    return w
 
 
 # ------------------------------------------------------------------------------ rewrite
@@ -486,13 +607,18 @@ def fuse_decoder_attention(graph: Graph, trainable: set[str] = frozenset()) -> i
             continue  # a trained mask: the op has no mask gradient
         attrs = {"scale": float(site["scale"]), "layout": "bhld",
                  "out_layout": site["out_layout"]}
+        if site["cap"]:
+            attrs["softcap"] = float(site["cap"])
         inputs = [site["q"], site["k"], site["v"]]
         if mask is not None:
             key = (mask, site["L"], site["Lk"])
             if key not in causal_cache:
                 causal_cache[key] = _causal_mask(m, mask, site["L"], site["Lk"])
-            if causal_cache[key]:
+            window = causal_cache[key]
+            if window is not None:  # the causal mask, or one with a sliding window
                 attrs["causal"] = 1
+                if window:
+                    attrs["window"] = int(window)
             elif guarded and not _finite_mask(m, mask):
                 continue  # -inf may mask a whole row: softmax NaN, the guard's 0, the op's NaN
             else:

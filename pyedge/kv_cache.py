@@ -16,11 +16,22 @@ numpy arrays at every call (no copies: the core binds input memory), and ``past`
 one-element int64 input read at run time, so the plan for a decoding step ([1, 1] inputs) is
 built once and reused for every token; the prefill ([1, P]) gets its own.
 
+Sliding windows and soft-capping (Mistral, Gemma 2/3) go with each layer: an Attention's
+``window`` and ``softcap`` attributes are copied to its CachedAttention (the window counted
+at absolute positions, so a step attends to the last w cached rows); a mask input that is the
+causal mask with a sliding window when ``attention_mask`` is all ones (how exports with an
+attention_mask input spell it) gives the window the same way. The window is read from the
+mask evaluated on the probe and, when it cuts nothing there, once more at a length past every
+integer constant of the mask's subgraph (attention_fusion.window_probe_length): a window longer
+than the probe would otherwise pass for the plain causal mask and let cached generation past
+the window attend too far.
+
 The rewrite refuses (NoCache, with the reason; generation then recomputes the prefix each
 token) when: the graph has no ``position_ids`` input (the rotary angles would restart at 0),
 no attention node was fused, an attention is neither causal nor masked by the causal mask
-(checked by evaluating the mask on a probe with ``attention_mask`` all ones), or the cache
-shapes cannot be found (from the graph's shapes or config.json).
+(with or without a sliding window; checked by evaluating the mask on a probe with
+``attention_mask`` all ones), or the cache shapes cannot be found (from the graph's shapes or
+config.json).
 """
 from __future__ import annotations
 
@@ -63,10 +74,8 @@ def _attention_nodes(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.domain == "pyedge" and n.op_type == "Attention"]
 
 
-def evaluate(graph: Graph, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """The values `names` of `graph` computed from `feeds` (only the nodes they need)."""
-    from pyedge import _core
-    from pyedge.graph import to_core
+def _cone(graph: Graph, names: list[str]) -> list[Node]:
+    """The nodes `names` are computed by, in graph order (NoCache when one has no producer)."""
     producer = graph.producer_map()
     given = {v.name for v in graph.inputs}
     taken, stack, seen = set(), list(names), set()
@@ -81,7 +90,14 @@ def evaluate(graph: Graph, names: list[str], feeds: dict[str, np.ndarray]) -> li
         if id(n) not in taken:
             taken.add(id(n))
             stack.extend(i for i in n.inputs if i)
-    sub = Graph(nodes=[n for n in graph.nodes if id(n) in taken],
+    return [n for n in graph.nodes if id(n) in taken]
+
+
+def evaluate(graph: Graph, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The values `names` of `graph` computed from `feeds` (only the nodes they need)."""
+    from pyedge import _core
+    from pyedge.graph import to_core
+    sub = Graph(nodes=_cone(graph, names),
                 initializers=graph.initializers,
                 inputs=[v for v in graph.inputs if v.name in feeds],
                 outputs=[ValueInfo(nm, "float32", []) for nm in names], opsets=graph.opsets)
@@ -163,24 +179,51 @@ def _unrepeated(producer, value: str, axis: int, values: dict[str, np.ndarray]) 
     return value
 
 
-def _check_causal_masks(graph: Graph, masks: list[str]) -> None:
+def _causal_mask_windows(graph: Graph, masks: list[str]) -> dict[str, int]:
     """Each mask, computed for a probe of n positions with attention_mask all ones, must be the
-    causal one (0 where key j <= query i, below -1e30 elsewhere)."""
+    causal one (0 where key j <= query i, below -1e30 elsewhere), or the causal one with a
+    sliding window (0 only where i − w < j <= i). Returns each mask's window (0: none); a
+    window longer than the probe is looked for at a length past the integer constants of the
+    mask's subgraph (NoCache when that is too long to evaluate)."""
+    from pyedge.attention_fusion import causal_band_width, window_probe_length
+
+    def band(names: list[str], n: int) -> dict[str, int]:
+        computed = [m for m in names if m not in graph.initializers]
+        try:
+            values = evaluate(graph, computed, _probe_feeds(graph, n)) if computed else []
+        except NoCache:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure: the mask cannot be shown causal
+            raise NoCache(f"the attention mask cannot be evaluated ({str(e).splitlines()[0]})") \
+                from None
+        values = dict(zip(computed, values))
+        out = {}
+        for name in names:
+            val = np.asarray(graph.initializers[name] if name in graph.initializers
+                             else values[name])
+            # an exporter's mask may also be below -1e30 but above -1e37 (finfo.min / 2 ...)
+            val = np.where(val < -1e30, np.float32(-3.4e38), val).astype(np.float32) \
+                if val.dtype.kind == "f" else val
+            w = causal_band_width(val, n, n)
+            if w is None:
+                raise NoCache(f"attention mask '{name}' is not the causal mask (with or without "
+                              "a sliding window): prefix-LM or bidirectional attention")
+            out[name] = w
+        return out
+
     n = 5
-    computed = [m for m in masks if m not in graph.initializers]
-    try:
-        values = evaluate(graph, computed, _probe_feeds(graph, n)) if computed else []
-    except Exception as e:  # noqa: BLE001 - any failure: the mask cannot be shown causal
-        raise NoCache(f"the attention mask cannot be evaluated ({str(e).splitlines()[0]})") \
-            from None
-    keep = np.tril(np.ones((n, n), bool))
-    values = dict(zip(computed, values))
-    for name in masks:
-        val = np.asarray(graph.initializers[name] if name in graph.initializers else values[name])
-        if val.ndim < 2 or val.shape[-2:] != (n, n) or val.dtype.kind != "f" \
-                or not (np.all(val[..., keep] == 0.0) and np.all(val[..., ~keep] < -1e30)):
-            raise NoCache(f"attention mask '{name}' is not the causal mask (sliding window, "
-                          "prefix-LM or bidirectional attention)")
+    windows = band(masks, n)
+    uncut = [m for m in masks if windows[m] >= n]
+    for name in uncut:
+        windows[name] = 0
+        length = window_probe_length(graph, _cone(graph, [name]), n)
+        if length is None:
+            raise NoCache(f"attention mask '{name}' may have a sliding window longer than can "
+                          "be checked")
+        if length:
+            w = band([name], length)[name]
+            windows[name] = 0 if w >= length else w
+    return windows
 
 
 def _kv_dims(graph: Graph, node: Node, config: dict | None,
@@ -241,15 +284,18 @@ def add_kv_cache(graph: Graph, max_len: int, batch: int = 1, config: dict | None
             masks.append(mask)
         elif not int(n.attrs.get("causal", 0)):
             raise NoCache(f"attention '{n.name}' is not causal")
-    if masks:
-        _check_causal_masks(graph, sorted(set(masks)))
+    windows = _causal_mask_windows(graph, sorted(set(masks))) if masks else {}
     spec = CacheSpec(PAST_INPUT, int(max_len), int(batch))
     replace = {}
     for i, n in enumerate(nodes):
         hkv, d, dv = _kv_dims(graph, n, config, values)
         ck, cv = f"pyedge_cache_k_{i}", f"pyedge_cache_v_{i}"
         spec.layers.append((ck, cv, hkv, d, dv))
-        attrs = {k: n.attrs[k] for k in ("scale", "layout", "out_layout") if k in n.attrs}
+        attrs = {k: n.attrs[k] for k in ("scale", "layout", "out_layout", "window", "softcap")
+                 if k in n.attrs}
+        mask = n.inputs[3] if len(n.inputs) > 3 else ""
+        if mask and windows.get(mask):
+            attrs["window"] = int(windows[mask])
         replace[id(n)] = Node("CachedAttention", list(n.inputs[:3]) + [ck, cv, PAST_INPUT],
                               list(n.outputs), name=f"{n.name}_cached", domain="pyedge",
                               attrs=attrs)

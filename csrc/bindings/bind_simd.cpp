@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/simd.h"
+#include "ops/attention_kernels.h"
 #include "ops/dora_kernels.h"
 #include "ops/gated_mlp_kernels.h"
 #include "ops/rmsnorm_kernels.h"
@@ -211,6 +212,51 @@ py::array run(const std::string& name, F32 a, F32 b, F32 c) {
   return std::move(out);
 }
 
+// One (b, h) slice of pyedge.Attention's fused kernels (ops/attention_kernels.h) with backend
+// S: q [L, D], k [Lk, D], v [Lk, Dv], dO [L, Dv], mask [L, Lk] or empty; returns
+// (O [L, Dv], LSE [L], dQ, dK, dV).
+template <class S>
+py::tuple attention_slice(F32 q, F32 k, F32 v, F32 dO, F32 mask, float scale, bool causal,
+                          int64_t window, float cap) {
+  if (q.ndim() != 2 || k.ndim() != 2 || v.ndim() != 2 || dO.ndim() != 2)
+    throw std::invalid_argument("attention_slice: q, k, v and dO must be 2-D");
+  const int64_t L = q.shape(0), D = q.shape(1), Lk = k.shape(0), Dv = v.shape(1);
+  if (k.shape(1) != D || v.shape(0) != Lk || dO.shape(0) != L || dO.shape(1) != Dv ||
+      (mask.size() != 0 && (mask.ndim() != 2 || mask.shape(0) != L || mask.shape(1) != Lk)))
+    throw std::invalid_argument("attention_slice: shapes q [L, D], k [Lk, D], v [Lk, Dv], "
+                                "dO [L, Dv], mask [L, Lk]");
+  if (!attn::fits<S>(L, Lk, D, Dv, window > 0) || (causal && Lk < L) || (window > 0 && !causal))
+    throw std::invalid_argument("attention_slice: sizes the fused kernels do not take (Lk, D, "
+                                "Dv whole vectors, all <= 512; causal needs Lk >= L, a "
+                                "window needs causal)");
+  attn::Slice s;
+  s.L = L;
+  s.Lk = Lk;
+  s.D = D;
+  s.Dv = Dv;
+  s.q = q.data();
+  s.k = k.data();
+  s.v = v.data();
+  s.ldq = D;
+  s.ldk = D;
+  s.ldv = Dv;
+  s.mask = mask.size() ? mask.data() : nullptr;
+  s.ldm = Lk;
+  s.scale = scale;
+  s.causal = causal;
+  s.coff = Lk - L;
+  s.window = window;
+  s.cap = cap;
+  py::array_t<float> o({L, Dv}), lse(L), dq({L, D}), dk({Lk, D}), dv({Lk, Dv});
+  std::vector<float> scratch(size_t(std::max(attn::forward_floats<S>(L, Lk, D, Dv),
+                                             attn::backward_floats(L, Lk, D, Dv, true, true,
+                                                                   cap > 0.f))));
+  attn::forward_slice<S>(s, o.mutable_data(), Dv, lse.mutable_data(), scratch.data());
+  const attn::Out oq{dq.mutable_data(), D}, ok{dk.mutable_data(), D}, ov{dv.mutable_data(), Dv};
+  attn::backward_slice<S>(s, lse.data(), dO.data(), Dv, &oq, &ok, &ov, scratch.data());
+  return py::make_tuple(o, lse, dq, dk, dv);
+}
+
 }  // namespace
 
 void bind_simd(py::module_& m) {
@@ -239,6 +285,20 @@ void bind_simd(py::module_& m) {
       "gated_<silu|gelu|gelu_tanh>[_bwd] rotary rotary_bwd, unary_<exp|log|sigmoid|tanh|erf|gelu|"
       "gelu_tanh|softplus|elu|elu_x|selu>[_bwd] with b = dY) on the native SIMD path or, with "
       "scalar=True, on the scalar reference.");
+  m.def(
+      "attention_slice_kernel",
+      [](F32 q, F32 k, F32 v, F32 dO, py::object mask, float scale, bool causal, int64_t window,
+         float softcap, bool scalar) {
+        F32 mm = mask.is_none() ? F32(0) : F32(mask);
+        return scalar ? attention_slice<simd::Scalar>(q, k, v, dO, mm, scale, causal, window, softcap)
+                      : attention_slice<simd::Native>(q, k, v, dO, mm, scale, causal, window, softcap);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dO"), py::arg("mask") = py::none(),
+      py::arg("scale") = 1.f, py::arg("causal") = false, py::arg("window") = 0,
+      py::arg("softcap") = 0.f, py::arg("scalar") = false,
+      "One slice of pyedge.Attention's fused kernels, forward then backward: (O, LSE, dQ, dK, "
+      "dV) on the native SIMD path or, with scalar=True, the same kernels on the scalar "
+      "reference.");
 }
 
 }  // namespace pyedge

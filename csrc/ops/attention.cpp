@@ -11,6 +11,11 @@
 // heads: the backward takes one (b, kv head) at a time and adds the group's slices in order.
 // causal = 1: row i keeps keys j <= i + Lk − L (needs Lk >= L; the last row sees every key),
 // applied inside the kernels, so no mask tensor exists; it combines with a mask input.
+// window = w > 0 (needs causal): row i also drops keys j <= i + Lk − L − w, i.e. keeps the last
+// w keys up to the diagonal (transformers' sliding_window: kv > q − w); the keys before a
+// row block's window are never computed. softcap = c > 0: the scores are c·tanh(scale·q·k / c)
+// before the mask is added (Gemma 2's attn_logit_softcapping); the backward multiplies dS by
+// 1 − tanh², tanh recomputed from the scores (nothing more is kept).
 // Why: the chain MatMul → MaskedSoftmax → MatMul keeps the probabilities P [B,H,L,Lk] for its
 // backward (12 MiB per MiniLM layer). This op keeps only LSE [B,H,L] (hidden output, the
 // log-sum-exp of each score row) and recomputes P per (b, h) slice in the backward, with the
@@ -116,6 +121,14 @@ class Attention : public Op {
                    "'bhld' or 'blhd', got '", l, "'");
     const bool blhd = layout == "blhd", out_blhd = out_layout == "blhd";
     causal_ = n.attrs.get_int("causal", 0) != 0;
+    window_ = n.attrs.get_int("window", 0);
+    const double cap = n.attrs.get_float("softcap", 0.0);
+    PYEDGE_CHECK(window_ >= 0 && (window_ == 0 || causal_), n.where(), ": window must be 0 ",
+                 "(none) or a positive number of keys with causal = 1, got window ", window_,
+                 " and causal ", int(causal_));
+    PYEDGE_CHECK(cap >= 0.0 && std::isfinite(cap), n.where(), ": softcap must be 0 (none) or ",
+                 "a positive finite cap, got ", cap);
+    cap_ = float(cap);
     const Shape &qs = in[0].shape, &ks = in[1].shape, &vs = in[2].shape;
     // Logical dims: [B, H, rows, cols] from either layout.
     auto dims = [&](const Shape& s) {
@@ -175,7 +188,12 @@ class Attention : public Op {
     // The fused per-slice kernels (attention_kernels.h) where every product is small_gemm
     // sized and the rows are whole vectors (MiniLM: L = Lk = 128, D = Dv = 32); the
     // small_gemm / BLAS products with row passes below otherwise.
-    fused_ = attn::fits<simd::Native>(L_, Lk_, D_, Dv_);
+    // Causal attention without a mask input runs the windowed kernels with a window of Lk
+    // (which cuts no key): the same forward, and a backward whose dV and dK skip the query rows
+    // above the diagonal (band_t) and whose zero fills stay near it; sequences past 512 then
+    // take the fused path too (1024 x 1024, H 8, D 64: 183 -> 68 ms forward + backward).
+    kwin_ = window_ > 0 ? window_ : (causal_ && !has_mask_ ? Lk_ : 0);
+    fused_ = attn::fits<simd::Native>(L_, Lk_, D_, Dv_, kwin_ > 0);
     const int64_t slices = B_ * H_;
     slots_ = std::max<int64_t>(1, std::min<int64_t>(num_threads(), slices));
     Shape os = out_blhd ? Shape{B_, L_, H_, Dv_} : Shape{B_, H_, L_, Dv_};
@@ -240,6 +258,7 @@ class Attention : public Op {
         const float* m = mask_at(M, b, h);
         float* lse = LSE + s * L;
         scores(Q + sq_.at(b, h), K + sk_.at(b, h / G_), S, pan);
+        if (cap_ > 0.f) attn::softcap_row<simd::Native>(S, tile(), cap_);
         remove_future(S);
         for (int64_t i = 0; i < L; ++i) {  // lse = row max, inv_l = row sum for now
           float* r = S + i * Lk;
@@ -332,12 +351,14 @@ class Attention : public Op {
       return;
     }
     over_units(units, [&](int64_t u0, int64_t u1, int64_t slot) {
-      // E [L, Lk] = exp(S − LSE), dS [L, Lk], the panel, 1/rowsum(E) [L], dO/rowsum(E) [L, Dv]
+      // E [L, Lk] = exp(S − LSE), dS [L, Lk], the panel, 1/rowsum(E) [L], dO/rowsum(E) [L, Dv],
+      // 1 − tanh² [L, Lk] of a soft cap
       float* E = scratch + slot * per_slot;
       float* dS = E + tile();
       float* pan = dS + (ds_wanted ? tile() : 0);
       float* inv = pan + panel();
       float* dOs = inv + L;
+      float* dcap = cap_ > 0.f && ds_wanted ? dOs + (dV ? L * Dv : 0) : nullptr;
       for (int64_t u = u0; u < u1; ++u)
         for (int64_t g = 0; g < G; ++g) {
           const int64_t b = u / Hkv_, kh = u % Hkv_, h = kh * G + g, s = b * H_ + h;
@@ -351,6 +372,7 @@ class Attention : public Op {
           // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
           // 1/rowsum goes into dO (for dV) and into dS instead of a pass over E.
           scores(q, k, E, pan);
+          if (cap_ > 0.f) attn::softcap_row<simd::Native>(E, tile(), cap_, dcap);
           remove_future(E);
           for (int64_t i = 0; i < L; ++i)
             inv[i] = 1.f / add_mask_exp_sum(E + i * Lk, m ? m + i * ml_ : nullptr, mk_ == 0,
@@ -368,6 +390,8 @@ class Attention : public Op {
             float* gr = dS + i * Lk;
             const float di = inv[i] * rowk::row_dot(e, gr, Lk), c = sc * inv[i];
             for (int64_t j = 0; j < Lk; ++j) gr[j] = c * (e[j] * (gr[j] - di));
+            if (dcap)  // through the cap: dS of the scaled product
+              for (int64_t j = 0; j < Lk; ++j) gr[j] *= dcap[i * Lk + j];
           }
           if (dQ)  // dQ [L, D] = dS · K
             mm(false, L, D, Lk, dS, Lk, k, sk_.r, bq, dQ + sq_.at(b, h), sq_.r);
@@ -397,13 +421,15 @@ class Attention : public Op {
  private:
   int64_t tile() const { return L_ * Lk_; }
 
-  // Scores [L, Lk] of keys the causal limit removes set to -inf (exp 0): the general path's
-  // causal mask.
+  // Scores [L, Lk] of keys the causal limit (and the window) removes set to -inf (exp 0): the
+  // general path's causal mask.
   void remove_future(float* S) const {
     if (!causal_) return;
+    const float ninf = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < L_; ++i) {
       const int64_t keep = std::min(Lk_, i + Lk_ - L_ + 1);
-      std::fill(S + i * Lk_ + keep, S + (i + 1) * Lk_, -std::numeric_limits<float>::infinity());
+      std::fill(S + i * Lk_ + keep, S + (i + 1) * Lk_, ninf);
+      if (window_ > 0) std::fill(S + i * Lk_, S + i * Lk_ + std::max<int64_t>(0, keep - window_), ninf);
     }
   }
   // K [Lk, D] or V [Lk, Dv] transposed, the row-major B of small_gemm (which would otherwise
@@ -413,8 +439,10 @@ class Attention : public Op {
     return fused_ ? attn::forward_floats<simd::Native>(L_, Lk_, D_, Dv_) : tile() + L_ + panel();
   }
   int64_t bwd_slot(bool ds, bool dv) const {
-    return fused_ ? attn::backward_floats(L_, Lk_, D_, Dv_, ds, dv)
-                  : (ds ? 2 : 1) * tile() + panel() + L_ + (dv ? L_ * Dv_ : 0);
+    const bool cap = cap_ > 0.f;
+    return fused_ ? attn::backward_floats(L_, Lk_, D_, Dv_, ds, dv, cap)
+                  : (ds ? 2 : 1) * tile() + panel() + L_ + (dv ? L_ * Dv_ : 0) +
+                        (ds && cap ? tile() : 0);
   }
   static bool want_ds(const std::vector<bool>& ng) {
     return (ng.size() > 0 && ng[0]) || (ng.size() > 1 && ng[1]);
@@ -444,6 +472,8 @@ class Attention : public Op {
     x.scale = scale_;
     x.causal = causal_;
     x.coff = Lk_ - L_;
+    x.window = kwin_;
+    x.cap = cap_;
     return x;
   }
 
@@ -497,6 +527,9 @@ class Attention : public Op {
   int64_t B_ = 0, H_ = 0, L_ = 0, Lk_ = 0, D_ = 0, Dv_ = 0;
   int64_t Hkv_ = 0, G_ = 1;  // key/value heads, query heads per key/value head
   bool causal_ = false;
+  int64_t window_ = 0;  // keys per row up to the diagonal (0: all)
+  int64_t kwin_ = 0;    // the fused kernels' window: window_, or Lk for plain causal
+  float cap_ = 0.f;     // soft cap c (0: none)
   Strides sq_, sk_, sv_, so_;
   bool has_mask_ = false;
   bool fused_ = false;  // attention_kernels.h's per-slice path

@@ -11,6 +11,13 @@
 // round trips through L2, the 4x4 transposes and the strided K, V and Q rows (which thrash a
 // few L1 sets, see pack_rows) cost about a third of the op's time.
 //
+// Sliding windows (Slice::window, with causal): row i keeps keys (i + coff − window, i + coff];
+// a block of rows starts its keys at key_begin (a whole vector at or below its first row's
+// first key), so the keys before the window cost nothing, forward and backward (dV and dK run
+// per block of keys over the query rows that see them: band_t). Soft-capping (Slice::cap):
+// scores c·tanh(x / c) before the mask (Gemma 2), the backward's dS times 1 − tanh², tanh
+// recomputed with the scores (simd::tanh), never stored between forward and backward.
+//
 // Products: MR rows x NV vectors of C in registers accumulate over k from rows of a dense,
 // row-major B; A is read by strides (A(r, k) = A[r * sr + k * sk]) and only feeds broadcasts,
 // so a transposed A (Eᵀ·dO, dSᵀ·Q) costs nothing extra. Sums run in a fixed order per slice,
@@ -228,14 +235,73 @@ struct Slice {
   // causal: row i keeps keys j <= i + coff (coff = Lk − L: the last query row sees every key)
   bool causal = false;
   int64_t coff = 0;
+  // window (> 0, with causal): row i also drops keys j <= i + coff − window
+  int64_t window = 0;
+  // cap (> 0): scores c·tanh(x / c) of the scaled products x, before the mask
+  float cap = 0.f;
 };
+
+// Soft-capped score c·tanh(x / c) of x = scale·q·k; *d (when given) = 1 − tanh², what dS is
+// multiplied by on the way back to x. inv_c = 1 / c (a multiply, not a divide per score).
+template <class S>
+PYEDGE_SIMD_INLINE typename S::V softcap(typename S::V x, float c, float inv_c,
+                                         typename S::V* d = nullptr) {
+  const typename S::V t = simd::tanh<S>(S::mul(x, S::set1(inv_c)));
+  if (d) *d = S::fma(S::sub(S::set1(0.f), t), t, S::set1(1.f));
+  return S::mul(S::set1(c), t);
+}
+
+// x [n] = c·tanh(x / c) in place, d [n] = 1 − tanh² when given: the general paths' rows (the
+// tail past the last whole vector on the scalar reference, as simd::map).
+template <class S>
+inline void softcap_row(float* x, int64_t n, float c, float* d = nullptr) {
+  using V = typename S::V;
+  const float inv = 1.f / c;
+  int64_t i = 0;
+  for (; i + S::W <= n; i += S::W) {
+    V dt;
+    S::store(x + i, softcap<S>(S::load(x + i), c, inv, d ? &dt : nullptr));
+    if (d) S::store(d + i, dt);
+  }
+  for (; i < n; ++i) {
+    float dt;
+    x[i] = softcap<simd::Scalar>(x[i], c, inv, d ? &dt : nullptr);
+    if (d) d[i] = dt;
+  }
+}
 
 // No causal limit (strip_rows' climit when the slice is not causal).
 constexpr int64_t kNoLimit = int64_t(1) << 40;
 
-// The causal limit of row 0 of the block starting at query row i0: keys j > climit + r are
-// removed from row r.
-inline int64_t causal_limit(const Slice& s, int64_t i0) { return s.causal ? i0 + s.coff : kNoLimit; }
+// What strip_rows does to a block's scores besides the mask, in key columns counted from the
+// strip's first column: row r drops keys j > hi + r (the causal limit) and j <= lo + r (the
+// window's; kNoLimit / -kNoLimit: none) and, with cap > 0, takes c·tanh(x / c) first, with
+// 1 − tanh² stored into dcap's rows (row stride that of the strip) when dcap is given.
+struct Cut {
+  int64_t hi = kNoLimit, lo = -kNoLimit;
+  float cap = 0.f;
+  float* dcap = nullptr;
+  Cut row(int64_t r, int64_t ld) const { return {hi + r, lo + r, cap, dcap ? dcap + r * ld : nullptr}; }
+};
+
+// The first key of the block of rows from query row i0 the strip computes, a multiple of the
+// vector width: 0, or with a window the first key its first row keeps rounded down.
+template <class S>
+inline int64_t key_begin(const Slice& s, int64_t i0) {
+  if (s.window <= 0) return 0;
+  const int64_t first = std::max<int64_t>(0, i0 + s.coff - s.window + 1);
+  return first / S::W * S::W;
+}
+
+// The Cut of the block from query row i0 whose strip starts at key kb.
+inline Cut cut_of(const Slice& s, int64_t i0, int64_t kb, float* dcap = nullptr) {
+  Cut c;
+  if (s.causal) c.hi = i0 + s.coff - kb;
+  if (s.window > 0) c.lo = i0 + s.coff - s.window - kb;
+  c.cap = s.cap;
+  c.dcap = dcap;
+  return c;
+}
 
 // An operand of the next slice to bring towards L2 while this slice computes: [rows, cols]
 // at p with row stride ld, to be read (or written: prefetchw, so the stores find the lines
@@ -261,12 +327,16 @@ PYEDGE_SIMD_INLINE void prefetch_part(const Ahead* a, int n, int64_t part, int64
 }
 
 // Whether the fused path takes these sizes: whole vectors along Lk, D and Dv, every dim
-// within small_gemm's range (larger products go to BLAS, see attention.cpp).
+// within small_gemm's range (larger products go to BLAS, see attention.cpp); with a sliding
+// window, sequences up to kMaxWindowed (the products then span the window, not the sequence,
+// and skipping the keys before it is the point).
+constexpr int64_t kMaxFused = 512, kMaxWindowed = 4096;
 template <class S>
-inline bool fits(int64_t L, int64_t Lk, int64_t D, int64_t Dv) {
+inline bool fits(int64_t L, int64_t Lk, int64_t D, int64_t Dv, bool windowed = false) {
   constexpr int W = S::W;
+  const int64_t rows = windowed ? kMaxWindowed : kMaxFused;
   return L >= 1 && Lk >= 1 && D >= 1 && Dv >= 1 && Lk % W == 0 && D % W == 0 && Dv % W == 0 &&
-         L <= 512 && Lk <= 512 && D <= 512 && Dv <= 512;
+         L <= rows && Lk <= rows && D <= kMaxFused && Dv <= kMaxFused;
 }
 
 // Skipping keys the mask removes (padded sequences: the last keys of a row masked with the
@@ -318,7 +388,10 @@ inline int64_t key_ends(const Slice& s, int MR, int64_t* ke) {
 template <class S>
 inline int64_t key_ends_mask(const Slice& s, int MR, int64_t* ke) {
   const int64_t nb = (s.L + MR - 1) / MR;
-  if (!s.mask || s.one) {  // one value per row removes every key of a row or none
+  // one value per row removes every key of a row or none; with a window, a row whose window
+  // keys the mask removes entirely may still have kept keys before the window (then its
+  // uniform weights over the window are what the general path gives): no mask-based ends
+  if (!s.mask || s.one || s.window > 0) {
     std::fill(ke, ke + nb, s.Lk);
     return s.Lk;
   }
@@ -379,14 +452,14 @@ enum class Fin {
 // stride ldb, x rows at x + r * ldx; finished as F says (the mask rows as in mask_vec). The
 // running reductions go through memory, lanes [R, W] from the caller: kept in registers
 // across the k loops, GCC spilled the loop's B vectors instead (forward 1.5x slower).
-// climit: keys j > climit + r are removed from row r (-inf: exp 0), the causal mask without a
-// mask tensor (kNoLimit: none); only the vectors crossing the diagonal pay for it.
+// cut: the soft cap, then (after the mask) the keys the causal limit and the window remove
+// (-inf: exp 0), without a mask tensor; only the vectors crossing a limit pay for it.
 template <class S, int R, Fin F>
 __attribute__((noinline)) void strip_rows(int64_t n, int64_t K, const float* a, int64_t lda,
                                           const float* b, int64_t ldb, const float* m,
                                           int64_t ldm, bool one, const float* aux, float* x,
                                           int64_t ldx, float* lanes, float* red,
-                                          int64_t climit = kNoLimit) {
+                                          const Cut& cut = Cut()) {
   using V = typename S::V;
   constexpr int W = S::W;
   alignas(64) static const float kIota[16] = {0, 1, 2,  3,  4,  5,  6,  7,
@@ -397,12 +470,27 @@ __attribute__((noinline)) void strip_rows(int64_t n, int64_t K, const float* a, 
     rd[r] = lanes + r * W;
     S::store(rd[r], S::set1(F == Fin::Max ? -std::numeric_limits<float>::infinity() : 0.f));
   }
+  const int64_t climit = cut.hi, wlimit = cut.lo;
+  const float inv_cap = cut.cap > 0.f ? 1.f / cut.cap : 0.f;
   auto finish = [&](int r, int64_t j, V v) {
     if constexpr (F != Fin::Dot) {
+      if (cut.cap > 0.f) {
+        if (cut.dcap) {
+          V d;
+          v = softcap<S>(v, cut.cap, inv_cap, &d);
+          S::store(cut.dcap + r * ldx + j, d);
+        } else {
+          v = softcap<S>(v, cut.cap, inv_cap);
+        }
+      }
       if (m) v = S::add(v, mask_vec<S>(m, ldm, one, r, j));
+      const V ninf = S::set1(-std::numeric_limits<float>::infinity());
       if (j + W - 1 > climit + r)  // lanes j + l > climit + r: removed
         v = S::select(S::gt(S::add(S::load(kIota), S::set1(float(j - climit - r))), S::set1(0.f)),
-                      S::set1(-std::numeric_limits<float>::infinity()), v);
+                      ninf, v);
+      if (j <= wlimit + r)  // lanes j + l <= wlimit + r: before the window, removed
+        v = S::select(S::gt(S::add(S::load(kIota), S::set1(float(j - wlimit - r))), S::set1(0.f)),
+                      v, ninf);
     }
     if constexpr (F == Fin::Max) {
       S::store(rd[r], S::max(v, S::load(rd[r])));
@@ -427,16 +515,16 @@ template <class S, Fin F>
 inline void strip_block(int64_t rows, int64_t n, int64_t K, const float* a, int64_t lda,
                         const float* b, int64_t ldb, const float* m, int64_t ldm, bool one,
                         const float* aux, float* x, int64_t ldx, float* red,
-                        int64_t climit = kNoLimit) {
+                        const Cut& cut = Cut()) {
   constexpr int MR = Blk<S>::MR;
   alignas(64) float lanes[MR * S::W];
   if (rows == MR)
     return strip_rows<S, MR, F>(n, K, a, lda, b, ldb, m, ldm, one, aux, x, ldx, lanes, red,
-                                climit);
+                                cut);
   for (int64_t r = 0; r < rows; ++r)
     strip_rows<S, 1, F>(n, K, a + r * lda, lda, b, ldb, m ? m + r * ldm : nullptr, ldm, one,
                         F == Fin::Exp ? aux + r : F == Fin::Dot ? aux + r * ldx : nullptr,
-                        x + r * ldx, ldx, lanes, red + r, climit == kNoLimit ? climit : climit + r);
+                        x + r * ldx, ldx, lanes, red + r, cut.row(r, ldx));
 }
 
 // x = exp(x − c_r) in place, sum[r] = Σ x: the forward's exp after strip_rows' max.
@@ -461,11 +549,12 @@ inline void exp_rows(float* x, int64_t ld, int64_t n, const float* cmax, float* 
   for (int r = 0; r < R; ++r) sum[r] = S::hsum(acc[r]);
 }
 
-// g = scale · (e / sum_r) ∘ (g − dot_r / sum_r) in place, inv[r] = 1 / sum_r, dot_r = Σⱼ eⱼ gⱼ
-// (strip_rows' Dot): dS from dP and E.
+// g = scale · (e / sum_r) ∘ (g − dot_r / sum_r) [∘ dc] in place, inv[r] = 1 / sum_r,
+// dot_r = Σⱼ eⱼ gⱼ (strip_rows' Dot): dS from dP and E (times 1 − tanh² of a soft cap: dc,
+// row stride ld, when given).
 template <class S, int R>
 inline void ds_rows(float* g, const float* e, int64_t ld, int64_t n, const float* inv,
-                    const float* dot, float scale) {
+                    const float* dot, float scale, const float* dc = nullptr) {
   using V = typename S::V;
   constexpr int W = S::W;
   V di[R], c[R];
@@ -478,7 +567,9 @@ inline void ds_rows(float* g, const float* e, int64_t ld, int64_t n, const float
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const V v = S::sub(S::load(g + r * ld + j), di[r]);
-      S::store(g + r * ld + j, S::mul(c[r], S::mul(S::load(e + r * ld + j), v)));
+      V x = S::mul(c[r], S::mul(S::load(e + r * ld + j), v));
+      if (dc) x = S::mul(x, S::load(dc + r * ld + j));
+      S::store(g + r * ld + j, x);
     }
 }
 
@@ -496,27 +587,30 @@ void forward_slice(const Slice& s, float* o, int64_t ldo, float* lse, float* scr
   float* vp = kt + D * Lk;       // [Lk, Dv]
   float* strip = vp + Lk * Dv;   // [MR, Lk]
   float* sum = strip + MR * Lk;  // [L]
-  int64_t ke[512 / 4];           // keys per row block (L <= 512, MR >= 4)
+  int64_t ke[kMaxWindowed / 4];  // keys per row block (L <= kMaxWindowed, MR >= 4)
   const int64_t kn = key_ends<S>(s, MR, ke);
   pack_t(s.k, s.ldk, vec_end<S>(kn), D, s.scale, kt, Lk);
   pack_rows<S>(s.v, s.ldv, kn, Dv, vp);
   float inv[MR];
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
-    // keys [n, nv) of the strip: exactly 0 after the exp
+    // keys [n, nv) of the strip: exactly 0 after the exp; keys [0, kb) are not computed (the
+    // window's: 0 as well)
     const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR], nv = vec_end<S>(n);
-    const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
+    const int64_t kb = key_begin<S>(s, i0), nk = nv - kb;
+    const float* m = s.mask ? s.mask + i0 * s.ldm + (s.one ? 0 : kb) : nullptr;
+    float* st = strip + kb;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
-    strip_block<S, Fin::Max>(rows, nv, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
-                             nullptr, strip, Lk, lse + i0,  // lse = row max for now
-                             causal_limit(s, i0));
+    strip_block<S, Fin::Max>(rows, nk, D, s.q + i0 * s.ldq, s.ldq, kt + kb, Lk, m, s.ldm, s.one,
+                             nullptr, st, Lk, lse + i0,  // lse = row max for now
+                             cut_of(s, i0, kb));
     if (rows == MR) {
-      exp_rows<S, MR>(strip, Lk, nv, lse + i0, sum + i0);
+      exp_rows<S, MR>(st, Lk, nk, lse + i0, sum + i0);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        exp_rows<S, 1>(strip + r * Lk, Lk, nv, lse + i0 + r, sum + i0 + r);
+        exp_rows<S, 1>(st + r * Lk, Lk, nk, lse + i0 + r, sum + i0 + r);
     }
     for (int64_t r = 0; r < rows; ++r) inv[r] = 1.f / sum[i0 + r];
-    gemm<S>(rows, Dv, n, strip, Lk, 1, vp, Dv, {o + i0 * ldo, ldo, inv});
+    gemm<S>(rows, Dv, n - kb, st, Lk, 1, vp + kb * Dv, Dv, {o + i0 * ldo, ldo, inv});
   }
   for (int64_t i = 0; i < L; ++i) lse[i] += fm::log(sum[i]);
 }
@@ -537,9 +631,36 @@ inline bool any_nonzero(const float* p, int64_t ld, int64_t rows, int64_t cols) 
 }
 
 // Floats of scratch backward_slice needs: E [L, Lk], Kᵀ·scale [D, Lk], 1/rowsum(E) [L];
-// dO/rowsum(E) [L, Dv] (dv); dS [L, Lk], Vᵀ [Dv, Lk], dense k [Lk, D], dense q [L, D] (ds).
-inline int64_t backward_floats(int64_t L, int64_t Lk, int64_t D, int64_t Dv, bool ds, bool dv) {
-  return L * Lk + D * Lk + L + (dv ? L * Dv : 0) + (ds ? L * Lk + Dv * Lk + Lk * D + L * D : 0);
+// dO/rowsum(E) [L, Dv] (dv); dS [L, Lk], Vᵀ [Dv, Lk], dense k [Lk, D], dense q [L, D] (ds);
+// a block's 1 − tanh² [kMaxMR, Lk] (ds with a soft cap).
+constexpr int kMaxMR = 8;
+inline int64_t backward_floats(int64_t L, int64_t Lk, int64_t D, int64_t Dv, bool ds, bool dv,
+                               bool cap = false) {
+  return L * Lk + D * Lk + L + (dv ? L * Dv : 0) +
+         (ds ? L * Lk + Dv * Lk + Lk * D + L * D + (cap ? kMaxMR * Lk : 0) : 0);
+}
+
+// C [kn, N] (into out) = Aᵀ · B over the rows of A that reach each key with a window: A [L, Lk]
+// (row stride Lk: E or dS), B [L, N] (row stride N); key rows in blocks of MR, block [j0, j1)
+// summing query rows [j0 − coff, j1 − 1 − coff + window) ∩ [0, qend) (the rows whose causal
+// window holds one of its keys; A is 0 elsewhere in those columns, so this is exact: the dV
+// and dK of a sliding window cost O(window), not O(L)).
+template <class S>
+inline void band_t(const Slice& s, int64_t kn, int64_t qend, int64_t N, const float* A,
+                   const float* B, const Out& out) {
+  constexpr int MR = Blk<S>::MR;
+  const int64_t Lk = s.Lk;
+  for (int64_t j0 = 0; j0 < kn; j0 += MR) {
+    const int64_t rows = std::min<int64_t>(MR, kn - j0);
+    const int64_t q0 = std::max<int64_t>(0, j0 - s.coff);
+    const int64_t q1 = std::min<int64_t>(qend, j0 + rows - 1 - s.coff + s.window);
+    const Out o{out.C + j0 * out.ldc, out.ldc, nullptr, out.add};
+    if (q1 <= q0) {
+      zero_rows(o, 0, rows, N);
+      continue;
+    }
+    gemm<S>(rows, N, q1 - q0, A + q0 * Lk + j0, 1, Lk, B + q0 * N, N, o);
+  }
 }
 
 // Backward of one slice (attention.cpp's header has the formulas), gradients into Out
@@ -561,12 +682,14 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
   float* dOs = inv + L;         // [L, Dv] (dv)
   float* dS = nullptr;          // [L, Lk] (ds), then Vᵀ [Dv, Lk], k [Lk, D], q [L, D]
   float *vt = nullptr, *kc = nullptr, *qc = nullptr;
-  int64_t ke[512 / 4];  // keys per row block, as in the forward
+  float* dcap = nullptr;        // [MR, Lk] (ds with a soft cap): 1 − tanh² of a block
+  static_assert(MR <= kMaxMR, "backward_floats sizes the soft cap's block for kMaxMR rows");
+  int64_t ke[kMaxWindowed / 4];  // keys per row block, as in the forward
   const int64_t kn = key_ends<S>(s, MR, ke);
   // Row blocks whose dO rows are all 0 (positions the loss does not see: padding, or all but
   // [CLS] in a classifier's last layer): their dP, dS and dQ rows and their terms of dV and
   // dK are exactly 0 (for finite V), so they are skipped; dV and dK sum rows [0, qend).
-  bool live[512 / 4];
+  bool live[kMaxWindowed / 4];
   int64_t qend = 0;
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
     const int64_t rows = std::min<int64_t>(MR, L - i0);
@@ -579,14 +702,16 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     vt = dS + L * Lk;
     kc = vt + Dv * Lk;
     qc = kc + Lk * D;
+    if (s.cap > 0.f) dcap = qc + L * D;
     pack_t(s.v, s.ldv, vec_end<S>(kn), Dv, 1.f, vt, Lk);
     pack_rows<S>(s.k, s.ldk, kn, D, kc);
     pack_rows<S>(s.q, s.ldq, qend, D, qc);
   }
   for (int64_t i0 = 0; i0 < L; i0 += MR) {
-    // keys [n, nv) of E and dS: exactly 0 after the exp
+    // keys [n, nv) of E and dS: exactly 0 after the exp; keys [0, kb) not computed (a window's)
     const int64_t rows = std::min<int64_t>(MR, L - i0), n = ke[i0 / MR], nv = vec_end<S>(n);
-    const float* m = s.mask ? s.mask + i0 * s.ldm : nullptr;
+    const int64_t kb = key_begin<S>(s, i0), nk = nv - kb;
+    const float* m = s.mask ? s.mask + i0 * s.ldm + (s.one ? 0 : kb) : nullptr;
     float* e = E + i0 * Lk;
     prefetch_part(ahead, n_ahead, i0 / MR, (L + MR - 1) / MR);
     if (!live[i0 / MR]) {  // dQ rows 0; E, dS, dOs rows 0 where dV and dK read them
@@ -600,12 +725,21 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     }
     // P = E / rowsum(E): rowsum(E) is 1 up to LSE's rounding, and exactly what makes P
     // uniform in rows LSE cannot tell from their max (all keys masked with -3.4e38).
-    strip_block<S, Fin::Exp>(rows, nv, D, s.q + i0 * s.ldq, s.ldq, kt, Lk, m, s.ldm, s.one,
-                             lse + i0, e, Lk, inv + i0, causal_limit(s, i0));
-    // keys [nv, kn) that other blocks keep: E and dS 0 there for the dV and dK products
-    for (int64_t r = 0; r < rows && nv < kn; ++r) {
-      std::fill(e + r * Lk + nv, e + r * Lk + kn, 0.f);
-      if (ds_wanted) std::fill(dS + (i0 + r) * Lk + nv, dS + (i0 + r) * Lk + kn, 0.f);
+    strip_block<S, Fin::Exp>(rows, nk, D, s.q + i0 * s.ldq, s.ldq, kt + kb, Lk, m, s.ldm,
+                             s.one, lse + i0, e + kb, Lk, inv + i0,
+                             cut_of(s, i0, kb, dcap ? dcap + kb : nullptr));
+    // keys [nv, kn) that other blocks keep: E and dS 0 there for the dV and dK products; with
+    // a window, only the keys band_t's key blocks read: [z0, kb) before the block's strip and
+    // [nv, z1) after it (the key blocks holding a key within MR − 1 of a row's window)
+    const int64_t z0 = std::max<int64_t>(0, i0 + s.coff - s.window - MR + 2);
+    const int64_t z1 = s.window > 0 ? std::min<int64_t>(kn, i0 + rows - 1 + s.coff + MR) : kn;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (nv < z1) std::fill(e + r * Lk + nv, e + r * Lk + z1, 0.f);
+      if (nv < z1 && ds_wanted) std::fill(dS + (i0 + r) * Lk + nv, dS + (i0 + r) * Lk + z1, 0.f);
+      if (s.window > 0 && z0 < kb) {
+        std::fill(e + r * Lk + z0, e + r * Lk + kb, 0.f);
+        if (ds_wanted) std::fill(dS + (i0 + r) * Lk + z0, dS + (i0 + r) * Lk + kb, 0.f);
+      }
     }
     for (int64_t r = 0; r < rows; ++r) inv[i0 + r] = 1.f / inv[i0 + r];
     const float* go = dO + i0 * lddo;
@@ -619,22 +753,29 @@ void backward_slice(const Slice& s, const float* lse, const float* dO, int64_t l
     float* g = dS + i0 * Lk;
     float dot[MR];
     // dP = dO·vᵀ with its row dots Σⱼ Eᵢⱼ dPᵢⱼ
-    strip_block<S, Fin::Dot>(rows, nv, Dv, go, lddo, vt, Lk, nullptr, 0, false, e, g, Lk, dot);
+    strip_block<S, Fin::Dot>(rows, nk, Dv, go, lddo, vt + kb, Lk, nullptr, 0, false, e + kb,
+                             g + kb, Lk, dot);
+    // (times 1 − tanh² with a soft cap: dS of the scaled product under the cap)
+    const float* dc = dcap ? dcap + kb : nullptr;
     if (rows == MR) {
-      ds_rows<S, MR>(g, e, Lk, nv, inv + i0, dot, s.scale);
+      ds_rows<S, MR>(g + kb, e + kb, Lk, nk, inv + i0, dot, s.scale, dc);
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        ds_rows<S, 1>(g + r * Lk, e + r * Lk, Lk, nv, inv + i0 + r, dot + r, s.scale);
+        ds_rows<S, 1>(g + r * Lk + kb, e + r * Lk + kb, Lk, nk, inv + i0 + r, dot + r, s.scale,
+                      dc ? dc + r * Lk : nullptr);
     }
     if (dq)  // dQ rows [rows, D] = dS rows · k
-      gemm<S>(rows, D, n, g, Lk, 1, kc, D, {dq->C + i0 * dq->ldc, dq->ldc, nullptr, dq->add});
+      gemm<S>(rows, D, n - kb, g + kb, Lk, 1, kc + kb * D, D,
+              {dq->C + i0 * dq->ldc, dq->ldc, nullptr, dq->add});
   }
   if (dv) {  // dV [Lk, Dv] = Eᵀ · dOs
-    gemm<S>(kn, Dv, qend, E, 1, Lk, dOs, Dv, *dv);
+    if (s.window > 0) band_t<S>(s, kn, qend, Dv, E, dOs, *dv);
+    else gemm<S>(kn, Dv, qend, E, 1, Lk, dOs, Dv, *dv);
     zero_rows(*dv, kn, Lk, Dv);
   }
   if (dk) {  // dK [Lk, D] = dSᵀ · q
-    gemm<S>(kn, D, qend, dS, 1, Lk, qc, D, *dk);
+    if (s.window > 0) band_t<S>(s, kn, qend, D, dS, qc, *dk);
+    else gemm<S>(kn, D, qend, dS, 1, Lk, qc, D, *dk);
     zero_rows(*dk, kn, Lk, D);
   }
 }

@@ -9,6 +9,10 @@
 // (position past + i) attends to cache rows 0 .. past + i (the causal mask aligned to the
 // bottom right, as pyedge.Attention's causal flag with Lk = past + L):
 //   O[b,h,i] = softmax_j(scale · Q[b,h,i] · cache_k[b,h/G,j]) · cache_v[b,h/G,j],  j <= past + i
+// window = w > 0: row i attends to cache rows (past + i − w, past + i] only (pyedge.Attention's
+// window at absolute positions: the sliding window of Mistral, Gemma 2/3); softcap = c > 0:
+// scores c·tanh(scale·q·k / c) (Gemma 2), as in pyedge.Attention. With a window a step reads
+// w rows of the cache, not past + 1.
 // Why state in the inputs: the caches are buffers the caller owns (pyedge/kv_cache.py binds
 // the same numpy arrays to every run), so a decoding step costs its L new rows, not the
 // prefix; and `past` is a value read at run time, not a shape, so one plan (one input-shape
@@ -22,9 +26,11 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "common/parallel.h"
+#include "ops/attention_kernels.h"
 #include "ops/blas.h"
 #include "ops/op.h"
 #include "ops/softmax_kernels.h"
@@ -59,6 +65,13 @@ class CachedAttention : public Op {
                      in[5].numel() == 1,
                  n.where(), ": past must be one int64 (the positions already in the cache)");
     scale_ = float(n.attrs.get_float("scale", 1.0));
+    window_ = n.attrs.get_int("window", 0);
+    const double cap = n.attrs.get_float("softcap", 0.0);
+    PYEDGE_CHECK(window_ >= 0, n.where(), ": window must be 0 (none) or a positive number of ",
+                 "keys, got ", window_);
+    PYEDGE_CHECK(cap >= 0.0 && std::isfinite(cap), n.where(), ": softcap must be 0 (none) or ",
+                 "a positive finite cap, got ", cap);
+    cap_ = float(cap);
     const std::string layout = n.attrs.get_string("layout", "bhld");
     const std::string out_layout = n.attrs.get_string("out_layout", layout);
     for (const std::string& l : {layout, out_layout})
@@ -167,17 +180,24 @@ class CachedAttention : public Op {
     float* inv_l = sc + R * T_;
     for (int64_t i0 = 0; i0 < L_; i0 += R) {
       const int64_t rows = std::min(R, L_ - i0), keys = past + i0 + rows;  // the last row's
-      float* S = sc;  // [rows, keys]
-      sgemm(false, true, rows, keys, D_, scale_, q + i0 * sq_.r, sq_.r, k, D_, 0.f, S, keys);
+      // keys [k0, keys): from the first row's window on (k0 = 0 without a window)
+      const int64_t k0 = window_ > 0 ? std::max<int64_t>(0, past + i0 + 1 - window_) : 0;
+      const int64_t nk = keys - k0;
+      float* S = sc;  // [rows, nk]: column c is key k0 + c
+      sgemm(false, true, rows, nk, D_, scale_, q + i0 * sq_.r, sq_.r, k + k0 * D_, D_, 0.f, S,
+            nk);
       for (int64_t r = 0; r < rows; ++r) {
-        float* row = S + r * keys;
-        const int64_t n = past + i0 + r + 1;  // keys this row sees
-        const float mx = rowk::row_max(row, n);
-        inv_l[r] = 1.f / rowk::exp_store_sum(row, mx, row, n);
-        std::fill(row + n, row + keys, 0.f);
+        float* row = S + r * nk;
+        const int64_t n = past + i0 + r + 1 - k0;  // keys this row sees: [lo, n)
+        const int64_t lo = window_ > 0 ? std::max<int64_t>(0, n - window_) : 0;
+        if (cap_ > 0.f) attn::softcap_row<simd::Native>(row + lo, n - lo, cap_);
+        const float mx = rowk::row_max(row + lo, n - lo);
+        inv_l[r] = 1.f / rowk::exp_store_sum(row + lo, mx, row + lo, n - lo);
+        std::fill(row, row + lo, 0.f);
+        std::fill(row + n, row + nk, 0.f);
       }
       float* out = o + i0 * so_.r;
-      sgemm(false, false, rows, Dv_, keys, 1.f, S, keys, v, Dv_, 0.f, out, so_.r);
+      sgemm(false, false, rows, Dv_, nk, 1.f, S, nk, v + k0 * Dv_, Dv_, 0.f, out, so_.r);
       for (int64_t r = 0; r < rows; ++r)
         rowk::row_scale(out + r * so_.r, inv_l[r], out + r * so_.r, Dv_);
     }
@@ -185,6 +205,8 @@ class CachedAttention : public Op {
 
   std::string where_;
   float scale_ = 1.f;
+  int64_t window_ = 0;  // keys per row up to the diagonal (0: all)
+  float cap_ = 0.f;     // soft cap (0: none)
   int64_t B_ = 0, H_ = 0, L_ = 0, D_ = 0, Dv_ = 0, Hkv_ = 0, G_ = 1, T_ = 0;
   Strides sq_, sk_, sv_, so_;
   int64_t slots_ = 1;
