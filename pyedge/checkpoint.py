@@ -146,19 +146,29 @@ def write_dir_atomically(target: Path, files: dict[str, bytes], parent: Path | N
             if _after_file_write is not None:
                 _after_file_write(name)
         fsync_dir(tmp)
-        trash = None
-        if target.exists():  # same step written again (e.g. after a crash before `latest`)
-            trash = parent / f".trash-{target.name}-{os.getpid()}"
-            if trash.exists():
-                shutil.rmtree(trash)
-            os.rename(target, trash)
-        os.rename(tmp, target)
-        fsync_dir(parent)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        replace_dir(tmp, target)  # same step written again (e.g. after a crash before `latest`)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Puts the complete directory `tmp` at `target` (same parent folder). An existing target
+    is first renamed to ``.trash-<name>-<pid>`` (one atomic rename) and deleted only after
+    `tmp` took its place, so a kill leaves the old directory whole, the new one whole, or
+    (between the two renames) both whole under their temporary names; never a half-deleted
+    or mixed one. cleanup_temp removes the leftovers."""
+    tmp, target = Path(tmp), Path(target)
+    trash = None
+    if target.exists():
+        trash = target.parent / f".trash-{target.name}-{os.getpid()}"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.rename(target, trash)
+    os.rename(tmp, target)
+    fsync_dir(target.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(root) -> list[tuple[int, Path]]:

@@ -120,12 +120,11 @@ def beside_output(graph: Graph, node: Node, tag: str) -> tuple[str, str]:
     return z, y
 
 
-def inject_for_merge(g: Graph, inject, make_cfg, modules: list[str], label: str,
-                     require_all: bool = True) -> tuple:
+def inject_for_merge(g: Graph, inject, make_cfg, modules: list[str], label: str) -> tuple:
     """(cfg, sites) of `inject(g, cfg)` on `g`, a copy of the model (merge never keeps the
     rewrite), with cfg = make_cfg(target_modules selecting exactly the folder's `modules`);
-    AdapterError when they are not in the model, or (with require_all) when one of them has
-    no MatMul/Gemm weight."""
+    AdapterError when they are not in the model or one of them has no MatMul/Gemm weight
+    (a merge never drops a folder's tensors silently)."""
     from pyedge.export.adapter_files import AdapterError
     try:
         cfg = make_cfg(["re:" + re.escape(m) for m in modules])
@@ -134,21 +133,61 @@ def inject_for_merge(g: Graph, inject, make_cfg, modules: list[str], label: str,
         raise AdapterError(f"the {label} modules {modules[:5]} are not in the model ({e})") \
             from e
     missing = sorted(set(modules) - {s.module for s in sites})
-    if require_all and missing:
+    if missing:
         raise AdapterError(f"{label} module(s) {missing[:8]} have no MatMul/Gemm weight in the "
                            "model")
     return cfg, sites
 
 
-def check_file_shapes(own: dict, keys: dict, shown: str, suffix: str,
+def check_file_shapes(config: dict, own: dict, keys: dict, shown: str, suffix: str,
                       fits: Callable[[np.ndarray], bool], expected: str) -> None:
-    """adapter_files hook helper: each module's `suffix` tensor must satisfy `fits`."""
-    from pyedge.export.adapter_files import AdapterError, q
+    """adapter_files hook helper: each module's `suffix` tensor must satisfy `fits`, for a
+    module that the config's target_modules selects (PEFT's rule, as for LoRA's tensors)."""
+    from pyedge.export.adapter_files import AdapterError, q, targets_module
     for module, ts in own.items():
         arr = ts.get(suffix)
-        if arr is not None and not fits(arr):
+        if arr is None:
+            continue
+        if not targets_module(config, module):
+            raise AdapterError(f"{shown}: tensor {q(keys[(module, suffix)])} adapts module "
+                               f"{q(module)}, which target_modules does not select")
+        if not fits(arr):
             raise AdapterError(f"{shown}: tensor {q(keys[(module, suffix)])} has shape "
                                f"{list(arr.shape)}, expected {expected}")
+
+
+def config_int(config: dict, key: str, default: int, where: str, minimum: int = 0,
+               maximum: int | None = None) -> int:
+    """An integer field of adapter_config.json (not a bool, in [minimum, maximum]);
+    AdapterError naming the file and the key otherwise."""
+    from pyedge.export.adapter_files import AdapterError
+    v = config.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum or             (maximum is not None and v > maximum):
+        upto = f" and <= {maximum}" if maximum is not None else ""
+        raise AdapterError(f"{where}: {key} must be an integer >= {minimum}{upto}, got {v!r}")
+    return v
+
+
+SEED_MAX = 2**32 - 1   # the seeds regenerate torch's MT19937 streams, 32-bit seeded
+
+
+def config_number(config: dict, key: str, default: float, where: str) -> float:
+    """A finite number field of adapter_config.json; AdapterError naming the file and key."""
+    import math
+
+    from pyedge.export.adapter_files import AdapterError
+    v = config.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise AdapterError(f"{where}: {key} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def config_bool(config: dict, key: str, default: bool, where: str) -> bool:
+    from pyedge.export.adapter_files import AdapterError
+    v = config.get(key, default)
+    if not isinstance(v, bool):
+        raise AdapterError(f"{where}: {key} must be true or false, got {v!r}")
+    return v
 
 
 class OneTensorMethod(AdapterMethod):

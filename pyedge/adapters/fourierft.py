@@ -169,8 +169,10 @@ class FourierFTMethod(common.OneTensorMethod):
         from pyedge.export.adapter_files import AdapterError
         if config.get("n_frequency_pattern"):
             raise AdapterError(f"{cfg_path}: FourierFT n_frequency_pattern is not supported")
-        nf = int(config.get("n_frequency", 1000))
-        common.check_file_shapes(own, keys, shown, SUFFIX, lambda a: a.shape == (nf,),
+        nf = common.config_int(config, "n_frequency", 1000, cfg_path, minimum=1)
+        common.config_number(config, "scaling", 150.0, cfg_path)
+        common.config_int(config, "random_loc_seed", 777, cfg_path, maximum=common.SEED_MAX)
+        common.check_file_shapes(config, own, keys, shown, SUFFIX, lambda a: a.shape == (nf,),
                                  f"[n_frequency={nf}]")
 
     def plan_load(self, session, ad, strict: bool):
@@ -186,7 +188,7 @@ class FourierFTMethod(common.OneTensorMethod):
     def merge_deltas(self, graph, config: dict, ad) -> dict:
         cfg, sites = common.inject_for_merge(
             graph.copy(), inject_fourierft, lambda tm: self.config_from_peft(config, tm),
-            self.modules_in(ad), "FourierFT", require_all=False)
+            self.modules_in(ad), "FourierFT")
         deltas = {}
         for s in sites:
             c = np.asarray(ad.extra[s.module][SUFFIX], np.float64)

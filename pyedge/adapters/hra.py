@@ -157,7 +157,7 @@ class HRAMethod(common.OneTensorMethod):
         if config.get("apply_GS"):
             raise AdapterError(f"{cfg_path}: HRA with apply_GS=true is not supported")
         r = int(config.get("r", 8))
-        common.check_file_shapes(own, keys, shown, SUFFIX,
+        common.check_file_shapes(config, own, keys, shown, SUFFIX,
                                  lambda a: a.ndim == 2 and a.shape[1] == r, f"[in, r={r}]")
 
     def merge_deltas(self, graph, config: dict, ad) -> dict:

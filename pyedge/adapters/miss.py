@@ -123,7 +123,7 @@ class MissMethod(common.OneTensorMethod):
                                f"{config.get('init_weights')!r} / miss_dropout="
                                f"{config.get('miss_dropout')!r} is not supported")
         r = int(config.get("r", 64))
-        common.check_file_shapes(own, keys, shown, SUFFIX,
+        common.check_file_shapes(config, own, keys, shown, SUFFIX,
                                  lambda a: a.ndim == 2 and a.shape[0] == r, f"[r={r}, out]")
 
     def merge_deltas(self, graph, config: dict, ad) -> dict:

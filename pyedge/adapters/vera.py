@@ -167,6 +167,11 @@ class VeraMethod(AdapterMethod):
 
     def check_files(self, config, own, keys, shown, cfg_path):
         from pyedge.export.adapter_files import AdapterError, q, targets_module
+        common.config_int(config, "r", 256, cfg_path, minimum=1)
+        common.config_int(config, "projection_prng_key", 0, cfg_path,
+                          maximum=common.SEED_MAX)
+        common.config_number(config, "d_initial", 0.1, cfg_path)
+        common.config_bool(config, "save_projection", True, cfg_path)
         for module, ts in own.items():
             if module == "base_model":
                 continue
@@ -177,6 +182,10 @@ class VeraMethod(AdapterMethod):
                 if arr.ndim != 1:
                     raise AdapterError(f"{shown}: tensor {q(keys[(module, suffix)])} has shape "
                                        f"{list(arr.shape)}, expected a vector")
+            lacking = [s for s in (LB, LD) if s not in ts]
+            if lacking:   # a module is adapted by both vectors or not at all
+                raise AdapterError(f"{shown}: module {q(module)} has no {lacking[0]} beside "
+                                   f"its {next(iter(ts))}")
 
     def _check_projections(self, ad, A, B):
         from pyedge.export.adapter_files import AdapterError
@@ -227,7 +236,7 @@ class VeraMethod(AdapterMethod):
         g = graph.copy()
         cfg, sites = common.inject_for_merge(g, inject_vera,
                                              lambda tm: self.config_from_peft(config, tm),
-                                             modules, "VeRA", require_all=False)
+                                             modules, "VeRA")
         A, B = g.vera_projections
         self._check_projections(ad, A, B)
         deltas = {}
