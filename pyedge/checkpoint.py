@@ -76,19 +76,32 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
-def write_file_synced(path, data: bytes) -> None:
-    with open(path, "wb") as fh:
+def write_file_synced(path, data: bytes, mode: int | None = None) -> None:
+    """Writes and fsyncs `path`; with `mode` (e.g. 0o600 for a private key) the file is
+    created with that mode, never readable by others in between."""
+    if mode is None:
+        fh = open(path, "wb")
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                     mode)
+        os.fchmod(fd, mode)   # an existing file (a temp left by a kill) keeps its old mode
+        fh = os.fdopen(fd, "wb")
+    with fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def atomic_write(path, data: bytes) -> None:
-    """Replaces `path` atomically: temp file in the same folder, fsync, os.replace, fsync dir."""
+def atomic_write(path, data: bytes, mode: int | None = None) -> None:
+    """Replaces `path` atomically: temp file in the same folder (created with `mode` when
+    given), fsync, os.replace, fsync dir."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write_file_synced(tmp, data)
+        if mode is None:
+            write_file_synced(tmp, data)
+        else:
+            write_file_synced(tmp, data, mode)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -26,24 +26,10 @@ from pyedge.fleet import APP_DIR
 
 # --------------------------------------------------------------------------- credentials
 def _write_private(path: Path, data: bytes) -> None:
-    """Writes a private key created 0600 (never readable by others, not even until a chmod),
-    into a temp file renamed over `path`: a kill leaves the old key or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
-                 0o600)
-    try:
-        os.fchmod(fd, 0o600)   # a temp file left by an earlier kill keeps its old mode
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """A private key, created 0600 (never readable by others, not even until a chmod) and
+    renamed into place: a kill leaves the old key or the new one."""
+    from pyedge.checkpoint import atomic_write
+    atomic_write(path, data, mode=0o600)
 
 
 def make_certificates(folder, hosts=("127.0.0.1", "localhost")) -> dict[str, Path]:
