@@ -76,19 +76,32 @@ def fsync_dir(path) -> None:
         os.close(fd)
 
 
-def write_file_synced(path, data: bytes) -> None:
-    with open(path, "wb") as fh:
+def write_file_synced(path, data: bytes, mode: int | None = None) -> None:
+    """Writes and fsyncs `path`; with `mode` (e.g. 0o600 for a private key) the file is
+    created with that mode, never readable by others in between."""
+    if mode is None:
+        fh = open(path, "wb")
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0),
+                     mode)
+        os.fchmod(fd, mode)   # an existing file (a temp left by a kill) keeps its old mode
+        fh = os.fdopen(fd, "wb")
+    with fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def atomic_write(path, data: bytes) -> None:
-    """Replaces `path` atomically: temp file in the same folder, fsync, os.replace, fsync dir."""
+def atomic_write(path, data: bytes, mode: int | None = None) -> None:
+    """Replaces `path` atomically: temp file in the same folder (created with `mode` when
+    given), fsync, os.replace, fsync dir."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        write_file_synced(tmp, data)
+        if mode is None:
+            write_file_synced(tmp, data)
+        else:
+            write_file_synced(tmp, data, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -146,19 +159,29 @@ def write_dir_atomically(target: Path, files: dict[str, bytes], parent: Path | N
             if _after_file_write is not None:
                 _after_file_write(name)
         fsync_dir(tmp)
-        trash = None
-        if target.exists():  # same step written again (e.g. after a crash before `latest`)
-            trash = parent / f".trash-{target.name}-{os.getpid()}"
-            if trash.exists():
-                shutil.rmtree(trash)
-            os.rename(target, trash)
-        os.rename(tmp, target)
-        fsync_dir(parent)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+        replace_dir(tmp, target)  # same step written again (e.g. after a crash before `latest`)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Puts the complete directory `tmp` at `target` (same parent folder). An existing target
+    is first renamed to ``.trash-<name>-<pid>`` (one atomic rename) and deleted only after
+    `tmp` took its place, so a kill leaves the old directory whole, the new one whole, or
+    (between the two renames) both whole under their temporary names; never a half-deleted
+    or mixed one. cleanup_temp removes the leftovers."""
+    tmp, target = Path(tmp), Path(target)
+    trash = None
+    if target.exists():
+        trash = target.parent / f".trash-{target.name}-{os.getpid()}"
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.rename(target, trash)
+    os.rename(tmp, target)
+    fsync_dir(target.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(root) -> list[tuple[int, Path]]:

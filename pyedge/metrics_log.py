@@ -23,8 +23,18 @@ class MetricsLog:
                 if isinstance(rec, dict) and int(rec.get("step", 0)) <= resume_step:
                     kept.append(line)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in kept))
+        # the cut-back copy replaces the file in one rename: a run killed while writing it
+        # leaves the old history, never a truncated one
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write("".join(line + "\n" for line in kept))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def write(self, rec: dict) -> None:

@@ -118,9 +118,17 @@ def mezo_step(session, arrays: list, opt: MeZO) -> float:
         return float(session._forward_loss(arrays))
 
     shift(eps)
-    l_plus = loss()
+    try:
+        l_plus = loss()
+    except BaseException:  # a bad batch or an interrupt: never leave theta perturbed
+        shift(-eps)
+        raise
     shift(np.float32(-2.0) * eps)
-    l_minus = loss()
+    try:
+        l_minus = loss()
+    except BaseException:
+        shift(eps)
+        raise
     session.micro_steps += 2
     if not (math.isfinite(l_plus) and math.isfinite(l_minus)):
         shift(eps)

@@ -159,6 +159,9 @@ class TrainingSession:
                 and np.ndim(feed.get("input_ids")) == 2:  # transformers' default: 0..T-1
             n, t = np.shape(feed["input_ids"])
             feed["position_ids"] = np.broadcast_to(np.arange(t, dtype=np.int64), (n, t))
+        if "attention_mask" in self._input_names and "attention_mask" not in feed \
+                and np.ndim(feed.get("input_ids")) == 2:  # transformers' default: all ones
+            feed["attention_mask"] = np.ones(np.shape(feed["input_ids"]), np.int64)
         unknown = set(feed) - set(self._input_names)
         if unknown:
             raise ValueError(f"unknown input(s) {sorted(unknown)}; the model takes "

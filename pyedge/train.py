@@ -329,6 +329,35 @@ def pyedge_lora_config():
     return LoraConfig
 
 
+def _write_final_adapters(adapters_dir: Path, session, meta: dict, say) -> bool:
+    """out/adapters: pyedge's raw adapters and the PEFT files, built in a temp folder that
+    replaces the old one in one rename (checkpoint.replace_dir): a run killed meanwhile (e.g.
+    a --resume of a finished run) never leaves one run's raw files beside another's PEFT
+    files. Returns whether the PEFT files were written."""
+    import shutil
+    parent = adapters_dir.parent
+    for stale in [*parent.glob(f".tmp-{adapters_dir.name}-*"),
+                  *parent.glob(f".trash-{adapters_dir.name}-*")]:   # left by a kill
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = parent / f".tmp-{adapters_dir.name}-{os.getpid()}"
+    try:
+        ckpt.write_adapters_dir(tmp, session.trainable_parameters(), meta)
+        peft = False
+        if hasattr(session, "save_adapters"):
+            try:
+                session.save_adapters(str(tmp))
+                peft = True
+            except Exception as e:  # noqa: BLE001 - the raw adapters are saved anyway
+                say(f"warning: PEFT adapters not written ({type(e).__name__}: {e}); the "
+                    "pyedge adapters are in " + str(adapters_dir))
+        ckpt.fsync_dir(tmp)
+        ckpt.replace_dir(tmp, adapters_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return peft
+
+
 def adapter_meta(cfg: TrainConfig, session, model_sha: str, step: int | None = None) -> dict:
     lc = session.lora_config
     return {
@@ -686,16 +715,8 @@ def _train(cfg: TrainConfig, log, progress_stream) -> TrainResult:
     if skipped:
         say(f"skipped {skipped} step(s) with a non-finite loss or gradient")
     adapters_dir = out / "adapters"
-    ckpt.write_adapters_dir(adapters_dir, session.trainable_parameters(),
-                            adapter_meta(cfg, session, model_sha, step))
-    peft = False
-    if hasattr(session, "save_adapters"):
-        try:
-            session.save_adapters(str(adapters_dir))
-            peft = True
-        except Exception as e:  # noqa: BLE001 - the raw adapters are saved anyway
-            say(f"warning: PEFT adapters not written ({type(e).__name__}: {e}); the pyedge "
-                "adapters are in " + str(adapters_dir))
+    peft = _write_final_adapters(adapters_dir, session, adapter_meta(cfg, session, model_sha,
+                                                                     step), say)
     if cfg.plot:
         try:
             plot_metrics(out / "metrics.jsonl", out / "metrics.png")

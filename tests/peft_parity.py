@@ -57,6 +57,7 @@ def torch_logits(torch, pm, inputs):
 
 
 def make_peft_model(torch, peft, base, peft_config, perturb, seed=0):
+    torch.manual_seed(seed)   # PEFT's own initialisation (LoRA's A, HRA's U, ...)
     pm = peft.get_peft_model(copy.deepcopy(base), peft_config)
     pm.eval()
     g = torch.Generator().manual_seed(seed + 1)
@@ -67,16 +68,30 @@ def make_peft_model(torch, peft, base, peft_config, perturb, seed=0):
     return pm
 
 
-def check_parity(exported, tmp_path, name, peft_config, pyedge_config, perturb, torch_name):
-    """PEFT folder -> pyedge; 20 AdamW steps side by side. Returns (session, data, path, base)."""
+def peft_name(onnx_name):
+    """pyedge's trainable tensor <module>.<suffix> -> PEFT's parameter (adapter "default")."""
+    return f"base_model.model.{onnx_name}.default"
+
+
+def session(path, name, pyedge_config):
+    return pyedge.TrainingSession(path, adapter=pyedge_config, loss=LOSS[name],
+                                  optimizer=pyedge.AdamW(lr=LR, weight_decay=0.01))
+
+
+def check_parity(exported, tmp_path, name, peft_config, pyedge_config, perturb,
+                 torch_name=peft_name, torch_optimizer=None, align=None):
+    """PEFT folder -> pyedge; 20 AdamW steps side by side. Returns (session, data, path, base).
+
+    torch_optimizer(pm): the PEFT side's optimizer (default AdamW over the trainable
+    parameters); align(sess, pm): runs after loading, before the steps (PiSSA/OLoRA give pyedge
+    PEFT's residual base)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     path, base, _ = exported(name, "torchscript")
     pm = make_peft_model(torch, peft, base, peft_config, perturb)
     folder = str(tmp_path / "peft")
     pm.save_pretrained(folder)
-    sess = pyedge.TrainingSession(path, adapter=pyedge_config, loss=LOSS[name],
-                                  optimizer=pyedge.AdamW(lr=LR, weight_decay=0.01))
+    sess = session(path, name, pyedge_config)
     info = sess.load_adapters(folder)
     tparams = dict(pm.named_parameters())
     params = sess.trainable_parameters()
@@ -85,8 +100,10 @@ def check_parity(exported, tmp_path, name, peft_config, pyedge_config, perturb, 
     for k, v in params.items():  # the folder's values, exactly
         ref = tparams[torch_name(k)].detach().numpy()
         np.testing.assert_array_equal(v, ref.reshape(v.shape))
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=LR,
-                            weight_decay=0.01)
+    if align is not None:
+        align(sess, pm)
+    opt = torch_optimizer(pm) if torch_optimizer is not None else torch.optim.AdamW(
+        [p for p in pm.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
     data = batches(name, base)
     grad_err, loss_err = {}, []
     for step in range(STEPS):
@@ -109,8 +126,10 @@ def check_parity(exported, tmp_path, name, peft_config, pyedge_config, perturb, 
     return sess, data, path, base
 
 
-def check_save_and_merge(sess, data, path, base, tmp_path):
-    """pyedge's adapters -> PeftModel.from_pretrained (strict) and -> pyedge merge."""
+def check_save_and_merge(sess, data, path, base, tmp_path, reference=None):
+    """pyedge's adapters -> PeftModel.from_pretrained (strict) and -> pyedge merge, whose ONNX
+    in onnxruntime must equal `sess`'s outputs, or reference(folder, inputs)'s when given.
+    Returns (folder, its adapter_config.json)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     folder = sess.save_adapters(tmp_path / "ours")
@@ -138,5 +157,19 @@ def check_save_and_merge(sess, data, path, base, tmp_path):
     run = ort.InferenceSession(merged, providers=["CPUExecutionProvider"])
     feeds = {i.name: inputs[i.name] for i in run.get_inputs()}
     out = run.run([sess.output_name], feeds)[0]
-    assert max_rel(out, ours) <= 1e-4
+    assert max_rel(out, ours if reference is None else reference(folder, inputs)) <= 1e-4
     return folder, os.path.join(folder, "adapter_config.json")
+
+
+def run_method_case(exported, tmp_path, name, peft_config, pyedge_config, perturb, peft_type,
+                    torch_name=peft_name):
+    """check_parity then check_save_and_merge; the saved config's peft_type. Returns
+    (session, the saved config)."""
+    import json
+    sess, data, path, base = check_parity(exported, tmp_path, name, peft_config, pyedge_config,
+                                          perturb, torch_name)
+    _, cfg_path = check_save_and_merge(sess, data, path, base, tmp_path)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    assert cfg["peft_type"] == peft_type
+    return sess, cfg

@@ -23,31 +23,10 @@ import onnx
 import pytest
 
 import pyedge
+from llama_export import export_llama
 from tests.quant_models import linear_model
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def export_llama(path, vocab, max_pos=128):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   vocab_size=vocab, max_position_embeddings=max_pos,
-                                   tie_word_embeddings=True)
-    cfg._attn_implementation = "eager"
-
-    class Logits(transformers.LlamaForCausalLM):
-        def forward(self, input_ids):  # noqa: D401
-            return super().forward(input_ids=input_ids, use_cache=False).logits
-
-    torch.manual_seed(0)
-    model = Logits(cfg).eval()
-    ids = torch.randint(0, vocab, (2, 16))
-    pyedge.torch.export(model, (ids,), str(path), input_names=["input_ids"],
-                        output_names=["logits"],
-                        dynamic_axes={"input_ids": {0: "b", 1: "s"}, "logits": {0: "b", 1: "s"}})
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
 """The `pyedge` command as a user runs it (subprocess `python -m pyedge ...`), including wrong
-inputs: each must end with one line `pyedge: error: ...`, a non-zero exit and no traceback."""
+inputs: each must end with one line `pyedge: error: ...`, a non-zero exit and no traceback.
+The --help texts and the long train/eval/merge run call pyedge.cli.main in this process
+(tests/cli_inproc.py: the same exit codes, stdout and stderr, without ~2 s of interpreter
+start-up per call); every other case keeps its own process."""
 import json
 import os
 import subprocess
@@ -10,6 +13,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from cli_inproc import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +81,7 @@ def files(tmp_path_factory):
 # --------------------------------------------------------------------------- help & usage
 @pytest.mark.parametrize("cmd", ["export", "inspect", "train", "eval", "merge", "demo"])
 def test_help(cmd):
-    r = run(cmd, "--help")
+    r = run_cli(cmd, "--help")
     assert r.returncode == 0 and "usage: pyedge " + cmd in r.stdout
 
 
@@ -185,7 +190,7 @@ def test_train_eval_merge(model, files, tmp_path):
                    'train = "layers.4.*"\nlora-r = 4\nmax_steps = 50\nbatch_size = 16\nlr = 0.01\n'
                    'schedule = "cosine"\nwarmup_steps = 5\nsave_every = 20\n')
     out = tmp_path / "run"
-    r = run("train", model, "--config", cfg, "--max-steps", "30", "--eval-data",
+    r = run_cli("train", model, "--config", cfg, "--max-steps", "30", "--eval-data",
             files / "train.npz", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "trained 30 steps" in r.stdout            # the flag overrides the config file
@@ -193,15 +198,15 @@ def test_train_eval_merge(model, files, tmp_path):
     assert (out / "checkpoints" / "step-30").is_dir() and (out / "checkpoints" / "step-20").is_dir()
     cfg_used = json.loads((out / "config.json").read_text())
     assert cfg_used["lora_r"] == 4 and cfg_used["max_steps"] == 30
-    r = run("eval", model, "--adapters", out / "adapters", "--data", files / "train.npz", "--json")
+    r = run_cli("eval", model, "--adapters", out / "adapters", "--data", files / "train.npz", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    base = json.loads(run("eval", model, "--data", files / "train.npz", "--json").stdout)
+    base = json.loads(run_cli("eval", model, "--data", files / "train.npz", "--json").stdout)
     assert res["accuracy"] > base["accuracy"] + 0.2
-    r = run("eval", model, "--adapters", out / "checkpoints" / "step-20", "--data", files / "train.npz")
+    r = run_cli("eval", model, "--adapters", out / "checkpoints" / "step-20", "--data", files / "train.npz")
     assert r.returncode == 0 and "accuracy" in r.stdout
-    fails(run("train", model, "--config", cfg, "--out", out), 2, "--resume")
-    r = run("merge", model, "--adapters", out / "adapters", "-o", tmp_path / "merged.onnx")
+    fails(run_cli("train", model, "--config", cfg, "--out", out), 2, "--resume")
+    r = run_cli("merge", model, "--adapters", out / "adapters", "-o", tmp_path / "merged.onnx")
     try:
         import pyedge.export.merge  # noqa: F401
     except ImportError:

@@ -132,6 +132,49 @@ def test_too_few_replies_stop_the_run_clearly(tmp_path):
     assert RoundStore(run.out_dir).latest() is None
 
 
+class CorruptingGrid(LoopbackGrid):
+    """A LoopbackGrid whose node `bad` answers "train" with NaN tensors (a diverged board)."""
+
+    def __init__(self, *a, bad, **kw):
+        super().__init__(*a, **kw)
+        self.bad = bad
+
+    def send_and_receive(self, messages, timeout=None):
+        from pyedge.fleet.records import from_array_record, to_array_record
+        replies = super().send_and_receive(messages, timeout)
+        for r in replies:
+            if r.metadata.src_node_id == self.bad and "arrays" in r.content:
+                r.content["arrays"] = to_array_record({
+                    k: np.full_like(v, np.nan)
+                    for k, v in from_array_record(r.content["arrays"]).items()})
+        return replies
+
+
+def test_a_non_finite_reply_is_dropped_not_averaged(tmp_path):
+    run = settings(tmp_path, num_rounds=1)
+    cfgs = {i + 1: {"data-path": shard(tmp_path, i)} for i in range(2)}
+    store = run_federation(CorruptingGrid(cfgs, run.to_config(), bad=2), run)
+    rnd, arrays = store.latest()
+    assert rnd == 1 and all(np.all(np.isfinite(v)) for v in arrays.values())
+    assert store.metrics()[0]["replies"] == 1
+
+
+def test_node_data_is_checked_against_the_model(tmp_path):
+    """A node's .npz goes through pyedge's data checks: a label outside the demo's 4 classes,
+    or arrays of different lengths, are DataErrors naming the file, not a crash mid-round."""
+    from pyedge.data import DataError
+    run = settings(tmp_path)
+    x, y = demo_shard(0, 3, n=50)
+    bad = tmp_path / "bad_labels.npz"
+    np.savez(bad, x=x, labels=np.where(np.arange(len(y)) == 7, 9, y))
+    with pytest.raises(DataError, match="bad_labels.npz.*label 9.*out of range"):
+        LocalTrainer(run, str(bad))
+    short = tmp_path / "short.npz"
+    np.savez(short, x=x, labels=y[:-1])
+    with pytest.raises(DataError, match="short.npz.*disagree on the number of records"):
+        LocalTrainer(run, str(short))
+
+
 def test_exact_aggregation_runs_and_logs_the_factor_error(tmp_path):
     run = settings(tmp_path, num_rounds=1, aggregation="exact")
     cfgs = {i + 1: {"data-path": shard(tmp_path, i)} for i in range(3)}

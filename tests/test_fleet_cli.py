@@ -34,6 +34,23 @@ def test_credentials_are_what_flower_reads(tmp_path, capsys):
     assert "register it" in capsys.readouterr().out
 
 
+def test_private_keys_are_never_created_readable_by_others(tmp_path, monkeypatch):
+    """The keys are created 0600, not written 0644 (umask 022) and chmodded afterwards: with
+    chmod doing nothing, a key written the second way stays readable by every user."""
+    pytest.importorskip("cryptography", reason="needs cryptography (comes with flwr)")
+    from pyedge.fleet import deploy
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: None)
+    old = os.umask(0o022)
+    try:
+        paths = deploy.make_certificates(tmp_path / "tls")
+        priv, _ = deploy.make_node_key(tmp_path / "keys", "node0")
+    finally:
+        os.umask(old)
+    for p in (paths["key"], priv):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
+    assert sorted(q.name for q in (tmp_path / "keys").iterdir()) == ["node0", "node0.pub"]
+
+
 def test_app_dir_is_a_flower_app(capsys):
     pytest.importorskip("flwr", reason="needs flwr (pip install pyedge[fleet])")
     assert main(["fleet", "app-dir"]) == 0

@@ -1,13 +1,11 @@
 """FourierFT (pyedge/adapters/fourierft.py) against PyTorch + PEFT's FourierFTConfig on a
 Llama-shape decoder and on MiniLM (tests/peft_parity.py's checks), and the positions
 regenerated from random_loc_seed without torch."""
-import json
-
 import numpy as np
 import pytest
 
 import pyedge
-from peft_parity import check_parity, check_save_and_merge
+from peft_parity import run_method_case
 
 CASES = {"decoder": dict(n_frequency=200, scaling=50.0, random_loc_seed=11,
                          target_modules=["q_proj", "v_proj", "up_proj"]),
@@ -19,17 +17,10 @@ def perturb(name, p, g):
     p.add_(0.05 * torch.randn(p.shape, generator=g) - p)   # PEFT's randn init is too large
 
 
-def torch_name(onnx_name):
-    return f"base_model.model.{onnx_name}.default"
-
-
 def run_case(exported, tmp_path, name):
     peft = pytest.importorskip("peft")
-    sess, data, path, base = check_parity(
-        exported, tmp_path, name, peft.FourierFTConfig(**CASES[name]),
-        pyedge.FourierFTConfig(**CASES[name]), perturb, torch_name)
-    _, cfg_path = check_save_and_merge(sess, data, path, base, tmp_path)
-    assert json.load(open(cfg_path))["peft_type"] == "FOURIERFT"
+    run_method_case(exported, tmp_path, name, peft.FourierFTConfig(**CASES[name]),
+                    pyedge.FourierFTConfig(**CASES[name]), perturb, "FOURIERFT")
 
 
 def test_decoder_matches_peft(exported, tmp_path):

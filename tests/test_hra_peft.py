@@ -1,12 +1,10 @@
 """HRA (pyedge/adapters/hra.py) against PyTorch + PEFT's HRAConfig on a Llama-shape decoder and
 on MiniLM (tests/peft_parity.py's checks), plus the initial identity and bad input."""
-import json
-
 import numpy as np
 import pytest
 
 import pyedge
-from peft_parity import check_parity, check_save_and_merge
+from peft_parity import run_method_case
 
 CASES = {"decoder": dict(r=4, target_modules=["q_proj", "v_proj", "up_proj"]),
          "minilm": dict(r=4, target_modules=["query", "value"])}
@@ -17,17 +15,10 @@ def perturb(name, p, g):
     p.add_(0.3 * torch.randn(p.shape, generator=g))   # break the pairs: R != I
 
 
-def torch_name(onnx_name):
-    return f"base_model.model.{onnx_name}.default"
-
-
 def run_case(exported, tmp_path, name):
     peft = pytest.importorskip("peft")
-    sess, data, path, base = check_parity(
-        exported, tmp_path, name, peft.HRAConfig(**CASES[name]),
-        pyedge.HRAConfig(**CASES[name]), perturb, torch_name)
-    _, cfg_path = check_save_and_merge(sess, data, path, base, tmp_path)
-    assert json.load(open(cfg_path))["peft_type"] == "HRA"
+    run_method_case(exported, tmp_path, name, peft.HRAConfig(**CASES[name]),
+                    pyedge.HRAConfig(**CASES[name]), perturb, "HRA")
 
 
 def test_decoder_matches_peft(exported, tmp_path):

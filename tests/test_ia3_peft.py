@@ -1,14 +1,13 @@
 """(IA)³ (pyedge/adapters/ia3.py) against PyTorch + PEFT's IA3Config on a Llama-shape decoder
 and on MiniLM (tests/peft_parity.py: load PEFT's folder, step-0 gradients, 20 AdamW losses,
 PEFT loads pyedge's folder, merge in onnxruntime); graph rewrite and bad-input checks."""
-import json
 import os
 
 import numpy as np
 import pytest
 
 import pyedge
-from peft_parity import check_parity, check_save_and_merge
+from peft_parity import run_method_case
 
 CASES = {  # PEFT's defaults for these architectures (keys, values, the MLP's output side)
     "decoder": dict(target_modules=["k_proj", "v_proj", "down_proj"],
@@ -23,18 +22,10 @@ def perturb(name, p, g):
     p.add_(0.2 * torch.randn(p.shape, generator=g))   # away from the identity (ones)
 
 
-def torch_name(onnx_name):
-    return f"base_model.model.{onnx_name}.default"
-
-
 def run_case(exported, tmp_path, name):
     peft = pytest.importorskip("peft")
-    sess, data, path, base = check_parity(
-        exported, tmp_path, name, peft.IA3Config(**CASES[name]),
-        pyedge.IA3Config(**CASES[name]), perturb, torch_name)
-    folder, cfg_path = check_save_and_merge(sess, data, path, base, tmp_path)
-    cfg = json.load(open(cfg_path))
-    assert cfg["peft_type"] == "IA3"
+    sess, cfg = run_method_case(exported, tmp_path, name, peft.IA3Config(**CASES[name]),
+                                pyedge.IA3Config(**CASES[name]), perturb, "IA3")
     assert cfg["feedforward_modules"] and set(cfg["feedforward_modules"]) <= \
         set(cfg["target_modules"])
     return sess

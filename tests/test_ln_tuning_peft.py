@@ -1,13 +1,12 @@
 """LN tuning (pyedge/adapters/ln_tuning.py) against PyTorch + PEFT's LNTuningConfig on a
 Llama-shape decoder (RMSNorm) and on MiniLM (LayerNorm): tests/peft_parity.py's checks, plus
 the sites and bad input."""
-import json
 
 import numpy as np
 import pytest
 
 import pyedge
-from peft_parity import check_parity, check_save_and_merge
+from peft_parity import run_method_case
 
 CASES = {  # PEFT's defaults for these architectures
     "decoder": dict(target_modules=["input_layernorm", "post_attention_layernorm", "norm"]),
@@ -27,11 +26,9 @@ def torch_name(onnx_name):  # model.norm.weight -> ...model.norm.ln_tuning_layer
 
 def run_case(exported, tmp_path, name):
     peft = pytest.importorskip("peft")
-    sess, data, path, base = check_parity(
-        exported, tmp_path, name, peft.LNTuningConfig(**CASES[name]),
-        pyedge.LNTuningConfig(**CASES[name]), perturb, torch_name)
-    _, cfg_path = check_save_and_merge(sess, data, path, base, tmp_path)
-    assert json.load(open(cfg_path))["peft_type"] == "LN_TUNING"
+    sess, _ = run_method_case(exported, tmp_path, name, peft.LNTuningConfig(**CASES[name]),
+                              pyedge.LNTuningConfig(**CASES[name]), perturb, "LN_TUNING",
+                              torch_name)
     return sess
 
 

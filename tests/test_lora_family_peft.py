@@ -8,19 +8,15 @@ saved adapters load with PeftModel.from_pretrained with no missing or unexpected
 pyedge's outputs (<= 1e-4); `pyedge merge`'s ONNX in onnxruntime equals the adapted model."""
 import copy
 import json
-import os
-import warnings
 
 import numpy as np
 import pytest
 
 import pyedge
+from peft_parity import LR, check_parity, check_save_and_merge, session
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
-
-STEPS = 20
-LR = 1e-3
 
 # method -> (PEFT LoraConfig fields, pyedge-only fields)
 METHODS = {
@@ -30,82 +26,33 @@ METHODS = {
     "olora": (dict(init_lora_weights="olora"), {}),
     "dora": (dict(use_dora=True), {}),
 }
-MODELS = {
-    "decoder": dict(targets=["q_proj", "v_proj", "up_proj"], loss="causal_lm"),
-    "minilm": dict(targets=["query", "value"], loss="cross_entropy"),
-}
+TARGETS = {"decoder": ["q_proj", "v_proj", "up_proj"], "minilm": ["query", "value"]}
 
 
-def max_rel(a, b):
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-
-
-def batches(name, model, n=4, seed=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        if name == "decoder":
-            ids = rng.integers(0, model.config.vocab_size, (2, 16)).astype(np.int64)
-            out.append(({"input_ids": ids}, ids))
-        else:
-            ids = rng.integers(1000, model.config.vocab_size, (4, 16)).astype(np.int64)
-            ids[:, 0] = 101
-            mask = np.ones_like(ids)
-            ids[2, 10:] = 0
-            mask[2, 10:] = 0
-            out.append(({"input_ids": ids, "attention_mask": mask},
-                        rng.integers(0, 3, 4).astype(np.int64)))
-    return out
-
-
-def torch_loss(name, logits, labels):
-    y = torch.from_numpy(labels)
-    if name == "decoder":
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
-    return torch.nn.functional.cross_entropy(logits, y)
-
-
-def torch_logits(pm, inputs):
-    out = pm(*[torch.from_numpy(v) for v in inputs.values()])
-    return out.logits if hasattr(out, "logits") else out
-
-
-def peft_model(base, method, r=4, alpha=8, seed=0):
-    """A PeftModel of the method with non-identity adapter values."""
-    peft_kw, _ = METHODS[method]
-    model = copy.deepcopy(base)
-    targets = MODELS["decoder" if "Llama" in type(base).__name__ else "minilm"]["targets"]
-    torch.manual_seed(seed)
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
-                                                    target_modules=targets, **peft_kw))
-    pm.eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
-            elif "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
-    return pm
-
-
-def session(path, name, method, r=4, alpha=8):
+def configs(name, method, r=4, alpha=8):
+    """(PEFT's LoraConfig, pyedge's) of the method."""
     peft_kw, own = METHODS[method]
-    cfg = pyedge.LoraConfig(r=r, lora_alpha=alpha, target_modules=MODELS[name]["targets"],
-                            **peft_kw, **own)
-    return pyedge.TrainingSession(path, adapter=cfg, loss=MODELS[name]["loss"],
-                                  optimizer=pyedge.AdamW(lr=LR, weight_decay=0.01))
+    return (peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                            target_modules=TARGETS[name], **peft_kw),
+            pyedge.LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS[name], **peft_kw,
+                              **own))
 
 
-def torch_optimizer(pm, method):
-    params = [p for p in pm.parameters() if p.requires_grad]
-    if method == "loraplus":
-        from peft.optimizers import create_loraplus_optimizer
-        return create_loraplus_optimizer(pm, torch.optim.AdamW, lr=LR,
-                                         loraplus_lr_ratio=METHODS[method][1]["loraplus_lr_ratio"],
-                                         weight_decay=0.01)
-    return torch.optim.AdamW(params, lr=LR, weight_decay=0.01)
+def perturb(name, p, g):
+    """Non-identity adapter values: B random, DoRA's magnitude scaled (A is PEFT's init)."""
+    if "lora_B" in name:
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+    elif "lora_magnitude_vector" in name:
+        p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def torch_optimizer(method):
+    if method != "loraplus":
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+    return lambda pm: create_loraplus_optimizer(
+        pm, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=METHODS[method][1]["loraplus_lr_ratio"],
+        weight_decay=0.01)
 
 
 def torch_name(onnx_name):
@@ -116,7 +63,7 @@ def torch_name(onnx_name):
     return f"base_model.model.{module}.lora_{ab}.default.{rest}"
 
 
-def align_residual(sess, pm, method):
+def align_residual(sess, pm):
     """PiSSA/OLoRA: both regenerate the residual base from the original weights (PEFT does it
     in get_peft_model and again in from_pretrained). They agree to the SVD's precision: where
     σ_r ≈ σ_r+1 the rank-r subspace is ill-conditioned and torch's float32 SVD is itself off
@@ -133,88 +80,35 @@ def align_residual(sess, pm, method):
         W[...] = ref
 
 
-def check_parity(exported, tmp_path, name, method):
-    path, base, _ = exported(name, "torchscript")
-    pm = peft_model(base, method)
-    folder = str(tmp_path / "peft")
-    pm.save_pretrained(folder)
-    sess = session(path, name, method)
-    info = sess.load_adapters(folder)
-    tparams = dict(pm.named_parameters())
-    params = sess.trainable_parameters()
-    assert sorted(info["loaded"]) == sorted(params)
-    for k, v in params.items():  # the folder's values, exactly
-        np.testing.assert_array_equal(v, tparams[torch_name(k)].detach().numpy())
-    if method in ("pissa", "olora"):
-        align_residual(sess, pm, method)
-    opt = torch_optimizer(pm, method)
-    data = batches(name, base)
-    grad_err, loss_err = {}, []
-    for step in range(STEPS):
-        inputs, labels = data[step % len(data)]
-        ours = sess.step(inputs, labels, update=step > 0)
-        opt.zero_grad()
-        loss = torch_loss(name, torch_logits(pm, inputs), labels)
-        loss.backward()
-        if step == 0:
-            for k, g in sess.gradients().items():
-                grad_err[k] = max_rel(g, tparams[torch_name(k)].grad.numpy())
-            sess.apply_update()
-        opt.step()
-        loss_err.append(abs(ours - loss.item()) / abs(loss.item()))
-    worst = sorted(grad_err.items(), key=lambda kv: -kv[1])[:3]
-    assert worst[0][1] <= 1e-4, worst
-    assert max(loss_err) <= 1e-3, loss_err
-    return sess, pm, data
+def run_case(exported, tmp_path, name, method):
+    """tests/peft_parity.py's checks; the merged ONNX is compared with the adapted model as
+    pyedge builds it from the ONNX file and the folder (PiSSA/OLoRA: with its own residual,
+    which the trained session traded for PEFT's in align_residual)."""
+    peft_cfg, ours = configs(name, method)
+    sess, data, path, base = check_parity(
+        exported, tmp_path, name, peft_cfg, ours, perturb, torch_name,
+        torch_optimizer=torch_optimizer(method),
+        align=align_residual if method in ("pissa", "olora") else None)
 
+    def fresh(folder, inputs):
+        s = session(path, name, configs(name, method)[1])
+        s.load_adapters(folder)
+        return s.run(inputs)[s.output_name]
 
-def check_save_and_merge(sess, name, method, base, path, data, tmp_path):
-    """pyedge's adapters -> PeftModel.from_pretrained (strict) and -> pyedge merge."""
-    folder = sess.save_adapters(tmp_path / "ours")
-    cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
-    assert cfg["use_dora"] is (method == "dora")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder)
-    bad = [str(w.message) for w in caught if "missing" in str(w.message).lower()
-           or "unexpected" in str(w.message).lower()]
-    assert not bad, bad
-    from peft.utils import get_peft_model_state_dict
-    from pyedge.export.peft import read_adapters
-    assert set(read_adapters(folder)[1]) == set(get_peft_model_state_dict(pm))
-    pm.eval()
-    inputs = data[1][0]
-    ours = sess.run(inputs)[sess.output_name]
-    with torch.no_grad():
-        theirs = torch_logits(pm, inputs).numpy()
-    assert max_rel(ours, theirs) <= 1e-4
-    ort = pytest.importorskip("onnxruntime")
-    from pyedge.export.merge import merge_adapters
-    merged = str(tmp_path / "merged.onnx")
-    merge_adapters(path, folder, merged)
-    run = ort.InferenceSession(merged, providers=["CPUExecutionProvider"])
-    feeds = {i.name: inputs[i.name] for i in run.get_inputs()}
-    out = run.run([sess.output_name], feeds)[0]
-    # the adapted model as pyedge builds it from the ONNX file and the folder (PiSSA/OLoRA:
-    # with its own residual, which `sess` traded for PEFT's in align_residual)
-    fresh = session(path, name, method)
-    fresh.load_adapters(folder)
-    assert max_rel(out, fresh.run(inputs)[sess.output_name]) <= 1e-4
+    _, cfg_path = check_save_and_merge(sess, data, path, base, tmp_path, reference=fresh)
+    with open(cfg_path) as f:
+        assert json.load(f)["use_dora"] is (method == "dora")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_decoder_matches_peft(exported, tmp_path, method):
-    sess, pm, data = check_parity(exported, tmp_path, "decoder", method)
-    path, base, _ = exported("decoder", "torchscript")
-    check_save_and_merge(sess, "decoder", method, base, path, data, tmp_path)
+    run_case(exported, tmp_path, "decoder", method)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_minilm_matches_peft(exported, tmp_path, method):
-    sess, pm, data = check_parity(exported, tmp_path, "minilm", method)
-    path, base, _ = exported("minilm", "torchscript")
-    check_save_and_merge(sess, "minilm", method, base, path, data, tmp_path)
+    run_case(exported, tmp_path, "minilm", method)
 
 
 @pytest.mark.parametrize("how", ["pissa", "olora"])

@@ -1,21 +1,11 @@
 """pyedge train --method ia3 / ln_tuning on the demo model, then eval and merge of the run's
 adapters (the CLI side of pyedge/adapters/ia3.py and ln_tuning.py)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "pyedge", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+from cli_inproc import run_cli as run   # in this process: no interpreter start-up per call
 
 
 @pytest.fixture(scope="module")

@@ -120,6 +120,29 @@ def test_update_matches_numpy_reference(kw):
     assert moved > 1e-3  # the steps did something
 
 
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_failing_loss_leaves_the_parameters_unperturbed(monkeypatch, fail_at):
+    """A batch the core refuses (or an interrupt) during one of the two losses must not leave
+    theta at theta ± eps·z (eps 0.5: a leftover perturbation would be plain to see)."""
+    s = tiny_session(pyedge.MeZO(lr=0.05, eps=0.5))
+    start = {k: v.copy() for k, v in s.trainable_parameters().items()}
+    real, calls = s._forward_loss, []
+
+    def flaky(arrays):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise RuntimeError("the core refused the batch")
+        return real(arrays)
+
+    monkeypatch.setattr(s, "_forward_loss", flaky)
+    x, t = tiny_batches(1)[0]
+    with pytest.raises(RuntimeError, match="refused"):
+        s.step({"x": x}, t)
+    assert s.step_count == 0
+    for n, v in s.trainable_parameters().items():
+        np.testing.assert_allclose(v, start[n], rtol=0, atol=1e-6, err_msg=n)
+
+
 def test_sparse_perturbs_exactly_the_fraction():
     opt = pyedge.MeZO(lr=0.0, eps=1e-2, sparsity=0.25)  # lr 0: only the perturbation moves
     s = tiny_session(opt)

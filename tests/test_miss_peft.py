@@ -1,12 +1,10 @@
 """MiSS (pyedge/adapters/miss.py) against PyTorch + PEFT's MissConfig on a Llama-shape decoder
 and on MiniLM (tests/peft_parity.py's checks), plus the block-sum matrix and bad input."""
-import json
-
 import numpy as np
 import pytest
 
 import pyedge
-from peft_parity import check_parity, check_save_and_merge
+from peft_parity import run_method_case
 
 # r = 6 divides neither the decoder's 64 nor its 128 input features: PEFT's zero padding is
 # exercised there; MiniLM's 384 is a multiple of 8
@@ -19,17 +17,10 @@ def perturb(name, p, g):
     p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-def torch_name(onnx_name):
-    return f"base_model.model.{onnx_name}.default"
-
-
 def run_case(exported, tmp_path, name):
     peft = pytest.importorskip("peft")
-    sess, data, path, base = check_parity(
-        exported, tmp_path, name, peft.MissConfig(**CASES[name]),
-        pyedge.MissConfig(**CASES[name]), perturb, torch_name)
-    _, cfg_path = check_save_and_merge(sess, data, path, base, tmp_path)
-    assert json.load(open(cfg_path))["peft_type"] == "MISS"
+    run_method_case(exported, tmp_path, name, peft.MissConfig(**CASES[name]),
+                    pyedge.MissConfig(**CASES[name]), perturb, "MISS")
 
 
 def test_decoder_matches_peft(exported, tmp_path):

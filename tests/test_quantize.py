@@ -293,16 +293,15 @@ def _core_has_quant():
 
 @pytest.mark.skipif(not _core_has_quant(), reason="the core has no quantized kernels (qcore)")
 def test_train_quantize_on_load_and_eval(tmp_path):
-    import subprocess
-    import sys
+    from cli_inproc import run_cli
     m, _ = linear_model(final_relu=False)
     onnx.save(m, tmp_path / "m.onnx")
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((16, 5, 64)).astype(np.float32),
              labels=rng.standard_normal((16, 5, 40)).astype(np.float32))
-    def run(*a):
-        return subprocess.run([sys.executable, "-m", "pyedge", *a], capture_output=True,
-                              text=True, cwd=tmp_path)
+
+    def run(*a):   # `pyedge ...` in tmp_path, in this process
+        return run_cli(*a, cwd=tmp_path)
     r = run("train", "m.onnx", "--data", "d.npz", "--target", "fc", "--quantize", "4",
             "--loss", "mse", "--max-steps", "3", "--batch-size", "4", "--out", "run", "-q")
     assert r.returncode == 0, r.stderr

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import pyedge
+from llama_export import export_llama
 from pyedge.memory_budget import RUNTIME_RESERVE, parse_memory_size
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -26,24 +27,7 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def llama_path(tmp_path_factory):
     """A 2-layer Llama decoder (GQA, tied embeddings) from a LlamaConfig, exported."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                   max_position_embeddings=128, tie_word_embeddings=True)
-    cfg._attn_implementation = "eager"
-
-    class Logits(transformers.LlamaForCausalLM):
-        def forward(self, input_ids):  # noqa: D401
-            return super().forward(input_ids=input_ids, use_cache=False).logits
-
-    torch.manual_seed(0)
-    model = Logits(cfg).eval()
-    path = str(tmp_path_factory.mktemp("llama") / "llama.onnx")
-    ids = torch.randint(0, 256, (2, 16))
-    pyedge.torch.export(model, (ids,), path, input_names=["input_ids"], output_names=["logits"],
-                        dynamic_axes={"input_ids": {0: "b", 1: "s"}, "logits": {0: "b", 1: "s"}})
-    return path
+    return export_llama(tmp_path_factory.mktemp("llama") / "llama.onnx", 256)
 
 
 def text_batches(vocab, batch, seq, seed=0, classes=None):

@@ -202,6 +202,33 @@ def test_resume_in_process_matches(task, tmp_path):
 
 
 @requires_loss
+def test_a_kill_while_writing_the_final_adapters_keeps_one_generation(task, tmp_path,
+                                                                      monkeypatch):
+    """A --resume of a finished run rewrites out/adapters; killed after pyedge's raw files and
+    before the PEFT ones, the folder must still be the first run's (raw and PEFT files of the
+    same step), never new raw files beside old PEFT files."""
+    import pyedge
+    out = tmp_path / "run"
+    train(cfg(task, out, max_steps=10, eval_data=None), log=lambda m: None)
+    ad = out / "adapters"
+    before = {p.name: p.read_bytes() for p in ad.iterdir()}
+    assert json.loads(before["pyedge_adapters.json"])["step"] == 10
+    assert "adapter_model.safetensors" in before
+
+    class Killed(BaseException):
+        pass
+
+    def killed(self, folder):
+        raise Killed()
+
+    monkeypatch.setattr(pyedge.TrainingSession, "save_adapters", killed)
+    with pytest.raises(Killed):
+        train(cfg(task, out, max_steps=20, eval_data=None, resume=True), log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in ad.iterdir()} == before
+    assert not [p for p in out.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+
+
+@requires_loss
 def test_fixed_batch_model(task, tmp_path):
     """A model exported without a dynamic batch axis trains with its batch size; evaluation
     pads the last partial batch."""

@@ -1,13 +1,12 @@
 """VeRA (pyedge/adapters/vera.py) against PyTorch + PEFT's VeraConfig on a Llama-shape decoder
 and on MiniLM (tests/peft_parity.py's checks), the projections regenerated bit for bit from
 projection_prng_key without torch, and a save_projection=false folder."""
-import json
 
 import numpy as np
 import pytest
 
 import pyedge
-from peft_parity import check_parity, check_save_and_merge
+from peft_parity import run_method_case
 
 CASES = {"decoder": dict(r=8, target_modules=["q_proj", "v_proj", "up_proj"],
                          projection_prng_key=3),
@@ -19,18 +18,11 @@ def perturb(name, p, g):
     p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def torch_name(onnx_name):
-    return f"base_model.model.{onnx_name}.default"
-
-
 def run_case(exported, tmp_path, name, **extra):
     peft = pytest.importorskip("peft")
     kw = {**CASES[name], **extra}
-    sess, data, path, base = check_parity(
-        exported, tmp_path, name, peft.VeraConfig(**kw), pyedge.VeraConfig(**kw), perturb,
-        torch_name)
-    _, cfg_path = check_save_and_merge(sess, data, path, base, tmp_path)
-    assert json.load(open(cfg_path))["peft_type"] == "VERA"
+    run_method_case(exported, tmp_path, name, peft.VeraConfig(**kw), pyedge.VeraConfig(**kw),
+                    perturb, "VERA")
 
 
 def test_decoder_matches_peft(exported, tmp_path):

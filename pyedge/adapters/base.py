@@ -34,6 +34,10 @@ this interface and holds no method-specific code. What a method module must prov
   output's rows follow and whether rows may be dropped, e.g. not under per-row dropout masks).
 
 Adding a method touches its module, its op and its tests; nothing else branches on methods.
+What methods built from standard ops share (PEFT's bookkeeping config fields, target matching,
+finding the targeted MatMul/Gemm layers, splicing nodes, and the load plan / PEFT tensors /
+merge re-injection of a method that trains one tensor per module: `OneTensorMethod`) lives in
+``pyedge/adapters/common.py``; a method uses it, the contract above stays the same.
 """
 from __future__ import annotations
 

@@ -24,21 +24,17 @@ init_weights=False (PEFT's default) draws c from pyedge's generator, not torch's
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Sequence
 
 import numpy as np
 
-from pyedge.adapters.base import AdapterMethod, register
-from pyedge.adapters.patterns import any_match
+from pyedge.adapters import common
+from pyedge.adapters.base import register
 from pyedge.graph import Graph, Node
-from pyedge.param_names import module_of
 
 SUFFIX = "fourierft_spectrum"
-_PEFT_PASSIVE = {"task_type": None, "inference_mode": None, "modules_to_save": None,
-                 "base_model_name_or_path": None, "revision": None, "exclude_modules": None,
-                 "peft_type": "FOURIERFT", "bias": "none", "layers_to_transform": None,
-                 "layers_pattern": None, "fan_in_fan_out": None, "n_frequency_pattern": {}}
+_PEFT_PASSIVE = {**common.PEFT_BOOKKEEPING, **common.PEFT_LAYER_DEFAULTS,
+                 "peft_type": "FOURIERFT", "fan_in_fan_out": None, "n_frequency_pattern": {}}
 
 
 def positions(n: int, seed: int, count: int) -> np.ndarray:
@@ -72,11 +68,7 @@ class FourierFTConfig:
     def __init__(self, n_frequency: int = 1000, scaling: float = 150.0,
                  random_loc_seed: int = 777, target_modules: Sequence[str] | str = (),
                  init_weights: bool = False, seed: int = 0, **peft_fields):
-        for k, v in peft_fields.items():
-            if k not in _PEFT_PASSIVE:
-                raise TypeError(f"FourierFTConfig: unknown or unsupported field '{k}'")
-            if _PEFT_PASSIVE[k] is not None and v not in (_PEFT_PASSIVE[k], None):
-                raise ValueError(f"FourierFTConfig: {k}={v!r} is not supported")
+        common.check_peft_fields("FourierFTConfig", _PEFT_PASSIVE, peft_fields)
         if not target_modules:
             raise ValueError("FourierFTConfig: target_modules is required")
         if n_frequency <= 0:
@@ -86,10 +78,7 @@ class FourierFTConfig:
         self.init_weights, self.seed = bool(init_weights), seed
 
     def targets(self, module: str) -> bool:
-        tm = self.target_modules
-        if isinstance(tm, str):
-            return re.fullmatch(tm, module) is not None
-        return any_match(module, tm)
+        return common.targets(self.target_modules, module)
 
 
 @dataclasses.dataclass
@@ -113,51 +102,33 @@ def bases(k: int, n: int, cfg_n: int, seed: int, dtype=np.float32):
 
 
 def inject_fourierft(graph: Graph, cfg: FourierFTConfig) -> list[FourierSite]:
-    from pyedge.adapters.lora import _linear_weight
-    producers = graph.producer_map()
+    def fits(t):
+        if cfg.n_frequency > t.in_features * t.out_features:
+            raise ValueError(f"FourierFT on '{t.module}': n_frequency={cfg.n_frequency} is more "
+                             f"than in·out = {t.in_features * t.out_features}")
+
     sites: dict[str, FourierSite] = {}
     after: dict[int, list[Node]] = {}
-    with_weight = []
     rng = np.random.default_rng(cfg.seed)
-    for node in graph.nodes:
-        if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
-            continue
-        w = _linear_weight(graph, producers, node)
-        if w is None:
-            continue
-        module = module_of(graph, w)
-        with_weight.append(module)
-        if not cfg.targets(module):
-            continue
-        if node.op_type == "Gemm" and (node.attrs.get("transA", 0) or
-                                       node.attrs.get("alpha", 1.0) != 1.0):
-            raise ValueError(f"FourierFT on '{module}': Gemm node '{node.name}' with "
-                             "transA/alpha is not supported")
-        via_t = node.inputs[1] != w
-        trans_w = bool(node.attrs.get("transB", 0)) != via_t if node.op_type == "Gemm" \
-            else via_t
-        W = graph.initializers[w]
-        k, n = (W.shape[1], W.shape[0]) if trans_w else (W.shape[0], W.shape[1])
-        if cfg.n_frequency > k * n:
-            raise ValueError(f"FourierFT on '{module}': n_frequency={cfg.n_frequency} is more "
-                             f"than in·out = {k * n}")
-        site = sites.get(module)
+    for t in common.linear_targets(graph, cfg, "FourierFT", check=fits):
+        k, n = t.in_features, t.out_features
+        site = sites.get(t.module)
         if site is None:
-            name = f"{module}.{SUFFIX}"
+            name = f"{t.module}.{SUFFIX}"
             graph.initializers[name] = np.zeros(cfg.n_frequency, np.float32) if \
                 cfg.init_weights else rng.standard_normal(cfg.n_frequency).astype(np.float32)
-            site = sites[module] = FourierSite(module, w, name, int(k), int(n), trans_w)
+            site = sites[t.module] = FourierSite(t.module, t.weight, name, k, n, t.trans_w)
+        node = t.node
         Ci, Si, Co, So = bases(k, n, cfg.n_frequency, cfg.random_loc_seed)
         s = np.float32(cfg.scaling / (k * n))
-        tag = f"{node.name or module}/fourierft"
+        tag = f"{node.name or t.module}/fourierft"
         consts = {}
         for nm, arr in (("Ci", Ci), ("Si", Si), ("CoT", (Co * s).T), ("SoT", (So * s).T)):
             consts[nm] = graph.fresh_name(f"{tag}/{nm}")
             graph.initializers[consts[nm]] = np.ascontiguousarray(arr, np.float32)
-        y = node.outputs[0]
-        z, xc, xs, xcc, xsc, pc, ps, d = (graph.fresh_name(f"{tag}/{t}") for t in
-                                          ("base", "xC", "xS", "xCc", "xSc", "pc", "ps", "d"))
-        node.outputs[0] = z
+        z, y = common.beside_output(graph, node, tag)
+        xc, xs, xcc, xsc, pc, ps, d = (graph.fresh_name(f"{tag}/{x}") for x in
+                                       ("xC", "xS", "xCc", "xSc", "pc", "ps", "d"))
         x = node.inputs[0]
         after[id(node)] = [Node("MatMul", [x, consts["Ci"]], [xc], xc),           # [..., nf]
                            Node("MatMul", [x, consts["Si"]], [xs], xs),
@@ -167,30 +138,19 @@ def inject_fourierft(graph: Graph, cfg: FourierFTConfig) -> list[FourierSite]:
                            Node("MatMul", [xsc, consts["SoT"]], [ps], ps),
                            Node("Sub", [pc, ps], [d], d),
                            Node("Add", [z, d], [y], tag)]
-    if not sites:
-        mods = sorted(set(with_weight))
-        raise ValueError(f"no module matches FourierFT targets {cfg.target_modules!r}; "
-                         f"modules with a weight: {', '.join(mods[:20]) or 'none'}")
-    out: list[Node] = []
-    for node in graph.nodes:
-        out.append(node)
-        out.extend(after.get(id(node), []))
-    graph.nodes = out
+    common.splice(graph, after=after)
     return list(sites.values())
 
 
-class FourierFTMethod(AdapterMethod):
+class FourierFTMethod(common.OneTensorMethod):
     name = "fourierft"
     peft_type = "FOURIERFT"
     config_class = FourierFTConfig
     op_rules = {}
-    peft_suffixes = (SUFFIX,)
+    suffix, site_attr, label = SUFFIX, "spectrum", "FourierFT"
 
     def inject(self, graph, cfg) -> list[FourierSite]:
         return inject_fourierft(graph, cfg)
-
-    def trainable(self, sites) -> list[str]:
-        return [s.spectrum for s in sites]
 
     def peft_config(self, cfg, sites) -> dict:
         return {"n_frequency": int(cfg.n_frequency), "scaling": float(cfg.scaling),
@@ -199,9 +159,6 @@ class FourierFTMethod(AdapterMethod):
                 "bias": "none", "n_frequency_pattern": {}, "layers_to_transform": None,
                 "layers_pattern": None}
 
-    def peft_tensors(self, sites, params) -> dict:
-        return {f"{s.module}.{SUFFIX}": np.array(params[s.spectrum]) for s in sites}
-
     def config_from_peft(self, config: dict, target_modules) -> FourierFTConfig:
         return FourierFTConfig(n_frequency=int(config.get("n_frequency", 1000)),
                                scaling=float(config.get("scaling", 150.0)),
@@ -209,59 +166,29 @@ class FourierFTMethod(AdapterMethod):
                                target_modules=target_modules)
 
     def check_files(self, config, own, keys, shown, cfg_path):
-        from pyedge.export.adapter_files import AdapterError, q
+        from pyedge.export.adapter_files import AdapterError
         if config.get("n_frequency_pattern"):
             raise AdapterError(f"{cfg_path}: FourierFT n_frequency_pattern is not supported")
-        nf = int(config.get("n_frequency", 1000))
-        for module, ts in own.items():
-            arr = ts.get(SUFFIX)
-            if arr is not None and arr.shape != (nf,):
-                raise AdapterError(f"{shown}: tensor {q(keys[(module, SUFFIX)])} has shape "
-                                   f"{list(arr.shape)}, expected [n_frequency={nf}]")
+        nf = common.config_int(config, "n_frequency", 1000, cfg_path, minimum=1)
+        common.config_number(config, "scaling", 150.0, cfg_path)
+        common.config_int(config, "random_loc_seed", 777, cfg_path, maximum=common.SEED_MAX)
+        common.check_file_shapes(config, own, keys, shown, SUFFIX, lambda a: a.shape == (nf,),
+                                 f"[n_frequency={nf}]")
 
     def plan_load(self, session, ad, strict: bool):
-        from pyedge.export.adapter_files import AdapterError, q
+        from pyedge.export.adapter_files import AdapterError
         cfg = session.adapter_config
         for k in ("n_frequency", "random_loc_seed", "scaling"):
             theirs = ad.config.get(k, getattr(FourierFTConfig, k))
             if float(theirs) != float(getattr(cfg, k)):
                 raise AdapterError(f"{ad.config_path}: {k}={theirs!r}, the session has "
                                    f"{getattr(cfg, k)!r}; create the session with the folder's")
-        params = session.trainable_parameters()
-        writes, loaded, skipped, problems = {}, [], [], []
-        sites = {s.module: s for s in session.adapter_sites}
-        for module, ts in ad.extra.items():
-            arr = ts.get(SUFFIX)
-            if arr is None:
-                continue
-            site = sites.get(module)
-            if site is None:
-                (problems if strict else skipped).append(
-                    f"FourierFT for module {q(module)} which the session does not adapt"
-                    if strict else module)
-                continue
-            if tuple(arr.shape) != tuple(params[site.spectrum].shape):
-                problems.append(f"{q(ad.key_of(module, SUFFIX))} has shape {list(arr.shape)}, "
-                                f"expected {list(params[site.spectrum].shape)}")
-                continue
-            writes[site.spectrum] = arr
-            loaded.append(site.spectrum)
-        for module in sites:
-            if SUFFIX not in ad.extra.get(module, {}):
-                (problems if strict else skipped).append(
-                    f"no {SUFFIX} for module {q(module)}" if strict else module)
-        return writes, loaded, skipped, problems
+        return super().plan_load(session, ad, strict)
 
     def merge_deltas(self, graph, config: dict, ad) -> dict:
-        from pyedge.export.adapter_files import AdapterError
-        modules = [m for m, ts in ad.extra.items() if SUFFIX in ts]
-        cfg = self.config_from_peft(config, ["re:" + re.escape(m) for m in modules])
-        g = graph.copy()
-        try:
-            sites = inject_fourierft(g, cfg)
-        except ValueError as e:
-            raise AdapterError(f"the FourierFT modules {modules[:5]} are not in the model ({e})") \
-                from e
+        cfg, sites = common.inject_for_merge(
+            graph.copy(), inject_fourierft, lambda tm: self.config_from_peft(config, tm),
+            self.modules_in(ad), "FourierFT")
         deltas = {}
         for s in sites:
             c = np.asarray(ad.extra[s.module][SUFFIX], np.float64)

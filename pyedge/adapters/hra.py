@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Sequence
 
 import numpy as np
 
-from pyedge.adapters.base import AdapterMethod, register
-from pyedge.adapters.patterns import any_match
+from pyedge.adapters import common
+from pyedge.adapters.base import register
 from pyedge.graph import Graph, Node
-from pyedge.param_names import module_of
 
 SUFFIX = "hra_u"
-_PEFT_PASSIVE = {"task_type": None, "inference_mode": None, "modules_to_save": None,
-                 "base_model_name_or_path": None, "revision": None, "exclude_modules": None,
-                 "peft_type": "HRA", "bias": "none", "layers_to_transform": None,
-                 "layers_pattern": None, "apply_GS": False}
+_PEFT_PASSIVE = {**common.PEFT_BOOKKEEPING, **common.PEFT_LAYER_DEFAULTS, "peft_type": "HRA",
+                 "apply_GS": False}
 
 
 @dataclasses.dataclass(init=False)
@@ -46,11 +42,7 @@ class HRAConfig:
 
     def __init__(self, r: int = 8, target_modules: Sequence[str] | str = (),
                  init_weights: bool = True, seed: int = 0, **peft_fields):
-        for k, v in peft_fields.items():
-            if k not in _PEFT_PASSIVE:
-                raise TypeError(f"HRAConfig: unknown or unsupported field '{k}'")
-            if _PEFT_PASSIVE[k] is not None and v not in (_PEFT_PASSIVE[k], None):
-                raise ValueError(f"HRAConfig: {k}={v!r} is not supported")
+        common.check_peft_fields("HRAConfig", _PEFT_PASSIVE, peft_fields)
         if not target_modules:
             raise ValueError("HRAConfig: target_modules is required")
         if r <= 0 or r % 2:
@@ -59,10 +51,7 @@ class HRAConfig:
             int(r), target_modules, bool(init_weights), seed
 
     def targets(self, module: str) -> bool:
-        tm = self.target_modules
-        if isinstance(tm, str):
-            return re.fullmatch(tm, module) is not None
-        return any_match(module, tm)
+        return common.targets(self.target_modules, module)
 
 
 @dataclasses.dataclass
@@ -111,53 +100,26 @@ def _reflect_nodes(graph: Graph, x: str, u: str, r: int, tag: str) -> tuple[list
 
 
 def inject_hra(graph: Graph, cfg: HRAConfig) -> list[HRASite]:
-    from pyedge.adapters.lora import _linear_weight
-    producers = graph.producer_map()
     sites: dict[str, HRASite] = {}
     before: dict[int, list[Node]] = {}
-    with_weight = []
     rng = np.random.default_rng(cfg.seed)
-    for node in list(graph.nodes):
-        if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
-            continue
-        w = _linear_weight(graph, producers, node)
-        if w is None:
-            continue
-        module = module_of(graph, w)
-        with_weight.append(module)
-        if not cfg.targets(module):
-            continue
-        if node.op_type == "Gemm" and (node.attrs.get("transA", 0) or
-                                       node.attrs.get("alpha", 1.0) != 1.0):
-            raise ValueError(f"HRA on '{module}': Gemm node '{node.name}' with transA/alpha is "
-                             "not supported")
-        via_t = node.inputs[1] != w
-        trans_w = bool(node.attrs.get("transB", 0)) != via_t if node.op_type == "Gemm" \
-            else via_t
-        W = graph.initializers[w]
-        k, n = (W.shape[1], W.shape[0]) if trans_w else (W.shape[0], W.shape[1])
-        site = sites.get(module)
+    for t in common.linear_targets(graph, cfg, "HRA"):
+        site = sites.get(t.module)
         if site is None:
-            name = f"{module}.{SUFFIX}"
+            name = f"{t.module}.{SUFFIX}"
             # PEFT: kaiming_uniform(a=√5) on [in, r/2] (bound 1/√(r/2)), columns repeated
             bound = 1.0 / math.sqrt(cfg.r // 2)
-            half = rng.uniform(-bound, bound, size=(k, cfg.r // 2)).astype(np.float32)
+            half = rng.uniform(-bound, bound, size=(t.in_features, cfg.r // 2)).astype(np.float32)
             graph.initializers[name] = np.repeat(half, 2, axis=1) if cfg.init_weights else \
-                rng.uniform(-bound, bound, size=(k, cfg.r)).astype(np.float32)
-            site = sites[module] = HRASite(module, w, name, int(k), int(n), trans_w)
+                rng.uniform(-bound, bound, size=(t.in_features, cfg.r)).astype(np.float32)
+            site = sites[t.module] = HRASite(t.module, t.weight, name, t.in_features,
+                                             t.out_features, t.trans_w)
+        node = t.node
         nodes, x = _reflect_nodes(graph, node.inputs[0], site.u, cfg.r,
-                                  f"{node.name or module}/hra")
+                                  f"{node.name or t.module}/hra")
         before[id(node)] = nodes
         node.inputs[0] = x
-    if not sites:
-        mods = sorted(set(with_weight))
-        raise ValueError(f"no module matches HRA targets {cfg.target_modules!r}; modules with "
-                         f"a weight: {', '.join(mods[:20]) or 'none'}")
-    out: list[Node] = []
-    for node in graph.nodes:
-        out.extend(before.get(id(node), []))
-        out.append(node)
-    graph.nodes = out
+    common.splice(graph, before=before)
     return list(sites.values())
 
 
@@ -172,85 +134,43 @@ def reflection(u: np.ndarray) -> np.ndarray:
     return R
 
 
-class HRAMethod(AdapterMethod):
+class HRAMethod(common.OneTensorMethod):
     name = "hra"
     peft_type = "HRA"
     config_class = HRAConfig
     op_rules = {}
-    peft_suffixes = (SUFFIX,)
+    suffix, site_attr, label = SUFFIX, "u", "HRA"
 
     def inject(self, graph, cfg) -> list[HRASite]:
         return inject_hra(graph, cfg)
-
-    def trainable(self, sites) -> list[str]:
-        return [s.u for s in sites]
 
     def peft_config(self, cfg, sites) -> dict:
         return {"r": int(cfg.r), "apply_GS": False, "init_weights": bool(cfg.init_weights),
                 "bias": "none", "layers_to_transform": None, "layers_pattern": None,
                 "exclude_modules": None}
 
-    def peft_tensors(self, sites, params) -> dict:
-        return {f"{s.module}.{SUFFIX}": np.array(params[s.u]) for s in sites}
-
     def config_from_peft(self, config: dict, target_modules) -> HRAConfig:
         return HRAConfig(r=int(config.get("r", 8)), target_modules=target_modules)
 
     def check_files(self, config, own, keys, shown, cfg_path):
-        from pyedge.export.adapter_files import AdapterError, q
+        from pyedge.export.adapter_files import AdapterError
         if config.get("apply_GS"):
             raise AdapterError(f"{cfg_path}: HRA with apply_GS=true is not supported")
-        for module, ts in own.items():
-            arr = ts.get(SUFFIX)
-            if arr is not None and (arr.ndim != 2 or arr.shape[1] != int(config.get("r", 8))):
-                raise AdapterError(f"{shown}: tensor {q(keys[(module, SUFFIX)])} has shape "
-                                   f"{list(arr.shape)}, expected [in, r={config.get('r', 8)}]")
-
-    def plan_load(self, session, ad, strict: bool):
-        from pyedge.export.adapter_files import q
-        params = session.trainable_parameters()
-        writes, loaded, skipped, problems = {}, [], [], []
-        sites = {s.module: s for s in session.adapter_sites}
-        for module, ts in ad.extra.items():
-            arr = ts.get(SUFFIX)
-            if arr is None:
-                continue
-            site = sites.get(module)
-            if site is None:
-                (problems if strict else skipped).append(
-                    f"HRA for module {q(module)} which the session does not adapt" if strict
-                    else module)
-                continue
-            if tuple(arr.shape) != tuple(params[site.u].shape):
-                problems.append(f"{q(ad.key_of(module, SUFFIX))} has shape {list(arr.shape)}, "
-                                f"expected {list(params[site.u].shape)}")
-                continue
-            writes[site.u] = arr
-            loaded.append(site.u)
-        for module in sites:
-            if SUFFIX not in ad.extra.get(module, {}):
-                (problems if strict else skipped).append(
-                    f"no {SUFFIX} for module {q(module)}" if strict else module)
-        return writes, loaded, skipped, problems
+        r = int(config.get("r", 8))
+        common.check_file_shapes(config, own, keys, shown, SUFFIX,
+                                 lambda a: a.ndim == 2 and a.shape[1] == r, f"[in, r={r}]")
 
     def merge_deltas(self, graph, config: dict, ad) -> dict:
-        from pyedge.export.adapter_files import AdapterError
-        modules = [m for m, ts in ad.extra.items() if SUFFIX in ts]
-        g = graph.copy()
-        try:
-            sites = inject_hra(g, HRAConfig(r=int(config.get("r", 8)), target_modules=[
-                "re:" + re.escape(m) for m in modules]))
-        except ValueError as e:
-            raise AdapterError(f"the HRA modules {modules[:5]} are not in the model ({e})") from e
+        _, sites = common.inject_for_merge(
+            graph.copy(), inject_hra,
+            lambda tm: HRAConfig(r=int(config.get("r", 8)), target_modules=tm),
+            self.modules_in(ad), "HRA")
         deltas = {}
         for s in sites:
             W = graph.initializers[s.weight].astype(np.float64)
             Wt = W if s.trans_w else W.T                          # [out, in]
             merged = Wt @ reflection(ad.extra[s.module][SUFFIX])
             deltas[s.weight] = (merged if s.trans_w else merged.T) - W
-        missing = sorted(set(modules) - {s.module for s in sites})
-        if missing:
-            raise AdapterError(f"HRA module(s) {missing[:8]} have no MatMul/Gemm weight")
         return deltas
 
 

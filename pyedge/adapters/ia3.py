@@ -25,15 +25,12 @@ from typing import Sequence
 
 import numpy as np
 
-from pyedge.adapters.base import AdapterMethod, register
-from pyedge.adapters.patterns import any_match
+from pyedge.adapters import common
+from pyedge.adapters.base import register
 from pyedge.graph import Graph, Node
-from pyedge.param_names import module_of
 
 SUFFIX = "ia3_l"
-_PEFT_PASSIVE = {"task_type": None, "fan_in_fan_out": None, "inference_mode": None,
-                 "modules_to_save": None, "base_model_name_or_path": None, "revision": None,
-                 "exclude_modules": None, "peft_type": "IA3"}
+_PEFT_PASSIVE = {**common.PEFT_BOOKKEEPING, "fan_in_fan_out": None, "peft_type": "IA3"}
 
 
 @dataclasses.dataclass(init=False)
@@ -49,11 +46,7 @@ class IA3Config:
     def __init__(self, target_modules: Sequence[str] | str = (),
                  feedforward_modules: Sequence[str] | str | None = None,
                  init_ia3_weights: bool = True, seed: int = 0, **peft_fields):
-        for k, v in peft_fields.items():
-            if k not in _PEFT_PASSIVE:
-                raise TypeError(f"IA3Config: unknown or unsupported field '{k}'")
-            if _PEFT_PASSIVE[k] is not None and v not in (_PEFT_PASSIVE[k], None):
-                raise ValueError(f"IA3Config: {k}={v!r} is not supported")
+        common.check_peft_fields("IA3Config", _PEFT_PASSIVE, peft_fields)
         if not target_modules:
             raise ValueError("IA3Config: target_modules is required (e.g. ['k_proj', "
                              "'v_proj', 'down_proj'] with feedforward_modules=['down_proj'])")
@@ -63,10 +56,7 @@ class IA3Config:
         self.init_ia3_weights, self.seed = bool(init_ia3_weights), seed
 
     def targets(self, module: str) -> bool:
-        tm = self.target_modules
-        if isinstance(tm, str):  # PEFT: a string is a regex on the whole name
-            return re.fullmatch(tm, module) is not None
-        return any_match(module, tm)
+        return common.targets(self.target_modules, module)
 
     def is_feedforward(self, module: str) -> bool:
         ff = self.feedforward_modules
@@ -102,31 +92,12 @@ def _bias_after(graph: Graph, consumers, node: Node, n: int) -> Node | None:
 
 def inject_ia3(graph: Graph, cfg: IA3Config) -> list[IA3Site]:
     """Rewrites `graph` in place (a Mul per targeted MatMul/Gemm); returns the sites."""
-    from pyedge.adapters.lora import _linear_weight
-    producers, consumers = graph.producer_map(), graph.consumer_map()
+    consumers = graph.consumer_map()
     sites: dict[str, IA3Site] = {}
-    before: dict[int, Node] = {}    # id(node) -> Mul to insert before it (feed-forward)
-    after: dict[int, Node] = {}     # id(node) -> Mul to insert after it
-    with_weight: list[str] = []
-    for node in graph.nodes:
-        if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
-            continue
-        w = _linear_weight(graph, producers, node)
-        if w is None:
-            continue
-        module = module_of(graph, w)
-        with_weight.append(module)
-        if not cfg.targets(module):
-            continue
-        if node.op_type == "Gemm" and (node.attrs.get("transA", 0) or
-                                       node.attrs.get("alpha", 1.0) != 1.0):
-            raise ValueError(f"(IA)³ on '{module}': Gemm node '{node.name}' with transA/alpha "
-                             "is not supported")
-        via_t = node.inputs[1] != w
-        trans_w = bool(node.attrs.get("transB", 0)) != via_t if node.op_type == "Gemm" \
-            else via_t
-        W = graph.initializers[w]
-        k, n = (W.shape[1], W.shape[0]) if trans_w else (W.shape[0], W.shape[1])
+    before: dict[int, list[Node]] = {}    # id(node) -> Mul to insert before it (feed-forward)
+    after: dict[int, list[Node]] = {}     # id(node) -> Mul to insert after it
+    for t in common.linear_targets(graph, cfg, "(IA)³"):
+        node, module, k, n = t.node, t.module, t.in_features, t.out_features
         ff = cfg.is_feedforward(module)
         site = sites.get(module)
         if site is None:
@@ -135,11 +106,11 @@ def inject_ia3(graph: Graph, cfg: IA3Config) -> list[IA3Site]:
             if not cfg.init_ia3_weights:  # PEFT: torch.randn, here pyedge's generator
                 rng = np.random.default_rng(cfg.seed + len(sites))
                 graph.initializers[name] = rng.standard_normal(k if ff else n).astype(np.float32)
-            site = sites[module] = IA3Site(module, w, name, ff, int(k), int(n), trans_w)
+            site = sites[module] = IA3Site(module, t.weight, name, ff, k, n, t.trans_w)
         if ff:
             x = graph.fresh_name(f"{node.inputs[0]}/ia3")
-            before[id(node)] = Node("Mul", [node.inputs[0], site.vector], [x],
-                                    f"{node.name or module}/ia3", "", {})
+            before[id(node)] = [Node("Mul", [node.inputs[0], site.vector], [x],
+                                     f"{node.name or module}/ia3", "", {})]
             node.inputs[0] = x
             continue
         last = node
@@ -156,20 +127,9 @@ def inject_ia3(graph: Graph, cfg: IA3Config) -> list[IA3Site]:
             last.outputs[0] = z
         else:
             node.outputs[0] = z
-        after[id(last)] = Node("Mul", [z, site.vector], [y], f"{node.name or module}/ia3",
-                               "", {})
-    if not sites:
-        mods = sorted(set(with_weight))
-        raise ValueError(f"no module matches (IA)³ targets {cfg.target_modules!r}; modules "
-                         f"with a weight: {', '.join(mods[:20]) or 'none'}")
-    nodes: list[Node] = []
-    for node in graph.nodes:
-        if id(node) in before:
-            nodes.append(before[id(node)])
-        nodes.append(node)
-        if id(node) in after:
-            nodes.append(after[id(node)])
-    graph.nodes = nodes
+        after[id(last)] = [Node("Mul", [z, site.vector], [y], f"{node.name or module}/ia3",
+                                "", {})]
+    common.splice(graph, before=before, after=after)
     return list(sites.values())
 
 
@@ -177,27 +137,23 @@ def _peft_shape(site: IA3Site) -> tuple[int, int]:
     return (1, site.in_features) if site.feedforward else (site.out_features, 1)
 
 
-class IA3Method(AdapterMethod):
+class IA3Method(common.OneTensorMethod):
     name = "ia3"
     peft_type = "IA3"
     config_class = IA3Config
     op_rules = {}           # standard Mul nodes: the generic passes already know them
-    peft_suffixes = (SUFFIX,)
+    suffix, site_attr, label = SUFFIX, "vector", "(IA)³"
 
     def inject(self, graph, cfg) -> list[IA3Site]:
         return inject_ia3(graph, cfg)
 
-    def trainable(self, sites) -> list[str]:
-        return [s.vector for s in sites]
+    def file_shape(self, site, shape) -> tuple:
+        return _peft_shape(site)
 
     def peft_config(self, cfg, sites) -> dict:
         return {"feedforward_modules": [s.module for s in sites if s.feedforward],
                 "fan_in_fan_out": False, "init_ia3_weights": bool(cfg.init_ia3_weights),
                 "exclude_modules": None}
-
-    def peft_tensors(self, sites, params) -> dict:
-        return {f"{s.module}.{SUFFIX}": np.array(params[s.vector]).reshape(_peft_shape(s))
-                for s in sites}
 
     def config_from_peft(self, config: dict, target_modules) -> IA3Config:
         return IA3Config(target_modules=target_modules,
@@ -216,51 +172,20 @@ class IA3Method(AdapterMethod):
                     raise AdapterError(f"{shown}: tensor {q(key)} adapts module {q(module)}, "
                                        "which target_modules does not select")
 
-    def plan_load(self, session, ad, strict: bool):
+    def check_site(self, ad, module, site) -> None:
         from pyedge.export.adapter_files import AdapterError, q
-        params = session.trainable_parameters()
-        writes, loaded, skipped, problems = {}, [], [], []
-        sites = {s.module: s for s in session.adapter_sites}
-        ff_cfg = IA3Config(target_modules=["-"],
-                           feedforward_modules=ad.config.get("feedforward_modules") or [])
-        for module, ts in ad.extra.items():
-            arr = ts.get(SUFFIX)
-            if arr is None:
-                continue
-            key = ad.key_of(module, SUFFIX)
-            site = sites.get(module)
-            if site is None:
-                (problems if strict else skipped).append(
-                    f"{q(key)}: module {q(module)} is not adapted by the session" if strict
-                    else module)
-                continue
-            if ff_cfg.is_feedforward(module) != site.feedforward:
-                raise AdapterError(f"{ad.config_path}: module {q(module)} is "
-                                   f"{'' if ff_cfg.is_feedforward(module) else 'not '}in "
-                                   "feedforward_modules, unlike in the session")
-            if tuple(arr.shape) != _peft_shape(site):
-                problems.append(f"{q(key)} has shape {list(arr.shape)}, expected "
-                                f"{list(_peft_shape(site))}")
-                continue
-            writes[site.vector] = arr.reshape(params[site.vector].shape)
-            loaded.append(site.vector)
-        for module, site in sites.items():
-            if SUFFIX not in ad.extra.get(module, {}):
-                (problems if strict else skipped).append(
-                    f"no {SUFFIX} for module {q(module)}" if strict else module)
-        return writes, loaded, skipped, problems
+        ff = IA3Config(target_modules=["-"], feedforward_modules=ad.config.get(
+            "feedforward_modules") or []).is_feedforward(module)
+        if ff != site.feedforward:
+            raise AdapterError(f"{ad.config_path}: module {q(module)} is "
+                               f"{'' if ff else 'not '}in feedforward_modules, unlike in the "
+                               "session")
 
     def merge_deltas(self, graph, config: dict, ad) -> dict:
         from pyedge.export.adapter_files import AdapterError
-        modules = [m for m, ts in ad.extra.items() if SUFFIX in ts]
-        g = graph.copy()
-        try:
-            sites = inject_ia3(g, IA3Config(
-                target_modules=["re:" + re.escape(m) for m in modules],
-                feedforward_modules=config.get("feedforward_modules") or []))
-        except ValueError as e:
-            raise AdapterError(f"the (IA)³ modules {modules[:5]} are not in the model ({e})") \
-                from e
+        _, sites = common.inject_for_merge(
+            graph.copy(), inject_ia3, lambda tm: self.config_from_peft(config, tm),
+            self.modules_in(ad), "(IA)³")
         deltas: dict[str, np.ndarray] = {}
         for s in sites:
             l = np.asarray(ad.extra[s.module][SUFFIX], np.float64)
@@ -278,10 +203,6 @@ class IA3Method(AdapterMethod):
             if s.bias and not s.feedforward:
                 b = graph.initializers[s.bias].astype(np.float64)
                 deltas[s.bias] = b * (l - 1.0)
-        missing = sorted(set(modules) - {s.module for s in sites})
-        if missing:
-            raise AdapterError(f"(IA)³ module(s) {missing[:8]} have no MatMul/Gemm weight in "
-                               "the model")
         return deltas
 
 

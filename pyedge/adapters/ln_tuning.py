@@ -13,18 +13,15 @@ base ones (delta = new - old).
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Sequence
 
 import numpy as np
 
+from pyedge.adapters import common
 from pyedge.adapters.base import AdapterMethod, register
-from pyedge.adapters.patterns import any_match
 
 PREFIX = "ln_tuning_layers"
-_PEFT_PASSIVE = {"task_type": None, "inference_mode": None, "modules_to_save": None,
-                 "base_model_name_or_path": None, "revision": None, "exclude_modules": None,
-                 "peft_type": "LN_TUNING"}
+_PEFT_PASSIVE = {**common.PEFT_BOOKKEEPING, "peft_type": "LN_TUNING"}
 
 
 @dataclasses.dataclass(init=False)
@@ -36,21 +33,14 @@ class LNTuningConfig:
     seed: int = 0
 
     def __init__(self, target_modules: Sequence[str] | str = (), seed: int = 0, **peft_fields):
-        for k, v in peft_fields.items():
-            if k not in _PEFT_PASSIVE:
-                raise TypeError(f"LNTuningConfig: unknown or unsupported field '{k}'")
-            if _PEFT_PASSIVE[k] is not None and v not in (_PEFT_PASSIVE[k], None):
-                raise ValueError(f"LNTuningConfig: {k}={v!r} is not supported")
+        common.check_peft_fields("LNTuningConfig", _PEFT_PASSIVE, peft_fields)
         if not target_modules:
             raise ValueError("LNTuningConfig: target_modules is required (e.g. ['LayerNorm'] "
                              "or ['input_layernorm', 'post_attention_layernorm', 'norm'])")
         self.target_modules, self.seed = target_modules, seed
 
     def targets(self, module: str) -> bool:
-        tm = self.target_modules
-        if isinstance(tm, str):
-            return re.fullmatch(tm, module) is not None
-        return any_match(module, tm)
+        return common.targets(self.target_modules, module)
 
 
 @dataclasses.dataclass

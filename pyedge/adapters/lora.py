@@ -60,12 +60,8 @@ class LoraConfig:
             else target_modules
         self.use_rslora, self.seed, self.use_dora = use_rslora, seed, use_dora
         self.init_lora_weights, self.loraplus_lr_ratio = init_lora_weights, loraplus_lr_ratio
-        for k, v in peft_fields.items():
-            if k not in _PEFT_PASSIVE:
-                raise TypeError(f"LoraConfig: unknown or unsupported field '{k}'")
-            if _PEFT_PASSIVE[k] is not None and v not in (_PEFT_PASSIVE[k], None):
-                raise ValueError(f"LoraConfig: {k}={v!r} is not supported (pyedge has "
-                                 f"{_PEFT_PASSIVE[k]!r})")
+        from pyedge.adapters.common import check_peft_fields
+        check_peft_fields("LoraConfig", _PEFT_PASSIVE, peft_fields)
         if init_lora_weights not in INIT_CHOICES:
             raise ValueError(f"LoraConfig: init_lora_weights={init_lora_weights!r} is not one "
                              f"of {INIT_CHOICES}")

@@ -21,22 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Sequence
 
 import numpy as np
 
+from pyedge.adapters import common
 from pyedge.adapters.base import AdapterMethod, register
-from pyedge.adapters.patterns import any_match
 from pyedge.graph import Graph, Node
-from pyedge.param_names import module_of
 
 LB, LD = "vera_lambda_b", "vera_lambda_d"
-_PEFT_PASSIVE = {"task_type": None, "inference_mode": None, "modules_to_save": None,
-                 "base_model_name_or_path": None, "revision": None, "exclude_modules": None,
-                 "peft_type": "VERA", "bias": "none", "layers_to_transform": None,
-                 "layers_pattern": None, "fan_in_fan_out": None, "vera_dropout": 0.0,
-                 "init_weights": True}
+_PEFT_PASSIVE = {**common.PEFT_BOOKKEEPING, **common.PEFT_LAYER_DEFAULTS, "peft_type": "VERA",
+                 "fan_in_fan_out": None, "vera_dropout": 0.0, "init_weights": True}
 
 
 def torch_uniform(seed: int, shapes_bounds) -> list[np.ndarray]:
@@ -74,11 +69,7 @@ class VeraConfig:
     def __init__(self, r: int = 256, target_modules: Sequence[str] | str = (),
                  projection_prng_key: int = 0, save_projection: bool = True,
                  d_initial: float = 0.1, seed: int = 0, **peft_fields):
-        for k, v in peft_fields.items():
-            if k not in _PEFT_PASSIVE:
-                raise TypeError(f"VeraConfig: unknown or unsupported field '{k}'")
-            if _PEFT_PASSIVE[k] is not None and v not in (_PEFT_PASSIVE[k], None):
-                raise ValueError(f"VeraConfig: {k}={v!r} is not supported")
+        common.check_peft_fields("VeraConfig", _PEFT_PASSIVE, peft_fields)
         if not target_modules:
             raise ValueError("VeraConfig: target_modules is required")
         if r <= 0:
@@ -89,10 +80,7 @@ class VeraConfig:
         self.d_initial, self.seed = float(d_initial), seed
 
     def targets(self, module: str) -> bool:
-        tm = self.target_modules
-        if isinstance(tm, str):
-            return re.fullmatch(tm, module) is not None
-        return any_match(module, tm)
+        return common.targets(self.target_modules, module)
 
 
 @dataclasses.dataclass
@@ -106,71 +94,35 @@ class VeraSite:
     trans_w: bool
 
 
-def _targets(graph, cfg):
-    """[(node, weight, module, k, n, trans_w)] of the targeted MatMul/Gemm nodes."""
-    from pyedge.adapters.lora import _linear_weight
-    producers = graph.producer_map()
-    out, with_weight = [], []
-    for node in graph.nodes:
-        if node.domain != "" or node.op_type not in ("MatMul", "Gemm"):
-            continue
-        w = _linear_weight(graph, producers, node)
-        if w is None:
-            continue
-        module = module_of(graph, w)
-        with_weight.append(module)
-        if not cfg.targets(module):
-            continue
-        if node.op_type == "Gemm" and (node.attrs.get("transA", 0) or
-                                       node.attrs.get("alpha", 1.0) != 1.0):
-            raise ValueError(f"VeRA on '{module}': Gemm node '{node.name}' with transA/alpha "
-                             "is not supported")
-        via_t = node.inputs[1] != w
-        trans_w = bool(node.attrs.get("transB", 0)) != via_t if node.op_type == "Gemm" \
-            else via_t
-        W = graph.initializers[w]
-        k, n = (W.shape[1], W.shape[0]) if trans_w else (W.shape[0], W.shape[1])
-        out.append((node, w, module, int(k), int(n), trans_w))
-    if not out:
-        mods = sorted(set(with_weight))
-        raise ValueError(f"no module matches VeRA targets {cfg.target_modules!r}; modules with "
-                         f"a weight: {', '.join(mods[:20]) or 'none'}")
-    return out
-
-
 def inject_vera(graph: Graph, cfg: VeraConfig) -> list[VeraSite]:
-    found = _targets(graph, cfg)
-    max_in = max(t[3] for t in found)
-    max_out = max(t[4] for t in found)
+    found = common.linear_targets(graph, cfg, "VeRA")
+    max_in = max(t.in_features for t in found)
+    max_out = max(t.out_features for t in found)
     A, B = projections(cfg.projection_prng_key, cfg.r, max_in, max_out)
     graph.vera_projections = (A, B)   # for saving (save_projection) and checks on load
     sites: dict[str, VeraSite] = {}
     after: dict[int, list[Node]] = {}
-    for node, w, module, k, n, trans_w in found:
+    for t in found:
+        node, module, k, n = t.node, t.module, t.in_features, t.out_features
         site = sites.get(module)
         if site is None:
             lb, ld = f"{module}.{LB}", f"{module}.{LD}"
             graph.initializers[lb] = np.zeros(n, np.float32)
             graph.initializers[ld] = np.full(cfg.r, cfg.d_initial, np.float32)
-            site = sites[module] = VeraSite(module, w, lb, ld, k, n, trans_w)
+            site = sites[module] = VeraSite(module, t.weight, lb, ld, k, n, t.trans_w)
         tag = f"{node.name or module}/vera"
         a_s, b_s = graph.fresh_name(f"{tag}/A_T"), graph.fresh_name(f"{tag}/B_T")
         graph.initializers[a_s] = np.ascontiguousarray(A[:, :k].T)      # [in, r]
         graph.initializers[b_s] = np.ascontiguousarray(B[:n].T)         # [r, out]
-        y = node.outputs[0]
-        z, t1, t2, t3, t4 = (graph.fresh_name(f"{tag}/{s}") for s in
-                             ("base", "xA", "xAd", "xAdB", "delta"))
-        node.outputs[0] = z
+        z, y = common.beside_output(graph, node, tag)
+        t1, t2, t3, t4 = (graph.fresh_name(f"{tag}/{s}") for s in
+                          ("xA", "xAd", "xAdB", "delta"))
         after[id(node)] = [Node("MatMul", [node.inputs[0], a_s], [t1], t1),   # [..., r]
                            Node("Mul", [t1, site.lambda_d], [t2], t2),
                            Node("MatMul", [t2, b_s], [t3], t3),               # [..., out]
                            Node("Mul", [t3, site.lambda_b], [t4], t4),
                            Node("Add", [z, t4], [y], tag)]
-    nodes: list[Node] = []
-    for node in graph.nodes:
-        nodes.append(node)
-        nodes.extend(after.get(id(node), []))
-    graph.nodes = nodes
+    common.splice(graph, after=after)
     return list(sites.values())
 
 
@@ -215,6 +167,11 @@ class VeraMethod(AdapterMethod):
 
     def check_files(self, config, own, keys, shown, cfg_path):
         from pyedge.export.adapter_files import AdapterError, q, targets_module
+        common.config_int(config, "r", 256, cfg_path, minimum=1)
+        common.config_int(config, "projection_prng_key", 0, cfg_path,
+                          maximum=common.SEED_MAX)
+        common.config_number(config, "d_initial", 0.1, cfg_path)
+        common.config_bool(config, "save_projection", True, cfg_path)
         for module, ts in own.items():
             if module == "base_model":
                 continue
@@ -225,6 +182,10 @@ class VeraMethod(AdapterMethod):
                 if arr.ndim != 1:
                     raise AdapterError(f"{shown}: tensor {q(keys[(module, suffix)])} has shape "
                                        f"{list(arr.shape)}, expected a vector")
+            lacking = [s for s in (LB, LD) if s not in ts]
+            if lacking:   # a module is adapted by both vectors or not at all
+                raise AdapterError(f"{shown}: module {q(module)} has no {lacking[0]} beside "
+                                   f"its {next(iter(ts))}")
 
     def _check_projections(self, ad, A, B):
         from pyedge.export.adapter_files import AdapterError
@@ -271,15 +232,11 @@ class VeraMethod(AdapterMethod):
         return writes, loaded, skipped, problems
 
     def merge_deltas(self, graph, config: dict, ad) -> dict:
-        from pyedge.export.adapter_files import AdapterError
         modules = [m for m in ad.extra if m != "base_model"]
         g = graph.copy()
-        cfg = self.config_from_peft(config, ["re:" + re.escape(m) for m in modules])
-        try:
-            sites = inject_vera(g, cfg)
-        except ValueError as e:
-            raise AdapterError(f"the VeRA modules {modules[:5]} are not in the model ({e})") \
-                from e
+        cfg, sites = common.inject_for_merge(g, inject_vera,
+                                             lambda tm: self.config_from_peft(config, tm),
+                                             modules, "VeRA")
         A, B = g.vera_projections
         self._check_projections(ad, A, B)
         deltas = {}

@@ -25,6 +25,13 @@ from pyedge.fleet import APP_DIR
 
 
 # --------------------------------------------------------------------------- credentials
+def _write_private(path: Path, data: bytes) -> None:
+    """A private key, created 0600 (never readable by others, not even until a chmod) and
+    renamed into place: a kill leaves the old key or the new one."""
+    from pyedge.checkpoint import atomic_write
+    atomic_write(path, data, mode=0o600)
+
+
 def make_certificates(folder, hosts=("127.0.0.1", "localhost")) -> dict[str, Path]:
     """A self-signed CA and a server certificate for `hosts` (IPs or DNS names), PEM files
     ca.crt, server.pem, server.key. For tests and trials; use your own PKI for real fleets."""
@@ -69,10 +76,9 @@ def make_certificates(folder, hosts=("127.0.0.1", "localhost")) -> dict[str, Pat
     paths = {"ca": folder / "ca.crt", "cert": folder / "server.pem", "key": folder / "server.key"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                               serialization.PrivateFormat.TraditionalOpenSSL,
-                                               serialization.NoEncryption()))
-    os.chmod(paths["key"], 0o600)
+    _write_private(paths["key"], key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.TraditionalOpenSSL,
+                                                   serialization.NoEncryption()))
     return paths
 
 
@@ -86,10 +92,9 @@ def make_node_key(folder, name: str) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     priv, pub = folder / name, folder / f"{name}.pub"
-    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
-    os.chmod(priv, 0o600)
+    _write_private(priv, key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.OpenSSH,
+                                           serialization.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                   serialization.PublicFormat.OpenSSH))
     return priv, pub

@@ -32,9 +32,17 @@ def lora_pairs(session) -> list[tuple[str, str]]:
     return [(s.lora_a, s.lora_b) for s in session.lora_sites]
 
 
-def load_npz(path) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """(inputs by name, labels) of a .npz data file (arrays named after the graph inputs)."""
+def load_npz(path, session=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(inputs by name, labels) of a .npz data file (arrays named after the graph inputs).
+    With `session`, the file is checked against its inputs and loss as `pyedge train` checks
+    data (pyedge/data.py: shapes, dtypes, record counts, finite values, labels in range; a
+    DataError naming the file and array), and the arrays come in the graph's dtypes."""
     file = Path(path).expanduser()
+    if session is not None:
+        from pyedge.data import DataSpec, load_dataset
+        ds = load_dataset(file, DataSpec.from_session(session))
+        inputs, labels = ds.batch(np.arange(len(ds)))
+        return inputs, labels
     with np.load(file, allow_pickle=False) as z:
         if "labels" not in z.files:
             raise ValueError(f"{path}: no 'labels' array")
@@ -57,7 +65,7 @@ class LocalTrainer:
     def __init__(self, run: RunSettings, data_path, model: str | None = None):
         self.run = run
         self.session = make_session(run, model)
-        self.inputs, self.labels = load_npz(data_path)
+        self.inputs, self.labels = load_npz(data_path, self.session)
         self.num_examples = int(len(self.labels))
         if self.num_examples == 0:
             raise ValueError(f"{data_path}: no records")
@@ -104,7 +112,8 @@ class LocalTrainer:
         return float(np.mean(losses)) if losses else float("nan")
 
     def evaluate(self, data_path=None) -> dict[str, float]:
-        inputs, labels = (self.inputs, self.labels) if data_path is None else load_npz(data_path)
+        inputs, labels = (self.inputs, self.labels) if data_path is None else \
+            load_npz(data_path, self.session)
         return evaluate_arrays(self.session, inputs, labels)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -55,6 +56,29 @@ def _send(grid: Grid, nodes, kind: str, arrays, rnd: int, timeout: float):
     return ok, [n for n in nodes if n not in answered]
 
 
+def _reply_problem(reply, params) -> str | None:
+    """Why a node's train reply cannot be aggregated (None: it can): the tensors must be the
+    server session's trainable ones (names, shapes), finite, with a positive example count.
+    One bad node (diverged to NaN, other adapter settings, a bug) must not poison or stop
+    the federation: its reply is dropped from the round."""
+    try:
+        n = float(reply.content["metrics"]["num-examples"])
+        arrays = from_array_record(reply.content["arrays"])
+    except Exception as e:  # noqa: BLE001 - a malformed reply of any kind is one problem
+        return f"malformed reply ({type(e).__name__}: {e})"
+    if not (n > 0 and n < float("inf")):
+        return f"num-examples is {n}"
+    if set(arrays) != set(params):
+        diff = sorted(set(arrays) ^ set(params))[:4]
+        return f"its tensors differ from the server's ({diff}): other adapter settings"
+    for k, v in arrays.items():
+        if v.shape != params[k].shape:
+            return f"'{k}' has shape {list(v.shape)}, the server's {list(params[k].shape)}"
+        if v.dtype.kind != "f" or not np.all(np.isfinite(v)):
+            return f"'{k}' holds non-finite or non-float values"
+    return None
+
+
 def _weighted(replies, key: str) -> float | None:
     vals = [(float(r.content["metrics"]["num-examples"]), float(r.content["metrics"][key]))
             for r in replies if key in r.content["metrics"]]
@@ -82,6 +106,16 @@ def run_federation(grid: Grid, run: RunSettings) -> RoundStore:
         if late:
             log(WARNING, "round %d: no reply from node(s) %s; dropped from this run", rnd, late)
             dropped.update(late)
+        params = session.trainable_parameters()
+        good = []
+        for r in replies:
+            why = _reply_problem(r, params)
+            if why is None:
+                good.append(r)
+            else:
+                log(WARNING, "round %d: reply of node %d dropped: %s", rnd,
+                    r.metadata.src_node_id, why)
+        replies = good
         if len(replies) < run.min_train_nodes:
             raise RuntimeError(f"round {rnd}: {len(replies)} node(s) replied, min-train-nodes "
                                f"is {run.min_train_nodes}")
@@ -110,7 +144,7 @@ def run_federation(grid: Grid, run: RunSettings) -> RoundStore:
         if run.eval_data:
             for k, v in arrays.items():
                 session.trainable_parameters()[k][...] = v
-            inputs, labels = load_npz(run.eval_data)
+            inputs, labels = load_npz(run.eval_data, session)
             g = evaluate_arrays(session, inputs, labels)
             record.update({"global-loss": g["loss"], "global-accuracy": g["accuracy"]})
         record["seconds"] = time.monotonic() - t0

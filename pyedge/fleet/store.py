@@ -6,12 +6,15 @@
                                /round.json                  round number, aggregation, settings
     <out-dir>/metrics.jsonl                                 one line per finished round
 
-A round folder is written under a temporary name and renamed when complete (rename is atomic
-on one file system), so a server killed mid-write leaves either the whole round or none of it;
-`latest()` returns the newest complete round and the next run starts from it.
+A round folder is written under a temporary name (files fsynced) and renamed when complete
+(rename is atomic on one file system), so a server killed mid-write leaves either the whole
+round or none of it; a round written again first moves the old folder to a trash name, so no
+kill leaves a half-deleted round behind. `latest()` returns the newest complete round and the
+next run starts from it.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -21,6 +24,8 @@ from typing import Mapping
 
 import numpy as np
 
+from pyedge.checkpoint import fsync_dir, replace_dir, write_file_synced
+
 ROUND_FMT = "round-{:04d}"
 
 
@@ -29,8 +34,8 @@ class RoundStore:
         self.out = Path(out_dir).expanduser().resolve()
         self.rounds = self.out / "rounds"
         self.rounds.mkdir(parents=True, exist_ok=True)
-        # temporaries of a server that died mid-write
-        for stale in self.rounds.glob(".tmp-*"):
+        # temporaries and trash of a server that died mid-write
+        for stale in [*self.rounds.glob(".tmp-*"), *self.rounds.glob(".trash-*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
     def round_dir(self, rnd: int) -> Path:
@@ -55,13 +60,14 @@ class RoundStore:
         tmp = self.rounds / f".tmp-{ROUND_FMT.format(rnd)}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        session.save_adapters(tmp)
-        np.savez(tmp / "global.npz", **{k: np.asarray(v) for k, v in arrays.items()})
-        (tmp / "round.json").write_text(json.dumps(dict(info, round=rnd), indent=1))
+        session.save_adapters(tmp)   # (atomic_write: fsynced)
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+        write_file_synced(tmp / "global.npz", buf.getvalue())
+        write_file_synced(tmp / "round.json", json.dumps(dict(info, round=rnd), indent=1).encode())
+        fsync_dir(tmp)
         final = self.round_dir(rnd)
-        if final.exists():  # a round redone after a restart replaces the old folder
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)   # a round redone after a restart replaces the old folder
         return final
 
     def log_metrics(self, record: dict) -> None:
