@@ -196,14 +196,25 @@ def list_checkpoints(root) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+_TRASH_RE = re.compile(r"^\.trash-(.+)-\d+$")
+
+
 def cleanup_temp(root) -> None:
     """Removes half-written temp dirs and half-deleted trash dirs left by a crash (never a
-    complete step-N). Call it with the run's lock held (lock_run) so no live writer's temp
+    complete step-N); a trash dir whose name is free again (a kill between replace_dir's
+    renames) is put back instead. Call it with the run's lock held (lock_run) so no live writer's temp
     dir is touched."""
     root = Path(root)
     if not root.is_dir():
         return
-    for p in root.iterdir():
+    for p in list(root.iterdir()):
+        m = _TRASH_RE.match(p.name)
+        if m and p.is_dir() and not (root / m.group(1)).exists():
+            # killed between replace_dir's two renames: the old directory is the only whole
+            # copy left at its name's place, so it goes back (the new one is a .tmp- leftover)
+            os.rename(p, root / m.group(1))
+            fsync_dir(root)
+            continue
         if p.name.startswith((".tmp-", ".trash-", f".{LATEST}.tmp-")):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

@@ -186,3 +186,26 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["type"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 1500
+
+
+def test_kill_between_replace_dir_renames_restores_the_old_directory(tmp_path):
+    """replace_dir renames the old directory away, then the new one in: a kill between the
+    two leaves the name free; cleanup_temp puts the old (whole) directory back and drops the
+    new one's temp copy, so the folder a user reads is never simply gone."""
+    root = tmp_path / "out"
+    (root / "adapters").mkdir(parents=True)
+    (root / "adapters" / "a.txt").write_text("old")
+    new = root / ".tmp-adapters-1"
+    new.mkdir()
+    (new / "a.txt").write_text("new")
+    os.rename(root / "adapters", root / ".trash-adapters-4242")  # replace_dir's first rename
+    ck.cleanup_temp(root)
+    assert sorted(os.listdir(root)) == ["adapters"]
+    assert (root / "adapters" / "a.txt").read_text() == "old"
+    # and a complete replace_dir leaves only the new one
+    new.mkdir()
+    (new / "a.txt").write_text("new")
+    ck.replace_dir(new, root / "adapters")
+    ck.cleanup_temp(root)
+    assert sorted(os.listdir(root)) == ["adapters"]
+    assert (root / "adapters" / "a.txt").read_text() == "new"
