@@ -383,7 +383,13 @@ def _causal_mask(m: _Matcher, mask: str, L: Dim, Lk: Dim) -> bool | None:
     if len(symbols) > len(_SHAPE_ASSIGNMENTS[0]) or any(s.startswith("?") for s in symbols):
         return None  # an unnamed dim: its size cannot be tied to the scores' L, Lk
     nodes = [n for _, n in sorted(nodes, key=lambda x: x[0])]
-    for sizes in _SHAPE_ASSIGNMENTS[:2 if symbols else 1]:
+    assignments = list(_SHAPE_ASSIGNMENTS[:2 if symbols else 1])
+    if symbols:  # sizes past every size-like constant (a sliding window's width)
+        big = _largest_size_constant(m, nodes)
+        if big + len(symbols) > _MAX_PROBE_SIZE:
+            return None  # cannot tell it from a window that wide: the mask stays a tensor
+        assignments.append(tuple(big + 1 + k for k in range(len(symbols))))
+    for sizes in assignments:
         at = dict(zip(symbols, sizes))
 
         def size(d: Dim) -> int:
@@ -405,6 +411,28 @@ def _causal_mask(m: _Matcher, mask: str, L: Dim, Lk: Dim) -> bool | None:
         if not (np.all(val[..., keep] == 0.0) and np.all(val[..., ~keep] < -1e37)):
             return False
     return True
+
+
+_MAX_PROBE_SIZE = 64  # a [b, 1, t, t] mask evaluated at sizes up to this: 64³ floats
+
+
+def _largest_size_constant(m: _Matcher, nodes: list[Node]) -> int:
+    """The largest |integer| constant the mask's nodes read, but the exporters' "to the end"
+    sentinels (>= 2^31 - 1). A mask equal to the causal one at sizes up to a window's width
+    w differs past it (Mistral's sliding window, 4096 by default): sizes above every such
+    constant tell them apart."""
+    big = 0
+    for n in nodes:
+        vals = [m.graph.initializers.get(i) for i in n.inputs if i]
+        if n.op_type == "Constant":
+            vals.append(n.attrs.get("value"))
+        for v in vals:
+            a = np.asarray(v) if v is not None else None
+            if a is None or a.dtype.kind not in "iu" or a.size > 64:
+                continue
+            small = [abs(int(x)) for x in a.ravel() if abs(int(x)) < 2**31 - 1]
+            big = max([big] + small)
+    return big
 
 
 # ------------------------------------------------------------------------------ rewrite

@@ -21,10 +21,11 @@ FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "
             "phi3_partial", "smollm3", "neox"]
 
 
-def build(family: str, attn: str | None = None):
+def build(family: str, attn: str | None = None, config: dict | None = None):
     """(model, rotary layers): a causal LM returning logits, and how many layers apply a
     rotary embedding (SmolLM3 leaves every fourth layer without: NoPE). Deterministic: a
-    second call gives the same weights (the torch reference of an exported file)."""
+    second call gives the same weights (the torch reference of an exported file). `config`:
+    overrides of the family's config fields (e.g. Mistral's sliding_window)."""
     import torch
     import transformers as tf
     torch.manual_seed(0)
@@ -32,6 +33,7 @@ def build(family: str, attn: str | None = None):
               num_key_value_heads=2, intermediate_size=96, vocab_size=VOCAB,
               max_position_embeddings=64, pad_token_id=0, bos_token_id=0, eos_token_id=0,
               attention_dropout=0.0)
+    kw.update({k: v for k, v in (config or {}).items() if family != "neox"})
     rope_layers = N_LAYERS
     if family == "llama":
         cfg, base = tf.LlamaConfig(**kw), tf.LlamaForCausalLM
@@ -40,7 +42,7 @@ def build(family: str, attn: str | None = None):
     elif family == "qwen3":  # q_norm / k_norm on the heads
         cfg, base = tf.Qwen3Config(head_dim=16, **kw), tf.Qwen3ForCausalLM
     elif family == "mistral":  # no sliding window (4096 by default): that is gemma2/3's case
-        cfg, base = tf.MistralConfig(sliding_window=None, **kw), tf.MistralForCausalLM
+        cfg, base = tf.MistralConfig(**{"sliding_window": None, **kw}), tf.MistralForCausalLM
     elif family == "gemma":  # RMSNorm times 1 + w, GeGLU (gelu_pytorch_tanh)
         cfg, base = tf.GemmaConfig(head_dim=16, **kw), tf.GemmaForCausalLM
     elif family == "gemma2":  # pre/post feed-forward norms, soft-capping
@@ -56,7 +58,7 @@ def build(family: str, attn: str | None = None):
     elif family == "neox":  # LayerNorm, plain GELU MLP, partial rotary (rotary_pct)
         cfg = tf.GPTNeoXConfig(num_hidden_layers=N_LAYERS, hidden_size=64, num_attention_heads=4,
                                intermediate_size=96, vocab_size=VOCAB, max_position_embeddings=64,
-                               rotary_pct=0.25, attention_dropout=0.0)
+                               rotary_pct=0.25, attention_dropout=0.0, **(config or {}))
         base = tf.GPTNeoXForCausalLM
     else:
         raise ValueError(family)
@@ -79,23 +81,24 @@ def build(family: str, attn: str | None = None):
 
 
 def export_family(root, family: str, exporter: str = "dynamo", dynamic: bool = False,
-                  batch: int = 2, seq: int = 12, attn: str | None = None, mask: bool = True):
+                  batch: int = 2, seq: int = 12, attn: str | None = None, mask: bool = True,
+                  config: dict | None = None, name: str | None = None):
     """Exports `family` into `root`; returns (path, input_ids [batch, seq] int64, rotary
     layers). Inputs: input_ids and (with `mask`) attention_mask, both [batch, seq], symbolic
-    when `dynamic`."""
+    when `dynamic`. `config` goes to build; `name` replaces the file's name."""
     import numpy as np
     import torch
     from models.export_reference import export
     if not mask and exporter != "dynamo":
         raise ValueError("TorchScript exports need the attention_mask input (LM.forward)")
-    model, rope_layers = build(family, attn)
+    model, rope_layers = build(family, attn, config)
     ids = np.random.default_rng(0).integers(0, VOCAB, (batch, seq)).astype(np.int64)
     args = (torch.from_numpy(ids),) + ((torch.ones(batch, seq, dtype=torch.long),) if mask else ())
     names = ["input_ids", "attention_mask"][:len(args)]
     dyn = {n: {0: "b", 1: "t"} for n in names} if dynamic else None
     tag = "_".join([family, exporter, "dyn" if dynamic else "static"]
                    + ([attn] if attn else []) + ([] if mask else ["nomask"]))
-    path = str(root / f"{tag}.onnx")
+    path = str(root / f"{name or tag}.onnx")
     export(model, args, path, exporter=exporter, input_names=names, output_names=["logits"],
            dynamic_axes=dyn)
     return path, ids, rope_layers
@@ -118,10 +121,10 @@ def family_feeds(ids, mask: bool = True, padded: bool = False, batch: int | None
     return feeds
 
 
-def torch_logits(family: str, feeds: dict, attn: str | None = None):
+def torch_logits(family: str, feeds: dict, attn: str | None = None, config: dict | None = None):
     """The torch model's logits (float32 numpy) on `feeds` (build is deterministic)."""
     import torch
-    model, _ = build(family, attn)
+    model, _ = build(family, attn, config)
     args = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
         return model(**args).numpy()

@@ -208,3 +208,22 @@ def test_family_fuses_one_attention_per_layer_and_trains_the_same(exported, fami
     check_torch(path, family, attn, feeds)
     if dynamic:
         check_other_size(fused, plain, with_mask)
+
+
+def test_sliding_window_mask_is_not_taken_for_the_causal_one(tmp_path):
+    """Mistral with a sliding window of 16, symbolic sequence length: its mask equals the
+    causal one at every length up to 16, so the sizes the fusion evaluates it at must go past
+    the window's constant; it stays the Attention's mask input and a 40-token sequence gives
+    what the op-by-op graph and torch give (a causal flag would attend past the window)."""
+    path, ids, _ = export_family(tmp_path, "mistral", dynamic=True, attn="eager", mask=False,
+                                 config={"sliding_window": 16})
+    fused = pyedge.TrainingSession(path, loss=None)
+    att = [n for n in fused.graph.nodes if n.op_type == "Attention"]
+    assert len(att) == LAYERS and all(len(n.inputs) == 4 and "causal" not in n.attrs
+                                      for n in att)
+    plain = pyedge.TrainingSession(path, loss=None, fuse=False)
+    feeds = family_feeds(ids, False, batch=1, seq=40)
+    yf, yp = fused.run(feeds)[fused.output_name], plain.run(feeds)[plain.output_name]
+    np.testing.assert_allclose(yf, yp, rtol=0, atol=1e-5 * np.abs(yp).max())
+    ref = torch_logits("mistral", feeds, "eager", config={"sliding_window": 16})
+    assert np.abs(yf - ref).max() <= TORCH_TOL
