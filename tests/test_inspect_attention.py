@@ -4,24 +4,17 @@ one whose attention cannot (TorchScript's SDPA with its -inf mask and NaN guard,
 tests/test_decoder_attention_families.py), with and without adapters."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from decoder_families import N_LAYERS, export_family
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def run(*args):
-    """`python -m pyedge ...` as a user runs it (this checkout's pyedge)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "pyedge", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+def inspect(capsys, path) -> str:
+    """What `pyedge inspect PATH` prints (the CLI's main, in this process)."""
+    from pyedge.cli import main
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0
+    return capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +34,16 @@ def test_inspect_reports_attention_fused_or_op_by_op(files, lora):
     assert inspect_report(files["plain"], **kw)["attention"] == {"layers": N_LAYERS, "fused": 0}
 
 
-def test_inspect_prints_the_op_by_op_attention(files):
-    r = run("inspect", files["plain"])
-    assert r.returncode == 0, r.stderr
-    assert f"attention: 0 of {N_LAYERS} layers fused; {N_LAYERS} run op by op" in r.stdout, \
-        r.stdout
-    r = run("inspect", files["fused"], "--json")
-    assert json.loads(r.stdout)["attention"] == {"layers": N_LAYERS, "fused": N_LAYERS}
-    r = run("inspect", files["fused"])
-    assert f"attention: {N_LAYERS} of {N_LAYERS} layers fused" in r.stdout, r.stdout
-    assert "op by op" not in r.stdout
+def test_inspect_prints_the_op_by_op_attention(files, capsys):
+    out = inspect(capsys, files["plain"])
+    assert f"attention: 0 of {N_LAYERS} layers fused; {N_LAYERS} run op by op" in out, out
+    out = inspect(capsys, files["fused"])
+    assert f"attention: {N_LAYERS} of {N_LAYERS} layers fused" in out, out
+    assert "op by op" not in out
 
 
-def test_models_without_attention_print_no_attention_line():
+def test_models_without_attention_print_no_attention_line(capsys):
     from pyedge.demo import model_path
-    r = run("inspect", model_path())
-    assert r.returncode == 0, r.stderr
-    assert "attention:" not in r.stdout
+    from pyedge.fusion_report import attention_line
+    assert "attention:" not in inspect(capsys, model_path())
+    assert attention_line({"layers": 0, "fused": 0}) is None
