@@ -2,7 +2,9 @@
 a count and named symbolic sizes (the file's names, e.g. "batch", "seq": equal names are equal
 sizes), the small integer tensors exporters compute for Reshape and Expand targets evaluated
 over them, and a pass that fills in the shapes a file does not give (TorchScript files carry
-no value_info; ONNX shape inference loses sizes behind Shape-computed targets)."""
+no value_info; ONNX shape inference loses sizes behind Shape-computed targets): Split's
+outputs too, and Slices whose bounds are static sizes computed from shapes (TorchScript's
+chunk of GPT-NeoX's fused q, k, v: (Shape(x)[-1] + 2) / 3 · k)."""
 from __future__ import annotations
 
 from collections import Counter
