@@ -73,6 +73,12 @@ def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
                       "float32_bytes": int(sum(4 * m["shape"][0] * m["shape"][1]
                                                for m in quant))},
     })
+    # attention layers fused or not (the training session's graph replaces this below)
+    from pyedge.fusion_report import attention_coverage
+    from pyedge.fusions import fuse
+    probe = graph.copy()
+    fuse(probe)
+    rep["attention"] = attention_coverage(probe)
     targets, patterns = split_list(target), split_list(train)
     if targets or patterns:
         lora = pyedge.LoraConfig(r=lora_r, alpha=lora_alpha,
@@ -86,6 +92,7 @@ def inspect_report(model, lora_r=8, lora_alpha=16.0, target=None, train=None,
                             "lora_modules": [s.module for s in sess.lora_sites],
                             "names": sorted(params),
                             "fusions": {k: v for k, v in sess.fusions.items() if v}}
+        rep["attention"] = attention_coverage(sess.graph)
         missing = sorted({f"{n.domain}.{n.op_type}" if n.domain else n.op_type
                           for n in sess.graph.nodes} - registered)
         if missing:
@@ -145,6 +152,10 @@ def cmd_inspect(args) -> int:
             out(f"  {op} x{len(names)}: {', '.join(names[:5])}{more}")
     else:
         out("unsupported ops: none")
+    from pyedge.fusion_report import attention_line
+    line = attention_line(rep["attention"])
+    if line:
+        out(line)
     out(f"parameters: {rep['parameters']:,} in {rep['parameter_tensors']} tensors "
          f"({fmt_bytes(rep['weight_bytes'])} of weights)")
     mods = rep["modules"]

@@ -2,7 +2,9 @@
 a count and named symbolic sizes (the file's names, e.g. "batch", "seq": equal names are equal
 sizes), the small integer tensors exporters compute for Reshape and Expand targets evaluated
 over them, and a pass that fills in the shapes a file does not give (TorchScript files carry
-no value_info; ONNX shape inference loses sizes behind Shape-computed targets)."""
+no value_info; ONNX shape inference loses sizes behind Shape-computed targets): Split's
+outputs too, and Slices whose bounds are static sizes computed from shapes (TorchScript's
+chunk of GPT-NeoX's fused q, k, v: (Shape(x)[-1] + 2) / 3 · k)."""
 from __future__ import annotations
 
 from collections import Counter
@@ -110,7 +112,7 @@ def _broadcast(shapes: list[list[Dim]]) -> list[Dim] | None:
 
 _SAME_SHAPE = {"Identity", "Cast", "CastLike", "Neg", "Sqrt", "Reciprocal", "Sigmoid", "Tanh",
                "Softmax", "Erf", "Exp", "Log", "Relu", "Gelu", "IsNaN", "Not", "Abs",
-               "RMSNorm", "SwiGLU", "MaskedSoftmax", "Rotary"}
+               "RMSNorm", "SwiGLU", "MaskedSoftmax", "Rotary", "LayerNormalization"}
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Where", "And", "Or", "Equal", "Less",
                 "Greater", "LessOrEqual", "GreaterOrEqual", "Max", "Min"}
 
@@ -132,22 +134,61 @@ def _propagate(m: _Matcher) -> dict[str, list[Dim]]:
     for n in g.nodes:
         if not n.outputs or not n.outputs[0]:
             continue
-        out = n.outputs[0]
-        f = _file_dims(m, out)
+        if n.op_type == "Split" and n.domain in ("", "ai.onnx"):
+            try:  # several outputs (TorchScript's chunk of GPT-NeoX's fused q, k, v)
+                parts = _split(m, n, table)
+            except (IndexError, ValueError, TypeError, KeyError):
+                parts = None
+            for k, out in enumerate(n.outputs):
+                _merge(m, table, out, parts[k] if parts and out else None)
+            continue
+        f = _file_dims(m, n.outputs[0])
         if f is not None and all(_known(d) for d in f):
-            table[out] = f
+            table[n.outputs[0]] = f
             continue
         try:
             got = _infer(m, n, table)
         except (IndexError, ValueError, TypeError, KeyError):
             got = None
-        if got is not None and f is not None and len(got) == len(f):
-            got = [a if _known(a) or not _known(b) else b for a, b in zip(f, got)]
-        elif got is None:
-            got = f
-        if got is not None:
-            table[out] = got
+        _merge(m, table, n.outputs[0], got)
     return table
+
+
+def _merge(m: _Matcher, table: dict, out: str, got: list[Dim] | None) -> None:
+    """table[out]: the file's shape where it knows every dim, else `got` with the dims it
+    leaves unknown taken from the file's."""
+    f = _file_dims(m, out)
+    if f is not None and all(_known(d) for d in f):
+        table[out] = f
+        return
+    if got is not None and f is not None and len(got) == len(f):
+        got = [a if _known(a) or not _known(b) else b for a, b in zip(f, got)]
+    elif got is None:
+        got = f
+    if got is not None:
+        table[out] = got
+
+
+def _split(m: _Matcher, n: Node, table: dict) -> list[list[Dim]] | None:
+    """The output shapes of Split: sizes from its `split` input (or attribute, opset < 13),
+    else equal parts of a static dim (opset 18's num_outputs: the last part may be smaller)."""
+    x = table.get(n.inputs[0])
+    if x is None:
+        return None
+    ax = int(n.attrs.get("axis", 0)) % len(x)
+    sizes = constant_value(m.graph, m.producer, n.inputs[1]) \
+        if len(n.inputs) > 1 and n.inputs[1] else n.attrs.get("split")
+    k = len(n.outputs)
+    if sizes is None:
+        size = _static(x[ax])
+        if size is None:
+            return None
+        part = -(-size // k)
+        sizes = [min(part, size - part * i) for i in range(k)]
+    sizes = [int(v) for v in np.ravel(sizes)]
+    if len(sizes) != k:
+        return None
+    return [x[:ax] + [(v, ())] + x[ax + 1:] for v in sizes]
 
 
 def _infer(m: _Matcher, n: Node, table: dict) -> list[Dim] | None:
@@ -211,7 +252,7 @@ def _infer(m: _Matcher, n: Node, table: dict) -> list[Dim] | None:
         out[ax] = _prod_sum([s[ax] for s in ins])
         return out
     if t == "Slice":
-        c = [constant_value(m.graph, m.producer, i) if i else None for i in n.inputs[1:5]]
+        c = [_slice_arg(m, i) if i else None for i in n.inputs[1:5]]
         if c[0] is None or c[1] is None:
             return None
         axes = np.ravel(c[2]) if len(c) > 2 and c[2] is not None else range(np.size(c[0]))
@@ -230,6 +271,18 @@ def _infer(m: _Matcher, n: Node, table: dict) -> list[Dim] | None:
         ax = int(n.attrs.get("axis", 0)) % len(x)
         return x[:ax] + list(ins[1]) + x[ax + 1:]
     return None
+
+
+def _slice_arg(m: _Matcher, name: str) -> np.ndarray | None:
+    """A Slice bound, axis or step: a constant, or static integers computed from shapes
+    (TorchScript's chunk: starts and ends from (Shape(x)[-1] + 2) / 3)."""
+    v = constant_value(m.graph, m.producer, name)
+    if v is not None:
+        return v
+    d = _ints(m, name)
+    if d is None or any(_static(x) is None for x in d):
+        return None
+    return np.asarray([x[0] for x in d], np.int64)
 
 
 def _prod_sum(ds: list[Dim]) -> Dim:
@@ -271,6 +324,15 @@ def _ints(m: _Matcher, name: str, depth: int = 0) -> list[Dim] | None:
     if t in ("Squeeze", "Unsqueeze", "Identity") or flat or (
             t == "Cast" and int(n.attrs.get("to", 0)) in (6, 7)):
         return x
+    if t in ("Add", "Sub", "Div") and len(n.inputs) == 2:  # static sizes only
+        y = _ints(m, n.inputs[1], depth + 1)
+        if y is None or len(x) != len(y) or any(_static(d) is None for d in x + y):
+            return None
+        if t == "Div" and any(d[0] <= 0 for d in y) or any(d[0] < 0 for d in x):
+            return None
+        op = {"Add": lambda a, b: a + b, "Sub": lambda a, b: a - b,
+              "Div": lambda a, b: a // b}[t]  # nonnegative sizes: ONNX's truncation
+        return [(op(a[0], b[0]), ()) for a, b in zip(x, y)]
     if t == "Mul" and len(n.inputs) == 2:  # TorchScript's heads · G for repeat_kv
         y = _ints(m, n.inputs[1], depth + 1)
         if y is None or (len(x) != len(y) and 1 not in (len(x), len(y))):

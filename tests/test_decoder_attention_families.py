@@ -1,9 +1,17 @@
-"""Decoder attention fusion (pyedge/attention_fusion.py) on config-built tiny decoders: every
-spelling (transformers' "eager" and "sdpa" attention, dynamo and TorchScript exporters), static
-and dynamic shapes (batch and sequence symbolic), with and without a padding mask. Each export
-must fuse one pyedge.Attention per layer (causal flag for the causal mask, a mask input for a
-padding mask), plus the RMSNorm and gated-MLP fusions, and the fused session must compute
-what the op-by-op one computes (logits, loss, LoRA gradients) within 1e-5 relative."""
+"""Decoder attention fusion (pyedge/attention_fusion.py) on the config-built tiny decoders of
+tests/decoder_families.py: every spelling (transformers' "eager" and "sdpa" attention, dynamo
+and TorchScript exporters), static and dynamic shapes (batch and sequence symbolic), with and
+without a padding mask. Each export must fuse one pyedge.Attention per layer (causal flag for
+the causal mask, a mask input for a padding mask), plus the rotary, RMSNorm and gated-MLP
+fusions where the family has them, and the fused session must compute what the op-by-op one
+computes (logits, loss, LoRA gradients) within 1e-5 relative, and the torch model's logits
+within 1e-4.
+
+Families: every one of decoder_families.FAMILIES but Gemma 2 and 3 (soft-capping and sliding
+windows: not fused yet). GPT-NeoX projects q, k, v in one query_key_value viewed as
+[B, T, H, 3·D] and chunked, with partial rotary; Phi-3 in one qkv_proj sliced. The dynamo
+exports here read input_ids alone (the causal mask is built from shapes: causal flag), the
+TorchScript ones need the attention_mask (a mask input, fed right-padded)."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,54 +20,24 @@ import pytest
 import pyedge
 from pyedge.fusions import fuse
 from pyedge.onnx_import import load_onnx
+from decoder_families import (N_LAYERS, VOCAB, export_family, family_feeds, parity_sessions,
+                              torch_logits)
 
-LAYERS, BATCH, SEQ, VOCAB = 2, 2, 12, 128
+LAYERS = N_LAYERS
+# RMSNorms per layer (the final norm adds one), gated MLPs per layer
+NORMS = {"llama": 2, "qwen2": 2, "qwen3": 4, "mistral": 2, "gemma": 2, "phi3": 2,
+         "phi3_partial": 2, "smollm3": 2, "neox": 0}
+FAMILIES = list(NORMS)
+TORCH_TOL = 1e-4
 
 
-def export_decoder(path, family="llama", attn="eager", exporter="dynamo", dynamic=False,
-                   with_mask=False, **extra):
-    """A 2-layer decoder (hidden 64, 4 heads, 2 kv heads) with random weights, exported by
-    pyedge.export.torch_export; returns the example input_ids."""
-    import torch
-    import transformers as tf
-
-    from pyedge.export.torch_export import export_module
-    torch.manual_seed(0)
-    kw = dict(num_hidden_layers=LAYERS, hidden_size=64, num_attention_heads=4,
-              num_key_value_heads=2, intermediate_size=96, vocab_size=VOCAB,
-              max_position_embeddings=64, attention_dropout=0.0, pad_token_id=0,
-              bos_token_id=0, eos_token_id=0)
-    cfg_cls, base, own = {
-        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-        "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
-        "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
-        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-        "phi3": ("Phi3Config", "Phi3ForCausalLM", {"sliding_window": None}),
-        "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
-    }[family]
-    cfg = getattr(tf, cfg_cls)(**kw, **{**own, **extra})
-    cfg._attn_implementation = attn
-    base = getattr(tf, base)
-
-    class LM(base):  # a subclass keeps the parameter names PEFT expects
-        def forward(self, input_ids, attention_mask=None):
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False).logits
-    model = LM(cfg).eval()
-    with torch.no_grad():  # norm weights away from their init
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.1)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
-    args = {"input_ids": ids}
-    if with_mask:
-        args["attention_mask"] = torch.ones(BATCH, SEQ, dtype=torch.long)
-    dyn = {0: "batch", 1: "seq"}
-    axes = {**{k: dyn for k in args}, "logits": dyn} if dynamic else None
-    export_module(model, args, str(path), output_names=["logits"], dynamic_axes=axes,
-                  exporter=exporter)
-    return ids.numpy()
+def targets(family):
+    """q and v (as the bench trains): NeoX and Phi-3 project q, k, v in one Linear."""
+    if family == "neox":
+        return ("query_key_value",)
+    if family.startswith("phi3"):
+        return ("qkv_proj",)
+    return ("q_proj", "v_proj")
 
 
 _CACHE: dict = {}
@@ -67,64 +45,33 @@ _CACHE: dict = {}
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    """(family, exporter, dynamic, attn, mask) -> (path, ids, rotary layers), exported once
+    per module."""
     root = tmp_path_factory.mktemp("attn_families")
 
-    def get(**kw):
-        key = tuple(sorted(kw.items()))
+    def get(family="llama", attn="eager", exporter="dynamo", dynamic=False, with_mask=False):
+        key = (family, attn, exporter, dynamic, with_mask)
         if key not in _CACHE:
-            path = root / ("_".join(f"{k}-{v}" for k, v in key) + ".onnx")
-            _CACHE[key] = (str(path), export_decoder(path, **kw))
+            _CACHE[key] = export_family(root, family, exporter, dynamic, attn=attn,
+                                        mask=with_mask)
         return _CACHE[key]
     return get
 
 
-def _feeds(ids, with_mask, batch=BATCH, seq=SEQ):
-    """input_ids (of another batch/sequence size than the export's when asked) and a
-    right-padded attention_mask."""
-    rng = np.random.default_rng(5)
-    ids = ids if (batch, seq) == ids.shape else rng.integers(0, VOCAB, (batch, seq))
-    feeds = {"input_ids": ids.astype(np.int64)}
-    if with_mask:
-        am = np.ones(ids.shape, np.int64)
-        am[-1, -3:] = 0
-        feeds["attention_mask"] = am
-    return feeds
-
-
-def parity(path, feeds, targets=("q_proj", "v_proj"), rtol=1e-5):
-    """Fused vs op-by-op session: logits, two SGD steps' losses and LoRA gradients."""
-    lora = pyedge.LoraConfig(r=4, target_modules=list(targets))
-    kw = dict(lora=lora, loss="causal_lm", optimizer=pyedge.SGD(lr=0.5))
-    fused = pyedge.TrainingSession(path, **kw)
-    plain = pyedge.TrainingSession(path, fuse=False, **kw)
-    for sess in (fused, plain):  # the same nonzero B, so every adapter gets a gradient
-        for i, (k, v) in enumerate(sorted(sess.trainable_parameters().items())):
-            if ".lora_B" in k:
-                v[...] = np.random.default_rng(i).standard_normal(v.shape) * 0.05
-    lf_, lp_ = fused.run(feeds)[fused.output_name], plain.run(feeds)[plain.output_name]
-    np.testing.assert_allclose(lf_, lp_, rtol=0, atol=rtol * np.abs(lp_).max())
-    labels = feeds["input_ids"].astype(np.int64)
-    for _ in range(2):
-        lf = fused.step(feeds, labels, update=False)
-        lp = plain.step(feeds, labels, update=False)
-        np.testing.assert_allclose(lf, lp, rtol=rtol)
-        gf, gp = fused.gradients(), plain.gradients()
-        assert gf.keys() == gp.keys() and len(gp) == 2 * len(targets) * LAYERS
-        for k in gp:
-            assert np.abs(gp[k]).max() > 0, k
-            err = np.abs(gf[k] - gp[k]).max() / np.abs(gp[k]).max()
-            assert err <= rtol, (k, err)
-        fused.apply_update()
-        plain.apply_update()
+def parity(path, feeds, family="llama"):
+    """Fused vs op-by-op session: logits, two SGD steps' losses and LoRA gradients (two per
+    target and layer) within 1e-5 relative."""
+    fused, plain, _ = parity_sessions(path, feeds["input_ids"], list(targets(family)),
+                                      feeds=feeds)
     return fused, plain
 
 
-def check_fused(sess, with_mask, norms=True, norms_per_layer=2):
+def check_fused(sess, with_mask, family="llama", rope_layers=N_LAYERS):
     f = sess.fusions
     assert f.get("attention", 0) == LAYERS, f
-    if norms:
-        assert f.get("rmsnorm", 0) == norms_per_layer * LAYERS + 1, f
-        assert f.get("gated_mlp", 0) == LAYERS, f
+    assert f.get("rmsnorm", 0) == NORMS[family] * LAYERS + (1 if NORMS[family] else 0), f
+    assert f.get("gated_mlp", 0) == (0 if family == "neox" else LAYERS), f
+    assert f.get("rotary", 0) == 2 * rope_layers, f
     att = [n for n in sess.graph.nodes if n.op_type == "Attention"]
     assert len(att) == LAYERS
     # the causal mask becomes the flag; a mask built from attention_mask stays an input
@@ -136,26 +83,41 @@ def check_fused(sess, with_mask, norms=True, norms_per_layer=2):
         assert ("", gone) not in ops and ("pyedge", gone) not in ops, gone
 
 
-# eager (the bench's spelling) and sdpa, static and dynamic, causal and padded: dynamo
+def check_torch(path, family, attn, feeds):
+    """pyedge's logits (fused, untrained) against the torch model's."""
+    sess = pyedge.TrainingSession(path, loss=None)
+    got = sess.run(feeds)[sess.output_name]
+    ref = torch_logits(family, feeds, attn)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= TORCH_TOL, np.abs(got - ref).max()
+
+
+def check_other_size(fused, plain, with_mask):
+    """Another batch and sequence length (the trained adapters): new plans, same results."""
+    feeds = family_feeds(np.zeros((2, 12), np.int64), with_mask, padded=with_mask,
+                         batch=3, seq=7)
+    yf = fused.run(feeds)[fused.output_name]
+    yp = plain.run(feeds)[plain.output_name]
+    assert yf.shape == (3, 7, VOCAB)
+    np.testing.assert_allclose(yf, yp, rtol=0, atol=1e-5 * np.abs(yp).max())
+
+
+# Llama: eager (the bench's spelling) and sdpa, static and dynamic, causal and padded: dynamo
 @pytest.mark.parametrize("with_mask", [False, True], ids=["causal", "padding"])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_llama_dynamo_fuses_and_trains_the_same(exported, attn, dynamic, with_mask):
-    path, ids = exported(family="llama", attn=attn, dynamic=dynamic, with_mask=with_mask)
-    fused, plain = parity(path, _feeds(ids, with_mask))
+    path, ids, _ = exported(family="llama", attn=attn, dynamic=dynamic, with_mask=with_mask)
+    fused, plain = parity(path, family_feeds(ids, with_mask, padded=with_mask))
     check_fused(fused, with_mask)
-    if dynamic:  # another batch and sequence length (the trained adapters): new plans
-        feeds = _feeds(ids, with_mask, batch=3, seq=7)
-        yf = fused.run(feeds)[fused.output_name]
-        yp = plain.run(feeds)[plain.output_name]
-        assert yf.shape == (3, 7, VOCAB)
-        np.testing.assert_allclose(yf, yp, rtol=0, atol=1e-5 * np.abs(yp).max())
+    if dynamic:
+        check_other_size(fused, plain, with_mask)
 
 
 def test_eager_fusion_counts_what_attention_absorbed(exported):
     """The eager softmax first becomes a MaskedSoftmax and Q·Kᵀ a transposed MatMul; once
     attention takes them, `fusions` no longer counts them as such."""
-    path, _ = exported(family="llama", attn="eager")
+    path, _, _ = exported(family="llama", attn="eager")
     g = load_onnx(path)
     f = fuse(g)
     assert f["attention"] == LAYERS and f.get("masked_softmax", 0) == 0
@@ -165,7 +127,7 @@ def test_eager_fusion_counts_what_attention_absorbed(exported):
 def test_dynamic_mask_that_is_not_causal_stays_an_input(exported):
     """A mask built from the shapes alone whose "minus infinity" is -1 is not the causal mask:
     it stays the Attention's mask input, and the result is unchanged at another size."""
-    path, ids = exported(family="llama", attn="eager", dynamic=True)
+    path, ids, _ = exported(family="llama", attn="eager", dynamic=True)
     base = load_onnx(path)
     assert fuse(base.copy())["attention"] == LAYERS
     g = base.copy()
@@ -181,7 +143,7 @@ def test_dynamic_mask_that_is_not_causal_stays_an_input(exported):
     assert all(len(n.inputs) == 4 and "causal" not in n.attrs for n in att)
     fused = pyedge.TrainingSession(g, loss=None)
     plain = pyedge.TrainingSession(g, loss=None, fuse=False)
-    feeds = _feeds(ids, False, batch=3, seq=5)
+    feeds = family_feeds(ids, False, batch=3, seq=5)
     yf, yp = fused.run(feeds)[fused.output_name], plain.run(feeds)[plain.output_name]
     np.testing.assert_allclose(yf, yp, rtol=0, atol=1e-5 * np.abs(yp).max())
 
@@ -190,9 +152,9 @@ def test_dynamic_mask_that_is_not_causal_stays_an_input(exported):
 # torch.diff, which that exporter cannot write), so the mask is always an input
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_torchscript_eager_fuses_and_trains_the_same(exported, dynamic):
-    path, ids = exported(family="llama", attn="eager", exporter="torchscript", dynamic=dynamic,
-                         with_mask=True)
-    fused, _ = parity(path, _feeds(ids, True))
+    path, ids, _ = exported(family="llama", attn="eager", exporter="torchscript",
+                            dynamic=dynamic, with_mask=True)
+    fused, _ = parity(path, family_feeds(ids, True, padded=True))
     check_fused(fused, with_mask=True)
 
 
@@ -200,7 +162,8 @@ def test_torchscript_sdpa_with_an_infinite_mask_keeps_its_nan_guard(exported):
     """TorchScript's SDPA masks with -inf and guards the softmax with IsNaN → 0: a row whose
     keys are all masked gives 0 there but NaN in pyedge.Attention, so it is not fused; with
     the mask's -inf made finite (as the dynamo exporter writes it) it is."""
-    path, ids = exported(family="llama", attn="sdpa", exporter="torchscript", with_mask=True)
+    path, ids, _ = exported(family="llama", attn="sdpa", exporter="torchscript",
+                            with_mask=True)
     g = load_onnx(path)
     assert fuse(g.copy())["attention"] == 0
     for n in g.nodes:
@@ -211,19 +174,58 @@ def test_torchscript_sdpa_with_an_infinite_mask_keeps_its_nan_guard(exported):
     assert fuse(g)["attention"] == LAYERS
 
 
-# the families, dynamo export, transformers' eager attention (the bench's), dynamic shapes:
-# one attention per layer, causal flag; fused vs op by op
-FAMILIES = ["qwen2", "qwen3", "mistral", "gemma", "phi3", "smollm3"]
+# ------------------------------------------------------------------- every family, both exporters
+# eager attention (the bench's), static and dynamic: dynamo on input_ids alone (causal flag),
+# TorchScript with a right-padded attention_mask (mask input); sdpa on the dynamo exporter.
+# The default run keeps the cases that cover NeoX's and Phi-3's own spellings; the rest are
+# marked slow.
+FAST = {("neox", "eager", "dynamo", False), ("neox", "eager", "torchscript", True),
+        ("neox", "sdpa", "dynamo", True), ("phi3_partial", "eager", "torchscript", False)}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_fuses_one_attention_per_layer_and_trains_the_same(exported, family):
-    path, ids = exported(family=family, attn="eager", dynamic=True)
-    # Phi-3 projects q, k, v in one qkv_proj
-    fused, _ = parity(path, _feeds(ids, False),
-                      targets=("qkv_proj",) if family == "phi3" else ("q_proj", "v_proj"))
-    # Phi-3's MLP is one gate_up projection split in two: not the gated-MLP rule's pattern;
-    # Qwen3 normalises q and k per head too (two more RMSNorms per layer)
-    check_fused(fused, with_mask=False, norms=family != "phi3",
-                norms_per_layer=4 if family == "qwen3" else 2)
+def _family_cases():
+    out = []
+    for fam in FAMILIES:
+        for attn, exporter in (("eager", "dynamo"), ("eager", "torchscript"),
+                               ("sdpa", "dynamo")):
+            for dynamic in (False, True):
+                key = (fam, attn, exporter, dynamic)
+                marks = [] if key in FAST else [pytest.mark.slow]
+                out.append(pytest.param(*key, marks=marks, id="-".join(
+                    [fam, attn, exporter, "dynamic" if dynamic else "static"])))
+    return out
+
+
+@pytest.mark.parametrize("family,attn,exporter,dynamic", _family_cases())
+def test_family_fuses_one_attention_per_layer_and_trains_the_same(exported, family, attn,
+                                                                  exporter, dynamic):
+    with_mask = exporter == "torchscript"
+    path, ids, rope_layers = exported(family=family, attn=attn, exporter=exporter,
+                                      dynamic=dynamic, with_mask=with_mask)
+    feeds = family_feeds(ids, with_mask, padded=with_mask)
+    fused, plain = parity(path, feeds, family)
+    check_fused(fused, with_mask, family, rope_layers)
+    check_torch(path, family, attn, feeds)
+    if dynamic:
+        check_other_size(fused, plain, with_mask)
+
+
+def test_sliding_window_mask_is_not_taken_for_the_causal_one(tmp_path):
+    """Mistral with a sliding window of 16, symbolic sequence length: its mask equals the
+    causal one at every length up to 16, so the sizes the fusion evaluates it at must go past
+    the window's constant; it becomes causal=1 with window=16 (no mask tensor) and a 40-token
+    sequence gives what the op-by-op graph and torch give (a plain causal flag would attend
+    past the window)."""
+    path, ids, _ = export_family(tmp_path, "mistral", dynamic=True, attn="eager", mask=False,
+                                 config={"sliding_window": 16})
+    fused = pyedge.TrainingSession(path, loss=None)
+    att = [n for n in fused.graph.nodes if n.op_type == "Attention"]
+    assert len(att) == LAYERS and all(len(n.inputs) == 3 and n.attrs.get("causal") == 1
+                                      and n.attrs.get("window") == 16 for n in att), \
+        [(len(n.inputs), n.attrs) for n in att]
+    plain = pyedge.TrainingSession(path, loss=None, fuse=False)
+    feeds = family_feeds(ids, False, batch=1, seq=40)
+    yf, yp = fused.run(feeds)[fused.output_name], plain.run(feeds)[plain.output_name]
+    np.testing.assert_allclose(yf, yp, rtol=0, atol=1e-5 * np.abs(yp).max())
+    ref = torch_logits("mistral", feeds, "eager", config={"sliding_window": 16})
+    assert np.abs(yf - ref).max() <= TORCH_TOL

@@ -126,31 +126,10 @@ def test_fold_rewrite_float64_tensor_and_refusals():
 
 # ------------------------------------------------------------- exported decoders, end to end
 def _build(family, impl):
-    import torch
-    import transformers as tf
-    torch.manual_seed(0)
-    kw = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-              num_key_value_heads=2, intermediate_size=96, vocab_size=VOCAB,
-              max_position_embeddings=64, attn_implementation=impl)
-    cfg, base = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-                 "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-                 "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-                 "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM)}[family]
-    if family == "gemma":
-        kw["head_dim"] = 16
-
-    class LM(base):  # a subclass keeps the parameter names PEFT expects
-        def forward(self, input_ids, attention_mask):
-            # with an attention_mask transformers does not look for packed sequences
-            # (torch.diff, which the TorchScript exporter cannot export)
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False).logits
-    model = LM(cfg(**kw)).eval()
-    with torch.no_grad():  # norm weights away from their init (1, or 0 in 1 + w)
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    """The family's tiny decoder (tests/decoder_families.py) with transformers' `impl`
+    attention; deterministic, so a second call gives the model PEFT loads adapters onto."""
+    from decoder_families import build
+    return build(family, impl)[0]
 
 
 def _feeds(seed=0, batch=BATCH, seq=SEQ):
