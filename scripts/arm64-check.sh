@@ -156,7 +156,8 @@ cp -r /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.cr
 # kernels that misbehave under emulation (NaN GEMMs); a Pi 4's Cortex-A72 is what the default
 # armv8-a build targets. PYEDGE_ARM64_CPU=cortex-a76 (Pi 5) or neoverse-n1 work too.
 CPU=${PYEDGE_ARM64_CPU:-cortex-a72}
-inroot() { QEMU_CPU=$CPU chroot "$ROOT" /usr/bin/env -i QEMU_CPU=$CPU HOME=/root PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin \
+# PYEDGE_EMULATION tells a test that measures wall-clock moments that it runs emulated
+inroot() { QEMU_CPU=$CPU chroot "$ROOT" /usr/bin/env -i QEMU_CPU=$CPU PYEDGE_EMULATION=qemu-user HOME=/root PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin \
              PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt LANG=C.UTF-8 \
              OMP_NUM_THREADS="$JOBS" "$@"; }
 say "root: $(inroot uname -m), $(inroot python3 --version)"
