@@ -46,7 +46,8 @@ def parse_junit(path: str) -> dict:
             for kind in ("failure", "error"):
                 el = case.find(kind)
                 if el is not None:
-                    msg = (el.get("message") or el.text or "").strip().splitlines()
+                    msg = (el.get("message") or el.text or "").strip()
+                    msg = re.sub(r"(\x1b|#x1B)\[[0-9;]*m", "", msg).splitlines()  # colours
                     out["failures"].append(
                         f"{'FAILED' if kind == 'failure' else 'ERROR'} "
                         f"{module_id(case.get('classname', ''), case.get('name', ''))}"
