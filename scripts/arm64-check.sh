@@ -64,7 +64,7 @@ for a in "$@"; do
     --summary) SUMMARY_ONLY=1 ;;
     --native) BUILD_MODE=native ;;
     --cross) BUILD_MODE=cross ;;
-    -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
     *) echo "unknown option $a" >&2; exit 2 ;;
   esac
 done
