@@ -93,6 +93,20 @@ _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": _div,
            "Pow": np.power, "Max": np.maximum, "Min": np.minimum}
 
 
+def cast_like_core(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """numpy's astype, except float -> integer (out of range: undefined in ONNX, and numpy's
+    result differs between x86 and aarch64) is what the core's Cast does on every arch:
+    truncate toward zero, saturate to the target's range, NaN -> 0."""
+    if a.dtype.kind != "f" or dtype.kind not in "iu":
+        return a.astype(dtype)
+    info = np.iinfo(dtype)
+    t = np.trunc(a.astype(np.float64))
+    hi, lo = t >= float(info.max), t <= float(info.min)  # float(int64 max) rounds up to 2^63
+    out = np.where(hi | lo | np.isnan(t), 0, t).astype(dtype)
+    out[hi], out[lo] = info.max, info.min
+    return out
+
+
 def _eval_const(node: Node, args: list[np.ndarray]) -> np.ndarray:
     """One node of a constant chain in numpy (ONNX semantics, input dtypes kept)."""
     from pyedge.onnx_import import ONNX_TO_NP
@@ -100,7 +114,7 @@ def _eval_const(node: Node, args: list[np.ndarray]) -> np.ndarray:
         to = int(node.attrs.get("to", 0))
         if to not in ONNX_TO_NP:
             raise ImportRewriteError(f"Cast node '{node.name}': target type {to} unsupported")
-        return np.asarray(args[0]).astype(ONNX_TO_NP[to])
+        return cast_like_core(np.asarray(args[0]), np.dtype(ONNX_TO_NP[to]))
     a = np.asarray(args[0])
     if node.op_type in _UNARY:
         with np.errstate(all="ignore"):  # NaN/inf follow IEEE as onnxruntime's do

@@ -135,12 +135,9 @@ if [ $DO_ARM = 1 ]; then
   [ "$(id -u)" = 0 ] || { echo "the aarch64 part runs as root (chroot into $ROOT)" >&2; exit 1; }
   [ -e "$ROOT/.pyedge-root-ok" ] || { echo "no arm64 root at $ROOT: run scripts/arm64-check.sh first" >&2; exit 1; }
   command -v aarch64-linux-gnu-g++ >/dev/null || { apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null; }
-  mounted=()
-  mnt() { mountpoint -q "$ROOT/$2" || { mount "${@:3}" "$1" "$ROOT/$2" && mounted+=("$ROOT/$2"); }; }
-  cleanup() { for ((i=${#mounted[@]}-1; i>=0; i--)); do umount -l "${mounted[$i]}" || true; done; }
-  trap cleanup EXIT
-  mnt proc proc -t proc
-  mnt /dev dev --bind
+  . "$REPO/scripts/arm64-root-mounts.sh"  # /proc, /dev shared with arm64-check.sh runs
+  trap root_mounts_release EXIT
+  root_mounts_acquire
   CPU=${PYEDGE_ARM64_CPU:-cortex-a72}  # see scripts/arm64-check.sh (OpenBLAS SME kernels under qemu's "max")
   inroot() { QEMU_CPU=$CPU chroot "$ROOT" /usr/bin/env -i QEMU_CPU=$CPU HOME=/root PATH=/usr/local/bin:/usr/bin:/bin \
                PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CERT=/etc/ssl/certs/ca-certificates.crt LANG=C.UTF-8 \
@@ -150,11 +147,12 @@ if [ $DO_ARM = 1 ]; then
   # flags a wheel build uses); run it first (incremental when nothing changed). Its module
   # carries the build's absolute OpenBLAS RPATH; the wheel's gets the installed layout's,
   # $ORIGIN/../scipy_openblas32/lib (CMakeLists.txt's INSTALL_RPATH).
-  SO=$(ls "$ROOT"/src/pyedge/pyedge/_core.cpython-*-aarch64-linux-gnu.so 2>/dev/null | head -1)
+  WORKDIR=${PYEDGE_ARM64_WORKDIR:-/src/pyedge}  # arm64-check.sh's source/build dir in the root
+  SO=$(ls "$ROOT$WORKDIR"/pyedge/_core.cpython-*-aarch64-linux-gnu.so 2>/dev/null | head -1)
   if [ "${PYEDGE_WHEEL_SKIP_CHECK:-0}" != 1 ] || [ -z "$SO" ]; then
     say "aarch64: cross build through scripts/arm64-check.sh (its tests and demo run too; log .wheels/arm64-check.log)"
     bash "$REPO/scripts/arm64-check.sh" > "$LOG/arm64-check.log" 2>&1 || { tail -30 "$LOG/arm64-check.log"; exit 1; }
-    SO=$(ls "$ROOT"/src/pyedge/pyedge/_core.cpython-*-aarch64-linux-gnu.so | head -1)
+    SO=$(ls "$ROOT$WORKDIR"/pyedge/_core.cpython-*-aarch64-linux-gnu.so | head -1)
   fi
   RPYV=$(inroot /opt/venv/bin/python -c 'import sys; print("%d%d" % sys.version_info[:2])')
   B0=$(date +%s)

@@ -203,6 +203,7 @@ def test_dora_session_matches_formula_and_gradients():
     np.testing.assert_allclose(grads["fc1.lora_B.weight"], dB, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.arm64
 @pytest.mark.parametrize("n", [1, 7, 16, 37])
 def test_dora_simd_kernels_equal_scalar(n):
     rng = np.random.default_rng(n)

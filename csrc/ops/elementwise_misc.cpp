@@ -1,5 +1,6 @@
 // Identity, Cast, CastLike, Expand and Dropout.
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "common/hash.h"
@@ -79,16 +80,29 @@ bool onnx_to_dtype(int64_t t, DType& out) {
   }
 }
 
-// One element of Cast. Float -> integer goes through int64 (truncation toward zero, then
-// wrap-around to the narrower type, like onnxruntime); NaN and out-of-range give INT64_MIN
-// (what x86 produces) instead of undefined behaviour. Anything -> bool is x != 0.
+// One element of Cast.
+// Float -> integer: ONNX leaves an out-of-range result undefined and so does C++ (x86 and
+// aarch64 really differ: Cast(-1.7 -> uint8) was 255 on x86, 0 on aarch64). pyedge defines it
+// the same on every arch: truncate toward zero, then saturate to the target's range, NaN -> 0
+// (what aarch64's fcvtzs/fcvtzu do for 32/64-bit targets). int8/int16 targets are computed as
+// int64 by the import (import_rewrites.widen_narrow_ints), so there an out-of-range float wraps
+// after truncation, again the same everywhere.
+// Integer -> narrower integer wraps (ONNX: high bits discarded); anything -> bool is x != 0.
+template <typename S, typename D>
+inline D saturate_float_to_int(S x) {
+  constexpr D lo = std::numeric_limits<D>::min(), hi = std::numeric_limits<D>::max();
+  if (x != x) return D(0);
+  if (x <= S(lo)) return lo;  // S(lo) is exact: 0 or -2^k
+  if (x >= S(hi)) return hi;  // S(hi) may round up (int64 max -> 2^63): >= keeps D(x) in range
+  return D(x);
+}
+
 template <typename S, typename D, bool kToBool>
 inline D convert(S x) {
   if constexpr (kToBool) {
     return D(x != S(0));
   } else if constexpr (std::is_floating_point_v<S> && std::is_integral_v<D>) {
-    const int64_t v = (x > S(-9.2e18) && x < S(9.2e18)) ? int64_t(x) : INT64_MIN;
-    return D(v);
+    return saturate_float_to_int<S, D>(x);
   } else {
     return D(x);
   }
