@@ -167,14 +167,15 @@ def write_dir_atomically(target: Path, files: dict[str, bytes], parent: Path | N
 
 def replace_dir(tmp: Path, target: Path) -> None:
     """Puts the complete directory `tmp` at `target` (same parent folder). An existing target
-    is first renamed to ``.trash-<name>-<pid>`` (one atomic rename) and deleted only after
+    is first renamed to ``.old-<name>-<pid>`` (one atomic rename) and deleted only after
     `tmp` took its place, so a kill leaves the old directory whole, the new one whole, or
     (between the two renames) both whole under their temporary names; never a half-deleted
-    or mixed one. cleanup_temp removes the leftovers."""
+    or mixed one. recover_replaced (also run by cleanup_temp) puts an old directory back when
+    its name is free, and removes it otherwise."""
     tmp, target = Path(tmp), Path(target)
     trash = None
     if target.exists():
-        trash = target.parent / f".trash-{target.name}-{os.getpid()}"
+        trash = target.parent / f".old-{target.name}-{os.getpid()}"
         if trash.exists():
             shutil.rmtree(trash)
         os.rename(target, trash)
@@ -182,6 +183,28 @@ def replace_dir(tmp: Path, target: Path) -> None:
     fsync_dir(target.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+_OLD_RE = re.compile(r"^\.old-(.+)-\d+$")
+
+
+def recover_replaced(parent, name: str | None = None) -> None:
+    """After a kill inside replace_dir: an ``.old-<name>-<pid>`` directory whose `name` is free
+    again (killed between the two renames) is renamed back, being the only whole copy at that
+    place; one whose name is taken (killed while deleting it) is removed. `name`: only that
+    directory's leftovers."""
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    for p in sorted(parent.iterdir(), key=lambda q: q.name):
+        m = _OLD_RE.match(p.name)
+        if not m or not p.is_dir() or (name is not None and m.group(1) != name):
+            continue
+        if (parent / m.group(1)).exists():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            os.rename(p, parent / m.group(1))
+            fsync_dir(parent)
 
 
 def list_checkpoints(root) -> list[tuple[int, Path]]:
@@ -196,25 +219,15 @@ def list_checkpoints(root) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-_TRASH_RE = re.compile(r"^\.trash-(.+)-\d+$")
-
-
 def cleanup_temp(root) -> None:
     """Removes half-written temp dirs and half-deleted trash dirs left by a crash (never a
-    complete step-N); a trash dir whose name is free again (a kill between replace_dir's
-    renames) is put back instead. Call it with the run's lock held (lock_run) so no live writer's temp
+    complete step-N), after recover_replaced. Call it with the run's lock held (lock_run) so no live writer's temp
     dir is touched."""
     root = Path(root)
     if not root.is_dir():
         return
-    for p in list(root.iterdir()):
-        m = _TRASH_RE.match(p.name)
-        if m and p.is_dir() and not (root / m.group(1)).exists():
-            # killed between replace_dir's two renames: the old directory is the only whole
-            # copy left at its name's place, so it goes back (the new one is a .tmp- leftover)
-            os.rename(p, root / m.group(1))
-            fsync_dir(root)
-            continue
+    recover_replaced(root)
+    for p in root.iterdir():
         if p.name.startswith((".tmp-", ".trash-", f".{LATEST}.tmp-")):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)

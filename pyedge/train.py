@@ -336,6 +336,7 @@ def _write_final_adapters(adapters_dir: Path, session, meta: dict, say) -> bool:
     files. Returns whether the PEFT files were written."""
     import shutil
     parent = adapters_dir.parent
+    ckpt.recover_replaced(parent, adapters_dir.name)  # a kill between replace_dir's renames
     for stale in [*parent.glob(f".tmp-{adapters_dir.name}-*"),
                   *parent.glob(f".trash-{adapters_dir.name}-*")]:   # left by a kill
         shutil.rmtree(stale, ignore_errors=True)

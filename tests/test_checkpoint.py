@@ -191,14 +191,15 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
 def test_kill_between_replace_dir_renames_restores_the_old_directory(tmp_path):
     """replace_dir renames the old directory away, then the new one in: a kill between the
     two leaves the name free; cleanup_temp puts the old (whole) directory back and drops the
-    new one's temp copy, so the folder a user reads is never simply gone."""
+    new one's temp copy, so the folder a user reads is never simply gone. A half-deleted
+    .trash- directory (a prune killed mid-delete) is never put back."""
     root = tmp_path / "out"
     (root / "adapters").mkdir(parents=True)
     (root / "adapters" / "a.txt").write_text("old")
     new = root / ".tmp-adapters-1"
     new.mkdir()
     (new / "a.txt").write_text("new")
-    os.rename(root / "adapters", root / ".trash-adapters-4242")  # replace_dir's first rename
+    os.rename(root / "adapters", root / ".old-adapters-4242")  # replace_dir's first rename
     ck.cleanup_temp(root)
     assert sorted(os.listdir(root)) == ["adapters"]
     assert (root / "adapters" / "a.txt").read_text() == "old"
@@ -209,3 +210,8 @@ def test_kill_between_replace_dir_renames_restores_the_old_directory(tmp_path):
     ck.cleanup_temp(root)
     assert sorted(os.listdir(root)) == ["adapters"]
     assert (root / "adapters" / "a.txt").read_text() == "new"
+    half = root / ".trash-step-3-77"  # prune's rename, then a kill inside rmtree
+    half.mkdir()
+    (half / "model.safetensors").write_text("x")
+    ck.cleanup_temp(root)
+    assert sorted(os.listdir(root)) == ["adapters"]

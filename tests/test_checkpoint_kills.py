@@ -24,7 +24,7 @@ from pyedge import checkpoint as ck
 
 KILLS = int(os.environ.get("PYEDGE_PRUNE_KILLS", "60"))
 SERIES = 6          # fresh output folders; the first kill of each may land in the first save
-STALE = (".tmp-", ".trash-", f".{ck.LATEST}.tmp-")
+STALE = (".tmp-", ".trash-", ".old-", f".{ck.LATEST}.tmp-")
 
 
 # ------------------------------------------------------------------------- in the child

@@ -225,7 +225,7 @@ def test_a_kill_while_writing_the_final_adapters_keeps_one_generation(task, tmp_
     with pytest.raises(Killed):
         train(cfg(task, out, max_steps=20, eval_data=None, resume=True), log=lambda m: None)
     assert {p.name: p.read_bytes() for p in ad.iterdir()} == before
-    assert not [p for p in out.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
+    assert not [p for p in out.iterdir() if p.name.startswith((".tmp-", ".trash-", ".old-"))]
 
 
 @requires_loss

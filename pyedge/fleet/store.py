@@ -35,6 +35,8 @@ class RoundStore:
         self.rounds = self.out / "rounds"
         self.rounds.mkdir(parents=True, exist_ok=True)
         # temporaries and trash of a server that died mid-write
+        from pyedge.checkpoint import recover_replaced
+        recover_replaced(self.rounds)
         for stale in [*self.rounds.glob(".tmp-*"), *self.rounds.glob(".trash-*")]:
             shutil.rmtree(stale, ignore_errors=True)
 
