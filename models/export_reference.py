@@ -50,7 +50,7 @@ def export(model, example_inputs, path, exporter="dynamo", opset=None, input_nam
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            dyn = _dynamic_shapes(input_names, dynamic_axes) if dynamic_axes else None
+            dyn = _dynamic_shapes(input_names, dynamic_axes, args) if dynamic_axes else None
             torch.onnx.export(model, args, path, input_names=input_names,
                               output_names=output_names, opset_version=opset,
                               dynamo=True, optimize=False, external_data=False,

@@ -13,6 +13,8 @@
 #                                          # PYEDGE_ARM64_COMMIT=<key> for another run's)
 #   PYEDGE_ARM64_TESTS="tests/test_a.py tests/test_b.py" bash scripts/arm64-check.sh --full
 #                                          # a slice of the suite with the full dependencies
+#   PYEDGE_ARM64_FULL_JOBS=2 bash scripts/arm64-check.sh --full
+#                                          # modules side by side (default: PYEDGE_ARM64_JOBS, nproc)
 #   PYEDGE_ARM64_WORKDIR=/src/pyedge-full bash scripts/arm64-check.sh --full
 #                                          # own source/build dir in the root: a long --full run and
 #                                          # a quick check (default /src/pyedge) side by side
@@ -310,20 +312,31 @@ if [ $FULL = 1 ]; then
   RDIR=$WORKDIR/.arm64-results
   mkdir -p "$ROOT$RDIR"
   N=$(wc -w <<< "$MODS"); K=0
-  say "pytest, whole suite: $N modules, one pytest each (results $RESULTS; per-module timeout ${MODULE_TIMEOUT}s)"
+  # modules side by side (qemu-user emulates one guest thread per host thread): each gets
+  # JOBS/FULL_JOBS threads and its own pytest basetemp (pytest empties it at start and makes no parents)
+  FULL_JOBS=${PYEDGE_ARM64_FULL_JOBS:-$JOBS}
+  MOD_THREADS=$(( JOBS / FULL_JOBS > 0 ? JOBS / FULL_JOBS : 1 ))
+  say "pytest, whole suite: $N modules, one pytest each, $FULL_JOBS at a time with $MOD_THREADS thread(s) (results $RESULTS; per-module timeout ${MODULE_TIMEOUT}s)"
+  run_module() {  # $1 module path, $2 its number
+    local m=$1 name M0 MRC
+    name=$(basename "$m" .py)
+    rm -f "$ROOT$RDIR/$name.xml"
+    M0=$(date +%s)
+    inroot env OMP_NUM_THREADS="$MOD_THREADS" timeout -k 60 "$MODULE_TIMEOUT" bash -c "cd $WORKDIR && $PYENV; exec python -m pytest -q -p no:cacheprovider \
+        --durations=15 --basetemp=$BASETEMP-$name --junitxml=$RDIR/$name.xml $m" > "$RESULTS/$name.log" 2>&1
+    MRC=$?
+    [ -e "$ROOT$RDIR/$name.xml" ] && cp "$ROOT$RDIR/$name.xml" "$RESULTS/$name.xml"
+    say "  [$2/$N] $("$HOSTPY" "$REPO/scripts/arm64_results.py" record "$RESULTS" "$name" "$MRC" "$(($(date +%s) - M0))")"
+  }
+  set +e
   for m in $MODS; do
     K=$((K + 1)); name=$(basename "$m" .py)
     if [ $RESUME = 1 ] && [ -e "$RESULTS/$name.json" ]; then say "  [$K/$N] $name: done before, skipped"; continue; fi
-    rm -f "$ROOT$RDIR/$name.xml"
-    M0=$(date +%s)
-    set +e
-    inroot timeout -k 60 "$MODULE_TIMEOUT" bash -c "cd $WORKDIR && $PYENV; exec python -m pytest -q -p no:cacheprovider \
-        --durations=15 --basetemp=$BASETEMP --junitxml=$RDIR/$name.xml $m" > "$RESULTS/$name.log" 2>&1
-    MRC=$?
-    set -e
-    [ -e "$ROOT$RDIR/$name.xml" ] && cp "$ROOT$RDIR/$name.xml" "$RESULTS/$name.xml"
-    say "  [$K/$N] $("$HOSTPY" "$REPO/scripts/arm64_results.py" record "$RESULTS" "$name" "$MRC" "$(($(date +%s) - M0))")"
+    while [ "$(jobs -rp | wc -l)" -ge "$FULL_JOBS" ]; do wait -n; done
+    run_module "$m" "$K" &
   done
+  wait
+  set -e
   TEST_S=$(($(date +%s) - T1))
   AGG=$(summary_full | tee "$LOG/pytest.log" | grep "^aggregate:" || true)
   TESTLINE="${AGG#aggregate: } (summary: $LOGREL/pytest.log; --summary)"

@@ -68,7 +68,8 @@ def test_record_and_summary_from_real_junit(tmp_path):
     tot = ar.summary(str(res), str(counts), out=out)
     text = out.getvalue()
     assert "aggregate: 3 of 4 modules done: 2 passed, 1 failed, 1 skipped, 3 errors" in text, text
-    assert "wall time summed 2h00m (7242 s)" in text, text
+    # the three were recorded just now: their intervals overlap, the wall time is the longest
+    assert "wall time 2h00m (7200 s; the modules' own times sum to 2h00m)" in text, text
     assert (tot["modules_done"], tot["modules"]) == (3, 4)
     # the done modules ran 5 tests in 7242 s: the 4 tests left take 4x that per test
     assert abs(tot["estimate_left"] - 4 * 7242.0 / 5) < 1e-6
@@ -77,3 +78,13 @@ def test_record_and_summary_from_real_junit(tmp_path):
 
 def test_summary_cli_without_results(tmp_path):
     assert ar.main(["summary", str(tmp_path / "none")]) == 1
+
+
+def test_wall_time_counts_side_by_side_modules_once_and_no_pauses():
+    runs = [{"started": 0, "ended": 100, "seconds": 100},     # jobs=2: two modules at once
+            {"started": 50, "ended": 120, "seconds": 70},
+            {"started": 120, "ended": 130, "seconds": 10},    # touching: one stretch
+            {"started": 5000, "ended": 5060, "seconds": 60},  # resumed in another session
+            {"seconds": 40}]                                  # recorded without an interval
+    assert ar.wall_seconds(runs) == 130 + 60 + 40
+    assert ar.wall_seconds([]) == 0

@@ -96,6 +96,21 @@ class Twins(torch.nn.Module):
         return self.ln2(self.b(self.ln1(self.a(x))))
 
 
+def test_dynamic_axes_start_at_two_where_every_example_allows():
+    """torch < 2.10 refuses the `seq != 1` guard transformers' models leave on an unbounded
+    Dim (seen with torch 2.9.1 on aarch64); a lower bound of 2 satisfies it. A label with an
+    example size of 1 stays unbounded (a min of 2 would reject the example itself)."""
+    from pyedge.export.torch_export import _dynamic_shapes
+    ids, mask = torch.zeros(2, 5), torch.zeros(1, 5)
+    axes = {"ids": {0: "b", 1: "s"}, "mask": {0: "b", 1: "s"}}
+    d_ids, d_mask = _dynamic_shapes(["ids", "mask"], axes, (ids, mask))
+    assert d_ids[1] is d_mask[1] and d_ids[0] is d_mask[0]  # one Dim per label
+    assert (d_ids[1].min, d_ids[0].min) == (2, 0)
+    only_ids = _dynamic_shapes(["ids"], {"ids": [0]}, (ids,))
+    assert only_ids[0][0].__name__ == "ids_0" and only_ids[0][0].min == 2
+    assert _dynamic_shapes(["ids", "x"], {"ids": {1: "s"}}, (ids, ids))[1] is None
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_identical_parameters_stay_distinct(exporter, tmp_path):
     model = Twins().eval()

@@ -54,23 +54,36 @@ EXTERNAL_DATA_THRESHOLD = int(1.8e9)
 # --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
-def _dynamic_shapes(input_names, dynamic_axes):
-    """dynamic_axes ({name: {axis: label}} or {name: [axes]}) -> dynamo dynamic_shapes."""
+def _dynamic_shapes(input_names, dynamic_axes, args=None):
+    """dynamic_axes ({name: {axis: label}} or {name: [axes]}) -> dynamo dynamic_shapes.
+
+    A label whose example sizes (in `args`, the inputs in `input_names` order) are all >= 2
+    gets ``min=2``. torch specialises sizes 0 and 1, and models that branch on a size of 1
+    (transformers' causal mask at seq == 1) leave a ``!= 1`` guard that torch before 2.10
+    refuses for an unbounded Dim ("Constraints violated"; 2.10+ refines the range itself and
+    retries). The ONNX file keeps no range, so the graph is the same either way."""
     from torch.export import Dim
 
-    dims: dict[str, Any] = {}
-    out = []
-    for n in input_names:
+    labels: dict[str, list] = {}  # label -> [(input index, axis)]
+    specs = []
+    for i, n in enumerate(input_names):
         axes = (dynamic_axes or {}).get(n, {})
         if isinstance(axes, (list, tuple)):
             axes = {a: f"{n}_{a}" for a in axes}
-        spec = {}
-        for a, label in axes.items():
-            if label not in dims:  # one Dim per label: equal labels are equal sizes
-                dims[label] = Dim(str(label))
-            spec[int(a)] = dims[label]
-        out.append(spec or None)
-    return tuple(out)
+        specs.append({int(a): str(label) for a, label in axes.items()})
+        for a, label in specs[-1].items():
+            labels.setdefault(label, []).append((i, a))
+
+    def size(i, a):
+        shape = getattr(args[i], "shape", None) if args is not None and i < len(args) else None
+        return int(shape[a]) if shape is not None and -len(shape) <= a < len(shape) else None
+
+    dims = {}  # one Dim per label: equal labels are equal sizes
+    for label, where in labels.items():
+        sizes = [size(i, a) for i, a in where]
+        at_least_two = all(s is not None and s >= 2 for s in sizes)
+        dims[label] = Dim(label, min=2) if at_least_two else Dim(label)
+    return tuple({a: dims[label] for a, label in spec.items()} or None for spec in specs)
 
 
 def _normalize_inputs(example_inputs, input_names):
@@ -139,7 +152,7 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
             warnings.simplefilter("ignore")
             if exporter == "dynamo":
                 dyn = _dynamic_shapes(names or [f"input_{i}" for i in range(len(args))],
-                                      dynamic_axes) if dynamic_axes else None
+                                      dynamic_axes, args) if dynamic_axes else None
                 torch.onnx.export(model, args, tmp, input_names=names,
                                   output_names=list(output_names) if output_names else None,
                                   opset_version=opset, dynamo=True, optimize=False,
