@@ -20,7 +20,21 @@ import warnings
 import numpy as np
 import torch
 
-from pyedge.export.torch_export import _dynamic_shapes  # one Dim per dynamic-axes label
+
+def _load_dynamic_shapes():
+    """pyedge's dynamic_axes -> dynamic_shapes conversion (one Dim per label, min 2 where the
+    examples allow), loaded from its file: importing the `pyedge` package needs the compiled
+    core, and scripts/arm64-check.sh exports these models on the host before any build."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pyedge", "export",
+                        "torch_export.py")
+    spec = importlib.util.spec_from_file_location("_pyedge_torch_export", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod._dynamic_shapes
+
+
+_dynamic_shapes = _load_dynamic_shapes()
 
 DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
 

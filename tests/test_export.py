@@ -111,6 +111,20 @@ def test_dynamic_axes_start_at_two_where_every_example_allows():
     assert _dynamic_shapes(["ids", "x"], {"ids": {1: "s"}}, (ids, ids))[1] is None
 
 
+def test_reference_exports_need_no_compiled_core(tmp_path):
+    """scripts/arm64-check.sh exports the parity models with the host's torch before anything
+    is built: models.export_reference must not import the pyedge package (its core)."""
+    code = ("import sys; sys.modules['pyedge'] = None\n"  # any `import pyedge...` now fails
+            "from models.export_reference import export_reference\n"
+            f"export_reference('mlp', {str(tmp_path / 'm.onnx')!r})\n"
+            "print('ok')")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 def test_identical_parameters_stay_distinct(exporter, tmp_path):
     model = Twins().eval()
