@@ -17,46 +17,32 @@ import pyedge
 
 pytest.importorskip("transformers")
 
-LAYERS, BATCH, SEQ, VOCAB, WINDOW = 2, 2, 12, 128, 4
+from decoder_families import N_LAYERS as LAYERS, VOCAB, build as build_family  # noqa: E402
+
+BATCH, SEQ, WINDOW = 2, 12, 4
 CAP = 2.0  # Gemma 2's attn_logit_softcapping, small enough to bend these scores
 
 
 def build(family: str, attn: str = "eager", window: int = WINDOW):
-    """(model, per-layer (window or 0, softcap or 0)): 2 layers, hidden 64, 4 heads, 2 kv heads,
-    q/k projections scaled up so the scores (and the cap) matter."""
+    """(model, per-layer (window or 0, softcap or 0)): decoder_families' model of `family`
+    with this window (and cap), q/k projections scaled up so the scores (and the cap)
+    matter."""
     import torch
-    import transformers as tf
-    torch.manual_seed(0)
-    kw = dict(num_hidden_layers=LAYERS, hidden_size=64, num_attention_heads=4,
-              num_key_value_heads=2, intermediate_size=96, vocab_size=VOCAB,
-              max_position_embeddings=64, attention_dropout=0.0, pad_token_id=0,
-              bos_token_id=0, eos_token_id=0, sliding_window=window)
+    config = {"sliding_window": window}
     if family == "mistral":
-        cfg, base = tf.MistralConfig(**kw), tf.MistralForCausalLM
         layers = [(window, 0.0)] * LAYERS
     elif family == "gemma2":  # layer 0 sliding, layer 1 global; both soft-capped
-        cfg = tf.Gemma2Config(head_dim=16, attn_logit_softcapping=CAP, query_pre_attn_scalar=16,
-                              **kw)
-        base = tf.Gemma2ForCausalLM
+        config.update(attn_logit_softcapping=CAP, query_pre_attn_scalar=16)
         layers = [(window, CAP), (0, CAP)]
     elif family == "gemma3":  # local then global layer (its default pattern is 5:1)
-        cfg = tf.Gemma3TextConfig(head_dim=16, query_pre_attn_scalar=16,
-                                  layer_types=["sliding_attention", "full_attention"], **kw)
-        base = tf.Gemma3ForCausalLM
+        config.update(query_pre_attn_scalar=16,
+                      layer_types=["sliding_attention", "full_attention"])
         layers = [(window, 0.0), (0, 0.0)]
     else:
         raise ValueError(family)
-    cfg._attn_implementation = attn
-
-    class LM(base):  # a subclass keeps the parameter names PEFT expects
-        def forward(self, input_ids, attention_mask=None):
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False).logits
-    model = LM(cfg).eval()
+    model, _ = build_family(family, attn, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 1:  # norm weights away from their init
-                p.add_(torch.randn_like(p) * 0.1)
             if "q_proj" in name or "k_proj" in name:
                 p.mul_(6.0)
     return model, layers
