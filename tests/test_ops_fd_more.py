@@ -421,6 +421,38 @@ def test_more_backward_vs_finite_differences(case):
         _check_more(case)
 
 
+ALL_FD = ([("fd." + c[0], c) for c in test_ops_fd.CASES]
+          + [("families." + c[0], c) for c in test_ops_fd_families.CASES]
+          + [("more." + c[0], c) for c in CASES])
+
+
+@pytest.mark.parametrize("case", [c for _, c in ALL_FD], ids=[i for i, _ in ALL_FD])
+def test_gradient_buffer_modes(case):
+    """The FD checks fill zeroed gradient buffers. A plan also hands an op buffers that hold
+    earlier writers' sums (the op must add: grad_init="ones") and, to ops that assign fresh
+    gradients, uninitialised ones (NaN here: every element must be overwritten). Same
+    gradients all three ways, for every FD case (the torch-based opcheck does this on x86)."""
+    _, op, inputs, attrs, opset, _, *opt = case
+    opt = opt[0] if opt else {}
+    domain, _, op = op.rpartition(".")
+    kw = {k: opt[k] for k in ("num_outputs", "const_inputs", "training", "seed") if k in opt}
+    outs, _ = _core.run_op(op, inputs, attrs, opset=opset, domain=domain, **kw)
+    rng = np.random.default_rng(2)
+    n_out = opt.get("outputs", 1)
+    gs = [np.asarray(rng.standard_normal(np.shape(outs[j])), np.float32) for j in range(n_out)]
+    gs += [None] * (len(outs) - n_out)
+    runs = {init: _core.run_op(op, inputs, attrs, opset=opset, domain=domain, grad_outputs=gs,
+                               grad_init=init, **kw)[1] for init in ("zeros", "ones", "fresh")}
+    assert any(g is not None for g in runs["zeros"])
+    for init, off in (("ones", 1.0), ("fresh", 0.0)):
+        for i, (g0, g) in enumerate(zip(runs["zeros"], runs[init])):
+            assert (g0 is None) == (g is None)
+            if g0 is not None:
+                np.testing.assert_allclose(g - off, g0, rtol=1e-5,
+                                           atol=1e-5 * max(1.0, float(np.abs(g0).max(initial=0))),
+                                           err_msg=f"{op} grad of input {i}, grad_init={init}")
+
+
 @pytest.mark.parametrize("ratio", [0.3, 0.0])
 def test_dropout_training_vs_finite_differences(ratio):
     """Training mode: y = x * mask / (1 - ratio) with the op's own mask (ratio 0 keeps all)."""
