@@ -15,6 +15,8 @@
    FD case (here or in the two modules above), of the forward-only table, or listed in
    OTHER_ARM64_TESTS with an existing `arm64`-marked test. A new op without such a check fails
    it, named.
+4. test_gradient_buffer_modes: every FD case of the three modules also runs its backward into
+   buffers holding ones (the op must accumulate) and NaN marked fresh (it must overwrite).
 
 numpy only (no reference framework), so it runs on aarch64 under scripts/arm64-check.sh.
 A case is (id, op, inputs, attrs, opset, float64 reference) as in test_ops_fd.py, run through
@@ -226,12 +228,14 @@ COS1 = np.cos(np.concatenate([_ang, _ang], -1))[None].astype(np.float32)     # [
 SIN1 = np.sin(np.concatenate([_ang, _ang], -1))[None].astype(np.float32)
 COS2, SIN2 = R(2, 3, 8, seed=7), R(2, 3, 8, seed=8)                          # per sequence
 
+SELU_A, SELU_G = 1.67326319217681884765625, 1.05070102214813232421875  # ONNX's defaults
+
 CASES = [
     # activations and math (test_simd_unary.py checks their SIMD paths over 4099 elements)
     ("elu", "Elu", [R(3, 17, scale=2) + 0.01], {"alpha": 0.7}, 17,
      lambda x: np.where(x > 0, x, 0.7 * np.expm1(x))),
     ("selu", "Selu", [R(3, 17, scale=2) + 0.01], {}, 17,
-     lambda x: 1.0507009873554805 * np.where(x > 0, x, 1.6732632423543772 * np.expm1(x))),
+     lambda x: SELU_G * np.where(x > 0, x, SELU_A * np.expm1(x))),
     ("softplus", "Softplus", [R(3, 17, scale=3)], {}, 17, lambda x: np.logaddexp(0, x)),
     ("exp", "Exp", [R(3, 17)], {}, 17, np.exp),
     ("log", "Log", [np.abs(R(3, 17)) + 0.3], {}, 17, np.log),
@@ -274,7 +278,7 @@ CASES = [
      lambda x, r: x),
     # Cast float -> float passes the gradient (and converts it back)
     ("cast_f64", "Cast", [R(3, 17)], {"to": 11}, 17, lambda x: x),
-    ("castlike_f32", "CastLike", [R(3, 17), np.zeros(1, np.float32)], {}, 19,
+    ("castlike_f64", "CastLike", [R(3, 17), np.zeros(1, np.float64)], {}, 19,
      lambda x, like: x, {"grads": [0], "const_inputs": [1]}),
     # Split: every output gets a gradient
     ("split_sizes", "Split", [R(3, 17), np.array([2, 5, 10], np.int64)], {"axis": 1}, 13,
