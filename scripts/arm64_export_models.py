@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LORA_R, LORA_ALPHA = 4, 8
 ADAMW = {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
 STEPS = 3
-# pyedge's loss per model (TrainingSession(loss=...)) and the classes of its labels
+# pyedge's loss per model (TrainingSession(loss=...)); torch_loss below computes the same
 LOSS = {"mlp": "cross_entropy", "cnn": "cross_entropy", "minilm": "cross_entropy",
         "gpt2": "causal_lm", "decoder": "causal_lm"}
 
