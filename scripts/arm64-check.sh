@@ -35,7 +35,9 @@
 #    downloaded by the host's pip for aarch64, unpacked into the root's venv by the host
 #    (scripts/arm64_install_wheels.py; nothing of it runs emulated).
 # 3. Reference models are exported to ONNX on the host (x86 torch, when available) and
-#    copied in for the whole-model parity test (pyedge vs onnxruntime, both aarch64).
+#    copied in for the whole-model parity test (pyedge vs onnxruntime, both aarch64), with a
+#    PEFT LoRA folder, a batch and PyTorch's loss, LoRA gradients and AdamW losses per model
+#    (pyedge trains them on aarch64 without torch and must compute the same).
 # 4. The working tree (tracked + untracked, not ignored) is copied to $PYEDGE_ARM64_WORKDIR
 #    (default /src/pyedge) in the root and built with the CMake dev build (build dir kept: later
 #    builds are incremental). One run at a time per workdir (a lock says so); logs go to
