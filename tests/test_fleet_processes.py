@@ -31,6 +31,10 @@ from pyedge.fleet.store import RoundStore  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+# The wall-clock limits below are for native speed. Under emulation (scripts/arm64-check.sh
+# sets PYEDGE_EMULATION) every Flower process runs 10-30x slower: the waits, the rounds'
+# timeouts and the reply delays stretch with it, so the test checks the same sequence.
+TIME_SCALE = 10.0 if os.environ.get("PYEDGE_EMULATION") else 1.0
 
 
 def fleet_env():
@@ -41,6 +45,7 @@ def fleet_env():
 
 
 def wait_for(cond, timeout, what, fleet=None):
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -83,7 +88,7 @@ def test_three_nodes_tls_auth_non_iid_kill_and_unknown_key(tmp_path):
     out = tmp_path / "out"
     rc = {"num-rounds": 3, "local-steps": 15, "batch-size": 16, "client-eval": False,
           "eval-data": union, "min-available-nodes": 2, "min-train-nodes": 2,
-          "round-timeout": 40.0, "out-dir": str(out)}
+          "round-timeout": 40.0 * TIME_SCALE, "out-dir": str(out)}
     run = RunSettings.from_config(rc)
     figures = {}
     with LocalFleet(tmp_path / "fleet", env=fleet_env()) as fleet:
@@ -91,7 +96,7 @@ def test_three_nodes_tls_auth_non_iid_kill_and_unknown_key(tmp_path):
         for i, p in enumerate(paths):
             cfg = {"data-path": p}
             if i == 2:
-                cfg["reply-delay"] = 4.0   # the node we kill: still training when it dies
+                cfg["reply-delay"] = 4.0 * TIME_SCALE   # the node we kill: still training when it dies
             fleet.start_supernode(f"node{i}", cfg, fleet.node_key(f"node{i}"))
         # a board whose key nobody registered
         stranger = fleet.start_supernode("stranger", {"data-path": paths[0]},
@@ -158,7 +163,7 @@ def _vmhwm_of(code: str) -> float:
     probe = (code + "\nfor l in open('/proc/self/status'):\n"
              "    l.startswith('VmHWM') and print(int(l.split()[1]) / 1024)")
     r = subprocess.run([sys.executable, "-c", probe], env=fleet_env(), capture_output=True,
-                       text=True, timeout=120, check=True)
+                       text=True, timeout=120 * TIME_SCALE, check=True)
     return float(r.stdout.strip().splitlines()[-1])
 
 
@@ -166,7 +171,7 @@ def test_one_node_fedavg_equals_plain_run_over_tls(tmp_path):
     paths, _ = write_shards(tmp_path, 1)
     out = tmp_path / "out"
     rc = {"num-rounds": 2, "local-steps": 10, "batch-size": 16, "client-eval": False,
-          "min-available-nodes": 1, "round-timeout": 60.0, "out-dir": str(out)}
+          "min-available-nodes": 1, "round-timeout": 60.0 * TIME_SCALE, "out-dir": str(out)}
     run = RunSettings.from_config(rc)
     with LocalFleet(tmp_path / "fleet", env=fleet_env()) as fleet:
         fleet.start_superlink()
@@ -211,7 +216,7 @@ def test_simulation_with_flwr_run(tmp_path):
             "--federation-config", "num-supernodes=3", "--stream"]
     try:
         r = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True,
-                           timeout=400)
+                           timeout=400 * TIME_SCALE)
     finally:
         # the SuperLink flwr started for the simulation runs detached: stop it (and its children)
         for pid in _processes_mentioning(str(home)):
@@ -232,11 +237,11 @@ def test_server_restart_resumes_after_the_last_written_round(tmp_path):
     paths, _ = write_shards(tmp_path, 2)
     out = tmp_path / "out"
     rc = {"num-rounds": 3, "local-steps": 10, "batch-size": 16, "client-eval": False,
-          "min-available-nodes": 2, "round-timeout": 60.0, "out-dir": str(out)}
+          "min-available-nodes": 2, "round-timeout": 60.0 * TIME_SCALE, "out-dir": str(out)}
     with LocalFleet(tmp_path / "fleet", env=fleet_env()) as fleet:
         fleet.start_superlink()
         for i, p in enumerate(paths):
-            cfg = {"data-path": p, **({"reply-delay": 3.0} if i == 0 else {})}
+            cfg = {"data-path": p, **({"reply-delay": 3.0 * TIME_SCALE} if i == 0 else {})}
             fleet.start_supernode(f"node{i}", cfg, fleet.node_key(f"node{i}"))
         wait_for(lambda: fleet.online_nodes() == 2, 90, "2 SuperNodes online", fleet)
         fleet.run(rc)
