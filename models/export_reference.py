@@ -21,20 +21,23 @@ import numpy as np
 import torch
 
 
-def _load_dynamic_shapes():
-    """pyedge's dynamic_axes -> dynamic_shapes conversion (one Dim per label, min 2 where the
-    examples allow), loaded from its file: importing the `pyedge` package needs the compiled
-    core, and scripts/arm64-check.sh exports these models on the host before any build."""
+def _load_torch_export():
+    """pyedge/export/torch_export.py (dynamic-axes conversion, the dynamo export that takes
+    torch's suggested ranges), loaded from its file: importing the `pyedge` package needs the
+    compiled core, and scripts/arm64-check.sh exports these models on the host before any
+    build."""
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pyedge", "export",
                         "torch_export.py")
     spec = importlib.util.spec_from_file_location("_pyedge_torch_export", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod._dynamic_shapes
+    return mod
 
 
-_dynamic_shapes = _load_dynamic_shapes()
+_torch_export = _load_torch_export()
+_dynamic_shapes = _torch_export._dynamic_shapes
+
 
 DEFAULT_OPSET = {"dynamo": 18, "torchscript": 17}
 
@@ -65,10 +68,10 @@ def export(model, example_inputs, path, exporter="dynamo", opset=None, input_nam
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             dyn = _dynamic_shapes(input_names, dynamic_axes, args) if dynamic_axes else None
-            torch.onnx.export(model, args, path, input_names=input_names,
-                              output_names=output_names, opset_version=opset,
-                              dynamo=True, optimize=False, external_data=False,
-                              dynamic_shapes=dyn, verbose=verbose)
+            _torch_export.export_dynamo(model, args, path, dynamic_shapes=dyn,
+                                        input_names=input_names, output_names=output_names,
+                                        opset_version=opset, optimize=False,
+                                        external_data=False, verbose=verbose)
         else:
             torch.onnx.export(model, args, path, input_names=input_names,
                               output_names=output_names, opset_version=opset,

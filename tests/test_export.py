@@ -111,6 +111,56 @@ def test_dynamic_axes_start_at_two_where_every_example_allows():
     assert _dynamic_shapes(["ids", "x"], {"ids": {1: "s"}}, (ids, ids))[1] is None
 
 
+class _ConstraintViolation(Exception):
+    """What torch.onnx.export raises: its own error, the ConstraintViolation as the cause."""
+
+
+def _fake_export(monkeypatch, fixes):
+    """torch.onnx.export replaced: raises with each of `fixes` (torch's "Suggested fixes:"
+    text) in turn, then succeeds; returns the dynamic_shapes of every call."""
+    calls = []
+
+    def fake(model, args, path, dynamic_shapes=None, **kw):
+        calls.append(dynamic_shapes)
+        if len(calls) <= len(fixes):
+            cause = _ConstraintViolation("Constraints violated (seq)!\nSuggested fixes:\n  "
+                                         + fixes[len(calls) - 1])
+            raise RuntimeError("Failed to export the model with torch.export.") from cause
+        return "exported"
+    monkeypatch.setattr(torch.onnx, "export", fake)
+    return calls
+
+
+def test_dynamo_export_takes_suggested_ranges_round_after_round(monkeypatch):
+    """torch 2.9 applies one round of torch.export's suggested fixes and fails on the next
+    (seen under qemu: `seq <= 512` for BERT's positions, then `seq != 1`); pyedge keeps
+    taking them, as torch >= 2.10 does."""
+    from torch.export import Dim
+    from pyedge.export.torch_export import export_dynamo
+    calls = _fake_export(monkeypatch, ["seq = Dim('seq', max=512)",
+                                       "seq = Dim('seq', min=2, max=512)"])
+    dyn = ({0: Dim("batch"), 1: Dim("seq")},)
+    assert export_dynamo(None, (), "x.onnx", dynamic_shapes=dyn) == "exported"
+    assert len(calls) == 3
+    assert (calls[1][0][1].min, calls[1][0][1].max) == (0, 512)
+    assert (calls[2][0][1].min, calls[2][0][1].max) == (2, 512)
+    assert calls[2][0][0] is calls[0][0][0]  # untouched axes keep their Dim
+
+
+def test_dynamo_export_refuses_a_fix_that_makes_an_axis_static(monkeypatch):
+    from torch.export import Dim
+    from pyedge.export.torch_export import export_dynamo
+    calls = _fake_export(monkeypatch, ["seq = 16"])
+    with pytest.raises(RuntimeError, match="Failed to export") as err:
+        export_dynamo(None, (), "x.onnx", dynamic_shapes=({1: Dim("seq")},))
+    assert isinstance(err.value.__cause__, _ConstraintViolation) and len(calls) == 1
+    # no dynamic axes: nothing to refine, the first error goes out
+    calls = _fake_export(monkeypatch, ["seq = Dim('seq', max=512)"])
+    with pytest.raises(RuntimeError):
+        export_dynamo(None, (), "x.onnx")
+    assert len(calls) == 1
+
+
 def test_reference_exports_need_no_compiled_core(tmp_path):
     """scripts/arm64-check.sh exports the parity models with the host's torch before anything
     is built: models.export_reference must not import the pyedge package (its core)."""

@@ -86,6 +86,44 @@ def _dynamic_shapes(input_names, dynamic_axes, args=None):
     return tuple({a: dims[label] for a, label in spec.items()} or None for spec in specs)
 
 
+def _suggested_fixes(exc):
+    """The text of torch.export's "Suggested fixes:" in `exc` or its causes, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        msg = str(getattr(exc, "msg", "") or exc)
+        if "Suggested fixes:" in msg:
+            return msg
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def export_dynamo(model, args, path, dynamic_shapes=None, **kw):
+    """torch.onnx.export(dynamo=True) that takes torch.export's suggested ranges for dynamic
+    axes and tries again, as torch >= 2.10 does itself: a model's guards need e.g.
+    `seq <= 512` (learned positions) and `seq != 1`; torch 2.9 applies one round of fixes and
+    fails on the next. Only range refinements are taken: a fix that fixes an axis to one
+    size would make the file static there, so the original error is raised instead."""
+    import torch
+
+    for attempt in range(4):
+        try:
+            return torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                     **kw)
+        except Exception as e:  # torch's TorchExportError wrapping a ConstraintViolation
+            msg = _suggested_fixes(e) if dynamic_shapes is not None else None
+            if msg is None or attempt == 3:
+                raise
+            from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+            try:
+                refined = refine_dynamic_shapes_from_suggested_fixes(msg, dynamic_shapes)
+            except Exception:  # a suggestion torch's own parser does not take
+                raise e from None
+            if any(isinstance(d, int) for spec in refined if spec for d in spec.values()):
+                raise
+            dynamic_shapes = refined
+
+
 def _normalize_inputs(example_inputs, input_names):
     import torch
 
@@ -153,11 +191,10 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
             if exporter == "dynamo":
                 dyn = _dynamic_shapes(names or [f"input_{i}" for i in range(len(args))],
                                       dynamic_axes, args) if dynamic_axes else None
-                torch.onnx.export(model, args, tmp, input_names=names,
-                                  output_names=list(output_names) if output_names else None,
-                                  opset_version=opset, dynamo=True, optimize=False,
-                                  external_data=True, dynamic_shapes=dyn,
-                                  verbose=False)
+                export_dynamo(model, args, tmp, dynamic_shapes=dyn, input_names=names,
+                              output_names=list(output_names) if output_names else None,
+                              opset_version=opset, optimize=False, external_data=True,
+                              verbose=False)
             else:
                 torch.onnx.export(model, args, tmp, input_names=names,
                                   output_names=list(output_names) if output_names else None,
