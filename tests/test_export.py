@@ -147,6 +147,29 @@ def test_dynamo_export_takes_suggested_ranges_round_after_round(monkeypatch):
     assert calls[2][0][0] is calls[0][0][0]  # untouched axes keep their Dim
 
 
+def test_dynamo_export_keeps_asked_ranges_and_adds_min_2_for_a_not_one_guard(monkeypatch):
+    """What torch 2.9 raised for MiniLM under qemu: its own retry had replaced seq's min of 2
+    by max=512, then failed on `seq != 1`, a guard it suggests no fix for."""
+    from torch.export import Dim
+    from pyedge.export.torch_export import export_dynamo
+    calls = _fake_export(monkeypatch, ["seq = Dim('seq', max=512)"])
+    export_dynamo(None, (), "x.onnx", dynamic_shapes=({1: Dim("seq", min=2)},))
+    assert (calls[1][0][1].min, calls[1][0][1].max) == (2, 512)  # the min asked for stays
+
+    not_one = ("Not all values of seq = L['input_ids'].size()[1] in the specified range "
+               "seq <= 512 satisfy the generated guard L['input_ids'].size()[1] != 1.")
+
+    def fake(model, args, path, dynamic_shapes=None, **kw):
+        calls.append(dynamic_shapes)
+        if len(calls) == 1:
+            raise RuntimeError("export failed") from _ConstraintViolation(not_one)
+        return "exported"
+    calls = []
+    monkeypatch.setattr(torch.onnx, "export", fake)
+    assert export_dynamo(None, (), "x.onnx", dynamic_shapes=({1: Dim("seq")},)) == "exported"
+    assert (calls[1][0][1].min, calls[1][0][1].max) == (2, 512)
+
+
 def test_dynamo_export_refuses_a_fix_that_makes_an_axis_static(monkeypatch):
     from torch.export import Dim
     from pyedge.export.torch_export import export_dynamo

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -86,24 +87,85 @@ def _dynamic_shapes(input_names, dynamic_axes, args=None):
     return tuple({a: dims[label] for a, label in spec.items()} or None for spec in specs)
 
 
-def _suggested_fixes(exc):
-    """The text of torch.export's "Suggested fixes:" in `exc` or its causes, else None."""
-    seen = set()
+def _export_error_text(exc):
+    """The messages of `exc` and its causes, joined (torch wraps the ConstraintViolation)."""
+    texts, seen = [], set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        msg = str(getattr(exc, "msg", "") or exc)
-        if "Suggested fixes:" in msg:
-            return msg
+        texts.append(str(getattr(exc, "msg", "") or exc))
         exc = exc.__cause__ or exc.__context__
-    return None
+    return "\n".join(texts)
+
+
+# "Not all values of seq = L['input_ids'].size()[1] in the specified range seq <= 512 satisfy
+# the generated guard L['input_ids'].size()[1] != 1." -- torch suggests no fix for it
+_NOT_ONE = re.compile(r"Not all values of (\w+) = [^\n]*? in the specified range ([^\n]*?) "
+                      r"satisfy the generated guard [^\n]*?!= 1\.")
+
+
+def _dim_bounds(d):
+    lo, hi = getattr(d, "min", None), getattr(d, "max", None)
+    return (lo if isinstance(lo, int) else 0), (hi if isinstance(hi, int) else None)
+
+
+def _tightened(dynamic_shapes, bounds):
+    """dynamic_shapes with each plain Dim named in `bounds` ({name: (min, max)}) replaced by
+    one with the intersection of its range and that one."""
+    from torch.export import Dim
+
+    made = {}
+
+    def tighten(d):
+        name = getattr(d, "__name__", None)
+        if name not in bounds or not hasattr(d, "min"):
+            return d
+        if name not in made:
+            lo, hi = _dim_bounds(d)
+            blo, bhi = bounds[name]
+            new = (max(lo, blo), bhi if hi is None else (hi if bhi is None else min(hi, bhi)))
+            made[name] = d if new == (lo, hi) else Dim(name, min=new[0], max=new[1])
+        return made[name]
+    def spec_of(spec):
+        return None if spec is None else {a: tighten(d) for a, d in spec.items()}
+    if isinstance(dynamic_shapes, dict):  # {input name: spec}
+        return {k: spec_of(v) for k, v in dynamic_shapes.items()}
+    return type(dynamic_shapes)(spec_of(spec) for spec in dynamic_shapes)
+
+
+def _refined(msg, dynamic_shapes):
+    """The next dynamic_shapes to try after the export failed with `msg`, or None: torch's
+    suggested fixes (ranges only), kept within the ranges already asked for (torch's own
+    retry drops a min of 2 when it adds a max), and a min of 2 for an axis whose `!= 1`
+    guard torch suggests nothing for."""
+    bounds = {}
+    for name, rng in _NOT_ONE.findall(msg):
+        lo = re.search(r"(\d+) <= " + name, rng)
+        hi = re.search(name + r" <= (\d+)", rng)
+        bounds[name] = (max(2, int(lo.group(1)) if lo else 0), int(hi.group(1)) if hi else None)
+    if "Suggested fixes:" in msg:
+        from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+        try:
+            refined = refine_dynamic_shapes_from_suggested_fixes(msg, dynamic_shapes)
+        except Exception:  # a suggestion torch's own parser does not take
+            return None
+        specs = lambda ds: ds.values() if isinstance(ds, dict) else ds  # noqa: E731
+        if any(isinstance(d, int) for spec in specs(refined) if spec for d in spec.values()):
+            return None  # it would fix an axis to one size: the file would be static there
+        before = {getattr(d, "__name__", None): _dim_bounds(d)
+                  for spec in specs(dynamic_shapes) if spec for d in spec.values()}
+        dynamic_shapes = _tightened(refined, {n: b for n, b in before.items() if n})
+    elif not bounds:
+        return None
+    return _tightened(dynamic_shapes, bounds)
 
 
 def export_dynamo(model, args, path, dynamic_shapes=None, **kw):
-    """torch.onnx.export(dynamo=True) that takes torch.export's suggested ranges for dynamic
-    axes and tries again, as torch >= 2.10 does itself: a model's guards need e.g.
-    `seq <= 512` (learned positions) and `seq != 1`; torch 2.9 applies one round of fixes and
-    fails on the next. Only range refinements are taken: a fix that fixes an axis to one
-    size would make the file static there, so the original error is raised instead."""
+    """torch.onnx.export(dynamo=True) that takes the ranges torch.export asks of dynamic axes
+    and tries again, as torch >= 2.10 does itself: a model's guards need e.g. `seq <= 512`
+    (learned positions) and `seq != 1`; torch 2.9 applies one round of its suggested fixes
+    (dropping the min of 2 it was given) and fails on the next. Only ranges are taken: a fix
+    that fixes an axis to one size would make the file static there, so the error is raised
+    instead."""
     import torch
 
     for attempt in range(4):
@@ -111,17 +173,11 @@ def export_dynamo(model, args, path, dynamic_shapes=None, **kw):
             return torch.onnx.export(model, args, path, dynamo=True, dynamic_shapes=dynamic_shapes,
                                      **kw)
         except Exception as e:  # torch's TorchExportError wrapping a ConstraintViolation
-            msg = _suggested_fixes(e) if dynamic_shapes is not None else None
-            if msg is None or attempt == 3:
+            nxt = None if dynamic_shapes is None or attempt == 3 else \
+                _refined(_export_error_text(e), dynamic_shapes)
+            if nxt is None:
                 raise
-            from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
-            try:
-                refined = refine_dynamic_shapes_from_suggested_fixes(msg, dynamic_shapes)
-            except Exception:  # a suggestion torch's own parser does not take
-                raise e from None
-            if any(isinstance(d, int) for spec in refined if spec for d in spec.values()):
-                raise
-            dynamic_shapes = refined
+            dynamic_shapes = nxt
 
 
 def _normalize_inputs(example_inputs, input_names):
