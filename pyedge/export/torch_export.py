@@ -132,25 +132,36 @@ def _tightened(dynamic_shapes, bounds):
     return type(dynamic_shapes)(spec_of(spec) for spec in dynamic_shapes)
 
 
+def _ranges(dynamic_shapes):
+    """[(input, axis, name, min, max)] of a dynamic_shapes spec (a tuple, list or dict)."""
+    items = dynamic_shapes.items() if isinstance(dynamic_shapes, dict) else \
+        enumerate(dynamic_shapes)
+    return [(k, a, getattr(d, "__name__", d), *_dim_bounds(d))
+            for k, spec in items if spec for a, d in sorted(spec.items())]
+
+
 def _refined(msg, dynamic_shapes):
     """The next dynamic_shapes to try after the export failed with `msg`, or None: torch's
     suggested fixes (ranges only), kept within the ranges already asked for (torch's own
     retry drops a min of 2 when it adds a max), and a min of 2 for an axis whose `!= 1`
     guard torch suggests nothing for."""
+    specs = lambda ds: ds.values() if isinstance(ds, dict) else ds  # noqa: E731
     bounds = {}
     for name, rng in _NOT_ONE.findall(msg):
         lo = re.search(r"(\d+) <= " + name, rng)
         hi = re.search(name + r" <= (\d+)", rng)
         bounds[name] = (max(2, int(lo.group(1)) if lo else 0), int(hi.group(1)) if hi else None)
+    refined = None
     if "Suggested fixes:" in msg:
         from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
         try:
             refined = refine_dynamic_shapes_from_suggested_fixes(msg, dynamic_shapes)
-        except Exception:  # a suggestion torch's own parser does not take
-            return None
-        specs = lambda ds: ds.values() if isinstance(ds, dict) else ds  # noqa: E731
-        if any(isinstance(d, int) for spec in specs(refined) if spec for d in spec.values()):
+        except Exception:  # a suggestion torch's own parser does not take: bounds alone
+            refined = None
+        if refined is not None and any(isinstance(d, int) for spec in specs(refined) if spec
+                                       for d in spec.values()):
             return None  # it would fix an axis to one size: the file would be static there
+    if refined is not None:
         before = {getattr(d, "__name__", None): _dim_bounds(d)
                   for spec in specs(dynamic_shapes) if spec for d in spec.values()}
         dynamic_shapes = _tightened(refined, {n: b for n, b in before.items() if n})
@@ -175,7 +186,7 @@ def export_dynamo(model, args, path, dynamic_shapes=None, **kw):
         except Exception as e:  # torch's TorchExportError wrapping a ConstraintViolation
             nxt = None if dynamic_shapes is None or attempt == 3 else \
                 _refined(_export_error_text(e), dynamic_shapes)
-            if nxt is None:
+            if nxt is None or _ranges(nxt) == _ranges(dynamic_shapes):  # nothing new to try
                 raise
             dynamic_shapes = nxt
 
