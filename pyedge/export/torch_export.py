@@ -226,7 +226,9 @@ def export_module(model, example_inputs, path, input_names: Sequence[str] | None
     example_inputs: a tensor, a tuple of tensors (positional forward arguments) or a dict
     {input name: tensor} in forward-argument order (its keys become the input names).
     dynamic_axes: ``{input/output name: {axis: label}}`` (torch.onnx's format; for dynamo it is
-    converted to ``dynamic_shapes``, equal labels meaning equal sizes).
+    converted to ``dynamic_shapes``, equal labels meaning equal sizes, starting at 2 where the
+    examples allow; the ranges torch.export then asks for, e.g. ``seq <= 512``, are taken and
+    the export retried, so torch 2.9 exports what 2.10+ does).
     exporter: "dynamo" (default opset 18) or "torchscript" (default opset 17).
     task_type: a PEFT task type ("SEQ_CLS", "CAUSAL_LM", ...) written to the adapters later.
     """
