@@ -34,6 +34,8 @@ import pytest
 import test_ops_fd
 import test_ops_fd_families
 from pyedge import _core
+from quant_weights import Bnb4, pack_nibbles
+from test_ops_import_breadth import np_instancenorm as _instancenorm
 from test_ops_fd import R, _erf, _fd_grads, _softmax, test_backward_vs_finite_differences as _check
 
 pytestmark = pytest.mark.arm64
@@ -56,14 +58,6 @@ def _distinct(*shape, seed=0, step=0.1):
     rng = np.random.default_rng(seed)
     n = int(np.prod(shape))
     return ((rng.permutation(n) - n / 2 + 0.25) * step).reshape(shape).astype(np.float32)
-
-
-def _instancenorm(x, s, b, eps=1e-5):
-    ax = tuple(range(2, x.ndim))
-    mu = x.mean(ax, keepdims=True)
-    var = ((x - mu) ** 2).mean(ax, keepdims=True)
-    sh = (1, -1) + (1,) * (x.ndim - 2)
-    return (x - mu) / np.sqrt(var + eps) * s.reshape(sh) + b.reshape(sh)
 
 
 def _cross_entropy(logits, labels, shift=0, ignore=-100, smoothing=0.0, reduction="mean"):
@@ -129,23 +123,8 @@ def _dora(z, m, w, a, b, bias=None, scale=1.0, trans_w=0):
 
 
 # ---- quantized weights (ONNX Runtime's formats, see csrc/ops/quant_gemm.h), packed here from
-# random codes; the reference is the dequantized float64 weight.
-NF4 = np.array([-1, -0.696192801, -0.525073051, -0.394917488, -0.284441382, -0.18477343,
-                -0.0910500363, 0, 0.0795802996, 0.160930201, 0.246112302, 0.337915242,
-                0.440709829, 0.562617004, 0.722956836, 1], np.float32)
-FP4 = np.array([0, 0.00520833349, 0.666666687, 1, 0.333333343, 0.5, 0.166666672, 0.25,
-                0, -0.00520833349, -0.666666687, -1, -0.333333343, -0.5, -0.166666672, -0.25],
-               np.float32)
-
-
-def _nibbles(codes, hi_first=False):
-    """Two 4-bit codes per byte in order (low nibble first unless hi_first); odd: zero pad."""
-    c = np.asarray(codes, np.uint8).ravel()
-    c = np.concatenate([c, np.zeros(c.size % 2, np.uint8)])
-    a, b = c[0::2], c[1::2]
-    return ((a << 4) | b if hi_first else a | (b << 4)).astype(np.uint8)
-
-
+# random codes (MatMulBnb4 weights, codebooks, nibbles: tests/quant_weights.py, shared with
+# test_quant_ops.py); the reference is the dequantized weight in float64 arithmetic.
 class _NBits:
     """MatMulNBits weight W [N, K] = (q - zp) * scale per block of K; zp None (2^(bits-1)),
     "packed" (uint8 codes) or "float"."""
@@ -171,13 +150,13 @@ class _NBits:
         blocks = pad.reshape(-1, self.block)
         if self.bits == 8:
             return blocks.reshape(self.N, self.nb, self.block).copy()
-        return np.stack([_nibbles(b) for b in blocks]).reshape(self.N, self.nb, -1)
+        return np.stack([pack_nibbles(b) for b in blocks]).reshape(self.N, self.nb, -1)
 
     def zero_points(self):
         if self.zp_mode == "float":
             return self.zp.ravel().copy()
         if self.zp_mode == "packed":
-            rows = [r if self.bits == 8 else _nibbles(r) for r in self.zp]
+            rows = [r if self.bits == 8 else pack_nibbles(r) for r in self.zp]
             return np.concatenate(rows).astype(np.uint8)
         return None
 
@@ -189,30 +168,10 @@ class _NBits:
         return (self.q.astype(np.float64) - rep(self.zp)) * rep(self.scales)
 
 
-class _Bnb4:
-    """MatMulBnb4 weight W [N, K] = codebook[q] * absmax[(n*K + k) // block] (flat blocks)."""
-
-    def __init__(self, N, K, block, quant_type, seed=0):
-        g = np.random.default_rng(seed)
-        self.N, self.K, self.block, self.qt = N, K, block, quant_type
-        self.q = g.integers(0, 16, (N, K)).astype(np.uint8)
-        self.absmax = (g.random(-(-N * K // block)) + 0.5).astype(np.float32)
-
-    def inputs(self):
-        return [_nibbles(self.q, hi_first=True), self.absmax.copy()]
-
-    def attrs(self):
-        return {"K": self.K, "N": self.N, "block_size": self.block, "quant_type": self.qt}
-
-    def weight(self):
-        code = (FP4 if self.qt == 0 else NF4)[self.q.ravel()].astype(np.float64)
-        return (code * np.repeat(self.absmax, self.block)[:self.N * self.K]).reshape(self.N, self.K)
-
-
 W4 = _NBits(17, 33, 4, 16, zp="packed", seed=1)   # 3 blocks, the last one padded
 W8 = _NBits(11, 20, 8, 8, zp="float", seed=2)
-B_NF4 = _Bnb4(17, 33, 64, 1, seed=3)               # blocks run on across rows
-B_FP4 = _Bnb4(9, 14, 32, 0, seed=4)
+B_NF4 = Bnb4(17, 33, 64, 1, seed=3)               # blocks run on across rows
+B_FP4 = Bnb4(9, 14, 32, 0, seed=4)
 W_HEAD = _NBits(13, 6, 4, 4, zp=None, seed=5)      # a 4-bit LM head: V = 13, D = 6
 
 
@@ -515,7 +474,7 @@ def _scatter_nd(data, idx, upd, reduction="none"):
 
 def _ort_nbits_table(w):
     """GatherBlockQuantized's 4-bit data in ORT's own layout [V, K / 2] (codes along the row)."""
-    return np.stack([_nibbles(r) for r in w.q])
+    return np.stack([pack_nibbles(r) for r in w.q])
 
 
 def _cached_attention_ref(q, k, v, ck, cv, past, scale, layout="bhld"):
