@@ -239,6 +239,12 @@ CASES = [
     ("cast_f64", "Cast", [R(3, 17)], {"to": 11}, 17, lambda x: x),
     ("castlike_f64", "CastLike", [R(3, 17), np.zeros(1, np.float64)], {}, 19,
      lambda x, like: x, {"grads": [0], "const_inputs": [1]}),
+    # A float64 value takes a float32 gradient buffer, as in a plan (Cast back to float,
+    # a float64 residual Add, a float64 Identity)
+    ("cast_from_f64", "Cast", [R(3, 17).astype(np.float64)], {"to": 1}, 17, lambda x: x),
+    ("add_f64", "Add", [R(3, 17).astype(np.float64), R(3, 17, seed=1).astype(np.float64)], {},
+     17, lambda a, b: a + b),
+    ("identity_f64", "Identity", [R(3, 17).astype(np.float64)], {}, 17, lambda x: x),
     # Split: every output gets a gradient
     ("split_sizes", "Split", [R(3, 17), np.array([2, 5, 10], np.int64)], {"axis": 1}, 13,
      lambda x, s: (x[:, :2], x[:, 2:7], x[:, 7:]), {"grads": [0], "outputs": 3}),

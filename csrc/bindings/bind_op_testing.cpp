@@ -65,7 +65,11 @@ static py::tuple run_op(const std::string& op_type, py::list inputs, py::dict at
     std::vector<Tensor> dout(out.size());
     for (size_t j = 0; j < go.size() && j < out.size(); ++j) {
       if (go[j].is_none()) continue;
-      keep.push_back(as_core_array(go[j]));
+      // Gradients are float32 in a plan whatever the value's dtype (a float64 value after a
+      // Cast takes a float32 gradient buffer): the same here.
+      auto g = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(go[j]);
+      PYEDGE_CHECK(g, "grad_outputs[", j, "] is not convertible to a float32 array");
+      keep.push_back(as_core_array(g));
       dout[j] = tensor_view(keep.back());
       PYEDGE_CHECK(dout[j].shape == out[j].shape, "grad_outputs[", j, "] has shape ",
                    shape_str(dout[j].shape), ", output is ", shape_str(out[j].shape));
@@ -78,7 +82,7 @@ static py::tuple run_op(const std::string& op_type, py::list inputs, py::dict at
       need[i] = node.input_present[i] && !is_const[i] && op->differentiable_input(i);
       if (!need[i]) { din[i] = in[i]; din[i].data = nullptr; continue; }
       any = true;
-      din_store[i] = OwnedTensor::make(in[i].dtype, in[i].shape);  // zeroed
+      din_store[i] = OwnedTensor::make(DType::f32, in[i].shape);  // zeroed, float32 as in a plan
       din[i] = din_store[i].t;
       // "ones": the op must add to what is there; "fresh": garbage (NaN) the op must overwrite
       // when it assigns_fresh_grads(), zeros otherwise (as the planner does).
