@@ -333,7 +333,8 @@ def _defined_cast(x, d_to):
 def test_cast_all_pairs():
     vals = np.array([-1.7, 0.0, 2.9, 300.2, 1.0, -0.2], np.float64)
     for (t_from, d_from), (t_to, d_to) in itertools.product(DTYPES.items(), DTYPES.items()):
-        x = vals.astype(d_from)
+        # the sources too: 300.2 does not fit int8 (numpy's result differs by CPU and warns)
+        x = _defined_cast(vals, d_from).astype(d_from)
         if d_from is np.uint8:
             x = np.array([0, 1, 2, 255, 7, 128], np.uint8)
         # out-of-range float -> integer is undefined: its documented result is checked below
