@@ -422,6 +422,58 @@ def test_gradient_buffer_modes(case):
                                            err_msg=f"{op} grad of input {i}, grad_init={init}")
 
 
+def _float64_stretch(scale_in_float64):
+    """x·W, Cast up, a float64 Add (a + a), ×0.75 (a float64 Mul, or a float32 one after the
+    Cast down), Cast down: out = 1.5·(x·W)."""
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]),
+             helper.make_node("Cast", ["a"], ["a64"], to=TensorProto.DOUBLE),
+             helper.make_node("Add", ["a64", "a64"], ["b64"], name="add64")]
+    if scale_in_float64:
+        nodes += [helper.make_node("Mul", ["b64", "c"], ["m64"], name="mul64"),
+                  helper.make_node("Cast", ["m64"], ["out"], to=TensorProto.FLOAT)]
+        c = np.array(0.75)
+    else:
+        nodes += [helper.make_node("Cast", ["b64"], ["b"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", ["b", "c"], ["out"])]
+        c = np.array(0.75, np.float32)
+    graph = helper.make_graph(
+        nodes, "f64", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [3, 4])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(c, "c")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def test_plan_passes_gradients_through_float64_values():
+    """The planner gives float64 values float32 gradient buffers (as run_op does in the cases
+    above): a Cast up, a float64 Add and a Cast down train like float32; the MSE gradient
+    against numpy's closed form."""
+    import pyedge
+    model, w = _float64_stretch(scale_in_float64=False)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    t = rng.standard_normal((3, 4)).astype(np.float32)
+    sess = pyedge.TrainingSession(model, train=["w"], loss="mse", fuse=False)
+    loss = sess.step({"x": x}, t, update=False)
+    x64 = x.astype(np.float64)
+    out = 1.5 * x64 @ w.astype(np.float64)
+    np.testing.assert_allclose(loss, np.mean((out - t) ** 2), rtol=1e-5)
+    want = x64.T @ (2 * (out - t) / out.size * 1.5)
+    np.testing.assert_allclose(sess.gradients()["w"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_refuses_a_backward_that_reads_float64():
+    """Mul by a float64 constant on the trained path: its backward needs the factor as float32
+    data. A clear error naming the node and the value at planning, not an internal one in the
+    first step."""
+    import pyedge
+    model, _ = _float64_stretch(scale_in_float64=True)
+    with pytest.raises(pyedge.UnsupportedOpError, match=r"mul64.*float64 \('c'\).*float32"):
+        pyedge.TrainingSession(model, train=["w"], loss="mse", fuse=False).step(
+            {"x": np.ones((3, 5), np.float32)}, np.zeros((3, 4), np.float32), update=False)
+
+
 @pytest.mark.parametrize("ratio", [0.3, 0.0])
 def test_dropout_training_vs_finite_differences(ratio):
     """Training mode: y = x * mask / (1 - ratio) with the op's own mask (ratio 0 keeps all)."""

@@ -140,6 +140,8 @@ class Plan {
   void schedule_forward(const Model& model, PlanBuild& b);
   void mark_requires_grad(PlanBuild& b);                                       // plan_backward
   void build_backward(const Model& model, const PlanRequest& req, PlanBuild& b);
+  void check_backward_dtypes(const Model& model, const Step& f,
+                             const std::vector<bool>& need) const;
   void analyze_liveness(const PlanRequest& req, PlanBuild& b);                 // plan_liveness
   void choose_recompute(const Model& model, const PlanRequest& req, PlanBuild& b);  // plan_recompute
   MemoryLayout layout_memory(const PlanBuild& b, const std::vector<bool>& recompute) const;  // plan_memory

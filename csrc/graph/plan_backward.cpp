@@ -23,6 +23,29 @@ void Plan::mark_requires_grad(PlanBuild& b) {
   }
 }
 
+// Gradients are float32, and so is every backward kernel's arithmetic: a backward step may pass
+// a gradient through float64 values (Cast up and down, an Add, a Reshape: they read no data),
+// but not read one (Mul by a float64 constant would need its factor as float).
+void Plan::check_backward_dtypes(const Model& model, const Step& f,
+                                 const std::vector<bool>& need) const {
+  auto refuse = [&](int v) {
+    if (v < 0) return;
+    const Tensor& t = values_[size_t(v)];
+    if (!is_float(t.dtype) || t.dtype == DType::f32) return;
+    throw UnsupportedError(str_cat(
+        model.nodes[size_t(f.node)].info.where(), " computes in ", dtype_name(t.dtype), " ('",
+        model.value_name(v), "') on the way from the loss to the trainable tensors, and its "
+        "backward reads that value; pyedge differentiates float32 arithmetic only: export "
+        "the model in float32, or train only tensors after this node"));
+  };
+  const std::vector<bool> ri = f.op->backward_reads_inputs(need);
+  const std::vector<bool> ro = f.op->backward_reads_outputs(need);
+  for (size_t k = 0; k < f.in_ids.size() && k < ri.size(); ++k)
+    if (ri[k]) refuse(f.in_ids[k]);
+  for (size_t k = 0; k < f.out_ids.size() && k < ro.size(); ++k)
+    if (ro[k]) refuse(f.out_ids[k]);
+}
+
 // Walks back from the loss; leaves the backward steps in b.backward (recomputation and the
 // memory plan come later) and a gradient tensor (no data yet) per value in grads_; trained
 // tensors' gradients are the caller's buffers.
@@ -58,6 +81,7 @@ void Plan::build_backward(const Model& model, const PlanRequest& req, PlanBuild&
             n.info.where(), " has no backward rule, but a gradient must flow through it to "
             "reach the trainable tensors upstream; train only tensors after it, or choose "
             "other LoRA targets"));
+      check_backward_dtypes(model, f, need);
       for (size_t k = 0; k < f.in_ids.size(); ++k)
         if (need[k]) b.has_grad[size_t(f.in_ids[k])] = true;
       f.op->backward_planned = true;
